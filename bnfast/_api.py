@@ -1,0 +1,476 @@
+"""The functional batch-norm API on NumPy arrays.
+
+Every function validates and normalises its arguments here, in Python, then calls one
+compiled kernel (``bnfast._core``) that releases the GIL.  Conventions follow PyTorch:
+``eps=1e-5``, ``momentum=0.1`` weighting the new batch, the running variance updated with the
+unbiased batch variance, and the channel axis 1 by default.
+"""
+import math
+import numbers
+
+import numpy as np
+
+from . import _core
+from ._threads import get_num_threads
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+# ------------------------------------------------------------------ argument checking
+
+def _as_data(x, name):
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    dt = x.dtype
+    if dt.kind != "f" or dt.itemsize not in (4, 8):
+        raise TypeError(f"{name} must have dtype float32 or float64, got {dt}")
+    if not dt.isnative:
+        x = x.astype(dt.newbyteorder("="))
+    return x
+
+
+def _norm_axis(axis, ndim):
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of bounds for an array of dimension {ndim}")
+    return axis % ndim
+
+
+def _layout(x, axis):
+    """Return (ax, N, C, S, last, xk): the kernel view of x.
+
+    xk is C-contiguous.  With last=False its memory is (N, C, S) with the channel axis `ax`
+    in the middle; with last=True it is x with the channel axis moved to the end, viewed as
+    (N*S, C, 1) (a channels-last array needs no copy).
+    """
+    if x.ndim < 2:
+        raise ValueError(
+            f"x must have at least 2 dimensions (batch, channels, ...), got shape {x.shape}")
+    ax = _norm_axis(axis, x.ndim)
+    shape = x.shape
+    C = shape[ax]
+    N = math.prod(shape[:ax])
+    S = math.prod(shape[ax + 1:])
+    if x.flags.c_contiguous:
+        return ax, N, C, S, False, x
+    if S > 1:
+        moved = np.moveaxis(x, ax, -1)
+        if moved.flags.c_contiguous:
+            return ax, N * S, C, 1, True, moved
+    return ax, N, C, S, False, np.ascontiguousarray(x)
+
+
+def _coerce(a, ax, last):
+    """Bring another array of x's shape into x's kernel layout."""
+    if last:
+        return np.ascontiguousarray(np.moveaxis(a, ax, -1))
+    return np.ascontiguousarray(a)
+
+
+def _output(out, x, ax, last, inputs, name="out"):
+    """Return (result, kernel_buffer, copy_back) for an output shaped like x."""
+    shape = x.shape
+    if out is None:
+        if last:
+            buf = np.empty(shape[:ax] + shape[ax + 1:] + (shape[ax],), dtype=x.dtype)
+            return np.moveaxis(buf, -1, ax), buf, False
+        buf = np.empty(shape, dtype=x.dtype)
+        return buf, buf, False
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {x.dtype}")
+    if out.shape != shape:
+        raise ValueError(f"{name} has shape {out.shape} but the result has shape {shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    view = np.moveaxis(out, ax, -1) if last else out
+    if view.flags.c_contiguous:
+        safe = True
+        for a in inputs:
+            # Writing in place over an input is fine only if it is exactly the same memory.
+            if np.may_share_memory(view, a) and not (
+                    a.shape == view.shape
+                    and a.__array_interface__["data"][0] == view.__array_interface__["data"][0]):
+                safe = False
+        if safe:
+            return out, view, False
+    return out, np.empty(view.shape, dtype=x.dtype), True
+
+
+def _copy_back(out, buf, ax, last):
+    out[...] = np.moveaxis(buf, -1, ax) if last else buf
+
+
+def _chan(v, C, name, required=False):
+    if v is None:
+        if required:
+            raise ValueError(f"{name} is required")
+        return None
+    a = np.asarray(v)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
+    if a.shape != (C,):
+        raise ValueError(
+            f"{name} must have shape ({C},) to match the {C} channels of x, got {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _running(rm, rv, C):
+    if rm is None and rv is None:
+        return None, None
+    if rm is None or rv is None:
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    for a, name in ((rm, "running_mean"), (rv, "running_var")):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(
+                f"{name} must be a numpy.ndarray (it is updated in place), "
+                f"got {type(a).__name__}")
+        if a.dtype != _F32 and a.dtype != _F64:
+            raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+        if a.shape != (C,):
+            raise ValueError(
+                f"{name} must have shape ({C},) to match the {C} channels of x, "
+                f"got {a.shape}")
+        if not a.flags.writeable:
+            raise ValueError(f"{name} is read-only; it must be writeable to be updated")
+    if rm.dtype != rv.dtype:
+        raise TypeError(
+            f"running_mean ({rm.dtype}) and running_var ({rv.dtype}) must have the same dtype")
+    if np.may_share_memory(rm, rv):
+        raise ValueError("running_mean and running_var must not share memory")
+    return rm, rv
+
+
+def _real(v, name, lo, hi):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {v!r}")
+    f = float(v)
+    if not (lo <= f <= hi):
+        span = f"in [{lo}, {hi}]" if hi != math.inf else f">= {lo} and finite"
+        raise ValueError(f"{name} must be {span}, got {v!r}")
+    if math.isinf(f):
+        raise ValueError(f"{name} must be finite, got {v!r}")
+    return f
+
+
+def _training_count(N, S, shape):
+    if N * S <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input shape {shape}")
+
+
+# ------------------------------------------------------------------ public functions
+
+def moments(x, *, axis=1):
+    """Per-channel mean and biased variance of a batch.
+
+    Statistics are accumulated in float64 for either input dtype, with a two-pass algorithm
+    per cache-resident block and Chan et al.'s pairwise update between blocks, in an order
+    fixed by the shape (so the result does not depend on the thread count).
+
+    Parameters
+    ----------
+    x : array_like of float32 or float64, ndim >= 2
+        The batch.
+    axis : int, default 1
+        The channel axis: 1 for channels-first (N, C, ...), -1 for channels-last
+        (N, ..., C).  Statistics are taken over every other axis.
+
+    Returns
+    -------
+    mean, var : ndarray of shape (C,), dtype of `x`
+        The mean and the biased (divide by n) variance of every channel.
+
+    Raises
+    ------
+    TypeError
+        If `x` is not float32 or float64.
+    ValueError
+        If `x` has fewer than 2 dimensions, `axis` is out of range, or a channel has no
+        values.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> mean, var = bnfast.moments(x)
+    >>> mean.tolist(), var.tolist()
+    ([2.0, 20.0], [1.0, 100.0])
+    """
+    x = _as_data(x, "x")
+    ax, N, C, S, last, xk = _layout(x, axis)
+    if N * S == 0 and C > 0:
+        raise ValueError(f"moments of an empty batch are undefined (x has shape {x.shape})")
+    mean, var = _core.moments(xk, N, C, S, get_num_threads())
+    return mean.astype(x.dtype, copy=False), var.astype(x.dtype, copy=False)
+
+
+def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
+                     running_var=None, momentum=0.1, out=None, relu=False):
+    """Training-mode batch normalization: normalise with the batch's own statistics.
+
+    Computes ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per channel, with the
+    batch mean and biased batch variance (Algorithm 1 of Ioffe & Szegedy), and in the same
+    call optionally updates running statistics in place::
+
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
+
+    where n is the number of values per channel (PyTorch's convention).
+
+    Parameters
+    ----------
+    x : array_like of float32 or float64, ndim >= 2
+        The batch.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale (gamma) and shift (beta); default 1 and 0.
+    eps : float, default 1e-5
+        Added to the variance for stability; must be >= 0.
+    axis : int, default 1
+        The channel axis (1 channels-first, -1 channels-last).
+    running_mean, running_var : ndarray of shape (C,), float32 or float64, optional
+        Running statistics, updated in place.  Give both or neither.
+    momentum : float, default 0.1
+        Weight of the new batch in the running statistics, in [0, 1].
+    out : ndarray, optional
+        Where to write y: same shape and dtype as `x`.  May be `x` itself.
+    relu : bool, default False
+        Apply ReLU to the output in the same pass (fused BN -> ReLU).
+
+    Returns
+    -------
+    y : ndarray
+        The normalised batch (`out` if given).
+    mean, invstd : ndarray of shape (C,), float64
+        The batch mean and ``1 / sqrt(var + eps)``, as needed by
+        :func:`batch_norm_backward`.  They are float64 for either input dtype so that the
+        backward pass uses exactly the values the forward pass used.
+
+    Raises
+    ------
+    TypeError
+        Unsupported dtype of `x`, `out` or the running statistics, or a non-array
+        `out`/running statistic.
+    ValueError
+        Shape or channel-count mismatches, ndim < 2, ``eps < 0``, momentum outside
+        [0, 1], read-only `out` or running statistics, or only one value per channel.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]])
+    >>> rm, rv = np.zeros(2), np.ones(2)
+    >>> y, mean, invstd = bnfast.batch_norm_train(x, eps=0.0, running_mean=rm,
+    ...                                           running_var=rv)
+    >>> y.tolist()
+    [[-1.0, -1.0], [1.0, 1.0]]
+    >>> rm.tolist()
+    [0.2, 0.4]
+    """
+    x = _as_data(x, "x")
+    ax, N, C, S, last, xk = _layout(x, axis)
+    eps = _real(eps, "eps", 0.0, math.inf)
+    momentum = _real(momentum, "momentum", 0.0, 1.0)
+    w = _chan(weight, C, "weight")
+    b = _chan(bias, C, "bias")
+    rm, rv = _running(running_mean, running_var, C)
+    _training_count(N, S, x.shape)
+    y, yk, copy_back = _output(out, x, ax, last, (xk,))
+    mean, invstd = _core.train_forward(xk, yk, N, C, S, w, b, eps, bool(relu), rm, rv,
+                                       momentum, get_num_threads())
+    if copy_back:
+        _copy_back(y, yk, ax, last)
+    return y, mean, invstd
+
+
+def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, out=None,
+                     relu=False):
+    """Inference-mode batch normalization with given statistics.
+
+    Applies the per-channel affine map of Algorithm 2,
+    ``y = (x - mean) * (weight / sqrt(var + eps)) + bias``, evaluated in float64 and
+    rounded once (so a channel far from zero keeps its precision).
+
+    Parameters
+    ----------
+    x : array_like of float32 or float64, ndim >= 2
+        The batch (may be empty).
+    mean, var : array_like of shape (C,)
+        The statistics to normalise with (usually the running or population statistics).
+        `var` must be >= 0.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift; default 1 and 0.
+    eps : float, default 1e-5
+    axis : int, default 1
+    out : ndarray, optional
+        Where to write y; may be `x` itself.
+    relu : bool, default False
+        Apply ReLU to the output in the same pass.
+
+    Returns
+    -------
+    y : ndarray
+        The normalised batch.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for :func:`batch_norm_train`; ValueError also for negative `var`.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[0.0, 2.0], [4.0, 6.0]])
+    >>> bnfast.batch_norm_infer(x, mean=[2.0, 4.0], var=[4.0, 4.0], eps=0.0).tolist()
+    [[-1.0, -1.0], [1.0, 1.0]]
+    """
+    x = _as_data(x, "x")
+    ax, N, C, S, last, xk = _layout(x, axis)
+    eps = _real(eps, "eps", 0.0, math.inf)
+    m = _chan(mean, C, "mean", required=True)
+    v = _chan(var, C, "var", required=True)
+    if (v < 0).any():
+        raise ValueError("var must be >= 0 in every channel")
+    w = _chan(weight, C, "weight")
+    b = _chan(bias, C, "bias")
+    y, yk, copy_back = _output(out, x, ax, last, (xk,))
+    _core.infer_forward(xk, yk, N, C, S, m, v, w, b, eps, bool(relu), get_num_threads())
+    if copy_back:
+        _copy_back(y, yk, ax, last)
+    return y
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=False,
+                        training=True, axis=1, out=None):
+    """Gradients of batch normalization: dx, dweight and dbias.
+
+    With ``xhat = (x - mean) * invstd`` and m values per channel, in training mode (the
+    statistics depend on x)::
+
+        dbias   = sum(dy)
+        dweight = sum(dy * xhat)
+        dx      = weight * invstd / m * (m * dy - dbias - xhat * dweight)
+
+    and in eval mode (``training=False``: mean and invstd are constants, e.g. from running
+    statistics) ``dx = weight * invstd * dy``.  With ``relu=True``, `dy` is the gradient
+    of ``relu(bn(x))`` and is masked where the forward output was not positive; the
+    forward output is recomputed from `x`, `mean`, `invstd`, `weight` and `bias`.
+
+    Parameters
+    ----------
+    dy : array_like, same shape and dtype as `x`
+        Gradient of the loss with respect to the output.
+    x : array_like of float32 or float64
+        The forward input.
+    mean, invstd : array_like of shape (C,)
+        As returned by :func:`batch_norm_train` (or running mean and
+        ``1/sqrt(running_var + eps)`` in eval mode).
+    weight : array_like of shape (C,), optional
+        The forward weight; default 1.
+    bias : array_like of shape (C,), optional
+        The forward bias; only used with ``relu=True``.
+    relu : bool, default False
+        The forward pass had a fused ReLU.
+    training : bool, default True
+        Whether the forward used batch statistics.
+    axis : int, default 1
+    out : ndarray, optional
+        Where to write dx; may be `dy` or `x` itself.
+
+    Returns
+    -------
+    dx : ndarray, shape and dtype of `x`
+    dweight, dbias : ndarray of shape (C,), dtype of `x`
+
+    Raises
+    ------
+    TypeError
+        Unsupported or mismatched dtypes.
+    ValueError
+        Shape mismatches, ndim < 2, bad axis, read-only `out`.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0], [3.0]])
+    >>> y, mean, invstd = bnfast.batch_norm_train(x, eps=0.0)
+    >>> dx, dw, db = bnfast.batch_norm_backward(np.array([[1.0], [1.0]]), x, mean, invstd)
+    >>> dx.tolist(), dw.tolist(), db.tolist()
+    ([[0.0], [0.0]], [0.0], [2.0])
+    """
+    x = _as_data(x, "x")
+    dy = _as_data(dy, "dy")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy has dtype {dy.dtype} but x has dtype {x.dtype}")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {dy.shape} but x has shape {x.shape}")
+    ax, N, C, S, last, xk = _layout(x, axis)
+    dyk = _coerce(dy, ax, last)
+    m = _chan(mean, C, "mean", required=True)
+    inv = _chan(invstd, C, "invstd", required=True)
+    w = _chan(weight, C, "weight")
+    b = _chan(bias, C, "bias")
+    dx, dxk, copy_back = _output(out, x, ax, last, (xk, dyk))
+    dweight, dbias = _core.backward(dyk, xk, dxk, N, C, S, m, inv, w, b, bool(relu),
+                                    bool(training), get_num_threads())
+    if copy_back:
+        _copy_back(dx, dxk, ax, last)
+    return dx, dweight.astype(x.dtype, copy=False), dbias.astype(x.dtype, copy=False)
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, relu=False):
+    """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.
+
+    When `training` is true, or when no running statistics are given, the batch's own
+    statistics are used (and the running statistics, if given, are updated in place when
+    training).  Otherwise the running statistics are used.
+
+    Parameters
+    ----------
+    x : array_like of float32 or float64, ndim >= 2
+    running_mean, running_var : ndarray of shape (C,), optional
+    weight, bias : array_like of shape (C,), optional
+    training : bool, default False
+    momentum : float, default 0.1
+    eps : float, default 1e-5
+    axis : int, default 1
+    out : ndarray, optional
+    relu : bool, default False
+        Fused ReLU on the output.
+
+    Returns
+    -------
+    y : ndarray
+
+    Raises
+    ------
+    TypeError, ValueError
+        See :func:`batch_norm_train` and :func:`batch_norm_infer`.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.array([[1.0], [3.0]])
+    >>> rm, rv = np.zeros(1), np.ones(1)
+    >>> bnfast.batch_norm(x, rm, rv, training=True, eps=0.0).tolist()
+    [[-1.0], [1.0]]
+    >>> bnfast.batch_norm(x, rm, rv, eps=0.0).tolist()   # eval: running statistics
+    [[0.78...], [2.68...]]
+    """
+    _real(momentum, "momentum", 0.0, 1.0)
+    if training or (running_mean is None and running_var is None):
+        y, _, _ = batch_norm_train(
+            x, weight, bias, eps=eps, axis=axis,
+            running_mean=running_mean if training else None,
+            running_var=running_var if training else None,
+            momentum=momentum, out=out, relu=relu)
+        return y
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    return batch_norm_infer(x, running_mean, running_var, weight, bias, eps=eps, axis=axis,
+                            out=out, relu=relu)

@@ -1,0 +1,217 @@
+"""Kernel-variant dispatch and build configuration.
+
+One dispatch table per operation is filled at import from the CPU's capabilities: the best
+supported of ``baseline`` (plain C, always present), ``avx2`` (AVX2+FMA) and ``avx512``
+(AVX-512 F/VL/DQ/BW).  ``BNFAST_ISA=baseline|avx2|avx512`` forces a variant (``auto`` or
+empty means the default choice); forcing one the CPU lacks is an error at import.
+"""
+import contextlib
+import os
+import platform
+import sys
+import threading
+
+import numpy as np
+
+from . import _core
+
+ISA_NAMES = _core.ISA_NAMES
+ENV_VAR = "BNFAST_ISA"
+_lock = threading.Lock()
+
+
+def available_isas():
+    """Return the names of the kernel variants this CPU and build support, best last.
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> "baseline" in bnfast.available_isas()
+    True
+    """
+    return [name for i, name in enumerate(ISA_NAMES) if _core.isa_supported(i)]
+
+
+def _isa_index(name):
+    if not isinstance(name, str):
+        raise TypeError(f"instruction set must be a string, got {name!r}")
+    key = name.strip().lower()
+    if key not in ISA_NAMES:
+        raise ValueError(
+            f"unknown instruction set {name!r}; expected one of {', '.join(ISA_NAMES)}")
+    idx = ISA_NAMES.index(key)
+    if not _core.isa_supported(idx):
+        why = ("this CPU (or operating system) does not support it"
+               if _core.isa_compiled(idx) else "it was not compiled into this build")
+        raise RuntimeError(
+            f"instruction set {key!r} was requested but {why}; "
+            f"available: {', '.join(available_isas())}")
+    return idx
+
+
+def get_isa():
+    """Return the name of the kernel variant in use.
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> bnfast.get_isa() in bnfast.available_isas()
+    True
+    """
+    return ISA_NAMES[_core.get_isa()]
+
+
+def set_isa(name):
+    """Select the kernel variant for all later calls (process-wide).
+
+    Meant for testing and benchmarking; the default choice is the fastest supported one.
+    All variants give bit-identical results.
+
+    Parameters
+    ----------
+    name : {'baseline', 'avx2', 'avx512', 'auto'}
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    RuntimeError
+        If the CPU or the build does not support the variant.
+    """
+    if isinstance(name, str) and name.strip().lower() in ("auto", ""):
+        idx = _core.isa_best()
+    else:
+        idx = _isa_index(name)
+    with _lock:
+        _core.set_isa(idx)
+
+
+@contextlib.contextmanager
+def use_isa(name):
+    """Context manager: use a kernel variant inside the block, then restore the previous one.
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> with bnfast.use_isa("baseline"):
+    ...     bnfast.get_isa()
+    'baseline'
+    """
+    previous = get_isa()
+    set_isa(name)
+    try:
+        yield
+    finally:
+        set_isa(previous)
+
+
+def _openmp_runtime():
+    ver = _core.openmp_version()
+    if not ver:
+        return None, None
+    path = None
+    try:
+        from threadpoolctl import threadpool_info
+
+        for info in threadpool_info():
+            if info.get("user_api") == "openmp":
+                path = info.get("filepath")
+                # prefer the runtime our own compiler links
+                if "gomp" in os.path.basename(path or "") and "gcc" in _core.compiler():
+                    break
+    except Exception:  # threadpoolctl is optional
+        pass
+    return ver, path
+
+
+_OPENMP_SPEC = {201107: "3.1", 201307: "4.0", 201511: "4.5", 201811: "5.0", 202011: "5.1",
+                202111: "5.2"}
+
+
+def get_config():
+    """Return bnfast's build and run-time configuration as a dict.
+
+    Keys: ``version``, ``isa`` (in use), ``isa_selected_by`` ('auto' or the environment
+    variable), ``isas_available``, ``isas_compiled``, ``openmp`` (spec version or None),
+    ``openmp_runtime`` (library path when threadpoolctl can tell), ``num_threads``,
+    ``compiler``, ``python``, ``numpy``, ``machine``.
+    """
+    from . import __version__
+    from ._threads import get_num_threads
+
+    ver, path = _openmp_runtime()
+    forced = os.environ.get(ENV_VAR, "").strip()
+    return {
+        "version": __version__,
+        "isa": get_isa(),
+        "isa_selected_by": f"{ENV_VAR}={forced}" if forced and forced != "auto" else "auto",
+        "isas_available": available_isas(),
+        "isas_compiled": [n for i, n in enumerate(ISA_NAMES) if _core.isa_compiled(i)],
+        "openmp": _OPENMP_SPEC.get(ver, str(ver)) if ver else None,
+        "openmp_runtime": path,
+        "num_threads": get_num_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "compiler": _core.compiler(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
+    }
+
+
+def show_config(file=None):
+    """Print bnfast's version, kernel variants, OpenMP runtime, threads and compiler.
+
+    Parameters
+    ----------
+    file : file-like, optional
+        Where to print (default: ``sys.stdout``).
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> bnfast.show_config()  # doctest: +ELLIPSIS
+    bnfast ...
+    """
+    cfg = get_config()
+    out = file or sys.stdout
+    marks = []
+    for name in ISA_NAMES:
+        if name == cfg["isa"]:
+            marks.append(f"{name} (in use)")
+        elif name in cfg["isas_available"]:
+            marks.append(f"{name} (available)")
+        elif name in cfg["isas_compiled"]:
+            marks.append(f"{name} (not supported by this CPU)")
+        else:
+            marks.append(f"{name} (not compiled)")
+    omp = (f"OpenMP {cfg['openmp']}" + (f", runtime {cfg['openmp_runtime']}"
+                                        if cfg["openmp_runtime"] else "")
+           if cfg["openmp"] else "not available (serial build)")
+    env = cfg["omp_num_threads_env"]
+    lines = [
+        f"bnfast {cfg['version']}",
+        f"  kernel variant : {cfg['isa']} (selected: {cfg['isa_selected_by']})",
+        f"  variants       : {', '.join(marks)}",
+        f"  OpenMP         : {omp}",
+        f"  threads        : {cfg['num_threads']}"
+        f" (OMP_NUM_THREADS={env if env is not None else 'unset'})",
+        f"  compiler       : {cfg['compiler']}",
+        f"  python, numpy  : {cfg['python']}, {cfg['numpy']}",
+        f"  machine        : {cfg['machine']}",
+    ]
+    print("\n".join(lines), file=out)
+
+
+def _select_from_environment():
+    forced = os.environ.get(ENV_VAR, "").strip()
+    if forced and forced.lower() != "auto":
+        try:
+            idx = _isa_index(forced)
+        except (ValueError, RuntimeError) as exc:
+            raise RuntimeError(f"{ENV_VAR}={forced}: {exc}") from None
+    else:
+        idx = _core.isa_best()
+    _core.set_isa(idx)
+
+
+_select_from_environment()

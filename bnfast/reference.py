@@ -1,0 +1,105 @@
+"""Pure-NumPy float64 twins of bnfast's functions: slow, obviously correct, for testing.
+
+Each function has the signature and semantics of the bnfast function of the same name but
+computes everything in float64 with plain NumPy expressions, straight from the paper's
+formulas, and returns float64 arrays.  Running statistics passed in are updated in place,
+as bnfast does.
+"""
+import numpy as np
+
+__all__ = ["moments", "batch_norm_train", "batch_norm_infer", "batch_norm_backward",
+           "batch_norm"]
+
+
+def _to_last(x, axis):
+    """Return x as float64 with the channel axis last, flattened to (m, C), and the axis."""
+    x = np.asarray(x)
+    axis = axis % x.ndim
+    xl = np.moveaxis(x.astype(np.float64), axis, -1)
+    return xl.reshape(-1, x.shape[axis]), axis
+
+
+def _from_last(y2, shape, axis):
+    moved = tuple(s for i, s in enumerate(shape) if i != axis) + (shape[axis],)
+    return np.moveaxis(y2.reshape(moved), -1, axis)
+
+
+def _vec(v, C, default):
+    return np.full(C, float(default)) if v is None else np.asarray(v, dtype=np.float64)
+
+
+def moments(x, *, axis=1):
+    """Per-channel mean and biased variance in float64 (two-pass)."""
+    x2, _ = _to_last(x, axis)
+    mean = x2.mean(axis=0)
+    var = ((x2 - mean) ** 2).mean(axis=0)
+    return mean, var
+
+
+def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
+                     running_var=None, momentum=0.1, out=None, relu=False):
+    """Twin of :func:`bnfast.batch_norm_train` (returns float64; `out` is ignored)."""
+    x = np.asarray(x)
+    x2, ax = _to_last(x, axis)
+    C = x2.shape[1]
+    n = x2.shape[0]
+    mean = x2.mean(axis=0)
+    var = ((x2 - mean) ** 2).mean(axis=0)
+    invstd = 1.0 / np.sqrt(var + eps)
+    y2 = (x2 - mean) * invstd * _vec(weight, C, 1.0) + _vec(bias, C, 0.0)
+    if relu:
+        y2 = np.maximum(y2, 0.0)
+    if running_mean is not None:
+        unbiased = var * n / (n - 1)
+        running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+        running_var[...] = (1 - momentum) * running_var + momentum * unbiased
+    return _from_last(y2, x.shape, ax), mean, invstd
+
+
+def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, out=None,
+                     relu=False):
+    """Twin of :func:`bnfast.batch_norm_infer` (returns float64)."""
+    x = np.asarray(x)
+    x2, ax = _to_last(x, axis)
+    C = x2.shape[1]
+    mean = np.asarray(mean, dtype=np.float64)
+    var = np.asarray(var, dtype=np.float64)
+    y2 = (x2 - mean) / np.sqrt(var + eps) * _vec(weight, C, 1.0) + _vec(bias, C, 0.0)
+    if relu:
+        y2 = np.maximum(y2, 0.0)
+    return _from_last(y2, x.shape, ax)
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=False,
+                        training=True, axis=1, out=None):
+    """Twin of :func:`bnfast.batch_norm_backward` (returns float64)."""
+    x = np.asarray(x)
+    x2, ax = _to_last(x, axis)
+    g2, _ = _to_last(dy, axis)
+    C = x2.shape[1]
+    m = x2.shape[0]
+    mean = np.asarray(mean, dtype=np.float64)
+    invstd = np.asarray(invstd, dtype=np.float64)
+    w = _vec(weight, C, 1.0)
+    xhat = (x2 - mean) * invstd
+    if relu:
+        g2 = np.where(xhat * w + _vec(bias, C, 0.0) > 0, g2, 0.0)
+    dbias = g2.sum(axis=0)
+    dweight = (g2 * xhat).sum(axis=0)
+    if training:
+        dx2 = w * invstd / m * (m * g2 - dbias - xhat * dweight) if m else g2 * 0.0
+    else:
+        dx2 = w * invstd * g2
+    return _from_last(dx2, x.shape, ax), dweight, dbias
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, relu=False):
+    """Twin of :func:`bnfast.batch_norm` (returns float64)."""
+    if training or (running_mean is None and running_var is None):
+        return batch_norm_train(x, weight, bias, eps=eps, axis=axis,
+                                running_mean=running_mean if training else None,
+                                running_var=running_var if training else None,
+                                momentum=momentum, relu=relu)[0]
+    return batch_norm_infer(x, running_mean, running_var, weight, bias, eps=eps, axis=axis,
+                            relu=relu)

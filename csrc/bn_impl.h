@@ -1,0 +1,143 @@
+/*
+ * Generic kernel bodies.  Included once per instruction-set variant, from
+ * kernels_<isa>.c, after a `#pragma GCC target(...)` that selects the instruction set and
+ * with BN_SUFFIX defined to the variant's name.  Inside, bn_impl_dtype.h is included once
+ * for float and once for double.
+ *
+ * Vector code uses GCC/Clang vector extensions with a fixed width of eight doubles, so
+ * the lane structure (and therefore the rounding) is the same in every variant: AVX-512
+ * holds a vector in one register, AVX2 in two, SSE2 in four.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "bnfast.h"
+
+#define BN_CAT2(a, b) a##_##b
+#define BN_CAT(a, b) BN_CAT2(a, b)
+#define BN_FN(name) BN_CAT(BN_CAT(name, BN_SFX), BN_SUFFIX)
+
+typedef double bn_vd __attribute__((vector_size(64)));
+typedef float bn_vf __attribute__((vector_size(32)));
+typedef long long bn_vl __attribute__((vector_size(64)));
+
+/*
+ * Fixed blocking.  Every constant here, and every partition derived from them, depends on
+ * the shape of the data only, never on the number of threads.
+ */
+#define BN_ROW_MIN_S 64        /* S >= this: per-(n, c) rows; else columns of (N, C*S) */
+#define BN_SEG 2048            /* row strategy: contiguous segment for the two-pass block */
+#define BN_TILE 256            /* column strategy: columns per tile */
+#define BN_BLOCK_ELEMS 8192    /* column strategy: elements per two-pass block (~tile x rows) */
+#define BN_MAX_GROUPS_ROW 16
+#define BN_MAX_GROUPS_COL 64
+#define BN_PAR_MIN 32768       /* elements below which a call stays on one thread */
+
+static inline double bn_hsum(bn_vd v)
+{
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+static inline bn_vd bn_splat(double a)
+{
+    bn_vd v = {a, a, a, a, a, a, a, a};
+    return v;
+}
+
+/* Chan, Golub & LeVeque pairwise update of (count, mean, M2) with a block's values. */
+static inline void bn_chan_merge(double *n, double *mean, double *m2, double nb,
+                                 double meanb, double m2b)
+{
+    if (nb == 0) return;
+    if (*n == 0) {
+        *n = nb;
+        *mean = meanb;
+        *m2 = m2b;
+        return;
+    }
+    double nn = *n + nb;
+    double delta = meanb - *mean;
+    *mean += delta * (nb / nn);
+    *m2 += m2b + delta * delta * (*n * nb / nn);
+    *n = nn;
+}
+
+/* Number of row groups for the row strategy (shape only). */
+static inline ptrdiff_t bn_groups_row(ptrdiff_t N, ptrdiff_t S)
+{
+    ptrdiff_t g = (ptrdiff_t)(((double)N * (double)S) / 65536.0);
+    if (g > BN_MAX_GROUPS_ROW) g = BN_MAX_GROUPS_ROW;
+    if (g > N) g = N;
+    if (g < 1) g = 1;
+    return g;
+}
+
+/* Column strategy partition (shape only): tile width, rows per block, blocks per group. */
+typedef struct {
+    ptrdiff_t R, Cp, tile, ntiles, rb, nblocks, bpg, ngroups;
+} bn_colpart;
+
+static inline bn_colpart bn_colpart_make(ptrdiff_t R, ptrdiff_t Cp)
+{
+    bn_colpart p;
+    p.R = R;
+    p.Cp = Cp;
+    p.tile = Cp < BN_TILE ? Cp : BN_TILE;
+    if (p.tile < 1) p.tile = 1;
+    p.ntiles = (Cp + p.tile - 1) / p.tile;
+    p.rb = BN_BLOCK_ELEMS / p.tile;
+    if (p.rb < 8) p.rb = 8;
+    p.nblocks = (R + p.rb - 1) / p.rb;
+    if (p.nblocks < 1) p.nblocks = 1;
+    ptrdiff_t g = p.nblocks;
+    if (g > BN_MAX_GROUPS_COL) g = BN_MAX_GROUPS_COL;
+    ptrdiff_t lim = (ptrdiff_t)1 << 20;
+    lim = lim / (Cp > 0 ? Cp : 1);
+    if (lim < 1) lim = 1;
+    if (g > lim) g = lim;
+    ptrdiff_t work = (ptrdiff_t)(((double)R * (double)Cp) / 65536.0);
+    if (work < 1) work = 1;
+    if (g > work) g = work;
+    if (g < 1) g = 1;
+    p.bpg = (p.nblocks + g - 1) / g;
+    p.ngroups = (p.nblocks + p.bpg - 1) / p.bpg;
+    return p;
+}
+
+static inline int bn_threads(int nthreads, double work)
+{
+    if (nthreads < 1) nthreads = 1;
+    if (work < BN_PAR_MIN) nthreads = 1;
+    return nthreads;
+}
+
+#define T float
+#define BN_SFX f32
+#define BN_IS_F32 1
+#include "bn_impl_dtype.h"
+#undef T
+#undef BN_SFX
+#undef BN_IS_F32
+
+#define T double
+#define BN_SFX f64
+#define BN_IS_F32 0
+#include "bn_impl_dtype.h"
+#undef T
+#undef BN_SFX
+#undef BN_IS_F32
+
+#define BN_TABLE_NAME BN_CAT(bn_table, BN_SUFFIX)
+#define BN_STR2(x) #x
+#define BN_STR(x) BN_STR2(x)
+
+const bn_kernel_table BN_TABLE_NAME = {
+    BN_STR(BN_SUFFIX),
+    {BN_CAT(moments_f32, BN_SUFFIX), BN_CAT(moments_f64, BN_SUFFIX)},
+    {BN_CAT(normalize_f32, BN_SUFFIX), BN_CAT(normalize_f64, BN_SUFFIX)},
+    {BN_CAT(backward_reduce_f32, BN_SUFFIX), BN_CAT(backward_reduce_f64, BN_SUFFIX)},
+    {BN_CAT(backward_dx_f32, BN_SUFFIX), BN_CAT(backward_dx_f64, BN_SUFFIX)},
+};

@@ -1,0 +1,545 @@
+/*
+ * Kernel bodies for one storage type T (float or double) and one instruction set.
+ * Included from bn_impl.h; see there.  All arithmetic is in double.
+ */
+
+/* ---- loads and stores of eight elements as a double vector ---- */
+
+static inline bn_vd BN_FN(ld)(const T *p)
+{
+#if BN_IS_F32
+    bn_vf t;
+    memcpy(&t, p, sizeof t);
+    return __builtin_convertvector(t, bn_vd);
+#else
+    bn_vd t;
+    memcpy(&t, p, sizeof t);
+    return t;
+#endif
+}
+
+static inline void BN_FN(st)(T *p, bn_vd v)
+{
+#if BN_IS_F32
+    bn_vf t = __builtin_convertvector(v, bn_vf);
+    memcpy(p, &t, sizeof t);
+#else
+    memcpy(p, &v, sizeof v);
+#endif
+}
+
+#ifndef BN_DOUBLE_HELPERS_DEFINED
+#define BN_DOUBLE_HELPERS_DEFINED
+static inline bn_vd bn_ldd(const double *p)
+{
+    bn_vd t;
+    memcpy(&t, p, sizeof t);
+    return t;
+}
+
+static inline void bn_std(double *p, bn_vd v) { memcpy(p, &v, sizeof v); }
+
+/* ReLU that keeps NaN (like torch.relu): zero where t <= 0. */
+static inline bn_vd bn_vrelu(bn_vd t)
+{
+    bn_vl le = (t <= bn_splat(0.0));
+    return (bn_vd)((bn_vl)t & ~le);
+}
+
+/* g where t > 0, else 0 (the gradient of the ReLU; NaN t passes nothing). */
+static inline bn_vd bn_vmask(bn_vd g, bn_vd t)
+{
+    bn_vl gt = (t > bn_splat(0.0));
+    return (bn_vd)((bn_vl)g & gt);
+}
+
+static inline double bn_srelu(double t) { return (t <= 0.0) ? 0.0 : t; }
+
+/*
+ * Period for the column strategy's element-wise passes: a multiple of Cp of at least 64
+ * elements (and a multiple of 8), so narrow rows still fill whole vectors.
+ */
+static inline ptrdiff_t bn_period(ptrdiff_t Cp)
+{
+    if (Cp >= 64) return Cp;
+    ptrdiff_t k = 1;
+    while (k * Cp < 64 || (k * Cp) % 8 != 0) k++;
+    return k * Cp;
+}
+
+/* Expand per-channel values v[C] to per-element values e[P] for columns of width S. */
+static inline void bn_expand(double *e, const double *v, ptrdiff_t P, ptrdiff_t Cp,
+                             ptrdiff_t S)
+{
+    for (ptrdiff_t j = 0; j < P; j++) e[j] = v ? v[(j % Cp) / S] : 0.0;
+}
+#endif
+
+/* ---- statistics ---- */
+
+/* Two-pass mean and M2 of a contiguous, cache-resident segment of L > 0 elements. */
+static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double *mean, double *m2)
+{
+    bn_vd a0 = bn_splat(0.0), a1 = bn_splat(0.0);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= L; i += 16) {
+        a0 += BN_FN(ld)(x + i);
+        a1 += BN_FN(ld)(x + i + 8);
+    }
+    if (i + 8 <= L) {
+        a0 += BN_FN(ld)(x + i);
+        i += 8;
+    }
+    double s = bn_hsum(a0 + a1);
+    for (; i < L; i++) s += (double)x[i];
+    const double m = s / (double)L;
+
+    const bn_vd mv = bn_splat(m);
+    bn_vd q0 = bn_splat(0.0), q1 = bn_splat(0.0), k0 = bn_splat(0.0), k1 = bn_splat(0.0);
+    i = 0;
+    for (; i + 16 <= L; i += 16) {
+        bn_vd d0 = BN_FN(ld)(x + i) - mv;
+        bn_vd d1 = BN_FN(ld)(x + i + 8) - mv;
+        q0 += d0 * d0;
+        q1 += d1 * d1;
+        k0 += d0;
+        k1 += d1;
+    }
+    if (i + 8 <= L) {
+        bn_vd d0 = BN_FN(ld)(x + i) - mv;
+        q0 += d0 * d0;
+        k0 += d0;
+        i += 8;
+    }
+    double q = bn_hsum(q0 + q1), k = bn_hsum(k0 + k1);
+    for (; i < L; i++) {
+        double d = (double)x[i] - m;
+        q += d * d;
+        k += d;
+    }
+    double r = q - k * k / (double)L;   /* corrected two-pass: removes the error of m */
+    if (r < 0.0) r = 0.0;
+    *mean = m;
+    *m2 = r;
+}
+
+/* Row strategy: statistics of channel c over rows [n0, n1). */
+static void BN_FN(row_moments_item)(const T *x, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t C,
+                                    ptrdiff_t S, ptrdiff_t c, double *pn, double *pm,
+                                    double *pq)
+{
+    double n = 0.0, mean = 0.0, m2 = 0.0;
+    for (ptrdiff_t r = n0; r < n1; r++) {
+        const T *row = x + (r * C + c) * S;
+        for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
+            ptrdiff_t L = S - s0 < BN_SEG ? S - s0 : BN_SEG;
+            double bm, bq;
+            BN_FN(seg_moments)(row + s0, L, &bm, &bq);
+            bn_chan_merge(&n, &mean, &m2, (double)L, bm, bq);
+        }
+    }
+    *pn = n;
+    *pm = mean;
+    *pq = m2;
+}
+
+/* Column strategy: statistics of the columns of tile t over the row blocks of group g. */
+static void BN_FN(col_moments_item)(const T *x, const bn_colpart *p, ptrdiff_t g,
+                                    ptrdiff_t t, double *pm, double *pq)
+{
+    const ptrdiff_t Cp = p->Cp;
+    const ptrdiff_t c0 = t * p->tile;
+    const ptrdiff_t w = Cp - c0 < p->tile ? Cp - c0 : p->tile;
+    double mean[BN_TILE], m2[BN_TILE], s[BN_TILE], q[BN_TILE], k[BN_TILE];
+    double n = 0.0;
+    ptrdiff_t b0 = g * p->bpg, b1 = b0 + p->bpg;
+    if (b1 > p->nblocks) b1 = p->nblocks;
+    for (ptrdiff_t b = b0; b < b1; b++) {
+        ptrdiff_t r0 = b * p->rb, r1 = r0 + p->rb;
+        if (r1 > p->R) r1 = p->R;
+        const double nb = (double)(r1 - r0);
+        ptrdiff_t j;
+        for (j = 0; j < w; j++) s[j] = 0.0;
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            const T *row = x + r * Cp + c0;
+            for (j = 0; j + 8 <= w; j += 8) bn_std(s + j, bn_ldd(s + j) + BN_FN(ld)(row + j));
+            for (; j < w; j++) s[j] += (double)row[j];
+        }
+        for (j = 0; j < w; j++) {
+            s[j] = s[j] / nb;
+            q[j] = 0.0;
+            k[j] = 0.0;
+        }
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            const T *row = x + r * Cp + c0;
+            for (j = 0; j + 8 <= w; j += 8) {
+                bn_vd d = BN_FN(ld)(row + j) - bn_ldd(s + j);
+                bn_std(q + j, bn_ldd(q + j) + d * d);
+                bn_std(k + j, bn_ldd(k + j) + d);
+            }
+            for (; j < w; j++) {
+                double d = (double)row[j] - s[j];
+                q[j] += d * d;
+                k[j] += d;
+            }
+        }
+        if (n == 0.0) {
+            for (j = 0; j < w; j++) {
+                double r = q[j] - k[j] * k[j] / nb;
+                mean[j] = s[j];
+                m2[j] = r < 0.0 ? 0.0 : r;
+            }
+        } else {
+            const double nn = n + nb, f1 = nb / nn, f2 = n * nb / nn;
+            for (j = 0; j < w; j++) {
+                double r = q[j] - k[j] * k[j] / nb;
+                if (r < 0.0) r = 0.0;
+                double delta = s[j] - mean[j];
+                mean[j] += delta * f1;
+                m2[j] += r + delta * delta * f2;
+            }
+        }
+        n += nb;
+    }
+    for (ptrdiff_t j = 0; j < w; j++) {
+        pm[g * Cp + c0 + j] = mean[j];
+        pq[g * Cp + c0 + j] = m2[j];
+    }
+}
+
+static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                          double *mean, double *var, int nthreads)
+{
+    const T *x = (const T *)xv;
+    if (N < 0 || C < 0 || S < 0) return BN_EINVAL;
+    if (C == 0) return BN_OK;
+    if (N == 0 || S == 0) {
+        for (ptrdiff_t c = 0; c < C; c++) mean[c] = var[c] = NAN;
+        return BN_OK;
+    }
+    const int nt = bn_threads(nthreads, (double)N * (double)C * (double)S);
+    (void)nt;
+    if (S >= BN_ROW_MIN_S) {
+        ptrdiff_t G = bn_groups_row(N, S);
+        const ptrdiff_t npg = (N + G - 1) / G;
+        G = (N + npg - 1) / npg;
+        double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)(G * C));
+        if (!buf) return BN_ENOMEM;
+        double *pn = buf, *pm = buf + G * C, *pq = buf + 2 * G * C;
+        const ptrdiff_t items = G * C;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+        for (ptrdiff_t it = 0; it < items; it++) {
+            ptrdiff_t g = it / C, c = it % C;
+            ptrdiff_t n0 = g * npg, n1 = n0 + npg < N ? n0 + npg : N;
+            BN_FN(row_moments_item)(x, n0, n1, C, S, c, pn + it, pm + it, pq + it);
+        }
+        for (ptrdiff_t c = 0; c < C; c++) {
+            double n = 0.0, m = 0.0, q = 0.0;
+            for (ptrdiff_t g = 0; g < G; g++)
+                bn_chan_merge(&n, &m, &q, pn[g * C + c], pm[g * C + c], pq[g * C + c]);
+            mean[c] = m;
+            var[c] = q / n;
+        }
+        free(buf);
+        return BN_OK;
+    }
+    /* Column strategy over the (N, C*S) matrix. */
+    const bn_colpart p = bn_colpart_make(N, C * S);
+    const ptrdiff_t Cp = p.Cp, G = p.ngroups;
+    double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)(G * Cp));
+    if (!buf) return BN_ENOMEM;
+    double *pm = buf, *pq = buf + G * Cp;
+    const ptrdiff_t items = G * p.ntiles;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (ptrdiff_t it = 0; it < items; it++)
+        BN_FN(col_moments_item)(x, &p, it / p.ntiles, it % p.ntiles, pm, pq);
+    const ptrdiff_t rows_per_group = p.bpg * p.rb;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        double n = 0.0, m = 0.0, q = 0.0;
+        for (ptrdiff_t s = 0; s < S; s++) {
+            const ptrdiff_t col = c * S + s;
+            for (ptrdiff_t g = 0; g < G; g++) {
+                ptrdiff_t r0 = g * rows_per_group, r1 = r0 + rows_per_group;
+                if (r1 > N) r1 = N;
+                bn_chan_merge(&n, &m, &q, (double)(r1 - r0), pm[g * Cp + col],
+                              pq[g * Cp + col]);
+            }
+        }
+        mean[c] = m;
+        var[c] = q / n;
+    }
+    free(buf);
+    return BN_OK;
+}
+
+/* ---- element-wise passes ---- */
+
+/* y[i] = (x[i] - m) * a + b, optional ReLU, with scalar parameters. */
+static void BN_FN(norm_span_s)(const T *x, T *y, ptrdiff_t L, double m, double a, double b,
+                               int relu)
+{
+    const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
+    ptrdiff_t i = 0;
+    if (relu) {
+        for (; i + 8 <= L; i += 8) BN_FN(st)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv) * av + bv));
+        for (; i < L; i++) y[i] = (T)bn_srelu(((double)x[i] - m) * a + b);
+    } else {
+        for (; i + 8 <= L; i += 8) BN_FN(st)(y + i, (BN_FN(ld)(x + i) - mv) * av + bv);
+        for (; i < L; i++) y[i] = (T)(((double)x[i] - m) * a + b);
+    }
+}
+
+/* The same with per-element parameter arrays m[i], a[i], b[i]. */
+static void BN_FN(norm_span_v)(const T *x, T *y, ptrdiff_t L, const double *m,
+                               const double *a, const double *b, int relu)
+{
+    ptrdiff_t i = 0;
+    if (relu) {
+        for (; i + 8 <= L; i += 8)
+            BN_FN(st)(y + i, bn_vrelu((BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) +
+                                      bn_ldd(b + i)));
+        for (; i < L; i++) y[i] = (T)bn_srelu(((double)x[i] - m[i]) * a[i] + b[i]);
+    } else {
+        for (; i + 8 <= L; i += 8)
+            BN_FN(st)(y + i, (BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) + bn_ldd(b + i));
+        for (; i < L; i++) y[i] = (T)(((double)x[i] - m[i]) * a[i] + b[i]);
+    }
+}
+
+static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                            const double *mean, const double *scale, const double *shift,
+                            int flags, int nthreads)
+{
+    const T *x = (const T *)xv;
+    T *y = (T *)yv;
+    const int relu = (flags & BN_FLAG_RELU) != 0;
+    if (N < 0 || C < 0 || S < 0) return BN_EINVAL;
+    if (N == 0 || C == 0 || S == 0) return BN_OK;
+    const int nt = bn_threads(nthreads, (double)N * (double)C * (double)S);
+    (void)nt;
+    if (S >= BN_ROW_MIN_S) {
+        const ptrdiff_t rows = N * C;
+#pragma omp parallel for schedule(static) num_threads(nt)
+        for (ptrdiff_t it = 0; it < rows; it++) {
+            ptrdiff_t c = it % C;
+            BN_FN(norm_span_s)(x + it * S, y + it * S, S, mean[c], scale[c], shift[c], relu);
+        }
+        return BN_OK;
+    }
+    const ptrdiff_t Cp = C * S, P = bn_period(Cp);
+    double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)P);
+    if (!buf) return BN_ENOMEM;
+    double *me = buf, *ae = buf + P, *be = buf + 2 * P;
+    bn_expand(me, mean, P, Cp, S);
+    bn_expand(ae, scale, P, Cp, S);
+    bn_expand(be, shift, P, Cp, S);
+    const ptrdiff_t total = N * Cp, nfull = total / P, rem = total - nfull * P;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (ptrdiff_t it = 0; it < nfull; it++)
+        BN_FN(norm_span_v)(x + it * P, y + it * P, P, me, ae, be, relu);
+    if (rem) BN_FN(norm_span_v)(x + nfull * P, y + nfull * P, rem, me, ae, be, relu);
+    free(buf);
+    return BN_OK;
+}
+
+/* ---- backward ---- */
+
+/* Sums of g and g * (x - m) over a span with scalar parameters (fixed lane order). */
+static void BN_FN(bwd_span_s)(const T *dy, const T *x, ptrdiff_t L, double m, double a,
+                              double b, int relu, double *sd, double *sx)
+{
+    const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
+    bn_vd d0 = bn_splat(0.0), x0 = bn_splat(0.0);
+    ptrdiff_t i = 0;
+    for (; i + 8 <= L; i += 8) {
+        bn_vd xm = BN_FN(ld)(x + i) - mv;
+        bn_vd g = BN_FN(ld)(dy + i);
+        if (relu) g = bn_vmask(g, xm * av + bv);
+        d0 += g;
+        x0 += g * xm;
+    }
+    double s1 = bn_hsum(d0), s2 = bn_hsum(x0);
+    for (; i < L; i++) {
+        double xm = (double)x[i] - m;
+        double g = (double)dy[i];
+        if (relu && !(xm * a + b > 0.0)) g = 0.0;
+        s1 += g;
+        s2 += g * xm;
+    }
+    *sd += s1;
+    *sx += s2;
+}
+
+static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, ptrdiff_t C,
+                                  ptrdiff_t S, const double *mean, const double *scale,
+                                  const double *shift, double *sum_dy, double *sum_dyxmu,
+                                  int flags, int nthreads)
+{
+    const T *dy = (const T *)dyv, *x = (const T *)xv;
+    const int relu = (flags & BN_FLAG_RELU) != 0;
+    if (N < 0 || C < 0 || S < 0) return BN_EINVAL;
+    for (ptrdiff_t c = 0; c < C; c++) sum_dy[c] = sum_dyxmu[c] = 0.0;
+    if (N == 0 || C == 0 || S == 0) return BN_OK;
+    const int nt = bn_threads(nthreads, (double)N * (double)C * (double)S);
+    (void)nt;
+    if (S >= BN_ROW_MIN_S) {
+        ptrdiff_t G = bn_groups_row(N, S);
+        const ptrdiff_t npg = (N + G - 1) / G;
+        G = (N + npg - 1) / npg;
+        double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)(G * C));
+        if (!buf) return BN_ENOMEM;
+        double *pd = buf, *px = buf + G * C;
+        const ptrdiff_t items = G * C;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+        for (ptrdiff_t it = 0; it < items; it++) {
+            ptrdiff_t g = it / C, c = it % C;
+            ptrdiff_t n0 = g * npg, n1 = n0 + npg < N ? n0 + npg : N;
+            double sd = 0.0, sx = 0.0;
+            const double a = scale ? scale[c] : 0.0, b = shift ? shift[c] : 0.0;
+            for (ptrdiff_t r = n0; r < n1; r++) {
+                ptrdiff_t off = (r * C + c) * S;
+                BN_FN(bwd_span_s)(dy + off, x + off, S, mean[c], a, b, relu, &sd, &sx);
+            }
+            pd[it] = sd;
+            px[it] = sx;
+        }
+        for (ptrdiff_t c = 0; c < C; c++)
+            for (ptrdiff_t g = 0; g < G; g++) {
+                sum_dy[c] += pd[g * C + c];
+                sum_dyxmu[c] += px[g * C + c];
+            }
+        free(buf);
+        return BN_OK;
+    }
+    /* Column strategy: per-column sums over groups of rows, then over S and groups. */
+    const bn_colpart p = bn_colpart_make(N, C * S);
+    const ptrdiff_t Cp = p.Cp, G = p.ngroups, rows_per_group = p.bpg * p.rb;
+    double *buf = (double *)malloc(sizeof(double) * (2 * (size_t)(G * Cp) + 3 * (size_t)Cp));
+    if (!buf) return BN_ENOMEM;
+    double *pd = buf, *px = buf + G * Cp;
+    double *me = px + G * Cp, *ae = me + Cp, *be = ae + Cp;
+    bn_expand(me, mean, Cp, Cp, S);
+    bn_expand(ae, scale, Cp, Cp, S);
+    bn_expand(be, shift, Cp, Cp, S);
+    const ptrdiff_t items = G * p.ntiles;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (ptrdiff_t it = 0; it < items; it++) {
+        const ptrdiff_t g = it / p.ntiles, t = it % p.ntiles;
+        const ptrdiff_t c0 = t * p.tile, w = Cp - c0 < p.tile ? Cp - c0 : p.tile;
+        ptrdiff_t r0 = g * rows_per_group, r1 = r0 + rows_per_group;
+        if (r1 > N) r1 = N;
+        double *ad = pd + g * Cp + c0, *ax = px + g * Cp + c0;
+        const double *m = me + c0, *a = ae + c0, *b = be + c0;
+        ptrdiff_t j;
+        for (j = 0; j < w; j++) ad[j] = ax[j] = 0.0;
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            const T *dr = dy + r * Cp + c0, *xr = x + r * Cp + c0;
+            for (j = 0; j + 8 <= w; j += 8) {
+                bn_vd xm = BN_FN(ld)(xr + j) - bn_ldd(m + j);
+                bn_vd gv = BN_FN(ld)(dr + j);
+                if (relu) gv = bn_vmask(gv, xm * bn_ldd(a + j) + bn_ldd(b + j));
+                bn_std(ad + j, bn_ldd(ad + j) + gv);
+                bn_std(ax + j, bn_ldd(ax + j) + gv * xm);
+            }
+            for (; j < w; j++) {
+                double xm = (double)xr[j] - m[j];
+                double gs = (double)dr[j];
+                if (relu && !(xm * a[j] + b[j] > 0.0)) gs = 0.0;
+                ad[j] += gs;
+                ax[j] += gs * xm;
+            }
+        }
+    }
+    for (ptrdiff_t c = 0; c < C; c++)
+        for (ptrdiff_t s = 0; s < S; s++)
+            for (ptrdiff_t g = 0; g < G; g++) {
+                sum_dy[c] += pd[g * Cp + c * S + s];
+                sum_dyxmu[c] += px[g * Cp + c * S + s];
+            }
+    free(buf);
+    return BN_OK;
+}
+
+/*
+ * dx = kd * g + kx * (x - m) + k0 (training) or dx = kd * g (eval), g = dy or the
+ * ReLU-masked dy.  Parameters are per element when inc == 1, scalars when inc == 0.
+ */
+static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const double *m,
+                           const double *a, const double *b, const double *kd,
+                           const double *kx, const double *k0, ptrdiff_t inc, int relu,
+                           int eval)
+{
+    ptrdiff_t i = 0;
+    if (inc == 0) {
+        const bn_vd mv = bn_splat(*m), av = bn_splat(*a), bv = bn_splat(*b);
+        const bn_vd kdv = bn_splat(*kd), kxv = bn_splat(*kx), k0v = bn_splat(*k0);
+        for (; i + 8 <= L; i += 8) {
+            bn_vd g = BN_FN(ld)(dy + i);
+            bn_vd xm = BN_FN(ld)(x + i) - mv;
+            if (relu) g = bn_vmask(g, xm * av + bv);
+            BN_FN(st)(dx + i, eval ? kdv * g : (kdv * g + kxv * xm) + k0v);
+        }
+    } else {
+        for (; i + 8 <= L; i += 8) {
+            bn_vd g = BN_FN(ld)(dy + i);
+            bn_vd xm = BN_FN(ld)(x + i) - bn_ldd(m + i);
+            if (relu) g = bn_vmask(g, xm * bn_ldd(a + i) + bn_ldd(b + i));
+            bn_vd kdv = bn_ldd(kd + i);
+            BN_FN(st)(dx + i, eval ? kdv * g : (kdv * g + bn_ldd(kx + i) * xm) + bn_ldd(k0 + i));
+        }
+    }
+    for (; i < L; i++) {
+        const ptrdiff_t j = i * inc;
+        double g = (double)dy[i];
+        double xm = (double)x[i] - m[j];
+        if (relu && !(xm * a[j] + b[j] > 0.0)) g = 0.0;
+        dx[i] = (T)(eval ? kd[j] * g : (kd[j] * g + kx[j] * xm) + k0[j]);
+    }
+}
+
+static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdiff_t N,
+                              ptrdiff_t C, ptrdiff_t S, const double *mean,
+                              const double *scale, const double *shift, const double *k_dy,
+                              const double *k_x, const double *k_0, int flags, int nthreads)
+{
+    const T *dy = (const T *)dyv, *x = (const T *)xv;
+    T *dx = (T *)dxv;
+    const int relu = (flags & BN_FLAG_RELU) != 0, eval = (flags & BN_FLAG_EVAL) != 0;
+    if (N < 0 || C < 0 || S < 0) return BN_EINVAL;
+    if (N == 0 || C == 0 || S == 0) return BN_OK;
+    const int nt = bn_threads(nthreads, (double)N * (double)C * (double)S);
+    (void)nt;
+    if (S >= BN_ROW_MIN_S) {
+        const ptrdiff_t rows = N * C;
+#pragma omp parallel for schedule(static) num_threads(nt)
+        for (ptrdiff_t it = 0; it < rows; it++) {
+            const ptrdiff_t c = it % C, off = it * S;
+            const double zero = 0.0;
+            BN_FN(dx_span)(dy + off, x + off, dx + off, S, mean + c, scale ? scale + c : &zero,
+                           shift ? shift + c : &zero, k_dy + c, k_x ? k_x + c : &zero,
+                           k_0 ? k_0 + c : &zero, 0, relu, eval);
+        }
+        return BN_OK;
+    }
+    const ptrdiff_t Cp = C * S, P = bn_period(Cp);
+    double *buf = (double *)malloc(sizeof(double) * 6 * (size_t)P);
+    if (!buf) return BN_ENOMEM;
+    double *me = buf, *ae = buf + P, *be = buf + 2 * P, *kde = buf + 3 * P, *kxe = buf + 4 * P,
+           *k0e = buf + 5 * P;
+    bn_expand(me, mean, P, Cp, S);
+    bn_expand(ae, scale, P, Cp, S);
+    bn_expand(be, shift, P, Cp, S);
+    bn_expand(kde, k_dy, P, Cp, S);
+    bn_expand(kxe, k_x, P, Cp, S);
+    bn_expand(k0e, k_0, P, Cp, S);
+    const ptrdiff_t total = N * Cp, nfull = total / P, rem = total - nfull * P;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (ptrdiff_t it = 0; it < nfull; it++)
+        BN_FN(dx_span)(dy + it * P, x + it * P, dx + it * P, P, me, ae, be, kde, kxe, k0e, 1,
+                       relu, eval);
+    if (rem)
+        BN_FN(dx_span)(dy + nfull * P, x + nfull * P, dx + nfull * P, rem, me, ae, be, kde, kxe,
+                       k0e, 1, relu, eval);
+    free(buf);
+    return BN_OK;
+}

@@ -1,0 +1,109 @@
+/*
+ * bnfast: batch-normalisation kernels.
+ *
+ * The kernels never touch the Python API.  They work on C-contiguous data viewed as
+ * (N, C, S): N outer rows, C channels, S inner elements per channel and row.  Channels-first
+ * (N, C, H, W) has S = H*W; channels-last (N, H, W, C) is (N*H*W, C, 1).
+ *
+ * Every kernel returns a status code (BN_OK on success).
+ *
+ * Numerics: all arithmetic is done in double precision, whatever the storage type.
+ * Statistics are computed per fixed block (two passes over a cache-resident block, then
+ * Chan et al.'s pairwise update to combine blocks in a fixed order), so results do not
+ * depend on the number of threads.  Every instruction-set variant uses the same lane
+ * structure and the build disables floating-point contraction, so the variants give
+ * bit-identical results too.
+ */
+#ifndef BNFAST_H
+#define BNFAST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    BN_OK = 0,
+    BN_ENOMEM = 1,   /* scratch allocation failed */
+    BN_EINVAL = 2,   /* invalid argument (should have been caught in Python) */
+    BN_ENOISA = 3    /* requested instruction set not supported by this CPU/build */
+};
+
+enum { BN_ISA_BASELINE = 0, BN_ISA_AVX2 = 1, BN_ISA_AVX512 = 2, BN_ISA_COUNT = 3 };
+
+/* Flags for the forward and backward kernels. */
+enum {
+    BN_FLAG_RELU = 1,      /* fused ReLU on the output / its gradient */
+    BN_FLAG_EVAL = 2       /* backward: statistics are constants (eval mode) */
+};
+
+/*
+ * moments: per-channel mean and biased variance (double outputs, length C).
+ */
+typedef int (*bn_moments_fn)(const void *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                             double *mean, double *var, int nthreads);
+
+/*
+ * normalize: y = (x - mean[c]) * scale[c] + shift[c], then optional ReLU.
+ * y may equal x (in place).
+ */
+typedef int (*bn_normalize_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C,
+                               ptrdiff_t S, const double *mean, const double *scale,
+                               const double *shift, int flags, int nthreads);
+
+/*
+ * backward_reduce: sum_dy[c] = sum g, sum_dyxmu[c] = sum g * (x - mean[c]),
+ * with g = dy, or with BN_FLAG_RELU, g = dy where (x - mean)*scale + shift > 0 else 0.
+ */
+typedef int (*bn_backward_reduce_fn)(const void *dy, const void *x, ptrdiff_t N,
+                                     ptrdiff_t C, ptrdiff_t S, const double *mean,
+                                     const double *scale, const double *shift,
+                                     double *sum_dy, double *sum_dyxmu, int flags,
+                                     int nthreads);
+
+/*
+ * backward_dx: dx = k_dy[c] * g + k_x[c] * (x - mean[c]) + k_0[c], g as above.
+ * dx may equal dy or x.
+ */
+typedef int (*bn_backward_dx_fn)(const void *dy, const void *x, void *dx, ptrdiff_t N,
+                                 ptrdiff_t C, ptrdiff_t S, const double *mean,
+                                 const double *scale, const double *shift,
+                                 const double *k_dy, const double *k_x, const double *k_0,
+                                 int flags, int nthreads);
+
+typedef struct {
+    const char *name;
+    bn_moments_fn moments[2];                 /* [0] float32, [1] float64 */
+    bn_normalize_fn normalize[2];
+    bn_backward_reduce_fn backward_reduce[2];
+    bn_backward_dx_fn backward_dx[2];
+} bn_kernel_table;
+
+/* Dispatch (dispatch.c). */
+int bn_isa_compiled(int isa);            /* compiled into this build? */
+int bn_isa_supported(int isa);           /* compiled and supported by this CPU? */
+int bn_isa_best(void);                   /* best supported variant */
+const char *bn_isa_name(int isa);
+int bn_set_isa(int isa);                 /* BN_OK or BN_ENOISA */
+int bn_get_isa(void);
+const bn_kernel_table *bn_active(void);
+
+/* Running statistics update (dispatch.c): r = (1 - m) r + m * batch, var unbiased. */
+int bn_update_running_f32(float *rmean, float *rvar, ptrdiff_t rm_stride, ptrdiff_t rv_stride,
+                          const double *mean, const double *var, ptrdiff_t C, double count,
+                          double momentum);
+int bn_update_running_f64(double *rmean, double *rvar, ptrdiff_t rm_stride, ptrdiff_t rv_stride,
+                          const double *mean, const double *var, ptrdiff_t C, double count,
+                          double momentum);
+
+/* Build information. */
+const char *bn_compiler(void);
+int bn_openmp_version(void);             /* _OPENMP macro, 0 without OpenMP */
+int bn_omp_max_threads(void);            /* omp_get_max_threads(), 1 without OpenMP */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,133 @@
+/* Run-time selection of the kernel variant, running-statistics update, build facts. */
+#include <stddef.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "bnfast.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BN_HAVE_X86_VARIANTS 1
+extern const bn_kernel_table bn_table_avx2;
+extern const bn_kernel_table bn_table_avx512;
+#else
+#define BN_HAVE_X86_VARIANTS 0
+#endif
+extern const bn_kernel_table bn_table_baseline;
+
+static const bn_kernel_table *bn_tables[BN_ISA_COUNT] = {
+    &bn_table_baseline,
+#if BN_HAVE_X86_VARIANTS
+    &bn_table_avx2,
+    &bn_table_avx512,
+#else
+    NULL,
+    NULL,
+#endif
+};
+
+static const char *bn_names[BN_ISA_COUNT] = {"baseline", "avx2", "avx512"};
+
+static int bn_current = -1;
+
+int bn_isa_compiled(int isa)
+{
+    return isa >= 0 && isa < BN_ISA_COUNT && bn_tables[isa] != NULL;
+}
+
+int bn_isa_supported(int isa)
+{
+    if (!bn_isa_compiled(isa)) return 0;
+    if (isa == BN_ISA_BASELINE) return 1;
+#if BN_HAVE_X86_VARIANTS
+    /* libgcc/compiler-rt check both the CPU's flags and the OS's XSAVE state (XGETBV). */
+    __builtin_cpu_init();
+    if (isa == BN_ISA_AVX2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == BN_ISA_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return 0;
+}
+
+int bn_isa_best(void)
+{
+    for (int isa = BN_ISA_COUNT - 1; isa > 0; isa--)
+        if (bn_isa_supported(isa)) return isa;
+    return BN_ISA_BASELINE;
+}
+
+const char *bn_isa_name(int isa)
+{
+    return (isa >= 0 && isa < BN_ISA_COUNT) ? bn_names[isa] : "unknown";
+}
+
+int bn_set_isa(int isa)
+{
+    if (!bn_isa_supported(isa)) return BN_ENOISA;
+    bn_current = isa;
+    return BN_OK;
+}
+
+int bn_get_isa(void)
+{
+    if (bn_current < 0) bn_current = bn_isa_best();
+    return bn_current;
+}
+
+const bn_kernel_table *bn_active(void) { return bn_tables[bn_get_isa()]; }
+
+#define BN_UPDATE_RUNNING(T)                                                              \
+    for (ptrdiff_t c = 0; c < C; c++) {                                                   \
+        double unbiased = count > 1.0 ? var[c] * (count / (count - 1.0)) : var[c];        \
+        T *pm = rmean + c * rm_stride, *pv = rvar + c * rv_stride;                        \
+        *pm = (T)((1.0 - momentum) * (double)*pm + momentum * mean[c]);                   \
+        *pv = (T)((1.0 - momentum) * (double)*pv + momentum * unbiased);                  \
+    }                                                                                     \
+    return BN_OK;
+
+int bn_update_running_f32(float *rmean, float *rvar, ptrdiff_t rm_stride, ptrdiff_t rv_stride,
+                          const double *mean, const double *var, ptrdiff_t C, double count,
+                          double momentum)
+{
+    BN_UPDATE_RUNNING(float)
+}
+
+int bn_update_running_f64(double *rmean, double *rvar, ptrdiff_t rm_stride, ptrdiff_t rv_stride,
+                          const double *mean, const double *var, ptrdiff_t C, double count,
+                          double momentum)
+{
+    BN_UPDATE_RUNNING(double)
+}
+
+const char *bn_compiler(void)
+{
+#if defined(__clang__)
+    return "clang " __clang_version__;
+#elif defined(__GNUC__)
+    return "gcc " __VERSION__;
+#elif defined(_MSC_VER)
+    return "msvc";
+#else
+    return "unknown";
+#endif
+}
+
+int bn_openmp_version(void)
+{
+#ifdef _OPENMP
+    return _OPENMP;
+#else
+    return 0;
+#endif
+}
+
+int bn_omp_max_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
