@@ -121,6 +121,10 @@ def _openmp_runtime():
                     break
     except Exception:  # threadpoolctl is optional
         pass
+    if path is None:
+        comp = _core.compiler()
+        path = ("libgomp" if comp.startswith("gcc") else "libomp" if comp.startswith("clang")
+                else "vcomp" if comp.startswith("msvc") else None)
     return ver, path
 
 
