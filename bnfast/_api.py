@@ -40,11 +40,12 @@ def _norm_axis(axis, ndim):
 
 
 def _layout(x, axis):
-    """Return (ax, N, C, S, last, xk): the kernel view of x.
+    """Return (ax, N, C, S, perm, xk): the kernel view of x.
 
-    xk is C-contiguous.  With last=False its memory is (N, C, S) with the channel axis `ax`
-    in the middle; with last=True it is x with the channel axis moved to the end, viewed as
-    (N*S, C, 1) (a channels-last array needs no copy).
+    xk is C-contiguous and its memory is (N, C, S): N elements of the axes stored outside
+    the channel axis, S of those stored inside it.  ``perm`` is None when x is C-contiguous;
+    otherwise xk is ``x.transpose(perm)`` (an array that is dense in another axis order,
+    such as channels-last or Fortran order, needs no copy), or a contiguous copy of x.
     """
     if x.ndim < 2:
         raise ValueError(
@@ -52,33 +53,38 @@ def _layout(x, axis):
     ax = _norm_axis(axis, x.ndim)
     shape = x.shape
     C = shape[ax]
-    N = math.prod(shape[:ax])
-    S = math.prod(shape[ax + 1:])
-    if x.flags.c_contiguous:
-        return ax, N, C, S, False, x
-    if S > 1:
-        moved = np.moveaxis(x, ax, -1)
-        if moved.flags.c_contiguous:
-            return ax, N * S, C, 1, True, moved
-    return ax, N, C, S, False, np.ascontiguousarray(x)
+    if not x.flags.c_contiguous:
+        # Axis order by decreasing stride: if x is dense in that order, use it as is.
+        perm = tuple(sorted(range(x.ndim), key=lambda i: -x.strides[i]))
+        xt = x.transpose(perm)
+        if xt.flags.c_contiguous:
+            p = perm.index(ax)
+            return ax, math.prod(xt.shape[:p]), C, math.prod(xt.shape[p + 1:]), perm, xt
+        x = np.ascontiguousarray(x)
+    return ax, math.prod(shape[:ax]), C, math.prod(shape[ax + 1:]), None, x
 
 
-def _coerce(a, ax, last):
+def _coerce(a, perm):
     """Bring another array of x's shape into x's kernel layout."""
-    if last:
-        return np.ascontiguousarray(np.moveaxis(a, ax, -1))
-    return np.ascontiguousarray(a)
+    return np.ascontiguousarray(a if perm is None else a.transpose(perm))
 
 
-def _output(out, x, ax, last, inputs, name="out"):
+def _inverse(perm):
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+def _output(out, x, perm, inputs, name="out"):
     """Return (result, kernel_buffer, copy_back) for an output shaped like x."""
     shape = x.shape
     if out is None:
-        if last:
-            buf = np.empty(shape[:ax] + shape[ax + 1:] + (shape[ax],), dtype=x.dtype)
-            return np.moveaxis(buf, -1, ax), buf, False
-        buf = np.empty(shape, dtype=x.dtype)
-        return buf, buf, False
+        if perm is None:
+            buf = np.empty(shape, dtype=x.dtype)
+            return buf, buf, False
+        buf = np.empty(tuple(shape[i] for i in perm), dtype=x.dtype)
+        return buf.transpose(_inverse(perm)), buf, False
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.dtype != x.dtype:
@@ -87,7 +93,7 @@ def _output(out, x, ax, last, inputs, name="out"):
         raise ValueError(f"{name} has shape {out.shape} but the result has shape {shape}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    view = np.moveaxis(out, ax, -1) if last else out
+    view = out if perm is None else out.transpose(perm)
     if view.flags.c_contiguous:
         safe = True
         for a in inputs:
@@ -101,8 +107,8 @@ def _output(out, x, ax, last, inputs, name="out"):
     return out, np.empty(view.shape, dtype=x.dtype), True
 
 
-def _copy_back(out, buf, ax, last):
-    out[...] = np.moveaxis(buf, -1, ax) if last else buf
+def _copy_back(out, buf, perm):
+    out[...] = buf if perm is None else buf.transpose(_inverse(perm))
 
 
 def _chan(v, C, name, required=False):
@@ -202,7 +208,7 @@ def moments(x, *, axis=1):
     ([2.0, 20.0], [1.0, 100.0])
     """
     x = _as_data(x, "x")
-    ax, N, C, S, last, xk = _layout(x, axis)
+    ax, N, C, S, perm, xk = _layout(x, axis)
     if N * S == 0 and C > 0:
         raise ValueError(f"moments of an empty batch are undefined (x has shape {x.shape})")
     mean, var = _core.moments(xk, N, C, S, get_num_threads())
@@ -272,18 +278,18 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     [0.2, 0.4]
     """
     x = _as_data(x, "x")
-    ax, N, C, S, last, xk = _layout(x, axis)
+    ax, N, C, S, perm, xk = _layout(x, axis)
     eps = _real(eps, "eps", 0.0, math.inf)
     momentum = _real(momentum, "momentum", 0.0, 1.0)
     w = _chan(weight, C, "weight")
     b = _chan(bias, C, "bias")
     rm, rv = _running(running_mean, running_var, C)
     _training_count(N, S, x.shape)
-    y, yk, copy_back = _output(out, x, ax, last, (xk,))
+    y, yk, copy_back = _output(out, x, perm, (xk,))
     mean, invstd = _core.train_forward(xk, yk, N, C, S, w, b, eps, bool(relu), rm, rv,
                                        momentum, get_num_threads())
     if copy_back:
-        _copy_back(y, yk, ax, last)
+        _copy_back(y, yk, perm)
     return y, mean, invstd
 
 
@@ -329,7 +335,7 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
     [[-1.0, -1.0], [1.0, 1.0]]
     """
     x = _as_data(x, "x")
-    ax, N, C, S, last, xk = _layout(x, axis)
+    ax, N, C, S, perm, xk = _layout(x, axis)
     eps = _real(eps, "eps", 0.0, math.inf)
     m = _chan(mean, C, "mean", required=True)
     v = _chan(var, C, "var", required=True)
@@ -337,10 +343,10 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
         raise ValueError("var must be >= 0 in every channel")
     w = _chan(weight, C, "weight")
     b = _chan(bias, C, "bias")
-    y, yk, copy_back = _output(out, x, ax, last, (xk,))
+    y, yk, copy_back = _output(out, x, perm, (xk,))
     _core.infer_forward(xk, yk, N, C, S, m, v, w, b, eps, bool(relu), get_num_threads())
     if copy_back:
-        _copy_back(y, yk, ax, last)
+        _copy_back(y, yk, perm)
     return y
 
 
@@ -408,17 +414,17 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
         raise TypeError(f"dy has dtype {dy.dtype} but x has dtype {x.dtype}")
     if dy.shape != x.shape:
         raise ValueError(f"dy has shape {dy.shape} but x has shape {x.shape}")
-    ax, N, C, S, last, xk = _layout(x, axis)
-    dyk = _coerce(dy, ax, last)
+    ax, N, C, S, perm, xk = _layout(x, axis)
+    dyk = _coerce(dy, perm)
     m = _chan(mean, C, "mean", required=True)
     inv = _chan(invstd, C, "invstd", required=True)
     w = _chan(weight, C, "weight")
     b = _chan(bias, C, "bias")
-    dx, dxk, copy_back = _output(out, x, ax, last, (xk, dyk))
+    dx, dxk, copy_back = _output(out, x, perm, (xk, dyk))
     dweight, dbias = _core.backward(dyk, xk, dxk, N, C, S, m, inv, w, b, bool(relu),
                                     bool(training), get_num_threads())
     if copy_back:
-        _copy_back(dx, dxk, ax, last)
+        _copy_back(dx, dxk, perm)
     return dx, dweight.astype(x.dtype, copy=False), dbias.astype(x.dtype, copy=False)
 
 
