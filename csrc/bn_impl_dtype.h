@@ -67,11 +67,17 @@ static inline ptrdiff_t bn_period(ptrdiff_t Cp)
     return k * Cp;
 }
 
-/* Expand per-channel values v[C] to per-element values e[P] for columns of width S. */
+/* Expand per-channel values v[C] to per-element values e[P] for columns of width S
+ * (P is a multiple of Cp = C * S; v == NULL gives zeros). */
 static inline void bn_expand(double *e, const double *v, ptrdiff_t P, ptrdiff_t Cp,
                              ptrdiff_t S)
 {
-    for (ptrdiff_t j = 0; j < P; j++) e[j] = v ? v[(j % Cp) / S] : 0.0;
+    const ptrdiff_t C = Cp / S;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        const double val = v ? v[c] : 0.0;
+        for (ptrdiff_t s = 0; s < S; s++) e[c * S + s] = val;
+    }
+    for (ptrdiff_t j = Cp; j < P; j++) e[j] = e[j - Cp];
 }
 #endif
 
