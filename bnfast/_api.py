@@ -188,8 +188,11 @@ def moments(x, *, axis=1):
 
     Returns
     -------
-    mean, var : ndarray of shape (C,), dtype of `x`
-        The mean and the biased (divide by n) variance of every channel.
+    mean, var : ndarray of shape (C,), float64
+        The mean and the biased (divide by n) variance of every channel.  They are float64
+        for either input dtype: that is the precision they are computed in, and the
+        variance of float32 data can exceed float32's range (values of magnitude 1e30 have
+        a variance of order 1e60).
 
     Raises
     ------
@@ -211,8 +214,7 @@ def moments(x, *, axis=1):
     ax, N, C, S, perm, xk = _layout(x, axis)
     if N * S == 0 and C > 0:
         raise ValueError(f"moments of an empty batch are undefined (x has shape {x.shape})")
-    mean, var = _core.moments(xk, N, C, S, get_num_threads())
-    return mean.astype(x.dtype, copy=False), var.astype(x.dtype, copy=False)
+    return _core.moments(xk, N, C, S, get_num_threads())
 
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
@@ -466,7 +468,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     >>> bnfast.batch_norm(x, rm, rv, training=True, eps=0.0).tolist()
     [[-1.0], [1.0]]
     >>> bnfast.batch_norm(x, rm, rv, eps=0.0).tolist()   # eval: running statistics
-    [[0.78...], [2.68...]]
+    [[0.762...], [2.669...]]
     """
     _real(momentum, "momentum", 0.0, 1.0)
     if training or (running_mean is None and running_var is None):
