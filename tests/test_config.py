@@ -1,0 +1,268 @@
+"""Configuration, kernel-variant selection, thread control and the docstring examples."""
+import doctest
+import importlib
+import io
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+import bnfast
+from conftest import ISAS, package_env
+
+
+def _neutral_dir():
+    # not the source tree, so that `import bnfast` finds the same package as this process
+    return tempfile.gettempdir()
+
+
+def _python(code, timeout=120, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=package_env(**env), timeout=timeout, cwd=_neutral_dir())
+
+
+# ------------------------------------------------------------------ show_config / get_config
+
+def test_show_config_contents():
+    buf = io.StringIO()
+    bnfast.show_config(file=buf)
+    text = buf.getvalue()
+    assert text.startswith(f"bnfast {bnfast.__version__}")
+    assert f"{bnfast.get_isa()} (in use)" in text
+    for name in ISAS:
+        assert name in text
+    for name in ISAS:
+        if name != bnfast.get_isa():
+            assert f"{name} (available)" in text
+    assert "OpenMP" in text
+    assert f"threads        : {bnfast.get_num_threads()}" in text
+    assert "compiler" in text and bnfast.get_config()["compiler"] in text
+
+
+def test_show_config_prints_to_stdout(capsys):
+    bnfast.show_config()
+    out = capsys.readouterr().out
+    assert out.startswith(f"bnfast {bnfast.__version__}")
+    assert "kernel variant" in out
+
+
+def test_show_config_follows_use_isa_and_threads():
+    with bnfast.use_isa("baseline"), bnfast.num_threads(3):
+        buf = io.StringIO()
+        bnfast.show_config(file=buf)
+    text = buf.getvalue()
+    assert "baseline (in use)" in text
+    assert "threads        : 3" in text
+
+
+def test_get_config_keys_and_values():
+    cfg = bnfast.get_config()
+    expected = {"version", "isa", "isa_selected_by", "isas_available", "isas_compiled", "openmp",
+                "openmp_runtime", "num_threads", "compiler", "python", "numpy", "machine"}
+    assert expected <= set(cfg)
+    assert cfg["version"] == bnfast.__version__
+    assert cfg["isa"] == bnfast.get_isa()
+    assert cfg["isas_available"] == bnfast.available_isas()
+    assert set(cfg["isas_available"]) <= set(cfg["isas_compiled"])
+    assert cfg["num_threads"] == bnfast.get_num_threads()
+    assert cfg["numpy"] == np.__version__
+    assert cfg["python"] == sys.version.split()[0]
+    assert isinstance(cfg["compiler"], str) and cfg["compiler"]
+
+
+def test_available_isas():
+    isas = bnfast.available_isas()
+    assert isas[0] == "baseline"
+    assert set(isas) <= {"baseline", "avx2", "avx512"}
+    order = ["baseline", "avx2", "avx512"]
+    assert isas == [n for n in order if n in isas]  # best last
+    assert bnfast.get_isa() in isas
+
+
+# ------------------------------------------------------------------ variant selection
+
+@pytest.mark.parametrize("name", ISAS)
+def test_use_isa_and_restore(name):
+    before = bnfast.get_isa()
+    with bnfast.use_isa(name):
+        assert bnfast.get_isa() == name
+        assert bnfast.get_config()["isa"] == name
+    assert bnfast.get_isa() == before
+
+
+def test_use_isa_restores_after_exception():
+    before = bnfast.get_isa()
+    with pytest.raises(KeyError):
+        with bnfast.use_isa("baseline"):
+            raise KeyError
+    assert bnfast.get_isa() == before
+
+
+def test_set_isa_auto_and_errors():
+    bnfast.set_isa("baseline")
+    assert bnfast.get_isa() == "baseline"
+    bnfast.set_isa("auto")
+    assert bnfast.get_isa() == ISAS[-1]
+    bnfast.set_isa(" AVX2 " if "avx2" in ISAS else "baseline")
+    with pytest.raises(ValueError, match=r"unknown instruction set 'sse9'"):
+        bnfast.set_isa("sse9")
+    with pytest.raises(TypeError, match=r"must be a string"):
+        bnfast.set_isa(2)
+    with pytest.raises(ValueError, match=r"unknown instruction set"):
+        with bnfast.use_isa("neon"):
+            pass  # pragma: no cover
+
+
+def test_unsupported_isa_is_a_runtime_error():
+    missing = [n for n in ("avx2", "avx512") if n not in ISAS]
+    if not missing:
+        pytest.skip("this CPU supports every variant")
+    with pytest.raises(RuntimeError, match=rf"instruction set '{missing[0]}' was requested"):
+        bnfast.set_isa(missing[0])
+
+
+def test_env_forces_baseline():
+    r = _python("import bnfast, numpy as np; print(bnfast.get_isa());"
+                "print(bnfast.get_config()['isa_selected_by']);"
+                "x = np.arange(12.0).reshape(4, 3); print(bnfast.moments(x)[0].tolist())",
+                BNFAST_ISA="baseline")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "baseline"
+    assert lines[1] == "BNFAST_ISA=baseline"
+    assert lines[2] == "[4.5, 5.5, 6.5]"  # and it computes
+
+
+@pytest.mark.parametrize("name", ISAS)
+def test_env_forces_each_available_variant(name):
+    r = _python("import bnfast; print(bnfast.get_isa())", BNFAST_ISA=name.upper())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == name
+
+
+def test_env_auto_and_empty_mean_default():
+    for val in ("auto", ""):
+        r = _python("import bnfast; print(bnfast.get_isa())", BNFAST_ISA=val)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == ISAS[-1]
+
+
+def test_env_unknown_variant_fails_clearly():
+    r = _python("import bnfast", BNFAST_ISA="bogus512")
+    assert r.returncode != 0
+    assert "BNFAST_ISA=bogus512" in r.stderr
+    assert "unknown instruction set 'bogus512'" in r.stderr
+    assert "baseline" in r.stderr  # lists the valid names
+
+
+def test_env_unsupported_variant_fails_clearly():
+    missing = [n for n in ("avx2", "avx512") if n not in ISAS]
+    if not missing:
+        pytest.skip("this CPU supports every variant")
+    r = _python("import bnfast", BNFAST_ISA=missing[0])
+    assert r.returncode != 0
+    assert f"BNFAST_ISA={missing[0]}" in r.stderr
+
+
+def test_cli_config():
+    """`python -m bnfast config` (the README's and CI's command) prints the configuration."""
+    r = subprocess.run([sys.executable, "-m", "bnfast", "config"], capture_output=True,
+                       text=True, env=package_env(), timeout=120, cwd=_neutral_dir())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"bnfast {bnfast.__version__}")
+
+
+# ------------------------------------------------------------------ threads
+
+def test_set_and_get_num_threads():
+    default = bnfast.get_num_threads()
+    assert isinstance(default, int) and default >= 1
+    bnfast.set_num_threads(3)
+    assert bnfast.get_num_threads() == 3
+    bnfast.set_num_threads(1)
+    assert bnfast.get_num_threads() == 1
+    bnfast.set_num_threads(None)
+    assert bnfast.get_num_threads() == default
+    bnfast.set_num_threads(np.int64(2))
+    assert bnfast.get_num_threads() == 2 and type(bnfast.get_num_threads()) is int
+
+
+def test_num_threads_context_manager_nests_and_restores():
+    default = bnfast.get_num_threads()
+    with bnfast.num_threads(2) as n:
+        assert n == 2 and bnfast.get_num_threads() == 2
+        with bnfast.num_threads(5):
+            assert bnfast.get_num_threads() == 5
+        assert bnfast.get_num_threads() == 2
+    assert bnfast.get_num_threads() == default
+    with pytest.raises(RuntimeError):
+        with bnfast.num_threads(3):
+            raise RuntimeError
+    assert bnfast.get_num_threads() == default
+
+
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-1, ValueError), (1.5, TypeError),
+                                     (True, TypeError), (False, TypeError), ("2", TypeError),
+                                     (2.0, TypeError)])
+def test_thread_count_validation(bad, exc):
+    before = bnfast.get_num_threads()
+    match = r">= 1" if exc is ValueError else r"positive integer"
+    with pytest.raises(exc, match=match):
+        bnfast.set_num_threads(bad)
+    with pytest.raises(exc, match=match):
+        with bnfast.num_threads(bad):
+            pass  # pragma: no cover
+    assert bnfast.get_num_threads() == before
+
+
+def test_omp_num_threads_env():
+    r = _python("import bnfast; print(bnfast.get_num_threads()); "
+                "print(bnfast.get_config()['omp_num_threads_env'])", OMP_NUM_THREADS="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "1"]
+    r = _python("import bnfast; print(bnfast.get_num_threads())", OMP_NUM_THREADS="3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ("3" if bnfast.get_config()["openmp"] else "1")
+
+
+def test_threadpoolctl_limits():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if bnfast.get_config()["openmp"] is None:
+        pytest.skip("serial build (no OpenMP)")
+    infos = threadpoolctl.threadpool_info()
+    assert any(i.get("user_api") == "openmp" for i in infos), infos
+    bnfast.set_num_threads(None)
+    before = bnfast.get_num_threads()
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        assert bnfast.get_num_threads() == 1
+        # an explicit bnfast setting still wins
+        with bnfast.num_threads(2):
+            assert bnfast.get_num_threads() == 2
+        assert bnfast.get_num_threads() == 1
+    assert bnfast.get_num_threads() == before
+
+
+def test_threadpoolctl_sees_openmp_in_fresh_process():
+    pytest.importorskip("threadpoolctl")
+    if bnfast.get_config()["openmp"] is None:
+        pytest.skip("serial build (no OpenMP)")
+    r = _python("import bnfast, threadpoolctl;"
+                "print(sorted({i['user_api'] for i in threadpoolctl.threadpool_info()}))")
+    assert r.returncode == 0, r.stderr
+    assert "openmp" in r.stdout
+
+
+# ------------------------------------------------------------------ doctests
+
+@pytest.mark.parametrize("module", ["bnfast", "bnfast._api", "bnfast._threads",
+                                    "bnfast._config"])
+def test_docstring_examples(module):
+    mod = importlib.import_module(module)
+    before = (bnfast.get_isa(), bnfast.get_num_threads())
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                             verbose=False, report=True)
+    assert result.attempted > 0, f"{module} has no examples"
+    assert result.failed == 0, f"{result.failed} docstring example(s) in {module} failed"
+    assert (bnfast.get_isa(), bnfast.get_num_threads()) == before

@@ -1,0 +1,152 @@
+"""Bit-identical results for any thread count, across kernel variants, and under concurrent
+calls from several Python threads."""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import bnfast
+from conftest import ISAS, assert_same_bits, rng_for
+
+# All well above BN_PAR_MIN (32768 elements), so the kernels really run multithreaded, and on
+# both sides of the S=64 strategy switch.
+CASES = {
+    "nchw-f32": ((32, 64, 28, 28), np.float32, 1, "first"),     # row strategy, S=784
+    "nhwc-f32": ((32, 64, 28, 28), np.float32, -1, "last"),     # column strategy, C=64
+    "2d-f32": ((4096, 512), np.float32, 1, "first"),            # column strategy, C=512
+    "c1-nchw-f32": ((16, 1, 128, 128), np.float32, 1, "first"),  # C=1, S=16384
+    "c1-2d-f64": ((200000, 1), np.float64, 1, "first"),          # C=1, N*S=200000, S=1
+    "s9-f64": ((2048, 24, 3, 3), np.float64, 1, "first"),        # column strategy, S=9
+    "s65-f64": ((97, 33, 65), np.float64, 1, "first"),           # row strategy, odd sizes
+}
+_cache = {}
+
+
+def _inputs(name):
+    if name not in _cache:
+        shape, dtype, axis, layout = CASES[name]
+        rng = rng_for("determinism", name)
+        x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        if layout == "last":
+            x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+            dy = np.ascontiguousarray(np.moveaxis(dy, 1, -1))
+        C = x.shape[axis]
+        w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+        _cache[name] = (x, dy, w, b, axis)
+    return _cache[name]
+
+
+def _run_all(name):
+    """Every public function on the case's inputs; a dict of result arrays."""
+    x, dy, w, b, axis = _inputs(name)
+    C = x.shape[axis]
+    out = {}
+    out["moments.mean"], out["moments.var"] = bnfast.moments(x, axis=axis)
+    rm, rv = np.zeros(C, x.dtype), np.ones(C, x.dtype)
+    y, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, running_mean=rm,
+                                              running_var=rv)
+    out.update({"train.y": y, "train.mean": mean, "train.invstd": invstd,
+                "train.running_mean": rm, "train.running_var": rv})
+    out["train_relu.y"] = bnfast.batch_norm_train(x, w, b, axis=axis, relu=True)[0]
+    var = 1.0 / invstd ** 2
+    out["infer.y"] = bnfast.batch_norm_infer(x, mean, var, w, b, axis=axis)
+    out["infer_relu.y"] = bnfast.batch_norm_infer(x, mean, var, w, b, axis=axis, relu=True)
+    for training in (True, False):
+        for relu in (False, True):
+            key = f"backward[{'train' if training else 'eval'}{'-relu' if relu else ''}]"
+            dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w, bias=b, relu=relu,
+                                                    training=training, axis=axis)
+            out.update({key + ".dx": dx, key + ".dweight": dw, key + ".dbias": db})
+    out["batch_norm.y"] = bnfast.batch_norm(x, rm.copy(), rv.copy(), w, b, training=True,
+                                            axis=axis)
+    return out
+
+
+def _compare(r0, r1, what):
+    assert r0.keys() == r1.keys()
+    for k in r0:
+        assert_same_bits(r0[k], r1[k], f"{what}: {k}")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_thread_count_does_not_change_results(name, isa):
+    with bnfast.num_threads(1):
+        base = _run_all(name)
+    for n in (2, 3, 4):
+        with bnfast.num_threads(n):
+            _compare(base, _run_all(name), f"{isa}, {n} threads vs 1")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_all_variants_are_bit_identical(name):
+    if len(ISAS) < 2:
+        pytest.skip("only one kernel variant on this CPU")
+    results = {}
+    for isa in ISAS:
+        with bnfast.use_isa(isa), bnfast.num_threads(2):
+            results[isa] = _run_all(name)
+    for isa in ISAS[1:]:
+        _compare(results[ISAS[0]], results[isa], f"{isa} vs {ISAS[0]}")
+
+
+def test_variants_bit_identical_on_small_odd_shapes():
+    """Vector tails and the column/row strategies on small, single-threaded shapes."""
+    if len(ISAS) < 2:
+        pytest.skip("only one kernel variant on this CPU")
+    rng = rng_for("variants-small")
+    for shape in [(3, 7), (2, 17, 9), (5, 3, 65), (2, 1, 129), (3, 9, 7, 3), (2, 65)]:
+        for dtype in (np.float32, np.float64):
+            x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
+            C = shape[1]
+            w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+            res = {}
+            for isa in ISAS:
+                with bnfast.use_isa(isa):
+                    y, m, inv = bnfast.batch_norm_train(x, w, b, relu=True)
+                    res[isa] = [*bnfast.moments(x), y, m, inv,
+                                *bnfast.batch_norm_backward(dy, x, m, inv, w, bias=b, relu=True),
+                                *bnfast.batch_norm_backward(dy, x, m, inv, w)]
+            for isa in ISAS[1:]:
+                for i, (a, c) in enumerate(zip(res[ISAS[0]], res[isa])):
+                    assert_same_bits(a, c, f"{shape} {np.dtype(dtype).name} {isa} result {i}")
+
+
+# ------------------------------------------------------------------ concurrency
+
+def _task(args):
+    x, dy, w, b, rm, rv = args
+    y, mean, invstd = bnfast.batch_norm_train(x, w, b, running_mean=rm, running_var=rv)
+    dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w)
+    m, v = bnfast.moments(x)
+    return [y, mean, invstd, rm, rv, dx, dw, db, m, v]
+
+
+def _tasks():
+    rng = rng_for("concurrency")
+    shapes = [(16, 32, 20, 20), (64, 128), (8, 16, 70), (4096, 24), (3, 5, 7, 9)]
+    tasks = []
+    for i in range(16):
+        shape = shapes[i % len(shapes)]
+        dtype = np.float32 if i % 2 else np.float64
+        x = (rng.standard_normal(shape) + i).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        C = shape[1]
+        tasks.append((x, dy, rng.uniform(0.5, 2, C), rng.standard_normal(C),
+                      np.zeros(C, dtype), np.ones(C, dtype)))
+    return tasks
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_concurrent_python_threads_match_serial(threads, isa):
+    with bnfast.num_threads(threads):
+        tasks = _tasks()
+        serial = [_task(tuple(a.copy() for a in t)) for t in tasks]
+        for _ in range(2):
+            fresh = [tuple(a.copy() for a in t) for t in tasks]
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                parallel = list(pool.map(_task, fresh))
+            for i, (s, p) in enumerate(zip(serial, parallel)):
+                for j, (a, c) in enumerate(zip(s, p)):
+                    assert_same_bits(a, c, f"task {i} result {j}")
