@@ -1,0 +1,286 @@
+"""Whole-model batch-norm tools: population statistics, folding, and ``.npz`` files."""
+import os
+
+import numpy as np
+
+from .batchnorm import _BatchNorm
+from .layers import Conv2d, Linear, ReLU
+from .module import Identity, Parameter, Sequential
+
+__all__ = ["compute_population_stats", "fold_batchnorm", "save", "load", "batchnorm_layers"]
+
+
+def batchnorm_layers(model):
+    """Return ``[(qualified_name, layer)]`` for every batch-norm layer in `model`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def _batch_input(b):
+    """The network input of a batch: the batch itself, or the first item of a tuple."""
+    if isinstance(b, (tuple, list)):
+        return b[0]
+    return b
+
+
+# ---------------------------------------------------------------------------- population stats
+
+def compute_population_stats(model, batches):
+    """Set every batch-norm layer's running statistics to population statistics.
+
+    Algorithm 2 of Ioffe & Szegedy (steps 8-11): the network is run over the given training
+    mini-batches with every batch-norm layer normalising by the batch's own statistics (as
+    in training, so each layer sees the inputs the trained network produced), and for each
+    layer::
+
+        running_mean = E_B[mean_B]
+        running_var  = E_B[m / (m - 1) * var_B]
+
+    where m is the number of values per channel in a batch (batch size times spatial
+    positions) and var_B the biased batch variance; with equal-sized batches the second
+    line is the paper's ``m/(m-1) E_B[var_B]``.  Statistics are accumulated in float64.
+    Other modules (e.g. dropout) run in eval mode; running statistics are not otherwise
+    updated, ``num_batches_tracked`` is left alone, and every module's ``training`` and
+    ``frozen`` flags are restored afterwards.
+
+    Parameters
+    ----------
+    model : Module
+    batches : iterable
+        Training mini-batches: arrays, or tuples whose first item is the input (so a
+        data loader yielding ``(x, y)`` works).
+
+    Returns
+    -------
+    model : Module
+        The same model, updated in place.
+
+    Raises
+    ------
+    ValueError
+        If `model` has no batch-norm layer with running statistics, a layer has
+        ``track_running_stats=False``, `batches` is empty, or a batch has one value per
+        channel.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> net = nn.Sequential(nn.Linear(5, 3, rng=0), nn.BatchNorm1d(3), nn.Sigmoid())
+    >>> data = np.random.default_rng(0).standard_normal((100, 5)).astype(np.float32)
+    >>> _ = nn.compute_population_stats(net, np.split(data, 10))
+    >>> h = net[0](data)
+    >>> bool(np.allclose(net[1].running_mean, h.mean(axis=0), atol=1e-5))
+    True
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        raise ValueError("compute_population_stats: the model has no batch-norm layer")
+    untracked = [n for n, m in layers if not m.track_running_stats]
+    if untracked:
+        raise ValueError(
+            f"compute_population_stats: layers {untracked} have track_running_stats=False "
+            f"and no running statistics to set")
+    modes = [(m, m.training, getattr(m, "frozen", None)) for m in model.modules()]
+    try:
+        model.eval()
+        for _, bn in layers:
+            bn._population = [np.zeros(bn.num_features), np.zeros(bn.num_features), 0]
+        n = 0
+        for b in batches:
+            model.forward(_batch_input(b))
+            n += 1
+        if n == 0:
+            raise ValueError("compute_population_stats: no batches were given")
+        for _, bn in layers:
+            s_mean, s_var, k = bn._population
+            bn.running_mean[...] = s_mean / k
+            bn.running_var[...] = s_var / k
+    finally:
+        for _, bn in layers:
+            bn._population = None
+            bn._cache = None
+        for m, training, frozen in modes:
+            m.training = training
+            if frozen is not None:
+                m.frozen = frozen
+    return model
+
+
+# ---------------------------------------------------------------------------- folding
+
+def _fold_pair(lin, bn):
+    """A new Linear/Conv2d equal to ``bn(lin(x))`` with bn's running statistics."""
+    if not bn.track_running_stats:
+        raise ValueError("fold_batchnorm: a batch-norm layer without running statistics "
+                         "cannot be folded")
+    C = bn.num_features
+    out = lin.out_features if isinstance(lin, Linear) else lin.out_channels
+    if out != C:
+        raise ValueError(f"fold_batchnorm: {type(lin).__name__} has {out} outputs but the "
+                         f"following batch norm has {C} channels")
+    if isinstance(lin, Conv2d) and lin.channels_last != getattr(bn, "channels_last", False):
+        raise ValueError("fold_batchnorm: Conv2d and BatchNorm2d disagree on channels_last")
+    if isinstance(lin, Linear) and type(bn).__name__ == "BatchNorm2d":
+        raise ValueError("fold_batchnorm: cannot fold BatchNorm2d into a Linear layer")
+    f64 = np.float64
+    gamma = bn.weight.data.astype(f64) if bn.affine else np.ones(C)
+    beta = bn.bias.data.astype(f64) if bn.affine else np.zeros(C)
+    scale = gamma / np.sqrt(bn.running_var.astype(f64) + bn.eps)
+    b0 = lin.bias.data.astype(f64) if lin.bias is not None else np.zeros(C)
+    new = lin.copy()
+    if new.bias is None:
+        new.bias = Parameter(np.zeros(C, dtype=lin.weight.data.dtype))
+    w = lin.weight.data.astype(f64)
+    w = w * scale.reshape((C,) + (1,) * (w.ndim - 1))
+    new.weight.data = w.astype(lin.weight.data.dtype)
+    new.bias.data = ((b0 - bn.running_mean.astype(f64)) * scale + beta).astype(
+        lin.weight.data.dtype)
+    new.weight.grad = new.bias.grad = None
+    return new, (ReLU() if bn.relu else Identity())
+
+
+def _fold_inplace(module):
+    count = 0
+    if isinstance(module, Sequential):
+        layers = list(module)
+        i = 0
+        while i < len(layers) - 1:
+            a, b = layers[i], layers[i + 1]
+            if isinstance(a, (Linear, Conv2d)) and isinstance(b, _BatchNorm):
+                layers[i], layers[i + 1] = _fold_pair(a, b)
+                count += 1
+                i += 2
+            else:
+                i += 1
+        for i, m in enumerate(layers):
+            module[i] = m
+    for lin_name, bn_name in getattr(module, "_fold_pairs", ()):
+        a, b = getattr(module, lin_name), getattr(module, bn_name)
+        if isinstance(a, (Linear, Conv2d)) and isinstance(b, _BatchNorm):
+            new_a, new_b = _fold_pair(a, b)
+            setattr(module, lin_name, new_a)
+            setattr(module, bn_name, new_b)
+            count += 1
+    for _, child in module.named_children():
+        count += _fold_inplace(child)
+    return count
+
+
+def fold_batchnorm(model, sample=None, *, rtol=None, atol=None):
+    """Return an inference copy of `model` with batch norm folded into the layers before it.
+
+    Every `Linear` or `Conv2d` directly followed by a batch-norm layer (adjacent in a
+    `Sequential`, or a pair declared by a block such as `BasicBlock`) becomes one layer
+    computing ``bn(layer(x))`` with the running statistics (Algorithm 2: at inference batch
+    norm is a per-channel affine map)::
+
+        scale  = gamma / sqrt(running_var + eps)
+        weight = weight * scale         (per output channel)
+        bias   = (bias - running_mean) * scale + beta
+
+    and the batch-norm layer is replaced by `Identity` (or `ReLU` if it had ``relu=True``).
+    The arithmetic is done in float64 and rounded once.  The copy is in eval mode; `model`
+    itself is not changed.
+
+    Parameters
+    ----------
+    model : Module
+    sample : array_like, optional
+        An input batch on which to check that the folded copy's output equals the eval-mode
+        output of `model`.
+    rtol, atol : float, optional
+        Tolerances of that check; default ``1e-4``/``1e-5`` for float32 outputs and
+        ``1e-10``/``1e-12`` for float64, ``atol`` relative to the largest output magnitude.
+
+    Returns
+    -------
+    folded : Module
+
+    Raises
+    ------
+    ValueError
+        If a batch-norm layer to fold has no running statistics or mismatched channels.
+    AssertionError
+        If the check on `sample` fails.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> net = nn.Sequential(nn.Linear(4, 3, rng=0), nn.BatchNorm1d(3), nn.Tanh())
+    >>> x = np.random.default_rng(1).standard_normal((8, 4)).astype(np.float32)
+    >>> _ = net(x)                   # one training step's worth of running statistics
+    >>> folded = nn.fold_batchnorm(net, sample=x)
+    >>> folded
+    Sequential(
+      (0): Linear(in_features=4, out_features=3, bias=True)
+      (1): Identity()
+      (2): Tanh()
+    )
+    """
+    folded = model.copy()
+    folded.eval()
+    for m in folded.modules():
+        if isinstance(m, _BatchNorm):
+            m.frozen = False
+    _fold_inplace(folded)
+    folded.eval()
+    if sample is not None:
+        was = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            expected = np.asarray(model.forward(sample))
+        finally:
+            for m, t in was:
+                m.training = t
+        got = np.asarray(folded.forward(sample))
+        f32 = expected.dtype == np.float32
+        rtol = (1e-4 if f32 else 1e-10) if rtol is None else rtol
+        atol = (1e-5 if f32 else 1e-12) if atol is None else atol
+        mag = float(np.max(np.abs(expected), initial=0.0))
+        err = np.abs(got.astype(np.float64) - expected)
+        bound = rtol * np.abs(expected) + atol * max(mag, 1.0)
+        if got.shape != expected.shape or (err > bound).any():
+            raise AssertionError(
+                f"fold_batchnorm: the folded model differs from the original on the sample "
+                f"(max abs difference {np.max(err, initial=0.0):.3e})")
+    return folded
+
+
+# ---------------------------------------------------------------------------- files
+
+def save(model, path):
+    """Save `model`'s state dict to an uncompressed ``.npz`` file (no pickle).
+
+    Keys are the state-dict names (``"0.weight"``, ``"1.running_mean"``, ...); every array
+    keeps its dtype, so :func:`load` restores the model bit for bit.
+
+    Parameters
+    ----------
+    model : Module
+    path : str or os.PathLike
+        NumPy appends ``.npz`` if the name has no extension.
+    """
+    state = model.state_dict()
+    np.savez(os.fspath(path), **state)
+
+
+def load(model, path, strict=True):
+    """Load an ``.npz`` file written by :func:`save` into `model` (in place, no pickle).
+
+    Parameters
+    ----------
+    model : Module
+    path : str or os.PathLike
+    strict : bool, default True
+        See :meth:`Module.load_state_dict`.
+
+    Returns
+    -------
+    model : Module
+    """
+    with np.load(os.fspath(path), allow_pickle=False) as f:
+        state = {k: f[k] for k in f.files}
+    model.load_state_dict(state, strict=strict)
+    return model
+

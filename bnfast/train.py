@@ -1,0 +1,251 @@
+"""A training-loop helper: `Trainer` and `fit`, with a tqdm progress bar and per-epoch
+metrics, evaluating in eval mode.
+
+>>> import numpy as np
+>>> from bnfast import nn, optim
+>>> from bnfast.train import fit
+>>> rng = np.random.default_rng(0)
+>>> X = rng.standard_normal((512, 10), dtype=np.float32)
+>>> y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
+>>> net = nn.Sequential(nn.Linear(10, 16, rng=rng), nn.BatchNorm1d(16), nn.ReLU(),
+...                     nn.Linear(16, 2, rng=rng))
+>>> hist = fit(net, nn.CrossEntropyLoss(), optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+...            (X, y), epochs=3, batch_size=32, val_data=(X, y), progress=False, rng=0)
+>>> sorted(hist)
+['accuracy', 'epoch', 'loss', 'lr', 'time', 'val_accuracy', 'val_loss']
+>>> hist["val_accuracy"][-1] > 0.9
+True
+"""
+import time
+
+import numpy as np
+
+from .nn.loss import CrossEntropyLoss
+from .nn.module import Module, _as_rng
+
+__all__ = ["Trainer", "fit", "iterate_minibatches", "accuracy"]
+
+
+def accuracy(output, target):
+    """Fraction of rows whose arg-max equals the class index (or the target's arg-max)."""
+    t = np.asarray(target)
+    if t.ndim == 2:
+        t = t.argmax(axis=1)
+    return float(np.mean(np.asarray(output).argmax(axis=1) == t))
+
+
+def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, drop_last=False):
+    """Yield ``(x_batch, y_batch)`` (or ``x_batch`` if `y` is None) slices of arrays.
+
+    Parameters
+    ----------
+    X : ndarray
+        Inputs, batch axis first.
+    y : ndarray, optional
+        Targets with the same first dimension.
+    batch_size : int, default 32
+    shuffle : bool, default False
+        Visit the examples in a random order (a fresh permutation per call).
+    rng : None, int or numpy.random.Generator
+    drop_last : bool, default False
+        Skip a final batch smaller than `batch_size`.
+    """
+    n = len(X)
+    if y is not None and len(y) != n:
+        raise ValueError(f"X has {n} examples but y has {len(y)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = _as_rng(rng).permutation(n) if shuffle else None
+    stop = n - n % batch_size if drop_last else n
+    for s in range(0, stop, batch_size):
+        if order is None:
+            sl = slice(s, s + batch_size)
+        else:
+            sl = order[s:s + batch_size]
+        yield X[sl] if y is None else (X[sl], y[sl])
+
+
+class Trainer:
+    """Trains a model with a loss and an optimizer.
+
+    Parameters
+    ----------
+    model : Module
+    loss_fn : loss module
+        Called as ``loss_fn(output, target)`` returning a float, with ``backward()``.
+    optimizer : bnfast.optim.Optimizer
+    scheduler : bnfast.optim.LRScheduler, optional
+        Stepped once per epoch.
+    metrics : dict of str to callable, optional
+        ``name -> f(output, target) -> float``, averaged over batches (weighted by batch
+        size).  Default ``{"accuracy": accuracy}`` with a cross-entropy loss, else none.
+    """
+
+    def __init__(self, model, loss_fn, optimizer, scheduler=None, metrics=None):
+        if not isinstance(model, Module):
+            raise TypeError(f"model must be a bnfast.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        if metrics is None:
+            metrics = {"accuracy": accuracy} if isinstance(loss_fn, CrossEntropyLoss) else {}
+        self.metrics = dict(metrics)
+        self.history = {}
+
+    def train_step(self, x, y):
+        """One step: forward, loss, backward, optimizer update.  Returns (loss, output)."""
+        self.optimizer.zero_grad()
+        out = self.model.forward(x)
+        loss = self.loss_fn(out, y)
+        self.model.backward(self.loss_fn.backward())
+        self.optimizer.step()
+        return loss, out
+
+    def _batches(self, data, batch_size, shuffle, rng):
+        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], np.ndarray):
+            return iterate_minibatches(data[0], data[1], batch_size, shuffle=shuffle, rng=rng)
+        if callable(data):
+            return data()
+        return iter(data)
+
+    @staticmethod
+    def _n_batches(data, batch_size):
+        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], np.ndarray):
+            return -(-len(data[0]) // batch_size)
+        try:
+            return len(data)
+        except TypeError:
+            return None
+
+    def evaluate(self, data, batch_size=256):
+        """Loss and metrics over `data`, in eval mode (modes are restored afterwards).
+
+        Parameters
+        ----------
+        data : (X, y) arrays, or an iterable of (x, y) batches
+        batch_size : int, default 256
+            Used when `data` is a pair of arrays.
+
+        Returns
+        -------
+        dict
+            ``{"loss": ..., <metric>: ...}``, averages weighted by batch size.
+        """
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            sums, n = {}, 0
+            for xb, yb in self._batches(data, batch_size, False, None):
+                out = self.model.forward(xb)
+                k = len(xb)
+                vals = {"loss": self.loss_fn(out, yb)}
+                vals.update({name: f(out, yb) for name, f in self.metrics.items()})
+                for name, v in vals.items():
+                    sums[name] = sums.get(name, 0.0) + v * k
+                n += k
+        finally:
+            for m, t in modes:
+                m.training = t
+        if n == 0:
+            raise ValueError("evaluate: no data")
+        return {name: s / n for name, s in sums.items()}
+
+    def predict(self, X, batch_size=256):
+        """Model outputs for `X` in eval mode, concatenated (modes restored)."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            outs = [self.model.forward(xb) for xb in iterate_minibatches(X, None, batch_size)]
+        finally:
+            for m, t in modes:
+                m.training = t
+        return np.concatenate(outs)
+
+    def fit(self, train_data, epochs=1, *, batch_size=32, shuffle=True, val_data=None,
+            rng=None, progress=True, callback=None):
+        """Train for `epochs` epochs; return the history (also kept as ``self.history``).
+
+        Parameters
+        ----------
+        train_data : (X, y) arrays, an iterable of (x, y) batches, or a callable returning
+            a fresh iterable each epoch
+        epochs : int, default 1
+        batch_size : int, default 32
+            Used when `train_data` is a pair of arrays.
+        shuffle : bool, default True
+            Reshuffle (X, y) every epoch.
+        val_data : like `train_data`, optional
+            Evaluated in eval mode after every epoch.
+        rng : None, int or numpy.random.Generator
+            Shuffling order.
+        progress : bool, default True
+            Show a tqdm progress bar per epoch (running loss and metrics).
+        callback : callable, optional
+            ``callback(epoch, record)`` after each epoch with that epoch's metrics.
+
+        Returns
+        -------
+        history : dict of lists
+            ``epoch``, ``loss``, the metrics, ``val_loss`` and ``val_<metric>`` (with
+            `val_data`), ``lr`` (first group's rate during the epoch) and ``time`` (s).
+        """
+        rng = _as_rng(rng)
+        hist = self.history
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.model.train()
+            batches = self._batches(train_data, batch_size, shuffle, rng)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(batches, total=self._n_batches(train_data, batch_size),
+                           desc=f"epoch {epoch}/{epochs}", leave=True)
+                batches = bar
+            sums, n = {}, 0
+            for xb, yb in batches:
+                loss, out = self.train_step(xb, yb)
+                k = len(xb)
+                vals = {"loss": loss}
+                vals.update({name: f(out, yb) for name, f in self.metrics.items()})
+                for name, v in vals.items():
+                    sums[name] = sums.get(name, 0.0) + v * k
+                n += k
+                if bar is not None:
+                    bar.set_postfix({name: f"{s / n:.4f}" for name, s in sums.items()},
+                                    refresh=False)
+            if n == 0:
+                raise ValueError("fit: the training data yielded no batches")
+            record = {"epoch": epoch}
+            record.update({name: s / n for name, s in sums.items()})
+            if val_data is not None:
+                record.update({f"val_{k}": v for k, v in self.evaluate(val_data).items()})
+            record["lr"] = lr
+            if self.scheduler is not None:
+                self.scheduler.step()
+            record["time"] = time.perf_counter() - t0
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.4f}" for k, v in record.items()
+                                 if k not in ("epoch", "time")})
+                bar.close()
+            for k, v in record.items():
+                hist.setdefault(k, []).append(v)
+            if callback is not None:
+                callback(epoch, record)
+        return hist
+
+
+def fit(model, loss_fn, optimizer, train_data, epochs=1, *, batch_size=32, shuffle=True,
+        val_data=None, scheduler=None, metrics=None, rng=None, progress=True, callback=None):
+    """Train `model`; shorthand for ``Trainer(...).fit(...)``.
+
+    See :class:`Trainer` and :meth:`Trainer.fit` for the parameters.
+
+    Returns
+    -------
+    history : dict of lists
+    """
+    trainer = Trainer(model, loss_fn, optimizer, scheduler=scheduler, metrics=metrics)
+    return trainer.fit(train_data, epochs, batch_size=batch_size, shuffle=shuffle,
+                       val_data=val_data, rng=rng, progress=progress, callback=callback)
