@@ -36,12 +36,23 @@ cdef extern from "bnfast.h" nogil:
                                       const double *scale, const double *shift,
                                       const double *k_dy, const double *k_x,
                                       const double *k_0, int flags, int nthreads)
+    ctypedef int (*bn_train_forward_fn)(const void *x, void *y, Py_ssize_t N, Py_ssize_t C,
+                                        Py_ssize_t S, const double *weight,
+                                        const double *bias, double eps, double *mean,
+                                        double *var, double *invstd, int flags, int nthreads)
+    ctypedef int (*bn_backward_fn)(const void *dy, const void *x, void *dx, Py_ssize_t N,
+                                   Py_ssize_t C, Py_ssize_t S, const double *mean,
+                                   const double *invstd, const double *weight,
+                                   const double *bias, double *dweight, double *dbias,
+                                   int flags, int nthreads)
     ctypedef struct bn_kernel_table:
         const char *name
         bn_moments_fn moments[2]
         bn_normalize_fn normalize[2]
         bn_backward_reduce_fn backward_reduce[2]
         bn_backward_dx_fn backward_dx[2]
+        bn_train_forward_fn train_forward[2]
+        bn_backward_fn backward[2]
 
     int bn_isa_compiled(int isa)
     int bn_isa_supported(int isa)
@@ -154,27 +165,18 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_s
     """Training forward: returns (mean, invstd) float64; updates running stats if given."""
     cdef cnp.ndarray mean = np.empty(C, dtype=np.float64)
     cdef cnp.ndarray invstd = np.empty(C, dtype=np.float64)
-    cdef cnp.ndarray work = np.empty(3 * C, dtype=np.float64)
+    cdef cnp.ndarray var = np.empty(C, dtype=np.float64)
     cdef const bn_kernel_table *t = bn_active()
     cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *yp = cnp.PyArray_DATA(y)
     cdef double *mp = <double *> cnp.PyArray_DATA(mean)
     cdef double *ip = <double *> cnp.PyArray_DATA(invstd)
-    cdef double *vp = <double *> cnp.PyArray_DATA(work)
-    cdef double *sc = vp + C
-    cdef double *sh = vp + 2 * C
+    cdef double *vp = <double *> cnp.PyArray_DATA(var)
     cdef double *wp = _dp(weight)
     cdef double *bp = _dp(bias)
-    cdef Py_ssize_t c
     with nogil:
-        st = t.moments[dt](xp, N, C, S, mp, vp, nthreads)
-        if st == BN_OK:
-            for c in range(C):
-                ip[c] = 1.0 / sqrt(vp[c] + eps)
-                sc[c] = ip[c] * wp[c] if wp != NULL else ip[c]
-                sh[c] = bp[c] if bp != NULL else 0.0
-            st = t.normalize[dt](xp, yp, N, C, S, mp, sc, sh, flags, nthreads)
+        st = t.train_forward[dt](xp, yp, N, C, S, wp, bp, eps, mp, vp, ip, flags, nthreads)
     _check(st)
     if running_mean is not None:
         _update_running(running_mean, running_var, mp, vp, C, <double> N * <double> S,
@@ -214,7 +216,6 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N, Py_ssi
     """Backward pass: writes dx, returns (dweight, dbias) as float64 arrays."""
     cdef cnp.ndarray dweight = np.empty(C, dtype=np.float64)
     cdef cnp.ndarray dbias = np.empty(C, dtype=np.float64)
-    cdef cnp.ndarray work = np.empty(5 * C, dtype=np.float64)
     cdef const bn_kernel_table *t = bn_active()
     cdef int dt = _dt(x), st
     cdef int flags = (BN_FLAG_RELU if relu else 0) | (0 if training else BN_FLAG_EVAL)
@@ -225,32 +226,9 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N, Py_ssi
     cdef double *ip = <double *> cnp.PyArray_DATA(invstd)
     cdef double *dwp = <double *> cnp.PyArray_DATA(dweight)
     cdef double *dbp = <double *> cnp.PyArray_DATA(dbias)
-    cdef double *sc = <double *> cnp.PyArray_DATA(work)
-    cdef double *sh = sc + C
-    cdef double *kd = sc + 2 * C
-    cdef double *kx = sc + 3 * C
-    cdef double *k0 = sc + 4 * C
     cdef double *wp = _dp(weight)
     cdef double *bp = _dp(bias)
-    cdef double m = <double> N * <double> S
-    cdef Py_ssize_t c
     with nogil:
-        for c in range(C):
-            sc[c] = ip[c] * wp[c] if wp != NULL else ip[c]
-            sh[c] = bp[c] if bp != NULL else 0.0
-        st = t.backward_reduce[dt](dyp, xp, N, C, S, mp, sc, sh, dbp, dwp, flags, nthreads)
-        if st == BN_OK:
-            for c in range(C):
-                # dbp holds sum(g), dwp holds sum(g * (x - mean))
-                dwp[c] = dwp[c] * ip[c]
-                kd[c] = sc[c]
-                if training and m > 0:
-                    kx[c] = -(sc[c] * ip[c]) * (dwp[c] / m)
-                    k0[c] = -sc[c] * (dbp[c] / m)
-                else:
-                    kx[c] = 0.0
-                    k0[c] = 0.0
-            st = t.backward_dx[dt](dyp, xp, dxp, N, C, S, mp, sc, sh, kd, kx, k0, flags,
-                                   nthreads)
+        st = t.backward[dt](dyp, xp, dxp, N, C, S, mp, ip, wp, bp, dwp, dbp, flags, nthreads)
     _check(st)
     return dweight, dbias

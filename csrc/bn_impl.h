@@ -35,6 +35,7 @@ typedef long long bn_vl __attribute__((vector_size(64)));
 #define BN_MAX_GROUPS_ROW 16
 #define BN_MAX_GROUPS_COL 64
 #define BN_PAR_MIN 32768       /* elements below which a call stays on one thread */
+#define BN_FUSE_BYTES (512 * 1024) /* per-channel bytes (per tensor) processed whole in cache */
 
 static inline double bn_hsum(bn_vd v)
 {
@@ -63,6 +64,29 @@ static inline void bn_chan_merge(double *n, double *mean, double *m2, double nb,
     *mean += delta * (nb / nn);
     *m2 += m2b + delta * delta * (*n * nb / nn);
     *n = nn;
+}
+
+/*
+ * Backward coefficients of one channel from sd = sum(g), sx = sum(g * (x - mean)):
+ * dbias = sd, dweight = sx * invstd, and dx = kd * g + kx * (x - mean) + k0 where
+ * kd = a = weight * invstd, and in training mode kx = -a * invstd * dweight / m,
+ * k0 = -a * dbias / m (in eval mode kx = k0 = 0).
+ */
+static inline void bn_bwd_coeffs(double sd, double sx, double invstd, double a, double m,
+                                 int eval, double *dbias, double *dweight, double *kd,
+                                 double *kx, double *k0)
+{
+    const double dw = sx * invstd;
+    *dbias = sd;
+    *dweight = dw;
+    *kd = a;
+    if (!eval && m > 0) {
+        *kx = -(a * invstd) * (dw / m);
+        *k0 = -a * (sd / m);
+    } else {
+        *kx = 0.0;
+        *k0 = 0.0;
+    }
 }
 
 /* Number of row groups for the row strategy (shape only). */
@@ -140,4 +164,6 @@ const bn_kernel_table BN_TABLE_NAME = {
     {BN_CAT(normalize_f32, BN_SUFFIX), BN_CAT(normalize_f64, BN_SUFFIX)},
     {BN_CAT(backward_reduce_f32, BN_SUFFIX), BN_CAT(backward_reduce_f64, BN_SUFFIX)},
     {BN_CAT(backward_dx_f32, BN_SUFFIX), BN_CAT(backward_dx_f64, BN_SUFFIX)},
+    {BN_CAT(train_forward_f32, BN_SUFFIX), BN_CAT(train_forward_f64, BN_SUFFIX)},
+    {BN_CAT(backward_f32, BN_SUFFIX), BN_CAT(backward_f64, BN_SUFFIX)},
 };

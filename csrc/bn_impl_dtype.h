@@ -549,3 +549,128 @@ static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdif
     free(buf);
     return BN_OK;
 }
+
+/* ---- complete operations (statistics + element-wise pass in one call) ---- */
+
+/* Statistics of channel c (row strategy), merged over the groups in the fixed order that
+ * BN_FN(moments) uses, so both give bit-identical results. */
+static void BN_FN(row_channel_stats)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                                     ptrdiff_t c, double *mean, double *var)
+{
+    ptrdiff_t G = bn_groups_row(N, S);
+    const ptrdiff_t npg = (N + G - 1) / G;
+    G = (N + npg - 1) / npg;
+    double n = 0.0, m = 0.0, q = 0.0;
+    for (ptrdiff_t g = 0; g < G; g++) {
+        ptrdiff_t n0 = g * npg, n1 = n0 + npg < N ? n0 + npg : N;
+        double pn, pm, pq;
+        BN_FN(row_moments_item)(x, n0, n1, C, S, c, &pn, &pm, &pq);
+        bn_chan_merge(&n, &m, &q, pn, pm, pq);
+    }
+    *mean = m;
+    *var = q / n;
+}
+
+static int BN_FN(train_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C,
+                                ptrdiff_t S, const double *weight, const double *bias,
+                                double eps, double *mean, double *var, double *invstd,
+                                int flags, int nthreads)
+{
+    const T *x = (const T *)xv;
+    T *y = (T *)yv;
+    const int relu = (flags & BN_FLAG_RELU) != 0;
+    if (N < 0 || C < 0 || S < 0) return BN_EINVAL;
+    if (C == 0) return BN_OK;
+    const int nt = bn_threads(nthreads, (double)N * (double)C * (double)S);
+    if (S >= BN_ROW_MIN_S && (double)N * (double)S * sizeof(T) <= BN_FUSE_BYTES &&
+        C >= 2 * nt) {
+        /* One channel at a time per thread: its statistics, then its normalisation while
+         * its data is still in cache, so memory sees the tensor about once. */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+        for (ptrdiff_t c = 0; c < C; c++) {
+            BN_FN(row_channel_stats)(x, N, C, S, c, mean + c, var + c);
+            const double inv = 1.0 / sqrt(var[c] + eps);
+            const double a = weight ? inv * weight[c] : inv, b = bias ? bias[c] : 0.0;
+            invstd[c] = inv;
+            for (ptrdiff_t n = 0; n < N; n++) {
+                const ptrdiff_t off = (n * C + c) * S;
+                BN_FN(norm_span_s)(x + off, y + off, S, mean[c], a, b, relu);
+            }
+        }
+        return BN_OK;
+    }
+    int st = BN_FN(moments)(xv, N, C, S, mean, var, nthreads);
+    if (st != BN_OK) return st;
+    double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)C);
+    if (!buf) return BN_ENOMEM;
+    double *sc = buf, *sh = buf + C;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        invstd[c] = 1.0 / sqrt(var[c] + eps);
+        sc[c] = weight ? invstd[c] * weight[c] : invstd[c];
+        sh[c] = bias ? bias[c] : 0.0;
+    }
+    st = BN_FN(normalize)(xv, yv, N, C, S, mean, sc, sh, flags, nthreads);
+    free(buf);
+    return st;
+}
+
+static int BN_FN(backward)(const void *dyv, const void *xv, void *dxv, ptrdiff_t N,
+                           ptrdiff_t C, ptrdiff_t S, const double *mean, const double *invstd,
+                           const double *weight, const double *bias, double *dweight,
+                           double *dbias, int flags, int nthreads)
+{
+    const T *dy = (const T *)dyv, *x = (const T *)xv;
+    T *dx = (T *)dxv;
+    const int relu = (flags & BN_FLAG_RELU) != 0, eval = (flags & BN_FLAG_EVAL) != 0;
+    if (N < 0 || C < 0 || S < 0) return BN_EINVAL;
+    if (C == 0) return BN_OK;
+    const double m = (double)N * (double)S;
+    const int nt = bn_threads(nthreads, m * (double)C);
+    if (S >= BN_ROW_MIN_S && m * sizeof(T) <= BN_FUSE_BYTES && C >= 2 * nt) {
+        ptrdiff_t G = bn_groups_row(N, S);
+        const ptrdiff_t npg = (N + G - 1) / G;
+        G = (N + npg - 1) / npg;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+        for (ptrdiff_t c = 0; c < C; c++) {
+            const double a = weight ? invstd[c] * weight[c] : invstd[c];
+            const double b = bias ? bias[c] : 0.0;
+            double sd = 0.0, sx = 0.0;
+            for (ptrdiff_t g = 0; g < G; g++) {
+                ptrdiff_t n0 = g * npg, n1 = n0 + npg < N ? n0 + npg : N;
+                double psd = 0.0, psx = 0.0;
+                for (ptrdiff_t r = n0; r < n1; r++) {
+                    const ptrdiff_t off = (r * C + c) * S;
+                    BN_FN(bwd_span_s)(dy + off, x + off, S, mean[c], a, b, relu, &psd, &psx);
+                }
+                sd += psd;
+                sx += psx;
+            }
+            double kd, kx, k0;
+            bn_bwd_coeffs(sd, sx, invstd[c], a, m, eval, &dbias[c], &dweight[c], &kd, &kx, &k0);
+            for (ptrdiff_t r = 0; r < N; r++) {
+                const ptrdiff_t off = (r * C + c) * S;
+                BN_FN(dx_span)(dy + off, x + off, dx + off, S, mean + c, &a, &b, &kd, &kx, &k0,
+                               0, relu, eval);
+            }
+        }
+        return BN_OK;
+    }
+    double *buf = (double *)malloc(sizeof(double) * 5 * (size_t)C);
+    if (!buf) return BN_ENOMEM;
+    double *sc = buf, *sh = buf + C, *kd = buf + 2 * C, *kx = buf + 3 * C, *k0 = buf + 4 * C;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        sc[c] = weight ? invstd[c] * weight[c] : invstd[c];
+        sh[c] = bias ? bias[c] : 0.0;
+    }
+    int st = BN_FN(backward_reduce)(dyv, xv, N, C, S, mean, sc, sh, dbias, dweight, flags,
+                                    nthreads);
+    if (st == BN_OK) {
+        for (ptrdiff_t c = 0; c < C; c++)
+            bn_bwd_coeffs(dbias[c], dweight[c], invstd[c], sc[c], m, eval, &dbias[c],
+                          &dweight[c], &kd[c], &kx[c], &k0[c]);
+        st = BN_FN(backward_dx)(dyv, xv, dxv, N, C, S, mean, sc, sh, kd, kx, k0, flags,
+                                nthreads);
+    }
+    free(buf);
+    return st;
+}
