@@ -83,43 +83,49 @@ static inline void bn_expand(double *e, const double *v, ptrdiff_t P, ptrdiff_t 
 
 /* ---- statistics ---- */
 
-/* Two-pass mean and M2 of a contiguous, cache-resident segment of L > 0 elements. */
-static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double *mean, double *m2)
+/*
+ * Two-pass mean and M2 of a contiguous, cache-resident segment of L > 0 elements, in
+ * coordinates shifted by K (the channel's first value): returns mean(x - K) and M2.
+ * The shift keeps every partial result small when |mean| >> std, so merging blocks loses
+ * nothing to the rounding of large block means.
+ */
+static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, double *m2)
 {
+    const bn_vd kv = bn_splat(K);
     bn_vd a0 = bn_splat(0.0), a1 = bn_splat(0.0);
     ptrdiff_t i = 0;
     for (; i + 16 <= L; i += 16) {
-        a0 += BN_FN(ld)(x + i);
-        a1 += BN_FN(ld)(x + i + 8);
+        a0 += BN_FN(ld)(x + i) - kv;
+        a1 += BN_FN(ld)(x + i + 8) - kv;
     }
     if (i + 8 <= L) {
-        a0 += BN_FN(ld)(x + i);
+        a0 += BN_FN(ld)(x + i) - kv;
         i += 8;
     }
     double s = bn_hsum(a0 + a1);
-    for (; i < L; i++) s += (double)x[i];
+    for (; i < L; i++) s += (double)x[i] - K;
     const double m = s / (double)L;
 
     const bn_vd mv = bn_splat(m);
     bn_vd q0 = bn_splat(0.0), q1 = bn_splat(0.0), k0 = bn_splat(0.0), k1 = bn_splat(0.0);
     i = 0;
     for (; i + 16 <= L; i += 16) {
-        bn_vd d0 = BN_FN(ld)(x + i) - mv;
-        bn_vd d1 = BN_FN(ld)(x + i + 8) - mv;
+        bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
+        bn_vd d1 = (BN_FN(ld)(x + i + 8) - kv) - mv;
         q0 += d0 * d0;
         q1 += d1 * d1;
         k0 += d0;
         k1 += d1;
     }
     if (i + 8 <= L) {
-        bn_vd d0 = BN_FN(ld)(x + i) - mv;
+        bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
         q0 += d0 * d0;
         k0 += d0;
         i += 8;
     }
     double q = bn_hsum(q0 + q1), k = bn_hsum(k0 + k1);
     for (; i < L; i++) {
-        double d = (double)x[i] - m;
+        double d = ((double)x[i] - K) - m;
         q += d * d;
         k += d;
     }
@@ -129,18 +135,26 @@ static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double *mean, double *m2
     *m2 = r;
 }
 
+/* The shift of channel c: its first value, or 0 if that is not finite. */
+static inline double BN_FN(shift_of)(const T *x, ptrdiff_t C, ptrdiff_t S, ptrdiff_t c)
+{
+    double K = (double)x[c * S];
+    return isfinite(K) ? K : 0.0;
+}
+
 /* Row strategy: statistics of channel c over rows [n0, n1). */
 static void BN_FN(row_moments_item)(const T *x, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t C,
                                     ptrdiff_t S, ptrdiff_t c, double *pn, double *pm,
                                     double *pq)
 {
+    const double K = BN_FN(shift_of)(x, C, S, c);
     double n = 0.0, mean = 0.0, m2 = 0.0;
     for (ptrdiff_t r = n0; r < n1; r++) {
         const T *row = x + (r * C + c) * S;
         for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
             ptrdiff_t L = S - s0 < BN_SEG ? S - s0 : BN_SEG;
             double bm, bq;
-            BN_FN(seg_moments)(row + s0, L, &bm, &bq);
+            BN_FN(seg_moments)(row + s0, L, K, &bm, &bq);
             bn_chan_merge(&n, &mean, &m2, (double)L, bm, bq);
         }
     }
@@ -151,12 +165,13 @@ static void BN_FN(row_moments_item)(const T *x, ptrdiff_t n0, ptrdiff_t n1, ptrd
 
 /* Column strategy: statistics of the columns of tile t over the row blocks of group g. */
 static void BN_FN(col_moments_item)(const T *x, const bn_colpart *p, ptrdiff_t g,
-                                    ptrdiff_t t, double *pm, double *pq)
+                                    ptrdiff_t t, const double *kcol, double *pm, double *pq)
 {
     const ptrdiff_t Cp = p->Cp;
     const ptrdiff_t c0 = t * p->tile;
     const ptrdiff_t w = Cp - c0 < p->tile ? Cp - c0 : p->tile;
     double mean[BN_TILE], m2[BN_TILE], s[BN_TILE], q[BN_TILE], k[BN_TILE];
+    const double *kc = kcol + c0;
     double n = 0.0;
     ptrdiff_t b0 = g * p->bpg, b1 = b0 + p->bpg;
     if (b1 > p->nblocks) b1 = p->nblocks;
@@ -168,8 +183,9 @@ static void BN_FN(col_moments_item)(const T *x, const bn_colpart *p, ptrdiff_t g
         for (j = 0; j < w; j++) s[j] = 0.0;
         for (ptrdiff_t r = r0; r < r1; r++) {
             const T *row = x + r * Cp + c0;
-            for (j = 0; j + 8 <= w; j += 8) bn_std(s + j, bn_ldd(s + j) + BN_FN(ld)(row + j));
-            for (; j < w; j++) s[j] += (double)row[j];
+            for (j = 0; j + 8 <= w; j += 8)
+                bn_std(s + j, bn_ldd(s + j) + (BN_FN(ld)(row + j) - bn_ldd(kc + j)));
+            for (; j < w; j++) s[j] += (double)row[j] - kc[j];
         }
         for (j = 0; j < w; j++) {
             s[j] = s[j] / nb;
@@ -179,12 +195,12 @@ static void BN_FN(col_moments_item)(const T *x, const bn_colpart *p, ptrdiff_t g
         for (ptrdiff_t r = r0; r < r1; r++) {
             const T *row = x + r * Cp + c0;
             for (j = 0; j + 8 <= w; j += 8) {
-                bn_vd d = BN_FN(ld)(row + j) - bn_ldd(s + j);
+                bn_vd d = (BN_FN(ld)(row + j) - bn_ldd(kc + j)) - bn_ldd(s + j);
                 bn_std(q + j, bn_ldd(q + j) + d * d);
                 bn_std(k + j, bn_ldd(k + j) + d);
             }
             for (; j < w; j++) {
-                double d = (double)row[j] - s[j];
+                double d = ((double)row[j] - kc[j]) - s[j];
                 q[j] += d * d;
                 k[j] += d;
             }
@@ -243,7 +259,7 @@ static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
             double n = 0.0, m = 0.0, q = 0.0;
             for (ptrdiff_t g = 0; g < G; g++)
                 bn_chan_merge(&n, &m, &q, pn[g * C + c], pm[g * C + c], pq[g * C + c]);
-            mean[c] = m;
+            mean[c] = BN_FN(shift_of)(x, C, S, c) + m;
             var[c] = q / n;
         }
         free(buf);
@@ -252,13 +268,17 @@ static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
     /* Column strategy over the (N, C*S) matrix. */
     const bn_colpart p = bn_colpart_make(N, C * S);
     const ptrdiff_t Cp = p.Cp, G = p.ngroups;
-    double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)(G * Cp));
+    double *buf = (double *)malloc(sizeof(double) * (2 * (size_t)(G * Cp) + (size_t)Cp));
     if (!buf) return BN_ENOMEM;
-    double *pm = buf, *pq = buf + G * Cp;
+    double *pm = buf, *pq = buf + G * Cp, *kcol = buf + 2 * G * Cp;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        const double K = BN_FN(shift_of)(x, C, S, c);
+        for (ptrdiff_t s = 0; s < S; s++) kcol[c * S + s] = K;
+    }
     const ptrdiff_t items = G * p.ntiles;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (ptrdiff_t it = 0; it < items; it++)
-        BN_FN(col_moments_item)(x, &p, it / p.ntiles, it % p.ntiles, pm, pq);
+        BN_FN(col_moments_item)(x, &p, it / p.ntiles, it % p.ntiles, kcol, pm, pq);
     const ptrdiff_t rows_per_group = p.bpg * p.rb;
     for (ptrdiff_t c = 0; c < C; c++) {
         double n = 0.0, m = 0.0, q = 0.0;
@@ -271,7 +291,7 @@ static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
                               pq[g * Cp + col]);
             }
         }
-        mean[c] = m;
+        mean[c] = kcol[c * S] + m;
         var[c] = q / n;
     }
     free(buf);
@@ -567,7 +587,7 @@ static void BN_FN(row_channel_stats)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdi
         BN_FN(row_moments_item)(x, n0, n1, C, S, c, &pn, &pm, &pq);
         bn_chan_merge(&n, &m, &q, pn, pm, pq);
     }
-    *mean = m;
+    *mean = BN_FN(shift_of)(x, C, S, c) + m;
     *var = q / n;
 }
 
