@@ -1,32 +1,41 @@
-"""Command line: ``python -m bnfast [config|quick]``.
+"""Command line: ``python -m bnfast [config|quick|bench]``.
 
 With no argument (or ``quick``), prints the configuration and a short speed comparison of
-bnfast against NumPy (and PyTorch, when installed) on two common shapes.
+bnfast against NumPy (and PyTorch, when installed) on two common shapes.  ``bench`` runs
+the full benchmark (``--quick`` for a subset) and writes JSON and a PNG plot.
 """
 import argparse
 import sys
 
 
 def _quick(args):
-    import numpy as np
-
     from . import show_config
-    from ._bench import compare, format_table
-    from ._threads import num_threads, get_num_threads
+    from ._bench import format_table, run_case
+    from ._threads import get_num_threads
 
     show_config()
     threads = args.threads or get_num_threads()
     print(f"\nSpeed, float32, {threads} thread(s); median of repeated runs "
           "(ratios > 1 mean bnfast is faster):\n")
     rows = []
-    with num_threads(threads):
-        for shape in [(256, 1024), (32, 64, 56, 56)]:
-            for axis in ([1] if len(shape) == 2 else [1, -1]):
-                rows += compare(shape, axis, np.float32, repeat=args.repeat,
-                                include_torch=not args.no_torch)
+    for shape, layouts in [((256, 1024), ["cf"]), ((32, 64, 56, 56), ["cf", "cl"])]:
+        for layout in layouts:
+            rows += run_case(shape, layout, "float32", threads, repeat=args.repeat,
+                             ops=("train", "infer", "backward"),
+                             include_torch=not args.no_torch)
     print(format_table(rows))
     print("\ncf = channels-first (axis=1), cl = channels-last (axis=-1); bnfast writes into "
-          "preallocated outputs.\nFull benchmark: python benchmarks/bench_core.py")
+          "preallocated outputs.\nFull benchmark: python -m bnfast bench")
+    return 0
+
+
+def _bench(args):
+    from . import show_config
+    from ._bench import run
+
+    show_config()
+    threads = [args.threads] if args.threads else None
+    run(quick=args.quick, out_dir=args.out, threads_list=threads, repeat=args.repeat)
     return 0
 
 
@@ -36,6 +45,12 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="cmd")
     sub.add_parser("config", help="print the build and run-time configuration")
     q = sub.add_parser("quick", help="configuration and a short speed comparison (default)")
+    b = sub.add_parser("bench", help="the full benchmark: table, JSON and PNG")
+    b.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
+    b.add_argument("--out", default="results", help="folder for JSON and PNG (default results)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="one thread count (default: 1 and all; --quick: all)")
+    b.add_argument("--repeat", type=int, default=None, help="timing samples per case")
     for p in (parser, q):
         p.add_argument("--threads", type=int, default=None, help="thread count (default: all)")
         p.add_argument("--repeat", type=int, default=5, help="timing samples per case")
@@ -46,6 +61,8 @@ def main(argv=None):
 
         show_config()
         return 0
+    if args.cmd == "bench":
+        return _bench(args)
     return _quick(args)
 
 

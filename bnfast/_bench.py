@@ -1,25 +1,37 @@
-"""Small timing harness shared by ``python -m bnfast`` and ``benchmarks/``.
+"""Benchmark harness shared by ``python -m bnfast``, ``python -m bnfast bench`` and
+``benchmarks/``.
 
 Compares, in one process and with the same thread count, bnfast against a plain NumPy
-implementation and (when installed) PyTorch's CPU batch norm.  Reports medians and minima
-of repeated runs in milliseconds.
+implementation and PyTorch's CPU batch norm (``torch.nn.functional.batch_norm`` and autograd;
+skipped with a note when torch is absent), and against the memory-bandwidth floor: the faster
+of NumPy's copy and a multithreaded copy of the same tensor into a preallocated buffer.
+Times are medians (and minima) of repeated runs.
 """
+import json
 import math
+import os
 import time
 
 import numpy as np
 
-from . import _api
-from ._threads import get_num_threads
+from . import _api, _core
+from ._threads import get_num_threads, num_threads
+
+OPS = ("train", "infer", "backward", "train_relu")
+
+FULL_F32 = [(64, 128), (256, 1024), (4096, 4096), (8, 32, 32, 32), (32, 64, 56, 56),
+            (64, 256, 28, 28), (16, 512, 14, 14), (128, 64, 112, 112)]
+FULL_F64 = [(256, 1024), (32, 64, 56, 56), (16, 512, 14, 14)]
+QUICK_F32 = [(64, 128), (256, 1024), (32, 64, 56, 56)]
 
 
-def timeit(fn, *, repeat=7, min_time=0.02, max_time=2.0):
+def timeit(fn, *, repeat=7, min_time=0.02, max_time=3.0):
     """Median and minimum seconds per call of ``fn()``.
 
     Each sample runs ``fn`` enough times to last at least `min_time`; `repeat` samples are
-    taken (fewer if the total would exceed `max_time`).
+    taken (at least 3, fewer than `repeat` if the total would exceed `max_time`).
     """
-    fn()  # warm up (page faults, lazy init)
+    fn()  # warm up (page faults, lazy initialisation)
     t0 = time.perf_counter()
     fn()
     one = max(time.perf_counter() - t0, 1e-7)
@@ -49,21 +61,27 @@ def _bshape(x, axis):
     return s
 
 
-def numpy_train(x, w, b, axis, eps=1e-5):
+def numpy_train(x, w, b, axis, eps=1e-5, rm=None, rv=None, momentum=0.1):
     """Batch-norm training forward written the usual way in NumPy (x's dtype)."""
     axes, axis = _axes(x, axis)
     mean = x.mean(axis=axes, keepdims=True)
     var = x.var(axis=axes, keepdims=True)
     invstd = 1.0 / np.sqrt(var + eps)
     shp = _bshape(x, axis)
+    if rm is not None:
+        n = x.size // x.shape[axis]
+        rm *= 1 - momentum
+        rm += momentum * mean.reshape(-1)
+        rv *= 1 - momentum
+        rv += momentum * n / (n - 1) * var.reshape(-1)
     return (x - mean) * (invstd * w.reshape(shp)) + b.reshape(shp), mean, invstd
 
 
 def numpy_infer(x, mean, var, w, b, axis, eps=1e-5):
     _, axis = _axes(x, axis)
     shp = _bshape(x, axis)
-    scale = (w / np.sqrt(var + eps)).reshape(shp)
-    return x * scale + (b - mean * w / np.sqrt(var + eps)).reshape(shp)
+    scale = w / np.sqrt(var + eps)
+    return x * scale.reshape(shp) + (b - mean * scale).reshape(shp)
 
 
 def numpy_backward(dy, x, mean, invstd, w, axis):
@@ -78,8 +96,6 @@ def numpy_backward(dy, x, mean, invstd, w, axis):
     return dx, dweight, dbias
 
 
-# ------------------------------------------------------------------ comparison
-
 def _torch():
     try:
         import torch
@@ -88,96 +104,238 @@ def _torch():
     return torch
 
 
-def compare(shape, axis=1, dtype=np.float32, *, repeat=7, ops=("train", "infer", "backward"),
-            include_torch=True, seed=0):
-    """Time bnfast, NumPy and PyTorch on one case; return a list of result dicts."""
+# ------------------------------------------------------------------ one case
+
+def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, repeat=7,
+             include_torch=True, include_numpy=True, seed=0):
+    """Time every op on one case; return a list of result dicts (times in ms).
+
+    `shape` is the logical channels-first shape (N, C, ...).  With ``layout='cl'`` the data
+    is stored channels-last (N, ..., C) and bnfast is called with ``axis=-1``; PyTorch gets
+    the same memory as a ``channels_last`` tensor.
+    """
+    threads = threads or get_num_threads()
+    dtype = np.dtype(dtype)
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    C = shape[axis]
+    nd = len(shape)
+    cl = layout == "cl" and nd > 2
+    store = (shape[0],) + tuple(shape[2:]) + (shape[1],) if cl else tuple(shape)
+    axis = -1 if cl else 1
+    x = rng.standard_normal(store, dtype=np.float32).astype(dtype)
+    dy = rng.standard_normal(store, dtype=np.float32).astype(dtype)
+    C = shape[1]
     w = (1.0 + 0.1 * rng.standard_normal(C)).astype(dtype)
     b = (0.1 * rng.standard_normal(C)).astype(dtype)
     rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
-    y_out = np.empty_like(x)
-    dx_out = np.empty_like(x)
+    y_out, dx_out, copy_out = np.empty_like(x), np.empty_like(x), np.empty_like(x)
     _, mean, invstd = _api.batch_norm_train(x, w, b, axis=axis)
-    rmean, rvar = _api.moments(x, axis=axis)
-    np_y, np_mean, np_invstd = numpy_train(x, w, b, axis)
+    bmean, bvar = _api.moments(x, axis=axis)
+    np_mean, np_invstd = numpy_train(x, w, b, axis)[1:]
     torch = _torch() if include_torch else None
-    if torch is not None:
-        torch.set_num_threads(get_num_threads())
-        if axis % len(shape) == 1 or len(shape) == 2:
-            tx = torch.from_numpy(x)
-            tperm = None
-        else:  # channels-last: torch's channels_last memory format, same logical NCHW
-            perm = (0, len(shape) - 1) + tuple(range(1, len(shape) - 1))
-            tx = torch.from_numpy(x).permute(*perm)
-            tperm = perm
-        tw, tb = torch.from_numpy(w), torch.from_numpy(b)
-        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
-        tdy = torch.from_numpy(dy).permute(*tperm) if tperm else torch.from_numpy(dy)
-        txg = tx.detach().clone().requires_grad_(True)
-        if tperm:
-            txg = tx.detach().contiguous(memory_format=torch.channels_last
-                                         if len(shape) == 4 else torch.contiguous_format)
-            txg.requires_grad_(True)
-        twg = tw.clone().requires_grad_(True)
-        tbg = tb.clone().requires_grad_(True)
-        F = torch.nn.functional
+    results = []
+    with num_threads(threads):
+        copy_np = timeit(lambda: np.copyto(copy_out, x), repeat=repeat)
+        copy_mt = timeit(lambda: _core.copy(x, copy_out, threads), repeat=repeat)
+        copy_ms = min(copy_np[0], copy_mt[0]) * 1e3
+        if torch is not None:
+            torch.set_num_threads(threads)
+            F = torch.nn.functional
+            perm = (0, nd - 1) + tuple(range(1, nd - 1)) if cl else None
+            tx = torch.from_numpy(x).permute(*perm) if cl else torch.from_numpy(x)
+            tdy = torch.from_numpy(dy).permute(*perm) if cl else torch.from_numpy(dy)
+            tw, tb = torch.from_numpy(w), torch.from_numpy(b)
+            trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+            txg = tx.detach().clone().requires_grad_(True)  # clone keeps the memory format
+            twg, tbg = tw.clone().requires_grad_(True), tb.clone().requires_grad_(True)
+            yg = F.batch_norm(txg, None, None, twg, tbg, training=True)
+        for op in ops:
+            if op == "train":
+                f_bn = lambda: _api.batch_norm_train(  # noqa: E731
+                    x, w, b, axis=axis, running_mean=rm, running_var=rv, out=y_out)
+                f_fresh = lambda: _api.batch_norm_train(  # noqa: E731
+                    x, w, b, axis=axis, running_mean=rm, running_var=rv)
+                f_np = lambda: numpy_train(x, w, b, axis, rm=rm.copy(), rv=rv.copy())  # noqa
+                f_t = (lambda: F.batch_norm(tx, trm, trv, tw, tb, training=True)) \
+                    if torch is not None else None
+            elif op == "train_relu":
+                f_bn = lambda: _api.batch_norm_train(  # noqa: E731
+                    x, w, b, axis=axis, running_mean=rm, running_var=rv, out=y_out, relu=True)
+                f_fresh = lambda: _api.batch_norm_train(  # noqa: E731
+                    x, w, b, axis=axis, running_mean=rm, running_var=rv, relu=True)
+                f_np = lambda: np.maximum(  # noqa: E731
+                    numpy_train(x, w, b, axis, rm=rm.copy(), rv=rv.copy())[0], 0)
+                f_t = (lambda: F.relu(F.batch_norm(tx, trm, trv, tw, tb, training=True))) \
+                    if torch is not None else None
+            elif op == "infer":
+                f_bn = lambda: _api.batch_norm_infer(  # noqa: E731
+                    x, bmean, bvar, w, b, axis=axis, out=y_out)
+                f_fresh = lambda: _api.batch_norm_infer(x, bmean, bvar, w, b, axis=axis)  # noqa
+                f_np = lambda: numpy_infer(x, bmean, bvar, w, b, axis)  # noqa: E731
+                f_t = (lambda: F.batch_norm(tx, trm, trv, tw, tb, training=False)) \
+                    if torch is not None else None
+            elif op == "backward":
+                f_bn = lambda: _api.batch_norm_backward(  # noqa: E731
+                    dy, x, mean, invstd, w, axis=axis, out=dx_out)
+                f_fresh = lambda: _api.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)  # noqa
+                f_np = lambda: numpy_backward(dy, x, np_mean, np_invstd, w, axis)  # noqa: E731
+                f_t = (lambda: torch.autograd.grad(yg, (txg, twg, tbg), tdy,  # noqa: E731
+                                                   retain_graph=True)) \
+                    if torch is not None else None
+            else:
+                raise ValueError(f"unknown op {op!r}")
+            if torch is not None:
+                with torch.no_grad() if op != "backward" else _nullcontext():
+                    t_t = timeit(f_t, repeat=repeat)
+            else:
+                t_t = (math.nan, math.nan)
+            t_bn = timeit(f_bn, repeat=repeat)
+            t_fr = timeit(f_fresh, repeat=repeat)
+            t_np = timeit(f_np, repeat=repeat) if include_numpy else (math.nan, math.nan)
+            results.append({
+                "op": op, "shape": list(shape), "layout": "cl" if cl else "cf",
+                "dtype": dtype.name, "threads": threads, "bytes": int(x.nbytes),
+                "bnfast_ms": t_bn[0] * 1e3, "bnfast_min_ms": t_bn[1] * 1e3,
+                "bnfast_fresh_ms": t_fr[0] * 1e3, "bnfast_fresh_min_ms": t_fr[1] * 1e3,
+                "numpy_ms": t_np[0] * 1e3, "numpy_min_ms": t_np[1] * 1e3,
+                "torch_ms": t_t[0] * 1e3, "torch_min_ms": t_t[1] * 1e3,
+                "copy_ms": copy_ms, "copy_numpy_ms": copy_np[0] * 1e3,
+                "copy_threads_ms": copy_mt[0] * 1e3,
+            })
+    return results
 
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ------------------------------------------------------------------ suites and reports
+
+def _fits(shape, dtype, factor=12):
+    need = factor * math.prod(shape) * np.dtype(dtype).itemsize
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return True
+    return need < avail
+
+
+def suite(quick=False, threads_list=None):
+    """The list of (shape, layout, dtype, threads) cases of the full or quick benchmark."""
+    allt = get_num_threads()
+    if threads_list is None:
+        threads_list = [allt] if quick else sorted({1, allt})
     cases = []
-    for op in ops:
-        if op == "train":
-            f_bn = lambda: _api.batch_norm_train(x, w, b, axis=axis, running_mean=rm,  # noqa
-                                                 running_var=rv, out=y_out)
-            f_np = lambda: numpy_train(x, w, b, axis)  # noqa: E731
-            if torch is not None:
-                def f_t():
-                    with torch.no_grad():
-                        return F.batch_norm(tx, trm, trv, tw, tb, training=True)
-        elif op == "infer":
-            f_bn = lambda: _api.batch_norm_infer(x, rmean, rvar, w, b, axis=axis,  # noqa
-                                                 out=y_out)
-            f_np = lambda: numpy_infer(x, rmean, rvar, w, b, axis)  # noqa: E731
-            if torch is not None:
-                def f_t():
-                    with torch.no_grad():
-                        return F.batch_norm(tx, trm, trv, tw, tb, training=False)
-        elif op == "backward":
-            f_bn = lambda: _api.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,  # noqa
-                                                    out=dx_out)
-            f_np = lambda: numpy_backward(dy, x, np_mean, np_invstd, w, axis)  # noqa: E731
-            if torch is not None:
-                yg = F.batch_norm(txg, None, None, twg, tbg, training=True)
-
-                def f_t():
-                    return torch.autograd.grad(yg, (txg, twg, tbg), tdy, retain_graph=True)
-        else:
-            raise ValueError(op)
-        t_bn = timeit(f_bn, repeat=repeat)
-        t_np = timeit(f_np, repeat=repeat)
-        t_t = timeit(f_t, repeat=repeat) if torch is not None else (math.nan, math.nan)
-        cases.append({
-            "op": op, "shape": tuple(shape), "axis": axis, "dtype": np.dtype(dtype).name,
-            "threads": get_num_threads(),
-            "bnfast_ms": t_bn[0] * 1e3, "bnfast_min_ms": t_bn[1] * 1e3,
-            "numpy_ms": t_np[0] * 1e3, "numpy_min_ms": t_np[1] * 1e3,
-            "torch_ms": t_t[0] * 1e3, "torch_min_ms": t_t[1] * 1e3,
-        })
+    groups = [(QUICK_F32, np.float32)] if quick else [(FULL_F32, np.float32),
+                                                       (FULL_F64, np.float64)]
+    for shapes, dt in groups:
+        for shape in shapes:
+            if not _fits(shape, dt):
+                continue
+            for layout in (["cf"] if len(shape) == 2 else ["cf", "cl"]):
+                for t in threads_list:
+                    cases.append((tuple(shape), layout, dt, t))
     return cases
 
 
 def format_table(rows):
-    head = (f"{'op':<9} {'shape':<18} {'layout':<6} {'dtype':<7} {'thr':>3} "
-            f"{'bnfast ms':>10} {'numpy ms':>10} {'torch ms':>10} {'vs numpy':>9} "
-            f"{'vs torch':>9}")
+    head = (f"{'op':<10} {'shape':<19} {'lay':<3} {'dtype':<7} {'thr':>3} {'bnfast':>9} "
+            f"{'fresh':>9} {'numpy':>9} {'torch':>9} {'copy':>8} {'vs torch':>8} "
+            f"{'vs np':>7} {'x copy':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        layout = "cl" if (r["axis"] % len(r["shape"]) != 1 and len(r["shape"]) > 2) else "cf"
-        vt = r["torch_ms"] / r["bnfast_ms"] if r["torch_ms"] == r["torch_ms"] else math.nan
+        vt = r["torch_ms"] / r["bnfast_ms"]
+        vn = r["numpy_ms"] / r["bnfast_ms"]
         lines.append(
-            f"{r['op']:<9} {str(r['shape']):<18} {layout:<6} {r['dtype']:<7} "
-            f"{r['threads']:>3} {r['bnfast_ms']:>10.3f} {r['numpy_ms']:>10.3f} "
-            f"{r['torch_ms']:>10.3f} {r['numpy_ms'] / r['bnfast_ms']:>8.1f}x "
-            + (f"{vt:>8.2f}x" if vt == vt else f"{'n/a':>9}"))
+            f"{r['op']:<10} {str(tuple(r['shape'])):<19} {r['layout']:<3} {r['dtype']:<7} "
+            f"{r['threads']:>3} {r['bnfast_ms']:>9.3f} {r['bnfast_fresh_ms']:>9.3f} "
+            f"{r['numpy_ms']:>9.3f} {r['torch_ms']:>9.3f} {r['copy_ms']:>8.3f} "
+            f"{vt:>7.2f}x {vn:>6.1f}x {r['bnfast_ms'] / r['copy_ms']:>6.2f}")
+    lines.append("times: median ms; fresh = bnfast allocating its outputs; vs torch/np = their "
+                 "time / bnfast's; x copy = bnfast / copy floor")
     return "\n".join(lines)
+
+
+def summarize(rows):
+    """Geometric-mean and median speed-ups against PyTorch, per op."""
+    out = {}
+    for op in OPS:
+        r = [x["torch_ms"] / x["bnfast_ms"] for x in rows
+             if x["op"] == op and x["torch_ms"] == x["torch_ms"]]
+        if r:
+            out[op] = {"median": float(np.median(r)), "min": float(np.min(r)),
+                       "geomean": float(np.exp(np.mean(np.log(r)))), "cases": len(r)}
+    return out
+
+
+def plot(rows, path):
+    """Save a PNG: speed-up over PyTorch per case, and time as a multiple of the copy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['op']} {'x'.join(map(str, r['shape']))} {r['layout']} "
+              f"{r['dtype'][-2:]} t{r['threads']}" for r in rows]
+    vt = [r["torch_ms"] / r["bnfast_ms"] for r in rows]
+    xc = [r["bnfast_ms"] / r["copy_ms"] for r in rows]
+    n = len(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.22 * n + 1.5)), sharey=True)
+    ypos = np.arange(n)
+    colors = {"train": "C0", "infer": "C1", "backward": "C2", "train_relu": "C3"}
+    col = [colors[r["op"]] for r in rows]
+    axes[0].barh(ypos, vt, color=col)
+    axes[0].axvline(1.0, color="k", lw=0.8)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("speed-up over PyTorch (torch time / bnfast time)")
+    axes[1].barh(ypos, xc, color=col)
+    axes[1].axvline(1.0, color="k", lw=0.8)
+    axes[1].set_xlabel("bnfast time / copy time (memory floor = 1)")
+    axes[0].set_yticks(ypos)
+    axes[0].set_yticklabels(labels, fontsize=7)
+    axes[0].invert_yaxis()
+    fig.suptitle("bnfast vs PyTorch CPU batch norm (median times, same run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=print):
+    """Run the benchmark suite; print a table; write JSON (and PNG if matplotlib exists)."""
+    from ._config import get_config
+
+    torch = _torch()
+    if torch is None:
+        log("note: PyTorch is not installed; its columns are n/a (pip install torch)")
+    cases = suite(quick, threads_list)
+    rows = []
+    t0 = time.perf_counter()
+    for shape, layout, dt, t in cases:
+        big = math.prod(shape) * np.dtype(dt).itemsize > 256e6
+        rep = repeat or (3 if big else (5 if quick else 7))
+        rows += run_case(shape, layout, dt, t, repeat=rep)
+        r = rows[-1]
+        log(f"  {r['shape']} {layout} {r['dtype']} t{t}: done ({time.perf_counter() - t0:.0f} s)")
+    log("")
+    log(format_table(rows))
+    summ = summarize(rows)
+    for op, s in summ.items():
+        log(f"speed-up over PyTorch, {op}: median {s['median']:.2f}x, "
+            f"min {s['min']:.2f}x, geomean {s['geomean']:.2f}x over {s['cases']} cases")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        stem = "bench_quick" if quick else "bench"
+        with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+            json.dump({"config": get_config(),
+                       "torch": getattr(torch, "__version__", None),
+                       "seconds": time.perf_counter() - t0, "summary": summ,
+                       "results": rows}, f, indent=1)
+        try:
+            plot(rows, os.path.join(out_dir, stem + ".png"))
+        except ImportError:
+            log("note: matplotlib is not installed; no plot written (pip install matplotlib)")
+        log(f"wrote {os.path.join(out_dir, stem)}.json/.png")
+    return rows

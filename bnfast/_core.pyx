@@ -68,6 +68,7 @@ cdef extern from "bnfast.h" nogil:
                               Py_ssize_t rv_stride, const double *mean, const double *var,
                               Py_ssize_t C, double count, double momentum)
     const char *bn_compiler()
+    int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads)
     int bn_openmp_version()
     int bn_omp_max_threads()
 
@@ -113,6 +114,17 @@ def openmp_version():
 
 def omp_max_threads():
     return bn_omp_max_threads()
+
+
+def copy(cnp.ndarray src, cnp.ndarray dst, int nthreads):
+    """Multithreaded copy of a C-contiguous array into another of the same size (bytes)."""
+    cdef size_t n = <size_t> cnp.PyArray_NBYTES(src)
+    cdef const void *sp = cnp.PyArray_DATA(src)
+    cdef void *dp = cnp.PyArray_DATA(dst)
+    if cnp.PyArray_NBYTES(dst) != cnp.PyArray_NBYTES(src):
+        raise ValueError("copy: size mismatch")
+    with nogil:
+        bn_copy(sp, dp, n, nthreads)
 
 
 # ---------------------------------------------------------------- helpers

@@ -119,6 +119,9 @@ int bn_update_running_f64(double *rmean, double *rvar, ptrdiff_t rm_stride, ptrd
                           const double *mean, const double *var, ptrdiff_t C, double count,
                           double momentum);
 
+/* Multithreaded memcpy in 1 MiB chunks (the benchmark's memory-bandwidth floor). */
+int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads);
+
 /* Build information. */
 const char *bn_compiler(void);
 int bn_openmp_version(void);             /* _OPENMP macro, 0 without OpenMP */

@@ -1,5 +1,6 @@
 /* Run-time selection of the kernel variant, running-statistics update, build facts. */
 #include <stddef.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -99,6 +100,20 @@ int bn_update_running_f64(double *rmean, double *rvar, ptrdiff_t rm_stride, ptrd
                           double momentum)
 {
     BN_UPDATE_RUNNING(double)
+}
+
+int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads)
+{
+    const size_t chunk = (size_t)1 << 20;
+    const ptrdiff_t nchunks = (ptrdiff_t)((nbytes + chunk - 1) / chunk);
+    if (nthreads < 1) nthreads = 1;
+    (void)nthreads;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nchunks > 1)
+    for (ptrdiff_t i = 0; i < nchunks; i++) {
+        size_t off = (size_t)i * chunk, len = nbytes - off < chunk ? nbytes - off : chunk;
+        memcpy((char *)dst + off, (const char *)src + off, len);
+    }
+    return BN_OK;
 }
 
 const char *bn_compiler(void)
