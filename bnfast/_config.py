@@ -132,12 +132,25 @@ _OPENMP_SPEC = {201107: "3.1", 201307: "4.0", 201511: "4.5", 201811: "5.0", 2020
                 202111: "5.2"}
 
 
+def _wait_policy():
+    from . import _SPINCOUNT_SET_BY_BNFAST
+
+    if os.environ.get("OMP_WAIT_POLICY"):
+        return f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    if spin:
+        return f"GOMP_SPINCOUNT={spin}" + (" (bnfast's default)" if _SPINCOUNT_SET_BY_BNFAST
+                                           else "")
+    return "runtime default"
+
+
 def get_config():
     """Return bnfast's build and run-time configuration as a dict.
 
     Keys: ``version``, ``isa`` (in use), ``isa_selected_by`` ('auto' or the environment
     variable), ``isas_available``, ``isas_compiled``, ``openmp`` (spec version or None),
     ``openmp_runtime`` (library path when threadpoolctl can tell), ``num_threads``,
+    ``omp_num_threads_env``, ``omp_wait`` (how idle OpenMP threads wait),
     ``compiler``, ``python``, ``numpy``, ``machine``.
     """
     from . import __version__
@@ -155,6 +168,7 @@ def get_config():
         "openmp_runtime": path,
         "num_threads": get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait": _wait_policy(),
         "compiler": _core.compiler(),
         "python": sys.version.split()[0],
         "numpy": np.__version__,
@@ -199,6 +213,7 @@ def show_config(file=None):
         f"  OpenMP         : {omp}",
         f"  threads        : {cfg['num_threads']}"
         f" (OMP_NUM_THREADS={env if env is not None else 'unset'})",
+        f"  idle threads   : {cfg['omp_wait']}",
         f"  compiler       : {cfg['compiler']}",
         f"  python, numpy  : {cfg['python']}, {cfg['numpy']}",
         f"  machine        : {cfg['machine']}",

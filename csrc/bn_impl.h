@@ -15,6 +15,9 @@
 #include <omp.h>
 #endif
 #include "bnfast.h"
+#if BN_ISA_LEVEL > 0
+#include <immintrin.h>
+#endif
 
 #define BN_CAT2(a, b) a##_##b
 #define BN_CAT(a, b) BN_CAT2(a, b)
@@ -35,7 +38,7 @@ typedef long long bn_vl __attribute__((vector_size(64)));
 #define BN_MAX_GROUPS_ROW 16
 #define BN_MAX_GROUPS_COL 64
 #define BN_PAR_MIN 32768       /* elements below which a call stays on one thread */
-#define BN_FUSE_BYTES (512 * 1024) /* per-channel bytes (per tensor) processed whole in cache */
+#define BN_SHIFT_COND 16.0     /* one-pass block statistics while mean(x-K)^2 <= this * var */
 
 static inline double bn_hsum(bn_vd v)
 {

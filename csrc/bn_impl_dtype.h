@@ -8,9 +8,20 @@
 static inline bn_vd BN_FN(ld)(const T *p)
 {
 #if BN_IS_F32
+    /* Conversions are exact, so these give the same bits in every variant; the
+     * intrinsics only avoid the compiler's split lowering of __builtin_convertvector. */
+#if BN_ISA_LEVEL == 2
+    return (bn_vd)_mm512_cvtps_pd(_mm256_loadu_ps(p));
+#elif BN_ISA_LEVEL == 1
+    union { bn_vd v; __m256d h[2]; } u;
+    u.h[0] = _mm256_cvtps_pd(_mm_loadu_ps(p));
+    u.h[1] = _mm256_cvtps_pd(_mm_loadu_ps(p + 4));
+    return u.v;
+#else
     bn_vf t;
     memcpy(&t, p, sizeof t);
     return __builtin_convertvector(t, bn_vd);
+#endif
 #else
     bn_vd t;
     memcpy(&t, p, sizeof t);
@@ -21,8 +32,17 @@ static inline bn_vd BN_FN(ld)(const T *p)
 static inline void BN_FN(st)(T *p, bn_vd v)
 {
 #if BN_IS_F32
+#if BN_ISA_LEVEL == 2
+    _mm256_storeu_ps(p, _mm512_cvtpd_ps((__m512d)v));
+#elif BN_ISA_LEVEL == 1
+    union { bn_vd v; __m256d h[2]; } u;
+    u.v = v;
+    _mm_storeu_ps(p, _mm256_cvtpd_ps(u.h[0]));
+    _mm_storeu_ps(p + 4, _mm256_cvtpd_ps(u.h[1]));
+#else
     bn_vf t = __builtin_convertvector(v, bn_vf);
     memcpy(p, &t, sizeof t);
+#endif
 #else
     memcpy(p, &v, sizeof v);
 #endif
@@ -84,52 +104,70 @@ static inline void bn_expand(double *e, const double *v, ptrdiff_t P, ptrdiff_t 
 /* ---- statistics ---- */
 
 /*
- * Two-pass mean and M2 of a contiguous, cache-resident segment of L > 0 elements, in
- * coordinates shifted by K (the channel's first value): returns mean(x - K) and M2.
- * The shift keeps every partial result small when |mean| >> std, so merging blocks loses
- * nothing to the rounding of large block means.
+ * Mean and M2 of a contiguous, cache-resident segment of L > 0 elements, in coordinates
+ * shifted by K (the channel's first value): returns mean(x - K) and M2.
+ *
+ * One pass accumulates s1 = sum(d) and s2 = sum(d^2) of d = x - K in double; then
+ * M2 = s2 - s1 * m, whose relative rounding error is about u * (1 + 2 m^2 / var) with
+ * m = s1 / L.  While m^2 <= BN_SHIFT_COND * var (16) that is below 2^-47 (the shift keeps m
+ * small: K is a value of the same channel).  Otherwise (K far from this segment's values,
+ * or a constant segment away from K) a second pass computes the corrected two-pass
+ * M2 = sum((d - m)^2) - (sum(d - m))^2 / L, exact up to a few ulps.  The choice depends on
+ * the data only, so results stay deterministic.
  */
 static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, double *m2)
 {
     const bn_vd kv = bn_splat(K);
-    bn_vd a0 = bn_splat(0.0), a1 = bn_splat(0.0);
+    bn_vd a0 = bn_splat(0.0), a1 = bn_splat(0.0), b0 = bn_splat(0.0), b1 = bn_splat(0.0);
     ptrdiff_t i = 0;
     for (; i + 16 <= L; i += 16) {
-        a0 += BN_FN(ld)(x + i) - kv;
-        a1 += BN_FN(ld)(x + i + 8) - kv;
+        bn_vd d0 = BN_FN(ld)(x + i) - kv;
+        bn_vd d1 = BN_FN(ld)(x + i + 8) - kv;
+        a0 += d0;
+        a1 += d1;
+        b0 += d0 * d0;
+        b1 += d1 * d1;
     }
     if (i + 8 <= L) {
-        a0 += BN_FN(ld)(x + i) - kv;
+        bn_vd d0 = BN_FN(ld)(x + i) - kv;
+        a0 += d0;
+        b0 += d0 * d0;
         i += 8;
     }
-    double s = bn_hsum(a0 + a1);
-    for (; i < L; i++) s += (double)x[i] - K;
-    const double m = s / (double)L;
-
-    const bn_vd mv = bn_splat(m);
-    bn_vd q0 = bn_splat(0.0), q1 = bn_splat(0.0), k0 = bn_splat(0.0), k1 = bn_splat(0.0);
-    i = 0;
-    for (; i + 16 <= L; i += 16) {
-        bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
-        bn_vd d1 = (BN_FN(ld)(x + i + 8) - kv) - mv;
-        q0 += d0 * d0;
-        q1 += d1 * d1;
-        k0 += d0;
-        k1 += d1;
-    }
-    if (i + 8 <= L) {
-        bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
-        q0 += d0 * d0;
-        k0 += d0;
-        i += 8;
-    }
-    double q = bn_hsum(q0 + q1), k = bn_hsum(k0 + k1);
+    double s1 = bn_hsum(a0 + a1), s2 = bn_hsum(b0 + b1);
     for (; i < L; i++) {
-        double d = ((double)x[i] - K) - m;
-        q += d * d;
-        k += d;
+        double d = (double)x[i] - K;
+        s1 += d;
+        s2 += d * d;
     }
-    double r = q - k * k / (double)L;   /* corrected two-pass: removes the error of m */
+    const double m = s1 / (double)L;
+    double r = s2 - s1 * m;
+    if (!(m * m <= BN_SHIFT_COND * (r / (double)L))) {
+        const bn_vd mv = bn_splat(m);
+        bn_vd q0 = bn_splat(0.0), q1 = bn_splat(0.0), k0 = bn_splat(0.0), k1 = bn_splat(0.0);
+        i = 0;
+        for (; i + 16 <= L; i += 16) {
+            bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
+            bn_vd d1 = (BN_FN(ld)(x + i + 8) - kv) - mv;
+            q0 += d0 * d0;
+            q1 += d1 * d1;
+            k0 += d0;
+            k1 += d1;
+        }
+        if (i + 8 <= L) {
+            bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
+            q0 += d0 * d0;
+            k0 += d0;
+            i += 8;
+        }
+        double q = bn_hsum(q0 + q1), k = bn_hsum(k0 + k1);
+        for (; i < L; i++) {
+            double d = ((double)x[i] - K) - m;
+            q += d * d;
+            k += d;
+        }
+        r = q - k * k / (double)L;
+    }
     if (r < 0.0) r = 0.0;
     *mean = m;
     *m2 = r;
@@ -170,7 +208,8 @@ static void BN_FN(col_moments_item)(const T *x, const bn_colpart *p, ptrdiff_t g
     const ptrdiff_t Cp = p->Cp;
     const ptrdiff_t c0 = t * p->tile;
     const ptrdiff_t w = Cp - c0 < p->tile ? Cp - c0 : p->tile;
-    double mean[BN_TILE], m2[BN_TILE], s[BN_TILE], q[BN_TILE], k[BN_TILE];
+    double mean[BN_TILE], m2[BN_TILE], s[BN_TILE], q[BN_TILE], k[BN_TILE], m1[BN_TILE];
+    int bad[BN_TILE];
     const double *kc = kcol + c0;
     double n = 0.0;
     ptrdiff_t b0 = g * p->bpg, b1 = b0 + p->bpg;
@@ -180,41 +219,60 @@ static void BN_FN(col_moments_item)(const T *x, const bn_colpart *p, ptrdiff_t g
         if (r1 > p->R) r1 = p->R;
         const double nb = (double)(r1 - r0);
         ptrdiff_t j;
-        for (j = 0; j < w; j++) s[j] = 0.0;
-        for (ptrdiff_t r = r0; r < r1; r++) {
-            const T *row = x + r * Cp + c0;
-            for (j = 0; j + 8 <= w; j += 8)
-                bn_std(s + j, bn_ldd(s + j) + (BN_FN(ld)(row + j) - bn_ldd(kc + j)));
-            for (; j < w; j++) s[j] += (double)row[j] - kc[j];
-        }
-        for (j = 0; j < w; j++) {
-            s[j] = s[j] / nb;
-            q[j] = 0.0;
-            k[j] = 0.0;
-        }
+        for (j = 0; j < w; j++) s[j] = q[j] = 0.0;
         for (ptrdiff_t r = r0; r < r1; r++) {
             const T *row = x + r * Cp + c0;
             for (j = 0; j + 8 <= w; j += 8) {
-                bn_vd d = (BN_FN(ld)(row + j) - bn_ldd(kc + j)) - bn_ldd(s + j);
+                bn_vd d = BN_FN(ld)(row + j) - bn_ldd(kc + j);
+                bn_std(s + j, bn_ldd(s + j) + d);
                 bn_std(q + j, bn_ldd(q + j) + d * d);
-                bn_std(k + j, bn_ldd(k + j) + d);
             }
             for (; j < w; j++) {
-                double d = ((double)row[j] - kc[j]) - s[j];
+                double d = (double)row[j] - kc[j];
+                s[j] += d;
                 q[j] += d * d;
-                k[j] += d;
             }
         }
+        /* One pass (shifted sums) unless a column is ill-conditioned (see seg_moments);
+         * the second pass runs over the whole tile but is used only for those columns,
+         * so a column's result never depends on its neighbours' data. */
+        int two_pass = 0;
+        for (j = 0; j < w; j++) {
+            const double mj = s[j] / nb;
+            k[j] = q[j] - s[j] * mj;   /* M2 from the shifted sums */
+            s[j] = mj;
+            bad[j] = !(mj * mj <= BN_SHIFT_COND * (k[j] / nb));
+            two_pass |= bad[j];
+        }
+        if (two_pass) {
+            for (j = 0; j < w; j++) m1[j] = k[j];
+            for (j = 0; j < w; j++) q[j] = k[j] = 0.0;
+            for (ptrdiff_t r = r0; r < r1; r++) {
+                const T *row = x + r * Cp + c0;
+                for (j = 0; j + 8 <= w; j += 8) {
+                    bn_vd d = (BN_FN(ld)(row + j) - bn_ldd(kc + j)) - bn_ldd(s + j);
+                    bn_std(q + j, bn_ldd(q + j) + d * d);
+                    bn_std(k + j, bn_ldd(k + j) + d);
+                }
+                for (; j < w; j++) {
+                    double d = ((double)row[j] - kc[j]) - s[j];
+                    q[j] += d * d;
+                    k[j] += d;
+                }
+            }
+            for (j = 0; j < w; j++) k[j] = bad[j] ? q[j] - k[j] * k[j] / nb : m1[j];
+        }
+        /* k[j] now holds the block's M2 of column j. */
         if (n == 0.0) {
             for (j = 0; j < w; j++) {
-                double r = q[j] - k[j] * k[j] / nb;
+                double r = k[j];
                 mean[j] = s[j];
                 m2[j] = r < 0.0 ? 0.0 : r;
             }
         } else {
             const double nn = n + nb, f1 = nb / nn, f2 = n * nb / nn;
             for (j = 0; j < w; j++) {
-                double r = q[j] - k[j] * k[j] / nb;
+                double r = k[j];
                 if (r < 0.0) r = 0.0;
                 double delta = s[j] - mean[j];
                 mean[j] += delta * f1;
@@ -454,7 +512,8 @@ static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, 
         const ptrdiff_t c0 = t * p.tile, w = Cp - c0 < p.tile ? Cp - c0 : p.tile;
         ptrdiff_t r0 = g * rows_per_group, r1 = r0 + rows_per_group;
         if (r1 > N) r1 = N;
-        double *ad = pd + g * Cp + c0, *ax = px + g * Cp + c0;
+        /* Accumulate on the stack: neighbouring items' partials share cache lines. */
+        double ad[BN_TILE], ax[BN_TILE];
         const double *m = me + c0, *a = ae + c0, *b = be + c0;
         ptrdiff_t j;
         for (j = 0; j < w; j++) ad[j] = ax[j] = 0.0;
@@ -474,6 +533,10 @@ static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, 
                 ad[j] += gs;
                 ax[j] += gs * xm;
             }
+        }
+        for (j = 0; j < w; j++) {
+            pd[g * Cp + c0 + j] = ad[j];
+            px[g * Cp + c0 + j] = ax[j];
         }
     }
     for (ptrdiff_t c = 0; c < C; c++)
@@ -570,55 +633,16 @@ static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdif
     return BN_OK;
 }
 
-/* ---- complete operations (statistics + element-wise pass in one call) ---- */
-
-/* Statistics of channel c (row strategy), merged over the groups in the fixed order that
- * BN_FN(moments) uses, so both give bit-identical results. */
-static void BN_FN(row_channel_stats)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
-                                     ptrdiff_t c, double *mean, double *var)
-{
-    ptrdiff_t G = bn_groups_row(N, S);
-    const ptrdiff_t npg = (N + G - 1) / G;
-    G = (N + npg - 1) / npg;
-    double n = 0.0, m = 0.0, q = 0.0;
-    for (ptrdiff_t g = 0; g < G; g++) {
-        ptrdiff_t n0 = g * npg, n1 = n0 + npg < N ? n0 + npg : N;
-        double pn, pm, pq;
-        BN_FN(row_moments_item)(x, n0, n1, C, S, c, &pn, &pm, &pq);
-        bn_chan_merge(&n, &m, &q, pn, pm, pq);
-    }
-    *mean = BN_FN(shift_of)(x, C, S, c) + m;
-    *var = q / n;
-}
+/* ---- complete operations: statistics or reductions, per-channel coefficients, and the
+ * element-wise pass, in one call (one crossing from Python, one scratch allocation) ---- */
 
 static int BN_FN(train_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C,
                                 ptrdiff_t S, const double *weight, const double *bias,
                                 double eps, double *mean, double *var, double *invstd,
                                 int flags, int nthreads)
 {
-    const T *x = (const T *)xv;
-    T *y = (T *)yv;
-    const int relu = (flags & BN_FLAG_RELU) != 0;
     if (N < 0 || C < 0 || S < 0) return BN_EINVAL;
     if (C == 0) return BN_OK;
-    const int nt = bn_threads(nthreads, (double)N * (double)C * (double)S);
-    if (S >= BN_ROW_MIN_S && (double)N * (double)S * sizeof(T) <= BN_FUSE_BYTES &&
-        C >= 2 * nt) {
-        /* One channel at a time per thread: its statistics, then its normalisation while
-         * its data is still in cache, so memory sees the tensor about once. */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-        for (ptrdiff_t c = 0; c < C; c++) {
-            BN_FN(row_channel_stats)(x, N, C, S, c, mean + c, var + c);
-            const double inv = 1.0 / sqrt(var[c] + eps);
-            const double a = weight ? inv * weight[c] : inv, b = bias ? bias[c] : 0.0;
-            invstd[c] = inv;
-            for (ptrdiff_t n = 0; n < N; n++) {
-                const ptrdiff_t off = (n * C + c) * S;
-                BN_FN(norm_span_s)(x + off, y + off, S, mean[c], a, b, relu);
-            }
-        }
-        return BN_OK;
-    }
     int st = BN_FN(moments)(xv, N, C, S, mean, var, nthreads);
     if (st != BN_OK) return st;
     double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)C);
@@ -639,42 +663,10 @@ static int BN_FN(backward)(const void *dyv, const void *xv, void *dxv, ptrdiff_t
                            const double *weight, const double *bias, double *dweight,
                            double *dbias, int flags, int nthreads)
 {
-    const T *dy = (const T *)dyv, *x = (const T *)xv;
-    T *dx = (T *)dxv;
-    const int relu = (flags & BN_FLAG_RELU) != 0, eval = (flags & BN_FLAG_EVAL) != 0;
+    const int eval = (flags & BN_FLAG_EVAL) != 0;
     if (N < 0 || C < 0 || S < 0) return BN_EINVAL;
     if (C == 0) return BN_OK;
     const double m = (double)N * (double)S;
-    const int nt = bn_threads(nthreads, m * (double)C);
-    if (S >= BN_ROW_MIN_S && m * sizeof(T) <= BN_FUSE_BYTES && C >= 2 * nt) {
-        ptrdiff_t G = bn_groups_row(N, S);
-        const ptrdiff_t npg = (N + G - 1) / G;
-        G = (N + npg - 1) / npg;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-        for (ptrdiff_t c = 0; c < C; c++) {
-            const double a = weight ? invstd[c] * weight[c] : invstd[c];
-            const double b = bias ? bias[c] : 0.0;
-            double sd = 0.0, sx = 0.0;
-            for (ptrdiff_t g = 0; g < G; g++) {
-                ptrdiff_t n0 = g * npg, n1 = n0 + npg < N ? n0 + npg : N;
-                double psd = 0.0, psx = 0.0;
-                for (ptrdiff_t r = n0; r < n1; r++) {
-                    const ptrdiff_t off = (r * C + c) * S;
-                    BN_FN(bwd_span_s)(dy + off, x + off, S, mean[c], a, b, relu, &psd, &psx);
-                }
-                sd += psd;
-                sx += psx;
-            }
-            double kd, kx, k0;
-            bn_bwd_coeffs(sd, sx, invstd[c], a, m, eval, &dbias[c], &dweight[c], &kd, &kx, &k0);
-            for (ptrdiff_t r = 0; r < N; r++) {
-                const ptrdiff_t off = (r * C + c) * S;
-                BN_FN(dx_span)(dy + off, x + off, dx + off, S, mean + c, &a, &b, &kd, &kx, &k0,
-                               0, relu, eval);
-            }
-        }
-        return BN_OK;
-    }
     double *buf = (double *)malloc(sizeof(double) * 5 * (size_t)C);
     if (!buf) return BN_ENOMEM;
     double *sc = buf, *sh = buf + C, *kd = buf + 2 * C, *kx = buf + 3 * C, *k0 = buf + 4 * C;

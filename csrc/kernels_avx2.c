@@ -5,6 +5,7 @@
 #else
 #pragma GCC target("avx2,fma")
 #endif
+#define BN_ISA_LEVEL 1
 #define BN_SUFFIX avx2
 #include "bn_impl.h"
 #if defined(__clang__)

@@ -3,8 +3,9 @@
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma"))), apply_to = function)
 #else
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")
 #endif
+#define BN_ISA_LEVEL 2
 #define BN_SUFFIX avx512
 #include "bn_impl.h"
 #if defined(__clang__)

@@ -266,3 +266,35 @@ def test_docstring_examples(module):
     assert result.attempted > 0, f"{module} has no examples"
     assert result.failed == 0, f"{result.failed} docstring example(s) in {module} failed"
     assert (bnfast.get_isa(), bnfast.get_num_threads()) == before
+
+
+def _env_without_omp_wait():
+    import os
+
+    env = dict(os.environ)
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        env.pop(k, None)
+    return env
+
+
+def _pkg_parent():
+    import os
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
+
+
+def test_short_openmp_spin_is_the_default_and_user_settings_win(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import os, bnfast; print(os.environ.get('GOMP_SPINCOUNT'), "
+            "bnfast.get_config()['omp_wait'])")
+    env = _env_without_omp_wait()
+    env["PYTHONPATH"] = _pkg_parent()
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("10000 GOMP_SPINCOUNT=10000 (bnfast's default)"), out
+    env["OMP_WAIT_POLICY"] = "active"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("None OMP_WAIT_POLICY=active"), out
