@@ -8,6 +8,7 @@ kernels, and turns status codes into exceptions.
 import numpy as np
 cimport numpy as cnp
 from libc.math cimport sqrt
+from libc.stdlib cimport malloc, free
 
 cnp.import_array()
 
@@ -114,6 +115,24 @@ def openmp_version():
 
 def omp_max_threads():
     return bn_omp_max_threads()
+
+
+# The thread count set by bnfast.set_num_threads (0: follow the OpenMP runtime).
+cdef int _thread_override = 0
+
+def set_thread_override(int n):
+    global _thread_override
+    _thread_override = n if n > 0 else 0
+
+cdef inline int _threads() noexcept:
+    if _thread_override > 0:
+        return _thread_override
+    cdef int n = bn_omp_max_threads()
+    return n if n > 0 else 1
+
+def effective_threads():
+    """The thread count the kernels use now."""
+    return _threads()
 
 
 def copy(cnp.ndarray src, cnp.ndarray dst, int nthreads):
@@ -244,3 +263,255 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N, Py_ssi
         st = t.backward[dt](dyp, xp, dxp, N, C, S, mp, ip, wp, bp, dwp, dbp, flags, nthreads)
     _check(st)
     return dweight, dbias
+
+
+# ---------------------------------------------------------------- fast paths
+#
+# The public functions (bnfast._api) call these first.  Each returns None unless its
+# arguments are, on cheap C-level checks, obviously valid and in the kernels' native form
+# (C-contiguous native float32/float64 arrays, channel axis given as an int, vectors that
+# are 1-D contiguous float arrays of the right length, no partial overlap of out with the
+# inputs).  Anything else goes through the general path in Python, which owns every error
+# message; a fast path never raises for bad input.
+
+cdef inline bint _is_data(object a):
+    if type(a) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray> a
+    cdef int tn = cnp.PyArray_TYPE(arr)
+    return ((tn == cnp.NPY_FLOAT or tn == cnp.NPY_DOUBLE) and cnp.PyArray_ISNOTSWAPPED(arr)
+            and cnp.PyArray_IS_C_CONTIGUOUS(arr))
+
+cdef inline bint _is_vec(object v, Py_ssize_t C):
+    # None, or a 1-D contiguous native float32/float64 array of length C
+    if v is None:
+        return True
+    if not _is_data(v):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray> v
+    return cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIM(a, 0) == C
+
+cdef inline bint _is_real(object v, double lo, double hi):
+    cdef double f
+    if type(v) is float or type(v) is int:
+        f = v
+        return lo <= f <= hi
+    return False
+
+cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
+    cdef char *pa = <char *> cnp.PyArray_DATA(a)
+    cdef char *pb = <char *> cnp.PyArray_DATA(b)
+    return pa + cnp.PyArray_NBYTES(a) <= pb or pb + cnp.PyArray_NBYTES(b) <= pa
+
+cdef inline bint _ok_out(object out, cnp.ndarray x, tuple inputs):
+    # out is None, or a writeable array shaped and typed like x that is exactly one of
+    # the inputs or overlaps none of them
+    if out is None:
+        return True
+    if not _is_data(out):
+        return False
+    cdef cnp.ndarray o = <cnp.ndarray> out
+    if cnp.PyArray_TYPE(o) != cnp.PyArray_TYPE(x) or not cnp.PyArray_ISWRITEABLE(o):
+        return False
+    if cnp.PyArray_NDIM(o) != cnp.PyArray_NDIM(x):
+        return False
+    cdef int i
+    for i in range(cnp.PyArray_NDIM(x)):
+        if cnp.PyArray_DIM(o, i) != cnp.PyArray_DIM(x, i):
+            return False
+    cdef cnp.ndarray a
+    for a in inputs:
+        if cnp.PyArray_DATA(a) != cnp.PyArray_DATA(o) and not _disjoint(a, o):
+            return False
+    return True
+
+cdef inline bint _split(cnp.ndarray x, object axis, Py_ssize_t *N, Py_ssize_t *C,
+                        Py_ssize_t *S):
+    if type(axis) is not int:
+        return False
+    cdef int nd = cnp.PyArray_NDIM(x), ax, i
+    if nd < 2:
+        return False
+    ax = axis
+    if ax < 0:
+        ax += nd
+    if ax < 0 or ax >= nd:
+        return False
+    N[0] = 1
+    S[0] = 1
+    for i in range(ax):
+        N[0] *= cnp.PyArray_DIM(x, i)
+    for i in range(ax + 1, nd):
+        S[0] *= cnp.PyArray_DIM(x, i)
+    C[0] = cnp.PyArray_DIM(x, ax)
+    return True
+
+cdef class _Vec:
+    # A per-channel vector as double*: borrowed when float64, converted when float32.
+    cdef double *ptr
+    cdef double *own
+    def __dealloc__(self):
+        if self.own != NULL:
+            free(self.own)
+
+cdef _Vec _vec(object v, Py_ssize_t C):
+    cdef _Vec r = _Vec.__new__(_Vec)
+    cdef cnp.ndarray a
+    cdef float *fp
+    cdef Py_ssize_t i
+    if v is None:
+        return r
+    a = <cnp.ndarray> v
+    if cnp.PyArray_TYPE(a) == cnp.NPY_DOUBLE:
+        r.ptr = <double *> cnp.PyArray_DATA(a)
+    else:
+        r.own = <double *> malloc(sizeof(double) * (C if C > 0 else 1))
+        if r.own == NULL:
+            raise MemoryError()
+        fp = <float *> cnp.PyArray_DATA(a)
+        for i in range(C):
+            r.own[i] = fp[i]
+        r.ptr = r.own
+    return r
+
+cdef inline cnp.ndarray _empty_like(cnp.ndarray x):
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+
+cdef inline cnp.ndarray _empty_c(Py_ssize_t C):
+    cdef cnp.npy_intp n = C
+    return cnp.PyArray_EMPTY(1, &n, cnp.NPY_DOUBLE, 0)
+
+
+def fast_train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
+               relu):
+    cdef Py_ssize_t N = 0, C = 0, S = 0
+    if not _is_data(x) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray> x
+    if N * S <= 1 or not _is_real(eps, 0.0, 1e308) or not _is_real(momentum, 0.0, 1.0):
+        return None
+    if not _is_vec(weight, C) or not _is_vec(bias, C):
+        return None
+    if (running_mean is None) != (running_var is None):
+        return None
+    if running_mean is not None:
+        if not (_is_vec(running_mean, C) and _is_vec(running_var, C)):
+            return None
+        if (cnp.PyArray_TYPE(<cnp.ndarray> running_mean)
+                != cnp.PyArray_TYPE(<cnp.ndarray> running_var)):
+            return None
+        if not (cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_mean)
+                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> running_var)):
+            return None
+        if not _disjoint(<cnp.ndarray> running_mean, <cnp.ndarray> running_var):
+            return None
+    if not _ok_out(out, xa, (xa,)):
+        return None
+    cdef cnp.ndarray y = _empty_like(xa) if out is None else <cnp.ndarray> out
+    cdef _Vec w = _vec(weight, C), b = _vec(bias, C)
+    cdef cnp.ndarray mean = _empty_c(C), invstd = _empty_c(C), var = _empty_c(C)
+    cdef const bn_kernel_table *t = bn_active()
+    cdef int dt = _dt(xa), st, flags = BN_FLAG_RELU if relu else 0, nt = _threads()
+    cdef void *xp = cnp.PyArray_DATA(xa)
+    cdef void *yp = cnp.PyArray_DATA(y)
+    cdef double *mp = <double *> cnp.PyArray_DATA(mean)
+    cdef double *ip = <double *> cnp.PyArray_DATA(invstd)
+    cdef double *vp = <double *> cnp.PyArray_DATA(var)
+    cdef double e = eps
+    with nogil:
+        st = t.train_forward[dt](xp, yp, N, C, S, w.ptr, b.ptr, e, mp, vp, ip, flags, nt)
+    _check(st)
+    if running_mean is not None:
+        _update_running(running_mean, running_var, mp, vp, C, <double> N * <double> S,
+                        <double> momentum)
+    return y, mean, invstd
+
+
+def fast_infer(x, mean, var, weight, bias, eps, axis, out, relu):
+    cdef Py_ssize_t N = 0, C = 0, S = 0, c
+    if not _is_data(x) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray> x
+    if mean is None or var is None or not _is_real(eps, 0.0, 1e308):
+        return None
+    if not (_is_vec(mean, C) and _is_vec(var, C) and _is_vec(weight, C)
+            and _is_vec(bias, C) and _ok_out(out, xa, (xa,))):
+        return None
+    cdef _Vec m = _vec(mean, C), v = _vec(var, C)
+    for c in range(C):
+        if not (v.ptr[c] >= 0.0):
+            return None            # negative (or NaN) variance: the general path decides
+    cdef _Vec w = _vec(weight, C), b = _vec(bias, C)
+    cdef cnp.ndarray y = _empty_like(xa) if out is None else <cnp.ndarray> out
+    cdef const bn_kernel_table *t = bn_active()
+    cdef int dt = _dt(xa), st, flags = BN_FLAG_RELU if relu else 0, nt = _threads()
+    cdef double *sc = <double *> malloc(sizeof(double) * 2 * (C if C > 0 else 1))
+    if sc == NULL:
+        raise MemoryError()
+    cdef double *sh = sc + C
+    cdef double inv, e = eps
+    cdef void *xp = cnp.PyArray_DATA(xa)
+    cdef void *yp = cnp.PyArray_DATA(y)
+    with nogil:
+        for c in range(C):
+            inv = 1.0 / sqrt(v.ptr[c] + e)
+            sc[c] = inv * w.ptr[c] if w.ptr != NULL else inv
+            sh[c] = b.ptr[c] if b.ptr != NULL else 0.0
+        st = t.normalize[dt](xp, yp, N, C, S, m.ptr, sc, sh, flags, nt)
+    free(sc)
+    _check(st)
+    return y
+
+
+def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out):
+    cdef Py_ssize_t N = 0, C = 0, S = 0, i
+    if not (_is_data(x) and _is_data(dy)) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray> x, da = <cnp.ndarray> dy
+    if cnp.PyArray_TYPE(xa) != cnp.PyArray_TYPE(da) or cnp.PyArray_NDIM(xa) != cnp.PyArray_NDIM(da):
+        return None
+    for i in range(cnp.PyArray_NDIM(xa)):
+        if cnp.PyArray_DIM(xa, i) != cnp.PyArray_DIM(da, i):
+            return None
+    if mean is None or invstd is None:
+        return None
+    if not (_is_vec(mean, C) and _is_vec(invstd, C) and _is_vec(weight, C)
+            and _is_vec(bias, C) and _ok_out(out, xa, (xa, da))):
+        return None
+    cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
+    cdef cnp.ndarray dx = _empty_like(xa) if out is None else <cnp.ndarray> out
+    cdef cnp.ndarray dweight = _empty_c(C), dbias = _empty_c(C)
+    cdef const bn_kernel_table *t = bn_active()
+    cdef int dt = _dt(xa), st, nt = _threads()
+    cdef int flags = (BN_FLAG_RELU if relu else 0) | (0 if training else BN_FLAG_EVAL)
+    cdef void *dyp = cnp.PyArray_DATA(da)
+    cdef void *xp = cnp.PyArray_DATA(xa)
+    cdef void *dxp = cnp.PyArray_DATA(dx)
+    cdef double *dwp = <double *> cnp.PyArray_DATA(dweight)
+    cdef double *dbp = <double *> cnp.PyArray_DATA(dbias)
+    with nogil:
+        st = t.backward[dt](dyp, xp, dxp, N, C, S, m.ptr, inv.ptr, w.ptr, b.ptr, dwp, dbp,
+                            flags, nt)
+    _check(st)
+    if dt == 0:
+        return dx, dweight.astype(np.float32), dbias.astype(np.float32)
+    return dx, dweight, dbias
+
+
+def fast_moments(x, axis):
+    cdef Py_ssize_t N = 0, C = 0, S = 0
+    if not _is_data(x) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
+        return None
+    if N * S == 0:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray> x
+    cdef cnp.ndarray mean = _empty_c(C), var = _empty_c(C)
+    cdef const bn_kernel_table *t = bn_active()
+    cdef int dt = _dt(xa), st, nt = _threads()
+    cdef void *xp = cnp.PyArray_DATA(xa)
+    cdef double *mp = <double *> cnp.PyArray_DATA(mean)
+    cdef double *vp = <double *> cnp.PyArray_DATA(var)
+    with nogil:
+        st = t.moments[dt](xp, N, C, S, mp, vp, nt)
+    _check(st)
+    return mean, var

@@ -39,10 +39,7 @@ def get_num_threads():
     >>> bnfast.get_num_threads() >= 1
     True
     """
-    n = _override
-    if n is None:
-        n = _core.omp_max_threads()
-    return max(1, int(n))
+    return _core.effective_threads()
 
 
 def set_num_threads(n):
@@ -72,6 +69,7 @@ def set_num_threads(n):
     value = None if n is None else _validate(n)
     with _lock:
         _override = value
+        _core.set_thread_override(0 if value is None else value)
 
 
 @contextlib.contextmanager
@@ -97,8 +95,10 @@ def num_threads(n):
     with _lock:
         previous = _override
         _override = value
+        _core.set_thread_override(value)
     try:
         yield value
     finally:
         with _lock:
             _override = previous
+            _core.set_thread_override(0 if previous is None else previous)
