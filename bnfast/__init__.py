@@ -56,6 +56,7 @@ from ._api import (  # noqa: E402
     moments,
 )
 from . import reference  # noqa: E402,F401
+from . import nn, optim  # noqa: E402,F401
 
 __all__ = [
     "__version__",
@@ -68,7 +69,9 @@ __all__ = [
     "get_isa",
     "get_num_threads",
     "moments",
+    "nn",
     "num_threads",
+    "optim",
     "reference",
     "set_isa",
     "set_num_threads",
