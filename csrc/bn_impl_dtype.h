@@ -219,19 +219,46 @@ static void BN_FN(col_moments_item)(const T *x, const bn_colpart *p, ptrdiff_t g
         if (r1 > p->R) r1 = p->R;
         const double nb = (double)(r1 - r0);
         ptrdiff_t j;
-        for (j = 0; j < w; j++) s[j] = q[j] = 0.0;
-        for (ptrdiff_t r = r0; r < r1; r++) {
-            const T *row = x + r * Cp + c0;
-            for (j = 0; j + 8 <= w; j += 8) {
-                bn_vd d = BN_FN(ld)(row + j) - bn_ldd(kc + j);
-                bn_std(s + j, bn_ldd(s + j) + d);
-                bn_std(q + j, bn_ldd(q + j) + d * d);
+        /* Shifted sums, column by column in register-held strips of 16 (then 8, then
+         * 1) columns; each column still adds its rows in order. */
+        const T *blk = x + r0 * Cp + c0;
+        const ptrdiff_t nr = r1 - r0;
+        for (j = 0; j + 16 <= w; j += 16) {
+            const bn_vd ka = bn_ldd(kc + j), kb = bn_ldd(kc + j + 8);
+            bn_vd sa = bn_splat(0.0), sb = bn_splat(0.0), qa = bn_splat(0.0), qb = bn_splat(0.0);
+            for (ptrdiff_t r = 0; r < nr; r++) {
+                const T *p = blk + r * Cp + j;
+                bn_vd da = BN_FN(ld)(p) - ka, db = BN_FN(ld)(p + 8) - kb;
+                sa += da;
+                sb += db;
+                qa += da * da;
+                qb += db * db;
             }
-            for (; j < w; j++) {
-                double d = (double)row[j] - kc[j];
-                s[j] += d;
-                q[j] += d * d;
+            bn_std(s + j, sa);
+            bn_std(s + j + 8, sb);
+            bn_std(q + j, qa);
+            bn_std(q + j + 8, qb);
+        }
+        for (; j + 8 <= w; j += 8) {
+            const bn_vd ka = bn_ldd(kc + j);
+            bn_vd sa = bn_splat(0.0), qa = bn_splat(0.0);
+            for (ptrdiff_t r = 0; r < nr; r++) {
+                bn_vd da = BN_FN(ld)(blk + r * Cp + j) - ka;
+                sa += da;
+                qa += da * da;
             }
+            bn_std(s + j, sa);
+            bn_std(q + j, qa);
+        }
+        for (; j < w; j++) {
+            double sj = 0.0, qj = 0.0;
+            for (ptrdiff_t r = 0; r < nr; r++) {
+                double d = (double)blk[r * Cp + j] - kc[j];
+                sj += d;
+                qj += d * d;
+            }
+            s[j] = sj;
+            q[j] = qj;
         }
         /* One pass (shifted sums) unless a column is ill-conditioned (see seg_moments);
          * the second pass runs over the whole tile but is used only for those columns,
@@ -516,22 +543,36 @@ static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, 
         double ad[BN_TILE], ax[BN_TILE];
         const double *m = me + c0, *a = ae + c0, *b = be + c0;
         ptrdiff_t j;
+        /* Block by block (cache-resident), column by column in register-held strips of 8
+         * columns; every column adds its rows in order. */
         for (j = 0; j < w; j++) ad[j] = ax[j] = 0.0;
-        for (ptrdiff_t r = r0; r < r1; r++) {
-            const T *dr = dy + r * Cp + c0, *xr = x + r * Cp + c0;
+        for (ptrdiff_t rb0 = r0; rb0 < r1; rb0 += p.rb) {
+            const ptrdiff_t nr = r1 - rb0 < p.rb ? r1 - rb0 : p.rb;
+            const T *dblk = dy + rb0 * Cp + c0, *xblk = x + rb0 * Cp + c0;
             for (j = 0; j + 8 <= w; j += 8) {
-                bn_vd xm = BN_FN(ld)(xr + j) - bn_ldd(m + j);
-                bn_vd gv = BN_FN(ld)(dr + j);
-                if (relu) gv = bn_vmask(gv, xm * bn_ldd(a + j) + bn_ldd(b + j));
-                bn_std(ad + j, bn_ldd(ad + j) + gv);
-                bn_std(ax + j, bn_ldd(ax + j) + gv * xm);
+                const bn_vd mv = bn_ldd(m + j), av = bn_ldd(a + j), bv = bn_ldd(b + j);
+                bn_vd sd = bn_ldd(ad + j), sx = bn_ldd(ax + j);
+                for (ptrdiff_t r = 0; r < nr; r++) {
+                    bn_vd xm = BN_FN(ld)(xblk + r * Cp + j) - mv;
+                    bn_vd gv = BN_FN(ld)(dblk + r * Cp + j);
+                    if (relu) gv = bn_vmask(gv, xm * av + bv);
+                    sd += gv;
+                    sx += gv * xm;
+                }
+                bn_std(ad + j, sd);
+                bn_std(ax + j, sx);
             }
             for (; j < w; j++) {
-                double xm = (double)xr[j] - m[j];
-                double gs = (double)dr[j];
-                if (relu && !(xm * a[j] + b[j] > 0.0)) gs = 0.0;
-                ad[j] += gs;
-                ax[j] += gs * xm;
+                double sd = ad[j], sx = ax[j];
+                for (ptrdiff_t r = 0; r < nr; r++) {
+                    double xm = (double)xblk[r * Cp + j] - m[j];
+                    double gs = (double)dblk[r * Cp + j];
+                    if (relu && !(xm * a[j] + b[j] > 0.0)) gs = 0.0;
+                    sd += gs;
+                    sx += gs * xm;
+                }
+                ad[j] = sd;
+                ax[j] = sx;
             }
         }
         for (j = 0; j < w; j++) {
