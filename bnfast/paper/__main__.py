@@ -1,0 +1,7 @@
+"""``python -m bnfast.paper {mnist,accelerate} ...``"""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Experiment 1: Figure 1 of Ioffe & Szegedy (2015), Section 4.1.
+
+A 784-100-100-100-10 network with sigmoid hidden units, trained on MNIST with mini-batches
+of 60 for 50,000 steps, with and without batch norm on every hidden layer (no bias before
+batch norm).  Recorded every `eval_every` steps: test accuracy, and the 15th, 50th and
+85th percentiles of the input to one fixed sigmoid of the last hidden layer over the test
+set.
+
+What the paper does not state, and what is used here (see docs/paper.md for why):
+optimizer SGD with momentum 0.9, learning rate 0.01, no weight decay, no schedule;
+weights ``N(0, 0.1^2)`` in every layer and zero biases; batch-norm eps 1e-5 and running-
+average momentum 0.1; unit 0 of the last hidden layer for the percentiles.
+
+The batch-norm network is evaluated two ways: with population statistics (Algorithm 2:
+E[mu_B] and m/(m-1) E[var_B] over `pop_batches` fixed training mini-batches of 60) and
+with the running averages kept during training.  The percentiles of the batch-norm network
+are those of the population-statistics network.
+"""
+import time
+
+import numpy as np
+
+from .. import nn, optim
+from . import common
+
+__all__ = ["PAPER_FIG1", "PAPER_FIG1_PERCENTILES", "DEFAULTS", "build_mlp", "probe_index",
+           "run", "table_rows", "format_table", "plot", "save", "main_run"]
+
+#: Figure 1(a), test accuracy read off the paper's figure: step -> (without BN, with BN).
+PAPER_FIG1 = {5000: (0.784, 0.956), 10000: (0.926, 0.965), 20000: (0.962, 0.974),
+              30000: (0.967, 0.978), 40000: (0.972, 0.980), 50000: (0.972, 0.981)}
+
+#: Figure 1(b, c): (15th, 50th, 85th) percentiles read off the paper's figure,
+#: at the start, at a tenth of training and at the end.
+PAPER_FIG1_PERCENTILES = {
+    "nobn": {"start": (0.76, 0.79, 0.82), "tenth": (-0.85, 0.99, 2.07),
+             "end": (-1.86, -0.01, 1.69)},
+    "bn": {"start": (-1.05, -0.15, 1.26), "end": (-1.95, 0.02, 1.98)},
+}
+
+TABLE_STEPS = (5000, 10000, 20000, 30000, 40000, 50000)
+
+DEFAULTS = dict(steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr=0.01,
+                momentum=0.9, init_std=0.1, eps=1e-5, bn_momentum=0.1, seed=0, unit=0,
+                pop_batches=100, hidden=(100, 100, 100))
+
+NETS = (("nobn", "without BN"), ("bn", "with BN"))
+
+
+def build_mlp(bn, *, hidden=(100, 100, 100), init_std=0.1, eps=1e-5, bn_momentum=0.1,
+              seed=0):
+    """The paper's MNIST network: 784-100-100-100-10, sigmoid hidden units.
+
+    Weights are drawn from ``N(0, init_std^2)`` (the same draws with and without batch
+    norm for a given seed), biases are zero; with `bn` every hidden Linear has no bias and
+    is followed by ``BatchNorm1d`` before its sigmoid.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = [784] + list(hidden) + [10]
+    layers = []
+    for k, (d, h) in enumerate(zip(sizes[:-1], sizes[1:])):
+        last = k == len(sizes) - 2
+        lin = nn.Linear(d, h, bias=last or not bn)
+        lin.weight.data[...] = rng.normal(0.0, init_std, size=(h, d))
+        if lin.bias is not None:
+            lin.bias.data[...] = 0
+        layers.append(lin)
+        if not last:
+            if bn:
+                layers.append(nn.BatchNorm1d(h, eps=eps, momentum=bn_momentum))
+            layers.append(nn.Sigmoid())
+    model = nn.Sequential(*layers)
+    model[0].needs_input_grad = False
+    return model
+
+
+def probe_index(model):
+    """Index of the layer whose output is the input of the last hidden sigmoid."""
+    idx = [i for i, m in enumerate(model) if isinstance(m, nn.Sigmoid)]
+    if not idx:
+        raise ValueError("the model has no Sigmoid layer")
+    return idx[-1] - 1
+
+
+def _make_optimizer(name, params, lr, momentum):
+    if name == "sgd":
+        return optim.SGD(params, lr=lr, momentum=momentum)
+    if name == "nesterov":
+        return optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
+    if name == "adam":
+        return optim.Adam(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r} (sgd, nesterov, adam)")
+
+
+def _eval_points(steps, every):
+    pts = list(range(0, steps + 1, every))
+    if pts[-1] != steps:
+        pts.append(steps)
+    return pts
+
+
+def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr=0.01,
+        momentum=0.9, init_std=0.1, eps=1e-5, bn_momentum=0.1, seed=0, unit=0,
+        pop_batches=100, hidden=(100, 100, 100), nets=("nobn", "bn"), progress=True,
+        eval_size=None, threads=1):
+    """Train the two networks and record their curves.
+
+    Parameters
+    ----------
+    data : common.MnistArrays
+        Flat float32 inputs.
+    steps, eval_every, batch_size : int
+    optimizer : {'sgd', 'nesterov', 'adam'}
+    lr, momentum, init_std, eps, bn_momentum : float
+    seed : int
+        Initial weights and batch order (the same for both networks).
+    unit : int
+        The unit of the last hidden layer whose input is recorded.
+    pop_batches : int
+        Number of fixed training mini-batches for the population statistics.
+    nets : tuple of {'nobn', 'bn'}
+    progress : bool
+    eval_size : int, optional
+        Evaluate on the first `eval_size` test examples only (for quick runs).
+    threads : int or None, default 1
+        Threads for bnfast's kernels and the BLAS (see :func:`common.limit_threads`);
+        None leaves the process's settings.
+
+    Returns
+    -------
+    dict
+        ``config``, ``curves`` (per net: ``step``, ``acc``, and for BN ``acc_running``;
+        ``train_loss`` and percentiles ``p15``, ``p50``, ``p85``) and ``timing``.
+    """
+    if steps < 1 or eval_every < 1:
+        raise ValueError("steps and eval_every must be >= 1")
+    X, y = data.X_train, data.y_train
+    Xt, yt = data.X_test, data.y_test
+    if eval_size is not None:
+        Xt, yt = Xt[:eval_size], yt[:eval_size]
+    prng = np.random.default_rng([seed, 1])
+    perm = prng.permutation(len(X))
+    pop_index = [perm[i * batch_size:(i + 1) * batch_size] for i in range(pop_batches)]
+    points = set(_eval_points(steps, eval_every))
+    config = dict(steps=steps, eval_every=eval_every, batch_size=batch_size,
+                  optimizer=optimizer, lr=lr, momentum=momentum, init_std=init_std, eps=eps,
+                  bn_momentum=bn_momentum, seed=seed, unit=unit, pop_batches=pop_batches,
+                  hidden=list(hidden), eval_size=len(Xt), train_size=len(X))
+    with common.limit_threads(threads):
+        curves, timing = _train_all(data, X, y, Xt, yt, nets, config, pop_index, points,
+                                    progress)
+        machine = common.machine_info()
+    config["threads"] = threads
+    timing["total_s"] = sum(t["train_s"] + t["eval_s"] for k, t in timing.items()
+                            if isinstance(t, dict))
+    return {"experiment": "mnist_fig1", "config": config, "curves": curves,
+            "timing": timing, "paper": {str(k): v for k, v in PAPER_FIG1.items()},
+            "paper_percentiles": PAPER_FIG1_PERCENTILES, "machine": machine}
+
+
+def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress):
+    c = config
+    steps, batch_size, seed = c["steps"], c["batch_size"], c["seed"]
+    curves, timing = {}, {}
+    for key in nets:
+        bn = key == "bn"
+        model = build_mlp(bn, hidden=c["hidden"], init_std=c["init_std"], eps=c["eps"],
+                          bn_momentum=c["bn_momentum"], seed=seed)
+        probe = (probe_index(model), c["unit"])
+        opt = _make_optimizer(c["optimizer"], model.parameters(), c["lr"], c["momentum"])
+        loss_fn = nn.CrossEntropyLoss()
+        batches = common.Batches(len(X), batch_size, seed)
+        rec = common.PercentileRecorder()
+        cur = {"step": [], "acc": [], "train_loss": []}
+        if bn:
+            cur["acc_running"] = []
+        t_train, t_eval = common.Timer(), common.Timer()
+        loss_sum, loss_n = 0.0, 0
+
+        def evaluate(step):
+            with t_eval:
+                if bn:
+                    acc_run, _ = common.evaluate(model, Xt, yt)
+                    pop = common.population_copy(model, X, pop_index)
+                    acc, pre = common.evaluate(pop, Xt, yt, probe=probe)
+                    cur["acc_running"].append(acc_run)
+                else:
+                    acc, pre = common.evaluate(model, Xt, yt, probe=probe)
+                rec.record(step, pre)
+                cur["step"].append(step)
+                cur["acc"].append(acc)
+                cur["train_loss"].append(loss_sum / loss_n if loss_n else None)
+            return acc
+
+        label = dict(NETS)[key]
+        evaluate(0)
+        with common.progress_bar(steps, f"MNIST MLP {label}", progress) as bar:
+            for step in range(1, steps + 1):
+                idx = batches.next()
+                with t_train:
+                    loss = common.train_step(model, loss_fn, opt, X[idx], y[idx])
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"{label}: loss became {loss} at step {step}; "
+                                             f"lower the learning rate")
+                loss_sum += loss
+                loss_n += 1
+                if step in points:
+                    acc = evaluate(step)
+                    loss_sum, loss_n = 0.0, 0
+                    bar.set_postfix(test_acc=f"{acc:.4f}", refresh=False)
+                bar.update(1)
+        cur.update(rec.as_dict())
+        curves[key] = cur
+        timing[key] = {"train_s": t_train.seconds, "eval_s": t_eval.seconds,
+                       "ms_per_step": 1e3 * t_train.seconds / steps}
+    return curves, timing
+
+
+def _at(curve, step, key="acc"):
+    """Value of `key` at `step`, or None if that step was not evaluated."""
+    try:
+        i = curve["step"].index(step)
+    except ValueError:
+        return None
+    return curve[key][i]
+
+
+def table_rows(results):
+    """Rows ``{step, paper_nobn, nobn, paper_bn, bn, bn_running}`` at the paper's steps."""
+    rows = []
+    c = results["curves"]
+    for s in TABLE_STEPS:
+        if s > results["config"]["steps"]:
+            break
+        pn, pb = PAPER_FIG1[s]
+        rows.append({"step": s, "paper_nobn": pn,
+                     "nobn": _at(c["nobn"], s) if "nobn" in c else None,
+                     "paper_bn": pb,
+                     "bn": _at(c["bn"], s) if "bn" in c else None,
+                     "bn_running": _at(c["bn"], s, "acc_running") if "bn" in c else None})
+    return rows
+
+
+def format_table(results):
+    """Markdown table of test accuracy at 5K..50K steps beside the paper's figures."""
+    def f(v):
+        return "" if v is None else f"{v:.3f}"
+
+    lines = ["| steps | paper, without BN | ours, without BN | paper, with BN "
+             "| ours, with BN (population) | ours, with BN (running avg.) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in table_rows(results):
+        lines.append(f"| {r['step'] // 1000}K | {f(r['paper_nobn'])} | {f(r['nobn'])} "
+                     f"| {f(r['paper_bn'])} | {f(r['bn'])} | {f(r['bn_running'])} |")
+    if len(lines) == 2:
+        steps = results["config"]["steps"]
+        c = results["curves"]
+        lines.append(f"| {steps} | | {f(c['nobn']['acc'][-1]) if 'nobn' in c else ''} | "
+                     f"| {f(c['bn']['acc'][-1]) if 'bn' in c else ''} "
+                     f"| {f(c['bn']['acc_running'][-1]) if 'bn' in c else ''} |")
+    return "\n".join(lines)
+
+
+def format_percentiles(results):
+    """Markdown table of the recorded percentiles at the start, a tenth, and the end."""
+    lines = ["| network | when | paper (15th / 50th / 85th) | ours (15th / 50th / 85th) |",
+             "| --- | --- | --- | --- |"]
+    steps = results["config"]["steps"]
+    for key, label in NETS:
+        cur = results["curves"].get(key)
+        if cur is None:
+            continue
+        paper = PAPER_FIG1_PERCENTILES[key]
+        for when, target in (("start", 0), ("tenth", steps // 10), ("end", steps)):
+            i = int(np.argmin(np.abs(np.asarray(cur["step"]) - target)))
+            ours = " / ".join(f"{cur[k][i]:.2f}" for k in ("p15", "p50", "p85"))
+            p = paper.get(when)
+            ps = " / ".join(f"{v:.2f}" for v in p) if p else ""
+            lines.append(f"| {label} | {when} (step {cur['step'][i]}) | {ps} | {ours} |")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    """The three panels of Figure 1: (a) test accuracy, (b) without BN, (c) with BN."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = results["curves"]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
+    colors = {"nobn": "tab:blue", "bn": "tab:red"}
+    for key, label in NETS:
+        if key not in c:
+            continue
+        ax[0].plot(c[key]["step"], c[key]["acc"], color=colors[key], label=label)
+    steps = results["config"]["steps"]
+    ps = [s for s in PAPER_FIG1 if s <= steps]
+    if ps:
+        ax[0].plot(ps, [PAPER_FIG1[s][0] for s in ps], "o", mfc="none", color=colors["nobn"],
+                   label="paper, without BN")
+        ax[0].plot(ps, [PAPER_FIG1[s][1] for s in ps], "s", mfc="none", color=colors["bn"],
+                   label="paper, with BN")
+    ax[0].set_ylim(0.7, 1.0)
+    ax[0].set_xlabel("training steps")
+    ax[0].set_ylabel("test accuracy")
+    ax[0].set_title("(a)")
+    ax[0].legend(loc="lower right", fontsize=8)
+    ax[0].grid(alpha=0.3)
+    for k, (key, label) in enumerate(NETS, start=1):
+        a = ax[k]
+        if key in c:
+            cur = c[key]
+            for p, style in (("p15", ":"), ("p50", "-"), ("p85", "--")):
+                a.plot(cur["step"], cur[p], style, color="k", lw=1.2, label=p[1:] + "th")
+        a.set_title(f"({'bc'[k - 1]}) {label}")
+        a.set_xlabel("training steps")
+        a.set_ylim(-3, 3)
+        a.grid(alpha=0.3)
+        a.legend(loc="upper right", fontsize=8)
+    ax[1].set_ylabel(f"input to sigmoid (unit {results['config']['unit']}, last hidden layer)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save(results, out_dir, *, make_plot=True):
+    """Write ``mnist_fig1.json``, ``mnist_fig1.csv``, ``mnist_fig1_table.md`` and
+    ``mnist_fig1.png`` into `out_dir`; return the paths."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [common.write_json(out / "mnist_fig1.json", results)]
+    rows = []
+    for key, cur in results["curves"].items():
+        for i, s in enumerate(cur["step"]):
+            rows.append({"net": key, "step": s, "test_acc": cur["acc"][i],
+                         "test_acc_running": (cur["acc_running"][i]
+                                              if "acc_running" in cur else None),
+                         "train_loss": cur["train_loss"][i], "p15": cur["p15"][i],
+                         "p50": cur["p50"][i], "p85": cur["p85"][i]})
+    paths.append(common.write_csv(out / "mnist_fig1.csv", rows,
+                                  ["net", "step", "test_acc", "test_acc_running",
+                                   "train_loss", "p15", "p50", "p85"]))
+    md = out / "mnist_fig1_table.md"
+    md.write_text(format_table(results) + "\n\n" + format_percentiles(results) + "\n\n"
+                  + timing_line(results) + "\n")
+    paths.append(md)
+    if make_plot:
+        paths.append(plot(results, out / "mnist_fig1.png"))
+    return paths
+
+
+def timing_line(results):
+    t = results["timing"]
+    parts = []
+    for key, label in NETS:
+        if key in t:
+            parts.append(f"{label}: {t[key]['train_s']:.1f} s training "
+                         f"({t[key]['ms_per_step']:.3f} ms/step) + {t[key]['eval_s']:.1f} s "
+                         f"evaluation")
+    return (f"Run time {t['total_s']:.1f} s for {results['config']['steps']} steps per "
+            f"network ({'; '.join(parts)}).")
+
+
+def main_run(args):
+    """Run from parsed command-line arguments (see :mod:`bnfast.paper.cli`)."""
+    t0 = time.perf_counter()
+    data = common.load_mnist_arrays(args.data_dir)
+    results = run(data, steps=args.steps, eval_every=args.eval_every,
+                  batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                  momentum=args.momentum, init_std=args.init_std, eps=args.eps,
+                  seed=args.seed, unit=args.unit, pop_batches=args.pop_batches,
+                  progress=not args.no_progress, threads=args.threads or None)
+    results["timing"]["wall_s"] = time.perf_counter() - t0
+    results["data_source"] = data.source
+    paths = save(results, args.out, make_plot=not args.no_plot)
+    print()
+    print("Test accuracy (Figure 1a); paper's values read off its figure:")
+    print(format_table(results))
+    print()
+    print("Input to the last hidden layer's sigmoid (Figure 1b, c):")
+    print(format_percentiles(results))
+    print()
+    print(timing_line(results) + f" Wall time {results['timing']['wall_s']:.1f} s.")
+    print("Wrote " + ", ".join(str(p) for p in paths))
+    return results
