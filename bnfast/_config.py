@@ -23,6 +23,12 @@ _lock = threading.Lock()
 def available_isas():
     """Return the names of the kernel variants this CPU and build support, best last.
 
+    Returns
+    -------
+    list of str
+        A subset of ``['baseline', 'avx2', 'avx512']``, in that order; ``'baseline'`` is
+        always there.
+
     Examples
     --------
     >>> import bnfast
@@ -52,6 +58,11 @@ def _isa_index(name):
 def get_isa():
     """Return the name of the kernel variant in use.
 
+    Returns
+    -------
+    str
+        ``'baseline'``, ``'avx2'`` or ``'avx512'``.
+
     Examples
     --------
     >>> import bnfast
@@ -77,6 +88,19 @@ def set_isa(name):
         For an unknown name.
     RuntimeError
         If the CPU or the build does not support the variant.
+
+    See Also
+    --------
+    use_isa : the same inside a ``with`` block.
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> previous = bnfast.get_isa()
+    >>> bnfast.set_isa("baseline")
+    >>> bnfast.get_isa()
+    'baseline'
+    >>> bnfast.set_isa(previous)
     """
     if isinstance(name, str) and name.strip().lower() in ("auto", ""):
         idx = _core.isa_best()
@@ -89,6 +113,18 @@ def set_isa(name):
 @contextlib.contextmanager
 def use_isa(name):
     """Context manager: use a kernel variant inside the block, then restore the previous one.
+
+    Parameters
+    ----------
+    name : {'baseline', 'avx2', 'avx512', 'auto'}
+        The variant to use inside the block.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    RuntimeError
+        If the CPU or the build does not support the variant.
 
     Examples
     --------
@@ -152,6 +188,18 @@ def get_config():
     ``openmp_runtime`` (library path when threadpoolctl can tell), ``num_threads``,
     ``omp_num_threads_env``, ``omp_wait`` (how idle OpenMP threads wait),
     ``compiler``, ``python``, ``numpy``, ``machine``.
+
+    Returns
+    -------
+    dict
+        The keys above; :func:`show_config` prints the same information.
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> cfg = bnfast.get_config()
+    >>> cfg["isa"] == bnfast.get_isa(), "baseline" in cfg["isas_available"]
+    (True, True)
     """
     from . import __version__
     from ._threads import get_num_threads

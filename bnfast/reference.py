@@ -29,7 +29,25 @@ def _vec(v, C, default):
 
 
 def moments(x, *, axis=1):
-    """Per-channel mean and biased variance in float64 (two-pass)."""
+    """Per-channel mean and biased variance in float64 (two-pass).
+
+    Parameters
+    ----------
+    x, axis
+        As for :func:`bnfast.moments`.
+
+    Returns
+    -------
+    mean, var : ndarray of shape (C,), float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import reference
+    >>> mean, var = reference.moments(np.array([[1.0, 10.0], [3.0, 30.0]]))
+    >>> mean.tolist(), var.tolist()
+    ([2.0, 20.0], [1.0, 100.0])
+    """
     x2, _ = _to_last(x, axis)
     mean = x2.mean(axis=0)
     var = ((x2 - mean) ** 2).mean(axis=0)
@@ -38,7 +56,27 @@ def moments(x, *, axis=1):
 
 def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
                      running_var=None, momentum=0.1, out=None, relu=False):
-    """Twin of :func:`bnfast.batch_norm_train` (returns float64; `out` is ignored)."""
+    """Twin of :func:`bnfast.batch_norm_train` (returns float64; `out` is ignored).
+
+    Parameters
+    ----------
+    x, weight, bias, eps, axis, running_mean, running_var, momentum, out, relu
+        As for :func:`bnfast.batch_norm_train`; the running statistics are updated in
+        place, `out` is ignored.
+
+    Returns
+    -------
+    y : ndarray, float64
+    mean, invstd : ndarray of shape (C,), float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import reference
+    >>> y, mean, invstd = reference.batch_norm_train(np.array([[1.0], [3.0]]), eps=0.0)
+    >>> y.tolist(), mean.tolist(), invstd.tolist()
+    ([[-1.0], [1.0]], [2.0], [1.0])
+    """
     x = np.asarray(x)
     x2, ax = _to_last(x, axis)
     C = x2.shape[1]
@@ -58,7 +96,25 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
 
 def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, out=None,
                      relu=False):
-    """Twin of :func:`bnfast.batch_norm_infer` (returns float64)."""
+    """Twin of :func:`bnfast.batch_norm_infer` (returns float64).
+
+    Parameters
+    ----------
+    x, mean, var, weight, bias, eps, axis, out, relu
+        As for :func:`bnfast.batch_norm_infer`; `out` is ignored.
+
+    Returns
+    -------
+    y : ndarray, float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import reference
+    >>> x = np.array([[0.0, 2.0], [4.0, 6.0]])
+    >>> reference.batch_norm_infer(x, [2.0, 4.0], [4.0, 4.0], eps=0.0).tolist()
+    [[-1.0, -1.0], [1.0, 1.0]]
+    """
     x = np.asarray(x)
     x2, ax = _to_last(x, axis)
     C = x2.shape[1]
@@ -72,7 +128,28 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=False,
                         training=True, axis=1, out=None):
-    """Twin of :func:`bnfast.batch_norm_backward` (returns float64)."""
+    """Twin of :func:`bnfast.batch_norm_backward` (returns float64).
+
+    Parameters
+    ----------
+    dy, x, mean, invstd, weight, bias, relu, training, axis, out
+        As for :func:`bnfast.batch_norm_backward`; `out` is ignored.
+
+    Returns
+    -------
+    dx : ndarray, float64
+    dweight, dbias : ndarray of shape (C,), float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import reference
+    >>> x = np.array([[1.0], [3.0]])
+    >>> _, mean, invstd = reference.batch_norm_train(x, eps=0.0)
+    >>> dx, dw, db = reference.batch_norm_backward(np.ones((2, 1)), x, mean, invstd)
+    >>> dx.tolist(), dw.tolist(), db.tolist()
+    ([[0.0], [0.0]], [0.0], [2.0])
+    """
     x = np.asarray(x)
     x2, ax = _to_last(x, axis)
     g2, _ = _to_last(dy, axis)
@@ -95,7 +172,24 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, relu=False):
-    """Twin of :func:`bnfast.batch_norm` (returns float64)."""
+    """Twin of :func:`bnfast.batch_norm` (returns float64).
+
+    Parameters
+    ----------
+    x, running_mean, running_var, weight, bias, training, momentum, eps, axis, out, relu
+        As for :func:`bnfast.batch_norm`; `out` is ignored.
+
+    Returns
+    -------
+    y : ndarray, float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import reference
+    >>> reference.batch_norm(np.array([[1.0], [3.0]]), training=True, eps=0.0).tolist()
+    [[-1.0], [1.0]]
+    """
     if training or (running_mean is None and running_var is None):
         return batch_norm_train(x, weight, bias, eps=eps, axis=axis,
                                 running_mean=running_mean if training else None,

@@ -1,0 +1,104 @@
+"""Check a bnfast source distribution: everything needed to build, nothing that is built.
+
+Usage: python tools/check_sdist.py DIST.tar.gz [SOURCE_TREE]
+
+Fails (exit status 1) when
+
+- a build input is missing: setup.py, pyproject.toml, README.md, MANIFEST.in, every C
+  source and header under csrc/, the Cython bindings bnfast/_core.pyx, every Python file of
+  the bnfast package, bnfast/py.typed, and the tests.  With SOURCE_TREE (a git checkout),
+  every file git knows under csrc/, bnfast/ and tests/ (tracked, or untracked and not
+  ignored) must be in the sdist too, except generated files;
+- a build output or other unwanted file is present: compiled objects and libraries (.so,
+  .o, .pyd, .dll, .dylib, .a), the Cython-generated bnfast/_core.c, Python bytecode,
+  .git, build/ or dist/ trees, virtual environments, caches, built documentation.
+
+Prints a summary of the contents by top-level folder.
+"""
+import collections
+import fnmatch
+import os
+import subprocess
+import sys
+import tarfile
+
+REQUIRED = ["setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO",
+            "bnfast/__init__.py", "bnfast/_core.pyx", "bnfast/py.typed",
+            "csrc/bnfast.h", "csrc/dispatch.c", "tests/conftest.py"]
+REQUIRED_GLOBS = ["csrc/*.c", "csrc/*.h", "bnfast/*.py", "bnfast/nn/*.py", "tests/test_*.py"]
+FORBIDDEN = ["*.so", "*.so.*", "*.o", "*.obj", "*.pyd", "*.dll", "*.dylib", "*.a", "*.lib",
+             "*.pyc", "*.pyo", "*/__pycache__/*", "bnfast/_core.c", "bnfast/*.html",
+             ".git/*", ".git", ".gitignore", "build/*", "dist/*", "wheelhouse/*",
+             ".ci-venv/*", "*/.venv/*", ".venv/*", "*/site-packages/*",
+             ".pytest_cache/*", ".hypothesis/*", ".benchmarks/*", "results/*",
+             "docs/_build/*", "docs/auto_tutorials/*", "docs/api/generated/*",
+             "docs/sg_execution_times.rst", "*.whl", "*.tar.gz", "*/.gitignore"]
+# Files that SOURCE_TREE may hold but that are generated, so must NOT be in the sdist.
+GENERATED = ["bnfast/_core.c", "*.so", "*.o", "*.pyc", "*/__pycache__/*", "bnfast/*.html"]
+
+
+def members(path):
+    with tarfile.open(path) as tar:
+        names = [m.name for m in tar.getmembers() if m.isfile()]
+    top = os.path.commonpath(names)
+    return sorted(os.path.relpath(n, top) for n in names)
+
+
+def git_files(tree):
+    try:
+        out = subprocess.run(["git", "-C", tree, "ls-files", "-co", "--exclude-standard"],
+                             check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [f for f in out.splitlines() if os.path.isfile(os.path.join(tree, f))]
+
+
+def match(name, patterns):
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def main(argv):
+    if not argv:
+        sys.exit(__doc__)
+    names = members(argv[0])
+    have = set(names)
+    problems = []
+    for req in REQUIRED:
+        if req not in have:
+            problems.append(f"missing: {req}")
+    for pat in REQUIRED_GLOBS:
+        if not any(fnmatch.fnmatch(n, pat) for n in names):
+            problems.append(f"missing: nothing matches {pat}")
+    if len(argv) > 1:
+        tracked = git_files(argv[1])
+        if tracked is None:
+            print(f"note: {argv[1]} is not a git checkout; compared with the fixed list only")
+        else:
+            for f in tracked:
+                if (f.startswith(("csrc/", "bnfast/", "tests/")) and not match(f, GENERATED)
+                        and f not in have):
+                    problems.append(f"missing: {f} (in the source tree)")
+    for n in names:
+        if match(n, FORBIDDEN):
+            problems.append(f"must not be in the sdist: {n}")
+
+    by_top = collections.Counter(n.split("/")[0] if "/" in n else "." for n in names)
+    print(f"sdist {os.path.basename(argv[0])}: {len(names)} files, "
+          f"{os.path.getsize(argv[0]) / 1024:.0f} KiB")
+    for top, count in sorted(by_top.items()):
+        exts = collections.Counter(os.path.splitext(n)[1] or n.rsplit("/", 1)[-1]
+                                   for n in names if (n.split("/")[0] if "/" in n else ".") == top)
+        print(f"  {top + '/' if top != '.' else '(top level)':<18} {count:>3} files  "
+              + ", ".join(f"{c} {e}" for e, c in sorted(exts.items())))
+    if problems:
+        print("FAIL:")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print("ok   sdist has every build input (C sources, headers, .pyx, package, tests) "
+          "and no build outputs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
