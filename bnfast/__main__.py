@@ -1,8 +1,9 @@
-"""Command line: ``python -m bnfast [config|quick|bench]``.
+"""Command line: ``python -m bnfast [config|quick|bench|paper]``.
 
 With no argument (or ``quick``), prints the configuration and a short speed comparison of
 bnfast against NumPy (and PyTorch, when installed) on two common shapes.  ``bench`` runs
-the full benchmark (``--quick`` for a subset) and writes JSON and a PNG plot.
+the full benchmark (``--quick`` for a subset) and writes JSON and a PNG plot.  ``paper``
+runs the paper's experiments (``paper mnist``, ``paper accelerate``; see docs/paper.md).
 """
 import argparse
 import sys
@@ -40,12 +41,19 @@ def _bench(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["paper"]:
+        from .paper.cli import main as paper_main
+
+        return paper_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bnfast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd")
     sub.add_parser("config", help="print the build and run-time configuration")
     q = sub.add_parser("quick", help="configuration and a short speed comparison (default)")
     b = sub.add_parser("bench", help="the full benchmark: table, JSON and PNG")
+    sub.add_parser("paper", help="the paper's experiments: paper mnist | paper accelerate "
+                                 "(see python -m bnfast paper --help)")
     b.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
     b.add_argument("--out", default="results", help="folder for JSON and PNG (default results)")
     b.add_argument("--threads", type=int, default=None,
