@@ -81,12 +81,34 @@ def _probe_openmp(compiler):
     return None
 
 
+def _use_clang_cl(compiler):
+    """On Windows, compile with LLVM's clang-cl (BNFAST_CLANG_CL names it).
+
+    The kernels use GCC/Clang vector extensions, which MSVC's cl.exe does not accept;
+    clang-cl takes MSVC-style options and links with the MSVC toolchain.
+    """
+    exe = os.environ.get("BNFAST_CLANG_CL", "").strip()
+    if compiler.compiler_type != "msvc" or not exe:
+        return False
+    if not getattr(compiler, "initialized", True):
+        compiler.initialize()
+    compiler.cc = exe
+    return True
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         ctype = self.compiler.compiler_type
+        clang_cl = _use_clang_cl(self.compiler)
+        if ctype == "msvc" and not clang_cl:
+            raise RuntimeError(
+                "bnfast's kernels need GCC or Clang (they use vector extensions); on "
+                "Windows install LLVM and set BNFAST_CLANG_CL=clang-cl")
         omp = _probe_openmp(self.compiler)
-        if ctype == "msvc":
-            cflags, lflags = ["/O2", "/fp:precise"], []
+        if clang_cl:
+            cflags = ["/O2", "/clang:-ffp-contract=off", "/clang:-fno-strict-aliasing",
+                      "-Wno-unknown-pragmas"]
+            lflags = []
         else:
             cflags = ["-O3", "-ffp-contract=off", "-fno-strict-aliasing", "-Wno-psabi",
                       "-Wno-unknown-pragmas"]
