@@ -77,7 +77,28 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 
 class MNIST(NamedTuple):
-    """The MNIST arrays: uint8 images ``(N, 28, 28)`` and uint8 labels ``(N,)``."""
+    """The MNIST arrays: uint8 images ``(N, 28, 28)`` and uint8 labels ``(N,)``.
+
+    A named tuple, as returned by :func:`load_mnist`; `source` is the folder the files
+    were read from.
+
+    Parameters
+    ----------
+    train_images, train_labels, test_images, test_labels : ndarray
+    source : str
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast.datasets import MNIST
+    >>> data = MNIST(np.zeros((2, 28, 28), np.uint8), np.array([3, 5], np.uint8),
+    ...              np.zeros((1, 28, 28), np.uint8), np.array([7], np.uint8), "memory")
+    >>> data.train_images.shape, data.test_labels.tolist(), data.source
+    ((2, 28, 28), [7], 'memory')
+    >>> train_images, train_labels, *_ = data
+    >>> train_labels
+    array([3, 5], dtype=uint8)
+    """
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -178,6 +199,22 @@ def read_idx(path, sha256=None):
     ------
     DatasetError
         Unreadable, corrupt or truncated file, or a digest mismatch.
+
+    Examples
+    --------
+    >>> import gzip, hashlib, struct, tempfile
+    >>> from pathlib import Path
+    >>> raw = struct.pack(">II", 0x801, 3) + bytes([7, 1, 4])   # 3 uint8 labels
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = Path(tmp.name) / "labels-idx1-ubyte.gz"
+    >>> _ = path.write_bytes(gzip.compress(raw))
+    >>> read_idx(path, sha256=hashlib.sha256(raw).hexdigest())
+    array([7, 1, 4], dtype=uint8)
+    >>> read_idx(path, sha256="0" * 64)
+    Traceback (most recent call last):
+        ...
+    bnfast.datasets.DatasetError: ...labels-idx1-ubyte.gz: SHA-256 of the uncompressed content is ...
+    >>> tmp.cleanup()
     """
     data = _read_bytes(path)
     if sha256 is not None:
@@ -188,7 +225,25 @@ def read_idx(path, sha256=None):
 # ---------------------------------------------------------------------------- locations
 
 def default_cache_dir():
-    """``BNFAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/bnfast``, else ``~/.cache/bnfast``."""
+    """``BNFAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/bnfast``, else ``~/.cache/bnfast``.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder (``~`` expanded); it is not created.
+
+    Examples
+    --------
+    >>> import os
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"BNFAST_CACHE_DIR": "/data/cache"}):
+    ...     default_cache_dir().as_posix()
+    '/data/cache'
+    >>> with mock.patch.dict(os.environ, {"XDG_CACHE_HOME": "/var/cache"}):
+    ...     _ = os.environ.pop("BNFAST_CACHE_DIR", None)
+    ...     default_cache_dir().as_posix()
+    '/var/cache/bnfast'
+    """
     env = os.environ.get("BNFAST_CACHE_DIR")
     if env:
         return Path(env).expanduser()
@@ -226,6 +281,31 @@ def find_mnist_dir(data_dir=None):
 
     See the module docstring for the order.  ``may_download`` is False for the checkout's
     shared folder (read-only data, never written to).
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike, optional
+        When given, the answer is this folder (``~`` expanded), whether or not it holds
+        the files.
+
+    Returns
+    -------
+    folder : pathlib.Path
+        The folder to read the four files from (it may not exist yet).
+    may_download : bool
+        Whether missing files may be downloaded into `folder`.
+
+    Examples
+    --------
+    >>> import os
+    >>> from unittest import mock
+    >>> folder, may_download = find_mnist_dir("data/mnist")
+    >>> folder.as_posix(), may_download
+    ('data/mnist', True)
+    >>> with mock.patch.dict(os.environ, {"BNFAST_DATA_DIR": "/srv/data"}):
+    ...     folder, may_download = find_mnist_dir()
+    >>> folder.as_posix(), may_download       # no MNIST files there yet
+    ('/srv/data', True)
     """
     names = MNIST_FILES.values()
     if data_dir is not None:
@@ -277,6 +357,27 @@ def download_mnist(dest, *, names=None, mirrors=None, checksums=None, timeout=60
     ------
     DatasetError
         If no mirror serves a good copy of a file; the message lists what each said.
+
+    Examples
+    --------
+    A home-made file served by a local ``file:`` mirror, after a mirror that lacks it:
+
+    >>> import gzip, struct, tempfile
+    >>> from pathlib import Path
+    >>> src, dest = tempfile.TemporaryDirectory(), tempfile.TemporaryDirectory()
+    >>> raw = struct.pack(">II", 0x801, 3) + bytes([7, 1, 4])
+    >>> _ = (Path(src.name) / "tiny-idx1-ubyte.gz").write_bytes(gzip.compress(raw))
+    >>> mirrors = [(Path(src.name) / "missing").as_uri(), Path(src.name).as_uri()]
+    >>> download_mnist(dest.name, names=["tiny-idx1-ubyte"], mirrors=mirrors,
+    ...                checksums={}, progress=False)
+    >>> [p.name for p in Path(dest.name).iterdir()]
+    ['tiny-idx1-ubyte.gz']
+    >>> download_mnist(dest.name, names=["other-idx1-ubyte"], mirrors=mirrors[:1],
+    ...                progress=False)
+    Traceback (most recent call last):
+        ...
+    bnfast.datasets.DatasetError: could not download other-idx1-ubyte.gz from any mirror: ...
+    >>> src.cleanup(); dest.cleanup()
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -352,6 +453,33 @@ def load_mnist(data_dir=None, *, download=True, checksums=None, mirrors=None):
     DatasetError
         A file is missing (and could not be downloaded), unreadable, corrupt, truncated,
         fails its digest, or the images and labels disagree in number or shape.
+
+    Examples
+    --------
+    A tiny home-made data set (two training and one test image of 4x4 pixels), read
+    without checksums or downloads:
+
+    >>> import struct, tempfile
+    >>> from pathlib import Path
+    >>> from bnfast.datasets import MNIST_FILES
+    >>> def idx(dims, values):
+    ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(dims))
+    ...     return head + struct.pack(f">{len(dims)}I", *dims) + bytes(values)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> folder = Path(tmp.name)
+    >>> files = {"train_images": idx((2, 4, 4), range(32)), "train_labels": idx((2,), [3, 5]),
+    ...          "test_images": idx((1, 4, 4), range(16)), "test_labels": idx((1,), [7])}
+    >>> for role, data in files.items():
+    ...     _ = (folder / MNIST_FILES[role]).write_bytes(data)
+    >>> mnist = load_mnist(folder, download=False, checksums={})
+    >>> mnist.train_images.shape, mnist.train_labels.tolist(), mnist.test_labels.tolist()
+    ((2, 4, 4), [3, 5], [7])
+    >>> (folder / MNIST_FILES["test_labels"]).unlink()
+    >>> load_mnist(folder, download=False, checksums={})
+    Traceback (most recent call last):
+        ...
+    bnfast.datasets.DatasetError: MNIST files t10k-labels-idx1-ubyte (.gz or raw) not found in ...
+    >>> tmp.cleanup()
     """
     checksums = MNIST_SHA256 if checksums is None else checksums
     folder, may_download = find_mnist_dir(data_dir)
@@ -379,7 +507,32 @@ def load_mnist(data_dir=None, *, download=True, checksums=None, mirrors=None):
 
 
 def as_float(images, *, flatten=False, dtype=np.float32):
-    """uint8 images -> floats in [0, 1] (``x / 255``), optionally flattened to ``(N, -1)``."""
+    """uint8 images -> floats in [0, 1] (``x / 255``), optionally flattened to ``(N, -1)``.
+
+    Parameters
+    ----------
+    images : array_like
+        Pixel values in 0..255, batch axis first (e.g. ``MNIST.train_images``).
+    flatten : bool, default False
+        Reshape to ``(N, pixels)`` for fully connected networks.
+    dtype : float32 or float64, default float32
+
+    Returns
+    -------
+    ndarray
+        A new array of `dtype`, shape that of `images` or ``(N, -1)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast.datasets import as_float
+    >>> images = np.array([[[0, 51], [102, 255]]], np.uint8)     # one 2x2 image
+    >>> as_float(images).round(3)
+    array([[[0. , 0.2],
+            [0.4, 1. ]]], dtype=float32)
+    >>> as_float(images, flatten=True, dtype=np.float64).shape
+    (1, 4)
+    """
     x = np.asarray(images)
     out = x.astype(dtype)
     out *= np.dtype(dtype).type(1.0 / 255.0)

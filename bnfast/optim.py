@@ -40,6 +40,42 @@ class Optimizer:
         hyperparameters come from `defaults`.
     defaults : dict
         The optimizer's hyperparameters.
+
+    Raises
+    ------
+    ValueError
+        If `params` is empty, a parameter appears in more than one group, or a group's
+        learning rate (or, in subclasses, another hyperparameter) is out of range.
+    TypeError
+        If an item of a group is not a `Parameter` (an object with ``data`` and ``grad``).
+    KeyError
+        If a group dict has no ``"params"`` entry.
+
+    Examples
+    --------
+    A subclass sets its defaults and implements :meth:`step`; here sign descent:
+
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> class SignSGD(optim.Optimizer):
+    ...     def __init__(self, params, lr=0.01):
+    ...         super().__init__(params, dict(lr=lr))
+    ...     def step(self):
+    ...         for g in self.param_groups:
+    ...             for p in g["params"]:
+    ...                 if p.grad is not None:
+    ...                     p.data -= g["lr"] * np.sign(p.grad)
+    >>> w, b = nn.Parameter(np.array([1.0, 2.0])), nn.Parameter(np.array([0.0]))
+    >>> opt = SignSGD([{"params": [w]}, {"params": [b], "lr": 0.5}], lr=0.25)
+    >>> [g["lr"] for g in opt.param_groups]
+    [0.25, 0.5]
+    >>> w.grad, b.grad = np.array([3.0, -0.1]), np.array([-2.0])
+    >>> opt.step()
+    >>> w.data.tolist(), b.data.tolist()
+    ([0.75, 2.25], [0.5])
+    >>> opt.zero_grad()
+    >>> w.grad is None
+    True
     """
 
     def __init__(self, params, defaults):
@@ -127,6 +163,29 @@ class SGD(Optimizer):
     nesterov : bool, default False
         Needs ``momentum > 0`` and ``dampening == 0``.
     maximize : bool, default False
+
+    Raises
+    ------
+    ValueError
+        If `lr`, `momentum`, `dampening` or `weight_decay` is negative (or not a real
+        number), or `nesterov` is set without momentum or with dampening; and as for
+        :class:`Optimizer`.
+    TypeError
+        As for :class:`Optimizer`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> p = nn.Parameter(np.array([1.0, -2.0]))
+    >>> opt = optim.SGD([p], lr=0.1, momentum=0.5)
+    >>> for _ in range(2):                   # minimise sum(p**2): grad = 2 p
+    ...     p.grad = 2 * p.data
+    ...     opt.step()
+    >>> p.data.round(4)
+    array([ 0.54, -1.08])
+    >>> opt.state_dict()["state"][0]["momentum_buffer"].round(4)
+    array([ 2.6, -5.2])
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
@@ -188,6 +247,28 @@ class Adam(Optimizer):
         Added to the gradient (``grad + weight_decay * p``), as in ``torch.optim.Adam``.
     amsgrad : bool, default False
     maximize : bool, default False
+
+    Raises
+    ------
+    ValueError
+        If a beta is outside [0, 1), or `lr`, `eps` or `weight_decay` is negative (or not
+        a real number); and as for :class:`Optimizer`.
+    TypeError
+        As for :class:`Optimizer`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> p = nn.Parameter(np.array([1.0, -2.0]))
+    >>> opt = optim.Adam([p], lr=0.1)
+    >>> for _ in range(3):                   # minimise sum(p**2): grad = 2 p
+    ...     p.grad = 2 * p.data
+    ...     opt.step()
+    >>> p.data.round(4)                      # each step moves about lr per coordinate
+    array([ 0.7016, -1.7006])
+    >>> opt.state[id(p)]["step"]
+    3
     """
 
     _decoupled = False
@@ -248,6 +329,34 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter): ``p *= 1 - lr * weight_decay``
     before the Adam step.  Default ``weight_decay=0.01`` as in PyTorch.
+
+    Parameters
+    ----------
+    params : iterable of Parameter or of dict
+    lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 0.01
+        Decoupled decay: the parameter is scaled by ``1 - lr * weight_decay`` at each step,
+        independently of the gradient (not added to it as in :class:`Adam`).
+    amsgrad : bool, default False
+    maximize : bool, default False
+
+    Raises
+    ------
+    ValueError, TypeError
+        As for :class:`Adam`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> p = nn.Parameter(np.array([1.0, -2.0]))
+    >>> opt = optim.AdamW([p], lr=0.1, weight_decay=0.5)
+    >>> p.grad = np.zeros(2)                 # no gradient signal: only the decay acts
+    >>> opt.step()
+    >>> p.data.round(4)
+    array([ 0.95, -1.9 ])
     """
 
     _decoupled = True
@@ -265,6 +374,38 @@ class LRScheduler:
     Call :meth:`step` once per epoch (after the optimizer's steps); the rate of every group
     becomes ``get_lr()`` for the new epoch count ``last_epoch``.  Closed forms are used, so
     the rate for epoch t does not depend on how it was reached.
+
+    Parameters
+    ----------
+    optimizer : Optimizer
+        Its groups' ``"initial_lr"`` are the base rates; their ``"lr"`` is set to the rate
+        for epoch 0 on construction.
+
+    Raises
+    ------
+    TypeError
+        If `optimizer` is not a :class:`Optimizer`.
+
+    Examples
+    --------
+    A subclass implements :meth:`lr_at`; here a linear warm-up over three epochs:
+
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> class WarmUp(optim.LRScheduler):
+    ...     def lr_at(self, base_lr, epoch):
+    ...         return base_lr * min(1.0, (epoch + 1) / 3)
+    >>> opt = optim.SGD([nn.Parameter(np.zeros(2))], lr=0.3)
+    >>> sched = WarmUp(opt)
+    >>> lrs = []
+    >>> for epoch in range(4):
+    ...     lrs.append(round(sched.get_last_lr()[0], 6))
+    ...     # ... the epoch's optimizer steps ...
+    ...     sched.step()
+    >>> lrs
+    [0.1, 0.2, 0.3, 0.3]
+    >>> sched.state_dict()
+    {'last_epoch': 4, 'base_lrs': [0.3]}
     """
 
     def __init__(self, optimizer):
@@ -308,7 +449,29 @@ class StepLR(LRScheduler):
     ----------
     optimizer : Optimizer
     step_size : int
+        Epochs between decays.
     gamma : float, default 0.1
+        Multiplicative factor of each decay.
+
+    Raises
+    ------
+    ValueError
+        If `step_size` is not a positive integer.
+    TypeError
+        If `optimizer` is not a :class:`Optimizer`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> opt = optim.SGD([nn.Parameter(np.zeros(1))], lr=1.0)
+    >>> sched = optim.StepLR(opt, step_size=2, gamma=0.5)
+    >>> lrs = []
+    >>> for epoch in range(5):
+    ...     lrs.append(sched.get_last_lr()[0])
+    ...     sched.step()
+    >>> lrs
+    [1.0, 1.0, 0.5, 0.5, 0.25]
     """
 
     def __init__(self, optimizer, step_size, gamma=0.1):
@@ -324,7 +487,34 @@ class StepLR(LRScheduler):
 
 
 class MultiStepLR(LRScheduler):
-    """``lr = base_lr * gamma ** (number of milestones <= epoch)``."""
+    """``lr = base_lr * gamma ** (number of milestones <= epoch)``.
+
+    Parameters
+    ----------
+    optimizer : Optimizer
+    milestones : iterable of int
+        Epochs at which the rate is multiplied by `gamma` (any order).
+    gamma : float, default 0.1
+        Multiplicative factor of each decay.
+
+    Raises
+    ------
+    TypeError
+        If `optimizer` is not a :class:`Optimizer`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> opt = optim.SGD([nn.Parameter(np.zeros(1))], lr=1.0)
+    >>> sched = optim.MultiStepLR(opt, milestones=[1, 3], gamma=0.1)
+    >>> lrs = []
+    >>> for epoch in range(5):
+    ...     lrs.append(round(sched.get_last_lr()[0], 6))
+    ...     sched.step()
+    >>> lrs
+    [1.0, 0.1, 0.1, 0.01, 0.01]
+    """
 
     def __init__(self, optimizer, milestones, gamma=0.1):
         self.milestones = sorted(int(m) for m in milestones)
@@ -336,7 +526,32 @@ class MultiStepLR(LRScheduler):
 
 
 class ExponentialLR(LRScheduler):
-    """``lr = base_lr * gamma ** epoch``."""
+    """``lr = base_lr * gamma ** epoch``.
+
+    Parameters
+    ----------
+    optimizer : Optimizer
+    gamma : float
+        Multiplicative factor per epoch.
+
+    Raises
+    ------
+    TypeError
+        If `optimizer` is not a :class:`Optimizer`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> opt = optim.SGD([nn.Parameter(np.zeros(1))], lr=1.0)
+    >>> sched = optim.ExponentialLR(opt, gamma=0.5)
+    >>> lrs = []
+    >>> for epoch in range(4):
+    ...     lrs.append(sched.get_last_lr()[0])
+    ...     sched.step()
+    >>> lrs
+    [1.0, 0.5, 0.25, 0.125]
+    """
 
     def __init__(self, optimizer, gamma):
         self.gamma = float(gamma)
@@ -355,6 +570,27 @@ class CosineAnnealingLR(LRScheduler):
     T_max : int
         Half-period in epochs.
     eta_min : float, default 0
+        The rate at epoch `T_max`.
+
+    Raises
+    ------
+    ValueError
+        If `T_max` is not a positive integer.
+    TypeError
+        If `optimizer` is not a :class:`Optimizer`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> opt = optim.SGD([nn.Parameter(np.zeros(1))], lr=1.0)
+    >>> sched = optim.CosineAnnealingLR(opt, T_max=4)
+    >>> lrs = []
+    >>> for epoch in range(5):
+    ...     lrs.append(round(sched.get_last_lr()[0], 4))
+    ...     sched.step()
+    >>> lrs
+    [1.0, 0.8536, 0.5, 0.1464, 0.0]
     """
 
     def __init__(self, optimizer, T_max, eta_min=0.0):

@@ -27,7 +27,30 @@ __all__ = ["Trainer", "fit", "iterate_minibatches", "accuracy"]
 
 
 def accuracy(output, target):
-    """Fraction of rows whose arg-max equals the class index (or the target's arg-max)."""
+    """Fraction of rows whose arg-max equals the class index (or the target's arg-max).
+
+    Parameters
+    ----------
+    output : array_like, shape (N, C)
+        Scores (logits or probabilities) per class.
+    target : array_like, shape (N,) or (N, C)
+        Class indices, or class probabilities / one-hot rows (their arg-max is the class).
+
+    Returns
+    -------
+    float
+        The fraction of correct rows, in [0, 1] (NaN for an empty batch).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast.train import accuracy
+    >>> scores = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    >>> round(accuracy(scores, np.array([1, 0, 0])), 4)
+    0.6667
+    >>> accuracy(scores[:2], np.array([[0.0, 1.0], [0.0, 1.0]]))
+    0.5
+    """
     t = np.asarray(target)
     if t.ndim == 2:
         t = t.argmax(axis=1)
@@ -49,6 +72,34 @@ def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, dr
     rng : None, int or numpy.random.Generator
     drop_last : bool, default False
         Skip a final batch smaller than `batch_size`.
+
+    Yields
+    ------
+    (x_batch, y_batch) : tuple of ndarray, or x_batch : ndarray
+        Consecutive slices (views) of `X` and `y`, or, with `shuffle`, copies gathered in
+        the permuted order; the last batch may be smaller unless `drop_last`.
+
+    Raises
+    ------
+    ValueError
+        If `X` and `y` differ in length, or `batch_size` is less than 1 (raised when the
+        iteration starts, as this is a generator).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast.train import iterate_minibatches
+    >>> X, y = np.arange(10).reshape(5, 2), np.arange(5)
+    >>> for xb, yb in iterate_minibatches(X, y, batch_size=2):
+    ...     print(xb.tolist(), yb.tolist())
+    [[0, 1], [2, 3]] [0, 1]
+    [[4, 5], [6, 7]] [2, 3]
+    [[8, 9]] [4]
+    >>> [b.tolist() for b in iterate_minibatches(y, batch_size=2, drop_last=True)]
+    [[0, 1], [2, 3]]
+    >>> sorted(i for b in iterate_minibatches(y, batch_size=2, shuffle=True, rng=0)
+    ...        for i in b.tolist())
+    [0, 1, 2, 3, 4]
     """
     n = len(X)
     if y is not None and len(y) != n:
@@ -79,6 +130,37 @@ class Trainer:
     metrics : dict of str to callable, optional
         ``name -> f(output, target) -> float``, averaged over batches (weighted by batch
         size).  Default ``{"accuracy": accuracy}`` with a cross-entropy loss, else none.
+
+    Raises
+    ------
+    TypeError
+        If `model` is not a :class:`bnfast.nn.Module`.
+    ValueError
+        From :meth:`fit`, if the training data yields no batch; from :meth:`evaluate`, if
+        `data` is empty.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> from bnfast.train import Trainer
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((128, 4), dtype=np.float32)
+    >>> y = (X[:, 0] > 0).astype(np.int64)
+    >>> net = nn.Sequential(nn.Linear(4, 8, rng=rng), nn.BatchNorm1d(8), nn.ReLU(),
+    ...                     nn.Linear(8, 2, rng=rng))
+    >>> opt = optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    >>> trainer = Trainer(net, nn.CrossEntropyLoss(), opt,
+    ...                   scheduler=optim.StepLR(opt, step_size=2))
+    >>> hist = trainer.fit((X, y), epochs=3, batch_size=32, progress=False, rng=0)
+    >>> sorted(hist), hist["epoch"]
+    (['accuracy', 'epoch', 'loss', 'lr', 'time'], [1, 2, 3])
+    >>> [round(lr, 6) for lr in hist["lr"]]
+    [0.1, 0.1, 0.01]
+    >>> sorted(trainer.evaluate((X, y)))
+    ['accuracy', 'loss']
+    >>> trainer.predict(X).shape
+    (128, 2)
     """
 
     def __init__(self, model, loss_fn, optimizer, scheduler=None, metrics=None):
@@ -240,11 +322,64 @@ def fit(model, loss_fn, optimizer, train_data, epochs=1, *, batch_size=32, shuff
         val_data=None, scheduler=None, metrics=None, rng=None, progress=True, callback=None):
     """Train `model`; shorthand for ``Trainer(...).fit(...)``.
 
-    See :class:`Trainer` and :meth:`Trainer.fit` for the parameters.
+    See :class:`Trainer` and :meth:`Trainer.fit` for details.
+
+    Parameters
+    ----------
+    model : Module
+    loss_fn : loss module
+        Called as ``loss_fn(output, target)`` returning a float, with ``backward()``.
+    optimizer : bnfast.optim.Optimizer
+    train_data : (X, y) arrays, an iterable of (x, y) batches, or a callable returning
+        a fresh iterable each epoch
+    epochs : int, default 1
+    batch_size : int, default 32
+        Used when `train_data` or `val_data` is a pair of arrays.
+    shuffle : bool, default True
+        Reshuffle (X, y) every epoch.
+    val_data : like `train_data`, optional
+        Evaluated in eval mode after every epoch.
+    scheduler : bnfast.optim.LRScheduler, optional
+        Stepped once per epoch.
+    metrics : dict of str to callable, optional
+        ``name -> f(output, target) -> float``; default ``{"accuracy": accuracy}`` with a
+        cross-entropy loss, else none.
+    rng : None, int or numpy.random.Generator
+        Shuffling order.
+    progress : bool, default True
+        Show a tqdm progress bar per epoch.
+    callback : callable, optional
+        ``callback(epoch, record)`` after each epoch with that epoch's metrics.
 
     Returns
     -------
     history : dict of lists
+        As returned by :meth:`Trainer.fit`.
+
+    Raises
+    ------
+    TypeError
+        If `model` is not a :class:`bnfast.nn.Module`.
+    ValueError
+        If the training data yields no batch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> from bnfast.train import fit
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((64, 3), dtype=np.float32)
+    >>> y = X @ np.array([[1.0], [-2.0], [0.5]], np.float32)
+    >>> net = nn.Linear(3, 1, rng=rng)
+    >>> epochs = []
+    >>> hist = fit(net, nn.MSELoss(), optim.SGD(net.parameters(), lr=0.1), (X, y),
+    ...            epochs=20, batch_size=16, progress=False, rng=0,
+    ...            callback=lambda epoch, record: epochs.append(epoch))
+    >>> sorted(hist), epochs[-1]
+    (['epoch', 'loss', 'lr', 'time'], 20)
+    >>> hist["loss"][-1] < 1e-3 < hist["loss"][0]
+    True
     """
     trainer = Trainer(model, loss_fn, optimizer, scheduler=scheduler, metrics=metrics)
     return trainer.fit(train_data, epochs, batch_size=batch_size, shuffle=shuffle,

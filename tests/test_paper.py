@@ -238,9 +238,11 @@ def test_accelerate_real_data_smoke(tmp_path):
 
 # ------------------------------------------------------------------ entry point
 
-def test_module_entry_point_help():
+def test_module_entry_point_help(tmp_path):
+    # run outside the checkout: there `python -m` would import the uncompiled source folder
     out = subprocess.run([sys.executable, "-m", "bnfast.paper", "mnist", "--help"],
-                         capture_output=True, text=True, env=package_env(), timeout=120)
+                         capture_output=True, text=True, env=package_env(), timeout=120,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "--steps" in out.stdout and "--init-std" in out.stdout
 

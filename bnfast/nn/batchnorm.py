@@ -188,6 +188,19 @@ class BatchNorm1d(_BatchNorm):
     frozen : bool
         Normalise with the running statistics even in training mode.
 
+    Raises
+    ------
+    ValueError
+        If `num_features` is not a positive integer, `eps` is not a real number >= 0, or
+        `momentum` is not None or in [0, 1]; from ``forward``, if the input has the wrong
+        number of dimensions or of channels; from ``backward``, if the gradient's shape is
+        not the forward input's.
+    TypeError
+        If `dtype` is not float32 or float64; from ``forward`` and ``backward``, if the
+        array's dtype is not the layer's `dtype`.
+    RuntimeError
+        From ``backward``, if called before ``forward``.
+
     Examples
     --------
     >>> import numpy as np
@@ -218,6 +231,36 @@ class BatchNorm2d(_BatchNorm):
     -----
     Statistics are over the batch and all spatial positions (m = N*H*W values per
     channel), as in Section 3.2 of the paper.
+
+    Raises
+    ------
+    ValueError
+        If `num_features` is not a positive integer, `eps` is not a real number >= 0, or
+        `momentum` is not None or in [0, 1]; from ``forward``, if the input has the wrong
+        number of dimensions or of channels; from ``backward``, if the gradient's shape is
+        not the forward input's.
+    TypeError
+        If `dtype` is not float32 or float64; from ``forward`` and ``backward``, if the
+        array's dtype is not the layer's `dtype`.
+    RuntimeError
+        From ``backward``, if called before ``forward``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> bn = nn.BatchNorm2d(2)
+    >>> x = np.arange(16, dtype=np.float32).reshape(2, 2, 2, 2)     # (N, C, H, W)
+    >>> y = bn(x)
+    >>> y.mean(axis=(0, 2, 3)).round(4) + 0.0, y.std(axis=(0, 2, 3)).round(3)
+    (array([0., 0.], dtype=float32), array([1., 1.], dtype=float32))
+    >>> bn.running_mean
+    array([0.55, 0.95], dtype=float32)
+    >>> bn.backward(np.ones_like(y)).shape, bn.bias.grad
+    ((2, 2, 2, 2), array([8., 8.], dtype=float32))
+    >>> nhwc = nn.BatchNorm2d(2, channels_last=True)
+    >>> bool(np.allclose(nhwc(x.transpose(0, 2, 3, 1)), y.transpose(0, 2, 3, 1)))
+    True
     """
 
     _ndims = (4,)

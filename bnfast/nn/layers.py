@@ -61,6 +61,35 @@ class Linear(Module):
         True by default; set it to False on a network's first layer to skip computing the
         gradient of the input (``backward`` then returns None), as PyTorch does for an
         input that does not require a gradient.
+
+    Raises
+    ------
+    ValueError
+        If `in_features` or `out_features` is not a positive integer; from ``forward``, if
+        the last axis of the input is not `in_features` long.
+    TypeError
+        If `dtype` is not float32 or float64, or `rng` is not None, an int or a
+        Generator; from ``forward``, if the input's dtype is not the parameters' dtype.
+    RuntimeError
+        From ``backward``, if called before ``forward``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> lin = nn.Linear(3, 2, rng=0)
+    >>> lin
+    Linear(in_features=3, out_features=2, bias=True)
+    >>> x = np.ones((4, 3), np.float32)
+    >>> y = lin(x)
+    >>> y.shape, y.dtype
+    ((4, 2), dtype('float32'))
+    >>> bool(np.allclose(y, x @ lin.weight.data.T + lin.bias.data))
+    True
+    >>> lin.backward(np.ones_like(y)).shape
+    (4, 3)
+    >>> lin.weight.grad.shape, lin.bias.grad.tolist()
+    ((2, 3), [4.0, 4.0])
     """
 
     def __init__(self, in_features, out_features, bias=True, *, dtype=np.float32, rng=None):
@@ -142,6 +171,35 @@ class Conv2d(Module):
     The computation runs in channels-last memory order (one contiguous patch matrix of
     shape ``(N*OH*OW, kh*kw*C)`` times the weight); a channels-first output is returned
     as a transposed view of it, which bnfast's batch-norm kernels read without a copy.
+
+    Raises
+    ------
+    ValueError
+        If a channel count, `kernel_size` or `stride` is not a positive integer (or pair),
+        or `padding` is negative; from ``forward``, if the input is not 4-d, has the wrong
+        number of channels, or is (padded) smaller than the kernel.
+    TypeError
+        If `dtype` is not float32 or float64, or `rng` is not None, an int or a
+        Generator; from ``forward``, if the input's dtype is not the parameters' dtype.
+    RuntimeError
+        From ``backward``, if called before ``forward``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> conv = nn.Conv2d(3, 8, 3, padding=1, rng=0)
+    >>> conv
+    Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 5, 5), dtype=np.float32)
+    >>> y = conv(x)
+    >>> y.shape
+    (2, 8, 5, 5)
+    >>> conv.backward(np.ones_like(y)).shape, conv.weight.grad.shape
+    ((2, 3, 5, 5), (8, 3, 3, 3))
+    >>> nn.Conv2d(3, 8, 3, stride=2, channels_last=True, rng=0)(
+    ...     x.transpose(0, 2, 3, 1)).shape
+    (2, 2, 2, 8)
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
@@ -338,6 +396,32 @@ class MaxPool2d(_Pool2d):
     -----
     The gradient goes to the first maximum of each window in row-major order, as in
     PyTorch.  The output keeps the memory layout of the input.
+
+    Raises
+    ------
+    ValueError
+        If `kernel_size` or `stride` is not a positive integer (or pair), `padding` is
+        negative or more than half the kernel size; from ``forward``, if the input is not
+        4-d or is (padded) smaller than the kernel.
+    TypeError
+        From ``forward``, if the input is not a float32 or float64 array.
+    RuntimeError
+        From ``backward``, if called before ``forward``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> pool = nn.MaxPool2d(2)
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    >>> pool(x)
+    array([[[[ 5.,  7.],
+             [13., 15.]]]], dtype=float32)
+    >>> pool.backward(np.ones((1, 1, 2, 2), np.float32))[0, 0]
+    array([[0., 0., 0., 0.],
+           [0., 1., 0., 1.],
+           [0., 0., 0., 0.],
+           [0., 1., 0., 1.]], dtype=float32)
     """
 
     def forward(self, x):
@@ -384,6 +468,31 @@ class AvgPool2d(_Pool2d):
         Divide by the full window size (PyTorch's default) rather than by the number of
         unpadded elements.
     channels_last : bool, default False
+
+    Raises
+    ------
+    ValueError
+        If `kernel_size` or `stride` is not a positive integer (or pair), `padding` is
+        negative or more than half the kernel size; from ``forward``, if the input is not
+        4-d or is (padded) smaller than the kernel.
+    TypeError
+        From ``forward``, if the input is not a float32 or float64 array.
+    RuntimeError
+        From ``backward``, if called before ``forward``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> pool = nn.AvgPool2d(2)
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    >>> pool(x)
+    array([[[[ 2.5,  4.5],
+             [10.5, 12.5]]]], dtype=float32)
+    >>> pool.backward(np.ones((1, 1, 2, 2), np.float32))[0, 0, 0]
+    array([0.25, 0.25, 0.25, 0.25], dtype=float32)
+    >>> nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)(x).shape
+    (1, 1, 4, 4)
     """
 
     def __init__(self, kernel_size, stride=None, padding=0, count_include_pad=True, *,
@@ -436,6 +545,26 @@ class Flatten(Module):
     ----------
     start_dim : int, default 1
     end_dim : int, default -1
+
+    Raises
+    ------
+    ValueError
+        From ``forward``, if the axes do not fit the input's number of dimensions.
+    TypeError
+        From ``forward``, if the input is not a float32 or float64 array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> x = np.zeros((2, 3, 4, 5), np.float32)
+    >>> flat = nn.Flatten()
+    >>> flat(x).shape
+    (2, 60)
+    >>> flat.backward(np.ones((2, 60), np.float32)).shape
+    (2, 3, 4, 5)
+    >>> nn.Flatten(start_dim=2)(x).shape
+    (2, 3, 20)
     """
 
     def __init__(self, start_dim=1, end_dim=-1):
@@ -466,7 +595,23 @@ class Flatten(Module):
 # ---------------------------------------------------------------------------- activations
 
 class ReLU(Module):
-    """``max(x, 0)``; the gradient at 0 is 0 (as in PyTorch)."""
+    """``max(x, 0)``; the gradient at 0 is 0 (as in PyTorch).
+
+    Raises
+    ------
+    TypeError
+        From ``forward``, if the input is not a float32 or float64 array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> relu = nn.ReLU()
+    >>> relu(np.array([-1.0, 0.0, 2.0]))
+    array([0., 0., 2.])
+    >>> relu.backward(np.ones(3))
+    array([0., 0., 1.])
+    """
 
     def __init__(self):
         super().__init__()
@@ -488,6 +633,21 @@ class Sigmoid(Module):
     Computed as ``0.5 * tanh(x / 2) + 0.5``: no overflow for any input, and faster than
     ``scipy.special.expit``.  Outputs below about 3e-8 in float32 (1e-16 in float64) come
     out as 0 rather than keeping their relative precision.
+
+    Raises
+    ------
+    TypeError
+        From ``forward``, if the input is not a float32 or float64 array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> sig = nn.Sigmoid()
+    >>> sig(np.array([-2.0, 0.0, 2.0])).round(4)
+    array([0.1192, 0.5   , 0.8808])
+    >>> sig.backward(np.ones(3)).round(4)             # y * (1 - y)
+    array([0.105, 0.25 , 0.105])
     """
 
     def __init__(self):
@@ -512,7 +672,23 @@ class Sigmoid(Module):
 
 
 class Tanh(Module):
-    """Hyperbolic tangent."""
+    """Hyperbolic tangent.
+
+    Raises
+    ------
+    TypeError
+        From ``forward``, if the input is not a float32 or float64 array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> tanh = nn.Tanh()
+    >>> tanh(np.array([-1.0, 0.0, 1.0])).round(4)
+    array([-0.7616,  0.    ,  0.7616])
+    >>> tanh.backward(np.ones(3)).round(4)            # 1 - y**2
+    array([0.42, 1.  , 0.42])
+    """
 
     def __init__(self):
         super().__init__()
@@ -541,6 +717,28 @@ class Dropout(Module):
     p : float, default 0.5
     rng : None, int or numpy.random.Generator
         Source of the masks.
+
+    Raises
+    ------
+    ValueError
+        If `p` is not a real number in [0, 1].
+    TypeError
+        If `rng` is not None, an int or a Generator; from ``forward``, if the input is not
+        a float32 or float64 array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> drop = nn.Dropout(0.5, rng=0)
+    >>> y = drop(np.ones((2, 4), np.float32))
+    >>> sorted(set(y.ravel().tolist()))               # zeroed, or scaled by 1 / (1 - p)
+    [0.0, 2.0]
+    >>> bool(np.array_equal(drop.backward(np.ones((2, 4), np.float32)), y))
+    True
+    >>> drop.eval()(np.ones((2, 4), np.float32))      # identity in eval mode
+    array([[1., 1., 1., 1.],
+           [1., 1., 1., 1.]], dtype=float32)
     """
 
     def __init__(self, p=0.5, *, rng=None):

@@ -33,6 +33,18 @@ class CrossEntropyLoss(Module):
     ``forward(logits, target)``: `logits` has shape (N, C); `target` is either integer class
     indices of shape (N,) or class probabilities of shape (N, C).
 
+    Raises
+    ------
+    ValueError
+        If `reduction` is not 'mean' or 'sum', or `label_smoothing` is not in [0, 1); from
+        ``forward``, if the logits are not 2-d, the target's shape does not match, or a
+        class index is out of range.
+    TypeError
+        From ``forward``, if the logits are not a float32 or float64 array, or the target
+        is neither integer nor floating point.
+    RuntimeError
+        From ``backward``, if called before ``forward``.
+
     Examples
     --------
     >>> import numpy as np

@@ -81,6 +81,22 @@ class Parameter:
         The accumulated gradient, same shape and dtype as `data`; None after
         ``zero_grad()`` until the next backward pass.
     requires_grad : bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> p = nn.Parameter(np.zeros(3, np.float32))
+    >>> p
+    Parameter(shape=(3,), dtype=float32)
+    >>> p.accumulate(np.ones(3, np.float32))
+    >>> p.accumulate(np.ones(3, np.float32))     # gradients add up until zeroed
+    >>> p.grad
+    array([2., 2., 2.], dtype=float32)
+    >>> frozen = nn.Parameter(np.zeros(3), requires_grad=False)
+    >>> frozen.accumulate(np.ones(3))
+    >>> frozen.grad is None
+    True
     """
 
     __slots__ = ("data", "grad", "requires_grad")
@@ -122,6 +138,36 @@ class Module:
     training : bool
         True in training mode (the default), False in eval mode.  Set it for a whole tree
         with :meth:`train` / :meth:`eval`.
+
+    Examples
+    --------
+    A layer that scales its input by a trained per-feature factor:
+
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> class Scale(nn.Module):
+    ...     def __init__(self, n):
+    ...         super().__init__()
+    ...         self.weight = nn.Parameter(np.full(n, 2.0))
+    ...         self.register_buffer("calls", np.zeros((), np.int64))
+    ...     def forward(self, x):
+    ...         self.calls += 1
+    ...         self._x = x
+    ...         return x * self.weight.data
+    ...     def backward(self, grad):
+    ...         self.weight.accumulate((grad * self._x).sum(axis=0))
+    ...         return grad * self.weight.data
+    >>> m = Scale(2)
+    >>> m(np.array([[1.0, 3.0]]))
+    array([[2., 6.]])
+    >>> m.backward(np.ones((1, 2)))
+    array([[2., 2.]])
+    >>> m.weight.grad
+    array([1., 3.])
+    >>> sorted(m.state_dict())
+    ['calls', 'weight']
+    >>> m.eval().training
+    False
     """
 
     def __init__(self):
@@ -372,7 +418,21 @@ class Module:
 
 
 class Identity(Module):
-    """Return the input unchanged."""
+    """Return the input unchanged (and the gradient unchanged in ``backward``).
+
+    Used as a placeholder, e.g. where :func:`~bnfast.nn.fold_batchnorm` removes a
+    batch-norm layer.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> x = np.arange(3.0)
+    >>> nn.Identity()(x) is x
+    True
+    >>> nn.Identity().backward(x) is x
+    True
+    """
 
     def forward(self, x):
         return x
@@ -388,6 +448,14 @@ class Sequential(Module):
     ----------
     *layers : Module
         The modules, applied in order.
+
+    Raises
+    ------
+    TypeError
+        If a layer (given here, assigned by index or appended) is not a `Module`.
+    RuntimeError
+        From ``backward``, if a layer other than the first returns no input gradient
+        (``needs_input_grad=False`` set on an inner layer).
 
     Examples
     --------

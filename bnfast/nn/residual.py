@@ -19,6 +19,13 @@ class Residual(Module):
     activation : Module, optional
         Applied after the sum, e.g. ``ReLU()``.
 
+    Raises
+    ------
+    TypeError
+        If `body`, `shortcut` or `activation` is given and is not a `Module`.
+    ValueError
+        From ``forward``, if the outputs of the body and of the shortcut differ in shape.
+
     Examples
     --------
     >>> import numpy as np
@@ -72,6 +79,32 @@ class BasicBlock(Module):
     channels_last : bool, default False
     dtype : float32 or float64, default float32
     rng : None, int or numpy.random.Generator
+
+    Raises
+    ------
+    ValueError
+        If a channel count or `stride` is not a positive integer; from ``forward``, as for
+        :class:`Conv2d` and :class:`BatchNorm2d` (e.g. the wrong number of channels).
+    TypeError
+        If `dtype` is not float32 or float64, or `rng` is not None, an int or a Generator.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> block = nn.BasicBlock(4, 8, stride=2, rng=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 4, 8, 8), dtype=np.float32)
+    >>> y = block(x)
+    >>> y.shape
+    (2, 8, 4, 4)
+    >>> block.backward(np.ones_like(y)).shape
+    (2, 4, 8, 8)
+    >>> [k for k in block.state_dict() if k.startswith("downsample")]
+    ['downsample.0.weight', 'downsample.1.weight', 'downsample.1.bias',
+     'downsample.1.running_mean', 'downsample.1.running_var',
+     'downsample.1.num_batches_tracked']
+    >>> nn.BasicBlock(8, 8, rng=0).downsample is None      # same shape: identity shortcut
+    True
     """
 
     def __init__(self, in_channels, out_channels, stride=1, *, channels_last=False,

@@ -11,7 +11,30 @@ __all__ = ["compute_population_stats", "fold_batchnorm", "save", "load", "batchn
 
 
 def batchnorm_layers(model):
-    """Return ``[(qualified_name, layer)]`` for every batch-norm layer in `model`."""
+    """Return ``[(qualified_name, layer)]`` for every batch-norm layer in `model`.
+
+    Parameters
+    ----------
+    model : Module
+        Searched depth first, including `model` itself.
+
+    Returns
+    -------
+    list of (str, BatchNorm1d or BatchNorm2d)
+        The qualified names (as in :meth:`Module.named_modules`) and the layers, in
+        module order.
+
+    Examples
+    --------
+    >>> from bnfast import nn
+    >>> net = nn.Sequential(nn.Linear(4, 3, rng=0), nn.BatchNorm1d(3), nn.ReLU(),
+    ...                     nn.Residual(nn.Sequential(nn.Linear(3, 3, rng=0),
+    ...                                               nn.BatchNorm1d(3))))
+    >>> [name for name, _ in nn.batchnorm_layers(net)]
+    ['1', '3.body.1']
+    >>> nn.batchnorm_layers(nn.BatchNorm2d(8))
+    [('', BatchNorm2d(8, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True))]
+    """
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
@@ -260,6 +283,26 @@ def save(model, path):
     model : Module
     path : str or os.PathLike
         NumPy appends ``.npz`` if the name has no extension.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be written.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> net = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2))
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp.name, "net.npz")
+    >>> nn.save(net, path)
+    >>> with np.load(path) as f:
+    ...     sorted(f.files)
+    ['0.bias', '0.weight', '1.bias', '1.num_batches_tracked', '1.running_mean',
+     '1.running_var', '1.weight']
+    >>> tmp.cleanup()
     """
     state = model.state_dict()
     np.savez(os.fspath(path), **state)
@@ -278,6 +321,31 @@ def load(model, path, strict=True):
     Returns
     -------
     model : Module
+        The same model, updated in place.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read.
+    KeyError, ValueError, TypeError
+        As for :meth:`Module.load_state_dict` (keys, shapes or dtypes that do not match);
+        the model is then left unchanged.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> net = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2))
+    >>> _ = net(np.ones((4, 3), np.float32))          # update the running statistics
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp.name, "net.npz")
+    >>> nn.save(net, path)
+    >>> copy = nn.load(nn.Sequential(nn.Linear(3, 2, rng=1), nn.BatchNorm1d(2)), path)
+    >>> all(np.array_equal(a, b) for a, b in zip(copy.state_dict().values(),
+    ...                                          net.state_dict().values()))
+    True
+    >>> tmp.cleanup()
     """
     with np.load(os.fspath(path), allow_pickle=False) as f:
         state = {k: f[k] for k in f.files}
