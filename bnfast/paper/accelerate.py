@@ -76,7 +76,48 @@ QUICK = dict(steps=1200, eval_every=100, eval_size=2000)
 
 
 def build_convnet(bn, act="relu", *, dropout=0.0, channels=(8, 16), hidden=64, seed=0):
-    """The small MNIST convolutional network (channels-last input ``(N, 28, 28, 1)``)."""
+    """The small MNIST convolutional network (channels-last input ``(N, 28, 28, 1)``).
+
+    Parameters
+    ----------
+    bn : bool
+        Batch norm after every convolution and the hidden linear layer (which then have
+        no bias); with ReLU the batch norm and the ReLU are fused.
+    act : {'relu', 'sigmoid'}, default 'relu'
+        The activation.
+    dropout : float, default 0.0
+        Dropout rate after the hidden linear layer (0: none).
+    channels : (int, int), default (8, 16)
+        Output channels of the two convolutions.
+    hidden : int, default 64
+        Width of the hidden linear layer.
+    seed : int, default 0
+        Seed of the initial weights and of the dropout masks.
+
+    Returns
+    -------
+    bnfast.nn.Sequential
+
+    Raises
+    ------
+    ValueError
+        `act` is neither ``'relu'`` nor ``'sigmoid'``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> model = build_convnet(True, channels=(2, 4), hidden=8)
+    >>> [type(m).__name__ for m in model]              # doctest: +NORMALIZE_WHITESPACE
+    ['Conv2d', 'BatchNorm2d', 'MaxPool2d', 'Conv2d', 'BatchNorm2d', 'MaxPool2d', 'Flatten',
+     'Linear', 'BatchNorm1d', 'Linear']
+    >>> x = np.random.default_rng(0).random((3, 28, 28, 1), dtype=np.float32)
+    >>> model.forward(x).shape
+    (3, 10)
+    >>> build_convnet(False, "tanh")
+    Traceback (most recent call last):
+        ...
+    ValueError: act must be 'relu' or 'sigmoid', got 'tanh'
+    """
     rng = np.random.default_rng(seed)
     c1, c2 = channels
     layers = []
@@ -209,11 +250,38 @@ def run(data, *, steps=6000, eval_every=100, batch_size=64, lr=0.02, momentum=0.
         Subset of :data:`VARIANTS` (``"Baseline"`` is always included: it sets the target).
     progress : bool
     threads : int or None, default 1
+        Threads for bnfast's kernels and the BLAS (see :func:`common.limit_threads`);
+        None leaves the process's settings.
 
     Returns
     -------
     dict
         ``config``, ``variants`` (per variant: ``curve`` and timings), ``summary``.
+
+    Raises
+    ------
+    ValueError
+        A name in `variants` is not in :data:`VARIANTS`.
+
+    Examples
+    --------
+    Four steps on random data (the real experiment uses :func:`common.load_mnist_arrays`):
+
+    >>> import numpy as np
+    >>> from bnfast.paper import common
+    >>> rng = np.random.default_rng(0)
+    >>> data = common.MnistArrays(rng.random((32, 784), dtype=np.float32), np.arange(32) % 10,
+    ...                           rng.random((8, 784), dtype=np.float32), np.arange(8) % 10)
+    >>> results = run(data, steps=4, eval_every=2, batch_size=8, channels=(2, 2), hidden=4,
+    ...               pop_batches=2, variants=["BN-x5"], progress=False)
+    >>> list(results["variants"]), results["variants"]["BN-x5"]["curve"]["step"]
+    (['Baseline', 'BN-x5'], [0, 2, 4])
+    >>> sorted(results["summary"])
+    ['baseline_max', 'baseline_steps', 'rows']
+    >>> run(data, variants=["BN-x100"])
+    Traceback (most recent call last):
+        ...
+    ValueError: unknown variants ['BN-x100']; choose from [...]
     """
     names = list(VARIANTS) if variants is None else list(variants)
     unknown = [n for n in names if n not in VARIANTS]
@@ -253,7 +321,33 @@ def run(data, *, steps=6000, eval_every=100, batch_size=64, lr=0.02, momentum=0.
 
 
 def summarize(results):
-    """Per variant: steps to reach the Baseline's maximum test accuracy, speed-up, maximum."""
+    """Per variant: steps to reach the Baseline's maximum test accuracy, speed-up, maximum.
+
+    Parameters
+    ----------
+    results : dict
+        With ``variants`` as in the result of :func:`run` (a ``"Baseline"`` entry is
+        required).
+
+    Returns
+    -------
+    dict
+        ``baseline_max`` (the target accuracy), ``baseline_steps`` (where the Baseline
+        first reached it) and ``rows``, one dict per variant.
+
+    Examples
+    --------
+    >>> results = {"variants": {
+    ...     "Baseline": {"curve": {"step": [0, 100, 200], "acc": [0.1, 0.90, 0.95]},
+    ...                  "ms_per_step": 2.0},
+    ...     "BN-x5": {"curve": {"step": [0, 100, 200], "acc": [0.1, 0.96, 0.97]},
+    ...               "ms_per_step": 2.5, "final_acc_population": 0.97}}}
+    >>> summ = summarize(results)
+    >>> summ["baseline_max"], summ["baseline_steps"]
+    (0.95, 200)
+    >>> [(r["variant"], r["steps_to_baseline_max"], r["speedup"]) for r in summ["rows"]]
+    [('Baseline', 200, 1.0), ('BN-x5', 100, 2.0)]
+    """
     var = results["variants"]
     base = var["Baseline"]["curve"]
     target = max(base["acc"])
@@ -274,7 +368,34 @@ def summarize(results):
 
 
 def format_table(results):
-    """Markdown table of the summary beside the paper's Figure 3."""
+    """Markdown table of the summary beside the paper's Figure 3.
+
+    Parameters
+    ----------
+    results : dict
+        With ``summary`` (see :func:`summarize`).
+
+    Returns
+    -------
+    str
+        A line naming the target accuracy, then the table.
+
+    Examples
+    --------
+    >>> results = {"variants": {
+    ...     "Baseline": {"curve": {"step": [0, 100, 200], "acc": [0.1, 0.90, 0.95]},
+    ...                  "ms_per_step": 2.0},
+    ...     "BN-x5": {"curve": {"step": [0, 100, 200], "acc": [0.1, 0.96, 0.97]},
+    ...               "ms_per_step": 2.5, "final_acc_population": 0.97}}}
+    >>> results["summary"] = summarize(results)
+    >>> print(format_table(results))                 # doctest: +NORMALIZE_WHITESPACE
+    Target: the Baseline's maximum test accuracy, 0.9500 (first reached at step 200).
+    <BLANKLINE>
+    | variant | paper: steps to 72.2% | paper: max acc. | ours: steps to Baseline max | ours: speed-up | ours: max acc. (step) | ours: final, running avg. / population | ms/step |
+    | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+    | Baseline | 31.0M | 72.2% | 200 | 1.0x | 0.9500 (200) | 0.9500 | 2.0 |
+    | BN-x5 | 2.1M | 73.0% | 100 | 2.0x | 0.9700 (200) | 0.9700 / 0.9700 | 2.5 |
+    """
     summ = results["summary"]
     lines = [f"Target: the Baseline's maximum test accuracy, {summ['baseline_max']:.4f} "
              f"(first reached at step {summ['baseline_steps']}).", "",
@@ -311,7 +432,38 @@ def timing_line(results):
 
 def plot(results, path):
     """(a) test accuracy against steps for every variant; (b) steps to the Baseline's
-    maximum."""
+    maximum.
+
+    Uses matplotlib's non-interactive Agg backend.
+
+    Parameters
+    ----------
+    results : dict
+        As returned by :func:`run`.
+    path : str or os.PathLike
+        The image file to write (its format from the suffix, e.g. ``.png``).
+
+    Returns
+    -------
+    str or os.PathLike
+        `path`.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from bnfast.paper import common
+    >>> rng = np.random.default_rng(0)
+    >>> data = common.MnistArrays(rng.random((32, 784), dtype=np.float32), np.arange(32) % 10,
+    ...                           rng.random((8, 784), dtype=np.float32), np.arange(8) % 10)
+    >>> results = run(data, steps=4, eval_every=2, batch_size=8, channels=(2, 2), hidden=4,
+    ...               pop_batches=2, variants=["BN-x5"], progress=False)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = plot(results, os.path.join(tmp.name, "fig3.png"))
+    >>> os.path.getsize(path) > 0
+    True
+    >>> tmp.cleanup()
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -356,7 +508,39 @@ def plot(results, path):
 
 
 def save(results, out_dir, *, make_plot=True, stem="accelerate"):
-    """Write ``<stem>.json``, ``<stem>.csv``, ``<stem>_table.md`` and ``<stem>.png``."""
+    """Write ``<stem>.json``, ``<stem>.csv``, ``<stem>_table.md`` and ``<stem>.png``.
+
+    Parameters
+    ----------
+    results : dict
+        As returned by :func:`run`.
+    out_dir : str or os.PathLike
+        The folder (created if missing).
+    make_plot : bool, default True
+        Also write the figure (needs matplotlib; see :func:`plot`).
+    stem : str, default "accelerate"
+        Base name of the files.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from bnfast.paper import common
+    >>> rng = np.random.default_rng(0)
+    >>> data = common.MnistArrays(rng.random((32, 784), dtype=np.float32), np.arange(32) % 10,
+    ...                           rng.random((8, 784), dtype=np.float32), np.arange(8) % 10)
+    >>> results = run(data, steps=4, eval_every=2, batch_size=8, channels=(2, 2), hidden=4,
+    ...               pop_batches=2, variants=["BN-x5"], progress=False)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> [p.name for p in save(results, tmp.name, make_plot=False, stem="demo")]
+    ['demo.json', 'demo.csv', 'demo_table.md']
+    >>> tmp.cleanup()
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [common.write_json(out / f"{stem}.json", results)]
@@ -377,7 +561,66 @@ def save(results, out_dir, *, make_plot=True, stem="accelerate"):
 
 
 def main_run(args):
-    """Run from parsed command-line arguments (see :mod:`bnfast.paper.cli`)."""
+    """Run from parsed command-line arguments (see :mod:`bnfast.paper.cli`).
+
+    Loads MNIST, runs :func:`run` with :data:`DEFAULTS` (fewer steps and a test subset
+    with ``--quick``) overridden by the arguments given, writes the files of :func:`save`
+    into ``args.out`` and prints the table.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The ``accelerate`` command's arguments, from
+        :func:`bnfast.paper.cli.build_parser`.
+
+    Returns
+    -------
+    dict
+        The results of :func:`run`, with ``timing["wall_s"]`` and ``data_source`` added.
+
+    Raises
+    ------
+    bnfast.datasets.DatasetError
+        MNIST could not be loaded (see :func:`common.load_mnist_arrays`).
+    ValueError
+        An unknown name in ``--variants`` (see :func:`run`).
+
+    Examples
+    --------
+    Two steps of the Baseline on home-made 28x28 IDX files (checksums switched off for
+    them), the printed table discarded:
+
+    >>> import contextlib, io, struct, tempfile
+    >>> from pathlib import Path
+    >>> from unittest import mock
+    >>> import numpy as np
+    >>> from bnfast import datasets
+    >>> from bnfast.paper import cli
+    >>> def idx(dims, values):
+    ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(dims))
+    ...     return head + struct.pack(f">{len(dims)}I", *dims) + bytes(values)
+    >>> rng = np.random.default_rng(0)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> folder = Path(tmp.name)
+    >>> files = {"train_images": idx((20, 28, 28), rng.integers(0, 256, 20 * 784).tolist()),
+    ...          "train_labels": idx((20,), [i % 10 for i in range(20)]),
+    ...          "test_images": idx((10, 28, 28), rng.integers(0, 256, 10 * 784).tolist()),
+    ...          "test_labels": idx((10,), list(range(10)))}
+    >>> for role, blob in files.items():
+    ...     _ = (folder / datasets.MNIST_FILES[role]).write_bytes(blob)
+    >>> args = cli.build_parser().parse_args(
+    ...     ["accelerate", "--data-dir", str(folder), "--out", str(folder / "out"),
+    ...      "--steps", "2", "--eval-every", "1", "--variants", "Baseline", "--no-progress",
+    ...      "--no-plot"])
+    >>> with mock.patch.dict(datasets.MNIST_SHA256, clear=True), \\
+    ...         contextlib.redirect_stdout(io.StringIO()):
+    ...     results = main_run(args)
+    >>> results["variants"]["Baseline"]["curve"]["step"]
+    [0, 1, 2]
+    >>> sorted(p.name for p in (folder / "out").iterdir())
+    ['accelerate.csv', 'accelerate.json', 'accelerate_table.md']
+    >>> tmp.cleanup()
+    """
     t0 = time.perf_counter()
     kw = dict(DEFAULTS)
     stem = "accelerate"

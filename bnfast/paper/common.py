@@ -23,11 +23,33 @@ __all__ = ["PercentileRecorder", "MnistArrays", "load_mnist_arrays", "forward_pr
 class MnistArrays:
     """MNIST as float32 arrays in [0, 1] and int64 labels.
 
+    Parameters
+    ----------
+    X_train, y_train : ndarray
+        Training inputs (float32, shape ``(N, 784)``, or images for the conv net) and
+        their int64 labels.
+    X_test, y_test : ndarray
+        Test inputs and labels, as for the training set.
+    source : str, default ""
+        Where the data came from (the folder of the IDX files).
+
     Attributes
     ----------
     X_train, X_test : ndarray, float32, shape (N, 784) (or images, for the conv net)
     y_train, y_test : ndarray, int64
     source : str
+
+    Examples
+    --------
+    A tiny synthetic stand-in for MNIST (what the examples of this package train on):
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> data = MnistArrays(rng.random((6, 784), dtype=np.float32), np.arange(6) % 10,
+    ...                    rng.random((2, 784), dtype=np.float32), np.array([3, 7]),
+    ...                    source="synthetic")
+    >>> data.X_train.shape, data.y_test.tolist(), data.source
+    ((6, 784), [3, 7], 'synthetic')
     """
 
     def __init__(self, X_train, y_train, X_test, y_test, source=""):
@@ -37,7 +59,52 @@ class MnistArrays:
 
 
 def load_mnist_arrays(data_dir=None):
-    """Load MNIST (see :func:`bnfast.datasets.load_mnist`) as flat float32 arrays."""
+    """Load MNIST (see :func:`bnfast.datasets.load_mnist`) as flat float32 arrays.
+
+    Parameters
+    ----------
+    data_dir : str or os.PathLike, optional
+        Folder holding the four IDX files; default: as :func:`bnfast.datasets.load_mnist`
+        (which downloads missing files when it may).
+
+    Returns
+    -------
+    MnistArrays
+        Images flattened to ``(N, 784)`` float32 in [0, 1], labels int64, and the folder
+        read from as `source`.
+
+    Raises
+    ------
+    bnfast.datasets.DatasetError
+        From :func:`bnfast.datasets.load_mnist`: a file is missing (and could not be
+        downloaded), corrupt, or fails its checksum.
+
+    Examples
+    --------
+    Three home-made 28x28 images in IDX files (checksums switched off for them):
+
+    >>> import struct, tempfile
+    >>> from pathlib import Path
+    >>> from unittest import mock
+    >>> from bnfast import datasets
+    >>> def idx(dims, values):
+    ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(dims))
+    ...     return head + struct.pack(f">{len(dims)}I", *dims) + bytes(values)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> folder = Path(tmp.name)
+    >>> files = {"train_images": idx((2, 28, 28), [255] * 1568),
+    ...          "train_labels": idx((2,), [3, 5]),
+    ...          "test_images": idx((1, 28, 28), [0] * 784), "test_labels": idx((1,), [7])}
+    >>> for role, blob in files.items():
+    ...     _ = (folder / datasets.MNIST_FILES[role]).write_bytes(blob)
+    >>> with mock.patch.dict(datasets.MNIST_SHA256, clear=True):
+    ...     data = load_mnist_arrays(folder)
+    >>> data.X_train.shape, data.X_train.dtype, float(data.X_train.max())
+    ((2, 784), dtype('float32'), 1.0)
+    >>> data.y_train.tolist(), data.y_test.dtype
+    ([3, 5], dtype('int64'))
+    >>> tmp.cleanup()
+    """
     m = load_mnist(data_dir)
     return MnistArrays(as_float(m.train_images, flatten=True), m.train_labels.astype(np.int64),
                        as_float(m.test_images, flatten=True), m.test_labels.astype(np.int64),
@@ -55,6 +122,15 @@ class Batches:
     seed : int
         The same seed gives the same sequence of batches (both networks of a comparison
         see the same data in the same order).
+
+    Examples
+    --------
+    >>> b = Batches(10, 4, seed=0)
+    >>> first, second, third = b.next(), b.next(), b.next()    # third: a new epoch
+    >>> len(first), len(set(first.tolist()) | set(second.tolist()))
+    (4, 8)
+    >>> bool((Batches(10, 4, seed=0).next() == first).all())   # same seed, same batches
+    True
     """
 
     def __init__(self, n, batch_size, seed):
@@ -83,6 +159,11 @@ class PercentileRecorder:
     ----------
     percentiles : sequence of float, default (15, 50, 85)
 
+    Raises
+    ------
+    ValueError
+        No percentiles, or one outside [0, 100].
+
     Examples
     --------
     >>> import numpy as np
@@ -90,6 +171,10 @@ class PercentileRecorder:
     >>> rec.record(0, np.arange(101.0))
     >>> rec.as_dict()
     {'step': [0], 'p15': [15.0], 'p50': [50.0], 'p85': [85.0]}
+    >>> PercentileRecorder((50, 150))
+    Traceback (most recent call last):
+        ...
+    ValueError: percentiles must be in [0, 100], got (50, 150)
     """
 
     def __init__(self, percentiles=(15, 50, 85)):
@@ -141,6 +226,19 @@ def forward_probe(model, x, probe=None):
     Returns
     -------
     logits, probed : ndarray, ndarray or None
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> rng = np.random.default_rng(0)
+    >>> model = nn.Sequential(nn.Linear(4, 3, rng=rng), nn.Sigmoid(), nn.Linear(3, 2, rng=rng))
+    >>> x = rng.random((5, 4), dtype=np.float32)
+    >>> logits, probed = forward_probe(model, x, probe=(0, 1))   # unit 1 of the first Linear
+    >>> logits.shape, probed.shape, probed.dtype
+    ((5, 2), (5,), dtype('float64'))
+    >>> forward_probe(model, x)[1] is None
+    True
     """
     if probe is None:
         return model.forward(x), None
@@ -156,11 +254,36 @@ def forward_probe(model, x, probe=None):
 def evaluate(model, X, y, *, probe=None, batch_size=2000):
     """Test accuracy in eval mode (training flags restored), plus the probed values.
 
+    Parameters
+    ----------
+    model : bnfast.nn.Sequential
+    X : ndarray
+        Inputs, evaluated in slices of `batch_size`.
+    y : ndarray of int
+        Labels; a prediction is the argmax of the model's output.
+    probe : (layer_index, unit) or None
+        See :func:`forward_probe`.
+    batch_size : int, default 2000
+
     Returns
     -------
     accuracy : float
     probed : ndarray or None
         Concatenated over the batches (see :func:`forward_probe`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> rng = np.random.default_rng(0)
+    >>> model = nn.Sequential(nn.Linear(4, 8, bias=False, rng=rng), nn.BatchNorm1d(8),
+    ...                       nn.Sigmoid(), nn.Linear(8, 3, rng=rng))
+    >>> X = rng.random((10, 4), dtype=np.float32)
+    >>> y = model.eval().forward(X).argmax(axis=1)      # labels the model gets right
+    >>> _ = model.train()
+    >>> acc, probed = evaluate(model, X, y, probe=(1, 0), batch_size=4)
+    >>> acc, probed.shape, model[1].training             # training flag restored
+    (1.0, (10,), True)
     """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -180,14 +303,73 @@ def evaluate(model, X, y, *, probe=None, batch_size=2000):
 def population_copy(model, X_train, batch_index):
     """A copy of `model` whose batch-norm layers hold population statistics (Algorithm 2),
     computed over the training mini-batches ``X_train[i]`` for ``i`` in `batch_index`;
-    `model` and its running averages are left alone."""
+    `model` and its running averages are left alone.
+
+    Parameters
+    ----------
+    model : bnfast.nn.Sequential
+    X_train : ndarray
+        Training inputs.
+    batch_index : iterable of index arrays
+        One array of row indices of `X_train` per mini-batch.
+
+    Returns
+    -------
+    bnfast.nn.Sequential
+        The copy, with population statistics (see :func:`bnfast.nn.compute_population_stats`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> rng = np.random.default_rng(0)
+    >>> model = nn.Sequential(nn.Linear(4, 3, bias=False, rng=rng), nn.BatchNorm1d(3))
+    >>> X = rng.random((12, 4), dtype=np.float32) + 1
+    >>> before = model[1].running_mean.copy()
+    >>> twin = population_copy(model, X, [np.arange(0, 6), np.arange(6, 12)])
+    >>> bool(np.array_equal(model[1].running_mean, before))       # model untouched
+    True
+    >>> bool(np.allclose(twin[1].running_mean, (X @ model[0].weight.data.T).mean(axis=0),
+    ...                  atol=1e-5))
+    True
+    """
     twin = model.copy()
     nn.compute_population_stats(twin, (X_train[i] for i in batch_index))
     return twin
 
 
 def train_step(model, loss_fn, opt, xb, yb):
-    """One SGD step; returns the loss."""
+    """One SGD step; returns the loss.
+
+    Parameters
+    ----------
+    model : bnfast.nn.Sequential
+    loss_fn : bnfast.nn.CrossEntropyLoss
+        Or another loss with ``loss_fn(output, target)`` and ``loss_fn.backward()``.
+    opt : bnfast.optim.Optimizer
+        Holds `model`'s parameters; its gradients are zeroed before the step.
+    xb, yb : ndarray
+        The mini-batch: inputs and labels.
+
+    Returns
+    -------
+    float
+        The loss of the mini-batch before the step.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn, optim
+    >>> rng = np.random.default_rng(0)
+    >>> model = nn.Sequential(nn.Linear(4, 3, rng=rng))
+    >>> opt = optim.SGD(model.parameters(), lr=0.5)
+    >>> loss_fn = nn.CrossEntropyLoss()
+    >>> xb, yb = rng.random((8, 4), dtype=np.float32), np.arange(8) % 3
+    >>> first = train_step(model, loss_fn, opt, xb, yb)
+    >>> later = [train_step(model, loss_fn, opt, xb, yb) for _ in range(20)][-1]
+    >>> bool(later < first)
+    True
+    """
     opt.zero_grad()
     loss = loss_fn(model.forward(xb), yb)
     model.backward(loss_fn.backward())
@@ -206,6 +388,21 @@ def limit_threads(n):
     slower.  The BLAS limit needs threadpoolctl; without it only bnfast's threads are set
     (set ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` before starting Python instead).
     `n` None leaves both alone.
+
+    Parameters
+    ----------
+    n : int or None
+        Number of threads inside the block; the previous settings are restored after it.
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> before = bnfast.get_num_threads()
+    >>> with limit_threads(1):
+    ...     bnfast.get_num_threads()
+    1
+    >>> bnfast.get_num_threads() == before
+    True
     """
     if n is None:
         yield
@@ -236,7 +433,30 @@ def blas_threads():
 # ---------------------------------------------------------------------------- output
 
 def progress_bar(total, desc, enabled=True):
-    """A tqdm bar over `total` steps (a no-op object when disabled)."""
+    """A tqdm bar over `total` steps (a no-op object when disabled).
+
+    Parameters
+    ----------
+    total : int
+        Number of steps.
+    desc : str
+        Label in front of the bar.
+    enabled : bool, default True
+        False: the bar shows nothing (its methods still work).
+
+    Returns
+    -------
+    tqdm.tqdm
+        Use it as a context manager; ``bar.update(1)`` per step.
+
+    Examples
+    --------
+    >>> with progress_bar(3, "demo", enabled=False) as bar:   # prints nothing
+    ...     for _ in range(3):
+    ...         _ = bar.update(1)
+    >>> bar.total, bar.disable
+    (3, True)
+    """
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=True,
@@ -244,7 +464,18 @@ def progress_bar(total, desc, enabled=True):
 
 
 class Timer:
-    """Accumulating wall-clock timer: ``with t: ...``; ``t.seconds``."""
+    """Accumulating wall-clock timer: ``with t: ...``; ``t.seconds``.
+
+    Examples
+    --------
+    >>> t = Timer()
+    >>> with t:
+    ...     _ = sum(range(1000))
+    >>> with t:                      # the time of every block is added
+    ...     _ = sum(range(1000))
+    >>> t.seconds > 0
+    True
+    """
 
     def __init__(self):
         self.seconds = 0.0
@@ -260,6 +491,36 @@ class Timer:
 
 
 def write_csv(path, rows, fieldnames):
+    """Write `rows` (dicts) to a CSV file with a header; floats as ``%.6g``, None empty.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file; missing parent folders are created.
+    rows : iterable of dict
+        One dict per row; keys not in `fieldnames` are ignored, missing ones left empty.
+    fieldnames : list of str
+        The columns, in order.
+
+    Returns
+    -------
+    pathlib.Path
+        `path`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = write_csv(Path(tmp.name) / "sub" / "r.csv",
+    ...                  [{"step": 0, "acc": 0.1234567, "extra": 1}, {"step": 5, "acc": None}],
+    ...                  ["step", "acc"])
+    >>> print(path.read_text(), end="")
+    step,acc
+    0,0.123457
+    5,
+    >>> tmp.cleanup()
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -287,6 +548,33 @@ def _jsonable(o):
 
 
 def write_json(path, obj):
+    """Write `obj` as indented JSON; NumPy arrays and scalars become lists and numbers,
+    floats are rounded to 7 decimals.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file; missing parent folders are created.
+    obj : dict, list or scalar
+        Nested dicts, lists, tuples, NumPy arrays and scalars.
+
+    Returns
+    -------
+    pathlib.Path
+        `path`.
+
+    Examples
+    --------
+    >>> import json, tempfile
+    >>> import numpy as np
+    >>> from pathlib import Path
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = write_json(Path(tmp.name) / "r.json",
+    ...                   {"acc": np.array([0.5, 1 / 3]), "n": np.int64(3), 1: (1, 2)})
+    >>> json.loads(path.read_text())
+    {'acc': [0.5, 0.3333333], 'n': 3, '1': [1, 2]}
+    >>> tmp.cleanup()
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
@@ -296,7 +584,25 @@ def write_json(path, obj):
 
 
 def machine_info():
-    """A few facts about where a run happened (for the result files)."""
+    """A few facts about where a run happened (for the result files).
+
+    Returns
+    -------
+    dict
+        Versions of bnfast, NumPy and Python, the machine type, CPU count, bnfast's and
+        the BLAS's thread counts (None without threadpoolctl), and the OpenMP spin
+        environment variables (None when unset).
+
+    Examples
+    --------
+    >>> import bnfast
+    >>> info = machine_info()
+    >>> sorted(info)                                      # doctest: +NORMALIZE_WHITESPACE
+    ['GOMP_SPINCOUNT', 'OMP_WAIT_POLICY', 'blas_threads', 'bnfast', 'bnfast_threads',
+     'cpus', 'machine', 'numpy', 'python']
+    >>> info["bnfast"] == bnfast.__version__
+    True
+    """
     from .. import __version__, get_num_threads
 
     return {"bnfast": __version__, "numpy": np.__version__, "python": platform.python_version(),

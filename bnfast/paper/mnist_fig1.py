@@ -54,6 +54,36 @@ def build_mlp(bn, *, hidden=(100, 100, 100), init_std=0.1, eps=1e-5, bn_momentum
     Weights are drawn from ``N(0, init_std^2)`` (the same draws with and without batch
     norm for a given seed), biases are zero; with `bn` every hidden Linear has no bias and
     is followed by ``BatchNorm1d`` before its sigmoid.
+
+    Parameters
+    ----------
+    bn : bool
+        Batch norm on every hidden layer.
+    hidden : sequence of int, default (100, 100, 100)
+        Widths of the hidden layers.
+    init_std : float, default 0.1
+        Standard deviation of the initial weights.
+    eps, bn_momentum : float, default 1e-5, 0.1
+        Of the ``BatchNorm1d`` layers.
+    seed : int, default 0
+        Seed of the initial weights.
+
+    Returns
+    -------
+    bnfast.nn.Sequential
+        ``Linear, [BatchNorm1d,] Sigmoid`` per hidden layer, then ``Linear`` to 10 outputs.
+
+    Examples
+    --------
+    >>> model = build_mlp(True, hidden=(16, 8))
+    >>> [type(m).__name__ for m in model]              # doctest: +NORMALIZE_WHITESPACE
+    ['Linear', 'BatchNorm1d', 'Sigmoid', 'Linear', 'BatchNorm1d', 'Sigmoid', 'Linear']
+    >>> model[0].bias is None, model[-1].weight.shape
+    (True, (10, 8))
+    >>> import numpy as np
+    >>> plain = build_mlp(False, hidden=(16, 8))       # same seed: the same weights
+    >>> bool(np.array_equal(plain[0].weight.data, model[0].weight.data))
+    True
     """
     rng = np.random.default_rng(seed)
     sizes = [784] + list(hidden) + [10]
@@ -75,7 +105,34 @@ def build_mlp(bn, *, hidden=(100, 100, 100), init_std=0.1, eps=1e-5, bn_momentum
 
 
 def probe_index(model):
-    """Index of the layer whose output is the input of the last hidden sigmoid."""
+    """Index of the layer whose output is the input of the last hidden sigmoid.
+
+    Parameters
+    ----------
+    model : bnfast.nn.Sequential
+
+    Returns
+    -------
+    int
+        The index of the layer just before the last ``Sigmoid``.
+
+    Raises
+    ------
+    ValueError
+        The model has no ``Sigmoid`` layer.
+
+    Examples
+    --------
+    >>> probe_index(build_mlp(False, hidden=(8, 8)))   # Linear, Sigmoid, Linear, Sigmoid, ...
+    2
+    >>> probe_index(build_mlp(True, hidden=(8, 8)))    # ..., Linear, BatchNorm1d, Sigmoid, ...
+    4
+    >>> from bnfast import nn
+    >>> probe_index(nn.Sequential(nn.Linear(2, 2)))
+    Traceback (most recent call last):
+        ...
+    ValueError: the model has no Sigmoid layer
+    """
     idx = [i for i, m in enumerate(model) if isinstance(m, nn.Sigmoid)]
     if not idx:
         raise ValueError("the model has no Sigmoid layer")
@@ -118,6 +175,8 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
         The unit of the last hidden layer whose input is recorded.
     pop_batches : int
         Number of fixed training mini-batches for the population statistics.
+    hidden : sequence of int, default (100, 100, 100)
+        Widths of the hidden layers (see :func:`build_mlp`).
     nets : tuple of {'nobn', 'bn'}
     progress : bool
     eval_size : int, optional
@@ -131,6 +190,33 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
     dict
         ``config``, ``curves`` (per net: ``step``, ``acc``, and for BN ``acc_running``;
         ``train_loss`` and percentiles ``p15``, ``p50``, ``p85``) and ``timing``.
+
+    Raises
+    ------
+    ValueError
+        `steps` or `eval_every` is below 1, or `optimizer` is unknown.
+    FloatingPointError
+        The training loss became infinite or NaN (the learning rate is too high).
+
+    Examples
+    --------
+    Four steps on random data (the real experiment uses :func:`common.load_mnist_arrays`):
+
+    >>> import numpy as np
+    >>> from bnfast.paper import common
+    >>> rng = np.random.default_rng(0)
+    >>> data = common.MnistArrays(rng.random((32, 784), dtype=np.float32), np.arange(32) % 10,
+    ...                           rng.random((8, 784), dtype=np.float32), np.arange(8) % 10)
+    >>> results = run(data, steps=4, eval_every=2, batch_size=8, hidden=(8, 8),
+    ...               pop_batches=2, progress=False)
+    >>> results["curves"]["bn"]["step"], sorted(results["curves"]["bn"])
+    ([0, 2, 4], ['acc', 'acc_running', 'p15', 'p50', 'p85', 'step', 'train_loss'])
+    >>> len(results["curves"]["nobn"]["p50"]), results["config"]["eval_size"]
+    (3, 8)
+    >>> run(data, steps=0)
+    Traceback (most recent call last):
+        ...
+    ValueError: steps and eval_every must be >= 1
     """
     if steps < 1 or eval_every < 1:
         raise ValueError("steps and eval_every must be >= 1")
@@ -226,7 +312,30 @@ def _at(curve, step, key="acc"):
 
 
 def table_rows(results):
-    """Rows ``{step, paper_nobn, nobn, paper_bn, bn, bn_running}`` at the paper's steps."""
+    """Rows ``{step, paper_nobn, nobn, paper_bn, bn, bn_running}`` at the paper's steps.
+
+    Parameters
+    ----------
+    results : dict
+        As returned by :func:`run` (``config`` and ``curves`` are used).
+
+    Returns
+    -------
+    list of dict
+        One row per step of :data:`PAPER_FIG1` up to the run's steps; None where a
+        network was not run or the step was not evaluated.
+
+    Examples
+    --------
+    >>> results = {"config": {"steps": 10000, "unit": 0},
+    ...            "curves": {"nobn": {"step": [0, 5000, 10000], "acc": [0.1, 0.8, 0.9]},
+    ...                       "bn": {"step": [0, 5000, 10000], "acc": [0.1, 0.95, 0.96],
+    ...                              "acc_running": [0.1, 0.94, 0.96]}}}
+    >>> for row in table_rows(results):
+    ...     print(row)
+    {'step': 5000, 'paper_nobn': 0.784, 'nobn': 0.8, 'paper_bn': 0.956, 'bn': 0.95, 'bn_running': 0.94}
+    {'step': 10000, 'paper_nobn': 0.926, 'nobn': 0.9, 'paper_bn': 0.965, 'bn': 0.96, 'bn_running': 0.96}
+    """
     rows = []
     c = results["curves"]
     for s in TABLE_STEPS:
@@ -242,7 +351,31 @@ def table_rows(results):
 
 
 def format_table(results):
-    """Markdown table of test accuracy at 5K..50K steps beside the paper's figures."""
+    """Markdown table of test accuracy at 5K..50K steps beside the paper's figures.
+
+    Parameters
+    ----------
+    results : dict
+        As returned by :func:`run`.
+
+    Returns
+    -------
+    str
+        The rows of :func:`table_rows`; a run shorter than 5,000 steps gets one row with
+        its final accuracies.
+
+    Examples
+    --------
+    >>> results = {"config": {"steps": 10000, "unit": 0},
+    ...            "curves": {"nobn": {"step": [0, 5000, 10000], "acc": [0.1, 0.8, 0.9]},
+    ...                       "bn": {"step": [0, 5000, 10000], "acc": [0.1, 0.95, 0.96],
+    ...                              "acc_running": [0.1, 0.94, 0.96]}}}
+    >>> print(format_table(results))                 # doctest: +NORMALIZE_WHITESPACE
+    | steps | paper, without BN | ours, without BN | paper, with BN | ours, with BN (population) | ours, with BN (running avg.) |
+    | ---: | ---: | ---: | ---: | ---: | ---: |
+    | 5K | 0.784 | 0.800 | 0.956 | 0.950 | 0.940 |
+    | 10K | 0.926 | 0.900 | 0.965 | 0.960 | 0.960 |
+    """
     def f(v):
         return "" if v is None else f"{v:.3f}"
 
@@ -281,7 +414,38 @@ def format_percentiles(results):
 
 
 def plot(results, path):
-    """The three panels of Figure 1: (a) test accuracy, (b) without BN, (c) with BN."""
+    """The three panels of Figure 1: (a) test accuracy, (b) without BN, (c) with BN.
+
+    Uses matplotlib's non-interactive Agg backend.
+
+    Parameters
+    ----------
+    results : dict
+        As returned by :func:`run`.
+    path : str or os.PathLike
+        The image file to write (its format from the suffix, e.g. ``.png``).
+
+    Returns
+    -------
+    str or os.PathLike
+        `path`.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from bnfast.paper import common
+    >>> rng = np.random.default_rng(0)
+    >>> data = common.MnistArrays(rng.random((32, 784), dtype=np.float32), np.arange(32) % 10,
+    ...                           rng.random((8, 784), dtype=np.float32), np.arange(8) % 10)
+    >>> results = run(data, steps=4, eval_every=2, batch_size=8, hidden=(8, 8),
+    ...               pop_batches=2, progress=False)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = plot(results, os.path.join(tmp.name, "fig1.png"))
+    >>> os.path.getsize(path) > 0
+    True
+    >>> tmp.cleanup()
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,7 +491,37 @@ def plot(results, path):
 
 def save(results, out_dir, *, make_plot=True):
     """Write ``mnist_fig1.json``, ``mnist_fig1.csv``, ``mnist_fig1_table.md`` and
-    ``mnist_fig1.png`` into `out_dir`; return the paths."""
+    ``mnist_fig1.png`` into `out_dir`; return the paths.
+
+    Parameters
+    ----------
+    results : dict
+        As returned by :func:`run`.
+    out_dir : str or os.PathLike
+        The folder (created if missing).
+    make_plot : bool, default True
+        Also write the figure (needs matplotlib; see :func:`plot`).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> from bnfast.paper import common
+    >>> rng = np.random.default_rng(0)
+    >>> data = common.MnistArrays(rng.random((32, 784), dtype=np.float32), np.arange(32) % 10,
+    ...                           rng.random((8, 784), dtype=np.float32), np.arange(8) % 10)
+    >>> results = run(data, steps=4, eval_every=2, batch_size=8, hidden=(8, 8),
+    ...               pop_batches=2, progress=False)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> [p.name for p in save(results, tmp.name, make_plot=False)]
+    ['mnist_fig1.json', 'mnist_fig1.csv', 'mnist_fig1_table.md']
+    >>> tmp.cleanup()
+    """
     from pathlib import Path
 
     out = Path(out_dir)
@@ -366,7 +560,62 @@ def timing_line(results):
 
 
 def main_run(args):
-    """Run from parsed command-line arguments (see :mod:`bnfast.paper.cli`)."""
+    """Run from parsed command-line arguments (see :mod:`bnfast.paper.cli`).
+
+    Loads MNIST, runs :func:`run`, writes the files of :func:`save` into ``args.out`` and
+    prints the tables.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The ``mnist`` command's arguments, from :func:`bnfast.paper.cli.build_parser`.
+
+    Returns
+    -------
+    dict
+        The results of :func:`run`, with ``timing["wall_s"]`` and ``data_source`` added.
+
+    Raises
+    ------
+    bnfast.datasets.DatasetError
+        MNIST could not be loaded (see :func:`common.load_mnist_arrays`).
+    ValueError, FloatingPointError
+        From :func:`run`.
+
+    Examples
+    --------
+    Two steps on home-made 28x28 IDX files (checksums switched off for them), the
+    printed tables discarded:
+
+    >>> import contextlib, io, struct, tempfile
+    >>> from pathlib import Path
+    >>> from unittest import mock
+    >>> import numpy as np
+    >>> from bnfast import datasets
+    >>> from bnfast.paper import cli
+    >>> def idx(dims, values):
+    ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(dims))
+    ...     return head + struct.pack(f">{len(dims)}I", *dims) + bytes(values)
+    >>> rng = np.random.default_rng(0)
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> folder = Path(tmp.name)
+    >>> files = {"train_images": idx((20, 28, 28), rng.integers(0, 256, 20 * 784).tolist()),
+    ...          "train_labels": idx((20,), [i % 10 for i in range(20)]),
+    ...          "test_images": idx((10, 28, 28), rng.integers(0, 256, 10 * 784).tolist()),
+    ...          "test_labels": idx((10,), list(range(10)))}
+    >>> for role, blob in files.items():
+    ...     _ = (folder / datasets.MNIST_FILES[role]).write_bytes(blob)
+    >>> args = cli.build_parser().parse_args(
+    ...     ["mnist", "--data-dir", str(folder), "--out", str(folder / "out"), "--steps", "2",
+    ...      "--eval-every", "1", "--batch-size", "4", "--pop-batches", "2", "--no-progress",
+    ...      "--no-plot"])
+    >>> with mock.patch.dict(datasets.MNIST_SHA256, clear=True), \\
+    ...         contextlib.redirect_stdout(io.StringIO()):
+    ...     results = main_run(args)
+    >>> results["curves"]["bn"]["step"], sorted(p.name for p in (folder / "out").iterdir())
+    ([0, 1, 2], ['mnist_fig1.csv', 'mnist_fig1.json', 'mnist_fig1_table.md'])
+    >>> tmp.cleanup()
+    """
     t0 = time.perf_counter()
     data = common.load_mnist_arrays(args.data_dir)
     results = run(data, steps=args.steps, eval_every=args.eval_every,
