@@ -152,13 +152,6 @@ cdef inline int _dt(cnp.ndarray a):
     # 0 for float32, 1 for float64 (callers guarantee one of them)
     return 0 if cnp.PyArray_ITEMSIZE(a) == 4 else 1
 
-cdef inline double *_dp(object a):
-    # data pointer of a float64 array, or NULL for None
-    if a is None:
-        return NULL
-    return <double *> cnp.PyArray_DATA(<cnp.ndarray> a)
-
-
 cdef _update_running(cnp.ndarray rm, cnp.ndarray rv, double *mean, double *var,
                      Py_ssize_t C, double count, double momentum):
     cdef Py_ssize_t sm = cnp.PyArray_STRIDE(rm, 0) // cnp.PyArray_ITEMSIZE(rm)
@@ -175,28 +168,64 @@ cdef _update_running(cnp.ndarray rm, cnp.ndarray rv, double *mean, double *var,
 
 # ---------------------------------------------------------------- kernels
 
-def moments(cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
-    """Per-channel (mean, biased var) as float64 arrays of length C."""
-    cdef cnp.ndarray mean = np.empty(C, dtype=np.float64)
-    cdef cnp.ndarray var = np.empty(C, dtype=np.float64)
+cdef class _Vec:
+    # A per-channel vector as double*: borrowed when float64, converted when float32.
+    cdef double *ptr
+    cdef double *own
+    def __dealloc__(self):
+        if self.own != NULL:
+            free(self.own)
+
+cdef _Vec _vec(object v, Py_ssize_t C):
+    cdef _Vec r = _Vec.__new__(_Vec)
+    cdef cnp.ndarray a
+    cdef float *fp
+    cdef Py_ssize_t i
+    if v is None:
+        return r
+    a = <cnp.ndarray> v
+    if cnp.PyArray_TYPE(a) == cnp.NPY_DOUBLE:
+        r.ptr = <double *> cnp.PyArray_DATA(a)
+    else:
+        r.own = <double *> malloc(sizeof(double) * (C if C > 0 else 1))
+        if r.own == NULL:
+            raise MemoryError()
+        fp = <float *> cnp.PyArray_DATA(a)
+        for i in range(C):
+            r.own[i] = fp[i]
+        r.ptr = r.own
+    return r
+
+cdef inline cnp.ndarray _empty_like(cnp.ndarray x):
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+
+cdef inline cnp.ndarray _empty_c(Py_ssize_t C):
+    cdef cnp.npy_intp n = C
+    return cnp.PyArray_EMPTY(1, &n, cnp.NPY_DOUBLE, 0)
+
+
+# Each operation has one cdef implementation that calls its kernel; the general path
+# (bnfast._api, after its checks and conversions) and the fast paths below both use it.
+# Per-channel vectors may be None, or 1-D contiguous float32/float64 arrays of length C.
+
+cdef tuple _moments(cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nt):
+    cdef cnp.ndarray mean = _empty_c(C), var = _empty_c(C)
     cdef const bn_kernel_table *t = bn_active()
     cdef int dt = _dt(x), st
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef double *mp = <double *> cnp.PyArray_DATA(mean)
     cdef double *vp = <double *> cnp.PyArray_DATA(var)
     with nogil:
-        st = t.moments[dt](xp, N, C, S, mp, vp, nthreads)
+        st = t.moments[dt](xp, N, C, S, mp, vp, nt)
     _check(st)
     return mean, var
 
 
-def train_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                  object weight, object bias, double eps, bint relu,
-                  object running_mean, object running_var, double momentum, int nthreads):
-    """Training forward: returns (mean, invstd) float64; updates running stats if given."""
-    cdef cnp.ndarray mean = np.empty(C, dtype=np.float64)
-    cdef cnp.ndarray invstd = np.empty(C, dtype=np.float64)
-    cdef cnp.ndarray var = np.empty(C, dtype=np.float64)
+cdef tuple _train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                  object weight, object bias, double eps, bint relu, object running_mean,
+                  object running_var, double momentum, int nt):
+    cdef _Vec w = _vec(weight, C), b = _vec(bias, C)
+    cdef cnp.ndarray mean = _empty_c(C), invstd = _empty_c(C), var = _empty_c(C)
     cdef const bn_kernel_table *t = bn_active()
     cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0
     cdef void *xp = cnp.PyArray_DATA(x)
@@ -204,10 +233,8 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_s
     cdef double *mp = <double *> cnp.PyArray_DATA(mean)
     cdef double *ip = <double *> cnp.PyArray_DATA(invstd)
     cdef double *vp = <double *> cnp.PyArray_DATA(var)
-    cdef double *wp = _dp(weight)
-    cdef double *bp = _dp(bias)
     with nogil:
-        st = t.train_forward[dt](xp, yp, N, C, S, wp, bp, eps, mp, vp, ip, flags, nthreads)
+        st = t.train_forward[dt](xp, yp, N, C, S, w.ptr, b.ptr, eps, mp, vp, ip, flags, nt)
     _check(st)
     if running_mean is not None:
         _update_running(running_mean, running_var, mp, vp, C, <double> N * <double> S,
@@ -215,54 +242,77 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_s
     return mean, invstd
 
 
-def infer_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                  cnp.ndarray mean, cnp.ndarray var, object weight, object bias, double eps,
-                  bint relu, int nthreads):
-    """Inference forward with given float64 mean/var."""
-    cdef cnp.ndarray work = np.empty(2 * C, dtype=np.float64)
+cdef int _infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                object mean, object var, object weight, object bias, double eps, bint relu,
+                int nt) except -1:
+    cdef _Vec m = _vec(mean, C), v = _vec(var, C), w = _vec(weight, C), b = _vec(bias, C)
     cdef const bn_kernel_table *t = bn_active()
     cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0
-    cdef void *xp = cnp.PyArray_DATA(x)
-    cdef void *yp = cnp.PyArray_DATA(y)
-    cdef double *mp = <double *> cnp.PyArray_DATA(mean)
-    cdef double *vp = <double *> cnp.PyArray_DATA(var)
-    cdef double *sc = <double *> cnp.PyArray_DATA(work)
+    cdef double *sc = <double *> malloc(sizeof(double) * 2 * (C if C > 0 else 1))
+    if sc == NULL:
+        raise MemoryError()
     cdef double *sh = sc + C
-    cdef double *wp = _dp(weight)
-    cdef double *bp = _dp(bias)
     cdef double inv
     cdef Py_ssize_t c
+    cdef void *xp = cnp.PyArray_DATA(x)
+    cdef void *yp = cnp.PyArray_DATA(y)
     with nogil:
         for c in range(C):
-            inv = 1.0 / sqrt(vp[c] + eps)
-            sc[c] = inv * wp[c] if wp != NULL else inv
-            sh[c] = bp[c] if bp != NULL else 0.0
-        st = t.normalize[dt](xp, yp, N, C, S, mp, sc, sh, flags, nthreads)
+            inv = 1.0 / sqrt(v.ptr[c] + eps)
+            sc[c] = inv * w.ptr[c] if w.ptr != NULL else inv
+            sh[c] = b.ptr[c] if b.ptr != NULL else 0.0
+        st = t.normalize[dt](xp, yp, N, C, S, m.ptr, sc, sh, flags, nt)
+    free(sc)
     _check(st)
+    return 0
 
 
-def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N, Py_ssize_t C,
-             Py_ssize_t S, cnp.ndarray mean, cnp.ndarray invstd, object weight, object bias,
-             bint relu, bint training, int nthreads):
-    """Backward pass: writes dx, returns (dweight, dbias) as float64 arrays."""
-    cdef cnp.ndarray dweight = np.empty(C, dtype=np.float64)
-    cdef cnp.ndarray dbias = np.empty(C, dtype=np.float64)
+cdef tuple _backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N,
+                     Py_ssize_t C, Py_ssize_t S, object mean, object invstd, object weight,
+                     object bias, bint relu, bint training, int nt):
+    cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
+    cdef cnp.ndarray dweight = _empty_c(C), dbias = _empty_c(C)
     cdef const bn_kernel_table *t = bn_active()
     cdef int dt = _dt(x), st
     cdef int flags = (BN_FLAG_RELU if relu else 0) | (0 if training else BN_FLAG_EVAL)
     cdef void *dyp = cnp.PyArray_DATA(dy)
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *dxp = cnp.PyArray_DATA(dx)
-    cdef double *mp = <double *> cnp.PyArray_DATA(mean)
-    cdef double *ip = <double *> cnp.PyArray_DATA(invstd)
     cdef double *dwp = <double *> cnp.PyArray_DATA(dweight)
     cdef double *dbp = <double *> cnp.PyArray_DATA(dbias)
-    cdef double *wp = _dp(weight)
-    cdef double *bp = _dp(bias)
     with nogil:
-        st = t.backward[dt](dyp, xp, dxp, N, C, S, mp, ip, wp, bp, dwp, dbp, flags, nthreads)
+        st = t.backward[dt](dyp, xp, dxp, N, C, S, m.ptr, inv.ptr, w.ptr, b.ptr, dwp, dbp,
+                            flags, nt)
     _check(st)
     return dweight, dbias
+
+
+def moments(cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
+    """Per-channel (mean, biased var) as float64 arrays of length C."""
+    return _moments(x, N, C, S, nthreads)
+
+
+def train_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                  object weight, object bias, double eps, bint relu,
+                  object running_mean, object running_var, double momentum, int nthreads):
+    """Training forward: returns (mean, invstd) float64; updates running stats if given."""
+    return _train(x, y, N, C, S, weight, bias, eps, relu, running_mean, running_var,
+                  momentum, nthreads)
+
+
+def infer_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                  cnp.ndarray mean, cnp.ndarray var, object weight, object bias, double eps,
+                  bint relu, int nthreads):
+    """Inference forward with given mean/var."""
+    _infer(x, y, N, C, S, mean, var, weight, bias, eps, relu, nthreads)
+
+
+def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N, Py_ssize_t C,
+             Py_ssize_t S, cnp.ndarray mean, cnp.ndarray invstd, object weight, object bias,
+             bint relu, bint training, int nthreads):
+    """Backward pass: writes dx, returns (dweight, dbias) as float64 arrays."""
+    return _backward(dy, x, dx, N, C, S, mean, invstd, weight, bias, relu, training,
+                     nthreads)
 
 
 # ---------------------------------------------------------------- fast paths
@@ -346,42 +396,6 @@ cdef inline bint _split(cnp.ndarray x, object axis, Py_ssize_t *N, Py_ssize_t *C
     C[0] = cnp.PyArray_DIM(x, ax)
     return True
 
-cdef class _Vec:
-    # A per-channel vector as double*: borrowed when float64, converted when float32.
-    cdef double *ptr
-    cdef double *own
-    def __dealloc__(self):
-        if self.own != NULL:
-            free(self.own)
-
-cdef _Vec _vec(object v, Py_ssize_t C):
-    cdef _Vec r = _Vec.__new__(_Vec)
-    cdef cnp.ndarray a
-    cdef float *fp
-    cdef Py_ssize_t i
-    if v is None:
-        return r
-    a = <cnp.ndarray> v
-    if cnp.PyArray_TYPE(a) == cnp.NPY_DOUBLE:
-        r.ptr = <double *> cnp.PyArray_DATA(a)
-    else:
-        r.own = <double *> malloc(sizeof(double) * (C if C > 0 else 1))
-        if r.own == NULL:
-            raise MemoryError()
-        fp = <float *> cnp.PyArray_DATA(a)
-        for i in range(C):
-            r.own[i] = fp[i]
-        r.ptr = r.own
-    return r
-
-cdef inline cnp.ndarray _empty_like(cnp.ndarray x):
-    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
-
-cdef inline cnp.ndarray _empty_c(Py_ssize_t C):
-    cdef cnp.npy_intp n = C
-    return cnp.PyArray_EMPTY(1, &n, cnp.NPY_DOUBLE, 0)
-
-
 def fast_train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
                relu):
     cdef Py_ssize_t N = 0, C = 0, S = 0
@@ -408,22 +422,8 @@ def fast_train(x, weight, bias, eps, axis, running_mean, running_var, momentum, 
     if not _ok_out(out, xa, (xa,)):
         return None
     cdef cnp.ndarray y = _empty_like(xa) if out is None else <cnp.ndarray> out
-    cdef _Vec w = _vec(weight, C), b = _vec(bias, C)
-    cdef cnp.ndarray mean = _empty_c(C), invstd = _empty_c(C), var = _empty_c(C)
-    cdef const bn_kernel_table *t = bn_active()
-    cdef int dt = _dt(xa), st, flags = BN_FLAG_RELU if relu else 0, nt = _threads()
-    cdef void *xp = cnp.PyArray_DATA(xa)
-    cdef void *yp = cnp.PyArray_DATA(y)
-    cdef double *mp = <double *> cnp.PyArray_DATA(mean)
-    cdef double *ip = <double *> cnp.PyArray_DATA(invstd)
-    cdef double *vp = <double *> cnp.PyArray_DATA(var)
-    cdef double e = eps
-    with nogil:
-        st = t.train_forward[dt](xp, yp, N, C, S, w.ptr, b.ptr, e, mp, vp, ip, flags, nt)
-    _check(st)
-    if running_mean is not None:
-        _update_running(running_mean, running_var, mp, vp, C, <double> N * <double> S,
-                        <double> momentum)
+    mean, invstd = _train(xa, y, N, C, S, weight, bias, eps, relu, running_mean,
+                          running_var, momentum, _threads())
     return y, mean, invstd
 
 
@@ -437,29 +437,12 @@ def fast_infer(x, mean, var, weight, bias, eps, axis, out, relu):
     if not (_is_vec(mean, C) and _is_vec(var, C) and _is_vec(weight, C)
             and _is_vec(bias, C) and _ok_out(out, xa, (xa,))):
         return None
-    cdef _Vec m = _vec(mean, C), v = _vec(var, C)
+    cdef _Vec v = _vec(var, C)
     for c in range(C):
         if not (v.ptr[c] >= 0.0):
             return None            # negative (or NaN) variance: the general path decides
-    cdef _Vec w = _vec(weight, C), b = _vec(bias, C)
     cdef cnp.ndarray y = _empty_like(xa) if out is None else <cnp.ndarray> out
-    cdef const bn_kernel_table *t = bn_active()
-    cdef int dt = _dt(xa), st, flags = BN_FLAG_RELU if relu else 0, nt = _threads()
-    cdef double *sc = <double *> malloc(sizeof(double) * 2 * (C if C > 0 else 1))
-    if sc == NULL:
-        raise MemoryError()
-    cdef double *sh = sc + C
-    cdef double inv, e = eps
-    cdef void *xp = cnp.PyArray_DATA(xa)
-    cdef void *yp = cnp.PyArray_DATA(y)
-    with nogil:
-        for c in range(C):
-            inv = 1.0 / sqrt(v.ptr[c] + e)
-            sc[c] = inv * w.ptr[c] if w.ptr != NULL else inv
-            sh[c] = b.ptr[c] if b.ptr != NULL else 0.0
-        st = t.normalize[dt](xp, yp, N, C, S, m.ptr, sc, sh, flags, nt)
-    free(sc)
-    _check(st)
+    _infer(xa, y, N, C, S, mean, var, weight, bias, eps, relu, _threads())
     return y
 
 
@@ -478,22 +461,10 @@ def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out):
     if not (_is_vec(mean, C) and _is_vec(invstd, C) and _is_vec(weight, C)
             and _is_vec(bias, C) and _ok_out(out, xa, (xa, da))):
         return None
-    cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
     cdef cnp.ndarray dx = _empty_like(xa) if out is None else <cnp.ndarray> out
-    cdef cnp.ndarray dweight = _empty_c(C), dbias = _empty_c(C)
-    cdef const bn_kernel_table *t = bn_active()
-    cdef int dt = _dt(xa), st, nt = _threads()
-    cdef int flags = (BN_FLAG_RELU if relu else 0) | (0 if training else BN_FLAG_EVAL)
-    cdef void *dyp = cnp.PyArray_DATA(da)
-    cdef void *xp = cnp.PyArray_DATA(xa)
-    cdef void *dxp = cnp.PyArray_DATA(dx)
-    cdef double *dwp = <double *> cnp.PyArray_DATA(dweight)
-    cdef double *dbp = <double *> cnp.PyArray_DATA(dbias)
-    with nogil:
-        st = t.backward[dt](dyp, xp, dxp, N, C, S, m.ptr, inv.ptr, w.ptr, b.ptr, dwp, dbp,
-                            flags, nt)
-    _check(st)
-    if dt == 0:
+    dweight, dbias = _backward(da, xa, dx, N, C, S, mean, invstd, weight, bias, relu,
+                               training, _threads())
+    if _dt(xa) == 0:
         return dx, dweight.astype(np.float32), dbias.astype(np.float32)
     return dx, dweight, dbias
 
@@ -504,14 +475,4 @@ def fast_moments(x, axis):
         return None
     if N * S == 0:
         return None
-    cdef cnp.ndarray xa = <cnp.ndarray> x
-    cdef cnp.ndarray mean = _empty_c(C), var = _empty_c(C)
-    cdef const bn_kernel_table *t = bn_active()
-    cdef int dt = _dt(xa), st, nt = _threads()
-    cdef void *xp = cnp.PyArray_DATA(xa)
-    cdef double *mp = <double *> cnp.PyArray_DATA(mean)
-    cdef double *vp = <double *> cnp.PyArray_DATA(var)
-    with nogil:
-        st = t.moments[dt](xp, N, C, S, mp, vp, nt)
-    _check(st)
-    return mean, var
+    return _moments(<cnp.ndarray> x, N, C, S, _threads())
