@@ -149,23 +149,23 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
             twg, tbg = tw.clone().requires_grad_(True), tb.clone().requires_grad_(True)
             yg = F.batch_norm(txg, None, None, twg, tbg, training=True)
         for op in ops:
-            if op == "train":
+            if op in ("train", "train_relu"):
+                relu = op == "train_relu"
                 f_bn = lambda: _api.batch_norm_train(  # noqa: E731
-                    x, w, b, axis=axis, running_mean=rm, running_var=rv, out=y_out)
+                    x, w, b, axis=axis, running_mean=rm, running_var=rv, out=y_out, relu=relu)
                 f_fresh = lambda: _api.batch_norm_train(  # noqa: E731
-                    x, w, b, axis=axis, running_mean=rm, running_var=rv)
-                f_np = lambda: numpy_train(x, w, b, axis, rm=rm.copy(), rv=rv.copy())  # noqa
-                f_t = (lambda: F.batch_norm(tx, trm, trv, tw, tb, training=True)) \
-                    if torch is not None else None
-            elif op == "train_relu":
-                f_bn = lambda: _api.batch_norm_train(  # noqa: E731
-                    x, w, b, axis=axis, running_mean=rm, running_var=rv, out=y_out, relu=True)
-                f_fresh = lambda: _api.batch_norm_train(  # noqa: E731
-                    x, w, b, axis=axis, running_mean=rm, running_var=rv, relu=True)
-                f_np = lambda: np.maximum(  # noqa: E731
-                    numpy_train(x, w, b, axis, rm=rm.copy(), rv=rv.copy())[0], 0)
-                f_t = (lambda: F.relu(F.batch_norm(tx, trm, trv, tw, tb, training=True))) \
-                    if torch is not None else None
+                    x, w, b, axis=axis, running_mean=rm, running_var=rv, relu=relu)
+
+                def f_np():
+                    y = numpy_train(x, w, b, axis, rm=rm.copy(), rv=rv.copy())[0]
+                    return np.maximum(y, 0) if relu else y
+
+                if torch is not None:
+                    def f_t():
+                        y = F.batch_norm(tx, trm, trv, tw, tb, training=True)
+                        return F.relu(y) if relu else y
+                else:
+                    f_t = None
             elif op == "infer":
                 f_bn = lambda: _api.batch_norm_infer(  # noqa: E731
                     x, bmean, bvar, w, b, axis=axis, out=y_out)
