@@ -34,7 +34,10 @@ typedef long long bn_vl __attribute__((vector_size(64)));
 #define BN_ROW_MIN_S 64        /* S >= this: per-(n, c) rows; else columns of (N, C*S) */
 #define BN_SEG 2048            /* row strategy: contiguous segment for the two-pass block */
 #define BN_TILE 256            /* column strategy: columns per tile */
-#define BN_BLOCK_ELEMS 8192    /* column strategy: elements per two-pass block (~tile x rows) */
+#define BN_BLOCK_ELEMS 32768   /* column strategy: elements per two-pass block (~tile x rows) */
+#define BN_ROW_RUN 16384       /* row strategy: elements an item reads contiguously (per n) */
+#define BN_ROW_CHUNK 256       /* row strategy: most channels per work item */
+#define BN_SPAN 16384          /* element-wise passes: elements per work item (about) */
 #define BN_MAX_GROUPS_ROW 16
 #define BN_MAX_GROUPS_COL 64
 #define BN_PAR_MIN 32768       /* elements below which a call stays on one thread */
@@ -100,6 +103,21 @@ static inline ptrdiff_t bn_groups_row(ptrdiff_t N, ptrdiff_t S)
     if (g > N) g = N;
     if (g < 1) g = 1;
     return g;
+}
+
+/*
+ * Row strategy: channels per work item.  An item covers channels [c0, c0 + chunk) of a group
+ * of rows and walks them in memory order (for each n, its channels one after another), so
+ * it reads runs of chunk * S contiguous elements that the hardware prefetchers can follow.
+ * Each channel still merges its rows in order, so the chunking does not change any result.
+ */
+static inline ptrdiff_t bn_chunk_row(ptrdiff_t C, ptrdiff_t S)
+{
+    ptrdiff_t cc = (BN_ROW_RUN + S - 1) / (S > 0 ? S : 1);
+    if (cc > BN_ROW_CHUNK) cc = BN_ROW_CHUNK;
+    if (cc > C) cc = C;
+    if (cc < 1) cc = 1;
+    return cc;
 }
 
 /* Column strategy partition (shape only): tile width, rows per block, blocks per group. */

@@ -180,25 +180,116 @@ static inline double BN_FN(shift_of)(const T *x, ptrdiff_t C, ptrdiff_t S, ptrdi
     return isfinite(K) ? K : 0.0;
 }
 
-/* Row strategy: statistics of channel c over rows [n0, n1). */
+/*
+ * Row strategy: statistics of channels [c0, c1) (at most BN_ROW_CHUNK) over rows [n0, n1),
+ * walked in memory order; each channel merges its segments in row order.  Results go to
+ * pn/pm/pq[c] (count, mean(x - K), M2).
+ */
 static void BN_FN(row_moments_item)(const T *x, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t C,
-                                    ptrdiff_t S, ptrdiff_t c, double *pn, double *pm,
-                                    double *pq)
+                                    ptrdiff_t S, ptrdiff_t c0, ptrdiff_t c1, double *pn,
+                                    double *pm, double *pq)
 {
-    const double K = BN_FN(shift_of)(x, C, S, c);
-    double n = 0.0, mean = 0.0, m2 = 0.0;
+    double n[BN_ROW_CHUNK], mean[BN_ROW_CHUNK], m2[BN_ROW_CHUNK], K[BN_ROW_CHUNK];
+    const ptrdiff_t w = c1 - c0;
+    for (ptrdiff_t k = 0; k < w; k++) {
+        K[k] = BN_FN(shift_of)(x, C, S, c0 + k);
+        n[k] = mean[k] = m2[k] = 0.0;
+    }
     for (ptrdiff_t r = n0; r < n1; r++) {
-        const T *row = x + (r * C + c) * S;
-        for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
-            ptrdiff_t L = S - s0 < BN_SEG ? S - s0 : BN_SEG;
-            double bm, bq;
-            BN_FN(seg_moments)(row + s0, L, K, &bm, &bq);
-            bn_chan_merge(&n, &mean, &m2, (double)L, bm, bq);
+        for (ptrdiff_t k = 0; k < w; k++) {
+            const T *row = x + (r * C + c0 + k) * S;
+            for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
+                ptrdiff_t L = S - s0 < BN_SEG ? S - s0 : BN_SEG;
+                double bm, bq;
+                BN_FN(seg_moments)(row + s0, L, K[k], &bm, &bq);
+                bn_chan_merge(&n[k], &mean[k], &m2[k], (double)L, bm, bq);
+            }
         }
     }
-    *pn = n;
-    *pm = mean;
-    *pq = m2;
+    for (ptrdiff_t k = 0; k < w; k++) {
+        pn[c0 + k] = n[k];
+        pm[c0 + k] = mean[k];
+        pq[c0 + k] = m2[k];
+    }
+}
+
+/*
+ * Shifted column sums of a block: s[j] = sum_r (x[r, j] - kc[j]), q[j] = sum_r (...)^2 over
+ * nr rows of w columns (row stride Cp), each column adding its rows in order.  Rows are
+ * walked one after another (the data streams in memory order); the accumulators of up to
+ * 64 columns stay in registers on AVX-512, otherwise they live in s and q (L1).  Every
+ * traversal performs the same additions in the same order, so the bits do not depend on it.
+ */
+#if BN_ISA_LEVEL == 2
+static inline __attribute__((always_inline)) void BN_FN(col_sums_reg)(
+    const T *blk, ptrdiff_t nr, ptrdiff_t Cp, const double *kc, double *s, double *q,
+    const int nv)
+{
+    bn_vd kv[8], sv[8], qv[8];
+    for (int t = 0; t < nv; t++) {
+        kv[t] = bn_ldd(kc + 8 * t);
+        sv[t] = qv[t] = bn_splat(0.0);
+    }
+    for (ptrdiff_t r = 0; r < nr; r++) {
+        const T *row = blk + r * Cp;
+#pragma GCC unroll 8
+        for (int t = 0; t < nv; t++) {
+            bn_vd d = BN_FN(ld)(row + 8 * t) - kv[t];
+            sv[t] += d;
+            qv[t] += d * d;
+        }
+    }
+    for (int t = 0; t < nv; t++) {
+        bn_std(s + 8 * t, sv[t]);
+        bn_std(q + 8 * t, qv[t]);
+    }
+}
+#endif
+
+static void BN_FN(col_sums)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, ptrdiff_t w,
+                            const double *kc, double *s, double *q)
+{
+    const ptrdiff_t w8 = w & ~(ptrdiff_t)7;
+    ptrdiff_t j;
+#if BN_ISA_LEVEL == 2
+    switch (w8 <= 64 ? w8 / 8 : 0) {
+    case 8: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 8); break;
+    case 7: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 7); break;
+    case 6: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 6); break;
+    case 5: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 5); break;
+    case 4: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 4); break;
+    case 3: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 3); break;
+    case 2: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 2); break;
+    case 1: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 1); break;
+    default:
+#else
+    {
+#endif
+        /* Accumulators in memory hold back the out-of-order window, so the hardware
+         * prefetchers fall behind on DRAM-resident data: prefetch about 8 KiB ahead. */
+        const ptrdiff_t pfr = (8192 / (ptrdiff_t)sizeof(T) + w - 1) / (w > 0 ? w : 1);
+        for (j = 0; j < w8; j++) s[j] = q[j] = 0.0;
+        for (ptrdiff_t r = 0; r < nr; r++) {
+            const T *row = blk + r * Cp;
+            for (j = 0; j < w; j += 64 / (ptrdiff_t)sizeof(T)) __builtin_prefetch(row + pfr * Cp + j);
+            for (j = 0; j < w8; j += 8) {
+                bn_vd d = BN_FN(ld)(row + j) - bn_ldd(kc + j);
+                bn_std(s + j, bn_ldd(s + j) + d);
+                bn_std(q + j, bn_ldd(q + j) + d * d);
+            }
+        }
+    }
+    /* The last w % 8 columns one by one. */
+    for (j = w8; j < w; j++) {
+        double sj = 0.0, qj = 0.0;
+        for (ptrdiff_t r = 0; r < nr; r++) {
+            double d = (double)blk[r * Cp + j] - kc[j];
+            sj += d;
+            qj += d * d;
+        }
+        s[j] = sj;
+        q[j] = qj;
+    }
 }
 
 /* Column strategy: statistics of the columns of tile t over the row blocks of group g. */
@@ -219,47 +310,9 @@ static void BN_FN(col_moments_item)(const T *x, const bn_colpart *p, ptrdiff_t g
         if (r1 > p->R) r1 = p->R;
         const double nb = (double)(r1 - r0);
         ptrdiff_t j;
-        /* Shifted sums, column by column in register-held strips of 16 (then 8, then
-         * 1) columns; each column still adds its rows in order. */
+        /* Shifted sums; each column adds its rows in order, whatever the traversal. */
         const T *blk = x + r0 * Cp + c0;
-        const ptrdiff_t nr = r1 - r0;
-        for (j = 0; j + 16 <= w; j += 16) {
-            const bn_vd ka = bn_ldd(kc + j), kb = bn_ldd(kc + j + 8);
-            bn_vd sa = bn_splat(0.0), sb = bn_splat(0.0), qa = bn_splat(0.0), qb = bn_splat(0.0);
-            for (ptrdiff_t r = 0; r < nr; r++) {
-                const T *p = blk + r * Cp + j;
-                bn_vd da = BN_FN(ld)(p) - ka, db = BN_FN(ld)(p + 8) - kb;
-                sa += da;
-                sb += db;
-                qa += da * da;
-                qb += db * db;
-            }
-            bn_std(s + j, sa);
-            bn_std(s + j + 8, sb);
-            bn_std(q + j, qa);
-            bn_std(q + j + 8, qb);
-        }
-        for (; j + 8 <= w; j += 8) {
-            const bn_vd ka = bn_ldd(kc + j);
-            bn_vd sa = bn_splat(0.0), qa = bn_splat(0.0);
-            for (ptrdiff_t r = 0; r < nr; r++) {
-                bn_vd da = BN_FN(ld)(blk + r * Cp + j) - ka;
-                sa += da;
-                qa += da * da;
-            }
-            bn_std(s + j, sa);
-            bn_std(q + j, qa);
-        }
-        for (; j < w; j++) {
-            double sj = 0.0, qj = 0.0;
-            for (ptrdiff_t r = 0; r < nr; r++) {
-                double d = (double)blk[r * Cp + j] - kc[j];
-                sj += d;
-                qj += d * d;
-            }
-            s[j] = sj;
-            q[j] = qj;
-        }
+        BN_FN(col_sums)(blk, r1 - r0, Cp, w, kc, s, q);
         /* One pass (shifted sums) unless a column is ill-conditioned (see seg_moments);
          * the second pass runs over the whole tile but is used only for those columns,
          * so a column's result never depends on its neighbours' data. */
@@ -333,12 +386,14 @@ static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
         double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)(G * C));
         if (!buf) return BN_ENOMEM;
         double *pn = buf, *pm = buf + G * C, *pq = buf + 2 * G * C;
-        const ptrdiff_t items = G * C;
+        const ptrdiff_t cc = bn_chunk_row(C, S), nch = (C + cc - 1) / cc, items = G * nch;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
         for (ptrdiff_t it = 0; it < items; it++) {
-            ptrdiff_t g = it / C, c = it % C;
-            ptrdiff_t n0 = g * npg, n1 = n0 + npg < N ? n0 + npg : N;
-            BN_FN(row_moments_item)(x, n0, n1, C, S, c, pn + it, pm + it, pq + it);
+            const ptrdiff_t g = it / nch, c0 = (it % nch) * cc;
+            const ptrdiff_t c1 = c0 + cc < C ? c0 + cc : C;
+            const ptrdiff_t n0 = g * npg, n1 = n0 + npg < N ? n0 + npg : N;
+            BN_FN(row_moments_item)(x, n0, n1, C, S, c0, c1, pn + g * C, pm + g * C,
+                                    pq + g * C);
         }
         for (ptrdiff_t c = 0; c < C; c++) {
             double n = 0.0, m = 0.0, q = 0.0;
@@ -417,6 +472,52 @@ static void BN_FN(norm_span_v)(const T *x, T *y, ptrdiff_t L, const double *m,
     }
 }
 
+/*
+ * np consecutive periods of P elements (P a multiple of 8) with per-element parameters of
+ * one period; on AVX-512 a period of 64 keeps its parameters in registers.
+ */
+#if BN_ISA_LEVEL == 2
+static void BN_FN(norm_periods64)(const T *x, T *y, ptrdiff_t np, const double *m,
+                                  const double *a, const double *b, int relu)
+{
+    bn_vd mv[8], av[8], bv[8];
+    for (int t = 0; t < 8; t++) {
+        mv[t] = bn_ldd(m + 8 * t);
+        av[t] = bn_ldd(a + 8 * t);
+        bv[t] = bn_ldd(b + 8 * t);
+    }
+    if (relu) {
+        for (ptrdiff_t k = 0; k < np; k++) {
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++) {
+                const ptrdiff_t i = 64 * k + 8 * t;
+                BN_FN(st)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t]));
+            }
+        }
+    } else {
+        for (ptrdiff_t k = 0; k < np; k++) {
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++) {
+                const ptrdiff_t i = 64 * k + 8 * t;
+                BN_FN(st)(y + i, (BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t]);
+            }
+        }
+    }
+}
+#endif
+
+static void BN_FN(norm_periods)(const T *x, T *y, ptrdiff_t np, ptrdiff_t P,
+                                const double *m, const double *a, const double *b, int relu)
+{
+#if BN_ISA_LEVEL == 2
+    if (P == 64) {
+        BN_FN(norm_periods64)(x, y, np, m, a, b, relu);
+        return;
+    }
+#endif
+    for (ptrdiff_t k = 0; k < np; k++) BN_FN(norm_span_v)(x + k * P, y + k * P, P, m, a, b, relu);
+}
+
 static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
                             const double *mean, const double *scale, const double *shift,
                             int flags, int nthreads)
@@ -445,9 +546,13 @@ static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, 
     bn_expand(ae, scale, P, Cp, S);
     bn_expand(be, shift, P, Cp, S);
     const ptrdiff_t total = N * Cp, nfull = total / P, rem = total - nfull * P;
+    const ptrdiff_t ppi = BN_SPAN / P > 1 ? BN_SPAN / P : 1;   /* periods per item */
+    const ptrdiff_t items = (nfull + ppi - 1) / ppi;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (ptrdiff_t it = 0; it < nfull; it++)
-        BN_FN(norm_span_v)(x + it * P, y + it * P, P, me, ae, be, relu);
+    for (ptrdiff_t it = 0; it < items; it++) {
+        const ptrdiff_t p0 = it * ppi, p1 = p0 + ppi < nfull ? p0 + ppi : nfull;
+        BN_FN(norm_periods)(x + p0 * P, y + p0 * P, p1 - p0, P, me, ae, be, relu);
+    }
     if (rem) BN_FN(norm_span_v)(x + nfull * P, y + nfull * P, rem, me, ae, be, relu);
     free(buf);
     return BN_OK;
@@ -500,19 +605,27 @@ static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, 
         double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)(G * C));
         if (!buf) return BN_ENOMEM;
         double *pd = buf, *px = buf + G * C;
-        const ptrdiff_t items = G * C;
+        const ptrdiff_t cc = bn_chunk_row(C, S), nch = (C + cc - 1) / cc, items = G * nch;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
         for (ptrdiff_t it = 0; it < items; it++) {
-            ptrdiff_t g = it / C, c = it % C;
-            ptrdiff_t n0 = g * npg, n1 = n0 + npg < N ? n0 + npg : N;
-            double sd = 0.0, sx = 0.0;
-            const double a = scale ? scale[c] : 0.0, b = shift ? shift[c] : 0.0;
-            for (ptrdiff_t r = n0; r < n1; r++) {
-                ptrdiff_t off = (r * C + c) * S;
-                BN_FN(bwd_span_s)(dy + off, x + off, S, mean[c], a, b, relu, &sd, &sx);
+            /* Channels [c0, c1) of rows [n0, n1) in memory order; each channel adds its
+             * rows in order (see bn_chunk_row). */
+            const ptrdiff_t g = it / nch, c0 = (it % nch) * cc;
+            const ptrdiff_t c1 = c0 + cc < C ? c0 + cc : C;
+            const ptrdiff_t n0 = g * npg, n1 = n0 + npg < N ? n0 + npg : N;
+            double sd[BN_ROW_CHUNK], sx[BN_ROW_CHUNK];
+            for (ptrdiff_t c = c0; c < c1; c++) sd[c - c0] = sx[c - c0] = 0.0;
+            for (ptrdiff_t r = n0; r < n1; r++)
+                for (ptrdiff_t c = c0; c < c1; c++) {
+                    const ptrdiff_t off = (r * C + c) * S;
+                    const double a = scale ? scale[c] : 0.0, b = shift ? shift[c] : 0.0;
+                    BN_FN(bwd_span_s)(dy + off, x + off, S, mean[c], a, b, relu, &sd[c - c0],
+                                      &sx[c - c0]);
+                }
+            for (ptrdiff_t c = c0; c < c1; c++) {
+                pd[g * C + c] = sd[c - c0];
+                px[g * C + c] = sx[c - c0];
             }
-            pd[it] = sd;
-            px[it] = sx;
         }
         for (ptrdiff_t c = 0; c < C; c++)
             for (ptrdiff_t g = 0; g < G; g++) {
@@ -688,10 +801,15 @@ static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdif
     bn_expand(kxe, k_x, P, Cp, S);
     bn_expand(k0e, k_0, P, Cp, S);
     const ptrdiff_t total = N * Cp, nfull = total / P, rem = total - nfull * P;
+    const ptrdiff_t ppi = BN_SPAN / P > 1 ? BN_SPAN / P : 1;   /* periods per item */
+    const ptrdiff_t items = (nfull + ppi - 1) / ppi;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (ptrdiff_t it = 0; it < nfull; it++)
-        BN_FN(dx_span)(dy + it * P, x + it * P, dx + it * P, P, me, ae, be, kde, kxe, k0e, 1,
-                       relu, eval);
+    for (ptrdiff_t it = 0; it < items; it++) {
+        const ptrdiff_t p0 = it * ppi, p1 = p0 + ppi < nfull ? p0 + ppi : nfull;
+        for (ptrdiff_t k = p0; k < p1; k++)
+            BN_FN(dx_span)(dy + k * P, x + k * P, dx + k * P, P, me, ae, be, kde, kxe, k0e, 1,
+                           relu, eval);
+    }
     if (rem)
         BN_FN(dx_span)(dy + nfull * P, x + nfull * P, dx + nfull * P, rem, me, ae, be, kde, kxe,
                        k0e, 1, relu, eval);

@@ -18,6 +18,12 @@ CASES = {
     "c1-2d-f64": ((200000, 1), np.float64, 1, "first"),          # C=1, N*S=200000, S=1
     "s9-f64": ((2048, 24, 3, 3), np.float64, 1, "first"),        # column strategy, S=9
     "s65-f64": ((97, 33, 65), np.float64, 1, "first"),           # row strategy, odd sizes
+    # row strategy: two row groups and two channel chunks per group (bn_chunk_row)
+    "groups-chunks-f32": ((128, 24, 32, 33), np.float32, 1, "first"),
+    # column strategy: 43 columns (5 register vectors + 3 scalar columns on AVX-512) and
+    # 100 columns (accumulators in memory + 4 scalar columns)
+    "c43-2d-f32": ((8192, 43), np.float32, 1, "first"),
+    "c100-nhwc-f64": ((64, 100, 9, 9), np.float64, -1, "last"),
 }
 _cache = {}
 
@@ -95,7 +101,8 @@ def test_variants_bit_identical_on_small_odd_shapes():
     if len(ISAS) < 2:
         pytest.skip("only one kernel variant on this CPU")
     rng = rng_for("variants-small")
-    for shape in [(3, 7), (2, 17, 9), (5, 3, 65), (2, 1, 129), (3, 9, 7, 3), (2, 65)]:
+    for shape in [(3, 7), (2, 17, 9), (5, 3, 65), (2, 1, 129), (3, 9, 7, 3), (2, 65),
+                  (9, 43), (5, 100), (33, 64), (2, 90, 200)]:
         for dtype in (np.float32, np.float64):
             x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
             dy = rng.standard_normal(shape).astype(dtype)
