@@ -4,6 +4,11 @@ One dispatch table per operation is filled at import from the CPU's capabilities
 supported of ``baseline`` (plain C, always present), ``avx2`` (AVX2+FMA) and ``avx512``
 (AVX-512 F/VL/DQ/BW).  ``BNFAST_ISA=baseline|avx2|avx512`` forces a variant (``auto`` or
 empty means the default choice); forcing one the CPU lacks is an error at import.
+
+Outputs of at least ``BNFAST_STREAM_MIN_BYTES`` bytes (default 64 MiB, twice the
+last-level cache of the development machine) are written with non-temporal stores by the
+AVX2 and AVX-512 variants: the data goes straight to memory instead of first being read
+into the cache.  The results are bit-identical either way.
 """
 import contextlib
 import os
@@ -17,6 +22,8 @@ from . import _core
 
 ISA_NAMES = _core.ISA_NAMES
 ENV_VAR = "BNFAST_ISA"
+STREAM_ENV_VAR = "BNFAST_STREAM_MIN_BYTES"
+STREAM_MIN_BYTES_DEFAULT = 64 << 20
 _lock = threading.Lock()
 
 
@@ -187,7 +194,8 @@ def get_config():
     variable), ``isas_available``, ``isas_compiled``, ``openmp`` (spec version or None),
     ``openmp_runtime`` (library path when threadpoolctl can tell), ``num_threads``,
     ``omp_num_threads_env``, ``omp_wait`` (how idle OpenMP threads wait),
-    ``compiler``, ``python``, ``numpy``, ``machine``.
+    ``stream_min_bytes`` (outputs this large or larger are written with non-temporal
+    stores), ``compiler``, ``python``, ``numpy``, ``machine``.
 
     Returns
     -------
@@ -217,6 +225,7 @@ def get_config():
         "num_threads": get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "omp_wait": _wait_policy(),
+        "stream_min_bytes": _core.get_stream_min_bytes(),
         "compiler": _core.compiler(),
         "python": sys.version.split()[0],
         "numpy": np.__version__,
@@ -262,11 +271,46 @@ def show_config(file=None):
         f"  threads        : {cfg['num_threads']}"
         f" (OMP_NUM_THREADS={env if env is not None else 'unset'})",
         f"  idle threads   : {cfg['omp_wait']}",
+        f"  streaming      : outputs >= {_fmt_bytes(cfg['stream_min_bytes'])}"
+        f" ({STREAM_ENV_VAR}={os.environ.get(STREAM_ENV_VAR, 'unset')})",
         f"  compiler       : {cfg['compiler']}",
         f"  python, numpy  : {cfg['python']}, {cfg['numpy']}",
         f"  machine        : {cfg['machine']}",
     ]
     print("\n".join(lines), file=out)
+
+
+def _fmt_bytes(n):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
+
+
+def _stream_from_environment():
+    raw = os.environ.get(STREAM_ENV_VAR, "").strip()
+    if not raw:
+        _core.set_stream_min_bytes(STREAM_MIN_BYTES_DEFAULT)
+        return
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise RuntimeError(f"{STREAM_ENV_VAR}={raw!r}: expected a non-negative whole number "
+                           "of bytes (0 streams every output)")
+    _core.set_stream_min_bytes(n)
+
+
+@contextlib.contextmanager
+def _stream_min_bytes(n):
+    """Temporarily set the streaming-store threshold (tests and benchmarks)."""
+    old = _core.get_stream_min_bytes()
+    _core.set_stream_min_bytes(n)
+    try:
+        yield
+    finally:
+        _core.set_stream_min_bytes(old)
 
 
 def _select_from_environment():
@@ -282,3 +326,4 @@ def _select_from_environment():
 
 
 _select_from_environment()
+_stream_from_environment()

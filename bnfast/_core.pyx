@@ -70,6 +70,8 @@ cdef extern from "bnfast.h" nogil:
                               Py_ssize_t C, double count, double momentum)
     const char *bn_compiler()
     int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads)
+    size_t bn_get_stream_min_bytes()
+    void bn_set_stream_min_bytes(size_t nbytes)
     int bn_openmp_version()
     int bn_omp_max_threads()
 
@@ -112,6 +114,12 @@ def compiler():
 
 def openmp_version():
     return bn_openmp_version()
+
+def get_stream_min_bytes():
+    return bn_get_stream_min_bytes()
+
+def set_stream_min_bytes(size_t nbytes):
+    bn_set_stream_min_bytes(nbytes)
 
 def omp_max_threads():
     return bn_omp_max_threads()

@@ -9,6 +9,7 @@
  * holds a vector in one register, AVX2 in two, SSE2 in four.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP

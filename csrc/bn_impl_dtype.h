@@ -48,8 +48,75 @@ static inline void BN_FN(st)(T *p, bn_vd v)
 #endif
 }
 
+/*
+ * Non-temporal ("streaming") store of eight elements at p, which must be 16-byte aligned:
+ * the data goes to memory without first reading the line into the cache (no
+ * read-for-ownership) and without evicting the inputs.  Used for outputs larger than the
+ * cache (bn_get_stream_min_bytes); the stored bits are those of BN_FN(st).
+ */
+static inline void BN_FN(stnt)(T *p, bn_vd v)
+{
+#if BN_ISA_LEVEL > 0
+#if BN_IS_F32
+    union { bn_vd v; __m256d h[2]; } u;
+    u.v = v;
+    _mm_stream_ps(p, _mm256_cvtpd_ps(u.h[0]));
+    _mm_stream_ps(p + 4, _mm256_cvtpd_ps(u.h[1]));
+#else
+    union { bn_vd v; __m128d q[4]; } u;
+    u.v = v;
+    _mm_stream_pd(p, u.q[0]);
+    _mm_stream_pd(p + 2, u.q[1]);
+    _mm_stream_pd(p + 4, u.q[2]);
+    _mm_stream_pd(p + 6, u.q[3]);
+#endif
+#else
+    BN_FN(st)(p, v);
+#endif
+}
+
+static inline void BN_FN(stx)(T *p, bn_vd v, int nts)
+{
+    if (nts)
+        BN_FN(stnt)(p, v);
+    else
+        BN_FN(st)(p, v);
+}
+
+/* Elements to write one by one before p + i is 16-byte aligned (0 unless nts). */
+static inline ptrdiff_t BN_FN(peel)(const T *p, ptrdiff_t L, int nts)
+{
+    if (!nts) return 0;
+    ptrdiff_t h = (ptrdiff_t)((16 - ((uintptr_t)p & 15)) & 15) / (ptrdiff_t)sizeof(T);
+    return h < L ? h : L;
+}
+
+/* Streaming stores for an output of `count` elements at y?  Only where the output is large,
+ * element-aligned, and the variant has the instructions. */
+static inline int BN_FN(use_stream)(const T *y, double count)
+{
+#if BN_ISA_LEVEL > 0
+    return ((uintptr_t)y % sizeof(T)) == 0 &&
+           count * (double)sizeof(T) >= (double)bn_get_stream_min_bytes();
+#else
+    (void)y;
+    (void)count;
+    return 0;
+#endif
+}
+
 #ifndef BN_DOUBLE_HELPERS_DEFINED
 #define BN_DOUBLE_HELPERS_DEFINED
+/* Order this thread's non-temporal stores before it leaves a parallel region. */
+static inline void bn_stream_fence(int nts)
+{
+#if BN_ISA_LEVEL > 0
+    if (nts) _mm_sfence();
+#else
+    (void)nts;
+#endif
+}
+
 static inline bn_vd bn_ldd(const double *p)
 {
     bn_vd t;
@@ -442,32 +509,40 @@ static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
 
 /* y[i] = (x[i] - m) * a + b, optional ReLU, with scalar parameters. */
 static void BN_FN(norm_span_s)(const T *x, T *y, ptrdiff_t L, double m, double a, double b,
-                               int relu)
+                               int relu, int nts)
 {
     const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
     ptrdiff_t i = 0;
+    const ptrdiff_t h = BN_FN(peel)(y, L, nts);
     if (relu) {
-        for (; i + 8 <= L; i += 8) BN_FN(st)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv) * av + bv));
+        for (; i < h; i++) y[i] = (T)bn_srelu(((double)x[i] - m) * a + b);
+        for (; i + 8 <= L; i += 8)
+            BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv) * av + bv), nts);
         for (; i < L; i++) y[i] = (T)bn_srelu(((double)x[i] - m) * a + b);
     } else {
-        for (; i + 8 <= L; i += 8) BN_FN(st)(y + i, (BN_FN(ld)(x + i) - mv) * av + bv);
+        for (; i < h; i++) y[i] = (T)(((double)x[i] - m) * a + b);
+        for (; i + 8 <= L; i += 8) BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - mv) * av + bv, nts);
         for (; i < L; i++) y[i] = (T)(((double)x[i] - m) * a + b);
     }
 }
 
 /* The same with per-element parameter arrays m[i], a[i], b[i]. */
 static void BN_FN(norm_span_v)(const T *x, T *y, ptrdiff_t L, const double *m,
-                               const double *a, const double *b, int relu)
+                               const double *a, const double *b, int relu, int nts)
 {
     ptrdiff_t i = 0;
+    const ptrdiff_t h = BN_FN(peel)(y, L, nts);
     if (relu) {
+        for (; i < h; i++) y[i] = (T)bn_srelu(((double)x[i] - m[i]) * a[i] + b[i]);
         for (; i + 8 <= L; i += 8)
-            BN_FN(st)(y + i, bn_vrelu((BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) +
-                                      bn_ldd(b + i)));
+            BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) +
+                                       bn_ldd(b + i)), nts);
         for (; i < L; i++) y[i] = (T)bn_srelu(((double)x[i] - m[i]) * a[i] + b[i]);
     } else {
+        for (; i < h; i++) y[i] = (T)(((double)x[i] - m[i]) * a[i] + b[i]);
         for (; i + 8 <= L; i += 8)
-            BN_FN(st)(y + i, (BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) + bn_ldd(b + i));
+            BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) + bn_ldd(b + i),
+                       nts);
         for (; i < L; i++) y[i] = (T)(((double)x[i] - m[i]) * a[i] + b[i]);
     }
 }
@@ -478,7 +553,7 @@ static void BN_FN(norm_span_v)(const T *x, T *y, ptrdiff_t L, const double *m,
  */
 #if BN_ISA_LEVEL == 2
 static void BN_FN(norm_periods64)(const T *x, T *y, ptrdiff_t np, const double *m,
-                                  const double *a, const double *b, int relu)
+                                  const double *a, const double *b, int relu, int nts)
 {
     bn_vd mv[8], av[8], bv[8];
     for (int t = 0; t < 8; t++) {
@@ -491,7 +566,7 @@ static void BN_FN(norm_periods64)(const T *x, T *y, ptrdiff_t np, const double *
 #pragma GCC unroll 8
             for (int t = 0; t < 8; t++) {
                 const ptrdiff_t i = 64 * k + 8 * t;
-                BN_FN(st)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t]));
+                BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t]), nts);
             }
         }
     } else {
@@ -499,7 +574,7 @@ static void BN_FN(norm_periods64)(const T *x, T *y, ptrdiff_t np, const double *
 #pragma GCC unroll 8
             for (int t = 0; t < 8; t++) {
                 const ptrdiff_t i = 64 * k + 8 * t;
-                BN_FN(st)(y + i, (BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t]);
+                BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t], nts);
             }
         }
     }
@@ -507,15 +582,17 @@ static void BN_FN(norm_periods64)(const T *x, T *y, ptrdiff_t np, const double *
 #endif
 
 static void BN_FN(norm_periods)(const T *x, T *y, ptrdiff_t np, ptrdiff_t P,
-                                const double *m, const double *a, const double *b, int relu)
+                                const double *m, const double *a, const double *b, int relu,
+                                int nts)
 {
 #if BN_ISA_LEVEL == 2
     if (P == 64) {
-        BN_FN(norm_periods64)(x, y, np, m, a, b, relu);
+        BN_FN(norm_periods64)(x, y, np, m, a, b, relu, nts);
         return;
     }
 #endif
-    for (ptrdiff_t k = 0; k < np; k++) BN_FN(norm_span_v)(x + k * P, y + k * P, P, m, a, b, relu);
+    for (ptrdiff_t k = 0; k < np; k++)
+        BN_FN(norm_span_v)(x + k * P, y + k * P, P, m, a, b, relu, nts);
 }
 
 static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
@@ -529,15 +606,23 @@ static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, 
     if (N == 0 || C == 0 || S == 0) return BN_OK;
     const int nt = bn_threads(nthreads, (double)N * (double)C * (double)S);
     (void)nt;
+    int nts = BN_FN(use_stream)(y, (double)N * (double)C * (double)S);
     if (S >= BN_ROW_MIN_S) {
         const ptrdiff_t rows = N * C;
-#pragma omp parallel for schedule(static) num_threads(nt)
-        for (ptrdiff_t it = 0; it < rows; it++) {
-            ptrdiff_t c = it % C;
-            BN_FN(norm_span_s)(x + it * S, y + it * S, S, mean[c], scale[c], shift[c], relu);
+#pragma omp parallel num_threads(nt)
+        {
+#pragma omp for schedule(static)
+            for (ptrdiff_t it = 0; it < rows; it++) {
+                ptrdiff_t c = it % C;
+                BN_FN(norm_span_s)(x + it * S, y + it * S, S, mean[c], scale[c], shift[c], relu,
+                                   nts);
+            }
+            bn_stream_fence(nts);
         }
         return BN_OK;
     }
+    /* Periods are whole vectors, so they stay 16-byte aligned if y is. */
+    nts = nts && ((uintptr_t)y & 15) == 0;
     const ptrdiff_t Cp = C * S, P = bn_period(Cp);
     double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)P);
     if (!buf) return BN_ENOMEM;
@@ -548,12 +633,17 @@ static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, 
     const ptrdiff_t total = N * Cp, nfull = total / P, rem = total - nfull * P;
     const ptrdiff_t ppi = BN_SPAN / P > 1 ? BN_SPAN / P : 1;   /* periods per item */
     const ptrdiff_t items = (nfull + ppi - 1) / ppi;
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (ptrdiff_t it = 0; it < items; it++) {
-        const ptrdiff_t p0 = it * ppi, p1 = p0 + ppi < nfull ? p0 + ppi : nfull;
-        BN_FN(norm_periods)(x + p0 * P, y + p0 * P, p1 - p0, P, me, ae, be, relu);
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (ptrdiff_t it = 0; it < items; it++) {
+            const ptrdiff_t p0 = it * ppi, p1 = p0 + ppi < nfull ? p0 + ppi : nfull;
+            BN_FN(norm_periods)(x + p0 * P, y + p0 * P, p1 - p0, P, me, ae, be, relu, nts);
+        }
+        bn_stream_fence(nts);
     }
-    if (rem) BN_FN(norm_span_v)(x + nfull * P, y + nfull * P, rem, me, ae, be, relu);
+    if (rem) BN_FN(norm_span_v)(x + nfull * P, y + nfull * P, rem, me, ae, be, relu, nts);
+    bn_stream_fence(nts);
     free(buf);
     return BN_OK;
 }
@@ -585,6 +675,35 @@ static void BN_FN(bwd_span_s)(const T *dy, const T *x, ptrdiff_t L, double m, do
     *sd += s1;
     *sx += s2;
 }
+
+#if BN_ISA_LEVEL == 2
+/* Backward sums of nv * 8 columns over nr rows (row stride Cp), accumulated in registers
+ * from zero; each column adds its rows in order. */
+static inline __attribute__((always_inline)) void BN_FN(bwd_sums_reg)(
+    const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp, const double *m,
+    const double *a, const double *b, int relu, double *sd, double *sx, const int nv)
+{
+    bn_vd mv[8], dv[8], xv[8];
+    for (int t = 0; t < nv; t++) {
+        mv[t] = bn_ldd(m + 8 * t);
+        dv[t] = xv[t] = bn_splat(0.0);
+    }
+    for (ptrdiff_t r = 0; r < nr; r++) {
+#pragma GCC unroll 8
+        for (int t = 0; t < nv; t++) {
+            bn_vd xm = BN_FN(ld)(xblk + r * Cp + 8 * t) - mv[t];
+            bn_vd gv = BN_FN(ld)(dblk + r * Cp + 8 * t);
+            if (relu) gv = bn_vmask(gv, xm * bn_ldd(a + 8 * t) + bn_ldd(b + 8 * t));
+            dv[t] += gv;
+            xv[t] += gv * xm;
+        }
+    }
+    for (int t = 0; t < nv; t++) {
+        bn_std(sd + 8 * t, dv[t]);
+        bn_std(sx + 8 * t, xv[t]);
+    }
+}
+#endif
 
 static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, ptrdiff_t C,
                                   ptrdiff_t S, const double *mean, const double *scale,
@@ -660,6 +779,35 @@ static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, 
          * tiles: register-held strips of 8 columns over cache-resident row blocks.  Both add
          * each column's rows in order, so they give the same bits; the split is speed only
          * (measured: row-outer is faster for 64 or more columns, strips for 16). */
+#if BN_ISA_LEVEL == 2
+        /* AVX-512, whole rows of 8 to 71 columns: one stream, sums in registers. */
+        if (w == Cp && w >= 8 && w < 72) {
+            const ptrdiff_t w8 = w & ~(ptrdiff_t)7;
+            const T *dblk = dy + r0 * Cp, *xblk = x + r0 * Cp;
+            switch (w8 / 8) {
+            case 8: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 8); break;
+            case 7: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 7); break;
+            case 6: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 6); break;
+            case 5: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 5); break;
+            case 4: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 4); break;
+            case 3: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 3); break;
+            case 2: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 2); break;
+            default: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 1); break;
+            }
+            for (j = w8; j < w; j++) {
+                double sd = 0.0, sx = 0.0;
+                for (ptrdiff_t r = 0; r < r1 - r0; r++) {
+                    double xm = (double)xblk[r * Cp + j] - m[j];
+                    double gs = (double)dblk[r * Cp + j];
+                    if (relu && !(xm * a[j] + b[j] > 0.0)) gs = 0.0;
+                    sd += gs;
+                    sx += gs * xm;
+                }
+                ad[j] = sd;
+                ax[j] = sx;
+            }
+        } else
+#endif
         if (w >= 32) {
             for (j = 0; j < w; j++) ad[j] = ax[j] = 0.0;
             for (ptrdiff_t r = r0; r < r1; r++) {
@@ -732,12 +880,26 @@ static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, 
  * dx = kd * g + kx * (x - m) + k0 (training) or dx = kd * g (eval), g = dy or the
  * ReLU-masked dy.  Parameters are per element when inc == 1, scalars when inc == 0.
  */
+/* One element of dx (the scalar form of dx_span's vector lanes; parameters at index j). */
+static inline T BN_FN(dx_one)(const T *dy, const T *x, ptrdiff_t i, ptrdiff_t j,
+                              const double *m, const double *a, const double *b,
+                              const double *kd, const double *kx, const double *k0, int relu,
+                              int eval)
+{
+    double g = (double)dy[i];
+    double xm = (double)x[i] - m[j];
+    if (relu && !(xm * a[j] + b[j] > 0.0)) g = 0.0;
+    return (T)(eval ? kd[j] * g : (kd[j] * g + kx[j] * xm) + k0[j]);
+}
+
 static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const double *m,
                            const double *a, const double *b, const double *kd,
                            const double *kx, const double *k0, ptrdiff_t inc, int relu,
-                           int eval)
+                           int eval, int nts)
 {
     ptrdiff_t i = 0;
+    const ptrdiff_t h = BN_FN(peel)(dx, L, nts);
+    for (; i < h; i++) dx[i] = BN_FN(dx_one)(dy, x, i, i * inc, m, a, b, kd, kx, k0, relu, eval);
     if (inc == 0) {
         const bn_vd mv = bn_splat(*m), av = bn_splat(*a), bv = bn_splat(*b);
         const bn_vd kdv = bn_splat(*kd), kxv = bn_splat(*kx), k0v = bn_splat(*k0);
@@ -745,7 +907,7 @@ static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const do
             bn_vd g = BN_FN(ld)(dy + i);
             bn_vd xm = BN_FN(ld)(x + i) - mv;
             if (relu) g = bn_vmask(g, xm * av + bv);
-            BN_FN(st)(dx + i, eval ? kdv * g : (kdv * g + kxv * xm) + k0v);
+            BN_FN(stx)(dx + i, eval ? kdv * g : (kdv * g + kxv * xm) + k0v, nts);
         }
     } else {
         for (; i + 8 <= L; i += 8) {
@@ -753,16 +915,11 @@ static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const do
             bn_vd xm = BN_FN(ld)(x + i) - bn_ldd(m + i);
             if (relu) g = bn_vmask(g, xm * bn_ldd(a + i) + bn_ldd(b + i));
             bn_vd kdv = bn_ldd(kd + i);
-            BN_FN(st)(dx + i, eval ? kdv * g : (kdv * g + bn_ldd(kx + i) * xm) + bn_ldd(k0 + i));
+            BN_FN(stx)(dx + i,
+                       eval ? kdv * g : (kdv * g + bn_ldd(kx + i) * xm) + bn_ldd(k0 + i), nts);
         }
     }
-    for (; i < L; i++) {
-        const ptrdiff_t j = i * inc;
-        double g = (double)dy[i];
-        double xm = (double)x[i] - m[j];
-        if (relu && !(xm * a[j] + b[j] > 0.0)) g = 0.0;
-        dx[i] = (T)(eval ? kd[j] * g : (kd[j] * g + kx[j] * xm) + k0[j]);
-    }
+    for (; i < L; i++) dx[i] = BN_FN(dx_one)(dy, x, i, i * inc, m, a, b, kd, kx, k0, relu, eval);
 }
 
 static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdiff_t N,
@@ -777,18 +934,25 @@ static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdif
     if (N == 0 || C == 0 || S == 0) return BN_OK;
     const int nt = bn_threads(nthreads, (double)N * (double)C * (double)S);
     (void)nt;
+    int nts = BN_FN(use_stream)(dx, (double)N * (double)C * (double)S);
     if (S >= BN_ROW_MIN_S) {
         const ptrdiff_t rows = N * C;
-#pragma omp parallel for schedule(static) num_threads(nt)
-        for (ptrdiff_t it = 0; it < rows; it++) {
-            const ptrdiff_t c = it % C, off = it * S;
-            const double zero = 0.0;
-            BN_FN(dx_span)(dy + off, x + off, dx + off, S, mean + c, scale ? scale + c : &zero,
-                           shift ? shift + c : &zero, k_dy + c, k_x ? k_x + c : &zero,
-                           k_0 ? k_0 + c : &zero, 0, relu, eval);
+#pragma omp parallel num_threads(nt)
+        {
+#pragma omp for schedule(static)
+            for (ptrdiff_t it = 0; it < rows; it++) {
+                const ptrdiff_t c = it % C, off = it * S;
+                const double zero = 0.0;
+                BN_FN(dx_span)(dy + off, x + off, dx + off, S, mean + c,
+                               scale ? scale + c : &zero, shift ? shift + c : &zero, k_dy + c,
+                               k_x ? k_x + c : &zero, k_0 ? k_0 + c : &zero, 0, relu, eval,
+                               nts);
+            }
+            bn_stream_fence(nts);
         }
         return BN_OK;
     }
+    nts = nts && ((uintptr_t)dx & 15) == 0;   /* periods are whole vectors */
     const ptrdiff_t Cp = C * S, P = bn_period(Cp);
     double *buf = (double *)malloc(sizeof(double) * 6 * (size_t)P);
     if (!buf) return BN_ENOMEM;
@@ -803,16 +967,21 @@ static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdif
     const ptrdiff_t total = N * Cp, nfull = total / P, rem = total - nfull * P;
     const ptrdiff_t ppi = BN_SPAN / P > 1 ? BN_SPAN / P : 1;   /* periods per item */
     const ptrdiff_t items = (nfull + ppi - 1) / ppi;
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (ptrdiff_t it = 0; it < items; it++) {
-        const ptrdiff_t p0 = it * ppi, p1 = p0 + ppi < nfull ? p0 + ppi : nfull;
-        for (ptrdiff_t k = p0; k < p1; k++)
-            BN_FN(dx_span)(dy + k * P, x + k * P, dx + k * P, P, me, ae, be, kde, kxe, k0e, 1,
-                           relu, eval);
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static)
+        for (ptrdiff_t it = 0; it < items; it++) {
+            const ptrdiff_t p0 = it * ppi, p1 = p0 + ppi < nfull ? p0 + ppi : nfull;
+            for (ptrdiff_t k = p0; k < p1; k++)
+                BN_FN(dx_span)(dy + k * P, x + k * P, dx + k * P, P, me, ae, be, kde, kxe, k0e,
+                               1, relu, eval, nts);
+        }
+        bn_stream_fence(nts);
     }
     if (rem)
         BN_FN(dx_span)(dy + nfull * P, x + nfull * P, dx + nfull * P, rem, me, ae, be, kde, kxe,
-                       k0e, 1, relu, eval);
+                       k0e, 1, relu, eval, nts);
+    bn_stream_fence(nts);
     free(buf);
     return BN_OK;
 }

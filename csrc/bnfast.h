@@ -122,6 +122,15 @@ int bn_update_running_f64(double *rmean, double *rvar, ptrdiff_t rm_stride, ptrd
 /* Multithreaded memcpy in 1 MiB chunks (the benchmark's memory-bandwidth floor). */
 int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads);
 
+/*
+ * Outputs of the element-wise passes (y, dx) of at least this many bytes are written with
+ * non-temporal stores (AVX2 and AVX-512 variants).  The bits are the same either way; only
+ * the cache traffic differs.  Default BN_STREAM_MIN_BYTES_DEFAULT; 0 streams everything.
+ */
+#define BN_STREAM_MIN_BYTES_DEFAULT ((size_t)64 << 20)
+size_t bn_get_stream_min_bytes(void);
+void bn_set_stream_min_bytes(size_t nbytes);
+
 /* Build information. */
 const char *bn_compiler(void);
 int bn_openmp_version(void);             /* _OPENMP macro, 0 without OpenMP */

@@ -102,6 +102,12 @@ int bn_update_running_f64(double *rmean, double *rvar, ptrdiff_t rm_stride, ptrd
     BN_UPDATE_RUNNING(double)
 }
 
+static size_t bn_stream_min = BN_STREAM_MIN_BYTES_DEFAULT;
+
+size_t bn_get_stream_min_bytes(void) { return bn_stream_min; }
+
+void bn_set_stream_min_bytes(size_t nbytes) { bn_stream_min = nbytes; }
+
 int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads)
 {
     const size_t chunk = (size_t)1 << 20;

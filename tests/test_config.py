@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import bnfast
-from conftest import ISAS, package_env
+from conftest import ISAS, assert_same_bits, package_env, rng_for
 
 
 def _neutral_dir():
@@ -298,3 +298,73 @@ def test_short_openmp_spin_is_the_default_and_user_settings_win(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout
     assert out.startswith("None OMP_WAIT_POLICY=active"), out
+
+
+# ------------------------------------------------------------------ streaming stores
+
+def test_stream_threshold_default_env_and_config():
+    from bnfast import _config
+
+    cfg = bnfast.get_config()
+    assert cfg["stream_min_bytes"] == _config.STREAM_MIN_BYTES_DEFAULT == 64 << 20
+    buf = io.StringIO()
+    bnfast.show_config(file=buf)
+    assert "streaming      : outputs >= 64 MiB" in buf.getvalue()
+    r = _python("import bnfast; print(bnfast.get_config()['stream_min_bytes'])",
+                BNFAST_STREAM_MIN_BYTES="4096")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "4096"
+
+
+@pytest.mark.parametrize("bad", ["-1", "1.5", "lots"])
+def test_stream_threshold_env_errors_are_clear(bad):
+    r = _python("import bnfast", BNFAST_STREAM_MIN_BYTES=bad)
+    assert r.returncode != 0
+    assert f"BNFAST_STREAM_MIN_BYTES={bad!r}" in r.stderr
+    assert "non-negative whole number of bytes" in r.stderr
+
+
+def _stream_case_results(x, dy, axis, out_offset):
+    """Outputs written into `out` buffers that start `out_offset` elements into a larger
+    array (so the stores meet every alignment), for training, inference and backward."""
+    C = x.shape[axis]
+    rng = rng_for("stream-params", x.shape, axis)
+    w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+
+    def out():
+        base = np.empty(x.size + out_offset, x.dtype)
+        return base[out_offset:].reshape(x.shape)
+
+    res = []
+    for relu in (False, True):
+        y = out()
+        _, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, out=y, relu=relu)
+        res += [y, mean, invstd]
+        yi = out()
+        bnfast.batch_norm_infer(x, mean, 1.0 / invstd ** 2, w, b, axis=axis, out=yi, relu=relu)
+        res.append(yi)
+        for training in (True, False):
+            dx = out()
+            res += list(bnfast.batch_norm_backward(dy, x, mean, invstd, w, bias=b, axis=axis,
+                                                   relu=relu, training=training, out=dx))
+    return res
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 5, 97), 1), ((6, 64, 70), 1), ((700, 64), 1),
+                                        ((300, 43), 1), ((9, 7, 7, 24), -1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streaming_stores_give_identical_bits(shape, axis, dtype, isa):
+    """Non-temporal stores (threshold 0) and ordinary stores give the same bits, for outputs
+    at every 16-byte alignment offset, row and column strategies, with and without ReLU."""
+    from bnfast import _config
+
+    rng = rng_for("stream", shape, axis, np.dtype(dtype).name)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    for off in range(16 // np.dtype(dtype).itemsize):
+        with _config._stream_min_bytes(1 << 62):
+            plain = _stream_case_results(x, dy, axis, off)
+        with _config._stream_min_bytes(0):
+            streamed = _stream_case_results(x, dy, axis, off)
+        for i, (a, c) in enumerate(zip(plain, streamed)):
+            assert_same_bits(a, c, f"{isa} offset {off} result {i}")
