@@ -39,6 +39,7 @@ typedef long long bn_vl __attribute__((vector_size(64)));
 #define BN_ROW_RUN 16384       /* row strategy: elements an item reads contiguously (per n) */
 #define BN_ROW_CHUNK 256       /* row strategy: most channels per work item */
 #define BN_SPAN 16384          /* element-wise passes: elements per work item (about) */
+#define BN_EW_TILE 256         /* column backward dx: columns per tile */
 #define BN_MAX_GROUPS_ROW 16
 #define BN_MAX_GROUPS_COL 64
 #define BN_PAR_MIN 32768       /* elements below which a call stays on one thread */
@@ -115,6 +116,8 @@ static inline ptrdiff_t bn_groups_row(ptrdiff_t N, ptrdiff_t S)
 static inline ptrdiff_t bn_chunk_row(ptrdiff_t C, ptrdiff_t S)
 {
     ptrdiff_t cc = (BN_ROW_RUN + S - 1) / (S > 0 ? S : 1);
+    const ptrdiff_t par = (C + 7) / 8;   /* at least about 8 items per row group */
+    if (cc > par) cc = par;
     if (cc > BN_ROW_CHUNK) cc = BN_ROW_CHUNK;
     if (cc > C) cc = C;
     if (cc < 1) cc = 1;
@@ -151,6 +154,13 @@ static inline bn_colpart bn_colpart_make(ptrdiff_t R, ptrdiff_t Cp)
     p.bpg = (p.nblocks + g - 1) / g;
     p.ngroups = (p.nblocks + p.bpg - 1) / p.bpg;
     return p;
+}
+
+/* Element-wise column passes: periods (rows) per work item. */
+static inline ptrdiff_t bn_periods_per_item(ptrdiff_t P)
+{
+    ptrdiff_t k = BN_SPAN / (P > 0 ? P : 1);
+    return k > 1 ? k : 1;
 }
 
 static inline int bn_threads(int nthreads, double work)

@@ -631,7 +631,7 @@ static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, 
     bn_expand(ae, scale, P, Cp, S);
     bn_expand(be, shift, P, Cp, S);
     const ptrdiff_t total = N * Cp, nfull = total / P, rem = total - nfull * P;
-    const ptrdiff_t ppi = BN_SPAN / P > 1 ? BN_SPAN / P : 1;   /* periods per item */
+    const ptrdiff_t ppi = bn_periods_per_item(P);
     const ptrdiff_t items = (nfull + ppi - 1) / ppi;
 #pragma omp parallel num_threads(nt)
     {
@@ -965,16 +965,22 @@ static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdif
     bn_expand(kxe, k_x, P, Cp, S);
     bn_expand(k0e, k_0, P, Cp, S);
     const ptrdiff_t total = N * Cp, nfull = total / P, rem = total - nfull * P;
-    const ptrdiff_t ppi = BN_SPAN / P > 1 ? BN_SPAN / P : 1;   /* periods per item */
+    const ptrdiff_t ppi = bn_periods_per_item(P);
     const ptrdiff_t items = (nfull + ppi - 1) / ppi;
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
         for (ptrdiff_t it = 0; it < items; it++) {
             const ptrdiff_t p0 = it * ppi, p1 = p0 + ppi < nfull ? p0 + ppi : nfull;
-            for (ptrdiff_t k = p0; k < p1; k++)
-                BN_FN(dx_span)(dy + k * P, x + k * P, dx + k * P, P, me, ae, be, kde, kxe, k0e,
-                               1, relu, eval, nts);
+            /* Column tiles, so a tile's six parameter arrays stay in L1 over the rows. */
+            for (ptrdiff_t j0 = 0; j0 < P; j0 += BN_EW_TILE) {
+                const ptrdiff_t w = P - j0 < BN_EW_TILE ? P - j0 : BN_EW_TILE;
+                for (ptrdiff_t k = p0; k < p1; k++) {
+                    const ptrdiff_t o = k * P + j0;
+                    BN_FN(dx_span)(dy + o, x + o, dx + o, w, me + j0, ae + j0, be + j0,
+                                   kde + j0, kxe + j0, k0e + j0, 1, relu, eval, nts);
+                }
+            }
         }
         bn_stream_fence(nts);
     }

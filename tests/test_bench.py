@@ -17,6 +17,20 @@ def test_multithreaded_copy_copies_every_byte():
         _core.copy(x, y[:-1], 1)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+def test_streaming_copy_copies_every_byte(offset):
+    """The copy floor streams (non-temporal stores) above the threshold, like the kernels."""
+    from bnfast import _config
+
+    x = np.random.default_rng(1).standard_normal(3 * (1 << 18) + 7).astype(np.float32)
+    base = np.zeros(x.size + offset, np.float32)
+    y = base[offset:]
+    with _config._stream_min_bytes(0):
+        _core.copy(x, y, 2)
+    assert np.array_equal(x, y)
+    assert not base[:offset].any()
+
+
 @pytest.mark.parametrize("layout", ["cf", "cl"])
 def test_run_case_reports_every_op(layout):
     rows = _bench.run_case((4, 3, 5, 5), layout, np.float32, 1, repeat=1,
