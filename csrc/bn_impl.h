@@ -163,6 +163,16 @@ static inline ptrdiff_t bn_periods_per_item(ptrdiff_t P)
     return k > 1 ? k : 1;
 }
 
+/* Training-forward coefficients of channel c: invstd, scale = invstd * weight, shift = bias. */
+static inline void bn_train_coeffs(double var, double eps, const double *weight,
+                                   const double *bias, ptrdiff_t c, double *invstd,
+                                   double *scale, double *shift)
+{
+    *invstd = 1.0 / sqrt(var + eps);
+    *scale = weight ? *invstd * weight[c] : *invstd;
+    *shift = bias ? bias[c] : 0.0;
+}
+
 static inline int bn_threads(int nthreads, double work)
 {
     if (nthreads < 1) nthreads = 1;

@@ -57,7 +57,11 @@ static inline void BN_FN(st)(T *p, bn_vd v)
 static inline void BN_FN(stnt)(T *p, bn_vd v)
 {
 #if BN_ISA_LEVEL > 0
-#if BN_IS_F32
+#if BN_IS_F32 && BN_ISA_LEVEL == 2
+    const __m256 f = _mm512_cvtpd_ps((__m512d)v);
+    _mm_stream_ps(p, _mm256_castps256_ps128(f));
+    _mm_stream_ps(p + 4, _mm256_extractf128_ps(f, 1));
+#elif BN_IS_F32
     union { bn_vd v; __m256d h[2]; } u;
     u.v = v;
     _mm_stream_ps(p, _mm256_cvtpd_ps(u.h[0]));
@@ -434,6 +438,19 @@ static void BN_FN(col_moments_item)(const T *x, const bn_colpart *p, ptrdiff_t g
     }
 }
 
+/* Row strategy: channel c's mean and variance from its row-group partials, merged in
+ * group order. */
+static inline void BN_FN(row_finish)(const T *x, ptrdiff_t C, ptrdiff_t S, ptrdiff_t G,
+                                     ptrdiff_t c, const double *pn, const double *pm,
+                                     const double *pq, double *mean, double *var)
+{
+    double n = 0.0, m = 0.0, q = 0.0;
+    for (ptrdiff_t g = 0; g < G; g++)
+        bn_chan_merge(&n, &m, &q, pn[g * C + c], pm[g * C + c], pq[g * C + c]);
+    *mean = BN_FN(shift_of)(x, C, S, c) + m;
+    *var = q / n;
+}
+
 static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
                           double *mean, double *var, int nthreads)
 {
@@ -462,13 +479,8 @@ static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
             BN_FN(row_moments_item)(x, n0, n1, C, S, c0, c1, pn + g * C, pm + g * C,
                                     pq + g * C);
         }
-        for (ptrdiff_t c = 0; c < C; c++) {
-            double n = 0.0, m = 0.0, q = 0.0;
-            for (ptrdiff_t g = 0; g < G; g++)
-                bn_chan_merge(&n, &m, &q, pn[g * C + c], pm[g * C + c], pq[g * C + c]);
-            mean[c] = BN_FN(shift_of)(x, C, S, c) + m;
-            var[c] = q / n;
-        }
+        for (ptrdiff_t c = 0; c < C; c++)
+            BN_FN(row_finish)(x, C, S, G, c, pn, pm, pq, &mean[c], &var[c]);
         free(buf);
         return BN_OK;
     }
@@ -705,6 +717,28 @@ static inline __attribute__((always_inline)) void BN_FN(bwd_sums_reg)(
 }
 #endif
 
+/* Row strategy: backward sums of channels [c0, c1) over rows [n0, n1), in memory order;
+ * each channel adds its rows in order.  Results go to pd[c], px[c]. */
+static void BN_FN(row_bwd_item)(const T *dy, const T *x, ptrdiff_t n0, ptrdiff_t n1,
+                                ptrdiff_t C, ptrdiff_t S, ptrdiff_t c0, ptrdiff_t c1,
+                                const double *mean, const double *scale, const double *shift,
+                                int relu, double *pd, double *px)
+{
+    double sd[BN_ROW_CHUNK], sx[BN_ROW_CHUNK];
+    for (ptrdiff_t c = c0; c < c1; c++) sd[c - c0] = sx[c - c0] = 0.0;
+    for (ptrdiff_t r = n0; r < n1; r++)
+        for (ptrdiff_t c = c0; c < c1; c++) {
+            const ptrdiff_t off = (r * C + c) * S;
+            const double a = scale ? scale[c] : 0.0, b = shift ? shift[c] : 0.0;
+            BN_FN(bwd_span_s)(dy + off, x + off, S, mean[c], a, b, relu, &sd[c - c0],
+                              &sx[c - c0]);
+        }
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        pd[c] = sd[c - c0];
+        px[c] = sx[c - c0];
+    }
+}
+
 static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, ptrdiff_t C,
                                   ptrdiff_t S, const double *mean, const double *scale,
                                   const double *shift, double *sum_dy, double *sum_dyxmu,
@@ -732,19 +766,8 @@ static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, 
             const ptrdiff_t g = it / nch, c0 = (it % nch) * cc;
             const ptrdiff_t c1 = c0 + cc < C ? c0 + cc : C;
             const ptrdiff_t n0 = g * npg, n1 = n0 + npg < N ? n0 + npg : N;
-            double sd[BN_ROW_CHUNK], sx[BN_ROW_CHUNK];
-            for (ptrdiff_t c = c0; c < c1; c++) sd[c - c0] = sx[c - c0] = 0.0;
-            for (ptrdiff_t r = n0; r < n1; r++)
-                for (ptrdiff_t c = c0; c < c1; c++) {
-                    const ptrdiff_t off = (r * C + c) * S;
-                    const double a = scale ? scale[c] : 0.0, b = shift ? shift[c] : 0.0;
-                    BN_FN(bwd_span_s)(dy + off, x + off, S, mean[c], a, b, relu, &sd[c - c0],
-                                      &sx[c - c0]);
-                }
-            for (ptrdiff_t c = c0; c < c1; c++) {
-                pd[g * C + c] = sd[c - c0];
-                px[g * C + c] = sx[c - c0];
-            }
+            BN_FN(row_bwd_item)(dy, x, n0, n1, C, S, c0, c1, mean, scale, shift, relu,
+                                pd + g * C, px + g * C);
         }
         for (ptrdiff_t c = 0; c < C; c++)
             for (ptrdiff_t g = 0; g < G; g++) {
@@ -1007,11 +1030,8 @@ static int BN_FN(train_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t
     double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)C);
     if (!buf) return BN_ENOMEM;
     double *sc = buf, *sh = buf + C;
-    for (ptrdiff_t c = 0; c < C; c++) {
-        invstd[c] = 1.0 / sqrt(var[c] + eps);
-        sc[c] = weight ? invstd[c] * weight[c] : invstd[c];
-        sh[c] = bias ? bias[c] : 0.0;
-    }
+    for (ptrdiff_t c = 0; c < C; c++)
+        bn_train_coeffs(var[c], eps, weight, bias, c, &invstd[c], &sc[c], &sh[c]);
     st = BN_FN(normalize)(xv, yv, N, C, S, mean, sc, sh, flags, nthreads);
     free(buf);
     return st;
