@@ -5,10 +5,11 @@ supported of ``baseline`` (plain C, always present), ``avx2`` (AVX2+FMA) and ``a
 (AVX-512 F/VL/DQ/BW).  ``BNFAST_ISA=baseline|avx2|avx512`` forces a variant (``auto`` or
 empty means the default choice); forcing one the CPU lacks is an error at import.
 
-Outputs of at least ``BNFAST_STREAM_MIN_BYTES`` bytes (default 64 MiB, twice the
-last-level cache of the development machine) are written with non-temporal stores by the
-AVX2 and AVX-512 variants: the data goes straight to memory instead of first being read
-into the cache.  The results are bit-identical either way.
+Element-wise passes whose inputs and outputs together reach ``BNFAST_STREAM_MIN_BYTES``
+bytes (default 16 MiB, half the last-level cache of the development machine) write their
+output with non-temporal stores in the AVX2 and AVX-512 variants: the data goes straight to
+memory instead of first being read into the cache.  The results are bit-identical either
+way.
 """
 import contextlib
 import os
@@ -23,7 +24,7 @@ from . import _core
 ISA_NAMES = _core.ISA_NAMES
 ENV_VAR = "BNFAST_ISA"
 STREAM_ENV_VAR = "BNFAST_STREAM_MIN_BYTES"
-STREAM_MIN_BYTES_DEFAULT = 64 << 20
+STREAM_MIN_BYTES_DEFAULT = 16 << 20
 _lock = threading.Lock()
 
 
@@ -194,8 +195,8 @@ def get_config():
     variable), ``isas_available``, ``isas_compiled``, ``openmp`` (spec version or None),
     ``openmp_runtime`` (library path when threadpoolctl can tell), ``num_threads``,
     ``omp_num_threads_env``, ``omp_wait`` (how idle OpenMP threads wait),
-    ``stream_min_bytes`` (outputs this large or larger are written with non-temporal
-    stores), ``compiler``, ``python``, ``numpy``, ``machine``.
+    ``stream_min_bytes`` (element-wise passes that read and write at least this many bytes
+    write their output with non-temporal stores), ``compiler``, ``python``, ``numpy``, ``machine``.
 
     Returns
     -------
@@ -271,7 +272,7 @@ def show_config(file=None):
         f"  threads        : {cfg['num_threads']}"
         f" (OMP_NUM_THREADS={env if env is not None else 'unset'})",
         f"  idle threads   : {cfg['omp_wait']}",
-        f"  streaming      : outputs >= {_fmt_bytes(cfg['stream_min_bytes'])}"
+        f"  streaming      : passes moving >= {_fmt_bytes(cfg['stream_min_bytes'])}"
         f" ({STREAM_ENV_VAR}={os.environ.get(STREAM_ENV_VAR, 'unset')})",
         f"  compiler       : {cfg['compiler']}",
         f"  python, numpy  : {cfg['python']}, {cfg['numpy']}",

@@ -87,26 +87,44 @@ static inline void BN_FN(stx)(T *p, bn_vd v, int nts)
         BN_FN(st)(p, v);
 }
 
-/* Elements to write one by one before p + i is 16-byte aligned (0 unless nts). */
-static inline ptrdiff_t BN_FN(peel)(const T *p, ptrdiff_t L, int nts)
-{
-    if (!nts) return 0;
-    ptrdiff_t h = (ptrdiff_t)((16 - ((uintptr_t)p & 15)) & 15) / (ptrdiff_t)sizeof(T);
-    return h < L ? h : L;
-}
-
-/* Streaming stores for an output of `count` elements at y?  Only where the output is large,
- * element-aligned, and the variant has the instructions. */
-static inline int BN_FN(use_stream)(const T *y, double count)
+/*
+ * Streaming stores for a pass over `count` elements at y that reads and writes `tensors`
+ * tensors of that size?  Only where that working set is large (bn_get_stream_min_bytes),
+ * the variant has the instructions, and every store can be a whole, aligned 16-byte
+ * piece: y 16-byte aligned and `run` elements (the length of the spans the pass writes,
+ * each starting where the previous ended) a multiple of 16 bytes.  Mixing ordinary and
+ * non-temporal stores on one cache line is very slow, so it is all or nothing.
+ */
+static inline int BN_FN(use_stream)(const T *y, double count, int tensors, ptrdiff_t run)
 {
 #if BN_ISA_LEVEL > 0
-    return ((uintptr_t)y % sizeof(T)) == 0 &&
-           count * (double)sizeof(T) >= (double)bn_get_stream_min_bytes();
+    return ((uintptr_t)y & 15) == 0 && ((size_t)run * sizeof(T)) % 16 == 0 &&
+           count * (double)sizeof(T) * (double)tensors >= (double)bn_get_stream_min_bytes();
 #else
     (void)y;
     (void)count;
+    (void)tensors;
+    (void)run;
     return 0;
 #endif
+}
+
+/* Write n < 8 elements from tmp to the 16-byte aligned p: whole 16-byte pieces streamed,
+ * a remainder (only at the very end of an output) stored normally. */
+static inline void BN_FN(stream_tail)(T *p, const T *tmp, ptrdiff_t n)
+{
+    ptrdiff_t i = 0;
+#if BN_ISA_LEVEL > 0
+    const ptrdiff_t step = 16 / (ptrdiff_t)sizeof(T);
+    for (; i + step <= n; i += step) {
+#if BN_IS_F32
+        _mm_stream_ps(p + i, _mm_loadu_ps(tmp + i));
+#else
+        _mm_stream_pd(p + i, _mm_loadu_pd(tmp + i));
+#endif
+    }
+#endif
+    for (; i < n; i++) p[i] = tmp[i];
 }
 
 #ifndef BN_DOUBLE_HELPERS_DEFINED
@@ -519,23 +537,33 @@ static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
 
 /* ---- element-wise passes ---- */
 
-/* y[i] = (x[i] - m) * a + b, optional ReLU, with scalar parameters. */
+/*
+ * y[i] = (x[i] - m) * a + b, optional ReLU, with scalar parameters.  With nts (see
+ * use_stream) every store is non-temporal: the last L % 8 elements are computed into a
+ * buffer and streamed in 16-byte pieces.
+ */
 static void BN_FN(norm_span_s)(const T *x, T *y, ptrdiff_t L, double m, double a, double b,
                                int relu, int nts)
 {
     const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
     ptrdiff_t i = 0;
-    const ptrdiff_t h = BN_FN(peel)(y, L, nts);
+    T tmp[8];
     if (relu) {
-        for (; i < h; i++) y[i] = (T)bn_srelu(((double)x[i] - m) * a + b);
         for (; i + 8 <= L; i += 8)
             BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv) * av + bv), nts);
-        for (; i < L; i++) y[i] = (T)bn_srelu(((double)x[i] - m) * a + b);
     } else {
-        for (; i < h; i++) y[i] = (T)(((double)x[i] - m) * a + b);
         for (; i + 8 <= L; i += 8) BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - mv) * av + bv, nts);
-        for (; i < L; i++) y[i] = (T)(((double)x[i] - m) * a + b);
     }
+    const ptrdiff_t i0 = i;
+    for (; i < L; i++) {
+        const double v = ((double)x[i] - m) * a + b;
+        const T r = (T)(relu ? bn_srelu(v) : v);
+        if (nts)
+            tmp[i - i0] = r;
+        else
+            y[i] = r;
+    }
+    if (nts && L > i0) BN_FN(stream_tail)(y + i0, tmp, L - i0);
 }
 
 /* The same with per-element parameter arrays m[i], a[i], b[i]. */
@@ -543,20 +571,26 @@ static void BN_FN(norm_span_v)(const T *x, T *y, ptrdiff_t L, const double *m,
                                const double *a, const double *b, int relu, int nts)
 {
     ptrdiff_t i = 0;
-    const ptrdiff_t h = BN_FN(peel)(y, L, nts);
+    T tmp[8];
     if (relu) {
-        for (; i < h; i++) y[i] = (T)bn_srelu(((double)x[i] - m[i]) * a[i] + b[i]);
         for (; i + 8 <= L; i += 8)
             BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) +
                                        bn_ldd(b + i)), nts);
-        for (; i < L; i++) y[i] = (T)bn_srelu(((double)x[i] - m[i]) * a[i] + b[i]);
     } else {
-        for (; i < h; i++) y[i] = (T)(((double)x[i] - m[i]) * a[i] + b[i]);
         for (; i + 8 <= L; i += 8)
             BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) + bn_ldd(b + i),
                        nts);
-        for (; i < L; i++) y[i] = (T)(((double)x[i] - m[i]) * a[i] + b[i]);
     }
+    const ptrdiff_t i0 = i;
+    for (; i < L; i++) {
+        const double v = ((double)x[i] - m[i]) * a[i] + b[i];
+        const T r = (T)(relu ? bn_srelu(v) : v);
+        if (nts)
+            tmp[i - i0] = r;
+        else
+            y[i] = r;
+    }
+    if (nts && L > i0) BN_FN(stream_tail)(y + i0, tmp, L - i0);
 }
 
 /*
@@ -618,8 +652,8 @@ static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, 
     if (N == 0 || C == 0 || S == 0) return BN_OK;
     const int nt = bn_threads(nthreads, (double)N * (double)C * (double)S);
     (void)nt;
-    int nts = BN_FN(use_stream)(y, (double)N * (double)C * (double)S);
     if (S >= BN_ROW_MIN_S) {
+        const int nts = BN_FN(use_stream)(y, (double)N * (double)C * (double)S, 2, S);
         const ptrdiff_t rows = N * C;
 #pragma omp parallel num_threads(nt)
         {
@@ -633,8 +667,8 @@ static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, 
         }
         return BN_OK;
     }
-    /* Periods are whole vectors, so they stay 16-byte aligned if y is. */
-    nts = nts && ((uintptr_t)y & 15) == 0;
+    /* Periods are whole vectors; only the last span may be shorter. */
+    const int nts = BN_FN(use_stream)(y, (double)N * (double)C * (double)S, 2, 8);
     const ptrdiff_t Cp = C * S, P = bn_period(Cp);
     double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)P);
     if (!buf) return BN_ENOMEM;
@@ -921,8 +955,7 @@ static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const do
                            int eval, int nts)
 {
     ptrdiff_t i = 0;
-    const ptrdiff_t h = BN_FN(peel)(dx, L, nts);
-    for (; i < h; i++) dx[i] = BN_FN(dx_one)(dy, x, i, i * inc, m, a, b, kd, kx, k0, relu, eval);
+    T tmp[8];
     if (inc == 0) {
         const bn_vd mv = bn_splat(*m), av = bn_splat(*a), bv = bn_splat(*b);
         const bn_vd kdv = bn_splat(*kd), kxv = bn_splat(*kx), k0v = bn_splat(*k0);
@@ -942,7 +975,16 @@ static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const do
                        eval ? kdv * g : (kdv * g + bn_ldd(kx + i) * xm) + bn_ldd(k0 + i), nts);
         }
     }
-    for (; i < L; i++) dx[i] = BN_FN(dx_one)(dy, x, i, i * inc, m, a, b, kd, kx, k0, relu, eval);
+    /* The last L % 8 elements; with nts through a buffer, streamed (see norm_span_s). */
+    const ptrdiff_t i0 = i;
+    for (; i < L; i++) {
+        const T r = BN_FN(dx_one)(dy, x, i, i * inc, m, a, b, kd, kx, k0, relu, eval);
+        if (nts)
+            tmp[i - i0] = r;
+        else
+            dx[i] = r;
+    }
+    if (nts && L > i0) BN_FN(stream_tail)(dx + i0, tmp, L - i0);
 }
 
 static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdiff_t N,
@@ -957,8 +999,8 @@ static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdif
     if (N == 0 || C == 0 || S == 0) return BN_OK;
     const int nt = bn_threads(nthreads, (double)N * (double)C * (double)S);
     (void)nt;
-    int nts = BN_FN(use_stream)(dx, (double)N * (double)C * (double)S);
     if (S >= BN_ROW_MIN_S) {
+        const int nts = BN_FN(use_stream)(dx, (double)N * (double)C * (double)S, 3, S);
         const ptrdiff_t rows = N * C;
 #pragma omp parallel num_threads(nt)
         {
@@ -975,7 +1017,8 @@ static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdif
         }
         return BN_OK;
     }
-    nts = nts && ((uintptr_t)dx & 15) == 0;   /* periods are whole vectors */
+    /* Periods and tiles are whole vectors; only the last span may be shorter. */
+    const int nts = BN_FN(use_stream)(dx, (double)N * (double)C * (double)S, 3, 8);
     const ptrdiff_t Cp = C * S, P = bn_period(Cp);
     double *buf = (double *)malloc(sizeof(double) * 6 * (size_t)P);
     if (!buf) return BN_ENOMEM;

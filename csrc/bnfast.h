@@ -123,11 +123,12 @@ int bn_update_running_f64(double *rmean, double *rvar, ptrdiff_t rm_stride, ptrd
 int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads);
 
 /*
- * Outputs of the element-wise passes (y, dx) of at least this many bytes are written with
- * non-temporal stores (AVX2 and AVX-512 variants).  The bits are the same either way; only
- * the cache traffic differs.  Default BN_STREAM_MIN_BYTES_DEFAULT; 0 streams everything.
+ * Element-wise passes (normalisation, dx) whose inputs and outputs together move at least
+ * this many bytes write their output with non-temporal stores (AVX2 and AVX-512 variants,
+ * 16-byte aligned outputs with rows of whole 16-byte pieces).  The bits are the same either
+ * way; only the cache traffic differs.  0 streams whenever possible.
  */
-#define BN_STREAM_MIN_BYTES_DEFAULT ((size_t)64 << 20)
+#define BN_STREAM_MIN_BYTES_DEFAULT ((size_t)16 << 20)
 size_t bn_get_stream_min_bytes(void);
 void bn_set_stream_min_bytes(size_t nbytes);
 

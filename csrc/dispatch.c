@@ -139,7 +139,7 @@ int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads)
 {
     const size_t chunk = (size_t)1 << 20;
     const ptrdiff_t nchunks = (ptrdiff_t)((nbytes + chunk - 1) / chunk);
-    const int stream = nbytes >= bn_stream_min;
+    const int stream = 2 * nbytes >= bn_stream_min;   /* read + written, as in the kernels */
     if (nthreads < 1) nthreads = 1;
     (void)nthreads;
     (void)stream;
