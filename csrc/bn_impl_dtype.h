@@ -336,11 +336,22 @@ static inline __attribute__((always_inline)) void BN_FN(col_sums_reg)(
 #endif
 
 static void BN_FN(col_sums)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, ptrdiff_t w,
-                            const double *kc, double *s, double *q)
+                            const double *kc, double *s, double *q, int resident)
 {
     const ptrdiff_t w8 = w & ~(ptrdiff_t)7;
     ptrdiff_t j;
 #if BN_ISA_LEVEL == 2
+    /* Cache-resident data, wide tiles: register strips of 64 columns down the block (from
+     * DRAM the strided strips are slower than the row-by-row walk). */
+    ptrdiff_t j0 = 0;
+    if (w8 > 64 && resident)
+        for (; j0 + 64 <= w8; j0 += 64)
+            BN_FN(col_sums_reg)(blk + j0, nr, Cp, kc + j0, s + j0, q + j0, 8);
+    if (j0 > 0) {
+        /* The remaining columns (fewer than 64) as a narrow tile. */
+        BN_FN(col_sums)(blk + j0, nr, Cp, w - j0, kc + j0, s + j0, q + j0, 0);
+        return;
+    }
     switch (w8 <= 64 ? w8 / 8 : 0) {
     case 8: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 8); break;
     case 7: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 7); break;
@@ -383,7 +394,8 @@ static void BN_FN(col_sums)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, ptrdiff_t 
 
 /* Column strategy: statistics of the columns of tile t over the row blocks of group g. */
 static void BN_FN(col_moments_item)(const T *x, const bn_colpart *p, ptrdiff_t g,
-                                    ptrdiff_t t, const double *kcol, double *pm, double *pq)
+                                    ptrdiff_t t, const double *kcol, double *pm, double *pq,
+                                    int resident)
 {
     const ptrdiff_t Cp = p->Cp;
     const ptrdiff_t c0 = t * p->tile;
@@ -401,7 +413,7 @@ static void BN_FN(col_moments_item)(const T *x, const bn_colpart *p, ptrdiff_t g
         ptrdiff_t j;
         /* Shifted sums; each column adds its rows in order, whatever the traversal. */
         const T *blk = x + r0 * Cp + c0;
-        BN_FN(col_sums)(blk, r1 - r0, Cp, w, kc, s, q);
+        BN_FN(col_sums)(blk, r1 - r0, Cp, w, kc, s, q, resident);
         /* One pass (shifted sums) unless a column is ill-conditioned (see seg_moments);
          * the second pass runs over the whole tile but is used only for those columns,
          * so a column's result never depends on its neighbours' data. */
@@ -513,9 +525,12 @@ static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
         for (ptrdiff_t s = 0; s < S; s++) kcol[c * S + s] = K;
     }
     const ptrdiff_t items = G * p.ntiles;
+    /* Data small enough to stay in the cache (the streaming threshold's measure). */
+    const int resident = (double)N * (double)Cp * (double)sizeof(T) <
+                         (double)bn_get_stream_min_bytes();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (ptrdiff_t it = 0; it < items; it++)
-        BN_FN(col_moments_item)(x, &p, it / p.ntiles, it % p.ntiles, kcol, pm, pq);
+        BN_FN(col_moments_item)(x, &p, it / p.ntiles, it % p.ntiles, kcol, pm, pq, resident);
     const ptrdiff_t rows_per_group = p.bpg * p.rb;
     for (ptrdiff_t c = 0; c < C; c++) {
         double n = 0.0, m = 0.0, q = 0.0;
@@ -822,6 +837,10 @@ static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, 
     bn_expand(ae, scale, Cp, Cp, S);
     bn_expand(be, shift, Cp, Cp, S);
     const ptrdiff_t items = G * p.ntiles;
+    /* Inputs small enough to stay in the cache (the streaming threshold's measure). */
+    const int resident = 2.0 * (double)N * (double)Cp * (double)sizeof(T) <
+                         (double)bn_get_stream_min_bytes();
+    (void)resident;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (ptrdiff_t it = 0; it < items; it++) {
         const ptrdiff_t g = it / p.ntiles, t = it % p.ntiles;
@@ -837,23 +856,31 @@ static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, 
          * each column's rows in order, so they give the same bits; the split is speed only
          * (measured: row-outer is faster for 64 or more columns, strips for 16). */
 #if BN_ISA_LEVEL == 2
-        /* AVX-512, whole rows of 8 to 71 columns: one stream, sums in registers. */
-        if (w == Cp && w >= 8 && w < 72) {
-            const ptrdiff_t w8 = w & ~(ptrdiff_t)7;
-            const T *dblk = dy + r0 * Cp, *xblk = x + r0 * Cp;
-            switch (w8 / 8) {
-            case 8: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 8); break;
-            case 7: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 7); break;
-            case 6: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 6); break;
-            case 5: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 5); break;
-            case 4: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 4); break;
-            case 3: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 3); break;
-            case 2: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 2); break;
-            default: BN_FN(bwd_sums_reg)(dblk, xblk, r1 - r0, Cp, m, a, b, relu, ad, ax, 1); break;
+        /* AVX-512, sums in registers, 64 columns at a time: whole rows of 8 to 71 columns
+         * (one stream), or wider tiles of cache-resident data (strips down the rows; from
+         * DRAM the strided strips are slower than the row-by-row walk below). */
+        if ((w == Cp && w >= 8 && w < 72) || (w >= 72 && resident)) {
+            const ptrdiff_t w8 = w & ~(ptrdiff_t)7, nr = r1 - r0;
+            const T *dblk = dy + r0 * Cp + c0, *xblk = x + r0 * Cp + c0;
+#define BN_BWD_STRIP(k)                                                                   \
+    BN_FN(bwd_sums_reg)(dblk + j0, xblk + j0, nr, Cp, m + j0, a + j0, b + j0, relu, ad + j0, \
+                        ax + j0, k)
+            for (ptrdiff_t j0 = 0; j0 < w8; j0 += 64) {
+                switch (w8 - j0 < 64 ? (w8 - j0) / 8 : 8) {
+                case 8: BN_BWD_STRIP(8); break;
+                case 7: BN_BWD_STRIP(7); break;
+                case 6: BN_BWD_STRIP(6); break;
+                case 5: BN_BWD_STRIP(5); break;
+                case 4: BN_BWD_STRIP(4); break;
+                case 3: BN_BWD_STRIP(3); break;
+                case 2: BN_BWD_STRIP(2); break;
+                default: BN_BWD_STRIP(1); break;
+                }
             }
+#undef BN_BWD_STRIP
             for (j = w8; j < w; j++) {
                 double sd = 0.0, sx = 0.0;
-                for (ptrdiff_t r = 0; r < r1 - r0; r++) {
+                for (ptrdiff_t r = 0; r < nr; r++) {
                     double xm = (double)xblk[r * Cp + j] - m[j];
                     double gs = (double)dblk[r * Cp + j];
                     if (relu && !(xm * a[j] + b[j] > 0.0)) gs = 0.0;
