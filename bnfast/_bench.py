@@ -4,8 +4,9 @@
 Compares, in one process and with the same thread count, bnfast against a plain NumPy
 implementation and PyTorch's CPU batch norm (``torch.nn.functional.batch_norm`` and autograd;
 skipped with a note when torch is absent), and against the memory-bandwidth floor: the faster
-of NumPy's copy and a multithreaded copy of the same tensor into a preallocated buffer.
-Times are medians (and minima) of repeated runs.
+of NumPy's copy and a multithreaded copy of the same tensor into a preallocated buffer
+(written with non-temporal stores above ``BNFAST_STREAM_MIN_BYTES``, as the kernels write
+large outputs).  Times are medians (and minima) of repeated runs.
 """
 import json
 import math
