@@ -8,8 +8,9 @@ empty means the default choice); forcing one the CPU lacks is an error at import
 Element-wise passes whose inputs and outputs together reach ``BNFAST_STREAM_MIN_BYTES``
 bytes (default 16 MiB, half the last-level cache of the development machine) write their
 output with non-temporal stores in the AVX2 and AVX-512 variants: the data goes straight to
-memory instead of first being read into the cache.  The results are bit-identical either
-way.
+memory instead of first being read into the cache.  The same threshold tells the column
+reductions whether data counts as cache-resident (register strips down the rows) or not
+(one stream through memory).  The results are bit-identical either way.
 """
 import contextlib
 import os
@@ -293,11 +294,8 @@ def _stream_from_environment():
     if not raw:
         _core.set_stream_min_bytes(STREAM_MIN_BYTES_DEFAULT)
         return
-    try:
-        n = int(raw)
-    except ValueError:
-        n = -1
-    if n < 0:
+    n = int(raw) if raw.isdigit() and raw.isascii() else -1
+    if not 0 <= n < 2 ** 64:
         raise RuntimeError(f"{STREAM_ENV_VAR}={raw!r}: expected a non-negative whole number "
                            "of bytes (0 streams every output)")
     _core.set_stream_min_bytes(n)

@@ -165,8 +165,9 @@ static inline bn_vd bn_vmask(bn_vd g, bn_vd t)
 static inline double bn_srelu(double t) { return (t <= 0.0) ? 0.0 : t; }
 
 /*
- * Period for the column strategy's element-wise passes: a multiple of Cp of at least 64
- * elements (and a multiple of 8), so narrow rows still fill whole vectors.
+ * Period for the column strategy's element-wise passes: Cp itself when Cp >= 64 (any
+ * length), else the smallest multiple of Cp of at least 64 elements that is a multiple of 8,
+ * so narrow rows still fill whole vectors.
  */
 static inline ptrdiff_t bn_period(ptrdiff_t Cp)
 {
@@ -682,9 +683,10 @@ static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, 
         }
         return BN_OK;
     }
-    /* Periods are whole vectors; only the last span may be shorter. */
-    const int nts = BN_FN(use_stream)(y, (double)N * (double)C * (double)S, 2, 8);
     const ptrdiff_t Cp = C * S, P = bn_period(Cp);
+    /* Every period starts where the previous ended: stream only if a period is whole
+     * 16-byte pieces (P is a multiple of 8 only when C * S < 64). */
+    const int nts = BN_FN(use_stream)(y, (double)N * (double)C * (double)S, 2, P);
     double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)P);
     if (!buf) return BN_ENOMEM;
     double *me = buf, *ae = buf + P, *be = buf + 2 * P;
@@ -1044,9 +1046,10 @@ static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdif
         }
         return BN_OK;
     }
-    /* Periods and tiles are whole vectors; only the last span may be shorter. */
-    const int nts = BN_FN(use_stream)(dx, (double)N * (double)C * (double)S, 3, 8);
     const ptrdiff_t Cp = C * S, P = bn_period(Cp);
+    /* As in normalize: periods must be whole 16-byte pieces (tiles start at multiples of
+     * BN_EW_TILE elements within a period, so they are too). */
+    const int nts = BN_FN(use_stream)(dx, (double)N * (double)C * (double)S, 3, P);
     double *buf = (double *)malloc(sizeof(double) * 6 * (size_t)P);
     if (!buf) return BN_ENOMEM;
     double *me = buf, *ae = buf + P, *be = buf + 2 * P, *kde = buf + 3 * P, *kxe = buf + 4 * P,

@@ -139,7 +139,9 @@ int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads)
 {
     const size_t chunk = (size_t)1 << 20;
     const ptrdiff_t nchunks = (ptrdiff_t)((nbytes + chunk - 1) / chunk);
-    const int stream = 2 * nbytes >= bn_stream_min;   /* read + written, as in the kernels */
+    /* Stream as the kernels do: read + written bytes over the threshold, and only when the
+     * selected variant streams (not baseline). */
+    const int stream = 2 * nbytes >= bn_stream_min && bn_get_isa() != BN_ISA_BASELINE;
     if (nthreads < 1) nthreads = 1;
     (void)nthreads;
     (void)stream;

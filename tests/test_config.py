@@ -316,7 +316,7 @@ def test_stream_threshold_default_env_and_config():
     assert r.stdout.strip() == "4096"
 
 
-@pytest.mark.parametrize("bad", ["-1", "1.5", "lots"])
+@pytest.mark.parametrize("bad", ["-1", "1.5", "lots", "1_000", str(2 ** 64)])
 def test_stream_threshold_env_errors_are_clear(bad):
     r = _python("import bnfast", BNFAST_STREAM_MIN_BYTES=bad)
     assert r.returncode != 0
@@ -352,7 +352,10 @@ def _stream_case_results(x, dy, axis, out_offset):
 
 @pytest.mark.parametrize("shape,axis", [((8, 5, 97), 1), ((6, 64, 70), 1), ((8, 5, 96), 1),
                                         ((6, 9, 100), 1), ((700, 64), 1), ((300, 43), 1),
-                                        ((301, 3, 7), 1), ((9, 7, 7, 24), -1)])
+                                        ((301, 3, 7), 1), ((9, 7, 7, 24), -1),
+                                        # periods of 65, 147, 66 elements (not whole vectors)
+                                        ((300, 65), 1), ((50, 3, 7, 7), 1), ((40, 66), 1),
+                                        ((30, 5, 5, 65), -1), ((20, 300), 1)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_streaming_stores_give_identical_bits(shape, axis, dtype, isa):
     """Non-temporal stores (threshold 0) and ordinary stores give the same bits, for outputs

@@ -18,10 +18,11 @@ CASES = {
     "c1-2d-f64": ((200000, 1), np.float64, 1, "first"),          # C=1, N*S=200000, S=1
     "s9-f64": ((2048, 24, 3, 3), np.float64, 1, "first"),        # column strategy, S=9
     "s65-f64": ((97, 33, 65), np.float64, 1, "first"),           # row strategy, odd sizes
-    # row strategy: two row groups and two channel chunks per group (bn_chunk_row)
+    # row strategy: two row groups, several channel chunks per group (bn_chunk_row)
     "groups-chunks-f32": ((128, 24, 32, 33), np.float32, 1, "first"),
     # column strategy: 43 columns (5 register vectors + 3 scalar columns on AVX-512) and
-    # 100 columns (accumulators in memory + 4 scalar columns)
+    # 100 columns (on AVX-512 a 64-column register strip, then 4 vectors + 4 scalar
+    # columns; accumulators in memory in the other variants and for streamed data)
     "c43-2d-f32": ((8192, 43), np.float32, 1, "first"),
     "c100-nhwc-f64": ((64, 100, 9, 9), np.float64, -1, "last"),
 }
@@ -82,6 +83,18 @@ def test_thread_count_does_not_change_results(name, isa):
     for n in (2, 3, 4):
         with bnfast.num_threads(n):
             _compare(base, _run_all(name), f"{isa}, {n} threads vs 1")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_streaming_and_large_data_paths_do_not_change_results(name, isa):
+    """Threshold 0: every pass streams where the output allows and the reductions take the
+    paths for data larger than the cache (row-by-row walks instead of register strips)."""
+    from bnfast import _config
+
+    with bnfast.num_threads(2):
+        base = _run_all(name)
+        with _config._stream_min_bytes(0):
+            _compare(base, _run_all(name), f"{isa}, streaming vs not")
 
 
 @pytest.mark.parametrize("name", list(CASES))
