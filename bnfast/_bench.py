@@ -26,27 +26,38 @@ FULL_F64 = [(256, 1024), (32, 64, 56, 56), (16, 512, 14, 14)]
 QUICK_F32 = [(64, 128), (256, 1024), (32, 64, 56, 56)]
 
 
-def timeit(fn, *, repeat=7, min_time=0.02, max_time=3.0):
-    """Median and minimum seconds per call of ``fn()``.
+def timeit_many(fns, *, repeat=7, min_time=0.02, max_time=3.0):
+    """Median and minimum seconds per call of each function in `fns`, sampled in turn.
 
-    Each sample runs ``fn`` enough times to last at least `min_time`; `repeat` samples are
-    taken (at least 3, fewer than `repeat` if the total would exceed `max_time`).
+    Each sample runs a function enough times to last at least `min_time`.  The functions
+    take turns, one sample each per round, so that a burst of load on a shared machine
+    hits all of them alike and their ratios stay meaningful.  `repeat` rounds are run (at
+    least 3, fewer if the total would exceed `max_time` per function).  Returns a list of
+    ``(median, min)`` pairs, one per function.
     """
-    fn()  # warm up (page faults, lazy initialisation)
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(min_time / one))
-    samples = []
+    inner = []
+    for fn in fns:
+        fn()  # warm up (page faults, lazy initialisation)
+        t0 = time.perf_counter()
+        fn()
+        one = max(time.perf_counter() - t0, 1e-7)
+        inner.append(max(1, int(min_time / one)))
+    samples = [[] for _ in fns]
     start = time.perf_counter()
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-        if time.perf_counter() - start > max_time and len(samples) >= 3:
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(inner[k]):
+                fn()
+            samples[k].append((time.perf_counter() - t0) / inner[k])
+        if time.perf_counter() - start > max_time * len(fns) and len(samples[0]) >= 3:
             break
-    return float(np.median(samples)), float(np.min(samples))
+    return [(float(np.median(v)), float(np.min(v))) for v in samples]
+
+
+def timeit(fn, *, repeat=7, min_time=0.02, max_time=3.0):
+    """Median and minimum seconds per call of ``fn()`` (see :func:`timeit_many`)."""
+    return timeit_many([fn], repeat=repeat, min_time=min_time, max_time=max_time)[0]
 
 
 # ------------------------------------------------------------------ NumPy baseline
@@ -135,8 +146,9 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
     torch = _torch() if include_torch else None
     results = []
     with num_threads(threads):
-        copy_np = timeit(lambda: np.copyto(copy_out, x), repeat=repeat)
-        copy_mt = timeit(lambda: _core.copy(x, copy_out, threads), repeat=repeat)
+        copy_np, copy_mt = timeit_many([lambda: np.copyto(copy_out, x),
+                                        lambda: _core.copy(x, copy_out, threads)],
+                                       repeat=repeat)
         copy_ms = min(copy_np[0], copy_mt[0]) * 1e3
         if torch is not None:
             torch.set_num_threads(threads)
@@ -184,14 +196,15 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
                     if torch is not None else None
             else:
                 raise ValueError(f"unknown op {op!r}")
-            if torch is not None:
-                with torch.no_grad() if op != "backward" else _nullcontext():
-                    t_t = timeit(f_t, repeat=repeat)
-            else:
-                t_t = (math.nan, math.nan)
-            t_bn = timeit(f_bn, repeat=repeat)
-            t_fr = timeit(f_fresh, repeat=repeat)
-            t_np = timeit(f_np, repeat=repeat) if include_numpy else (math.nan, math.nan)
+            # All implementations take turns sample by sample (see timeit_many).
+            fns = [f_bn, f_fresh] + ([f_np] if include_numpy else []) + \
+                ([f_t] if torch is not None else [])
+            grad_off = torch is not None and op != "backward"
+            with torch.no_grad() if grad_off else _nullcontext():
+                times = timeit_many(fns, repeat=repeat)
+            t_bn, t_fr = times[0], times[1]
+            t_np = times[2] if include_numpy else (math.nan, math.nan)
+            t_t = times[-1] if torch is not None else (math.nan, math.nan)
             results.append({
                 "op": op, "shape": list(shape), "layout": "cl" if cl else "cf",
                 "dtype": dtype.name, "threads": threads, "bytes": int(x.nbytes),
