@@ -119,7 +119,6 @@ static inline ptrdiff_t bn_chunk_row(ptrdiff_t C, ptrdiff_t S)
     const ptrdiff_t par = (C + 7) / 8;   /* at least about 8 items per row group */
     if (cc > par) cc = par;
     if (cc > BN_ROW_CHUNK) cc = BN_ROW_CHUNK;
-    if (cc > C) cc = C;
     if (cc < 1) cc = 1;
     return cc;
 }
@@ -161,16 +160,6 @@ static inline ptrdiff_t bn_periods_per_item(ptrdiff_t P)
 {
     ptrdiff_t k = BN_SPAN / (P > 0 ? P : 1);
     return k > 1 ? k : 1;
-}
-
-/* Training-forward coefficients of channel c: invstd, scale = invstd * weight, shift = bias. */
-static inline void bn_train_coeffs(double var, double eps, const double *weight,
-                                   const double *bias, ptrdiff_t c, double *invstd,
-                                   double *scale, double *shift)
-{
-    *invstd = 1.0 / sqrt(var + eps);
-    *scale = weight ? *invstd * weight[c] : *invstd;
-    *shift = bias ? bias[c] : 0.0;
 }
 
 static inline int bn_threads(int nthreads, double work)

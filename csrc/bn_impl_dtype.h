@@ -109,26 +109,47 @@ static inline int BN_FN(use_stream)(const T *y, double count, int tensors, ptrdi
 #endif
 }
 
-/* Write n < 8 elements from tmp to the 16-byte aligned p: whole 16-byte pieces streamed,
- * a remainder (only at the very end of an output) stored normally. */
-static inline void BN_FN(stream_tail)(T *p, const T *tmp, ptrdiff_t n)
+/*
+ * Store the n < 8 tail elements of a span, computed into tmp, at p.  With nts (p is then
+ * 16-byte aligned) whole 16-byte pieces are streamed, and only a remainder (possible only at
+ * the very end of an output) is stored normally.
+ */
+static inline void BN_FN(store_tail)(T *p, const T *tmp, ptrdiff_t n, int nts)
 {
     ptrdiff_t i = 0;
 #if BN_ISA_LEVEL > 0
     const ptrdiff_t step = 16 / (ptrdiff_t)sizeof(T);
-    for (; i + step <= n; i += step) {
+    if (nts) {
+        for (; i + step <= n; i += step) {
 #if BN_IS_F32
-        _mm_stream_ps(p + i, _mm_loadu_ps(tmp + i));
+            _mm_stream_ps(p + i, _mm_loadu_ps(tmp + i));
 #else
-        _mm_stream_pd(p + i, _mm_loadu_pd(tmp + i));
+            _mm_stream_pd(p + i, _mm_loadu_pd(tmp + i));
 #endif
+        }
     }
+#else
+    (void)nts;
 #endif
     for (; i < n; i++) p[i] = tmp[i];
 }
 
 #ifndef BN_DOUBLE_HELPERS_DEFINED
 #define BN_DOUBLE_HELPERS_DEFINED
+/* F(k) with the compile-time constant k = nv, for nv in 1..8 (register-array kernels need
+ * a constant count to keep their arrays in registers). */
+#define BN_NV_SWITCH(nv, F)                                                               \
+    switch (nv) {                                                                         \
+    case 8: F(8); break;                                                                  \
+    case 7: F(7); break;                                                                  \
+    case 6: F(6); break;                                                                  \
+    case 5: F(5); break;                                                                  \
+    case 4: F(4); break;                                                                  \
+    case 3: F(3); break;                                                                  \
+    case 2: F(2); break;                                                                  \
+    default: F(1); break;                                                                 \
+    }
+
 /* Order this thread's non-temporal stores before it leaves a parallel region. */
 static inline void bn_stream_fence(int nts)
 {
@@ -353,19 +374,13 @@ static void BN_FN(col_sums)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, ptrdiff_t 
         BN_FN(col_sums)(blk + j0, nr, Cp, w - j0, kc + j0, s + j0, q + j0, 0);
         return;
     }
-    switch (w8 <= 64 ? w8 / 8 : 0) {
-    case 8: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 8); break;
-    case 7: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 7); break;
-    case 6: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 6); break;
-    case 5: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 5); break;
-    case 4: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 4); break;
-    case 3: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 3); break;
-    case 2: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 2); break;
-    case 1: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 1); break;
-    default:
-#else
-    {
+    if (w8 >= 8 && w8 <= 64) {   /* up to 64 columns: sums in registers */
+#define BN_COL_SUMS(k) BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, k)
+        BN_NV_SWITCH(w8 / 8, BN_COL_SUMS);
+#undef BN_COL_SUMS
+    } else
 #endif
+    {
         /* Accumulators in memory hold back the out-of-order window, so the hardware
          * prefetchers fall behind on DRAM-resident data: prefetch about 8 KiB ahead. */
         const ptrdiff_t pfr = (8192 / (ptrdiff_t)sizeof(T) + w - 1) / (w > 0 ? w : 1);
@@ -554,9 +569,9 @@ static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
 /* ---- element-wise passes ---- */
 
 /*
- * y[i] = (x[i] - m) * a + b, optional ReLU, with scalar parameters.  With nts (see
- * use_stream) every store is non-temporal: the last L % 8 elements are computed into a
- * buffer and streamed in 16-byte pieces.
+ * y[i] = (x[i] - m) * a + b, optional ReLU, with scalar parameters.  The last L % 8
+ * elements are computed one by one into a buffer and stored by store_tail; with nts (see
+ * use_stream) every store is non-temporal.
  */
 static void BN_FN(norm_span_s)(const T *x, T *y, ptrdiff_t L, double m, double a, double b,
                                int relu, int nts)
@@ -570,16 +585,11 @@ static void BN_FN(norm_span_s)(const T *x, T *y, ptrdiff_t L, double m, double a
     } else {
         for (; i + 8 <= L; i += 8) BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - mv) * av + bv, nts);
     }
-    const ptrdiff_t i0 = i;
-    for (; i < L; i++) {
-        const double v = ((double)x[i] - m) * a + b;
-        const T r = (T)(relu ? bn_srelu(v) : v);
-        if (nts)
-            tmp[i - i0] = r;
-        else
-            y[i] = r;
+    for (ptrdiff_t k = 0; k < L - i; k++) {
+        const double v = ((double)x[i + k] - m) * a + b;
+        tmp[k] = (T)(relu ? bn_srelu(v) : v);
     }
-    if (nts && L > i0) BN_FN(stream_tail)(y + i0, tmp, L - i0);
+    BN_FN(store_tail)(y + i, tmp, L - i, nts);
 }
 
 /* The same with per-element parameter arrays m[i], a[i], b[i]. */
@@ -597,21 +607,16 @@ static void BN_FN(norm_span_v)(const T *x, T *y, ptrdiff_t L, const double *m,
             BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) + bn_ldd(b + i),
                        nts);
     }
-    const ptrdiff_t i0 = i;
-    for (; i < L; i++) {
-        const double v = ((double)x[i] - m[i]) * a[i] + b[i];
-        const T r = (T)(relu ? bn_srelu(v) : v);
-        if (nts)
-            tmp[i - i0] = r;
-        else
-            y[i] = r;
+    for (ptrdiff_t k = 0; k < L - i; k++) {
+        const double v = ((double)x[i + k] - m[i + k]) * a[i + k] + b[i + k];
+        tmp[k] = (T)(relu ? bn_srelu(v) : v);
     }
-    if (nts && L > i0) BN_FN(stream_tail)(y + i0, tmp, L - i0);
+    BN_FN(store_tail)(y + i, tmp, L - i, nts);
 }
 
 /*
- * np consecutive periods of P elements (P a multiple of 8) with per-element parameters of
- * one period; on AVX-512 a period of 64 keeps its parameters in registers.
+ * np consecutive periods of P elements with per-element parameters of one period; on
+ * AVX-512 a period of 64 keeps its parameters in registers.
  */
 #if BN_ISA_LEVEL == 2
 static void BN_FN(norm_periods64)(const T *x, T *y, ptrdiff_t np, const double *m,
@@ -867,18 +872,8 @@ static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, 
 #define BN_BWD_STRIP(k)                                                                   \
     BN_FN(bwd_sums_reg)(dblk + j0, xblk + j0, nr, Cp, m + j0, a + j0, b + j0, relu, ad + j0, \
                         ax + j0, k)
-            for (ptrdiff_t j0 = 0; j0 < w8; j0 += 64) {
-                switch (w8 - j0 < 64 ? (w8 - j0) / 8 : 8) {
-                case 8: BN_BWD_STRIP(8); break;
-                case 7: BN_BWD_STRIP(7); break;
-                case 6: BN_BWD_STRIP(6); break;
-                case 5: BN_BWD_STRIP(5); break;
-                case 4: BN_BWD_STRIP(4); break;
-                case 3: BN_BWD_STRIP(3); break;
-                case 2: BN_BWD_STRIP(2); break;
-                default: BN_BWD_STRIP(1); break;
-                }
-            }
+            for (ptrdiff_t j0 = 0; j0 < w8; j0 += 64)
+                BN_NV_SWITCH(w8 - j0 < 64 ? (w8 - j0) / 8 : 8, BN_BWD_STRIP);
 #undef BN_BWD_STRIP
             for (j = w8; j < w; j++) {
                 double sd = 0.0, sx = 0.0;
@@ -1004,16 +999,10 @@ static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const do
                        eval ? kdv * g : (kdv * g + bn_ldd(kx + i) * xm) + bn_ldd(k0 + i), nts);
         }
     }
-    /* The last L % 8 elements; with nts through a buffer, streamed (see norm_span_s). */
-    const ptrdiff_t i0 = i;
-    for (; i < L; i++) {
-        const T r = BN_FN(dx_one)(dy, x, i, i * inc, m, a, b, kd, kx, k0, relu, eval);
-        if (nts)
-            tmp[i - i0] = r;
-        else
-            dx[i] = r;
-    }
-    if (nts && L > i0) BN_FN(stream_tail)(dx + i0, tmp, L - i0);
+    /* The last L % 8 elements (see norm_span_s). */
+    for (ptrdiff_t k = 0; k < L - i; k++)
+        tmp[k] = BN_FN(dx_one)(dy, x, i + k, (i + k) * inc, m, a, b, kd, kx, k0, relu, eval);
+    BN_FN(store_tail)(dx + i, tmp, L - i, nts);
 }
 
 static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdiff_t N,
@@ -1103,8 +1092,11 @@ static int BN_FN(train_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t
     double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)C);
     if (!buf) return BN_ENOMEM;
     double *sc = buf, *sh = buf + C;
-    for (ptrdiff_t c = 0; c < C; c++)
-        bn_train_coeffs(var[c], eps, weight, bias, c, &invstd[c], &sc[c], &sh[c]);
+    for (ptrdiff_t c = 0; c < C; c++) {
+        invstd[c] = 1.0 / sqrt(var[c] + eps);
+        sc[c] = weight ? invstd[c] * weight[c] : invstd[c];
+        sh[c] = bias ? bias[c] : 0.0;
+    }
     st = BN_FN(normalize)(xv, yv, N, C, S, mean, sc, sh, flags, nthreads);
     free(buf);
     return st;

@@ -119,7 +119,8 @@ int bn_update_running_f64(double *rmean, double *rvar, ptrdiff_t rm_stride, ptrd
                           const double *mean, const double *var, ptrdiff_t C, double count,
                           double momentum);
 
-/* Multithreaded memcpy in 1 MiB chunks (the benchmark's memory-bandwidth floor). */
+/* Multithreaded copy in 1 MiB chunks (the benchmark's memory-bandwidth floor), with
+ * non-temporal stores where the kernels would use them (see below). */
 int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads);
 
 /*
