@@ -25,7 +25,7 @@ from . import _core
 ISA_NAMES = _core.ISA_NAMES
 ENV_VAR = "BNFAST_ISA"
 STREAM_ENV_VAR = "BNFAST_STREAM_MIN_BYTES"
-STREAM_MIN_BYTES_DEFAULT = 16 << 20
+STREAM_MIN_BYTES_DEFAULT = _core.get_stream_min_bytes()  # the C default, before any setting
 _lock = threading.Lock()
 
 
@@ -292,12 +292,11 @@ def _fmt_bytes(n):
 def _stream_from_environment():
     raw = os.environ.get(STREAM_ENV_VAR, "").strip()
     if not raw:
-        _core.set_stream_min_bytes(STREAM_MIN_BYTES_DEFAULT)
-        return
+        return  # the C default stays
     n = int(raw) if raw.isdigit() and raw.isascii() else -1
     if not 0 <= n < 2 ** 64:
         raise RuntimeError(f"{STREAM_ENV_VAR}={raw!r}: expected a non-negative whole number "
-                           "of bytes (0 streams every output)")
+                           "of bytes (0 streams whenever the output allows)")
     _core.set_stream_min_bytes(n)
 
 
