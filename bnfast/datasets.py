@@ -25,6 +25,8 @@ place atomically.
 import contextlib
 import gzip
 import hashlib
+import io
+import math
 import os
 import struct
 import tempfile
@@ -109,12 +111,60 @@ class MNIST(NamedTuple):
 
 # ---------------------------------------------------------------------------- IDX
 
+# At most this many dimensions (NumPy 1.x's limit; NumPy 2 allows 64).
+_IDX_MAX_NDIM = 32
+# Size of the pieces a file is read and decompressed in.
+_CHUNK = 1 << 20
+
+
+def _parse_header(head, name):
+    """Parse the IDX magic (4 bytes of `head`); return ``(dtype, ndim)``."""
+    if len(head) < 4:
+        raise DatasetError(f"{name}: {len(head)} bytes is too short for an IDX header "
+                           f"(truncated file)")
+    zero, typecode, ndim = head[0] << 8 | head[1], head[2], head[3]
+    if zero != 0 or typecode not in _IDX_TYPES or ndim == 0:
+        raise DatasetError(f"{name}: not an IDX file (magic bytes {bytes(head[:4]).hex()})")
+    if ndim > _IDX_MAX_NDIM:
+        raise DatasetError(f"{name}: the IDX header declares {ndim} dimensions; at most "
+                           f"{_IDX_MAX_NDIM} are supported (corrupt or not an IDX file)")
+    return np.dtype(_IDX_TYPES[typecode]), ndim
+
+
+def _parse_dims(raw, ndim, dtype, name):
+    """``(dims, header_bytes, total_bytes)`` from the dimension words (Python ints: no
+    overflow, however large the dimensions)."""
+    dims = struct.unpack(f">{ndim}I", raw)
+    header = 4 + 4 * ndim
+    total = header + math.prod(dims) * dtype.itemsize
+    return dims, header, total
+
+
+def _size_error(name, dims, total, got, at_least=False):
+    what = "truncated file" if got < total else "trailing bytes"
+    has = f"at least {got}" if at_least else f"{got}"
+    return DatasetError(f"{name}: header says dims {dims} ({total} bytes in all), file has "
+                        f"{has} bytes ({what})")
+
+
+def _check_sha256(sha256, what="sha256"):
+    """`sha256` as lower-case hex, or TypeError/ValueError naming `what`."""
+    if not isinstance(sha256, str):
+        raise TypeError(f"{what} must be a hex string of 64 characters (a SHA-256 digest), "
+                        f"got {type(sha256).__name__} {sha256!r}")
+    h = sha256.strip().lower()
+    if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+        raise ValueError(f"{what} must be a hex string of 64 characters (a SHA-256 digest), "
+                         f"got {sha256!r}")
+    return h
+
+
 def parse_idx(data, name="<bytes>"):
     """Parse the bytes of an uncompressed IDX file into an array.
 
     Parameters
     ----------
-    data : bytes
+    data : bytes-like
     name : str
         Used in error messages.
 
@@ -127,8 +177,10 @@ def parse_idx(data, name="<bytes>"):
     Raises
     ------
     DatasetError
-        Bad magic number, unknown type, or a payload shorter or longer than the header's
-        dimensions say (a truncated file).
+        Bad magic number, unknown type, more than 32 dimensions, or a payload shorter or
+        longer than the header's dimensions say (a truncated file, trailing bytes).
+    TypeError
+        If `data` is not bytes-like.
 
     Examples
     --------
@@ -136,60 +188,101 @@ def parse_idx(data, name="<bytes>"):
     >>> raw = struct.pack(">I", 0x801) + struct.pack(">I", 3) + bytes([7, 1, 4])
     >>> parse_idx(raw).tolist()
     [7, 1, 4]
+    >>> parse_idx(raw + b"\\0")
+    Traceback (most recent call last):
+        ...
+    bnfast.datasets.DatasetError: <bytes>: header says dims (3,) (11 bytes in all), file has 12 bytes (trailing bytes)
     """
-    if len(data) < 4:
-        raise DatasetError(f"{name}: {len(data)} bytes is too short for an IDX header "
-                           f"(truncated file)")
-    zero, typecode, ndim = data[0] << 8 | data[1], data[2], data[3]
-    if zero != 0 or typecode not in _IDX_TYPES or ndim == 0:
-        raise DatasetError(f"{name}: not an IDX file (magic bytes {data[:4].hex()})")
+    try:
+        data = memoryview(data).cast("B")
+    except TypeError:
+        raise TypeError(f"parse_idx: data must be bytes-like, got {type(data).__name__}") \
+            from None
+    dtype, ndim = _parse_header(data[:4], name)
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DatasetError(f"{name}: header needs {header} bytes, file has {len(data)} "
                            f"(truncated file)")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_IDX_TYPES[typecode])
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(data) != expected:
-        what = "truncated file" if len(data) < expected else "trailing bytes"
-        raise DatasetError(f"{name}: header says dims {dims} ({expected} bytes in all), "
-                           f"file has {len(data)} bytes ({what})")
+    dims, header, total = _parse_dims(data[4:header], ndim, dtype, name)
+    if len(data) != total:
+        raise _size_error(name, dims, total, len(data))
     arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=True)
 
 
-def _read_bytes(path):
-    """Contents of `path`, gunzipped if it is a gzip file; DatasetError if that fails."""
-    path = Path(path)
+def _read_exactly(f, n, name, hasher):
+    """Read `n` bytes from `f` into a new bytearray, hashing them; fewer at end of file."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(min(_CHUNK, n - len(buf)))
+        if not chunk:
+            break
+        hasher.update(chunk)
+        buf += chunk
+    return buf
+
+
+def _read_idx_stream(f, name, sha256, size=None):
+    """Parse an IDX file from the binary stream `f`, reading no more than its header
+    declares (plus one byte to detect trailing data) and hashing what it reads.
+
+    `size` is the stream's length when known (a plain file): then a wrong size is
+    reported before any payload is read.
+    """
+    hasher = hashlib.sha256()
+    head = _read_exactly(f, 4, name, hasher)
+    dtype, ndim = _parse_header(head, name)
+    raw_dims = _read_exactly(f, 4 * ndim, name, hasher)
+    if len(raw_dims) < 4 * ndim:
+        raise DatasetError(f"{name}: header needs {4 + 4 * ndim} bytes, file has "
+                           f"{4 + len(raw_dims)} (truncated file)")
+    dims, header, total = _parse_dims(raw_dims, ndim, dtype, name)
+    if size is not None and size != total:
+        raise _size_error(name, dims, total, size)
+    payload = _read_exactly(f, total - header, name, hasher)
+    if len(payload) < total - header:
+        raise _size_error(name, dims, total, header + len(payload))
+    extra = f.read(1)                 # also makes gzip check its CRC and length
+    if extra:
+        raise _size_error(name, dims, total, total + 1, at_least=True)
+    if sha256 is not None:
+        got = hasher.hexdigest()
+        if got != sha256:
+            raise DatasetError(
+                f"{name}: SHA-256 of the uncompressed content is {got}, expected {sha256} "
+                f"(corrupt, truncated or a different file); delete it and obtain it again")
+    arr = np.frombuffer(payload, dtype=dtype).reshape(dims)
+    if dtype.itemsize == 1:
+        return arr                    # owns its (writeable) bytearray; no copy needed
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _read_idx_fileobj(f, name, sha256, size=None):
+    """Like `_read_idx_stream`, decompressing on the fly when `f` holds gzip data."""
+    magic = f.read(2)
+    f.seek(0)
+    if magic != _GZIP_MAGIC:
+        return _read_idx_stream(f, name, sha256, size)
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot be read ({exc})") from exc
-    if raw[:2] != _GZIP_MAGIC:
-        return raw
-    try:
-        return gzip.decompress(raw)
+        with gzip.GzipFile(fileobj=f, mode="rb") as g:
+            return _read_idx_stream(g, name, sha256)
     except (EOFError, OSError, zlib.error) as exc:  # truncated or corrupt gzip stream
-        raise DatasetError(f"{path}: corrupt or truncated gzip file ({exc}); delete it "
-                           f"and obtain it again") from exc
-
-
-def _check_digest(data, expected, path):
-    got = hashlib.sha256(data).hexdigest()
-    if got != expected.lower():
-        raise DatasetError(
-            f"{path}: SHA-256 of the uncompressed content is {got}, expected {expected} "
-            f"(corrupt, truncated or a different file); delete it and obtain it again")
+        raise DatasetError(f"{name}: corrupt or truncated gzip data ({exc}); delete it and "
+                           f"obtain it again") from exc
 
 
 def read_idx(path, sha256=None):
     """Read one IDX file (gzip-compressed or raw), optionally checking its digest.
 
+    The file is read (and decompressed) in pieces, never more than its header declares
+    plus one byte, and hashed as it is read: a corrupt file or a "gzip bomb" is rejected
+    without being inflated whole.
+
     Parameters
     ----------
     path : str or os.PathLike
     sha256 : str, optional
-        Expected SHA-256 (hex) of the uncompressed content.
+        Expected SHA-256 (64 hex digits) of the uncompressed content.
 
     Returns
     -------
@@ -198,7 +291,11 @@ def read_idx(path, sha256=None):
     Raises
     ------
     DatasetError
-        Unreadable, corrupt or truncated file, or a digest mismatch.
+        Unreadable, corrupt or truncated file, trailing data, a header that is not IDX
+        (or declares more than 32 dimensions), or a digest mismatch; the message names
+        the file.
+    TypeError, ValueError
+        If `sha256` is not a string of 64 hex digits.
 
     Examples
     --------
@@ -216,10 +313,19 @@ def read_idx(path, sha256=None):
     bnfast.datasets.DatasetError: ...labels-idx1-ubyte.gz: SHA-256 of the uncompressed content ...
     >>> tmp.cleanup()
     """
-    data = _read_bytes(path)
     if sha256 is not None:
-        _check_digest(data, sha256, path)
-    return parse_idx(data, str(path))
+        sha256 = _check_sha256(sha256)
+    try:
+        path = Path(path)
+    except TypeError:
+        raise TypeError(f"read_idx: path must be a str or os.PathLike, got "
+                        f"{type(path).__name__}") from None
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return _read_idx_fileobj(f, str(path), sha256, size)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot be read ({exc})") from exc
 
 
 # ---------------------------------------------------------------------------- locations
@@ -324,6 +430,20 @@ def find_mnist_dir(data_dir=None):
 
 # ---------------------------------------------------------------------------- download
 
+#: Largest download accepted (the MNIST .gz files are under 10 MiB).
+_MAX_DOWNLOAD = 1 << 28
+
+
+def _check_checksums(checksums):
+    """`checksums` as {base name: lower-case hex}, or TypeError/ValueError."""
+    try:
+        items = list(checksums.items())
+    except AttributeError:
+        raise TypeError(f"checksums must be a dict of base name -> SHA-256 hex string, got "
+                        f"{type(checksums).__name__}") from None
+    return {k: _check_sha256(v, f"checksums[{k!r}]") for k, v in items}
+
+
 def _urlopen(url, timeout):
     """The opener used for downloads (a module attribute so tests can replace it)."""
     req = urllib.request.Request(url, headers={"User-Agent": "bnfast"})
@@ -357,6 +477,8 @@ def download_mnist(dest, *, names=None, mirrors=None, checksums=None, timeout=60
     ------
     DatasetError
         If no mirror serves a good copy of a file; the message lists what each said.
+    TypeError, ValueError
+        If `checksums` is not a dict of 64-digit hex strings.
 
     Examples
     --------
@@ -379,11 +501,11 @@ def download_mnist(dest, *, names=None, mirrors=None, checksums=None, timeout=60
     bnfast.datasets.DatasetError: could not download other-idx1-ubyte.gz from any mirror: ...
     >>> src.cleanup(); dest.cleanup()
     """
+    mirrors = list(MNIST_MIRRORS if mirrors is None else mirrors)
+    checksums = _check_checksums(MNIST_SHA256 if checksums is None else checksums)
+    names = list(MNIST_FILES.values() if names is None else names)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    mirrors = list(MNIST_MIRRORS if mirrors is None else mirrors)
-    checksums = MNIST_SHA256 if checksums is None else checksums
-    names = list(MNIST_FILES.values() if names is None else names)
     for base in names:
         errors = []
         for prefix in mirrors:
@@ -392,11 +514,11 @@ def download_mnist(dest, *, names=None, mirrors=None, checksums=None, timeout=60
                 print(f"bnfast: downloading {url}", flush=True)
             try:
                 with _urlopen(url, timeout) as resp:
-                    blob = resp.read()
-                data = _read_bytes_from_blob(blob, url)
-                if base in checksums:
-                    _check_digest(data, checksums[base], url)
-                parse_idx(data, url)
+                    blob = resp.read(_MAX_DOWNLOAD + 1)
+                if len(blob) > _MAX_DOWNLOAD:
+                    raise DatasetError(f"{url}: larger than {_MAX_DOWNLOAD >> 20} MiB, "
+                                       f"not an MNIST file")
+                _read_idx_fileobj(io.BytesIO(blob), url, checksums.get(base))
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 errors.append(f"{url}: {exc}")
                 continue
@@ -413,15 +535,6 @@ def download_mnist(dest, *, names=None, mirrors=None, checksums=None, timeout=60
         else:
             raise DatasetError(f"could not download {base}.gz from any mirror:\n  "
                                + "\n  ".join(errors))
-
-
-def _read_bytes_from_blob(blob, name):
-    if blob[:2] != _GZIP_MAGIC:
-        return blob
-    try:
-        return gzip.decompress(blob)
-    except (EOFError, OSError, zlib.error) as exc:
-        raise DatasetError(f"{name}: corrupt or truncated gzip data ({exc})") from exc
 
 
 # ---------------------------------------------------------------------------- loading
@@ -453,6 +566,8 @@ def load_mnist(data_dir=None, *, download=True, checksums=None, mirrors=None):
     DatasetError
         A file is missing (and could not be downloaded), unreadable, corrupt, truncated,
         fails its digest, or the images and labels disagree in number or shape.
+    TypeError, ValueError
+        If `checksums` is not a dict of 64-digit hex strings.
 
     Examples
     --------
@@ -481,7 +596,7 @@ def load_mnist(data_dir=None, *, download=True, checksums=None, mirrors=None):
     bnfast.datasets.DatasetError: MNIST files t10k-labels-idx1-ubyte (.gz or raw) not found in ...
     >>> tmp.cleanup()
     """
-    checksums = MNIST_SHA256 if checksums is None else checksums
+    checksums = _check_checksums(MNIST_SHA256 if checksums is None else checksums)
     folder, may_download = find_mnist_dir(data_dir)
     missing = [b for b in MNIST_FILES.values() if _file_in(folder, b) is None]
     if missing:
@@ -511,8 +626,9 @@ def as_float(images, *, flatten=False, dtype=np.float32):
 
     Parameters
     ----------
-    images : array_like
-        Pixel values in 0..255, batch axis first (e.g. ``MNIST.train_images``).
+    images : array_like of integers
+        Pixel values in 0..255 (any integer dtype), batch axis first (e.g.
+        ``MNIST.train_images``).  Not modified.
     flatten : bool, default False
         Reshape to ``(N, pixels)`` for fully connected networks.
     dtype : float32 or float64, default float32
@@ -521,6 +637,14 @@ def as_float(images, *, flatten=False, dtype=np.float32):
     -------
     ndarray
         A new array of `dtype`, shape that of `images` or ``(N, -1)``.
+
+    Raises
+    ------
+    TypeError
+        If `dtype` is not float32 or float64, or `images` does not hold integers (floats
+        are refused: they may already be scaled, and scaling twice would go unnoticed).
+    ValueError
+        If a pixel value is outside 0..255, or `flatten` is asked of a 0-d array.
 
     Examples
     --------
@@ -532,9 +656,27 @@ def as_float(images, *, flatten=False, dtype=np.float32):
             [0.4, 1. ]]], dtype=float32)
     >>> as_float(images, flatten=True, dtype=np.float64).shape
     (1, 4)
+    >>> as_float(images, dtype=np.int32)
+    Traceback (most recent call last):
+        ...
+    TypeError: as_float: dtype must be float32 or float64, got int32
     """
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"as_float: dtype must be float32 or float64, got {dtype!r}") \
+            from None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"as_float: dtype must be float32 or float64, got {dt}")
     x = np.asarray(images)
-    out = x.astype(dtype)
-    out *= np.dtype(dtype).type(1.0 / 255.0)
-    return out.reshape(len(out), -1) if flatten else out
-
+    if x.dtype.kind not in "ui":
+        raise TypeError(f"as_float: images must hold integer pixel values 0..255 (e.g. "
+                        f"uint8), got dtype {x.dtype}")
+    if x.dtype != np.uint8 and x.size and (x.min() < 0 or x.max() > 255):
+        raise ValueError(f"as_float: pixel values must be in 0..255, got values in "
+                         f"{x.min()}..{x.max()}")
+    if flatten and x.ndim == 0:
+        raise ValueError("as_float: flatten=True needs a batch axis, got a 0-d array")
+    out = x.astype(dt)                 # always a new array
+    out *= dt.type(1.0 / 255.0)
+    return out.reshape(len(out), math.prod(out.shape[1:])) if flatten else out

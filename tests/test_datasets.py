@@ -6,6 +6,7 @@ import io
 import os
 import struct
 import urllib.error
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -290,3 +291,123 @@ def test_real_mnist():
                                                    974, 1009]
     x = datasets.as_float(m.test_images[:10], flatten=True)
     assert x.shape == (10, 784) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 1
+
+
+# ------------------------------------------------------------------ hostile files (issue 12)
+
+def _header(dims, typecode=0x08):
+    return struct.pack(">HBB", 0, typecode, len(dims)) + struct.pack(f">{len(dims)}I", *dims)
+
+
+def _gzip_stream(head, n_zeros, chunk=1 << 22):
+    """gzip data of `head` followed by `n_zeros` zero bytes, compressed piece by piece."""
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)            # 31: gzip container
+    parts = [z.compress(head)]
+    block = bytes(chunk)
+    left = n_zeros
+    while left:
+        k = min(chunk, left)
+        parts.append(z.compress(block[:k]))
+        left -= k
+    parts.append(z.flush())
+    return b"".join(parts)
+
+
+def test_as_float_rejects_non_float_dtypes_and_float_images():
+    u8 = np.array([[0, 255]], np.uint8)
+    for bad in (np.int32, np.uint8, np.float16, "int64", bool):
+        with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+            datasets.as_float(u8, dtype=bad)
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        datasets.as_float(u8, dtype="not a dtype")
+    with pytest.raises(TypeError, match="integer pixel values"):
+        datasets.as_float(u8 / 255.0)                      # already scaled: refused
+    with pytest.raises(ValueError, match="0..255"):
+        datasets.as_float(np.array([[0, 256]], np.int16))
+    assert datasets.as_float(np.array([[0, 255]], np.int64)).tolist() == [[0.0, 1.0]]
+    assert datasets.as_float(np.zeros((0, 28, 28), np.uint8), flatten=True).shape == (0, 784)
+    x = np.array([[3, 4]], np.uint8)
+    x.flags.writeable = False                               # the input is never written
+    assert datasets.as_float(x, dtype=np.float64).dtype == np.float64
+
+
+def test_idx_dims_whose_product_overflows_int64():
+    # 65536**4 * 3 = 3 * 2**64: zero in int64 arithmetic, so a header-only file "fits"
+    raw = _header((65536, 65536, 65536, 65536, 3))
+    with pytest.raises(DatasetError, match=r"<bytes>: header says dims .*truncated"):
+        parse_idx(raw)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gzip"])
+def test_idx_huge_dims_reported_with_true_size(tmp_path, gz):
+    raw = _header((2**32 - 1, 2**32 - 1, 2)) + bytes(10)
+    total = 16 + (2**32 - 1) ** 2 * 2
+    with pytest.raises(DatasetError, match=rf"\({total} bytes in all\).*truncated file"):
+        parse_idx(raw)
+    p = tmp_path / ("big.gz" if gz else "big")
+    p.write_bytes(gzip.compress(raw) if gz else raw)
+    with pytest.raises(DatasetError, match=rf"{p.name}: .*\({total} bytes in all\).*truncated"):
+        read_idx(p)
+
+
+@pytest.mark.parametrize("ndim", [33, 65, 255])
+def test_idx_too_many_dimensions(tmp_path, ndim):
+    raw = _header((1,) * ndim) + b"\0"
+    with pytest.raises(DatasetError, match=f"{ndim} dimensions"):
+        parse_idx(raw)
+    (tmp_path / "x").write_bytes(raw)
+    with pytest.raises(DatasetError, match=f"x: the IDX header declares {ndim} dimensions"):
+        read_idx(tmp_path / "x")
+
+
+def test_read_idx_bad_sha256_argument(tmp_path):
+    (tmp_path / "x").write_bytes(idx_bytes(np.arange(3)))
+    with pytest.raises(TypeError, match="sha256 must be a hex string"):
+        read_idx(tmp_path / "x", sha256=123)
+    with pytest.raises(ValueError, match="sha256 must be a hex string"):
+        read_idx(tmp_path / "x", sha256="abc")
+    with pytest.raises(TypeError, match=r"checksums\['t10k-labels-idx1-ubyte'\]"):
+        load_mnist(tmp_path, checksums={"t10k-labels-idx1-ubyte": b"00"}, download=False)
+
+
+def test_gzip_bomb_is_not_inflated_whole(tmp_path):
+    """A small .gz declaring 10 bytes but inflating to 200 MB: rejected after reading
+    about the declared size, with little memory, digest or not."""
+    import tracemalloc
+    bomb = _gzip_stream(_header((10,)), 200 << 20)
+    assert len(bomb) < 1 << 20
+    p = tmp_path / "bomb-idx1-ubyte.gz"
+    p.write_bytes(bomb)
+    for digest in (None, "0" * 64):
+        tracemalloc.start()
+        try:
+            with pytest.raises(DatasetError, match="bomb-idx1-ubyte.gz: .*trailing bytes"):
+                read_idx(p, digest)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 << 20, peak
+
+
+def test_gzip_declaring_more_than_it_holds(tmp_path):
+    p = tmp_path / "short.gz"
+    p.write_bytes(gzip.compress(_header((60000, 28, 28)) + bytes(1000)))
+    with pytest.raises(DatasetError, match=r"short.gz: .*file has 1016 bytes \(truncated"):
+        read_idx(p)
+
+
+def test_downloaded_bomb_is_rejected(isolated, monkeypatch):
+    url = "https://bomb.example/"
+    files = {url + "t10k-labels-idx1-ubyte.gz": _gzip_stream(_header((10,)), 50 << 20)}
+    monkeypatch.setattr(datasets, "_urlopen", _serving(files))
+    with pytest.raises(DatasetError, match="(?s)could not download.*trailing bytes"):
+        datasets.download_mnist(isolated / "dl", names=["t10k-labels-idx1-ubyte"],
+                                mirrors=[url], checksums={}, progress=False)
+    assert list((isolated / "dl").iterdir()) == []
+
+
+def test_directory_and_missing_file_are_dataset_errors(tmp_path):
+    with pytest.raises(DatasetError, match="cannot be read"):
+        read_idx(tmp_path)
+    with pytest.raises(DatasetError, match="nothing: cannot be read"):
+        read_idx(tmp_path / "nothing")
