@@ -5,18 +5,38 @@ computes everything in float64 with plain NumPy expressions, straight from the p
 formulas, and returns float64 arrays.  Running statistics passed in are updated in place,
 as bnfast does.
 """
+import math
+import numbers
+
 import numpy as np
 
 __all__ = ["moments", "batch_norm_train", "batch_norm_infer", "batch_norm_backward",
            "batch_norm"]
 
 
-def _to_last(x, axis):
-    """Return x as float64 with the channel axis last, flattened to (m, C), and the axis."""
+def _check_x(x, axis):
+    """`x` as an array and its channel axis, with bnfast's checks of both."""
     x = np.asarray(x)
-    axis = axis % x.ndim
+    if x.ndim < 2:
+        raise ValueError(
+            f"x must have at least 2 dimensions (batch, channels, ...), got shape {x.shape}")
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of bounds for an array of dimension {x.ndim}")
+    return x, int(axis) % x.ndim
+
+
+def _to_last(x, axis):
+    """Return x as float64 with the channel axis last, flattened to (m, C), and the axis.
+
+    m (values per channel) is the product of the other axes, so zero channels or an
+    empty batch give a (m, 0) or (0, C) matrix.
+    """
+    x, axis = _check_x(x, axis)
+    m = math.prod(s for i, s in enumerate(x.shape) if i != axis)
     xl = np.moveaxis(x.astype(np.float64), axis, -1)
-    return xl.reshape(-1, x.shape[axis]), axis
+    return xl.reshape(m, x.shape[axis]), axis
 
 
 def _from_last(y2, shape, axis):
@@ -40,6 +60,14 @@ def moments(x, *, axis=1):
     -------
     mean, var : ndarray of shape (C,), float64
 
+    Raises
+    ------
+    ValueError
+        If `x` has fewer than 2 dimensions or `axis` is out of range, or a channel has no
+        values (an empty batch with C > 0; zero channels give empty results), as bnfast.
+    TypeError
+        If `axis` is not an integer.
+
     Examples
     --------
     >>> import numpy as np
@@ -49,6 +77,12 @@ def moments(x, *, axis=1):
     ([2.0, 20.0], [1.0, 100.0])
     """
     x2, _ = _to_last(x, axis)
+    m, C = x2.shape
+    if m == 0 and C > 0:
+        raise ValueError(f"moments of an empty batch are undefined (x has shape "
+                         f"{np.shape(x)})")
+    if C == 0:
+        return np.zeros(0), np.zeros(0)
     mean = x2.mean(axis=0)
     var = ((x2 - mean) ** 2).mean(axis=0)
     return mean, var
@@ -69,6 +103,14 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     y : ndarray, float64
     mean, invstd : ndarray of shape (C,), float64
 
+    Raises
+    ------
+    ValueError
+        If `x` has fewer than 2 dimensions or `axis` is out of range, or a channel has
+        fewer than 2 values (as bnfast; zero channels give empty results).
+    TypeError
+        If `axis` is not an integer.
+
     Examples
     --------
     >>> import numpy as np
@@ -79,8 +121,10 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     """
     x = np.asarray(x)
     x2, ax = _to_last(x, axis)
-    C = x2.shape[1]
-    n = x2.shape[0]
+    n, C = x2.shape
+    if n <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input shape {x.shape}")
     mean = x2.mean(axis=0)
     var = ((x2 - mean) ** 2).mean(axis=0)
     invstd = 1.0 / np.sqrt(var + eps)
@@ -106,6 +150,13 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
     Returns
     -------
     y : ndarray, float64
+
+    Raises
+    ------
+    ValueError
+        If `x` has fewer than 2 dimensions or `axis` is out of range.
+    TypeError
+        If `axis` is not an integer.
 
     Examples
     --------
@@ -139,6 +190,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     -------
     dx : ndarray, float64
     dweight, dbias : ndarray of shape (C,), float64
+
+    Raises
+    ------
+    ValueError
+        If `x` has fewer than 2 dimensions or `axis` is out of range.
+    TypeError
+        If `axis` is not an integer.
 
     Examples
     --------
@@ -182,6 +240,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Returns
     -------
     y : ndarray, float64
+
+    Raises
+    ------
+    ValueError
+        If `x` has fewer than 2 dimensions or `axis` is out of range, or (training, or
+        without running statistics) a channel has fewer than 2 values.
+    TypeError
+        If `axis` is not an integer.
 
     Examples
     --------
