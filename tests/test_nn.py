@@ -770,3 +770,29 @@ def test_docs_examples_run(tmp_path, monkeypatch):
         exec(compile(code, doc, "exec"), ns)
     assert ns["history"]["val_accuracy"][-1] > 0.8
     assert (tmp_path / "model.npz").exists()
+
+
+# ---------------------------------------------------------------------------- issue 12
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Linear(4, 3), (2, 4)), (lambda: nn.Conv2d(2, 3, 3), (2, 2, 5, 5)),
+    (lambda: nn.BatchNorm1d(4), (3, 4)), (lambda: nn.BatchNorm2d(2), (3, 2, 2, 2)),
+])
+@pytest.mark.parametrize("in_dtype", [np.int64, np.int32, np.uint8, np.bool_, np.float16,
+                                      np.float64])
+def test_dtype_error_suggests_only_what_works(make, shape, in_dtype):
+    """The error for an input of the wrong dtype suggests only conversions that work."""
+    layer = make()                                  # float32 parameters
+    x = np.ones(shape, dtype=in_dtype)
+    with pytest.raises(TypeError, match="float32 parameters") as err:
+        layer(x)
+    msg = str(err.value)
+    assert "x.astype(np.float32)" in msg
+    assert layer(x.astype(np.float32)).dtype == np.float32      # that suggestion works
+    if np.dtype(in_dtype) == np.float64:
+        assert "model.to(np.float64)" in msg
+        assert layer.to(np.float64)(x).dtype == np.float64        # and so does this one
+    else:
+        assert "model.to" not in msg, msg
+        with pytest.raises(TypeError):                            # it would not have worked
+            layer.to(in_dtype)

@@ -53,13 +53,18 @@ def _float_input(x, who):
 
 
 def _input_like(x, dtype, who):
-    """Check that `x` is an ndarray of exactly `dtype` (the module's parameter dtype)."""
+    """Check that `x` is an ndarray of exactly `dtype` (the module's parameter dtype).
+
+    The error suggests only conversions that work: the input to the parameters' dtype,
+    and, for a float input of the other supported precision, the model to the input's.
+    """
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
     if x.dtype != dtype:
-        raise TypeError(
-            f"{who} has {dtype} parameters but got a {x.dtype} input; convert the input "
-            f"(x.astype(np.{dtype})) or the model (model.to(np.{x.dtype}))")
+        hint = f"convert the input (x.astype(np.{dtype}))"
+        if x.dtype in _FLOAT_DTYPES:
+            hint += f" or the model (model.to(np.{x.dtype}))"
+        raise TypeError(f"{who} has {dtype} parameters but got a {x.dtype} input; {hint}")
     return x
 
 
