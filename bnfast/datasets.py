@@ -191,7 +191,7 @@ def parse_idx(data, name="<bytes>"):
     >>> parse_idx(raw + b"\\0")
     Traceback (most recent call last):
         ...
-    bnfast.datasets.DatasetError: <bytes>: header says dims (3,) (11 bytes in all), file has 12 bytes (trailing bytes)
+    bnfast.datasets.DatasetError: <bytes>: header says dims (3,) ... (trailing bytes)
     """
     try:
         data = memoryview(data).cast("B")

@@ -26,7 +26,8 @@ from .layers import (AvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReL
 from .loss import CrossEntropyLoss, MSELoss
 from .module import Identity, Module, Parameter, Sequential
 from .residual import BasicBlock, Residual
-from .utils import batchnorm_layers, compute_population_stats, fold_batchnorm, load, save
+from .utils import (StateDictError, batchnorm_layers, compute_population_stats, fold_batchnorm,
+                    load, save)
 
 __all__ = [
     "AvgPool2d",
@@ -47,6 +48,7 @@ __all__ = [
     "Residual",
     "Sequential",
     "Sigmoid",
+    "StateDictError",
     "Tanh",
     "batchnorm_layers",
     "compute_population_stats",

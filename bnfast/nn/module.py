@@ -301,6 +301,18 @@ class Module:
                 out[dot + k] = b.copy()
         return out
 
+    def _state_targets(self):
+        """``{name: ndarray}``: the model's own parameter and buffer arrays (no copies),
+        in state-dict order."""
+        targets = {}
+        for prefix, m in self.named_modules():
+            dot = prefix + "." if prefix else ""
+            for k, p in m._own_parameters():
+                targets[dot + k] = p.data
+            for k, b in m._own_buffers():
+                targets[dot + k] = b
+        return targets
+
     def load_state_dict(self, state_dict, strict=True):
         """Copy values from `state_dict` into the parameters and buffers, in place.
 
@@ -329,13 +341,7 @@ class Module:
         TypeError
             If a value cannot be cast safely (e.g. a float into ``num_batches_tracked``).
         """
-        targets = {}
-        for prefix, m in self.named_modules():
-            dot = prefix + "." if prefix else ""
-            for k, p in m._own_parameters():
-                targets[dot + k] = p.data
-            for k, b in m._own_buffers():
-                targets[dot + k] = b
+        targets = self._state_targets()
         keys = list(state_dict.keys())
         missing = [k for k in targets if k not in state_dict]
         unexpected = [k for k in keys if k not in targets]
@@ -401,10 +407,11 @@ class Module:
         from .utils import save
         save(self, path)
 
-    def load(self, path):
-        """Load the state dict from an ``.npz`` file (see :func:`bnfast.nn.load`)."""
+    def load(self, path, strict=True):
+        """Load the state dict from an ``.npz`` file (see :func:`bnfast.nn.load`, which
+        raises :class:`bnfast.nn.StateDictError` for a file that does not fit)."""
         from .utils import load
-        return load(self, path)
+        return load(self, path, strict=strict)
 
     # -------------------------------------------------------------- printing
     def extra_repr(self):

@@ -1,5 +1,9 @@
 """Whole-model batch-norm tools: population statistics, folding, and ``.npz`` files."""
+import errno
+import math
 import os
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -7,7 +11,8 @@ from .batchnorm import _BatchNorm
 from .layers import Conv2d, Linear, ReLU
 from .module import Identity, Parameter, Sequential
 
-__all__ = ["compute_population_stats", "fold_batchnorm", "save", "load", "batchnorm_layers"]
+__all__ = ["compute_population_stats", "fold_batchnorm", "save", "load", "batchnorm_layers",
+           "StateDictError"]
 
 
 def batchnorm_layers(model):
@@ -272,6 +277,29 @@ def fold_batchnorm(model, sample=None, *, rtol=None, atol=None):
 
 # ---------------------------------------------------------------------------- files
 
+class StateDictError(ValueError):
+    """A state-dict file does not fit the model: not an ``.npz`` archive, corrupt or
+    truncated, keys that differ from the model's, or an array whose shape or dtype does
+    not match its parameter.  The message names the file and the problem.
+
+    A subclass of `ValueError`, raised by :func:`load` (and ``Module.load``).
+    """
+
+    __module__ = "bnfast.nn"          # where it is documented and exported
+
+
+def _npz_path(path):
+    """The file :func:`save` writes for `path` (NumPy appends ``.npz`` unless present)."""
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") \
+            from None
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    return p if p.endswith(".npz") else p + ".npz"
+
+
 def save(model, path):
     """Save `model`'s state dict to an uncompressed ``.npz`` file (no pickle).
 
@@ -282,12 +310,15 @@ def save(model, path):
     ----------
     model : Module
     path : str or os.PathLike
-        NumPy appends ``.npz`` if the name has no extension.
+        ``.npz`` is appended unless the name ends with it (as NumPy does); :func:`load`
+        finds the file under the same name.
 
     Raises
     ------
     OSError
         If the file cannot be written.
+    TypeError
+        If `path` is not a str or os.PathLike.
 
     Examples
     --------
@@ -305,18 +336,70 @@ def save(model, path):
     >>> tmp.cleanup()
     """
     state = model.state_dict()
-    np.savez(os.fspath(path), **state)
+    np.savez(_npz_path(path), **state)
+
+
+def _shortlist(keys, n=8):
+    keys = list(keys)
+    return repr(keys) if len(keys) <= n else repr(keys[:n])[:-1] + f", ... ({len(keys)} in all)]"
+
+
+def _read_member(zf, info, key, target, where):
+    """Read one ``.npy`` member, checking its header against `target` before any data."""
+    from numpy.lib import format as npy
+
+    def bad(problem):
+        return StateDictError(f"{where}: {key!r}: {problem}")
+
+    with zf.open(info) as fp:
+        try:
+            version = npy.read_magic(fp)
+            if version == (1, 0):
+                shape, fortran, dtype = npy.read_array_header_1_0(fp)
+            elif version == (2, 0):
+                shape, fortran, dtype = npy.read_array_header_2_0(fp)
+            else:
+                raise bad(f"not a valid .npy array (format version {version} is not "
+                          f"supported)")
+        except StateDictError:
+            raise
+        except (ValueError, TypeError, SyntaxError, EOFError) as exc:
+            raise bad(f"not a valid .npy array ({exc})") from None
+        if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+            raise bad(f"dtype {dtype} is not a numeric dtype (object arrays and pickles are "
+                      f"never loaded)")
+        if tuple(shape) != target.shape:
+            raise bad(f"shape {tuple(shape)} does not match the model's {target.shape}")
+        if not np.can_cast(dtype, target.dtype, casting="same_kind"):
+            raise bad(f"dtype {dtype} cannot be cast to the model's {target.dtype}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        data = fp.read(nbytes)                  # at most what the parameter needs
+        if len(data) < nbytes:
+            raise bad(f"truncated: {len(data)} of {nbytes} data bytes")
+        if fp.read(1):
+            raise bad(f"more data than the shape {tuple(shape)} and dtype {dtype} need")
+    arr = np.frombuffer(data, dtype=dtype)
+    return arr.reshape(shape, order="F" if fortran else "C")
 
 
 def load(model, path, strict=True):
     """Load an ``.npz`` file written by :func:`save` into `model` (in place, no pickle).
 
+    The archive is checked against the model before anything is read: member names
+    against the model's state-dict keys, then each array's ``.npy`` header (shape and
+    dtype, against the parameter or buffer it is for) before its data, and no more data
+    is read than the parameter needs.  The model is changed only when the whole file
+    fits.
+
     Parameters
     ----------
     model : Module
     path : str or os.PathLike
+        As given to :func:`save`: when it does not end with ``.npz`` and does not exist,
+        ``path + ".npz"`` (the name :func:`save` wrote) is read.
     strict : bool, default True
-        See :meth:`Module.load_state_dict`.
+        Require the file's keys to be exactly the model's; otherwise load the keys both
+        have and ignore the rest (see :meth:`Module.load_state_dict`).
 
     Returns
     -------
@@ -325,11 +408,18 @@ def load(model, path, strict=True):
 
     Raises
     ------
+    StateDictError
+        (a `ValueError`) The file is not an ``.npz`` archive (e.g. empty, random bytes, a
+        single-array ``.npy`` file), is corrupt or truncated, its keys differ from the
+        model's (with `strict`), or an array has the wrong shape, a dtype that cannot be
+        cast to the parameter's (object arrays are refused), or more or fewer data bytes
+        than its header says.  The message names the file and the problem; the model is
+        left unchanged.
     OSError
-        If the file cannot be read.
-    KeyError, ValueError, TypeError
-        As for :meth:`Module.load_state_dict` (keys, shapes or dtypes that do not match);
-        the model is then left unchanged.
+        If the file does not exist or cannot be opened (``FileNotFoundError`` names
+        both names tried).
+    TypeError
+        If `path` is not a str or os.PathLike.
 
     Examples
     --------
@@ -339,16 +429,78 @@ def load(model, path, strict=True):
     >>> net = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2))
     >>> _ = net(np.ones((4, 3), np.float32))          # update the running statistics
     >>> tmp = tempfile.TemporaryDirectory()
-    >>> path = os.path.join(tmp.name, "net.npz")
-    >>> nn.save(net, path)
+    >>> path = os.path.join(tmp.name, "net")
+    >>> nn.save(net, path)                            # writes net.npz
     >>> copy = nn.load(nn.Sequential(nn.Linear(3, 2, rng=1), nn.BatchNorm1d(2)), path)
     >>> all(np.array_equal(a, b) for a, b in zip(copy.state_dict().values(),
     ...                                          net.state_dict().values()))
     True
+    >>> nn.load(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), path)
+    Traceback (most recent call last):
+        ...
+    bnfast.nn.StateDictError: ...net.npz: '0.weight': shape (2, 3) does not match ...
     >>> tmp.cleanup()
     """
-    with np.load(os.fspath(path), allow_pickle=False) as f:
-        state = {k: f[k] for k in f.files}
-    model.load_state_dict(state, strict=strict)
+    try:
+        given = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") \
+            from None
+    if isinstance(given, bytes):
+        given = os.fsdecode(given)
+    where = given
+    if not os.path.exists(given) and not given.endswith(".npz"):
+        where = given + ".npz"
+        if not os.path.exists(where):
+            raise FileNotFoundError(errno.ENOENT, f"no such file: {given!r} (nor "
+                                    f"{where!r}, the name nn.save writes)", given)
+    targets = model._state_targets()
+    with open(where, "rb") as f:
+        head = f.read(6)
+        f.seek(0)
+        try:
+            zf = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
+                OSError) as exc:
+            if head == b"\x93NUMPY":
+                why = "a single-array .npy file, not an .npz archive of a state dict"
+            elif not head:
+                why = "an empty file, not an .npz archive"
+            else:
+                why = (f"not a readable .npz archive (corrupt, truncated or not a zip "
+                       f"file: {exc})")
+            raise StateDictError(f"{where}: {why}; write it with nn.save") from None
+        with zf:
+            infos, seen = {}, set()
+            for info in zf.infolist():
+                name = info.filename
+                if name in seen:
+                    raise StateDictError(f"{where}: the archive holds {name!r} twice")
+                seen.add(name)
+                if not name.endswith(".npy"):
+                    raise StateDictError(f"{where}: member {name!r} is not a .npy array; "
+                                         f"not a state-dict file written by nn.save")
+                infos[name[:-4]] = info
+            missing = [k for k in targets if k not in infos]
+            unexpected = [k for k in infos if k not in targets]
+            if strict and (missing or unexpected):
+                raise StateDictError(
+                    f"{where}: the file's keys do not match the model "
+                    f"({type(model).__name__}): missing keys {_shortlist(missing)}, "
+                    f"unexpected keys {_shortlist(unexpected)}")
+            values = {}
+            for key, target in targets.items():
+                if key in infos:
+                    try:
+                        values[key] = _read_member(zf, infos[key], key, target, where)
+                    except StateDictError:
+                        raise
+                    except (zipfile.BadZipFile, EOFError, OSError, zlib.error,
+                            NotImplementedError, RuntimeError) as exc:
+                        raise StateDictError(f"{where}: {key!r}: corrupt or truncated "
+                                             f"archive ({exc})") from None
+    try:
+        model.load_state_dict(values, strict=False)
+    except (KeyError, ValueError, TypeError) as exc:    # not expected after the checks
+        raise StateDictError(f"{where}: {exc}") from exc
     return model
-
