@@ -1,6 +1,11 @@
 """A training-loop helper: `Trainer` and `fit`, with a tqdm progress bar and per-epoch
 metrics, evaluating in eval mode.
 
+Data-parallel training over MPI: wrap the model in
+:class:`bnfast.distributed.DistributedDataParallel` and run the same script on every rank
+(``mpiexec -n 4 python train.py``); `fit` then gives each rank its part of every global
+mini-batch, shows progress on rank 0 only, and reports metrics over all ranks.
+
 >>> import numpy as np
 >>> from bnfast import nn, optim
 >>> from bnfast.train import fit
@@ -57,7 +62,8 @@ def accuracy(output, target):
     return float(np.mean(np.asarray(output).argmax(axis=1) == t))
 
 
-def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, drop_last=False):
+def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, drop_last=False,
+                        shard=None):
     """Yield ``(x_batch, y_batch)`` (or ``x_batch`` if `y` is None) slices of arrays.
 
     Parameters
@@ -72,6 +78,11 @@ def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, dr
     rng : None, int or numpy.random.Generator
     drop_last : bool, default False
         Skip a final batch smaller than `batch_size`.
+    shard : (rank, size), optional
+        Yield only part `rank` of each batch cut into `size` parts, as
+        ``numpy.array_split`` cuts it (parts differ by at most one example and may be
+        empty): the examples of one rank of a data-parallel job whose global batch is
+        `batch_size`.  Every rank must use the same `rng` state.
 
     Yields
     ------
@@ -82,8 +93,9 @@ def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, dr
     Raises
     ------
     ValueError
-        If `X` and `y` differ in length, or `batch_size` is less than 1 (raised when the
-        iteration starts, as this is a generator).
+        If `X` and `y` differ in length, `batch_size` is less than 1, or `shard` is not a
+        pair ``0 <= rank < size`` (raised when the iteration starts, as this is a
+        generator).
 
     Examples
     --------
@@ -100,20 +112,35 @@ def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, dr
     >>> sorted(i for b in iterate_minibatches(y, batch_size=2, shuffle=True, rng=0)
     ...        for i in b.tolist())
     [0, 1, 2, 3, 4]
+    >>> [b.tolist() for b in iterate_minibatches(y, batch_size=3, shard=(1, 2))]
+    [[2], [4]]
     """
     n = len(X)
     if y is not None and len(y) != n:
         raise ValueError(f"X has {n} examples but y has {len(y)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shard is not None:
+        rank, size = _check_shard(shard)
     order = _as_rng(rng).permutation(n) if shuffle else None
     stop = n - n % batch_size if drop_last else n
     for s in range(0, stop, batch_size):
-        if order is None:
-            sl = slice(s, s + batch_size)
-        else:
-            sl = order[s:s + batch_size]
+        e = min(s + batch_size, n)
+        if shard is not None:       # numpy.array_split's cut of [s, e) into `size` parts
+            q, r = divmod(e - s, size)
+            s, e = s + rank * q + min(rank, r), s + (rank + 1) * q + min(rank + 1, r)
+        sl = slice(s, e) if order is None else order[s:e]
         yield X[sl] if y is None else (X[sl], y[sl])
+
+
+def _check_shard(shard):
+    try:
+        rank, size = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be a pair (rank, size), got {shard!r}") from None
+    if not 0 <= rank < size:
+        raise ValueError(f"shard must be (rank, size) with 0 <= rank < size, got {shard!r}")
+    return rank, size
 
 
 class Trainer:
@@ -130,6 +157,22 @@ class Trainer:
     metrics : dict of str to callable, optional
         ``name -> f(output, target) -> float``, averaged over batches (weighted by batch
         size).  Default ``{"accuracy": accuracy}`` with a cross-entropy loss, else none.
+
+    Notes
+    -----
+    Data-parallel training: when `model` has a ``comm`` attribute (an mpi4py
+    communicator, as :class:`bnfast.distributed.DistributedDataParallel` has), every rank
+    runs the same calls and
+
+    - arrays ``(X, y)`` given to :meth:`fit` and :meth:`evaluate` are the full data on
+      every rank: each global batch of `batch_size` is cut into one part per rank
+      (``iterate_minibatches(..., shard=(rank, size))``), so training follows the same
+      global batches as one process would (the shuffling `rng` must be the same on every
+      rank: an int seed, or None for a seed drawn on rank 0); other data (iterables,
+      callables) must already be this rank's part, with the same number of batches on
+      every rank;
+    - losses and metrics are averaged over all ranks' examples, so every rank returns the
+      same history; only rank 0 shows a progress bar.
 
     Raises
     ------
@@ -174,6 +217,40 @@ class Trainer:
             metrics = {"accuracy": accuracy} if isinstance(loss_fn, CrossEntropyLoss) else {}
         self.metrics = dict(metrics)
         self.history = {}
+        self.comm = getattr(model, "comm", None)
+
+    @property
+    def rank(self):
+        """This process's rank (0 without a communicator)."""
+        return 0 if self.comm is None else self.comm.Get_rank()
+
+    def _shard(self):
+        return None if self.comm is None else (self.comm.Get_rank(), self.comm.Get_size())
+
+    def _total(self, sums, n):
+        """Sums and count over every rank (in rank order), or these alone."""
+        if self.comm is None:
+            return sums, n
+        total, count = {}, 0
+        for s, k in self.comm.allgather((sums, n)):
+            for name, v in s.items():
+                total[name] = total.get(name, 0.0) + v
+            count += k
+        return total, count
+
+    def _shared_rng(self, rng):
+        """The shuffling generator, the same on every rank."""
+        if self.comm is None:
+            return _as_rng(rng)
+        if rng is None:
+            seed = int(np.random.default_rng().integers(2**63)) if self.rank == 0 else None
+            return np.random.default_rng(self.comm.bcast(seed, root=0))
+        rng = _as_rng(rng)
+        states = self.comm.allgather(repr(rng.bit_generator.state))
+        if any(st != states[0] for st in states):
+            raise ValueError("fit: the shuffling rng differs between ranks; give the same "
+                             "int seed on every rank (or None for one drawn on rank 0)")
+        return rng
 
     def train_step(self, x, y):
         """One step: forward, loss, backward, optimizer update.  Returns (loss, output)."""
@@ -186,7 +263,8 @@ class Trainer:
 
     def _batches(self, data, batch_size, shuffle, rng):
         if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], np.ndarray):
-            return iterate_minibatches(data[0], data[1], batch_size, shuffle=shuffle, rng=rng)
+            return iterate_minibatches(data[0], data[1], batch_size, shuffle=shuffle, rng=rng,
+                                       shard=self._shard())
         if callable(data):
             return data()
         return iter(data)
@@ -212,15 +290,23 @@ class Trainer:
         Returns
         -------
         dict
-            ``{"loss": ..., <metric>: ...}``, averages weighted by batch size.
+            ``{"loss": ..., <metric>: ...}``, averages weighted by batch size (over every
+            rank's examples, with a communicator).
+
+        Raises
+        ------
+        ValueError
+            If `data` is empty.
         """
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
             sums, n = {}, 0
             for xb, yb in self._batches(data, batch_size, False, None):
-                out = self.model.forward(xb)
                 k = len(xb)
+                if k == 0:
+                    continue
+                out = self.model.forward(xb)
                 vals = {"loss": self.loss_fn(out, yb)}
                 vals.update({name: f(out, yb) for name, f in self.metrics.items()})
                 for name, v in vals.items():
@@ -229,6 +315,7 @@ class Trainer:
         finally:
             for m, t in modes:
                 m.training = t
+        sums, n = self._total(sums, n)
         if n == 0:
             raise ValueError("evaluate: no data")
         return {name: s / n for name, s in sums.items()}
@@ -262,17 +349,26 @@ class Trainer:
         rng : None, int or numpy.random.Generator
             Shuffling order.
         progress : bool, default True
-            Show a tqdm progress bar per epoch (running loss and metrics).
+            Show a tqdm progress bar per epoch (running loss and metrics; on rank 0 only
+            with a communicator).
         callback : callable, optional
-            ``callback(epoch, record)`` after each epoch with that epoch's metrics.
+            ``callback(epoch, record)`` after each epoch with that epoch's metrics (on
+            every rank).
 
         Returns
         -------
         history : dict of lists
             ``epoch``, ``loss``, the metrics, ``val_loss`` and ``val_<metric>`` (with
             `val_data`), ``lr`` (first group's rate during the epoch) and ``time`` (s).
+
+        Raises
+        ------
+        ValueError
+            If the training data yields no batch, or (with a communicator) `rng` differs
+            between ranks.
         """
-        rng = _as_rng(rng)
+        rng = self._shared_rng(rng)
+        progress = progress and self.rank == 0
         hist = self.history
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
@@ -289,6 +385,8 @@ class Trainer:
             for xb, yb in batches:
                 loss, out = self.train_step(xb, yb)
                 k = len(xb)
+                if k == 0:              # a rank's empty part of a global batch
+                    continue
                 vals = {"loss": loss}
                 vals.update({name: f(out, yb) for name, f in self.metrics.items()})
                 for name, v in vals.items():
@@ -297,6 +395,7 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix({name: f"{s / n:.4f}" for name, s in sums.items()},
                                     refresh=False)
+            sums, n = self._total(sums, n)
             if n == 0:
                 raise ValueError("fit: the training data yielded no batches")
             record = {"epoch": epoch}
@@ -347,7 +446,7 @@ def fit(model, loss_fn, optimizer, train_data, epochs=1, *, batch_size=32, shuff
     rng : None, int or numpy.random.Generator
         Shuffling order.
     progress : bool, default True
-        Show a tqdm progress bar per epoch.
+        Show a tqdm progress bar per epoch (on rank 0 only, for a data-parallel model).
     callback : callable, optional
         ``callback(epoch, record)`` after each epoch with that epoch's metrics.
 
@@ -361,7 +460,8 @@ def fit(model, loss_fn, optimizer, train_data, epochs=1, *, batch_size=32, shuff
     TypeError
         If `model` is not a :class:`bnfast.nn.Module`.
     ValueError
-        If the training data yields no batch.
+        If the training data yields no batch, or the shuffling `rng` differs between
+        ranks (data-parallel training; see :class:`Trainer`).
 
     Examples
     --------

@@ -117,9 +117,7 @@ class _BatchNorm(Module):
                 rm, rv = self.running_mean, self.running_var
                 factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
                           else self.momentum)
-            y, mean, invstd = _api.batch_norm_train(
-                x, w, b, eps=self.eps, axis=axis, running_mean=rm, running_var=rv,
-                momentum=factor, relu=self.relu)
+            y, mean, invstd = self._batch_forward(x, w, b, rm, rv, factor)
             self._cache = (x, mean, invstd, True)
             return y
         rm, rv = self.running_mean, self.running_var
@@ -138,14 +136,30 @@ class _BatchNorm(Module):
                 f"{type(self).__name__}.backward: gradient shape {grad.shape} does not match "
                 f"the forward input's {x.shape}")
         affine = self.affine
-        dx, dw, db = _api.batch_norm_backward(
-            grad, x, mean, invstd, self.weight.data if affine else None,
-            bias=self.bias.data if affine and self.relu else None, relu=self.relu,
-            training=training, axis=self.axis)
+        w = self.weight.data if affine else None
+        b = self.bias.data if affine and self.relu else None
+        if training:
+            dx, dw, db = self._batch_backward(grad, x, mean, invstd, w, b)
+        else:
+            dx, dw, db = _api.batch_norm_backward(grad, x, mean, invstd, w, bias=b,
+                                                  relu=self.relu, training=False,
+                                                  axis=self.axis)
         if affine:
             self.weight.accumulate(dw)
             self.bias.accumulate(db)
         return dx
+
+    # The two steps that use the batch's own statistics; bnfast.distributed's synchronized
+    # layers override them to take the statistics over every process's batch.
+    def _batch_forward(self, x, w, b, rm, rv, factor):
+        """``(y, mean, invstd)`` of `x` normalised with its own statistics."""
+        return _api.batch_norm_train(x, w, b, eps=self.eps, axis=self.axis, running_mean=rm,
+                                     running_var=rv, momentum=factor, relu=self.relu)
+
+    def _batch_backward(self, grad, x, mean, invstd, w, b):
+        """``(dx, dweight, dbias)`` through :meth:`_batch_forward`."""
+        return _api.batch_norm_backward(grad, x, mean, invstd, w, bias=b, relu=self.relu,
+                                        training=True, axis=self.axis)
 
     def _accumulate_population(self, x):
         """Add this batch's mean and unbiased variance to the population sums."""
