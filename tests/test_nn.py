@@ -796,3 +796,118 @@ def test_dtype_error_suggests_only_what_works(make, shape, in_dtype):
         assert "model.to" not in msg, msg
         with pytest.raises(TypeError):                            # it would not have worked
             layer.to(in_dtype)
+
+
+def _to_nhwc(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_channels_last_copy_loads_channels_first_state_dict(tmp_path, mode):
+    """A channels-last model with the same layers (Flatten included, no extra argument)
+    loads a channels-first model's state dict -- directly or through a file -- and gives
+    the same outputs, input gradients (transposed) and parameter gradients."""
+    cf = small_convnet(channels_last=False, rng=0)
+    cl = small_convnet(channels_last=True, rng=1)
+    x = rng_(20).standard_normal((4, 2, 8, 8))
+    _train_some(cf, x)                                 # non-trivial running statistics
+    nn.save(cf, tmp_path / "cf")
+    nn.load(cl, tmp_path / "cf")
+    for m in (cf, cl):
+        m.train(mode == "train")
+    y_cf, y_cl = cf(x), cl(_to_nhwc(x))
+    assert np.abs(y_cf).max() > 0.1
+    np.testing.assert_allclose(y_cl, y_cf, rtol=1e-12, atol=1e-12)
+    R = rng_(21).standard_normal(y_cf.shape)
+    cf.zero_grad()
+    cl.zero_grad()
+    dx_cf, dx_cl = cf.backward(R), cl.backward(R)
+    np.testing.assert_allclose(dx_cl, _to_nhwc(dx_cf), rtol=1e-10, atol=1e-12)
+    g_cl = dict(cl.named_parameters())
+    for name, p in cf.named_parameters():
+        np.testing.assert_allclose(g_cl[name].grad, p.grad, rtol=1e-10, atol=1e-12,
+                                   err_msg=name)
+    # and back: the channels-last model's state dict is the channels-first model's
+    back = small_convnet(channels_last=False, rng=2)
+    back.load_state_dict(cl.state_dict())
+    back.train(mode == "train")
+    np.testing.assert_allclose(back(x), y_cf, rtol=1e-12, atol=1e-12)
+
+
+def test_flatten_layout():
+    x = rng_(22).standard_normal((2, 3, 4, 5))              # NCHW
+    xl = _to_nhwc(x)
+    # explicit: PyTorch order for channels-last input, the input's own order otherwise
+    assert np.array_equal(nn.Flatten(channels_last=True)(xl), x.reshape(2, -1))
+    assert np.array_equal(nn.Flatten(channels_last=False)(xl), xl.reshape(2, -1))
+    assert np.array_equal(nn.Flatten()(xl), xl.reshape(2, -1))      # alone: as given
+    f = nn.Flatten(start_dim=2, channels_last=True)
+    assert np.array_equal(f(xl), x.reshape(2, 3, 20))
+    assert np.array_equal(f.backward(x.reshape(2, 3, 20)), xl)
+    gradcheck(nn.Flatten(channels_last=True), xl, k=20)
+    gradcheck(nn.Flatten(1, 2, channels_last=True), xl, k=20)
+    # inferred in a Sequential from the last layer with a channels_last setting
+    for cl in (False, True):
+        net = nn.Sequential(nn.Conv2d(3, 3, 1, channels_last=cl, rng=0, **D), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(60, 2, rng=0, **D))
+        assert net[2]._input_channels_last() is cl
+        assert ("channels_last=True" in repr(net[2])) is cl
+    block = nn.Sequential(nn.BasicBlock(3, 3, channels_last=True, rng=0, **D),
+                          nn.Sequential(nn.Flatten(), nn.Linear(60, 2, rng=0, **D)))
+    assert block[1][0]._input_channels_last()
+    # an explicit setting is kept (e.g. channels_last=False for Keras-ordered weights)
+    keras = nn.Sequential(nn.MaxPool2d(1, channels_last=True), nn.Flatten(channels_last=False))
+    assert np.array_equal(keras(xl), xl.reshape(2, -1))
+    # appended or assigned layers are resolved too
+    net = nn.Sequential(nn.MaxPool2d(1, channels_last=True))
+    net.append(nn.Flatten())
+    assert np.array_equal(net(xl), x.reshape(2, -1))
+    # one Flatten instance cannot serve both layouts
+    shared = nn.Flatten()
+    nn.Sequential(nn.MaxPool2d(1, channels_last=True), shared)
+    nn.Sequential(shared)                                  # no layout before it: fine
+    with pytest.raises(ValueError, match="one Flatten per model"):
+        nn.Sequential(nn.MaxPool2d(1), shared)
+    with pytest.raises(RuntimeError, match="before forward"):
+        nn.Flatten().backward(np.zeros((2, 3)))
+    assert nn.Flatten()(np.zeros((0, 3, 4))).shape == (0, 12)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Linear(4, 3, **D), (5, 4)),
+    (lambda: nn.Conv2d(2, 3, 3, 2, 1, **D), (2, 2, 5, 5)),
+    (lambda: nn.Conv2d(2, 3, 3, 1, 1, channels_last=True, **D), (2, 5, 5, 2)),
+    (lambda: nn.MaxPool2d(3, 2, 1), (2, 2, 5, 5)),
+    (lambda: nn.MaxPool2d(2, channels_last=True), (2, 4, 4, 2)),
+    (lambda: nn.AvgPool2d(3, 1, 1, False), (2, 2, 4, 4)),
+    (lambda: nn.BatchNorm2d(2, relu=True, **D), (3, 2, 2, 2)),
+    (lambda: nn.BatchNorm2d(2, channels_last=True, **D), (3, 2, 2, 2)),
+    (lambda: nn.BatchNorm1d(4, **D), (5, 4)),
+    (lambda: nn.BatchNorm1d(4, **D).eval(), (5, 4)),
+    (lambda: nn.BatchNorm1d(4, **D).freeze_bn_stats(), (5, 4)),
+    (lambda: nn.Sigmoid(), (5, 4)), (lambda: nn.Tanh(), (5, 4)), (lambda: nn.ReLU(), (5, 4)),
+    (lambda: nn.Dropout(0.5, rng=0), (5, 4)), (lambda: nn.Dropout(0.5, rng=0).eval(), (5, 4)),
+    (lambda: nn.Identity(), (5, 4)),
+    (lambda: nn.Flatten(), (2, 2, 3)), (lambda: nn.Flatten(channels_last=True), (2, 2, 3)),
+    (lambda: nn.Residual(nn.Linear(4, 4, **D)), (5, 4)),
+    (lambda: nn.BasicBlock(2, 3, 2, **D), (2, 2, 4, 4)),
+    (lambda: small_convnet(), (3, 2, 8, 8)),
+    (lambda: small_convnet(channels_last=True), (3, 8, 8, 2)),
+    (lambda: mlp(F64), (5, 8)),
+])
+def test_layers_never_write_to_caller_arrays(make, shape):
+    """Inputs and output gradients are read-only here: any in-place write raises; the
+    returned arrays may be written by the caller without changing the inputs."""
+    m = make()
+    x = rng_(12).standard_normal(shape)
+    x0 = x.copy()
+    x.flags.writeable = False
+    y = m(x)
+    g = rng_(13).standard_normal(y.shape)
+    g0 = g.copy()
+    g.flags.writeable = False
+    dx = m.backward(g)
+    assert np.array_equal(x, x0) and np.array_equal(g, g0)
+    for out in (y, dx):
+        if out.flags.writeable:        # a new array, not a view of the caller's
+            assert not np.shares_memory(out, x) and not np.shares_memory(out, g)

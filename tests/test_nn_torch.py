@@ -337,3 +337,40 @@ def test_import_pytorch_mnist_mlp_weights():
         expected = tmodel(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(model(x), expected, rtol=1e-4, atol=1e-5)
     assert int(model[1].num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_channels_last_model_loads_pytorch_state_dict(dtype, mode):
+    """Conv2d / BatchNorm2d / MaxPool2d with channels_last=True, then Flatten and Linear:
+    PyTorch's (channels-first) state dict loads as is, and outputs, input gradients and
+    parameter gradients match PyTorch's (Flatten flattens in PyTorch's (C, H, W) order)."""
+    torch.manual_seed(3)
+    theirs = tnn.Sequential(tnn.Conv2d(3, 4, 3, padding=1), tnn.BatchNorm2d(4), tnn.ReLU(),
+                            tnn.MaxPool2d(2), tnn.Flatten(), tnn.Linear(4 * 3 * 3, 5),
+                            tnn.Linear(5, 2)).to(TORCH_DT[dtype])
+    cl = dict(channels_last=True, dtype=dtype)
+    ours = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, **cl), nn.BatchNorm2d(4, **cl),
+                         nn.ReLU(), nn.MaxPool2d(2, channels_last=True), nn.Flatten(),
+                         nn.Linear(4 * 3 * 3, 5, dtype=dtype), nn.Linear(5, 2, dtype=dtype))
+    rng = np.random.default_rng(13)
+    with torch.no_grad():                      # non-trivial running statistics first
+        theirs.train()(torch.tensor(rng.standard_normal((8, 3, 6, 6)), dtype=TORCH_DT[dtype]))
+    ours.load_state_dict(theirs.state_dict())
+    theirs.train(mode == "train")
+    ours.train(mode == "train")
+    x = rng.standard_normal((5, 3, 6, 6)).astype(dtype)               # NCHW
+    xt = torch.tensor(x, requires_grad=True)
+    yt = theirs(xt)
+    y = ours(NCHW_TO_NHWC(x).copy())
+    close(y, yt, dtype, "output")
+    R = rng.standard_normal(y.shape).astype(dtype)
+    (yt * torch.tensor(R)).sum().backward()
+    dx = ours.backward(R)
+    close(dx, NCHW_TO_NHWC(xt.grad.numpy()), dtype, "input gradient")
+    tp = dict(theirs.named_parameters())
+    for n, p in ours.named_parameters():
+        close(p.grad, tp[n].grad, dtype, f"grad of {n}")
+    tb = dict(theirs.named_buffers())
+    for n, b in ours.named_buffers():
+        close(b, tb[n], dtype, f"buffer {n}")

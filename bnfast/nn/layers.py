@@ -539,12 +539,23 @@ class AvgPool2d(_Pool2d):
 # ---------------------------------------------------------------------------- reshaping
 
 class Flatten(Module):
-    """Flatten axes ``start_dim..end_dim`` into one (PyTorch's default: all but the batch).
+    """Flatten axes ``start_dim..end_dim`` into one (PyTorch's default: all but the batch),
+    in PyTorch's order also for channels-last input.
 
     Parameters
     ----------
     start_dim : int, default 1
     end_dim : int, default -1
+    channels_last : bool or None, default None
+        The layout of the input.  True: it is channels-last, ``(N, H, W, C)`` (or
+        ``(N, ..., C)``), and is flattened in PyTorch's channels-first order ``(C, H, W)``:
+        the axes are numbered as in the ``(N, C, H, W)`` tensor PyTorch would see, and the
+        output is what ``torch.nn.Flatten`` gives for it.  False: the input is flattened
+        in its own axis order (for a channels-last input that is the ``(H, W, C)`` order
+        of Keras / TensorFlow).  None: in a `Sequential`, the layout of the layers before
+        it (the last one with a ``channels_last`` setting: `Conv2d`, `BatchNorm2d`, the
+        pooling layers, `BasicBlock`), decided when the `Sequential` is built; on its own,
+        as False.
 
     Raises
     ------
@@ -552,6 +563,18 @@ class Flatten(Module):
         From ``forward``, if the axes do not fit the input's number of dimensions.
     TypeError
         From ``forward``, if the input is not a float32 or float64 array.
+
+    Notes
+    -----
+    Why PyTorch's order: a `Linear` layer after `Flatten` has one weight column per
+    flattened position, so its weights are only meaningful for one order.  With every
+    layout flattening in ``(C, H, W)`` order, a channels-last model and its channels-first
+    twin have the same parameters, and a state dict of either (or of the PyTorch model)
+    loads into the other and gives the same outputs.  Flattening in ``(H, W, C)`` order
+    instead would make the same state dict give different, wrong outputs with no error.
+    The price is one transposing copy of the (small) flattened activations, forward and
+    backward; pass ``channels_last=False`` to skip it when the weights are your own (or
+    come from a Keras-style ``(H, W, C)`` model).
 
     Examples
     --------
@@ -565,31 +588,72 @@ class Flatten(Module):
     (2, 3, 4, 5)
     >>> nn.Flatten(start_dim=2)(x).shape
     (2, 3, 20)
+
+    Channels-last input is flattened in PyTorch's ``(C, H, W)`` order, so the values
+    come out as for the channels-first array:
+
+    >>> nchw = np.arange(12, dtype=np.float32).reshape(1, 3, 2, 2)
+    >>> nhwc = nchw.transpose(0, 2, 3, 1)
+    >>> bool(np.array_equal(nn.Flatten(channels_last=True)(nhwc), nn.Flatten()(nchw)))
+    True
+    >>> net = nn.Sequential(nn.MaxPool2d(1, channels_last=True), nn.Flatten())
+    >>> net[1]                                  # layout taken from the layer before
+    Flatten(start_dim=1, end_dim=-1, channels_last=True)
     """
 
-    def __init__(self, start_dim=1, end_dim=-1):
+    def __init__(self, start_dim=1, end_dim=-1, *, channels_last=None):
         super().__init__()
         self.start_dim = int(start_dim)
         self.end_dim = int(end_dim)
+        self.channels_last = None if channels_last is None else bool(channels_last)
+        self._inferred = None          # set by the Sequential holding it
         self._shape = None
 
+    def _input_channels_last(self):
+        if self.channels_last is not None:
+            return self.channels_last
+        return bool(self._inferred)
+
+    def _resolve_layout(self, layout):
+        """Take the layout (True/False, None when unknown) of the input from the layers
+        before; return the layout of the output (None: flat, no channel axis)."""
+        if layout is not None and self.channels_last is None:
+            if self._inferred is not None and self._inferred != layout:
+                raise ValueError(
+                    "this Flatten layer follows channels-last layers in one Sequential and "
+                    "channels-first layers in another; use one Flatten per model, or pass "
+                    "channels_last= explicitly")
+            self._inferred = bool(layout)
+        return None
+
     def extra_repr(self):
-        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+        s = f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+        if self._input_channels_last():
+            s += ", channels_last=True"
+        elif self.channels_last is not None:
+            s += ", channels_last=False"
+        return s
 
     def forward(self, x):
         x = _float_input(x, "Flatten")
         nd = x.ndim
+        moved = self._input_channels_last() and nd >= 3
+        xs = np.moveaxis(x, -1, 1) if moved else x      # the (N, C, ...) view PyTorch sees
         s, e = self.start_dim, self.end_dim
         s, e = (s + nd if s < 0 else s), (e + nd if e < 0 else e)
         if not (0 <= s < nd and 0 <= e < nd and s <= e):
             raise ValueError(
                 f"Flatten(start_dim={self.start_dim}, end_dim={self.end_dim}) does not fit "
                 f"an input of shape {x.shape}")
-        self._shape = x.shape
-        return x.reshape(x.shape[:s] + (-1,) + x.shape[e + 1:])
+        self._shape = (xs.shape, moved)
+        return xs.reshape(xs.shape[:s] + (math.prod(xs.shape[s:e + 1]),) + xs.shape[e + 1:])
 
     def backward(self, grad):
-        return grad.reshape(self._shape)
+        if self._shape is None:
+            raise RuntimeError("Flatten.backward called before forward")
+        shape, moved = self._shape
+        g = grad.reshape(shape)
+        return np.moveaxis(g, 1, -1) if moved else g
 
 
 # ---------------------------------------------------------------------------- activations

@@ -461,10 +461,20 @@ class Sequential(Module):
     *layers : Module
         The modules, applied in order.
 
+    Notes
+    -----
+    A `Flatten` layer without an explicit ``channels_last`` takes the layout of the
+    layers before it in the chain (see :class:`~bnfast.nn.Flatten`), so that a
+    channels-last network flattens in PyTorch's ``(C, H, W)`` order and loads the same
+    state dict as its channels-first twin.
+
     Raises
     ------
     TypeError
         If a layer (given here, assigned by index or appended) is not a `Module`.
+    ValueError
+        If one `Flatten` instance would follow channels-last layers here and
+        channels-first layers in another `Sequential`.
     RuntimeError
         From ``backward``, if a layer other than the first returns no input gradient
         (``needs_input_grad=False`` set on an inner layer).
@@ -486,6 +496,7 @@ class Sequential(Module):
             if not isinstance(m, Module):
                 raise TypeError(f"Sequential: layer {i} is not a Module: {m!r}")
         self._layers = list(layers)
+        _layout_after(self, None)
 
     def named_children(self):
         for i, m in enumerate(self._layers):
@@ -503,6 +514,7 @@ class Sequential(Module):
         if not isinstance(m, Module):
             raise TypeError(f"Sequential: {m!r} is not a Module")
         self._layers[i] = m
+        _layout_after(self, None)
 
     def __iter__(self):
         return iter(self._layers)
@@ -512,6 +524,7 @@ class Sequential(Module):
         if not isinstance(m, Module):
             raise TypeError(f"Sequential: {m!r} is not a Module")
         self._layers.append(m)
+        _layout_after(self, None)
         return self
 
     def forward(self, x):
@@ -528,3 +541,21 @@ class Sequential(Module):
                     f"Sequential: layer {i} ({type(layers[i]).__name__}) returned no input "
                     f"gradient; needs_input_grad=False is only meaningful on the first layer")
         return grad
+
+
+def _layout_after(module, layout):
+    """The layout of `module`'s output -- True channels-last, False channels-first, None
+    unknown or flat -- given its input's, telling the `Flatten` layers met along
+    `Sequential` chains the layout of their input."""
+    if isinstance(module, Sequential):
+        for m in module._layers:
+            layout = _layout_after(m, layout)
+        return layout
+    if hasattr(module, "_resolve_layout"):              # a Flatten
+        return module._resolve_layout(layout)
+    for m in module.modules():      # a layer or a block: its last layout-aware part decides
+        if hasattr(m, "_resolve_layout"):
+            layout = None
+        elif isinstance(getattr(m, "channels_last", None), bool):
+            layout = m.channels_last
+    return layout
