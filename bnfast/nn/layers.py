@@ -563,6 +563,8 @@ class Flatten(Module):
         From ``forward``, if the axes do not fit the input's number of dimensions.
     TypeError
         From ``forward``, if the input is not a float32 or float64 array.
+    RuntimeError
+        From ``backward``, if called before ``forward``.
 
     Notes
     -----

@@ -196,7 +196,11 @@ class Module:
 
     # -------------------------------------------------------------- structure
     def register_buffer(self, name, value):
-        """Add a persistent buffer (an ndarray saved in the state dict, not trained)."""
+        """Add a persistent buffer (an ndarray saved in the state dict, not trained).
+
+        The array itself is stored, not a copy: the module may update it in place (as
+        batch norm does its running statistics).
+        """
         if not isinstance(value, np.ndarray):
             raise TypeError(f"buffer {name!r} must be a numpy.ndarray")
         if name not in self._buffer_names:
@@ -373,7 +377,14 @@ class Module:
     def to(self, dtype):
         """Convert the floating-point parameters and buffers to `dtype`; return self.
 
-        Create optimizers after converting (their state is kept per parameter).
+        Create optimizers after converting (their state is kept per parameter).  Every
+        parameter and floating-point buffer becomes a new array (arrays the model was
+        built from are not changed).
+
+        Raises
+        ------
+        TypeError
+            If `dtype` is not float32 or float64 (the only dtypes the layers compute in).
         """
         dt = _check_dtype(dtype)
         for m in self.modules():
