@@ -47,7 +47,7 @@ from .nn.batchnorm import BatchNorm1d, BatchNorm2d
 from .nn.module import Module, Sequential
 from .train import iterate_minibatches
 
-__all__ = ["get_comm", "abort_on_exception", "sync_moments", "sync_batch_norm_train",
+__all__ = ["get_comm", "launched_size", "abort_on_exception", "sync_moments", "sync_batch_norm_train",
            "sync_batch_norm_backward", "SyncBatchNorm1d", "SyncBatchNorm2d",
            "convert_sync_batchnorm", "DistributedDataParallel", "DistributedSampler"]
 
@@ -116,6 +116,33 @@ def _mpi():
     return MPI
 
 
+def launched_size():
+    """The number of processes an MPI launcher says it started (1 when none says so).
+
+    Read from the environment that launchers set (MPICH/Hydra and Intel MPI ``PMI_SIZE``,
+    Open MPI ``OMPI_COMM_WORLD_SIZE``, PMIx ``PMIX_SIZE``, MVAPICH ``MV2_COMM_WORLD_SIZE``),
+    without initialising MPI: a program can use it to decide whether to run distributed.
+    ``srun`` under Slurm sets ``PMI_SIZE`` or ``PMIX_SIZE`` depending on its ``--mpi``
+    plugin.
+
+    Returns
+    -------
+    int
+        At least 1.
+
+    Examples
+    --------
+    >>> from bnfast import distributed as dist
+    >>> dist.launched_size() >= 1
+    True
+    """
+    for var in _LAUNCHER_SIZE_VARS:
+        v = os.environ.get(var, "")
+        if v.isdigit() and int(v) > 1:
+            return int(v)
+    return 1
+
+
 def get_comm(comm=None):
     """Return the communicator to use: `comm`, or the world communicator.
 
@@ -149,13 +176,11 @@ def get_comm(comm=None):
     if comm is None:
         if MPI is not None:
             return MPI.COMM_WORLD
-        for var in _LAUNCHER_SIZE_VARS:
-            v = os.environ.get(var, "")
-            if v.isdigit() and int(v) > 1:
-                raise ImportError(
-                    f"bnfast.distributed: this process was started by an MPI launcher "
-                    f"({var}={v}) but mpi4py is not installed; pip install \"bnfast[mpi]\" "
-                    f"(or mpi4py built against your cluster's MPI)")
+        if launched_size() > 1:
+            raise ImportError(
+                f"bnfast.distributed: an MPI launcher started {launched_size()} processes "
+                f"but mpi4py is not installed, so each would train alone; "
+                f"pip install \"bnfast[mpi]\" (or mpi4py built against your cluster's MPI)")
         return _SELF
     if comm is _SELF or (MPI is not None and isinstance(comm, MPI.Comm)):
         return comm

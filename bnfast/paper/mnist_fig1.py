@@ -11,6 +11,12 @@ optimizer SGD with momentum 0.9, learning rate 0.01, no weight decay, no schedul
 weights ``N(0, 0.1^2)`` in every layer and zero biases; batch-norm eps 1e-5 and running-
 average momentum 0.1; unit 0 of the last hidden layer for the percentiles.
 
+Under ``mpiexec -n P`` the run is data-parallel (:mod:`bnfast.distributed`): every global
+mini-batch of `batch_size` is split across the P ranks, batch norm is synchronized (its
+statistics are those of the global batch), gradients are summed over the ranks, and the
+test set is split for evaluation; only rank 0 prints and writes files.  The curves are those
+of one process with the same global batch, up to float32 rounding of the gradient sums.
+
 The batch-norm network is evaluated two ways: with population statistics (Algorithm 2:
 E[mu_B] and m/(m-1) E[var_B] over `pop_batches` fixed training mini-batches of 60) and
 with the running averages kept during training.  The percentiles of the batch-norm network
@@ -20,7 +26,8 @@ import time
 
 import numpy as np
 
-from .. import nn, optim
+from .. import distributed, nn, optim
+from ..train import iterate_minibatches
 from . import common
 
 __all__ = ["PAPER_FIG1", "PAPER_FIG1_PERCENTILES", "DEFAULTS", "build_mlp", "probe_index",
@@ -159,7 +166,7 @@ def _eval_points(steps, every):
 def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr=0.01,
         momentum=0.9, init_std=0.1, eps=1e-5, bn_momentum=0.1, seed=0, unit=0,
         pop_batches=100, hidden=(100, 100, 100), nets=("nobn", "bn"), progress=True,
-        eval_size=None, threads=1):
+        eval_size=None, threads=1, comm=None):
     """Train the two networks and record their curves.
 
     Parameters
@@ -184,6 +191,11 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
     threads : int or None, default 1
         Threads for bnfast's kernels and the BLAS (see :func:`common.limit_threads`);
         None leaves the process's settings.
+    comm : mpi4py.MPI.Comm, optional
+        Train data-parallel over the ranks of `comm` (a collective call: every rank runs
+        it with the same arguments): each global batch of `batch_size` is split across the
+        ranks, batch norm is synchronized, the test set is split for evaluation, and every
+        rank returns the same curves.  None: one process.
 
     Returns
     -------
@@ -231,10 +243,11 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
     config = dict(steps=steps, eval_every=eval_every, batch_size=batch_size,
                   optimizer=optimizer, lr=lr, momentum=momentum, init_std=init_std, eps=eps,
                   bn_momentum=bn_momentum, seed=seed, unit=unit, pop_batches=pop_batches,
-                  hidden=list(hidden), eval_size=len(Xt), train_size=len(X))
+                  hidden=list(hidden), eval_size=len(Xt), train_size=len(X),
+                  ranks=1 if comm is None else comm.Get_size())
     with common.limit_threads(threads):
         curves, timing = _train_all(data, X, y, Xt, yt, nets, config, pop_index, points,
-                                    progress)
+                                    progress, comm)
         machine = common.machine_info()
     config["threads"] = threads
     timing["total_s"] = sum(t["train_s"] + t["eval_s"] for k, t in timing.items()
@@ -244,15 +257,56 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
             "paper_percentiles": PAPER_FIG1_PERCENTILES, "machine": machine}
 
 
-def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress):
+class _Ranks:
+    """This rank's part of the work in a data-parallel run (everything, in one process)."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.rank = 0 if comm is None else comm.Get_rank()
+        self.size = 1 if comm is None else comm.Get_size()
+
+    def part(self, idx):
+        """This rank's part of the index array `idx` (its slice of a global batch)."""
+        if self.comm is None:
+            return idx
+        return next(iterate_minibatches(idx, None, len(idx), shard=(self.rank, self.size)))
+
+    def evaluate(self, model, Xt, yt, probe):
+        """common.evaluate over the whole test set, each rank doing its part of it."""
+        if self.comm is None:
+            return common.evaluate(model, Xt, yt, probe=probe)
+        acc, pre = common.evaluate(model, Xt, yt, probe=probe)
+        every = self.comm.allgather((round(acc * len(yt)), len(yt), pre))
+        acc = sum(e[0] for e in every) / sum(e[1] for e in every)
+        return acc, None if pre is None else np.concatenate([e[2] for e in every])
+
+    def mean_loss(self, loss_sum, loss_n):
+        """The mean training loss since the last evaluation, over every rank's rows."""
+        if self.comm is not None:
+            every = self.comm.allgather((loss_sum, loss_n))
+            loss_sum, loss_n = sum(e[0] for e in every), sum(e[1] for e in every)
+        return loss_sum / loss_n if loss_n else None
+
+
+def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress, comm):
     c = config
     steps, batch_size, seed = c["steps"], c["batch_size"], c["seed"]
     curves, timing = {}, {}
+    ranks = _Ranks(comm)
+    progress = progress and ranks.rank == 0
+    if comm is not None:
+        test_part = ranks.part(np.arange(len(Xt)))
+        Xt, yt = Xt[test_part], yt[test_part]
+        pop_index = [ranks.part(i) for i in pop_index]
     for key in nets:
         bn = key == "bn"
         model = build_mlp(bn, hidden=c["hidden"], init_std=c["init_std"], eps=c["eps"],
                           bn_momentum=c["bn_momentum"], seed=seed)
         probe = (probe_index(model), c["unit"])
+        trained = model
+        if comm is not None:
+            model = distributed.convert_sync_batchnorm(model, comm)
+            trained = distributed.DistributedDataParallel(model, comm)
         opt = _make_optimizer(c["optimizer"], model.parameters(), c["lr"], c["momentum"])
         loss_fn = nn.CrossEntropyLoss()
         batches = common.Batches(len(X), batch_size, seed)
@@ -266,30 +320,34 @@ def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress):
         def evaluate(step):
             with t_eval:
                 if bn:
-                    acc_run, _ = common.evaluate(model, Xt, yt)
+                    acc_run, _ = ranks.evaluate(model, Xt, yt, None)
                     pop = common.population_copy(model, X, pop_index)
-                    acc, pre = common.evaluate(pop, Xt, yt, probe=probe)
+                    acc, pre = ranks.evaluate(pop, Xt, yt, probe)
                     cur["acc_running"].append(acc_run)
                 else:
-                    acc, pre = common.evaluate(model, Xt, yt, probe=probe)
+                    acc, pre = ranks.evaluate(model, Xt, yt, probe)
                 rec.record(step, pre)
                 cur["step"].append(step)
                 cur["acc"].append(acc)
-                cur["train_loss"].append(loss_sum / loss_n if loss_n else None)
+                cur["train_loss"].append(ranks.mean_loss(loss_sum, loss_n))
             return acc
 
         label = dict(NETS)[key]
         evaluate(0)
         with common.progress_bar(steps, f"MNIST MLP {label}", progress) as bar:
             for step in range(1, steps + 1):
-                idx = batches.next()
+                idx = ranks.part(batches.next())
                 with t_train:
-                    loss = common.train_step(model, loss_fn, opt, X[idx], y[idx])
+                    loss = common.train_step(trained, loss_fn, opt, X[idx], y[idx])
                 if not np.isfinite(loss):
                     raise FloatingPointError(f"{label}: loss became {loss} at step {step}; "
                                              f"lower the learning rate")
-                loss_sum += loss
-                loss_n += 1
+                if comm is None:
+                    loss_sum += loss
+                    loss_n += 1
+                else:           # weighted by this rank's rows, combined at evaluation
+                    loss_sum += loss * len(idx)
+                    loss_n += len(idx)
                 if step in points:
                     acc = evaluate(step)
                     loss_sum, loss_n = 0.0, 0
@@ -555,7 +613,9 @@ def timing_line(results):
             parts.append(f"{label}: {t[key]['train_s']:.1f} s training "
                          f"({t[key]['ms_per_step']:.3f} ms/step) + {t[key]['eval_s']:.1f} s "
                          f"evaluation")
-    return (f"Run time {t['total_s']:.1f} s for {results['config']['steps']} steps per "
+    ranks = results["config"].get("ranks", 1)
+    on = f" on each of {ranks} MPI ranks" if ranks > 1 else ""
+    return (f"Run time {t['total_s']:.1f} s{on} for {results['config']['steps']} steps per "
             f"network ({'; '.join(parts)}).")
 
 
@@ -563,7 +623,9 @@ def main_run(args):
     """Run from parsed command-line arguments (see :mod:`bnfast.paper.cli`).
 
     Loads MNIST, runs :func:`run`, writes the files of :func:`save` into ``args.out`` and
-    prints the tables.
+    prints the tables.  Started by an MPI launcher with several processes
+    (``mpiexec -n 2 bnfast paper mnist``), it trains data-parallel over them
+    (see :func:`run`'s `comm`), and only rank 0 prints and writes.
 
     Parameters
     ----------
@@ -617,14 +679,25 @@ def main_run(args):
     >>> tmp.cleanup()
     """
     t0 = time.perf_counter()
-    data = common.load_mnist_arrays(args.data_dir)
+    comm = distributed.get_comm() if distributed.launched_size() > 1 else None
+    if comm is None:
+        data = common.load_mnist_arrays(args.data_dir)
+    else:
+        distributed.abort_on_exception(comm)
+        if comm.Get_rank() == 0:                # rank 0 first: it may download the files
+            data = common.load_mnist_arrays(args.data_dir)
+        comm.Barrier()
+        if comm.Get_rank() != 0:
+            data = common.load_mnist_arrays(args.data_dir)
     results = run(data, steps=args.steps, eval_every=args.eval_every,
                   batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                   momentum=args.momentum, init_std=args.init_std, eps=args.eps,
                   seed=args.seed, unit=args.unit, pop_batches=args.pop_batches,
-                  progress=not args.no_progress, threads=args.threads or None)
+                  progress=not args.no_progress, threads=args.threads or None, comm=comm)
     results["timing"]["wall_s"] = time.perf_counter() - t0
     results["data_source"] = data.source
+    if comm is not None and comm.Get_rank() != 0:
+        return results                          # rank 0 prints and writes the files
     paths = save(results, args.out, make_plot=not args.no_plot)
     print()
     print("Test accuracy (Figure 1a); paper's values read off its figure:")

@@ -177,4 +177,23 @@ for k, batch in enumerate(whole):
     assert np.array_equal(np.concatenate([e[k] for e in every]), batch)
 checks += 1
 
+# the paper's MNIST experiment: data-parallel curves == one process's
+from bnfast.paper import common, mnist_fig1  # noqa: E402
+
+r = np.random.default_rng(11)
+mn = common.MnistArrays(r.random((240, 784), dtype=np.float32), r.integers(0, 10, 240),
+                        r.random((50, 784), dtype=np.float32), r.integers(0, 10, 50))
+kw = dict(steps=30, eval_every=10, batch_size=24, hidden=(16, 16), pop_batches=3, lr=0.1,
+          progress=False)
+one = mnist_fig1.run(mn, **kw)
+par = mnist_fig1.run(mn, comm=comm, **kw)
+assert par["config"]["ranks"] == size
+for net in ("nobn", "bn"):
+    for k, v in one["curves"][net].items():
+        w = par["curves"][net][k]
+        if k == "train_loss":
+            v, w = v[1:], w[1:]
+        close(w, v, f"paper curve {net} {k}", rtol=1e-4, atol=1e-4)
+        same_on_every_rank(np.array(w, dtype=float), f"paper curve {net} {k}")
+
 print(f"rank {rank} OK {checks}", flush=True)
