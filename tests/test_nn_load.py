@@ -180,7 +180,7 @@ def test_huge_declared_shape_is_not_allocated(tmp_path):
 
 def _bomb_zip(path, name, header, n_zeros, others=None):
     """A deflated member: a .npy `header` followed by `n_zeros` zero bytes."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for k, v in (others or {}).items():
             zf.writestr(k, v)
         with zf.open(name, "w", force_zip64=True) as f:
@@ -202,7 +202,7 @@ def test_small_file_inflating_to_hundreds_of_mb_is_not_read(tmp_path, where):
     else:
         name, patterns = "junk.npy", ("unexpected keys ['junk']",)
     p = _bomb_zip(tmp_path / "b.npz", name, header, 400 << 20, members)
-    assert p.stat().st_size < 2 << 20
+    assert p.stat().st_size < 4 << 20                 # 400 MB inflated
     tracemalloc.start()
     try:
         expect_error(m, p, *patterns)
@@ -244,3 +244,28 @@ def test_other_layouts_and_dtypes_load_exactly(tmp_path):
     dst = nn.load(make(4), p)
     assert unchanged(dst, sd)
     assert dst[0].weight.data.dtype == F32 and dst[0].weight.data.flags.c_contiguous
+
+
+def test_damaged_files_fail_cleanly_or_load_exactly(tmp_path):
+    """Random byte changes and truncations of a saved file: StateDictError with the model
+    unchanged, or (a change in a field nothing depends on) the saved values exactly."""
+    src = make(0)
+    nn.save(src, tmp_path / "m.npz")
+    raw = (tmp_path / "m.npz").read_bytes()
+    saved, fresh = src.state_dict(), make(5).state_dict()
+    rng = np.random.default_rng(0)
+    p = tmp_path / "f.npz"
+    for _ in range(400):
+        b = bytearray(raw)
+        for j in rng.integers(0, len(b), rng.integers(1, 6)):
+            b[j] = rng.integers(256)
+        if rng.random() < 0.3:
+            b = b[:rng.integers(len(b))]
+        p.write_bytes(bytes(b))
+        m = make(5)
+        try:
+            nn.load(m, p)
+        except StateDictError:
+            assert unchanged(m, fresh)
+        else:
+            assert unchanged(m, saved)

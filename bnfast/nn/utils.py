@@ -2,6 +2,7 @@
 import errno
 import math
 import os
+import struct
 import zipfile
 import zlib
 
@@ -460,8 +461,8 @@ def load(model, path, strict=True):
         f.seek(0)
         try:
             zf = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError,
-                OSError) as exc:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError,
+                NotImplementedError, struct.error) as exc:
             if head == b"\x93NUMPY":
                 why = "a single-array .npy file, not an .npz archive of a state dict"
             elif not head:
@@ -496,7 +497,7 @@ def load(model, path, strict=True):
                     except StateDictError:
                         raise
                     except (zipfile.BadZipFile, EOFError, OSError, zlib.error,
-                            NotImplementedError, RuntimeError) as exc:
+                            NotImplementedError, RuntimeError, struct.error) as exc:
                         raise StateDictError(f"{where}: {key!r}: corrupt or truncated "
                                              f"archive ({exc})") from None
     try:
