@@ -47,7 +47,7 @@ from ._config import (  # noqa: E402
     show_config,
     use_isa,
 )
-from ._threads import get_num_threads, num_threads, set_num_threads  # noqa: E402
+from ._threads import MAX_THREADS, get_num_threads, num_threads, set_num_threads  # noqa: E402
 from ._api import (  # noqa: E402
     batch_norm,
     batch_norm_backward,

@@ -18,24 +18,58 @@ _F64 = np.dtype(np.float64)
 
 
 # ------------------------------------------------------------------ argument checking
+#
+# Every rule and every error message lives here.  The Cython fast paths (bnfast._core)
+# only take cases these rules accept and that need no conversion (tests/test_fastpath.py).
+
+def _short(v):
+    r = repr(v)
+    return r if len(r) <= 60 else r[:40] + "..." + r[-10:]
+
+
+def _not_masked(a, name):
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a masked array; bnfast does not apply masks (they would be silently "
+            f"ignored): pass {name}.filled(value), or select the valid entries, first")
+
+
+def _asarray(v, name):
+    """np.asarray(v) with masked arrays refused and conversion errors naming `name`."""
+    if isinstance(v, np.ndarray):
+        _not_masked(v, name)
+        return v if type(v) is np.ndarray else v.view(np.ndarray)
+    try:
+        return np.asarray(v)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+
 
 def _as_data(x, name):
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+    x = _asarray(x, name)
     dt = x.dtype
     if dt.kind != "f" or dt.itemsize not in (4, 8):
         raise TypeError(f"{name} must have dtype float32 or float64, got {dt}")
-    if not dt.isnative:
-        x = x.astype(dt.newbyteorder("="))
+    if not dt.isnative or not x.flags.aligned:
+        x = x.astype(dt.newbyteorder("="))      # a native, aligned copy
     return x
 
 
+def _flag(v, name):
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, numbers.Integral) and v in (0, 1):
+        return bool(v)
+    raise TypeError(f"{name} must be a bool, got {_short(v)}")
+
+
 def _norm_axis(axis, ndim):
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(f"axis must be an integer, got {axis!r}")
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {_short(axis)}")
     axis = int(axis)
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of bounds for an array of dimension {ndim}")
+        raise ValueError(
+            f"axis {_short(axis)} is out of bounds for an array of dimension {ndim}")
     return axis % ndim
 
 
@@ -76,6 +110,16 @@ def _inverse(perm):
     return tuple(inv)
 
 
+def _overlap(a, b):
+    """Whether arrays a and b share memory (exactly where that is cheap to decide)."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=100_000))
+    except np.exceptions.TooHardError:
+        return True
+
+
 def _output(out, x, perm, inputs, name="out"):
     """Return (result, kernel_buffer, copy_back) for an output shaped like x."""
     shape = x.shape
@@ -87,6 +131,7 @@ def _output(out, x, perm, inputs, name="out"):
         return buf.transpose(_inverse(perm)), buf, False
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    _not_masked(out, name)
     if out.dtype != x.dtype:
         raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {x.dtype}")
     if out.shape != shape:
@@ -94,7 +139,7 @@ def _output(out, x, perm, inputs, name="out"):
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
     view = out if perm is None else out.transpose(perm)
-    if view.flags.c_contiguous:
+    if view.flags.c_contiguous and view.flags.aligned:
         safe = True
         for a in inputs:
             # Writing in place over an input is fine only if it is exactly the same memory.
@@ -116,18 +161,31 @@ def _chan(v, C, name, required=False):
         if required:
             raise ValueError(f"{name} is required")
         return None
-    a = np.asarray(v)
+    a = _asarray(v, name)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     if a.shape != (C,):
         raise ValueError(
             f"{name} must have shape ({C},) to match the {C} channels of x, got {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float64)
+    return np.require(a, np.float64, ["C_CONTIGUOUS", "ALIGNED"])
 
 
-def _running(rm, rv, C):
+def _detach(buf, *vecs):
+    """The per-channel vectors, copied where they share memory with the output buffer
+    (the kernel reads them while it writes the output)."""
+    return tuple(v.copy() if v is not None and np.may_share_memory(v, buf) else v
+                 for v in vecs)
+
+
+def _running(rm, rv, C, x, out):
+    """Validate the running statistics; return (rm_kernel, rv_kernel, write_back).
+
+    The kernel arrays are `rm`/`rv` themselves when they are native, aligned and strided
+    in whole elements, else native contiguous copies, and `write_back()` stores the
+    updated values into the caller's arrays.
+    """
     if rm is None and rv is None:
-        return None, None
+        return None, None, None
     if rm is None or rv is None:
         raise ValueError("running_mean and running_var must both be given or both be None")
     for a, name in ((rm, "running_mean"), (rv, "running_var")):
@@ -135,31 +193,54 @@ def _running(rm, rv, C):
             raise TypeError(
                 f"{name} must be a numpy.ndarray (it is updated in place), "
                 f"got {type(a).__name__}")
-        if a.dtype != _F32 and a.dtype != _F64:
-            raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
+        _not_masked(a, name)
+        if a.dtype.type not in (np.float32, np.float64):
+            raise TypeError(
+                f"{name} must have dtype float32 or float64 (either byte order), "
+                f"got {a.dtype}")
         if a.shape != (C,):
             raise ValueError(
                 f"{name} must have shape ({C},) to match the {C} channels of x, "
                 f"got {a.shape}")
         if not a.flags.writeable:
             raise ValueError(f"{name} is read-only; it must be writeable to be updated")
-    if rm.dtype != rv.dtype:
+        if _overlap(a, x):
+            raise ValueError(f"{name} must not share memory with x")
+        if out is not None and isinstance(out, np.ndarray) and _overlap(a, out):
+            raise ValueError(f"{name} must not share memory with out")
+    if rm.dtype.type is not rv.dtype.type:
         raise TypeError(
             f"running_mean ({rm.dtype}) and running_var ({rv.dtype}) must have the same dtype")
-    if np.may_share_memory(rm, rv):
+    if _overlap(rm, rv):
         raise ValueError("running_mean and running_var must not share memory")
-    return rm, rv
+
+    def direct(a):
+        return (a.dtype.isnative and a.flags.aligned and a.strides[0] % a.itemsize == 0
+                and type(a) is np.ndarray)
+
+    if direct(rm) and direct(rv):
+        return rm, rv, None
+    native = rm.dtype.newbyteorder("=")
+    km = np.array(rm, dtype=native, order="C")
+    kv = np.array(rv, dtype=native, order="C")
+
+    def write_back():
+        rm[...] = km
+        rv[...] = kv
+    return km, kv, write_back
 
 
-def _real(v, name, lo, hi):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {v!r}")
-    f = float(v)
-    if not (lo <= f <= hi):
-        span = f"in [{lo}, {hi}]" if hi != math.inf else f">= {lo} and finite"
-        raise ValueError(f"{name} must be {span}, got {v!r}")
-    if math.isinf(f):
-        raise ValueError(f"{name} must be finite, got {v!r}")
+def _real(v, name, lo, hi, lo_open=False):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_short(v)}")
+    low = f"> {lo}" if lo_open else f">= {lo}"
+    span = f"in [{lo}, {hi}]" if hi != math.inf else f"{low} and finite"
+    try:
+        f = float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be {span}, got {_short(v)}") from None
+    if not math.isfinite(f) or not (lo < f <= hi if lo_open else lo <= f <= hi):
+        raise ValueError(f"{name} must be {span}, got {_short(v)}")
     return f
 
 
@@ -167,6 +248,18 @@ def _training_count(N, S, shape):
     if N * S <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input shape {shape}")
+
+
+def _check_zero_variance(xk, N, C, S, eps):
+    """With eps == 0 a constant channel would normalise to 0/0 = NaN: refuse it first."""
+    if eps != 0.0:
+        return
+    _, var = _core.moments(xk, N, C, S, get_num_threads())
+    zero = np.flatnonzero(var == 0.0)
+    if zero.size:
+        raise ValueError(
+            f"eps=0 with a constant channel: channel {int(zero[0])} (and {zero.size - 1} "
+            f"more) has zero variance, so its output would be 0/0 = NaN; use eps > 0")
 
 
 # ------------------------------------------------------------------ public functions
@@ -210,7 +303,7 @@ def moments(x, *, axis=1):
     >>> mean.tolist(), var.tolist()
     ([2.0, 20.0], [1.0, 100.0])
     """
-    r = _core.fast_moments(x, axis)
+    r = _core.fast_moments(x, axis, get_num_threads())
     if r is not None:
         return r
     x = _as_data(x, "x")
@@ -282,23 +375,29 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     >>> rm.tolist()
     [0.2, 0.4]
     """
+    nt = get_num_threads()
     r = _core.fast_train(x, weight, bias, eps, axis, running_mean, running_var, momentum,
-                         out, relu)
+                         out, relu, nt)
     if r is not None:
         return r
     x = _as_data(x, "x")
     ax, N, C, S, perm, xk = _layout(x, axis)
     eps = _real(eps, "eps", 0.0, math.inf)
     momentum = _real(momentum, "momentum", 0.0, 1.0)
+    relu = _flag(relu, "relu")
     w = _chan(weight, C, "weight")
     b = _chan(bias, C, "bias")
-    rm, rv = _running(running_mean, running_var, C)
+    rm, rv, write_back = _running(running_mean, running_var, C, x, out)
     _training_count(N, S, x.shape)
     y, yk, copy_back = _output(out, x, perm, (xk,))
-    mean, invstd = _core.train_forward(xk, yk, N, C, S, w, b, eps, bool(relu), rm, rv,
-                                       momentum, get_num_threads())
+    w, b = _detach(yk, w, b)
+    _check_zero_variance(xk, N, C, S, eps)
+    mean, invstd = _core.train_forward(xk, yk, N, C, S, w, b, eps, relu, rm, rv, momentum,
+                                       nt)
     if copy_back:
         _copy_back(y, yk, perm)
+    if write_back is not None:
+        write_back()
     return y, mean, invstd
 
 
@@ -343,20 +442,31 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
     >>> bnfast.batch_norm_infer(x, mean=[2.0, 4.0], var=[4.0, 4.0], eps=0.0).tolist()
     [[-1.0, -1.0], [1.0, 1.0]]
     """
-    r = _core.fast_infer(x, mean, var, weight, bias, eps, axis, out, relu)
+    nt = get_num_threads()
+    r = _core.fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, nt)
     if r is not None:
         return r
     x = _as_data(x, "x")
     ax, N, C, S, perm, xk = _layout(x, axis)
     eps = _real(eps, "eps", 0.0, math.inf)
+    relu = _flag(relu, "relu")
     m = _chan(mean, C, "mean", required=True)
     v = _chan(var, C, "var", required=True)
-    if (v < 0).any():
-        raise ValueError("var must be >= 0 in every channel")
+    bad = np.flatnonzero(~(v >= 0))
+    if bad.size:
+        raise ValueError(
+            f"var must be >= 0 (and not NaN) in every channel; channel {int(bad[0])} "
+            f"has var {v[bad[0]]!r}")
+    zero = np.flatnonzero(v + eps == 0)
+    if zero.size:
+        raise ValueError(
+            f"var + eps must be > 0 in every channel; channel {int(zero[0])} has var 0 "
+            f"and eps is 0, so its output would be 0/0 = NaN")
     w = _chan(weight, C, "weight")
     b = _chan(bias, C, "bias")
     y, yk, copy_back = _output(out, x, perm, (xk,))
-    _core.infer_forward(xk, yk, N, C, S, m, v, w, b, eps, bool(relu), get_num_threads())
+    m, v, w, b = _detach(yk, m, v, w, b)
+    _core.infer_forward(xk, yk, N, C, S, m, v, w, b, eps, relu, nt)
     if copy_back:
         _copy_back(y, yk, perm)
     return y
@@ -420,9 +530,17 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     >>> dx.tolist(), dw.tolist(), db.tolist()
     ([[0.0], [0.0]], [0.0], [2.0])
     """
-    r = _core.fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out)
+    nt = get_num_threads()
+    r = _core.fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out, nt)
     if r is not None:
         return r
+    relu = _flag(relu, "relu")
+    training = _flag(training, "training")
+    if relu and bias is None:
+        raise ValueError(
+            "bias is required when relu=True: the ReLU's gradient mask is where the forward "
+            "output, (x - mean) * invstd * weight + bias, was positive, so it depends on "
+            "the forward's bias (pass bias=np.zeros(C) if the forward had none)")
     x = _as_data(x, "x")
     dy = _as_data(dy, "dy")
     if dy.dtype != x.dtype:
@@ -436,8 +554,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     w = _chan(weight, C, "weight")
     b = _chan(bias, C, "bias")
     dx, dxk, copy_back = _output(out, x, perm, (xk, dyk))
-    dweight, dbias = _core.backward(dyk, xk, dxk, N, C, S, m, inv, w, b, bool(relu),
-                                    bool(training), get_num_threads())
+    m, inv, w, b = _detach(dxk, m, inv, w, b)
+    dweight, dbias = _core.backward(dyk, xk, dxk, N, C, S, m, inv, w, b, relu, training, nt)
     if copy_back:
         _copy_back(dx, dxk, perm)
     return dx, dweight.astype(x.dtype, copy=False), dbias.astype(x.dtype, copy=False)
@@ -484,6 +602,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     [[0.762...], [2.669...]]
     """
     _real(momentum, "momentum", 0.0, 1.0)
+    training = _flag(training, "training")
     if training or (running_mean is None and running_var is None):
         y, _, _ = batch_norm_train(
             x, weight, bias, eps=eps, axis=axis,

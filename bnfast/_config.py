@@ -27,6 +27,12 @@ ENV_VAR = "BNFAST_ISA"
 STREAM_ENV_VAR = "BNFAST_STREAM_MIN_BYTES"
 STREAM_MIN_BYTES_DEFAULT = _core.get_stream_min_bytes()  # the C default, before any setting
 _lock = threading.Lock()
+# use_isa blocks now active, in the order they were entered: (token, variant index), and
+# the variant that was in force before the first of them.  The setting is process-wide;
+# this bookkeeping makes blocks from several Python threads restore correctly whatever
+# order they exit in.
+_isa_blocks = []
+_isa_base = None
 
 
 def available_isas():
@@ -123,6 +129,12 @@ def set_isa(name):
 def use_isa(name):
     """Context manager: use a kernel variant inside the block, then restore the previous one.
 
+    The variant is process-wide (all variants give bit-identical results, so another
+    Python thread sees only a speed difference).  Blocks may overlap across Python threads
+    and exit in any order: while any block is active the most recently entered one's
+    variant is in force, and when the last one exits the variant from before the first
+    returns.
+
     Parameters
     ----------
     name : {'baseline', 'avx2', 'avx512', 'auto'}
@@ -142,12 +154,28 @@ def use_isa(name):
     ...     bnfast.get_isa()
     'baseline'
     """
-    previous = get_isa()
-    set_isa(name)
+    if isinstance(name, str) and name.strip().lower() in ("auto", ""):
+        idx = _core.isa_best()
+    else:
+        idx = _isa_index(name)
+    token = object()
+    global _isa_base
+    with _lock:
+        if not _isa_blocks:
+            _isa_base = _core.get_isa()
+        _core.set_isa(idx)
+        _isa_blocks.append((token, idx))
     try:
         yield
     finally:
-        set_isa(previous)
+        with _lock:
+            for i in range(len(_isa_blocks) - 1, -1, -1):
+                if _isa_blocks[i][0] is token:
+                    del _isa_blocks[i]
+                    break
+            # the most recently entered block still active, else the variant in force
+            # before the first of the active blocks began
+            _core.set_isa(_isa_blocks[-1][1] if _isa_blocks else _isa_base)
 
 
 def _openmp_runtime():

@@ -1,9 +1,21 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Thin Cython layer over the C kernels.
+"""Cython layer over the C kernels.
 
-Callers (``bnfast._api``) have already validated every argument: arrays are C-contiguous,
-of the right dtype and size.  This module only unpacks pointers, releases the GIL around the
-kernels, and turns status codes into exceptions.
+Two kinds of entry point:
+
+* ``moments``, ``train_forward``, ``infer_forward``, ``backward``: called by the general
+  path of ``bnfast._api`` after its checks and conversions (arrays C-contiguous, native,
+  of the right dtype and size, vectors detached from the output).  They unpack pointers,
+  release the GIL around the kernels and turn status codes into exceptions.
+* ``fast_*``: called first by every public function.  Each returns None unless its
+  arguments are, on cheap C-level checks, a case that the general path accepts and that
+  needs no conversion; then it computes the result.  A fast path never raises for bad
+  input and never accepts anything the general path would reject: ``bnfast._api`` owns
+  every rule and every error message, and tests/test_fastpath.py checks the equivalence
+  call by call (same result bits or the same exception).
+
+The thread count is passed in with every call (``bnfast._threads`` is the only place it
+is stored).
 """
 import numpy as np
 cimport numpy as cnp
@@ -125,24 +137,6 @@ def omp_max_threads():
     return bn_omp_max_threads()
 
 
-# The thread count set by bnfast.set_num_threads (0: follow the OpenMP runtime).
-cdef int _thread_override = 0
-
-def set_thread_override(int n):
-    global _thread_override
-    _thread_override = n if n > 0 else 0
-
-cdef inline int _threads() noexcept:
-    if _thread_override > 0:
-        return _thread_override
-    cdef int n = bn_omp_max_threads()
-    return n if n > 0 else 1
-
-def effective_threads():
-    """The thread count the kernels use now."""
-    return _threads()
-
-
 def copy(cnp.ndarray src, cnp.ndarray dst, int nthreads):
     """Multithreaded copy of a C-contiguous array into another of the same size (bytes)."""
     cdef size_t n = <size_t> cnp.PyArray_NBYTES(src)
@@ -162,8 +156,15 @@ cdef inline int _dt(cnp.ndarray a):
 
 cdef _update_running(cnp.ndarray rm, cnp.ndarray rv, double *mean, double *var,
                      Py_ssize_t C, double count, double momentum):
-    cdef Py_ssize_t sm = cnp.PyArray_STRIDE(rm, 0) // cnp.PyArray_ITEMSIZE(rm)
-    cdef Py_ssize_t sv = cnp.PyArray_STRIDE(rv, 0) // cnp.PyArray_ITEMSIZE(rv)
+    # Callers pass native arrays whose strides are whole elements (bnfast._api copies
+    # anything else into a temporary); the check guards the pointer arithmetic.
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(rm)
+    if (cnp.PyArray_STRIDE(rm, 0) % isz != 0 or cnp.PyArray_STRIDE(rv, 0) % isz != 0
+            or not cnp.PyArray_ISNOTSWAPPED(rm) or not cnp.PyArray_ISNOTSWAPPED(rv)):
+        raise ValueError("bnfast: running statistics reached the kernel with a stride that "
+                         "is not a whole number of elements; please report this bug")
+    cdef Py_ssize_t sm = cnp.PyArray_STRIDE(rm, 0) // isz
+    cdef Py_ssize_t sv = cnp.PyArray_STRIDE(rv, 0) // isz
     if rm.dtype != rv.dtype:
         raise TypeError("running_mean and running_var must have the same dtype")
     if cnp.PyArray_ITEMSIZE(rm) == 4:
@@ -327,10 +328,12 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N, Py_ssi
 #
 # The public functions (bnfast._api) call these first.  Each returns None unless its
 # arguments are, on cheap C-level checks, obviously valid and in the kernels' native form
-# (C-contiguous native float32/float64 arrays, channel axis given as an int, vectors that
-# are 1-D contiguous float arrays of the right length, no partial overlap of out with the
-# inputs).  Anything else goes through the general path in Python, which owns every error
-# message; a fast path never raises for bad input.
+# (C-contiguous native float32/float64 arrays of exact type ndarray, channel axis an int
+# in range, scalars plain floats/ints in range, flags True/False, vectors that are 1-D
+# contiguous float arrays of the right length, no overlap of out with a vector or a
+# partial one with the inputs, running statistics apart from x and out).  Anything else
+# goes through the general path in Python, which owns every error message; a fast path
+# never raises for bad input.
 
 cdef inline bint _is_data(object a):
     if type(a) is not cnp.ndarray:
@@ -350,16 +353,24 @@ cdef inline bint _is_vec(object v, Py_ssize_t C):
     return cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIM(a, 0) == C
 
 cdef inline bint _is_real(object v, double lo, double hi):
-    cdef double f
+    # A float or int in [lo, hi]; compared as Python objects, so a huge int is just False.
     if type(v) is float or type(v) is int:
-        f = v
-        return lo <= f <= hi
+        return lo <= v <= hi
     return False
+
+cdef inline bint _is_flag(object v):
+    return v is True or v is False
 
 cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
     cdef char *pa = <char *> cnp.PyArray_DATA(a)
     cdef char *pb = <char *> cnp.PyArray_DATA(b)
     return pa + cnp.PyArray_NBYTES(a) <= pb or pb + cnp.PyArray_NBYTES(b) <= pa
+
+cdef inline bint _apart(object v, object out):
+    # v (None or an array) does not overlap out (None or an array)
+    if v is None or out is None:
+        return True
+    return _disjoint(<cnp.ndarray> v, <cnp.ndarray> out)
 
 cdef inline bint _ok_out(object out, cnp.ndarray x, tuple inputs):
     # out is None, or a writeable array shaped and typed like x that is exactly one of
@@ -388,7 +399,7 @@ cdef inline bint _split(cnp.ndarray x, object axis, Py_ssize_t *N, Py_ssize_t *C
     if type(axis) is not int:
         return False
     cdef int nd = cnp.PyArray_NDIM(x), ax, i
-    if nd < 2:
+    if nd < 2 or not (-nd <= axis < nd):
         return False
     ax = axis
     if ax < 0:
@@ -405,12 +416,15 @@ cdef inline bint _split(cnp.ndarray x, object axis, Py_ssize_t *N, Py_ssize_t *C
     return True
 
 def fast_train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
-               relu):
+               relu, int nthreads):
     cdef Py_ssize_t N = 0, C = 0, S = 0
     if not _is_data(x) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray> x
-    if N * S <= 1 or not _is_real(eps, 0.0, 1e308) or not _is_real(momentum, 0.0, 1.0):
+    # eps == 0 takes the general path (it checks for zero-variance channels first)
+    if N * S <= 1 or not _is_real(eps, 5e-324, 1e308) or not _is_real(momentum, 0.0, 1.0):
+        return None
+    if not _is_flag(relu):
         return None
     if not _is_vec(weight, C) or not _is_vec(bias, C):
         return None
@@ -427,34 +441,42 @@ def fast_train(x, weight, bias, eps, axis, running_mean, running_var, momentum, 
             return None
         if not _disjoint(<cnp.ndarray> running_mean, <cnp.ndarray> running_var):
             return None
-    if not _ok_out(out, xa, (xa,)):
+        if not (_apart(running_mean, x) and _apart(running_var, x)
+                and _apart(running_mean, out) and _apart(running_var, out)):
+            return None
+    if not _ok_out(out, xa, (xa,)) or not (_apart(weight, out) and _apart(bias, out)):
         return None
     cdef cnp.ndarray y = _empty_like(xa) if out is None else <cnp.ndarray> out
     mean, invstd = _train(xa, y, N, C, S, weight, bias, eps, relu, running_mean,
-                          running_var, momentum, _threads())
+                          running_var, momentum, nthreads)
     return y, mean, invstd
 
 
-def fast_infer(x, mean, var, weight, bias, eps, axis, out, relu):
+def fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, int nthreads):
     cdef Py_ssize_t N = 0, C = 0, S = 0, c
     if not _is_data(x) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray> x
-    if mean is None or var is None or not _is_real(eps, 0.0, 1e308):
+    if mean is None or var is None or not _is_real(eps, 0.0, 1e308) or not _is_flag(relu):
         return None
     if not (_is_vec(mean, C) and _is_vec(var, C) and _is_vec(weight, C)
             and _is_vec(bias, C) and _ok_out(out, xa, (xa,))):
         return None
+    if not (_apart(mean, out) and _apart(var, out) and _apart(weight, out)
+            and _apart(bias, out)):
+        return None
+    cdef double e = eps
     cdef _Vec v = _vec(var, C)
     for c in range(C):
-        if not (v.ptr[c] >= 0.0):
-            return None            # negative (or NaN) variance: the general path decides
+        if not (v.ptr[c] >= 0.0 and v.ptr[c] + e > 0.0):
+            return None            # negative, NaN or zero (with eps 0): the general path
     cdef cnp.ndarray y = _empty_like(xa) if out is None else <cnp.ndarray> out
-    _infer(xa, y, N, C, S, mean, var, weight, bias, eps, relu, _threads())
+    _infer(xa, y, N, C, S, mean, var, weight, bias, eps, relu, nthreads)
     return y
 
 
-def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out):
+def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out,
+                  int nthreads):
     cdef Py_ssize_t N = 0, C = 0, S = 0, i
     if not (_is_data(x) and _is_data(dy)) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
         return None
@@ -464,23 +486,28 @@ def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out):
     for i in range(cnp.PyArray_NDIM(xa)):
         if cnp.PyArray_DIM(xa, i) != cnp.PyArray_DIM(da, i):
             return None
-    if mean is None or invstd is None:
+    if mean is None or invstd is None or not (_is_flag(relu) and _is_flag(training)):
         return None
+    if relu is True and bias is None:
+        return None                # the general path explains why the bias is needed
     if not (_is_vec(mean, C) and _is_vec(invstd, C) and _is_vec(weight, C)
             and _is_vec(bias, C) and _ok_out(out, xa, (xa, da))):
         return None
+    if not (_apart(mean, out) and _apart(invstd, out) and _apart(weight, out)
+            and _apart(bias, out)):
+        return None
     cdef cnp.ndarray dx = _empty_like(xa) if out is None else <cnp.ndarray> out
     dweight, dbias = _backward(da, xa, dx, N, C, S, mean, invstd, weight, bias, relu,
-                               training, _threads())
+                               training, nthreads)
     if _dt(xa) == 0:
         return dx, dweight.astype(np.float32), dbias.astype(np.float32)
     return dx, dweight, dbias
 
 
-def fast_moments(x, axis):
+def fast_moments(x, axis, int nthreads):
     cdef Py_ssize_t N = 0, C = 0, S = 0
     if not _is_data(x) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
         return None
     if N * S == 0:
         return None
-    return _moments(<cnp.ndarray> x, N, C, S, _threads())
+    return _moments(<cnp.ndarray> x, N, C, S, nthreads)

@@ -2,36 +2,70 @@
 
 By default bnfast uses the OpenMP runtime's own setting (``omp_get_max_threads()``), so
 ``OMP_NUM_THREADS`` and threadpoolctl's ``threadpool_limits`` are respected.  An explicit
-:func:`set_num_threads` overrides that for bnfast only.  Results do not depend on the number
+:func:`set_num_threads` overrides that for bnfast only (process-wide), and a
+:func:`num_threads` block overrides both in the Python thread that entered it.  Every count
+is capped at ``bnfast.MAX_THREADS``.  This module is the only place the setting is stored:
+the kernels receive the count with every call.  Results do not depend on the number
 of threads: every reduction uses a blocking fixed by the data's shape.
 """
 import contextlib
 import numbers
+import os
 import threading
+import warnings
 
 from . import _core
 
+#: The largest thread count bnfast accepts: 4 per logical CPU, and at least 256.  Far
+#: larger counts only oversubscribe the cores, and very large ones (tens of thousands)
+#: make the OpenMP runtime fail to create its threads or crash.
+MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
+
 _lock = threading.Lock()
-_override = None
+_process = None                 # set_num_threads' value; None: the OpenMP runtime's
+_local = threading.local()      # .stack: this Python thread's num_threads() blocks
+_warned_clamp = False
 
 
-def _validate(n):
+def _validate(n, what="number of threads"):
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"number of threads must be a positive integer, got {n!r}")
+        raise TypeError(f"{what} must be a positive integer, got {n!r}")
+    n = int(n)
     if n < 1:
-        raise ValueError(f"number of threads must be >= 1, got {n}")
-    return int(n)
+        raise ValueError(f"{what} must be >= 1, got {n}")
+    if n > MAX_THREADS:
+        raise ValueError(
+            f"{what} must be at most {MAX_THREADS} (4 per logical CPU, at least 256), "
+            f"got {n}")
+    return n
+
+
+def _runtime_default():
+    """omp_get_max_threads(), clamped to MAX_THREADS (with a warning, once)."""
+    global _warned_clamp
+    n = _core.omp_max_threads()
+    if n < 1:
+        return 1
+    if n > MAX_THREADS:
+        if not _warned_clamp:
+            _warned_clamp = True
+            warnings.warn(
+                f"the OpenMP runtime asks for {n} threads (OMP_NUM_THREADS?); bnfast uses "
+                f"at most {MAX_THREADS}", RuntimeWarning, stacklevel=3)
+        return MAX_THREADS
+    return n
 
 
 def get_num_threads():
-    """Return the number of threads bnfast's kernels will use.
+    """Return the number of threads bnfast's kernels will use in this Python thread.
 
     Returns
     -------
     int
-        The value set by :func:`set_num_threads`, or else the OpenMP runtime's
-        ``omp_get_max_threads()`` (which follows ``OMP_NUM_THREADS`` and threadpoolctl).
-        Always 1 in a build without OpenMP.
+        The value of the innermost active :func:`num_threads` block of this Python
+        thread, else the value set by :func:`set_num_threads`, else the OpenMP runtime's
+        ``omp_get_max_threads()`` (which follows ``OMP_NUM_THREADS`` and threadpoolctl),
+        capped at ``bnfast.MAX_THREADS``.  Always 1 in a build without OpenMP.
 
     Examples
     --------
@@ -39,23 +73,33 @@ def get_num_threads():
     >>> bnfast.get_num_threads() >= 1
     True
     """
-    return _core.effective_threads()
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1][1]
+    value = _process
+    if value is not None:
+        return value
+    return _runtime_default()
 
 
 def set_num_threads(n):
-    """Set the number of threads for bnfast's kernels.
+    """Set the number of threads for bnfast's kernels (process-wide).
+
+    The setting applies to every Python thread except inside a :func:`num_threads`
+    block, which takes precedence in the thread that entered it.
 
     Parameters
     ----------
     n : int or None
-        A positive thread count, or None to go back to the OpenMP runtime's default.
+        A thread count from 1 to ``bnfast.MAX_THREADS``, or None to go back to the OpenMP
+        runtime's default.
 
     Raises
     ------
     TypeError
         If `n` is not an integer (or None).
     ValueError
-        If `n` < 1.
+        If `n` < 1 or `n` > ``bnfast.MAX_THREADS``.
 
     Examples
     --------
@@ -65,23 +109,31 @@ def set_num_threads(n):
     1
     >>> bnfast.set_num_threads(None)
     """
-    global _override
+    global _process
     value = None if n is None else _validate(n)
     with _lock:
-        _override = value
-        _core.set_thread_override(0 if value is None else value)
+        _process = value
 
 
 @contextlib.contextmanager
 def num_threads(n):
-    """Context manager that sets the thread count and restores the previous setting.
+    """Context manager: use `n` threads in this Python thread inside the block.
 
-    The setting is process-wide (not per Python thread).
+    The setting is per Python thread: calls made from other Python threads keep their
+    own setting, and blocks entered in several threads may exit in any order.  Blocks
+    nest; on exit the setting that was in force before the block returns.
 
     Parameters
     ----------
     n : int
-        A positive thread count.
+        A thread count from 1 to ``bnfast.MAX_THREADS``.
+
+    Raises
+    ------
+    TypeError
+        If `n` is not an integer.
+    ValueError
+        If `n` < 1 or `n` > ``bnfast.MAX_THREADS``.
 
     Examples
     --------
@@ -90,15 +142,17 @@ def num_threads(n):
     ...     bnfast.get_num_threads()
     1
     """
-    global _override
     value = _validate(n)
-    with _lock:
-        previous = _override
-        _override = value
-        _core.set_thread_override(value)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    token = object()
+    stack.append((token, value))
     try:
         yield value
     finally:
-        with _lock:
-            _override = previous
-            _core.set_thread_override(0 if previous is None else previous)
+        # Remove this block's own entry (generators may close blocks out of order).
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i][0] is token:
+                del stack[i]
+                break

@@ -56,6 +56,30 @@ static inline bn_vd bn_splat(double a)
     return v;
 }
 
+/*
+ * NaN outputs are stored as the canonical quiet NaN (0x7ff8000000000000, NumPy's np.nan;
+ * 0x7fc00000 in float32).  When two NaNs meet in an operation, x86 returns the first
+ * operand's NaN, and the compiler may order the operands of a commutative operation
+ * differently in each variant, so without this the sign and payload of a NaN result could
+ * differ between variants.  Used by every store of an output (vector and scalar tail) and
+ * for the per-channel outputs.
+ */
+static inline bn_vd bn_vcanon(bn_vd v)
+{
+    const bn_vl isnan = (v != v);
+    const bn_vl qnan = {0x7ff8000000000000LL, 0x7ff8000000000000LL, 0x7ff8000000000000LL,
+                        0x7ff8000000000000LL, 0x7ff8000000000000LL, 0x7ff8000000000000LL,
+                        0x7ff8000000000000LL, 0x7ff8000000000000LL};
+    return (bn_vd)(((bn_vl)v & ~isnan) | (qnan & isnan));
+}
+
+static inline void bn_canon_vec(double *p, ptrdiff_t n)
+{
+    if (!p) return;
+    for (ptrdiff_t i = 0; i < n; i++)
+        if (p[i] != p[i]) p[i] = NAN;
+}
+
 /* Chan, Golub & LeVeque pairwise update of (count, mean, M2) with a block's values. */
 static inline void bn_chan_merge(double *n, double *mean, double *m2, double nb,
                                  double meanb, double m2b)

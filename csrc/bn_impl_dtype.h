@@ -31,6 +31,7 @@ static inline bn_vd BN_FN(ld)(const T *p)
 
 static inline void BN_FN(st)(T *p, bn_vd v)
 {
+    v = bn_vcanon(v);
 #if BN_IS_F32
 #if BN_ISA_LEVEL == 2
     _mm256_storeu_ps(p, _mm512_cvtpd_ps((__m512d)v));
@@ -56,6 +57,7 @@ static inline void BN_FN(st)(T *p, bn_vd v)
  */
 static inline void BN_FN(stnt)(T *p, bn_vd v)
 {
+    v = bn_vcanon(v);
 #if BN_ISA_LEVEL > 0
 #if BN_IS_F32 && BN_ISA_LEVEL == 2
     const __m256 f = _mm512_cvtpd_ps((__m512d)v);
@@ -114,9 +116,11 @@ static inline int BN_FN(use_stream)(const T *y, double count, int tensors, ptrdi
  * 16-byte aligned) whole 16-byte pieces are streamed, and only a remainder (possible only at
  * the very end of an output) is stored normally.
  */
-static inline void BN_FN(store_tail)(T *p, const T *tmp, ptrdiff_t n, int nts)
+static inline void BN_FN(store_tail)(T *p, T *tmp, ptrdiff_t n, int nts)
 {
     ptrdiff_t i = 0;
+    for (ptrdiff_t k = 0; k < n; k++)
+        if (tmp[k] != tmp[k]) tmp[k] = (T)NAN;   /* canonical NaN, as bn_vcanon */
 #if BN_ISA_LEVEL > 0
     const ptrdiff_t step = 16 / (ptrdiff_t)sizeof(T);
     if (nts) {
@@ -497,8 +501,8 @@ static inline void BN_FN(row_finish)(const T *x, ptrdiff_t C, ptrdiff_t S, ptrdi
     *var = q / n;
 }
 
-static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
-                          double *mean, double *var, int nthreads)
+static int BN_FN(moments_blocked)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                                  double *mean, double *var, int nthreads)
 {
     const T *x = (const T *)xv;
     if (N < 0 || C < 0 || S < 0) return BN_EINVAL;
@@ -563,6 +567,91 @@ static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
         var[c] = q / n;
     }
     free(buf);
+    return BN_OK;
+}
+
+/*
+ * Statistics of the channels whose blocked result is not finite although all their values
+ * are, recomputed in scaled coordinates.  Finite float64 data near the largest double
+ * (1.7e308 and -1.7e308 in one channel) overflows the shifted sums, x - K, of the blocked
+ * algorithm: the mean of finite values is always finite, and the variance overflows only
+ * when its true value exceeds the double range.  Here each value is multiplied by a power
+ * of two sc (exact for normal numbers) chosen so that no sum can overflow; the mean is a
+ * compensated (Neumaier) sum, so cancelling huge values keep the small ones exactly, and
+ * so is the sum of squares; the deviations are scaled again by a power of two t so that
+ * their squares stay at most 1.  The result is scaled back with ldexp (inf only when the
+ * true variance is beyond the double range).  Channels holding inf or NaN are left as
+ * they are (their statistics are inf or NaN by definition).  Scalar code in a fixed
+ * order, so the same bits in every variant and for any thread count; it runs only for
+ * channels whose result was not finite.
+ */
+static void BN_FN(moments_fixup)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                                 double *mean, double *var)
+{
+    const double cnt = (double)N * (double)S;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        if (isfinite(mean[c]) && isfinite(var[c])) continue;
+        double amax = 0.0;
+        int finite = 1;
+        for (ptrdiff_t n = 0; n < N && finite; n++) {
+            const T *row = x + (n * C + c) * S;
+            for (ptrdiff_t s = 0; s < S; s++) {
+                const double v = (double)row[s];
+                if (!isfinite(v)) { finite = 0; break; }
+                if (fabs(v) > amax) amax = fabs(v);
+            }
+        }
+        if (!finite) continue;
+        int ea, ec;
+        frexp(amax, &ea);           /* amax < 2^ea */
+        frexp(cnt, &ec);            /* cnt < 2^ec */
+        const int k = ea + ec > 1000 ? ea + ec - 1000 : 0;   /* sums stay below 2^1000 */
+        const double sc = ldexp(1.0, -k);
+        double s1 = 0.0, comp = 0.0;   /* Neumaier's compensated sum */
+        for (ptrdiff_t n = 0; n < N; n++) {
+            const T *row = x + (n * C + c) * S;
+            for (ptrdiff_t s = 0; s < S; s++) {
+                const double v = (double)row[s] * sc, t1 = s1 + v;
+                comp += fabs(s1) >= fabs(v) ? (s1 - t1) + v : (v - t1) + s1;
+                s1 = t1;
+            }
+        }
+        const double m = (s1 + comp) / cnt;
+        double dmax = 0.0;
+        for (ptrdiff_t n = 0; n < N; n++) {
+            const T *row = x + (n * C + c) * S;
+            for (ptrdiff_t s = 0; s < S; s++) {
+                const double d = fabs((double)row[s] * sc - m);
+                if (d > dmax) dmax = d;
+            }
+        }
+        int ed;
+        frexp(dmax, &ed);           /* |deviation| < 2^ed */
+        const double t = ldexp(1.0, -(ed + 1));
+        double q = 0.0, qc = 0.0;      /* compensated too */
+        for (ptrdiff_t n = 0; n < N; n++) {
+            const T *row = x + (n * C + c) * S;
+            for (ptrdiff_t s = 0; s < S; s++) {
+                const double d = ((double)row[s] * sc - m) * t, d2 = d * d, q1 = q + d2;
+                qc += q >= d2 ? (q - q1) + d2 : (d2 - q1) + q;
+                q = q1;
+            }
+        }
+        mean[c] = ldexp(m, k);
+        var[c] = ldexp((q + qc) / cnt, 2 * (k + ed + 1));
+    }
+}
+
+/* Per-channel mean and biased variance: the blocked algorithm, the overflow fallback, and
+ * canonical NaNs (see bn_vcanon). */
+static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                          double *mean, double *var, int nthreads)
+{
+    const int st = BN_FN(moments_blocked)(xv, N, C, S, mean, var, nthreads);
+    if (st != BN_OK || C <= 0) return st;
+    if (N > 0 && S > 0) BN_FN(moments_fixup)((const T *)xv, N, C, S, mean, var);
+    bn_canon_vec(mean, C);
+    bn_canon_vec(var, C);
     return BN_OK;
 }
 
@@ -1097,6 +1186,7 @@ static int BN_FN(train_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t
         sc[c] = weight ? invstd[c] * weight[c] : invstd[c];
         sh[c] = bias ? bias[c] : 0.0;
     }
+    bn_canon_vec(invstd, C);
     st = BN_FN(normalize)(xv, yv, N, C, S, mean, sc, sh, flags, nthreads);
     free(buf);
     return st;
@@ -1126,6 +1216,8 @@ static int BN_FN(backward)(const void *dyv, const void *xv, void *dxv, ptrdiff_t
                           &dweight[c], &kd[c], &kx[c], &k0[c]);
         st = BN_FN(backward_dx)(dyv, xv, dxv, N, C, S, mean, sc, sh, kd, kx, k0, flags,
                                 nthreads);
+        bn_canon_vec(dweight, C);
+        bn_canon_vec(dbias, C);
     }
     free(buf);
     return st;

@@ -137,7 +137,9 @@ class _BatchNorm(Module):
                 f"the forward input's {x.shape}")
         affine = self.affine
         w = self.weight.data if affine else None
-        b = self.bias.data if affine and self.relu else None
+        b = None
+        if self.relu:   # the fused-ReLU backward needs the forward's bias for its mask
+            b = self.bias.data if affine else np.zeros(self.num_features, self.dtype)
         if training:
             dx, dw, db = self._batch_backward(grad, x, mean, invstd, w, b)
         else:

@@ -1,0 +1,206 @@
+"""One validation layer: the Cython fast paths accept only what the general path accepts,
+and give the same bits.
+
+Every public function first calls a fast path in ``bnfast._core`` that returns None unless
+its cheap checks pass (see the comment above the fast paths in ``_core.pyx``).  Here each
+call is made twice on fresh, identical arguments: once as users make it, and once with the
+fast paths switched off (they return None, so ``bnfast._api``'s general path does
+everything).  Both must raise the same exception with the same message, or return the same
+bits and leave every argument (outputs and running statistics included) with the same
+bits.  The argument sets are drawn at random from valid and invalid values of every kind.
+"""
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast import _core
+
+FAST = ("fast_moments", "fast_train", "fast_infer", "fast_backward")
+N_CALLS = 1500         # per public function
+
+
+def _x_variants(rng, shape, dtype):
+    base = rng.standard_normal(shape).astype(dtype)
+    kind = rng.integers(9) if rng.random() < 0.5 else 0
+    if kind == 0:
+        return base, 1
+    if kind == 1:       # channels-last
+        return np.ascontiguousarray(np.moveaxis(base, 1, -1)), -1
+    if kind == 2:
+        return np.asfortranarray(base), 1
+    if kind == 3:
+        return base.astype(base.dtype.newbyteorder(">")), 1
+    if kind == 4:       # misaligned but C-contiguous
+        buf = np.zeros(base.nbytes + 1, np.uint8)
+        a = buf[1:].view(dtype).reshape(shape)
+        a[...] = base
+        return a, 1
+    if kind == 5:
+        return base[::-1], 1
+    if kind == 6:
+        b = base.copy()
+        b.flat[::7] = np.nan
+        return b, 1
+    if kind == 7:
+        return np.full(shape, 3.0, dtype), 1     # constant channels
+    return base.astype(np.int32), 1
+
+
+def _vec(rng, C, dtype, out=None):
+    kind = rng.integers(12) if rng.random() < 0.3 else [0, 1, 2, 11][rng.integers(4)]
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.uniform(0.5, 2, C).astype(np.float32)
+    if kind == 2:
+        return rng.uniform(0.5, 2, C)
+    if kind == 3:
+        return rng.uniform(0.5, 2, C + 1)
+    if kind == 4:
+        return [1.0] * C
+    if kind == 5:
+        return np.arange(C)
+    if kind == 6:
+        return rng.uniform(0.5, 2, (C, 1))
+    if kind == 7 and out is not None and out.size >= C and out.dtype == np.float64:
+        return out.reshape(-1)[:C]           # a view of the output
+    if kind == 8:
+        return rng.uniform(0.5, 2, 2 * C)[::2]
+    if kind == 9:
+        return rng.uniform(0.5, 2, C).astype(">f8")
+    if kind == 10:
+        return np.full(C, np.nan)
+    return rng.uniform(0.5, 2, C).astype(dtype)
+
+
+def _scalar(rng, kind_of):
+    if rng.random() < 0.8:
+        return {"eps": 1e-5, "momentum": 0.1, "axis": 1, "flag": False}[kind_of] \
+            if rng.random() < 0.5 else {"eps": 1e-3, "momentum": 0.5, "axis": 1,
+                                        "flag": True}[kind_of]
+    choices = {
+        "eps": [1e-5, 0.0, 0, -1e-5, float("nan"), float("inf"), 10**400, True, "1e-5",
+                np.float64(1e-3), 1e308, 5e-324],
+        "momentum": [0.1, 0.0, 1.0, 1.5, -0.1, float("nan"), 10**400, None, np.float32(0.5),
+                     1],
+        "axis": [1, 1, 1, -1, 2**31, -2**63 - 1, 1.0, True, np.int64(1), 5, "1"],
+        "flag": [False, True, False, 1, 0, 2, "x", None, np.True_, np.False_],
+    }[kind_of]
+    return choices[rng.integers(len(choices))]
+
+
+def _out(rng, x, inputs):
+    kind = rng.integers(8)
+    if kind <= 2 or not isinstance(x, np.ndarray):
+        return None
+    if kind == 3:
+        return np.full(x.shape, 7, x.dtype)
+    if kind == 4:
+        return inputs[rng.integers(len(inputs))]          # in place over an input
+    if kind == 5:
+        o = np.full(x.shape, 7, x.dtype)
+        o.flags.writeable = False
+        return o
+    if kind == 6:
+        return np.full(x.shape, 7, np.float64 if x.dtype == np.float32 else np.float32)
+    return np.full(x.shape[::-1], 7, x.dtype)
+
+
+def _make(op, seed):
+    """The arguments of one call, built afresh from `seed` (so two runs get equal ones)."""
+    rng = np.random.default_rng(seed)
+    ndim = int(rng.integers(2, 5))
+    shape = tuple(int(s) for s in rng.integers(1, 6, ndim))
+    if rng.integers(10) == 0:
+        shape = (shape[0], 0) + shape[2:]
+    dtype = [np.float32, np.float64][rng.integers(2)]
+    x, axis = _x_variants(rng, shape, dtype)
+    if rng.integers(5) == 0:
+        axis = _scalar(rng, "axis")
+    C = x.shape[axis] if isinstance(axis, int) and -x.ndim <= axis < x.ndim else 1
+    if op == "moments":
+        return (x,), dict(axis=axis)
+    if op == "train":
+        out = _out(rng, x, [x])
+        kw = dict(eps=_scalar(rng, "eps"), axis=axis, momentum=_scalar(rng, "momentum"),
+                  out=out, relu=_scalar(rng, "flag"))
+        if rng.integers(2):
+            rdt = [np.float32, np.float64, ">f8"][rng.integers(3)]
+            kw["running_mean"] = np.zeros(C, rdt)
+            kw["running_var"] = np.ones(C, rdt)
+            if rng.integers(5) == 0 and out is not None and out.dtype == np.float64 and \
+                    out.size >= C:
+                kw["running_var"] = out.reshape(-1)[:C]
+        return (x, _vec(rng, C, dtype, out), _vec(rng, C, dtype, out)), kw
+    if op == "infer":
+        out = _out(rng, x, [x])
+        var = _vec(rng, C, dtype, out)
+        if var is not None and rng.integers(4) == 0:
+            var = np.where(np.arange(C) == 0, [0.0, -1.0][rng.integers(2)], 1.0)
+        return ((x, _vec(rng, C, dtype, out), var, _vec(rng, C, dtype, out),
+                 _vec(rng, C, dtype, out)),
+                dict(eps=_scalar(rng, "eps"), axis=axis, out=out, relu=_scalar(rng, "flag")))
+    assert op == "backward"
+    dy = rng.standard_normal(x.shape).astype(x.dtype) if rng.integers(5) else \
+        rng.standard_normal(x.shape).astype(np.float64)
+    out = _out(rng, x, [x, dy])
+    bias = _vec(rng, C, dtype, out)
+    return ((dy, x, _vec(rng, C, dtype, out), _vec(rng, C, dtype, out),
+             _vec(rng, C, dtype, out)),
+            dict(bias=bias, relu=_scalar(rng, "flag"), training=_scalar(rng, "flag"),
+                 axis=axis, out=out))
+
+
+FUNCS = {"moments": bnfast.moments, "train": bnfast.batch_norm_train,
+         "infer": bnfast.batch_norm_infer, "backward": bnfast.batch_norm_backward}
+
+
+def _snapshot(obj):
+    if isinstance(obj, np.ndarray):
+        return ("a", obj.dtype.str, obj.shape, obj.tobytes())
+    if isinstance(obj, (tuple, list)):
+        return tuple(_snapshot(o) for o in obj)
+    if isinstance(obj, dict):
+        return tuple((k, _snapshot(v)) for k, v in sorted(obj.items()))
+    return ("o", repr(obj))
+
+
+def _run(op, seed):
+    args, kw = _make(op, seed)
+    try:
+        r = FUNCS[op](*args, **kw)
+        outcome = ("ok", _snapshot(r))
+    except (TypeError, ValueError) as exc:
+        outcome = (type(exc).__name__, str(exc))
+    return outcome, _snapshot((args, kw))
+
+
+@pytest.mark.parametrize("op", list(FUNCS))
+def test_fast_path_accepts_only_what_the_general_path_accepts(op, monkeypatch):
+    taken = 0
+    calls = {}
+    originals = {name: getattr(_core, name) for name in FAST}
+
+    def counting(name):
+        def f(*a, **k):
+            nonlocal taken
+            r = originals[name](*a, **k)
+            taken += r is not None
+            return r
+        return f
+
+    for name in FAST:
+        monkeypatch.setattr(_core, name, counting(name))
+    fast = [_run(op, (list(FUNCS).index(op), s)) for s in range(N_CALLS)]
+    for name in FAST:
+        monkeypatch.setattr(_core, name, lambda *a, **k: None)
+    general = [_run(op, (list(FUNCS).index(op), s)) for s in range(N_CALLS)]
+    for s, (f, g) in enumerate(zip(fast, general)):
+        assert f[0] == g[0], (op, s, f[0][:2] if f[0][0] != "ok" else "ok",
+                              g[0][:2] if g[0][0] != "ok" else "ok")
+        assert f[1] == g[1], (op, s, "arguments left with different bits")
+    n_ok = sum(f[0][0] == "ok" for f in fast)
+    calls[op] = (N_CALLS, n_ok, taken)
+    # the comparison means something only if both outcomes occur and the fast path ran
+    assert 0.05 * N_CALLS < n_ok < 0.95 * N_CALLS, calls
+    assert taken > 0.02 * N_CALLS, calls
