@@ -62,6 +62,24 @@ def test_one_rank_equals_the_kernels(dtype, shape, axis, relu):
                                             else dict(rtol=1e-4, atol=1e-5)))
 
 
+@pytest.mark.parametrize("shape, axis", [((70, 64, 4, 4), 1), ((70, 4, 4, 64), -1),
+                                         ((64, 1400), 0)])
+def test_backward_in_slices_equals_the_kernels(shape, axis):
+    """Parts larger than the slice size of the second backward pass (256 KiB)."""
+    rng = np.random.default_rng(3)
+    x, dy = rng.standard_normal(shape), rng.standard_normal(shape)
+    C = shape[axis]
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    assert x.nbytes > 2 * dist._CHUNK_BYTES
+    y, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis)
+    for relu in (False, True):
+        want = bnfast.batch_norm_backward(dy, x, mean, invstd, w, bias=b, relu=relu, axis=axis)
+        got = dist.sync_batch_norm_backward(dy, x, mean, invstd, w, bias=b, relu=relu,
+                                            axis=axis)
+        for a, c in zip(got, want):
+            np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-12)
+
+
 def test_sync_moments_and_out():
     x = np.arange(12.0).reshape(6, 2)
     mean, var, n = dist.sync_moments(x)
