@@ -13,8 +13,10 @@ interpreter, else the one on PATH) for each rank count and prints Markdown table
 1. **Synchronization cost per call.**  Every rank holds a (128, C) float32 part of the
    batch.  For C from 64 to 2048 it times, per call: the local kernels on that part
    (``batch_norm_train`` forward, ``batch_norm_backward``), the synchronized calls
-   (``sync_batch_norm_train``, ``sync_batch_norm_backward``), and the exchange alone (the
-   agreement check, the ``Allgather`` of ``2C + 1`` doubles and the rank-order merge).  All
+   (``sync_batch_norm_train``, ``sync_batch_norm_backward``, with the default
+   ``check=True``, and the forward with ``check=False`` as the layers make it after their
+   first call), and the exchange alone (the ``Allgather`` of ``2C + 6`` doubles and the
+   rank-order merge).  All
    ranks start each call together (a barrier, not timed); the figure is the median over
    the repeats of the slowest rank's time, the implementations taking turns.
 2. **Weak scaling.**  The paper's MNIST network (784-100-100-100-10, sigmoid, batch norm
@@ -74,12 +76,12 @@ def worker_sync(comm, reps):
         dy = rng.standard_normal((ROWS, C), dtype=np.float32)
         w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
         y, mean, invstd = dist.sync_batch_norm_train(x, w, b, comm=comm)
-        row_fwd = np.empty(2 * C + 1)
-        row_fwd[0] = ROWS
+        header = dist._header(dist._OP_MOMENTS, C, x.dtype, x.ndim, 1)
+        m2 = np.ones(C)
 
-        def exchange(op=dist._OP_MOMENTS):
-            dist._agree(comm, op, C, x.dtype, x.ndim, 1, "bench")
-            return dist._merge(dist._gather_rows(comm, row_fwd), C)
+        def exchange():
+            return dist._merge(dist._exchange(comm, header, ROWS, mean, m2, False, "bench"),
+                               C)
 
         fns = {
             "local forward": lambda: bnfast.batch_norm_train(x, w, b),

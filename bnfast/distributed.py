@@ -4,7 +4,7 @@ Every process ("rank") holds part of the global batch.  Batch norm then needs th
 statistics of the whole batch:
 
 - forward: each rank computes per-channel ``(count, mean, M2)`` of its part with the
-  kernels (:func:`bnfast.moments`); one ``Allgather`` of ``2C + 1`` doubles exchanges them
+  kernels (:func:`bnfast.moments`); one ``Allgather`` of ``2C + 6`` doubles exchanges them
   and every rank merges them **in rank order** with Chan et al.'s pairwise formula.  Uneven
   parts, including a rank with no samples, give the statistics of the concatenated batch,
   bit-identical on every rank and from run to run;
@@ -13,9 +13,12 @@ statistics of the whole batch:
 - running statistics are updated with the global count (unbiased variance ``M2 / (n - 1)``
   over the whole batch).
 
-Before each exchange the ranks compare (operation, channel count, dtype, layout) in a
-small ``Allgather`` of 5 integers, so ranks that disagree get a ``ValueError`` on every rank
-instead of an MPI error or a hang (``check=False`` skips it).
+Every exchanged row starts with (operation, channel count, dtype, layout), compared after
+the exchange, so ranks that disagree get a ``ValueError`` on every rank instead of wrong
+numbers.  Ranks with different channel counts would not fit one collective: with
+``check=True`` (the functions' default) a small ``Allgather`` of those 5 integers comes
+first.  The layers make that check on their first synchronized call only (a layer's
+channel count is fixed), so each of their passes is one collective.
 
 :class:`SyncBatchNorm1d` / :class:`SyncBatchNorm2d` are the layers (PyTorch's
 ``SyncBatchNorm``), :func:`convert_sync_batchnorm` swaps them into a model,
@@ -252,12 +255,24 @@ def abort_on_exception(comm=None):
 
 # ---------------------------------------------------------------------------- exchanges
 
-def _agree(comm, op, C, dtype, ndim, axis, who):
-    """Check that every rank calls the same operation on the same kind of data."""
-    P = comm.Get_size()
-    mine = np.array([op, C, np.dtype(dtype).itemsize, ndim, axis], dtype=np.int64)
-    every = np.empty((P, mine.size), dtype=np.int64)
+_HEAD = 5          # header of an exchanged row: operation, C, itemsize, ndim, channel axis
+
+
+def _header(op, C, dtype, ndim, axis):
+    return [op, C, np.dtype(dtype).itemsize, ndim, axis]
+
+
+def _agree(comm, header, who):
+    """Check, in a collective of 5 integers, that every rank has the same `header`."""
+    mine = np.array(header, dtype=np.int64)
+    every = np.empty((comm.Get_size(), mine.size), dtype=np.int64)
     comm.Allgather(mine, every)
+    _compare_headers(every, who)
+
+
+def _compare_headers(every, who):
+    """Raise, on every rank alike, if the ranks' headers (rows of `every`) differ."""
+    every = np.asarray(every).astype(np.int64)
     if (every == every[0]).all():
         return
 
@@ -277,11 +292,26 @@ def _agree(comm, op, C, dtype, ndim, axis, who):
     raise ValueError(f"{who}: the ranks disagree on the layout ({layouts})")
 
 
-def _gather_rows(comm, row):
-    """Every rank's `row` (float64), as a (P, len(row)) array in rank order."""
-    out = np.empty((comm.Get_size(), row.size), dtype=_F64)
-    comm.Allgather(row, out)
-    return out
+def _exchange(comm, header, count, a, b, check, who):
+    """Gather every rank's [header, count, a (C), b (C)], checked; return the data rows.
+
+    One ``Allgather`` of ``2C + 6`` doubles (the header rides along, so operation, dtype
+    and layout are compared on every call); with `check`, a collective of the header
+    alone first, which also guards against ranks with different C (whose rows would not
+    fit one collective).  Returns an array (P, 2C + 1): count, a, b per rank, in rank order.
+    """
+    if check:
+        _agree(comm, header, who)
+    C = len(a)
+    row = np.empty(_HEAD + 1 + 2 * C)
+    row[:_HEAD] = header
+    row[_HEAD] = count
+    row[_HEAD + 1:_HEAD + 1 + C] = a
+    row[_HEAD + 1 + C:] = b
+    every = np.empty((comm.Get_size(), row.size), dtype=_F64)
+    comm.Allgather(row, every)
+    _compare_headers(every[:, :_HEAD], who)
+    return every[:, _HEAD:]
 
 
 def _check_flag(check):
@@ -400,14 +430,10 @@ def _merge(rows, C):
 
 
 def _global_moments(comm, x, C, ax, check, who):
-    if check:
-        _agree(comm, _OP_MOMENTS, C, x.dtype, x.ndim, ax, who)
     n, mean, m2 = _local_moments(x, C, ax)
-    row = np.empty(2 * C + 1)
-    row[0] = n
-    row[1:C + 1] = mean
-    row[C + 1:] = m2
-    return _merge(_gather_rows(comm, row), C)
+    rows = _exchange(comm, _header(_OP_MOMENTS, C, x.dtype, x.ndim, ax), n, mean, m2, check,
+                     who)
+    return _merge(rows, C)
 
 
 # ---------------------------------------------------------------------------- functional
@@ -427,8 +453,11 @@ def sync_moments(x, *, comm=None, axis=1, check=True):
     axis : int, default 1
         The channel axis (1 channels-first, -1 channels-last).
     check : bool, default True
-        First check that every rank has the same channel count, dtype and layout (one
-        extra ``Allgather`` of 5 integers); a disagreement raises on every rank.
+        Before the exchange, compare every rank's channel count (with the operation, dtype
+        and layout) in an ``Allgather`` of 5 integers, so that ranks with different channel
+        counts get a ValueError on every rank.  Without it such ranks are an MPI error;
+        disagreements in dtype, layout or operation are caught either way (they travel
+        with the exchanged rows).
 
     Returns
     -------
@@ -552,7 +581,7 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm=None, bia
     """Gradients through :func:`sync_batch_norm_train`: dx, and this rank's dweight, dbias.
 
     The per-channel ``sum(dy)`` and ``sum(dy * xhat)`` of every rank are exchanged (one
-    ``Allgather`` of ``2C + 1`` doubles) and summed in rank order, so that::
+    ``Allgather`` of ``2C + 6`` doubles) and summed in rank order, so that::
 
         dx = weight * invstd * (dy - sum(dy) / n - xhat * sum(dy * xhat) / n)
 
@@ -628,16 +657,13 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm=None, bia
     # dbias = sum(g), dweight = sum(g * xhat), g = dy (masked by the ReLU).
     dx, dw_local, db_local = batch_norm_backward(
         dy, x, m, inv, w, bias=bias, relu=relu, training=False, axis=ax, out=out)
-    if check:
-        _agree(comm, _OP_BACKWARD, C, x.dtype, x.ndim, ax, "sync_batch_norm_backward")
-    row = np.empty(2 * C + 1)
-    row[0] = x.size // C if C else 0
-    row[1:C + 1] = db_local
-    row[C + 1:] = dw_local
+    rows = _exchange(comm, _header(_OP_BACKWARD, C, x.dtype, x.ndim, ax),
+                     x.size // C if C else 0, db_local, dw_local, check,
+                     "sync_batch_norm_backward")
     n = 0.0
     s_dy = np.zeros(C)
     s_dyxhat = np.zeros(C)
-    for r in _gather_rows(comm, row):
+    for r in rows:
         n += r[0]
         s_dy += r[1:C + 1]
         s_dyxhat += r[C + 1:]
@@ -680,7 +706,13 @@ class _SyncBatchNorm(_SharesComm):
     def _init_sync(self, comm, check):
         self.comm = get_comm(comm)
         self.check = _check_flag(check)
+        self._agreed = False        # the ranks' channel counts have been compared
         abort_on_exception(self.comm)
+
+    def _check_now(self):
+        # The channel count (fixed per layer) is compared once; operation, dtype and
+        # layout travel with every exchange.
+        return self.check and not self._agreed
 
     def _synchronized(self):
         # PyTorch's rule: synchronize in training mode only (eval-mode batch statistics,
@@ -691,20 +723,24 @@ class _SyncBatchNorm(_SharesComm):
     def _batch_forward(self, x, w, b, rm, rv, factor):
         if not self._synchronized():
             return super()._batch_forward(x, w, b, rm, rv, factor)
-        return sync_batch_norm_train(x, w, b, comm=self.comm, eps=self.eps, axis=self.axis,
-                                     running_mean=rm, running_var=rv, momentum=factor,
-                                     relu=self.relu, check=self.check)
+        out = sync_batch_norm_train(x, w, b, comm=self.comm, eps=self.eps, axis=self.axis,
+                                    running_mean=rm, running_var=rv, momentum=factor,
+                                    relu=self.relu, check=self._check_now())
+        self._agreed = True
+        return out
 
     def _batch_backward(self, grad, x, mean, invstd, w, b):
         if not self._synchronized():
             return super()._batch_backward(grad, x, mean, invstd, w, b)
         return sync_batch_norm_backward(grad, x, mean, invstd, w, comm=self.comm, bias=b,
-                                        relu=self.relu, axis=self.axis, check=self.check)
+                                        relu=self.relu, axis=self.axis,
+                                        check=self._check_now())
 
     def _accumulate_population(self, x):
         """Add the global batch's mean and unbiased variance to the population sums."""
         mean, var, m = sync_moments(x.astype(np.float64, copy=False), comm=self.comm,
-                                    axis=self.axis, check=self.check)
+                                    axis=self.axis, check=self._check_now())
+        self._agreed = True
         if m < 2:
             raise ValueError(
                 f"{type(self).__name__}: a batch with {int(m)} value per channel over all "
@@ -735,7 +771,9 @@ class SyncBatchNorm1d(_SyncBatchNorm, BatchNorm1d):
     comm : mpi4py.MPI.Comm, optional
         Default ``COMM_WORLD``.
     check : bool, default True
-        Check every exchange for ranks that disagree on channels, dtype or layout.
+        Compare the ranks' channel counts on the first synchronized call (one extra small
+        collective; see :func:`sync_moments`).  Dtype, layout and operation are compared
+        on every call.
 
     Attributes
     ----------
@@ -782,7 +820,9 @@ class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
     comm : mpi4py.MPI.Comm, optional
         Default ``COMM_WORLD``.
     check : bool, default True
-        Check every exchange for ranks that disagree on channels, dtype or layout.
+        Compare the ranks' channel counts on the first synchronized call (one extra small
+        collective; see :func:`sync_moments`).  Dtype, layout and operation are compared
+        on every call.
 
     Attributes
     ----------

@@ -168,7 +168,9 @@ def test_sync_layer_equals_batchnorm_and_copies():
     x = rng.standard_normal((16, 4, 3, 3)).astype(np.float32)
     ref, sync = nn.BatchNorm2d(4, relu=True), dist.SyncBatchNorm2d(4, relu=True)
     assert sync.state_dict().keys() == ref.state_dict().keys()
+    assert sync._check_now()                   # channel counts compared on the first call
     np.testing.assert_allclose(sync(x), ref(x), rtol=1e-5, atol=1e-6)
+    assert not sync._check_now()
     np.testing.assert_allclose(sync.backward(x), ref.backward(x), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(sync.running_var, ref.running_var, rtol=1e-6)
     twin = sync.copy()

@@ -123,14 +123,48 @@ for case, make in (
         , ("layout", lambda: np.ones((4, 3, 2, 2)) if rank % 2 else np.ones((4, 3, 2)))):
     if size == 1:
         break
+    # check=False: no agreement collective, the header travels with the rows (only a
+    # channel-count mismatch needs the separate check)
+    for check in (True, False) if case != "number of channels" else (True,):
+        for fn in ("forward", "backward"):
+            try:
+                if fn == "forward":
+                    dist.sync_batch_norm_train(make(), comm=comm, check=check)
+                else:
+                    a = make()
+                    C = a.shape[1]
+                    dist.sync_batch_norm_backward(a, a, np.zeros(C), np.ones(C), comm=comm,
+                                                  check=check)
+            except ValueError as e:
+                assert f"the ranks disagree on the {case}" in str(e), str(e)
+                assert "rank 0" in str(e) and "rank 1" in str(e), str(e)
+                checks += 1
+            else:
+                raise AssertionError(f"rank {rank}: no error for disagreeing {case}")
+
+if size > 1:
+    # a forward on some ranks meeting a backward on others
+    x = np.ones((4, 3))
     try:
-        dist.sync_batch_norm_train(make(), comm=comm)
+        if rank % 2:
+            dist.sync_batch_norm_train(x, comm=comm, check=False)
+        else:
+            dist.sync_batch_norm_backward(x, x, np.zeros(3), np.ones(3), comm=comm,
+                                          check=False)
     except ValueError as e:
-        assert f"the ranks disagree on the {case}" in str(e), str(e)
-        assert "rank 0" in str(e) and "rank 1" in str(e), str(e)
+        assert "not in the same operation" in str(e), str(e)
         checks += 1
     else:
-        raise AssertionError(f"rank {rank}: no error for disagreeing {case}")
+        raise AssertionError("no error for ranks in different operations")
+    # layers: the channel counts are compared on their first synchronized call
+    bn = dist.SyncBatchNorm1d(3 + rank % 2, comm=comm)
+    try:
+        bn(np.ones((4, 3 + rank % 2), np.float32))
+    except ValueError as e:
+        assert "the ranks disagree on the number of channels" in str(e), str(e)
+        checks += 1
+    else:
+        raise AssertionError("no error for layers with different channel counts")
 
 # ------------------------------------------------------------ training: 1 rank == N ranks
 def make_net(seed, layer1, layer2):
