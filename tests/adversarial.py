@@ -16,9 +16,11 @@ is for the argument position it is put in.
 ``count_inputs()`` returns the number of distinct inputs generated (``python
 tests/adversarial.py`` prints it, by family).
 """
+import atexit
 import itertools
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -64,9 +66,11 @@ _COUNTER = itertools.count()
 
 
 def _tmpdir():
+    """A temporary folder for the memory-mapped files, removed at exit."""
     global _TMPDIR
     if _TMPDIR is None:
         _TMPDIR = tempfile.mkdtemp(prefix="bnfast-adversarial-")
+        atexit.register(shutil.rmtree, _TMPDIR, ignore_errors=True)
     return _TMPDIR
 
 

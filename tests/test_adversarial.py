@@ -583,17 +583,20 @@ def _constant_channels_exact(fn, v, got):
     idx = np.flatnonzero(const)
     if fn in ("moments", "train"):
         mean = got[0] if fn == "moments" else got[1]
-        if not np.array_equal(mean[idx], xl[0, idx]):
+        if not np.array_equal(mean[idx], xl[0, idx], equal_nan=True):
             return f"constant channels {idx.tolist()}: mean {mean[idx]} != {xl[0, idx]}"
         if fn == "moments" and np.any(got[1][idx] != 0):
             return f"constant channels {idx.tolist()}: var {got[1][idx]} != 0"
     if fn != "moments" and v["eps"] > 0:
+        w = np.ones(c) if v.get("weight") is None else np.asarray(v["weight"], np.float64)
+        idx = idx[np.isfinite(w[idx])]          # (0 * inf is NaN)
         b = np.zeros(c) if v.get("bias") is None else np.asarray(v["bias"], np.float64)
         want = np.maximum(b, 0.0) if v["relu"] else b
         y = np.moveaxis(np.asarray(got[0], dtype=np.float64), ax, -1).reshape(-1, c)
         rd = np.asarray(got[0]).dtype
         exp = want.astype(rd).astype(np.float64)
-        if not np.array_equal(y[:, idx], np.broadcast_to(exp[idx], y[:, idx].shape)):
+        if not np.array_equal(y[:, idx], np.broadcast_to(exp[idx], y[:, idx].shape),
+                              equal_nan=True):
             return f"constant channels {idx.tolist()}: y is not exactly bias {exp[idx]}"
     return ""
 
