@@ -290,10 +290,18 @@ def moments(x, *, axis=1):
     Raises
     ------
     TypeError
-        If `x` is not float32 or float64.
+        If `x` is not float32 or float64 (or cannot be converted to an array), is a masked
+        array, or `axis` is not an integer.
     ValueError
         If `x` has fewer than 2 dimensions, `axis` is out of range, or a channel has no
         values.
+
+    Notes
+    -----
+    Finite float64 values near the largest double (say 1.7e308 and -1.7e308 in one
+    channel) overflow the blocked sums; such channels are recomputed in scaled
+    coordinates, so the mean is always finite and the variance is inf only when its true
+    value exceeds the double range.
 
     Examples
     --------
@@ -333,7 +341,8 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     weight, bias : array_like of shape (C,), optional
         Per-channel scale (gamma) and shift (beta); default 1 and 0.
     eps : float, default 1e-5
-        Added to the variance for stability; must be >= 0.
+        Added to the variance for stability; must be >= 0 and finite.  With 0, a
+        constant channel raises ValueError instead of giving NaN.
     axis : int, default 1
         The channel axis (1 channels-first, -1 channels-last).
     running_mean, running_var : ndarray of shape (C,), float32 or float64, optional
@@ -357,11 +366,15 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     Raises
     ------
     TypeError
-        Unsupported dtype of `x`, `out` or the running statistics, or a non-array
-        `out`/running statistic.
+        Unsupported dtype of `x`, `weight`, `bias`, `out` or the running statistics; a
+        non-array `out` or running statistic; a masked array anywhere; a non-integer
+        `axis`; a non-real `eps`/`momentum`; a `relu` that is not a bool.
     ValueError
-        Shape or channel-count mismatches, ndim < 2, ``eps < 0``, momentum outside
-        [0, 1], read-only `out` or running statistics, or only one value per channel.
+        Shape or channel-count mismatches; ndim < 2; `axis` out of range; `eps` negative,
+        NaN or infinite; `momentum` outside [0, 1]; read-only `out` or running
+        statistics; running statistics that share memory with each other, with `x` or
+        with `out`; only one value per channel; ``eps=0`` with a constant channel (its
+        output would be 0/0; checked before anything is written).
 
     Examples
     --------
@@ -432,8 +445,12 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
 
     Raises
     ------
-    TypeError, ValueError
-        As for :func:`batch_norm_train`; ValueError also for negative `var`.
+    TypeError
+        As for :func:`batch_norm_train` (for `x`, `mean`, `var`, `weight`, `bias`, `out`,
+        `axis`, `eps`, `relu`).
+    ValueError
+        As for :func:`batch_norm_train`; also a `var` that is negative or NaN in some
+        channel, or zero with ``eps=0``.
 
     Examples
     --------
@@ -500,7 +517,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     weight : array_like of shape (C,), optional
         The forward weight; default 1.
     bias : array_like of shape (C,), optional
-        The forward bias; only used with ``relu=True``.
+        The forward bias; required with ``relu=True`` (the mask is where the forward
+        output was positive), unused otherwise.
     relu : bool, default False
         The forward pass had a fused ReLU.
     training : bool, default True
@@ -517,9 +535,13 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     Raises
     ------
     TypeError
-        Unsupported or mismatched dtypes.
+        Unsupported or mismatched dtypes of `dy` and `x`, unsupported dtypes of the
+        per-channel vectors or `out`, masked arrays, a non-integer `axis`, or `relu` /
+        `training` that are not bools.
     ValueError
-        Shape mismatches, ndim < 2, bad axis, read-only `out`.
+        Shape mismatches, ndim < 2, `axis` out of range, read-only `out`, or
+        ``relu=True`` without `bias` (the ReLU's gradient mask depends on the forward's
+        bias; pass zeros if it had none).
 
     Examples
     --------
@@ -588,7 +610,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
 
     Raises
     ------
-    TypeError, ValueError
+    TypeError
+        See :func:`batch_norm_train` and :func:`batch_norm_infer`; also a `training`
+        that is not a bool.
+    ValueError
         See :func:`batch_norm_train` and :func:`batch_norm_infer`.
 
     Examples

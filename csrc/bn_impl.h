@@ -16,7 +16,7 @@
 #include <omp.h>
 #endif
 #include "bnfast.h"
-#if BN_ISA_LEVEL > 0
+#if BN_ISA_LEVEL > 0 || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -61,17 +61,124 @@ static inline bn_vd bn_splat(double a)
  * 0x7fc00000 in float32).  When two NaNs meet in an operation, x86 returns the first
  * operand's NaN, and the compiler may order the operands of a commutative operation
  * differently in each variant, so without this the sign and payload of a NaN result could
- * differ between variants.  Used by every store of an output (vector and scalar tail) and
- * for the per-channel outputs.
+ * differ between variants.  Each element-wise span collects, store by store, whether any
+ * stored value was NaN (bn_nanacc: one unordered compare and an OR per vector); only then
+ * does it rewrite the span's NaNs in memory (canon_mem).  Scalar tails are rewritten as
+ * they are stored, and the per-channel outputs by bn_canon_vec.
+ *
+ * Intrinsics, not the generic vector type: GCC lowers a compare of the 8-double vector
+ * badly where it takes several registers, and a per-store branch made it keep the loop's
+ * constants on the stack (both slowed the AVX2 and SSE2 kernels by 1.2-50x).
  */
-static inline bn_vd bn_vcanon(bn_vd v)
+#if BN_ISA_LEVEL == 2
+typedef __mmask8 bn_nanacc;
+static inline bn_nanacc bn_nanacc_zero(void) { return 0; }
+static inline bn_nanacc bn_nanacc_add(bn_nanacc acc, bn_vd v)
 {
-    const bn_vl isnan = (v != v);
-    const bn_vl qnan = {0x7ff8000000000000LL, 0x7ff8000000000000LL, 0x7ff8000000000000LL,
-                        0x7ff8000000000000LL, 0x7ff8000000000000LL, 0x7ff8000000000000LL,
-                        0x7ff8000000000000LL, 0x7ff8000000000000LL};
-    return (bn_vd)(((bn_vl)v & ~isnan) | (qnan & isnan));
+    return acc | _mm512_cmp_pd_mask((__m512d)v, (__m512d)v, _CMP_UNORD_Q);
 }
+static inline int bn_nanacc_any(bn_nanacc acc) { return acc != 0; }
+#elif BN_ISA_LEVEL == 1
+typedef __m256d bn_nanacc;
+static inline bn_nanacc bn_nanacc_zero(void) { return _mm256_setzero_pd(); }
+typedef union { bn_vd v; __m256d h[2]; } bn_vd_halves;
+static inline bn_nanacc bn_nanacc_add(bn_nanacc acc, bn_vd v)
+{
+    bn_vd_halves u;
+    u.v = v;
+    return _mm256_or_pd(acc, _mm256_cmp_pd(u.h[0], u.h[1], _CMP_UNORD_Q));
+}
+static inline int bn_nanacc_any(bn_nanacc acc) { return _mm256_movemask_pd(acc) != 0; }
+#elif defined(__SSE2__)
+typedef __m128d bn_nanacc;
+static inline bn_nanacc bn_nanacc_zero(void) { return _mm_setzero_pd(); }
+typedef union { bn_vd v; __m128d q[4]; } bn_vd_quarters;
+static inline bn_nanacc bn_nanacc_add(bn_nanacc acc, bn_vd v)
+{
+    bn_vd_quarters u;
+    u.v = v;
+    return _mm_or_pd(acc, _mm_or_pd(_mm_cmpunord_pd(u.q[0], u.q[1]),
+                                    _mm_cmpunord_pd(u.q[2], u.q[3])));
+}
+static inline int bn_nanacc_any(bn_nanacc acc) { return _mm_movemask_pd(acc) != 0; }
+#else
+typedef int bn_nanacc;
+static inline bn_nanacc bn_nanacc_zero(void) { return 0; }
+static inline bn_nanacc bn_nanacc_add(bn_nanacc acc, bn_vd v)
+{
+    for (int k = 0; k < 8; k++) acc |= v[k] != v[k];
+    return acc;
+}
+static inline int bn_nanacc_any(bn_nanacc acc) { return acc != 0; }
+#endif
+
+/*
+ * The ReLU and its gradient mask, with the same intrinsics per variant (the generic
+ * vector compare was lowered lane by lane with scalar compares and moves through the stack
+ * on SSE2 and AVX2).  Both compares are ordered, so a NaN t is kept by bn_vrelu and passes
+ * no gradient in bn_vmask; the bits are those of the generic form below.
+ */
+#if BN_ISA_LEVEL == 2
+static inline bn_vd bn_vrelu(bn_vd t)          /* zero where t <= 0 (NaN kept) */
+{
+    const __mmask8 le = _mm512_cmp_pd_mask((__m512d)t, _mm512_setzero_pd(), _CMP_LE_OQ);
+    return (bn_vd)_mm512_maskz_mov_pd((__mmask8)~le, (__m512d)t);
+}
+static inline bn_vd bn_vmask(bn_vd g, bn_vd t)   /* g where t > 0, else 0 */
+{
+    const __mmask8 gt = _mm512_cmp_pd_mask((__m512d)t, _mm512_setzero_pd(), _CMP_GT_OQ);
+    return (bn_vd)_mm512_maskz_mov_pd(gt, (__m512d)g);
+}
+#elif BN_ISA_LEVEL == 1
+static inline bn_vd bn_vrelu(bn_vd t)
+{
+    const __m256d z = _mm256_setzero_pd();
+    bn_vd_halves u;
+    u.v = t;
+    for (int k = 0; k < 2; k++)
+        u.h[k] = _mm256_andnot_pd(_mm256_cmp_pd(u.h[k], z, _CMP_LE_OQ), u.h[k]);
+    return u.v;
+}
+static inline bn_vd bn_vmask(bn_vd g, bn_vd t)
+{
+    const __m256d z = _mm256_setzero_pd();
+    bn_vd_halves ut, ug;
+    ut.v = t;
+    ug.v = g;
+    for (int k = 0; k < 2; k++)
+        ug.h[k] = _mm256_and_pd(_mm256_cmp_pd(ut.h[k], z, _CMP_GT_OQ), ug.h[k]);
+    return ug.v;
+}
+#elif defined(__SSE2__)
+static inline bn_vd bn_vrelu(bn_vd t)
+{
+    const __m128d z = _mm_setzero_pd();
+    bn_vd_quarters u;
+    u.v = t;
+    for (int k = 0; k < 4; k++) u.q[k] = _mm_andnot_pd(_mm_cmple_pd(u.q[k], z), u.q[k]);
+    return u.v;
+}
+static inline bn_vd bn_vmask(bn_vd g, bn_vd t)
+{
+    const __m128d z = _mm_setzero_pd();
+    bn_vd_quarters ut, ug;
+    ut.v = t;
+    ug.v = g;
+    for (int k = 0; k < 4; k++) ug.q[k] = _mm_and_pd(_mm_cmpgt_pd(ut.q[k], z), ug.q[k]);
+    return ug.v;
+}
+#else
+static inline bn_vd bn_vrelu(bn_vd t)
+{
+    bn_vl le = (t <= bn_splat(0.0));
+    return (bn_vd)((bn_vl)t & ~le);
+}
+static inline bn_vd bn_vmask(bn_vd g, bn_vd t)
+{
+    bn_vl gt = (t > bn_splat(0.0));
+    return (bn_vd)((bn_vl)g & gt);
+}
+#endif
 
 static inline void bn_canon_vec(double *p, ptrdiff_t n)
 {

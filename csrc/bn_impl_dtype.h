@@ -29,9 +29,16 @@ static inline bn_vd BN_FN(ld)(const T *p)
 #endif
 }
 
+/* Rewrite the NaNs among the n stored values at p as the canonical NaN (see bn_nanacc).
+ * After streaming stores too: an ordinary load sees this thread's own streaming stores. */
+static void BN_FN(canon_mem)(T *p, ptrdiff_t n)
+{
+    for (ptrdiff_t k = 0; k < n; k++)
+        if (p[k] != p[k]) p[k] = (T)NAN;
+}
+
 static inline void BN_FN(st)(T *p, bn_vd v)
 {
-    v = bn_vcanon(v);
 #if BN_IS_F32
 #if BN_ISA_LEVEL == 2
     _mm256_storeu_ps(p, _mm512_cvtpd_ps((__m512d)v));
@@ -57,7 +64,6 @@ static inline void BN_FN(st)(T *p, bn_vd v)
  */
 static inline void BN_FN(stnt)(T *p, bn_vd v)
 {
-    v = bn_vcanon(v);
 #if BN_ISA_LEVEL > 0
 #if BN_IS_F32 && BN_ISA_LEVEL == 2
     const __m256 f = _mm512_cvtpd_ps((__m512d)v);
@@ -81,8 +87,10 @@ static inline void BN_FN(stnt)(T *p, bn_vd v)
 #endif
 }
 
-static inline void BN_FN(stx)(T *p, bn_vd v, int nts)
+/* Store v at p (streaming with nts), noting in *acc whether any value is NaN. */
+static inline void BN_FN(stx)(T *p, bn_vd v, int nts, bn_nanacc *acc)
 {
+    *acc = bn_nanacc_add(*acc, v);
     if (nts)
         BN_FN(stnt)(p, v);
     else
@@ -120,7 +128,7 @@ static inline void BN_FN(store_tail)(T *p, T *tmp, ptrdiff_t n, int nts)
 {
     ptrdiff_t i = 0;
     for (ptrdiff_t k = 0; k < n; k++)
-        if (tmp[k] != tmp[k]) tmp[k] = (T)NAN;   /* canonical NaN, as bn_vcanon */
+        if (tmp[k] != tmp[k]) tmp[k] = (T)NAN;   /* canonical NaN, see bn_nanacc */
 #if BN_ISA_LEVEL > 0
     const ptrdiff_t step = 16 / (ptrdiff_t)sizeof(T);
     if (nts) {
@@ -172,20 +180,6 @@ static inline bn_vd bn_ldd(const double *p)
 }
 
 static inline void bn_std(double *p, bn_vd v) { memcpy(p, &v, sizeof v); }
-
-/* ReLU that keeps NaN (like torch.relu): zero where t <= 0. */
-static inline bn_vd bn_vrelu(bn_vd t)
-{
-    bn_vl le = (t <= bn_splat(0.0));
-    return (bn_vd)((bn_vl)t & ~le);
-}
-
-/* g where t > 0, else 0 (the gradient of the ReLU; NaN t passes nothing). */
-static inline bn_vd bn_vmask(bn_vd g, bn_vd t)
-{
-    bn_vl gt = (t > bn_splat(0.0));
-    return (bn_vd)((bn_vl)g & gt);
-}
 
 static inline double bn_srelu(double t) { return (t <= 0.0) ? 0.0 : t; }
 
@@ -643,7 +637,7 @@ static void BN_FN(moments_fixup)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t
 }
 
 /* Per-channel mean and biased variance: the blocked algorithm, the overflow fallback, and
- * canonical NaNs (see bn_vcanon). */
+ * canonical NaNs (see bn_nanacc). */
 static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
                           double *mean, double *var, int nthreads)
 {
@@ -668,12 +662,15 @@ static void BN_FN(norm_span_s)(const T *x, T *y, ptrdiff_t L, double m, double a
     const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
     ptrdiff_t i = 0;
     T tmp[8];
+    bn_nanacc acc = bn_nanacc_zero();
     if (relu) {
         for (; i + 8 <= L; i += 8)
-            BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv) * av + bv), nts);
+            BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv) * av + bv), nts, &acc);
     } else {
-        for (; i + 8 <= L; i += 8) BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - mv) * av + bv, nts);
+        for (; i + 8 <= L; i += 8)
+            BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - mv) * av + bv, nts, &acc);
     }
+    if (bn_nanacc_any(acc)) BN_FN(canon_mem)(y, i);
     for (ptrdiff_t k = 0; k < L - i; k++) {
         const double v = ((double)x[i + k] - m) * a + b;
         tmp[k] = (T)(relu ? bn_srelu(v) : v);
@@ -687,15 +684,17 @@ static void BN_FN(norm_span_v)(const T *x, T *y, ptrdiff_t L, const double *m,
 {
     ptrdiff_t i = 0;
     T tmp[8];
+    bn_nanacc acc = bn_nanacc_zero();
     if (relu) {
         for (; i + 8 <= L; i += 8)
             BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) +
-                                       bn_ldd(b + i)), nts);
+                                       bn_ldd(b + i)), nts, &acc);
     } else {
         for (; i + 8 <= L; i += 8)
             BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) + bn_ldd(b + i),
-                       nts);
+                       nts, &acc);
     }
+    if (bn_nanacc_any(acc)) BN_FN(canon_mem)(y, i);
     for (ptrdiff_t k = 0; k < L - i; k++) {
         const double v = ((double)x[i + k] - m[i + k]) * a[i + k] + b[i + k];
         tmp[k] = (T)(relu ? bn_srelu(v) : v);
@@ -717,12 +716,14 @@ static void BN_FN(norm_periods64)(const T *x, T *y, ptrdiff_t np, const double *
         av[t] = bn_ldd(a + 8 * t);
         bv[t] = bn_ldd(b + 8 * t);
     }
+    bn_nanacc acc = bn_nanacc_zero();
     if (relu) {
         for (ptrdiff_t k = 0; k < np; k++) {
 #pragma GCC unroll 8
             for (int t = 0; t < 8; t++) {
                 const ptrdiff_t i = 64 * k + 8 * t;
-                BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t]), nts);
+                BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t]), nts,
+                           &acc);
             }
         }
     } else {
@@ -730,10 +731,11 @@ static void BN_FN(norm_periods64)(const T *x, T *y, ptrdiff_t np, const double *
 #pragma GCC unroll 8
             for (int t = 0; t < 8; t++) {
                 const ptrdiff_t i = 64 * k + 8 * t;
-                BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t], nts);
+                BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t], nts, &acc);
             }
         }
     }
+    if (bn_nanacc_any(acc)) BN_FN(canon_mem)(y, 64 * np);
 }
 #endif
 
@@ -1069,6 +1071,7 @@ static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const do
 {
     ptrdiff_t i = 0;
     T tmp[8];
+    bn_nanacc acc = bn_nanacc_zero();
     if (inc == 0) {
         const bn_vd mv = bn_splat(*m), av = bn_splat(*a), bv = bn_splat(*b);
         const bn_vd kdv = bn_splat(*kd), kxv = bn_splat(*kx), k0v = bn_splat(*k0);
@@ -1076,7 +1079,7 @@ static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const do
             bn_vd g = BN_FN(ld)(dy + i);
             bn_vd xm = BN_FN(ld)(x + i) - mv;
             if (relu) g = bn_vmask(g, xm * av + bv);
-            BN_FN(stx)(dx + i, eval ? kdv * g : (kdv * g + kxv * xm) + k0v, nts);
+            BN_FN(stx)(dx + i, eval ? kdv * g : (kdv * g + kxv * xm) + k0v, nts, &acc);
         }
     } else {
         for (; i + 8 <= L; i += 8) {
@@ -1085,9 +1088,11 @@ static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const do
             if (relu) g = bn_vmask(g, xm * bn_ldd(a + i) + bn_ldd(b + i));
             bn_vd kdv = bn_ldd(kd + i);
             BN_FN(stx)(dx + i,
-                       eval ? kdv * g : (kdv * g + bn_ldd(kx + i) * xm) + bn_ldd(k0 + i), nts);
+                       eval ? kdv * g : (kdv * g + bn_ldd(kx + i) * xm) + bn_ldd(k0 + i), nts,
+                       &acc);
         }
     }
+    if (bn_nanacc_any(acc)) BN_FN(canon_mem)(dx, i);
     /* The last L % 8 elements (see norm_span_s). */
     for (ptrdiff_t k = 0; k < L - i; k++)
         tmp[k] = BN_FN(dx_one)(dy, x, i + k, (i + k) * inc, m, a, b, kd, kx, k0, relu, eval);
