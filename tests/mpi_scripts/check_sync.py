@@ -41,14 +41,17 @@ def same_on_every_rank(a, what):
     checks += 1
 
 
-def parts(n):
-    """Uneven row counts per rank summing to n; the last rank gets none."""
+def parts(n, empty_last=False):
+    """Uneven row counts per rank summing to n (weights size, ..., 2, 1); with
+    `empty_last`, the last rank gets none."""
     if size == 1:
         return [n]
     w = np.arange(1, size + 1, dtype=float)[::-1]
-    w[-1] = 0                                   # an empty rank
+    if empty_last:
+        w[-1] = 0
     k = np.floor(n * w / w.sum()).astype(int)
     k[0] += n - k.sum()
+    assert (k > 0).sum() == size - empty_last, k
     return k.tolist()
 
 
@@ -65,7 +68,7 @@ for shape, axis in (((23, 5), 1), ((11, 4, 3, 2), 1), ((9, 3, 2, 6), -1), ((10, 
         DY = rng.standard_normal(shape)
         C = shape[axis]
         w, b = rng.standard_normal(C), rng.standard_normal(C)
-        counts = parts(shape[0])
+        counts = parts(shape[0], empty_last=relu)
         x, dy = X[my_rows(counts)], DY[my_rows(counts)]
         # one process, concatenated batch
         rm1, rv1 = np.zeros(C), np.ones(C)
