@@ -20,8 +20,9 @@ interpreter, else the one on PATH) for each rank count and prints Markdown table
    ranks start each call together (a barrier, not timed); the figure is the median over
    the repeats of the slowest rank's time, the implementations taking turns.
 2. **Weak scaling.**  The paper's MNIST network (784-100-100-100-10, sigmoid, batch norm
-   on every hidden layer) with 60 examples per rank: one rank trains with a global batch
-   of 60, two ranks with 120 (synchronized batch norm and summed gradients).  The figure is
+   on every hidden layer) with 60 examples per rank (the paper's batch; and 600): one rank
+   trains with a global batch of 60, two ranks with 120 (synchronized batch norm and
+   summed gradients).  The figure is
    the median time of a training step (forward, loss, backward with the gradient
    exchange, SGD update) over blocks of steps; efficiency = time on 1 rank / time on P.
 
@@ -43,7 +44,7 @@ import numpy as np
 
 CHANNELS = (64, 128, 256, 512, 1024, 2048)
 ROWS = 128                      # rows per rank in the synchronization benchmark
-PER_RANK_BATCH = 60             # examples per rank in the weak-scaling benchmark
+PER_RANK_BATCHES = (60, 600)    # examples per rank in the weak-scaling benchmark
 
 
 # ---------------------------------------------------------------------------- workers
@@ -104,7 +105,7 @@ def worker_sync(comm, reps):
     return rows
 
 
-def worker_weak(comm, steps):
+def worker_weak(comm, steps, per_rank):
     from bnfast import distributed as dist
     from bnfast import nn, optim
     from bnfast.paper.mnist_fig1 import build_mlp
@@ -114,7 +115,7 @@ def worker_weak(comm, steps):
     n = 6000
     X = rng.random((n, 784), dtype=np.float32)
     y = rng.integers(0, 10, n)
-    B = PER_RANK_BATCH * P
+    B = per_rank * P
     out = {}
     for key, bn in (("without BN", False), ("with BN", True)):
         model = dist.DistributedDataParallel(dist.convert_sync_batchnorm(build_mlp(bn), comm),
@@ -148,7 +149,8 @@ def worker(args):
     else:
         res = {}
     if args.only in (None, "weak") and comm.Get_size() <= 2:
-        res["weak"] = worker_weak(comm, args.steps)
+        res["weak"] = {str(b): worker_weak(comm, args.steps if b < 100 else args.steps // 5, b)
+                       for b in PER_RANK_BATCHES}
     if comm.Get_rank() == 0:
         with open(args.worker, "w") as f:
             json.dump(res, f)
@@ -225,16 +227,19 @@ def main(argv=None):
     weak = {P: results["by_ranks"][str(P)].get("weak") for P in ranks}
     weak = {P: w for P, w in weak.items() if w}
     if weak:
-        print(f"\nWeak scaling, MNIST MLP, {PER_RANK_BATCH} examples per rank, ms per "
-              f"training step (efficiency = time on 1 rank / time on P):\n")
-        print("| ranks | global batch | without BN | with BN | efficiency without / with BN |")
-        print("| ---: | ---: | ---: | ---: | ---: |")
-        base = weak.get(1)
-        for P, w in weak.items():
-            eff = (f"{base['without BN'] / w['without BN']:.2f} / "
-                   f"{base['with BN'] / w['with BN']:.2f}" if base else "")
-            print(f"| {P} | {PER_RANK_BATCH * P} | {w['without BN']:.3f} | {w['with BN']:.3f} "
-                  f"| {eff} |")
+        print("\nWeak scaling, MNIST MLP, ms per training step (efficiency = time on 1 rank "
+              "/ time on P):\n")
+        print("| per rank | ranks | global batch | without BN | with BN "
+              "| efficiency without / with BN |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        for b in PER_RANK_BATCHES:
+            base = weak.get(1, {}).get(str(b))
+            for P, w in weak.items():
+                w = w[str(b)]
+                eff = (f"{base['without BN'] / w['without BN']:.2f} / "
+                       f"{base['with BN'] / w['with BN']:.2f}" if base else "")
+                print(f"| {b} | {P} | {b * P} | {w['without BN']:.3f} | {w['with BN']:.3f} "
+                      f"| {eff} |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
