@@ -6,10 +6,10 @@ statistics of the whole batch:
 - forward: each rank computes per-channel ``(count, mean, M2)`` of its part with the
   kernels (:func:`bnfast.moments`); one ``Allgather`` of ``2C + 6`` doubles exchanges them
   and every rank merges them **in rank order** with Chan et al.'s pairwise formula.  Uneven
-  parts, including a rank with no samples, give the statistics of the concatenated batch,
-  bit-identical on every rank and from run to run;
-- backward: the per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` are exchanged and
-  summed the same way;
+  parts, including a rank with no samples, give the statistics of the concatenated batch
+  (to float64 rounding), bit-identical on every rank and from run to run;
+- backward: the per-channel ``sum(dy)`` and ``sum(dy * xhat)`` (``xhat = (x - mean) *
+  invstd``, with the global mean and invstd) are exchanged and summed the same way;
 - running statistics are updated with the global count (unbiased variance ``M2 / (n - 1)``
   over the whole batch).
 
