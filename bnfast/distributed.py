@@ -150,6 +150,10 @@ def launched_size():
 def get_comm(comm=None):
     """Return the communicator to use: `comm`, or the world communicator.
 
+    Every function and class of this module resolves its `comm` here; with several ranks
+    this also installs :func:`abort_on_exception` (once), so that a rank that raises ends
+    the job instead of leaving the others waiting.
+
     Parameters
     ----------
     comm : mpi4py.MPI.Comm, optional
@@ -176,6 +180,13 @@ def get_comm(comm=None):
     >>> comm.Get_rank(), comm.Get_size()       # run as a single process
     (0, 1)
     """
+    comm = _resolve(comm)
+    if not _hooked and comm.Get_size() > 1:
+        abort_on_exception(comm)
+    return comm
+
+
+def _resolve(comm):
     MPI = _mpi()
     if comm is None:
         if MPI is not None:
@@ -211,9 +222,9 @@ def abort_on_exception(comm=None):
     collective.  Installs a :data:`sys.excepthook` that prints the traceback (prefixed
     with the rank) and calls ``comm.Abort(1)``, which makes the launcher kill every rank
     and exit non-zero.  It does nothing when there is one rank, and is installed once
-    (later calls do nothing).  :class:`SyncBatchNorm1d`, :class:`SyncBatchNorm2d` and
-    :class:`DistributedDataParallel` call it when there are several ranks.  Running the
-    script as ``python -m mpi4py train.py`` does the same for any program.
+    (later calls do nothing).  Every function and class of this module calls it (through
+    :func:`get_comm`) when there are several ranks.  Running the script as
+    ``python -m mpi4py train.py`` does the same for any program.
 
     Parameters
     ----------
@@ -231,7 +242,7 @@ def abort_on_exception(comm=None):
     >>> dist.abort_on_exception()        # a single process: nothing to abort
     False
     """
-    comm = get_comm(comm)
+    comm = _resolve(comm)
     if comm.Get_size() < 2:
         return False
     if _hooked:
@@ -707,7 +718,6 @@ class _SyncBatchNorm(_SharesComm):
         self.comm = get_comm(comm)
         self.check = _check_flag(check)
         self._agreed = False        # the ranks' channel counts have been compared
-        abort_on_exception(self.comm)
 
     def _check_now(self):
         # The channel count (fixed per layer) is compared once; operation, dtype and
@@ -1002,7 +1012,6 @@ class DistributedDataParallel(_SharesComm, Module):
         self.reduction = reduction
         self.bucket_bytes = int(bucket_bytes)
         self._n = None
-        abort_on_exception(self.comm)
         self._check_same_model()
         if broadcast:
             self.broadcast_state()

@@ -295,8 +295,9 @@ def test_under_mpiexec_equals_one_process_on_the_concatenated_batch(n):
     assert len(set(ok.values())) == 1, ok            # the same checks on every rank
 
 
-def test_a_rank_that_raises_ends_the_job():
-    r, seconds = _run(3, "raise_on_one_rank.py", timeout=30)
+@pytest.mark.parametrize("how", ["layer", "function", "fit"])
+def test_a_rank_that_raises_ends_the_job(how):
+    r, seconds = _run(3, "raise_on_one_rank.py", how, timeout=30)
     assert r.returncode != 0
     assert "deliberate failure" in r.stderr
     assert "unreachable" not in r.stdout
