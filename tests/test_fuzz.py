@@ -13,7 +13,7 @@ naming the bad argument; inputs unchanged; no crash.  Inputs in the domain of th
 issue-12 defects are left out (`known_defect`), so the fuzz is green today; see
 test_adversarial.py for those.
 
-Budget: BNFAST_FUZZ_EXAMPLES examples per test (default 400: about 10 s per test, for
+Budget: BNFAST_FUZZ_EXAMPLES examples per test (default 1000: 10-30 s per test, for
 CI); for a long run by hand:
 
     BNFAST_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py -p no:cacheprovider
@@ -38,7 +38,7 @@ import adversarial as adv_mod  # noqa: E402
 from adversarial import Adv  # noqa: E402
 import test_adversarial as T  # noqa: E402
 
-EXAMPLES = int(os.environ.get("BNFAST_FUZZ_EXAMPLES", "400"))
+EXAMPLES = int(os.environ.get("BNFAST_FUZZ_EXAMPLES", "1000"))
 SEED = os.environ.get("BNFAST_FUZZ_SEED")
 
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
