@@ -42,6 +42,7 @@ import copy
 import numbers
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -685,16 +686,31 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm=None, bia
     a = inv if w is None else inv * w
     k_x = -(a * inv) * (s_dyxhat / n)
     k_0 = -a * (s_dy / n)
-    # In slices of about _CHUNK_BYTES along the batch axis: a temporary as large as x
-    # would cost more in fresh pages than the kernel takes (measured: 1.6 ms instead of
-    # 0.35 ms for a (128, 2048) float32 part).
+    # In slices of about _CHUNK_BYTES along the batch axis, into a reused per-thread
+    # buffer: a temporary as large as x would cost more in fresh pages than the kernel
+    # takes (measured: 1.6 ms instead of 0.35 ms for a (128, 2048) float32 part).
     if x.size:
         ones = np.ones(C)
         rows = len(x) if ax == 0 else max(1, _CHUNK_BYTES // x[0].nbytes)
         for s in range(0, len(x), rows):
-            t = batch_norm_infer(x[s:s + rows], m, ones, k_x, k_0, eps=0.0, axis=ax)
+            xs = x[s:s + rows]
+            t = batch_norm_infer(xs, m, ones, k_x, k_0, eps=0.0, axis=ax, out=_scratch(xs))
             np.add(dx[s:s + rows], t, out=dx[s:s + rows])
     return dx, dw_local, db_local
+
+
+_scratch_store = threading.local()
+
+
+def _scratch(like):
+    """A reusable per-thread array shaped like `like` (C-contiguous `like` only; None
+    otherwise), for the slices of the second backward pass."""
+    if not like.flags.c_contiguous:
+        return None
+    buf = getattr(_scratch_store, "buf", None)
+    if buf is None or buf.nbytes < like.nbytes:
+        buf = _scratch_store.buf = np.empty(max(like.nbytes, _CHUNK_BYTES), np.uint8)
+    return buf[:like.nbytes].view(like.dtype).reshape(like.shape)
 
 
 # ---------------------------------------------------------------------------- layers

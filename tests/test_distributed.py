@@ -62,12 +62,18 @@ def test_one_rank_equals_the_kernels(dtype, shape, axis, relu):
                                             else dict(rtol=1e-4, atol=1e-5)))
 
 
-@pytest.mark.parametrize("shape, axis", [((70, 64, 4, 4), 1), ((70, 4, 4, 64), -1),
-                                         ((64, 1400), 0)])
-def test_backward_in_slices_equals_the_kernels(shape, axis):
-    """Parts larger than the slice size of the second backward pass (256 KiB)."""
+@pytest.mark.parametrize("shape, axis, view", [((70, 64, 4, 4), 1, False),
+                                               ((70, 4, 4, 64), -1, False),
+                                               ((70, 4, 4, 64), -1, True),
+                                               ((64, 1400), 0, False)])
+def test_backward_in_slices_equals_the_kernels(shape, axis, view):
+    """Parts larger than the slice size of the second backward pass (256 KiB); `view`:
+    a channels-last view of channels-first memory (not C-contiguous)."""
     rng = np.random.default_rng(3)
     x, dy = rng.standard_normal(shape), rng.standard_normal(shape)
+    if view:
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+        assert not x.flags.c_contiguous
     C = shape[axis]
     w, b = rng.standard_normal(C), rng.standard_normal(C)
     assert x.nbytes > 2 * dist._CHUNK_BYTES
