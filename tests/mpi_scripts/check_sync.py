@@ -203,6 +203,26 @@ for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
     close(hN[k], h1[k], f"history {k}", rtol=1e-9, atol=1e-12)
     same_on_every_rank(np.array(hN[k]), f"history {k}")
 
+# fit's progress bar: on rank 0 only
+import tqdm.auto  # noqa: E402
+
+bars = []
+real_tqdm = tqdm.auto.tqdm
+
+
+def counting_tqdm(*args, **kwargs):
+    bars.append(1)
+    kwargs["disable"] = True
+    return real_tqdm(*args, **kwargs)
+
+
+tqdm.auto.tqdm = counting_tqdm
+fit(model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=0.1), (Xt, yt), epochs=2,
+    batch_size=25, progress=True, rng=1)
+tqdm.auto.tqdm = real_tqdm
+assert comm.allgather(len(bars)) == [2] + [0] * (size - 1), comm.allgather(len(bars))
+checks += 1
+
 # the sampler gives the same global batches as one process
 sampler = dist.DistributedSampler(37, 8, comm, seed=3)
 sampler.set_epoch(2)
