@@ -250,6 +250,60 @@ def _training_count(N, S, shape):
             f"Expected more than 1 value per channel when training, got input shape {shape}")
 
 
+def _backward_degenerate(dy, x, mean, invstd, weight, bias, relu, training, axis, dx,
+                         dweight, dbias):
+    """Recompute the channels whose weight, invstd or sums are not finite.
+
+    That happens with an infinite weight or invstd, or with float64 data whose deviations
+    or products overflow (values near 1e308).  The kernels' per-element form
+    ``kd*g + kx*(x - mean) + k0`` then gives inf - inf = NaN, and their sums overflow
+    where the result is representable.  These channels are recomputed with the float64
+    twin's formula ``a / m * (m*g - sum(g) - xhat * sum(g*xhat))`` in NumPy's long double
+    (80-bit extended on x86-64 Linux, whose range makes the intermediates exact enough not
+    to overflow; where long double is double, the twin's float64 results), and written
+    into `dx`, `dweight` and `dbias` in place, rounded once, with canonical NaNs.
+    """
+    x = np.asarray(x)
+    ax = axis % x.ndim
+    C = x.shape[ax]
+    inv = np.asarray(invstd, np.float64)
+    w = np.ones(C) if weight is None else np.asarray(weight, np.float64)
+    idx = np.flatnonzero(~(np.isfinite(inv) & np.isfinite(w)
+                           & np.isfinite(np.asarray(dweight, np.float64))
+                           & np.isfinite(np.asarray(dbias, np.float64))))
+    if not idx.size:
+        return
+    L = np.longdouble
+    shape = [1] * x.ndim
+    shape[ax] = idx.size
+
+    def vec(v, default):
+        a = np.full(C, default) if v is None else np.asarray(v, np.float64)
+        return a[idx].astype(L).reshape(shape)
+
+    xs = np.take(x, idx, axis=ax).astype(L)
+    g = np.take(np.asarray(dy), idx, axis=ax).astype(L)
+    red = tuple(i for i in range(x.ndim) if i != ax)
+    m = xs.size // idx.size
+    with np.errstate(all="ignore"):
+        wv, iv = vec(weight, 1.0), vec(inv, 0.0)
+        xhat = (xs - vec(mean, 0.0)) * iv
+        if relu:
+            g = np.where(xhat * wv + vec(bias, 0.0) > 0, g, L(0))
+        db = g.sum(axis=red, keepdims=True)
+        dw = (g * xhat).sum(axis=red, keepdims=True)
+        if training:
+            rdx = wv * iv / m * (m * g - db - xhat * dw)
+        else:
+            rdx = wv * iv * g
+    canon = lambda a: np.where(np.isnan(a), np.nan, a)  # noqa: E731
+    where = (slice(None),) * ax + (idx,)
+    with np.errstate(over="ignore"):
+        dx[where] = canon(rdx.astype(np.float64)).astype(dx.dtype)
+        dweight[idx] = canon(dw.reshape(-1).astype(np.float64))
+        dbias[idx] = canon(db.reshape(-1).astype(np.float64))
+
+
 def _check_zero_variance(xk, N, C, S, eps):
     """With eps == 0 a constant channel would normalise to 0/0 = NaN: refuse it first."""
     if eps != 0.0:
@@ -555,7 +609,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     nt = get_num_threads()
     r = _core.fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out, nt)
     if r is not None:
-        return r
+        if r[3]:
+            _backward_degenerate(dy, x, mean, invstd, weight, bias, relu, training, axis,
+                                 r[0], r[1], r[2])
+        return r[:3]
     relu = _flag(relu, "relu")
     training = _flag(training, "training")
     if relu and bias is None:
@@ -577,10 +634,15 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     b = _chan(bias, C, "bias")
     dx, dxk, copy_back = _output(out, x, perm, (xk, dyk))
     m, inv, w, b = _detach(dxk, m, inv, w, b)
-    dweight, dbias = _core.backward(dyk, xk, dxk, N, C, S, m, inv, w, b, relu, training, nt)
+    dweight, dbias, degenerate = _core.backward(dyk, xk, dxk, N, C, S, m, inv, w, b, relu,
+                                                training, nt)
     if copy_back:
         _copy_back(dx, dxk, perm)
-    return dx, dweight.astype(x.dtype, copy=False), dbias.astype(x.dtype, copy=False)
+    dweight = dweight.astype(x.dtype, copy=False)
+    dbias = dbias.astype(x.dtype, copy=False)
+    if degenerate:
+        _backward_degenerate(dy, x, m, inv, w, b, relu, training, ax, dx, dweight, dbias)
+    return dx, dweight, dbias
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,

@@ -19,7 +19,7 @@ is stored).
 """
 import numpy as np
 cimport numpy as cnp
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport malloc, free
 
 cnp.import_array()
@@ -293,7 +293,17 @@ cdef tuple _backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N
         st = t.backward[dt](dyp, xp, dxp, N, C, S, m.ptr, inv.ptr, w.ptr, b.ptr, dwp, dbp,
                             flags, nt)
     _check(st)
-    return dweight, dbias
+    # Channels whose weight, invstd or sums are not finite: the kernel's per-element form
+    # kd*g + kx*(x - mean) + k0 turns inf coefficients into inf - inf = NaN, so
+    # bnfast._api recomputes them with the float64 twin's formula (rare; flagged here).
+    cdef bint degenerate = False
+    cdef Py_ssize_t c
+    for c in range(C):
+        if not (isfinite(dwp[c]) and isfinite(dbp[c]) and isfinite(inv.ptr[c])
+                and (w.ptr == NULL or isfinite(w.ptr[c]))):
+            degenerate = True
+            break
+    return dweight, dbias, degenerate
 
 
 def moments(cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
@@ -319,7 +329,8 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_s
 def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N, Py_ssize_t C,
              Py_ssize_t S, cnp.ndarray mean, cnp.ndarray invstd, object weight, object bias,
              bint relu, bint training, int nthreads):
-    """Backward pass: writes dx, returns (dweight, dbias) as float64 arrays."""
+    """Backward pass: writes dx, returns (dweight, dbias, degenerate): float64 sums, and
+    whether a channel has a non-finite weight, invstd or sum (see _backward)."""
     return _backward(dy, x, dx, N, C, S, mean, invstd, weight, bias, relu, training,
                      nthreads)
 
@@ -328,8 +339,8 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N, Py_ssi
 #
 # The public functions (bnfast._api) call these first.  Each returns None unless its
 # arguments are, on cheap C-level checks, obviously valid and in the kernels' native form
-# (C-contiguous native float32/float64 arrays of exact type ndarray, channel axis an int
-# in range, scalars plain floats/ints in range, flags True/False, vectors that are 1-D
+# (aligned C-contiguous native float32/float64 arrays of exact type ndarray, channel axis
+# an int in range, scalars plain floats/ints in range, flags True/False, vectors that are 1-D
 # contiguous float arrays of the right length, no overlap of out with a vector or a
 # partial one with the inputs, running statistics apart from x and out).  Anything else
 # goes through the general path in Python, which owns every error message; a fast path
@@ -341,7 +352,7 @@ cdef inline bint _is_data(object a):
     cdef cnp.ndarray arr = <cnp.ndarray> a
     cdef int tn = cnp.PyArray_TYPE(arr)
     return ((tn == cnp.NPY_FLOAT or tn == cnp.NPY_DOUBLE) and cnp.PyArray_ISNOTSWAPPED(arr)
-            and cnp.PyArray_IS_C_CONTIGUOUS(arr))
+            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr))
 
 cdef inline bint _is_vec(object v, Py_ssize_t C):
     # None, or a 1-D contiguous native float32/float64 array of length C
@@ -367,9 +378,12 @@ cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
     return pa + cnp.PyArray_NBYTES(a) <= pb or pb + cnp.PyArray_NBYTES(b) <= pa
 
 cdef inline bint _apart(object v, object out):
-    # v (None or an array) does not overlap out (None or an array)
+    # v and out are not both arrays, or they do not overlap; anything but None or an
+    # exact ndarray is declined (False), to be judged by the general path
     if v is None or out is None:
         return True
+    if type(v) is not cnp.ndarray or type(out) is not cnp.ndarray:
+        return False
     return _disjoint(<cnp.ndarray> v, <cnp.ndarray> out)
 
 cdef inline bint _ok_out(object out, cnp.ndarray x, tuple inputs):
@@ -497,11 +511,11 @@ def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out,
             and _apart(bias, out)):
         return None
     cdef cnp.ndarray dx = _empty_like(xa) if out is None else <cnp.ndarray> out
-    dweight, dbias = _backward(da, xa, dx, N, C, S, mean, invstd, weight, bias, relu,
-                               training, nthreads)
+    dweight, dbias, degenerate = _backward(da, xa, dx, N, C, S, mean, invstd, weight, bias,
+                                           relu, training, nthreads)
     if _dt(xa) == 0:
-        return dx, dweight.astype(np.float32), dbias.astype(np.float32)
-    return dx, dweight, dbias
+        return dx, dweight.astype(np.float32), dbias.astype(np.float32), degenerate
+    return dx, dweight, dbias, degenerate
 
 
 def fast_moments(x, axis, int nthreads):

@@ -574,10 +574,11 @@ static int BN_FN(moments_blocked)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrd
  * compensated (Neumaier) sum, so cancelling huge values keep the small ones exactly, and
  * so is the sum of squares; the deviations are scaled again by a power of two t so that
  * their squares stay at most 1.  The result is scaled back with ldexp (inf only when the
- * true variance is beyond the double range).  Channels holding inf or NaN are left as
- * they are (their statistics are inf or NaN by definition).  Scalar code in a fixed
- * order, so the same bits in every variant and for any thread count; it runs only for
- * channels whose result was not finite.
+ * true variance is beyond the double range).  Channels holding inf or NaN get the
+ * statistics IEEE arithmetic gives the exact sums: mean +-inf (NaN with a NaN or both
+ * infinities) and variance NaN; the shifted sums could turn a lone +inf into a NaN mean.
+ * Scalar code in a fixed order, so the same bits in every variant and for any thread
+ * count; it runs only for channels whose result was not finite.
  */
 static void BN_FN(moments_fixup)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
                                  double *mean, double *var)
@@ -586,16 +587,24 @@ static void BN_FN(moments_fixup)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t
     for (ptrdiff_t c = 0; c < C; c++) {
         if (isfinite(mean[c]) && isfinite(var[c])) continue;
         double amax = 0.0;
-        int finite = 1;
-        for (ptrdiff_t n = 0; n < N && finite; n++) {
+        int pinf = 0, ninf = 0, nan = 0;
+        for (ptrdiff_t n = 0; n < N; n++) {
             const T *row = x + (n * C + c) * S;
             for (ptrdiff_t s = 0; s < S; s++) {
                 const double v = (double)row[s];
-                if (!isfinite(v)) { finite = 0; break; }
-                if (fabs(v) > amax) amax = fabs(v);
+                if (v != v) nan = 1;
+                else if (v == INFINITY) pinf = 1;
+                else if (v == -INFINITY) ninf = 1;
+                else if (fabs(v) > amax) amax = fabs(v);
             }
         }
-        if (!finite) continue;
+        if (nan | pinf | ninf) {
+            /* IEEE arithmetic on the exact sums: the mean is +-inf, or NaN with NaN or both
+             * infinities; the deviations include inf - inf, so the variance is NaN. */
+            mean[c] = (nan || (pinf && ninf)) ? NAN : (pinf ? INFINITY : -INFINITY);
+            var[c] = NAN;
+            continue;
+        }
         int ea, ec;
         frexp(amax, &ea);           /* amax < 2^ea */
         frexp(cnt, &ec);            /* cnt < 2^ec */

@@ -23,19 +23,13 @@ or interleaved with each other; vectors sharing memory with `out`; float64 near 
 double; masked arrays; relu=True backward without bias; eps=0 on a constant channel; NaN
 variance; huge Python ints; flags that are not bools; NaN bits across ISA variants).
 
-Defects these tests found that are still open are listed in `KNOWN`; `known_defect()` sets
+Defects these tests find that are still open are listed in `KNOWN`; `known_defect()` sets
 their cases aside from the main tests, and a strict-xfail test per defect runs them.  When a
 defect is fixed, its test passes, strict xfail reports that as a failure, and the key, its
 branch in `known_defect()` and the marker are to be removed (the cases then join the main
-tests):
-
-  new-crash-out-not-array  batch_norm_train / batch_norm(training=True) with running
-                           statistics and an `out` that is not an ndarray: segfault
-  new-inf-mean             moments/training: a channel holding +inf (and no -inf) gets mean
-                           NaN instead of +inf (running_mean too)
-  new-backward-nonfinite   batch_norm_backward with an infinite weight or invstd, or float64
-                           data near the largest double: NaN or +-inf where the result is
-                           +-inf, NaN or finite
+tests).  None is open today; the three these tests found (a segfault with a non-array `out`
+and running statistics, a NaN mean for a channel holding +inf, NaN or overflow in backward
+where the result is +-inf or representable) are fixed and keep their regression tests.
 
 `python tests/adversarial.py` prints the number of distinct adversarial inputs; a run of
 this file prints it too, with the number of calls checked, in the terminal summary.
@@ -391,19 +385,10 @@ def known_defect(fn, a, pos):
     xfail test of their own; when the defect is fixed, that test passes, strict xfail reports
     it, and the key and the marker are to be removed here so the cases join the main tests.
     """
-    v = a[pos]
-    tags = v.tags if isinstance(v, Adv) else frozenset()
-    o = _obj(v)
-    if pos == "out" and o is not None and not isinstance(o, np.ndarray) and \
-            fn in ("train", "bn_train") and a.get("running_mean") is not None:
-        return "new-crash-out-not-array"
-    if pos == "x" and isinstance(v, Adv) and v.label.endswith(":inf") and fn in (
-            "moments", "train", "bn_train"):
-        return "new-inf-mean"
-    if pos == "x" and "huge" in tags and "f64" in tags and fn == "backward":
-        return "new-backward-nonfinite"
-    if fn == "backward" and pos in ("weight", "invstd") and "inf" in tags:
-        return "new-backward-nonfinite"
+    # No open defect today: the three found by these tests (a segfault with a non-array
+    # `out` and running statistics, a NaN mean for a channel holding +inf, NaN where
+    # backward's result is +-inf or representable) are fixed, and their cases run in
+    # test_adversarial and in the regression tests below.
     return None
 
 
@@ -968,13 +953,7 @@ def test_every_isa_agrees_on_adversarial_data():
 
 # ------------------------------------------------------------------ known defects (issue 12)
 
-KNOWN = {
-    "new-crash-out-not-array": "batch_norm_train with running statistics and an `out` that "
-                               "is not an ndarray crashes (segfault)",
-    "new-inf-mean": "the mean of a channel holding +inf (and no -inf) is NaN, not +inf",
-    "new-backward-nonfinite": "backward gives NaN/-inf where the result is +-inf or NaN (inf "
-                              "weight/invstd, float64 data near the largest double)",
-}
+KNOWN = {}
 
 
 def _xfail(key):
@@ -1230,7 +1209,6 @@ def test_issue12_flags_naming():
     _run(_matching(lambda f, p, a: p in ("relu", "training") and _truth(a[p]) is None))
 
 
-@_xfail("new-backward-nonfinite")
 def test_new_backward_nonfinite_parameters():
     """batch_norm_backward with weight or invstd containing inf: dx differs from the float64
     reference in its non-finite values (e.g. -inf where the reference has NaN, NaN where it
@@ -1238,14 +1216,12 @@ def test_new_backward_nonfinite_parameters():
     _run(_select(item="new-backward-nonfinite"))
 
 
-@_xfail("new-inf-mean")
 def test_new_inf_mean():
     """moments(x) where a channel holds one +inf (and otherwise finite values): the mean is
     +inf (the reference's answer), not NaN; also the training mean and running_mean."""
     _run(_select(item="new-inf-mean"))
 
 
-@_xfail("new-crash-out-not-array")
 def test_new_crash_out_not_array():
     """batch_norm_train(x, running_mean=rm, running_var=rv, out=<a list>) must raise
     TypeError naming out; it crashes the interpreter (the Cython fast path compares the

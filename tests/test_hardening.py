@@ -163,7 +163,7 @@ def test_train_with_weight_a_view_of_out():
     np.testing.assert_array_equal(y, expect)
 
 
-# ---------------------------------------------------------------- 4. float64 near the largest double
+# ------------------------------------------------------------ 4. float64 near the largest double
 
 def test_moments_near_the_largest_double():
     x = np.array([[1.7e308], [-1.7e308], [1.0], [2.0]])
@@ -258,7 +258,7 @@ def test_matrix_input():
     assert m.tolist() == [2.0, 4.0]
 
 
-# ---------------------------------------------------------------- 7. fused-ReLU backward needs the bias
+# ------------------------------------------------------------ 7. fused-ReLU backward needs the bias
 
 @pytest.mark.parametrize("training", [True, False])
 def test_relu_backward_requires_the_bias(training):
@@ -461,3 +461,55 @@ def test_nan_outputs_have_the_same_bits_in_every_variant():
     dx = results[0][0]
     assert np.isnan(dx[:, 0]).all()
     assert (dx[:, 0].view(np.uint32) == 0x7FC00000).all()   # the canonical quiet NaN
+
+
+# ---------------------------------------------------------------- found by the adversarial tests
+
+def test_out_not_an_array_with_running_stats_raises():
+    # the fast path compared the running statistics' memory with a non-array out: segfault
+    x = np.random.default_rng(13).standard_normal((4, 3, 5))
+    for out in (x.tolist(), "abc", 1.5):
+        with pytest.raises(TypeError, match="^out must be a numpy.ndarray"):
+            bnfast.batch_norm_train(x, running_mean=np.zeros(3), running_var=np.ones(3),
+                                    out=out)
+        with pytest.raises(TypeError, match="^out must be a numpy.ndarray"):
+            bnfast.batch_norm(x, np.zeros(3), np.ones(3), training=True, out=out)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 70), (3000, 3)])
+def test_infinite_values_give_ieee_statistics(isa, dtype, shape):
+    x = np.random.default_rng(14).standard_normal(shape).astype(dtype)
+    x[1, 0] = np.inf                       # +inf alone: mean +inf
+    x[2, 1], x[3, 1] = np.inf, -np.inf     # both: NaN
+    x[0, 2] = -np.inf                      # -inf alone: mean -inf
+    with bnfast.use_isa(isa):
+        mean, var = bnfast.moments(x)
+        rm, rv = np.zeros(3), np.ones(3)
+        _, tmean, _ = bnfast.batch_norm_train(x, running_mean=rm, running_var=rv)
+    assert mean[0] == np.inf and np.isnan(mean[1]) and mean[2] == -np.inf
+    assert np.isnan(var).all()
+    np.testing.assert_array_equal(tmean, mean)
+    assert rm[0] == np.inf and np.isnan(rm[1]) and rm[2] == -np.inf
+
+
+@pytest.mark.parametrize("which", ["weight", "invstd"])
+def test_backward_with_an_infinite_coefficient_matches_the_twin(which):
+    rng = np.random.default_rng(15)
+    x, dy = rng.standard_normal((6, 3, 5)), rng.standard_normal((6, 3, 5))
+    _, mean, invstd = bnfast.batch_norm_train(x)
+    w = np.ones(3)
+    (w if which == "weight" else invstd)[0] = np.inf
+    dx, dw, db = bnfast.batch_norm_backward(dy, x, mean, invstd, w)
+    with np.errstate(all="ignore"):
+        rdx, rdw, rdb = ref.batch_norm_backward(dy, x, mean, invstd, w)
+    # channel 0 exactly (+-inf, not inf - inf = NaN), the others to rounding
+    np.testing.assert_array_equal(dx[:, 0], rdx[:, 0])
+    np.testing.assert_allclose(dx[:, 1:], rdx[:, 1:], rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-13)
+    np.testing.assert_allclose(db, rdb, rtol=1e-13)
+    if which == "weight":
+        assert np.isinf(dx[:, 0]).all()
+    else:                       # xhat = (x - mean) * inf: the twin's answer is NaN too
+        assert np.isnan(dx[:, 0]).all() and np.isnan(dw[0])
