@@ -645,6 +645,58 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     return dx, dweight, dbias
 
 
+# ------------------------------------------------------------------ backward in two steps
+#
+# For synchronized batch norm (bnfast.distributed): the training backward's per-channel
+# sums, and its element-wise pass with coefficients from sums taken over several processes.
+# Same checks as batch_norm_backward; with the sums of one process the two steps give
+# exactly batch_norm_backward's dx.
+
+def _backward_inputs(dy, x, mean, invstd, weight, bias, relu, axis):
+    relu = _flag(relu, "relu")
+    if relu and bias is None:
+        raise ValueError("bias is required when relu=True (the ReLU's gradient mask depends "
+                         "on the forward's bias)")
+    x = _as_data(x, "x")
+    dy = _as_data(dy, "dy")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy has dtype {dy.dtype} but x has dtype {x.dtype}")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {dy.shape} but x has shape {x.shape}")
+    ax, N, C, S, perm, xk = _layout(x, axis)
+    dyk = _coerce(dy, perm)
+    m = _chan(mean, C, "mean", required=True)
+    inv = _chan(invstd, C, "invstd", required=True)
+    return (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, _chan(weight, C, "weight"),
+            _chan(bias, C, "bias"), relu)
+
+
+def _backward_sums(dy, x, mean, invstd, weight=None, *, bias=None, relu=False, axis=1):
+    """Per-channel ``(sum(g), sum(g * (x - mean)))`` in float64, g = dy (masked where the
+    fused ReLU's forward output was not positive)."""
+    (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, w, b, relu) = _backward_inputs(
+        dy, x, mean, invstd, weight, bias, relu, axis)
+    return _core.backward_sums(dyk, xk, N, C, S, m, inv, w, b, relu, get_num_threads())
+
+
+def _backward_dx(dy, x, mean, invstd, weight, k_x, k_0, *, bias=None, relu=False, axis=1,
+                 out=None):
+    """``dx = weight * invstd * g + k_x * (x - mean) + k_0`` per channel: the element-wise
+    pass of the training backward with the caller's coefficients (for the sums of one
+    process, ``k_x = -(a * invstd) * (sum(g*(x-mean)) * invstd / m)`` and
+    ``k_0 = -a * (sum(g) / m)`` with ``a = weight * invstd``)."""
+    (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, w, b, relu) = _backward_inputs(
+        dy, x, mean, invstd, weight, bias, relu, axis)
+    kx = _chan(k_x, C, "k_x", required=True)
+    k0 = _chan(k_0, C, "k_0", required=True)
+    dx, dxk, copy_back = _output(out, x, perm, (xk, dyk))
+    m, inv, w, b, kx, k0 = _detach(dxk, m, inv, w, b, kx, k0)
+    _core.backward_dx(dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, get_num_threads())
+    if copy_back:
+        _copy_back(dx, dxk, perm)
+    return dx
+
+
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, relu=False):
     """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.

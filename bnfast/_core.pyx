@@ -19,7 +19,7 @@ is stored).
 """
 import numpy as np
 cimport numpy as cnp
-from libc.math cimport isfinite, sqrt
+from libc.math cimport NAN, isfinite, sqrt
 from libc.stdlib cimport malloc, free
 
 cnp.import_array()
@@ -304,6 +304,66 @@ cdef tuple _backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N
             degenerate = True
             break
     return dweight, dbias, degenerate
+
+
+def backward_sums(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                  object mean, object invstd, object weight, object bias, bint relu,
+                  int nthreads):
+    """The backward pass's per-channel reductions: (sum(g), sum(g * (x - mean))) in
+    float64, g = dy masked by the fused ReLU's forward output when relu."""
+    cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
+    cdef cnp.ndarray sd = _empty_c(C), sx = _empty_c(C)
+    cdef const bn_kernel_table *t = bn_active()
+    cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0
+    cdef double *sc = <double *> malloc(sizeof(double) * 2 * (C if C > 0 else 1))
+    if sc == NULL:
+        raise MemoryError()
+    cdef double *sh = sc + C
+    cdef Py_ssize_t c
+    cdef void *dyp = cnp.PyArray_DATA(dy)
+    cdef void *xp = cnp.PyArray_DATA(x)
+    cdef double *sdp = <double *> cnp.PyArray_DATA(sd)
+    cdef double *sxp = <double *> cnp.PyArray_DATA(sx)
+    with nogil:
+        for c in range(C):
+            sc[c] = inv.ptr[c] * w.ptr[c] if w.ptr != NULL else inv.ptr[c]
+            sh[c] = b.ptr[c] if b.ptr != NULL else 0.0
+        st = t.backward_reduce[dt](dyp, xp, N, C, S, m.ptr, sc, sh, sdp, sxp, flags, nthreads)
+        for c in range(C):          # canonical NaNs, as every kernel output
+            if sdp[c] != sdp[c]:
+                sdp[c] = NAN
+            if sxp[c] != sxp[c]:
+                sxp[c] = NAN
+    free(sc)
+    _check(st)
+    return sd, sx
+
+
+def backward_dx(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N, Py_ssize_t C,
+                Py_ssize_t S, object mean, object invstd, object weight, object bias,
+                object k_x, object k_0, bint relu, int nthreads):
+    """dx = a * g + k_x * (x - mean) + k_0 per channel, a = weight * invstd (the element-wise
+    pass of the training backward, with coefficients from the caller's sums)."""
+    cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
+    cdef _Vec kx = _vec(k_x, C), k0 = _vec(k_0, C)
+    cdef const bn_kernel_table *t = bn_active()
+    cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0
+    cdef double *sc = <double *> malloc(sizeof(double) * 2 * (C if C > 0 else 1))
+    if sc == NULL:
+        raise MemoryError()
+    cdef double *sh = sc + C
+    cdef Py_ssize_t c
+    cdef void *dyp = cnp.PyArray_DATA(dy)
+    cdef void *xp = cnp.PyArray_DATA(x)
+    cdef void *dxp = cnp.PyArray_DATA(dx)
+    with nogil:
+        for c in range(C):
+            sc[c] = inv.ptr[c] * w.ptr[c] if w.ptr != NULL else inv.ptr[c]
+            sh[c] = b.ptr[c] if b.ptr != NULL else 0.0
+        st = t.backward_dx[dt](dyp, xp, dxp, N, C, S, m.ptr, sc, sh, sc, kx.ptr, k0.ptr, flags,
+                               nthreads)
+    free(sc)
+    _check(st)
 
 
 def moments(cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):

@@ -75,7 +75,7 @@ def test_module_imports_and_its_docstring_examples_run(name, tmp_path, monkeypat
 PUBLIC_MODULES = ["bnfast", "bnfast.reference", "bnfast.nn", "bnfast.optim", "bnfast.train",
                   "bnfast.paper.mnist_fig1", "bnfast.paper.accelerate", "bnfast.paper.common",
                   "bnfast.paper.cli",
-                  "bnfast.datasets"]
+                  "bnfast.datasets", "bnfast.distributed"]
 
 SECTION = re.compile(r"^\s*([A-Z][A-Za-z ]+)\n\s*-{3,}\s*$", re.M)
 
