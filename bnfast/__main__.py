@@ -1,12 +1,26 @@
-"""Command line: ``python -m bnfast [config|quick|bench|paper]``.
+"""bnfast's command line: bnfast [config|quick|bench|paper] (also python -m bnfast).
 
-With no argument (or ``quick``), prints the configuration and a short speed comparison of
-bnfast against NumPy (and PyTorch, when installed) on two common shapes.  ``bench`` runs
-the full benchmark (``--quick`` for a subset) and writes JSON and a PNG plot.  ``paper``
-runs the paper's experiments (``paper mnist``, ``paper accelerate``; see docs/paper.md).
+With no command (or quick), prints the configuration and a short speed comparison of
+bnfast against NumPy (and PyTorch, when installed) on two common shapes.  bench runs the
+full benchmark (--quick for a subset) and writes JSON and a PNG plot.  paper runs the
+paper's experiments (bnfast paper mnist, bnfast paper accelerate; bnfast paper --help).
+
+Exit status: 0 on success, 1 when a run fails (one message, no traceback), 2 for invalid
+arguments, 130 after Ctrl-C.
 """
 import argparse
 import sys
+
+PROG = "bnfast"
+
+
+def _torch_status(args):
+    """'installed', 'not installed' or 'skipped (--no-torch)'."""
+    if args.no_torch:
+        return "skipped (--no-torch)"
+    from ._bench import _torch
+
+    return "installed" if _torch() is not None else "not installed"
 
 
 def _quick(args):
@@ -16,6 +30,7 @@ def _quick(args):
 
     show_config()
     threads = args.threads or get_num_threads()
+    torch = _torch_status(args)
     print(f"\nSpeed, float32, {threads} thread(s); median of repeated runs "
           "(ratios > 1 mean bnfast is faster):\n")
     rows = []
@@ -23,10 +38,10 @@ def _quick(args):
         for layout in layouts:
             rows += run_case(shape, layout, "float32", threads, repeat=args.repeat,
                              ops=("train", "infer", "backward"),
-                             include_torch=not args.no_torch)
-    print(format_table(rows))
-    print("\ncf = channels-first (axis=1), cl = channels-last (axis=-1); bnfast writes into "
-          "preallocated outputs.\nFull benchmark: python -m bnfast bench")
+                             include_torch=torch == "installed")
+    print(format_table(rows, torch=torch))
+    print(f"\ncf = channels-first (axis=1), cl = channels-last (axis=-1); bnfast writes into "
+          f"preallocated outputs.\nFull benchmark: {PROG} bench")
     return 0
 
 
@@ -40,38 +55,76 @@ def _bench(args):
     return 0
 
 
+def _config(args):
+    if args.json:
+        import json
+
+        from . import get_config
+
+        print(json.dumps(get_config(), indent=1, sort_keys=True, default=str))
+    else:
+        from . import show_config
+
+        show_config()
+    return 0
+
+
+def build_parser():
+    """The parser of the ``bnfast`` command (``paper`` is handed to bnfast.paper.cli)."""
+    from . import __version__
+    from .paper.cli import DOCS_HINT_MAIN, HelpFormatter, output_dir, positive_int, \
+        positive_thread_count
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=DOCS_HINT_MAIN,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"bnfast {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="{config,quick,bench,paper}")
+    c = sub.add_parser("config", help="print the build and run-time configuration",
+                       description="Print bnfast's build and run-time configuration.",
+                       formatter_class=HelpFormatter)
+    c.add_argument("--json", action="store_true",
+                   help="machine-readable: bnfast.get_config() as JSON")
+    q = sub.add_parser("quick", help="configuration and a short speed comparison (default)",
+                       description="The configuration and a short speed comparison against "
+                                   "NumPy and PyTorch.", formatter_class=HelpFormatter)
+    b = sub.add_parser("bench", help="the full benchmark: table, JSON and PNG",
+                       description="The full benchmark against NumPy, PyTorch and the memory "
+                                   "copy floor; writes a table, JSON and a PNG.",
+                       formatter_class=HelpFormatter)
+    sub.add_parser("paper", help="the paper's experiments: paper mnist | paper accelerate "
+                                 f"(see {PROG} paper --help)", add_help=False)
+    b.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
+    b.add_argument("--out", type=output_dir, default="results", metavar="DIR",
+                   help="folder for JSON and PNG (created)")
+    b.add_argument("--threads", type=positive_thread_count, default=None,
+                   help="one thread count (default: 1 and all cores; with --quick: all)")
+    b.add_argument("--repeat", type=positive_int, default=None,
+                   help="timing samples per case (default: 3 to 7, by size)")
+    for p in (parser, q):
+        p.add_argument("--threads", type=positive_thread_count, default=None,
+                       help="thread count (default: all cores)")
+        p.add_argument("--repeat", type=positive_int, default=5, help="timing samples per case")
+        p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if present")
+    return parser
+
+
 def main(argv=None):
+    """Run the ``bnfast`` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["paper"]:
         from .paper.cli import main as paper_main
 
-        return paper_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m bnfast", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd")
-    sub.add_parser("config", help="print the build and run-time configuration")
-    q = sub.add_parser("quick", help="configuration and a short speed comparison (default)")
-    b = sub.add_parser("bench", help="the full benchmark: table, JSON and PNG")
-    sub.add_parser("paper", help="the paper's experiments: paper mnist | paper accelerate "
-                                 "(see python -m bnfast paper --help)")
-    b.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
-    b.add_argument("--out", default="results", help="folder for JSON and PNG (default results)")
-    b.add_argument("--threads", type=int, default=None,
-                   help="one thread count (default: 1 and all; --quick: all)")
-    b.add_argument("--repeat", type=int, default=None, help="timing samples per case")
-    for p in (parser, q):
-        p.add_argument("--threads", type=int, default=None, help="thread count (default: all)")
-        p.add_argument("--repeat", type=int, default=5, help="timing samples per case")
-        p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if present")
-    args = parser.parse_args(argv)
-    if args.cmd == "config":
-        from . import show_config
-
-        show_config()
-        return 0
-    if args.cmd == "bench":
-        return _bench(args)
-    return _quick(args)
+        return paper_main(argv[1:], prog=f"{PROG} paper")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "config":
+            return _config(args)
+        if args.cmd == "bench":
+            return _bench(args)
+        return _quick(args)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -255,21 +255,42 @@ def suite(quick=False, threads_list=None):
     return cases
 
 
-def format_table(rows):
+def format_table(rows, torch=None):
+    """The results as a text table.
+
+    `torch` says why there are no PyTorch times when none of `rows` has one ('not
+    installed', 'skipped (--no-torch)'): the PyTorch columns are then left out and a
+    line says so, rather than columns of nan.
+    """
+    has_torch = any(r["torch_ms"] == r["torch_ms"] for r in rows)
     head = (f"{'op':<10} {'shape':<19} {'lay':<3} {'dtype':<7} {'thr':>3} {'bnfast':>9} "
-            f"{'fresh':>9} {'numpy':>9} {'torch':>9} {'copy':>8} {'vs torch':>8} "
-            f"{'vs np':>7} {'x copy':>6}")
+            f"{'fresh':>9} {'numpy':>9} " + (f"{'torch':>9} " if has_torch else "")
+            + f"{'copy':>8} " + (f"{'vs torch':>8} " if has_torch else "")
+            + f"{'vs np':>7} {'x copy':>6}")
     lines = [head, "-" * len(head)]
+
+    def ms(v, width):
+        return f"{v:>{width}.3f}" if v == v else f"{'-':>{width}}"
+
     for r in rows:
         vt = r["torch_ms"] / r["bnfast_ms"]
         vn = r["numpy_ms"] / r["bnfast_ms"]
         lines.append(
             f"{r['op']:<10} {str(tuple(r['shape'])):<19} {r['layout']:<3} {r['dtype']:<7} "
-            f"{r['threads']:>3} {r['bnfast_ms']:>9.3f} {r['bnfast_fresh_ms']:>9.3f} "
-            f"{r['numpy_ms']:>9.3f} {r['torch_ms']:>9.3f} {r['copy_ms']:>8.3f} "
-            f"{vt:>7.2f}x {vn:>6.1f}x {r['bnfast_ms'] / r['copy_ms']:>6.2f}")
-    lines.append("times: median ms; fresh = bnfast allocating its outputs; vs torch/np = their "
-                 "time / bnfast's; x copy = bnfast / copy floor")
+            f"{r['threads']:>3} {ms(r['bnfast_ms'], 9)} {ms(r['bnfast_fresh_ms'], 9)} "
+            f"{ms(r['numpy_ms'], 9)} " + (f"{ms(r['torch_ms'], 9)} " if has_torch else "")
+            + f"{ms(r['copy_ms'], 8)} "
+            + ((f"{vt:>7.2f}x " if vt == vt else f"{'-':>8} ") if has_torch else "")
+            + (f"{vn:>6.1f}x" if vn == vn else f"{'-':>7}")
+            + f" {r['bnfast_ms'] / r['copy_ms']:>6.2f}")
+    lines.append("times: median ms; fresh = bnfast allocating its outputs; "
+                 + ("vs torch/np = their time / bnfast's" if has_torch
+                    else "vs np = NumPy's time / bnfast's")
+                 + "; x copy = bnfast / copy floor")
+    if not has_torch:
+        why = torch or "not installed"
+        hint = " (pip install torch)" if why == "not installed" else ""
+        lines.append(f"PyTorch: {why}{hint}; its columns are left out")
     return "\n".join(lines)
 
 
@@ -317,36 +338,51 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=print):
-    """Run the benchmark suite; print a table; write JSON (and PNG if matplotlib exists)."""
+def _write_json(out_dir, stem, torch, t0, summ, rows, interrupted=False):
     from ._config import get_config
 
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, stem + ".json")
+    blob = {"config": get_config(), "torch": getattr(torch, "__version__", None),
+            "seconds": time.perf_counter() - t0, "summary": summ, "results": rows}
+    if interrupted:
+        blob["interrupted"] = True
+    with open(path, "w") as f:
+        json.dump(blob, f, indent=1)
+    return path
+
+
+def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=print):
+    """Run the benchmark suite; print a table; write JSON (and PNG if matplotlib exists)."""
     torch = _torch()
     if torch is None:
-        log("note: PyTorch is not installed; its columns are n/a (pip install torch)")
+        log("note: PyTorch is not installed; its columns are left out (pip install torch)")
     cases = suite(quick, threads_list)
     rows = []
     t0 = time.perf_counter()
-    for shape, layout, dt, t in cases:
-        big = math.prod(shape) * np.dtype(dt).itemsize > 256e6
-        rep = repeat or (3 if big else (5 if quick else 7))
-        rows += run_case(shape, layout, dt, t, repeat=rep)
-        r = rows[-1]
-        log(f"  {r['shape']} {layout} {r['dtype']} t{t}: done ({time.perf_counter() - t0:.0f} s)")
+    stem = "bench_quick" if quick else "bench"
+    try:
+        for shape, layout, dt, t in cases:
+            big = math.prod(shape) * np.dtype(dt).itemsize > 256e6
+            rep = repeat or (3 if big else (5 if quick else 7))
+            rows += run_case(shape, layout, dt, t, repeat=rep)
+            r = rows[-1]
+            log(f"  {r['shape']} {layout} {r['dtype']} t{t}: done "
+                f"({time.perf_counter() - t0:.0f} s)")
+    except KeyboardInterrupt:
+        if out_dir and rows:
+            path = _write_json(out_dir, stem, torch, t0, summarize(rows), rows,
+                               interrupted=True)
+            log(f"\ninterrupted after {len(rows)} rows; wrote them to {path}")
+        raise
     log("")
-    log(format_table(rows))
+    log(format_table(rows, torch=None if torch is not None else "not installed"))
     summ = summarize(rows)
     for op, s in summ.items():
         log(f"speed-up over PyTorch, {op}: median {s['median']:.2f}x, "
             f"min {s['min']:.2f}x, geomean {s['geomean']:.2f}x over {s['cases']} cases")
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        stem = "bench_quick" if quick else "bench"
-        with open(os.path.join(out_dir, stem + ".json"), "w") as f:
-            json.dump({"config": get_config(),
-                       "torch": getattr(torch, "__version__", None),
-                       "seconds": time.perf_counter() - t0, "summary": summ,
-                       "results": rows}, f, indent=1)
+        _write_json(out_dir, stem, torch, t0, summ, rows)
         try:
             plot(rows, os.path.join(out_dir, stem + ".png"))
         except ImportError:

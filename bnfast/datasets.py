@@ -508,10 +508,10 @@ def download_mnist(dest, *, names=None, mirrors=None, checksums=None, timeout=60
     dest.mkdir(parents=True, exist_ok=True)
     for base in names:
         errors = []
+        if progress:
+            print(f"bnfast: downloading {base}.gz into {dest}", flush=True)
         for prefix in mirrors:
             url = prefix.rstrip("/") + "/" + base + ".gz"
-            if progress:
-                print(f"bnfast: downloading {url}", flush=True)
             try:
                 with _urlopen(url, timeout) as resp:
                     blob = resp.read(_MAX_DOWNLOAD + 1)
@@ -593,18 +593,24 @@ def load_mnist(data_dir=None, *, download=True, checksums=None, mirrors=None):
     >>> load_mnist(folder, download=False, checksums={})
     Traceback (most recent call last):
         ...
-    bnfast.datasets.DatasetError: MNIST files t10k-labels-idx1-ubyte (.gz or raw) not found in ...
+    bnfast.datasets.DatasetError: MNIST files t10k-labels-idx1-ubyte (.gz or raw) not found. ...
     >>> tmp.cleanup()
     """
     checksums = _check_checksums(MNIST_SHA256 if checksums is None else checksums)
     folder, may_download = find_mnist_dir(data_dir)
+    named = _named_dir(data_dir)
+    if named is not None and not named[0].is_dir():
+        what = "does not exist" if not named[0].exists() else "is not a folder"
+        raise DatasetError(f"MNIST folder {named[0]} (from {named[1]}) {what}; name the "
+                           f"folder that holds the four MNIST files")
     missing = [b for b in MNIST_FILES.values() if _file_in(folder, b) is None]
     if missing:
         if not (download and may_download):
-            raise DatasetError(
-                f"MNIST files {', '.join(missing)} (.gz or raw) not found in {folder}; "
-                f"pass data_dir=, set BNFAST_DATA_DIR, or allow download=True")
-        download_mnist(folder, names=missing, mirrors=mirrors, checksums=checksums)
+            raise DatasetError(_not_found(data_dir, folder, missing, None))
+        try:
+            download_mnist(folder, names=missing, mirrors=mirrors, checksums=checksums)
+        except DatasetError as exc:
+            raise DatasetError(_not_found(data_dir, folder, missing, exc)) from None
     arrays = {}
     for role, base in MNIST_FILES.items():
         arrays[role] = read_idx(_file_in(folder, base), checksums.get(base))
@@ -619,6 +625,47 @@ def load_mnist(data_dir=None, *, download=True, checksums=None, mirrors=None):
         if lab.size and lab.max() > 9:
             raise DatasetError(f"MNIST {split} labels in {folder}: label {lab.max()} > 9")
     return MNIST(**arrays, source=str(folder))
+
+
+def _named_dir(data_dir):
+    """``(folder, how it was named)`` for a folder the user named, else None."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser(), "data_dir / --data-dir"
+    env = os.environ.get("BNFAST_DATA_DIR")
+    if env:
+        return Path(env).expanduser(), "BNFAST_DATA_DIR"
+    return None
+
+
+def _searched(data_dir):
+    """``[(folder, how it was chosen), ...]``: every place :func:`find_mnist_dir` looks."""
+    if data_dir is not None:
+        return [(Path(data_dir).expanduser(), "data_dir / --data-dir")]
+    env = os.environ.get("BNFAST_DATA_DIR")
+    if env:
+        d = Path(env).expanduser()
+        return [(d, "BNFAST_DATA_DIR"), (d / "mnist", "BNFAST_DATA_DIR's mnist/")]
+    return ([(d, "beside the source checkout") for d in _checkout_dirs()]
+            + [(default_cache_dir() / "mnist", "the cache folder")])
+
+
+def _not_found(data_dir, folder, missing, download_error):
+    """The message for missing MNIST files: every place looked in, why the download
+    failed, and how to point at a copy."""
+    lines = [f"MNIST files {', '.join(missing)} (.gz or raw) not found. Looked in:"]
+    for d, how in _searched(data_dir):
+        state = "" if d.is_dir() else ", does not exist"
+        lines.append(f"  {d} ({how}{state})")
+    if download_error is not None:
+        reasons = [r.strip() for r in str(download_error).splitlines()[1:] if r.strip()]
+        first = reasons[0] if reasons else str(download_error)
+        if len(first) > 160:
+            first = first[:157] + "..."
+        more = f" (and {len(reasons) - 1} other mirrors)" if len(reasons) > 1 else ""
+        lines.append(f"  could not download into {folder}: {first}{more}")
+    lines.append("Point at a folder holding the four files with --data-dir DIR (data_dir=) "
+                 "or the BNFAST_DATA_DIR environment variable.")
+    return "\n".join(lines)
 
 
 def as_float(images, *, flatten=False, dtype=np.float32):

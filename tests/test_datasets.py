@@ -266,19 +266,80 @@ def test_download_with_the_real_opener_from_file_urls(tmp_path):
     served = tmp_path / "served"
     sums = write_tiny(served, arrays)
     dest = tmp_path / "data"
+    dest.mkdir()                                  # a named folder must exist (issue 15)
     m = load_mnist(dest, checksums=sums,
                    mirrors=[(tmp_path / "nothing").as_uri() + "/", served.as_uri() + "/"])
     np.testing.assert_array_equal(m.train_labels, arrays["train_labels"])
     assert not any(p.suffix == ".part" for p in dest.iterdir())
 
 
+# ------------------------------------------------------------------ named folders, messages
+
+def test_named_folder_that_does_not_exist_is_an_error_and_not_created(isolated, monkeypatch):
+    typo = isolated / "some" / "typo"
+    monkeypatch.setattr(datasets, "_urlopen", _fail_opener)
+    with pytest.raises(DatasetError, match=r"(?s)typo \(from data_dir / --data-dir\) does not "
+                                           r"exist"):
+        load_mnist(typo)
+    assert not typo.exists() and not typo.parent.exists()
+    monkeypatch.setenv("BNFAST_DATA_DIR", str(typo))
+    with pytest.raises(DatasetError, match=r"typo \(from BNFAST_DATA_DIR\) does not exist"):
+        load_mnist()
+    assert not typo.exists()
+    (isolated / "file").write_text("x")
+    with pytest.raises(DatasetError, match="is not a folder"):
+        load_mnist(isolated / "file")
+
+
+def test_missing_data_message_lists_every_place_and_the_remedies(isolated, monkeypatch):
+    shared = isolated / "shared" / "data" / "mnist"
+    monkeypatch.setattr(datasets, "_checkout_dirs", lambda: [shared])
+    monkeypatch.setattr(datasets, "_urlopen", _fail_opener)
+    monkeypatch.setattr(datasets, "MNIST_MIRRORS", ["https://a.invalid/", "https://b.invalid/"])
+    with pytest.raises(DatasetError) as err:
+        load_mnist()
+    msg = str(err.value)
+    lines = msg.splitlines()
+    assert len(lines) <= 6, msg
+    assert f"{shared} (beside the source checkout, does not exist)" in msg
+    assert str(isolated / "cache" / "mnist") + " (the cache folder" in msg
+    assert "could not download" in msg and "no network in tests" in msg
+    assert "--data-dir" in lines[-1] and "BNFAST_DATA_DIR" in lines[-1]
+    # only the cache folder was created
+    assert (isolated / "cache" / "mnist").is_dir() and not shared.exists()
+
+
+def test_download_prints_one_line_per_file(isolated, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "_urlopen", _fail_opener)
+    with pytest.raises(DatasetError):
+        datasets.download_mnist(isolated / "dl", names=["x-idx1-ubyte"],
+                                mirrors=["https://a.invalid/", "https://b.invalid/"])
+    assert capsys.readouterr().out.count("downloading") == 1
+
+
 # ------------------------------------------------------------------ the real files
 
-REAL = [d for d in datasets._checkout_dirs()
-        if all((d / (b + ".gz")).is_file() or (d / b).is_file() for b in MNIST_FILES.values())]
-if os.environ.get("BNFAST_DATA_DIR"):
-    REAL.insert(0, Path(os.environ["BNFAST_DATA_DIR"]))
-needs_real = pytest.mark.skipif(not REAL, reason="real MNIST files not present")
+def real_mnist_dirs():
+    """Folders holding the real MNIST files: BNFAST_DATA_DIR (or its mnist/) first, then
+    the checkout's ../shared/data/mnist."""
+    cands = []
+    env = os.environ.get("BNFAST_DATA_DIR")
+    if env:
+        cands += [Path(env).expanduser(), Path(env).expanduser() / "mnist"]
+    cands += datasets._checkout_dirs()
+    return [d for d in cands
+            if all((d / (b + ".gz")).is_file() or (d / b).is_file() for b in MNIST_FILES.values())]
+
+
+REAL = real_mnist_dirs()
+needs_real = pytest.mark.skipif(not REAL, reason="real MNIST files not present (set "
+                                                 "BNFAST_DATA_DIR)")
+
+
+def test_real_mnist_dirs_honour_the_environment(monkeypatch, tmp_path):
+    write_tiny(tmp_path / "mnist", tiny_mnist())
+    monkeypatch.setenv("BNFAST_DATA_DIR", str(tmp_path))
+    assert real_mnist_dirs()[0] == tmp_path / "mnist"
 
 
 @needs_real

@@ -2,8 +2,10 @@
 the summary logic, and few-hundred-step smoke runs of both experiments (on synthetic data,
 and on the real MNIST files when present: batch norm must be ahead at the same step)."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,10 @@ from conftest import package_env
 
 
 def _real_mnist_dir():
-    for d in datasets._checkout_dirs():
+    """BNFAST_DATA_DIR (or its mnist/) when it holds the files, else the checkout's."""
+    env = os.environ.get("BNFAST_DATA_DIR")
+    cands = ([Path(env).expanduser(), Path(env).expanduser() / "mnist"] if env else [])
+    for d in cands + datasets._checkout_dirs():
         if all((d / (b + ".gz")).is_file() or (d / b).is_file()
                for b in datasets.MNIST_FILES.values()):
             return d
@@ -23,7 +28,8 @@ def _real_mnist_dir():
 
 
 REAL = _real_mnist_dir()
-needs_real = pytest.mark.skipif(REAL is None, reason="real MNIST files not present")
+needs_real = pytest.mark.skipif(REAL is None, reason="real MNIST files not present (set "
+                                                    "BNFAST_DATA_DIR)")
 
 try:
     import matplotlib  # noqa: F401
@@ -251,3 +257,11 @@ def test_cli_rejects_unknown_variant(tmp_path):
     data = synthetic(n_train=64, n_test=16)
     with pytest.raises(ValueError, match="unknown variants"):
         accelerate.run(data, steps=1, variants=["BN-x7"], progress=False)
+
+
+def test_real_mnist_dir_honours_the_environment(monkeypatch, tmp_path):
+    for b in datasets.MNIST_FILES.values():
+        (tmp_path / "mnist").mkdir(exist_ok=True)
+        (tmp_path / "mnist" / (b + ".gz")).write_bytes(b"")
+    monkeypatch.setenv("BNFAST_DATA_DIR", str(tmp_path))
+    assert _real_mnist_dir() == tmp_path / "mnist"

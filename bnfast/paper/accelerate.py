@@ -166,21 +166,33 @@ def _param_groups(model, weight_decay):
     return groups
 
 
-def _train_variant(name, spec, data, cfg, eval_X, eval_y, pop_index, progress):
+def _train_variant(name, spec, data, cfg, eval_X, eval_y, pop_index, progress,
+                   saved=None, checkpoint=None):
+    """Train one variant.  `saved`: its state from a checkpoint (continue from there);
+    `checkpoint(state)`: called with the state at every evaluation point.  On Ctrl-C the
+    KeyboardInterrupt carries ``partial`` (the result so far) for :func:`run`."""
     steps, every = cfg["steps"], cfg["eval_every"]
-    model = build_convnet(spec["bn"], spec["act"],
-                          dropout=cfg["dropout"] if spec["dropout"] else 0.0,
-                          channels=cfg["channels"], hidden=cfg["hidden"], seed=cfg["seed"])
     lr0 = cfg["lr"] * spec["lr_mult"]
     wd = cfg["weight_decay"] / spec["wd_div"]
     half_life = steps * cfg["half_life_frac"] / spec["decay_mult"]
-    opt = optim.SGD(_param_groups(model, wd), lr=lr0, momentum=cfg["momentum"])
-    loss_fn = nn.CrossEntropyLoss()
-    batches = common.Batches(len(data.X_train), cfg["batch_size"], cfg["seed"])
     X, y = data.X_train, data.y_train
-    cur = {"step": [], "acc": [], "train_loss": [], "lr": []}
     t_train, t_eval = common.Timer(), common.Timer()
-    loss_sum, loss_n, diverged = 0.0, 0, None
+    if saved is None:
+        model = build_convnet(spec["bn"], spec["act"],
+                              dropout=cfg["dropout"] if spec["dropout"] else 0.0,
+                              channels=cfg["channels"], hidden=cfg["hidden"], seed=cfg["seed"])
+        opt = optim.SGD(_param_groups(model, wd), lr=lr0, momentum=cfg["momentum"])
+        batches = common.Batches(len(data.X_train), cfg["batch_size"], cfg["seed"])
+        cur = {"step": [], "acc": [], "train_loss": [], "lr": []}
+        start, loss_sum, loss_n = 0, 0.0, 0
+    else:
+        model, batches, cur = saved["model"], saved["batches"], saved["cur"]
+        opt = optim.SGD(_param_groups(model, wd), lr=lr0, momentum=cfg["momentum"])
+        opt.load_state_dict(saved["opt"])       # its state is keyed by the parameters' ids
+        start, loss_sum, loss_n = saved["step"], saved["loss_sum"], saved["loss_n"]
+        t_train.seconds, t_eval.seconds = saved["train_s"], saved["eval_s"]
+    loss_fn = nn.CrossEntropyLoss()
+    diverged = None
 
     def evaluate(step):
         with t_eval:
@@ -191,30 +203,52 @@ def _train_variant(name, spec, data, cfg, eval_X, eval_y, pop_index, progress):
         cur["lr"].append(opt.param_groups[0]["lr"])
         return acc
 
-    evaluate(0)
-    with common.progress_bar(steps, f"{name:>16s}", progress) as bar:
-        for step in range(1, steps + 1):
-            lr = lr0 * 0.5 ** ((step - 1) / half_life)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = batches.next()
-            with t_train:
-                loss = common.train_step(model, loss_fn, opt, X[idx], y[idx])
-            if not np.isfinite(loss):
-                diverged = step
-                evaluate(step)
-                break
-            loss_sum += loss
-            loss_n += 1
-            if step % every == 0 or step == steps:
-                acc = evaluate(step)
-                loss_sum, loss_n = 0.0, 0
-                bar.set_postfix(test_acc=f"{acc:.4f}", refresh=False)
-            bar.update(1)
-    res = {"curve": cur, "lr0": lr0, "weight_decay": wd, "half_life": half_life,
-           "dropout": cfg["dropout"] if spec["dropout"] else 0.0, "diverged_at": diverged,
-           "train_s": t_train.seconds, "eval_s": t_eval.seconds,
-           "ms_per_step": 1e3 * t_train.seconds / max(1, step if diverged else steps)}
+    def result(last_step):
+        return {"curve": cur, "lr0": lr0, "weight_decay": wd, "half_life": half_life,
+                "dropout": cfg["dropout"] if spec["dropout"] else 0.0,
+                "diverged_at": diverged, "train_s": t_train.seconds, "eval_s": t_eval.seconds,
+                "ms_per_step": 1e3 * t_train.seconds / max(1, last_step)}
+
+    def save_state(step):
+        if checkpoint is not None:
+            checkpoint({"model": model, "opt": opt.state_dict(), "batches": batches, "cur": cur,
+                        "step": step, "loss_sum": loss_sum, "loss_n": loss_n,
+                        "train_s": t_train.seconds, "eval_s": t_eval.seconds})
+
+    if saved is None:
+        evaluate(0)
+        save_state(0)
+    step = start
+    try:
+        with common.progress_bar(steps, f"{name:>16s}", progress) as bar:
+            bar.update(start)
+            for step in range(start + 1, steps + 1):
+                lr = lr0 * 0.5 ** ((step - 1) / half_life)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                idx = batches.next()
+                with t_train:
+                    loss = common.train_step(model, loss_fn, opt, X[idx], y[idx])
+                if not np.isfinite(loss):
+                    diverged = step
+                    evaluate(step)
+                    break
+                loss_sum += loss
+                loss_n += 1
+                if step % every == 0 or step == steps:
+                    acc = evaluate(step)
+                    loss_sum, loss_n = 0.0, 0
+                    save_state(step)
+                    bar.set_postfix(test_acc=f"{acc:.4f}", refresh=False)
+                bar.update(1)
+    except KeyboardInterrupt as exc:
+        last = cur["step"][-1] if cur["step"] else 0
+        n = len(cur["step"])
+        for v in cur.values():          # drop a half-recorded evaluation
+            del v[n:]
+        exc.partial = result(last)
+        raise
+    res = result(step if diverged else steps)
     if spec["bn"] and diverged is None:
         with t_eval:
             pop = common.population_copy(model, X, pop_index)
@@ -227,7 +261,7 @@ def _train_variant(name, spec, data, cfg, eval_X, eval_y, pop_index, progress):
 def run(data, *, steps=6000, eval_every=100, batch_size=64, lr=0.02, momentum=0.9,
         weight_decay=5e-4, dropout=0.4, half_life_frac=1 / 2, seed=0, channels=(8, 16),
         hidden=64, pop_batches=50, eval_size=None, variants=None, progress=True,
-        threads=1):
+        threads=1, checkpoint=None, resume=False):
     """Train the variants and return their curves and summary.
 
     Parameters
@@ -252,6 +286,12 @@ def run(data, *, steps=6000, eval_every=100, batch_size=64, lr=0.02, momentum=0.
     threads : int or None, default 1
         Threads for bnfast's kernels and the BLAS (see :func:`common.limit_threads`);
         None leaves the process's settings.
+    checkpoint : str or os.PathLike, optional
+        Write the training state there at every evaluation point (see
+        :func:`common.save_checkpoint`); removed when the run completes.
+    resume : bool, default False
+        Continue from `checkpoint` when it exists (the curves are those of an
+        uninterrupted run).
 
     Returns
     -------
@@ -262,6 +302,10 @@ def run(data, *, steps=6000, eval_every=100, batch_size=64, lr=0.02, momentum=0.
     ------
     ValueError
         A name in `variants` is not in :data:`VARIANTS`.
+    common.CheckpointError
+        With `resume`: the checkpoint is unreadable or from a run with other options.
+    common.Interrupted
+        On Ctrl-C; its ``results`` hold the curves up to the last evaluation point.
 
     Examples
     --------
@@ -302,14 +346,49 @@ def run(data, *, steps=6000, eval_every=100, batch_size=64, lr=0.02, momentum=0.
                threads=threads, variants=names)
     prng = np.random.default_rng([seed, 1])
     perm = prng.permutation(len(imgs.X_train))
-    pop_index = [perm[i * batch_size:(i + 1) * batch_size] for i in range(pop_batches)]
-    out = {}
-    t0 = time.perf_counter()
+    pop_index = [perm[i * batch_size:(i + 1) * batch_size]     # whole batches only
+                 for i in range(min(pop_batches, max(1, len(perm) // batch_size)))]
+    ck_cfg = {k: v for k, v in cfg.items() if k != "threads"}
+    saved = (common.load_checkpoint(checkpoint, ck_cfg) if resume and checkpoint is not None
+             else None) or {"done": {}, "current": None}
+    out = dict(saved["done"])
+    t0 = time.perf_counter() - saved.get("elapsed", 0.0)
+
+    def save_current(name):
+        if checkpoint is None:
+            return None
+
+        def write(state):
+            common.save_checkpoint(checkpoint, ck_cfg, {
+                "done": out, "current": dict(state, name=name),
+                "elapsed": time.perf_counter() - t0})
+        return write
+
     with common.limit_threads(threads):
         for name in names:
-            out[name] = _train_variant(name, VARIANTS[name], imgs, cfg, eval_X, eval_y,
-                                       pop_index, progress)
+            if name in out:
+                continue
+            cur = saved["current"] if (saved["current"] or {}).get("name") == name else None
+            try:
+                out[name] = _train_variant(name, VARIANTS[name], imgs, cfg, eval_X, eval_y,
+                                           pop_index, progress, saved=cur,
+                                           checkpoint=save_current(name))
+            except KeyboardInterrupt as exc:
+                part = dict(out)
+                if getattr(exc, "partial", None) and exc.partial["curve"]["step"]:
+                    part[name] = exc.partial
+                raise common.Interrupted(
+                    checkpoint=checkpoint if checkpoint is not None and
+                    Path(checkpoint).exists() else None,
+                    results=_results(cfg, part, names, t0, None) if part else None) from None
         machine = common.machine_info()
+    results = _results(cfg, out, names, t0, machine)
+    if checkpoint is not None and Path(checkpoint).exists():
+        Path(checkpoint).unlink()
+    return results
+
+
+def _results(cfg, out, names, t0, machine):
     results = {"experiment": "accelerate", "config": cfg, "variants": out,
                "specs": {n: VARIANTS[n] for n in names},
                "timing": {"total_s": time.perf_counter() - t0},
@@ -633,13 +712,23 @@ def main_run(args):
         kw["eval_every"] = args.eval_every
     if args.lr is not None:
         kw["lr"] = args.lr
-    variants = None
-    if args.variants:
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = args.variants
+    if isinstance(variants, str):
+        variants = [v.strip() for v in variants.split(",") if v.strip()]
     data = common.load_mnist_arrays(args.data_dir)
-    results = run(data, seed=args.seed, variants=variants, progress=not args.no_progress,
-                  threads=args.threads or None,
-                  **{k: v for k, v in kw.items() if k != "seed"})
+    out = Path(args.out)
+    ckpt = out / f"{stem}.checkpoint.pkl"
+    try:
+        results = run(data, seed=args.seed, variants=variants, progress=not args.no_progress,
+                      threads=args.threads or None, checkpoint=ckpt,
+                      resume=getattr(args, "resume", False),
+                      **{k: v for k, v in kw.items() if k != "seed"})
+    except common.Interrupted as exc:
+        if exc.results is not None:
+            exc.results["interrupted"] = True
+            exc.results["data_source"] = data.source
+            exc.paths = save(exc.results, out, make_plot=False, stem=stem)
+        raise
     results["timing"]["wall_s"] = time.perf_counter() - t0
     results["data_source"] = data.source
     paths = save(results, args.out, make_plot=not args.no_plot, stem=stem)

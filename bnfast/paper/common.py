@@ -4,7 +4,9 @@ import contextlib
 import csv
 import json
 import os
+import pickle
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from ..datasets import as_float, load_mnist
 __all__ = ["PercentileRecorder", "MnistArrays", "load_mnist_arrays", "forward_probe",
            "evaluate", "population_copy", "Batches", "train_step", "progress_bar",
            "write_csv", "write_json", "machine_info", "Timer", "limit_threads"]
+# Interrupted, CheckpointError, save_checkpoint and load_checkpoint serve the command line
+# (Ctrl-C, --resume); not listed in __all__ (nor in docs/api/paper.rst) for now.
 
 
 # ---------------------------------------------------------------------------- data
@@ -610,3 +614,142 @@ def machine_info():
             "bnfast_threads": get_num_threads(), "blas_threads": blas_threads(),
             "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+
+
+# ---------------------------------------------------------------------------- interrupts
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a paper run, after the partial results were written.
+
+    Parameters
+    ----------
+    paths : list of pathlib.Path
+        The result files written with what was gathered so far (empty if none).
+    checkpoint : pathlib.Path or None
+        The checkpoint ``--resume`` continues from (None if none was written yet).
+    results : dict or None
+        The partial results (as the experiment's ``run`` returns them, with the curves
+        up to the last evaluation point), when raised by ``run``.
+    """
+
+    def __init__(self, paths=(), checkpoint=None, results=None):
+        super().__init__("interrupted")
+        self.paths = list(paths)
+        self.checkpoint = checkpoint
+        self.results = results
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or was written by a run with other options."""
+
+
+_CKPT_FORMAT = "bnfast-paper-checkpoint-1"
+
+
+def save_checkpoint(path, config, state):
+    """Write `state` (a picklable dict: models, optimizers, batch order, curves) with the
+    run's `config` to `path`, atomically (a temporary file renamed into place), so an
+    interrupt while writing leaves the previous checkpoint intact.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file; missing parent folders are created.
+    config : dict
+        The options of the run; :func:`load_checkpoint` refuses a different one.
+    state : dict
+        Everything needed to continue.
+
+    Returns
+    -------
+    pathlib.Path
+        `path`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = save_checkpoint(Path(tmp.name) / "run.ckpt", {"steps": 4}, {"step": 2})
+    >>> load_checkpoint(path, {"steps": 4})
+    {'step': 2}
+    >>> load_checkpoint(path, {"steps": 8})
+    Traceback (most recent call last):
+        ...
+    bnfast.paper.common.CheckpointError: ...run.ckpt was written by a run with other options (steps: 4 there, 8 now); ...
+    >>> tmp.cleanup()
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump({"format": _CKPT_FORMAT, "config": _jsonable(config), "state": state},
+                        f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path, config):
+    """The state saved by :func:`save_checkpoint`, or None if `path` does not exist.
+
+    The checkpoint is a pickle: load only checkpoints your own runs wrote.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The checkpoint file.
+    config : dict
+        The options of the run that wants to continue; they must equal those saved.
+
+    Returns
+    -------
+    dict or None
+        The `state` given to :func:`save_checkpoint`; None when there is no file.
+
+    Raises
+    ------
+    CheckpointError
+        The file is not a checkpoint, or its run had a different `config` (the message
+        names the first differing option).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> load_checkpoint(Path(tmp.name) / "none.ckpt", {}) is None
+    True
+    >>> _ = (Path(tmp.name) / "junk.ckpt").write_bytes(b"junk")
+    >>> load_checkpoint(Path(tmp.name) / "junk.ckpt", {})
+    Traceback (most recent call last):
+        ...
+    bnfast.paper.common.CheckpointError: ...junk.ckpt: not a readable checkpoint ...
+    >>> tmp.cleanup()
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as f:
+            blob = pickle.load(f)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc}); delete it or run "
+                              f"without --resume") from None
+    if not isinstance(blob, dict) or blob.get("format") != _CKPT_FORMAT:
+        raise CheckpointError(f"{path}: not a bnfast paper checkpoint; delete it or run "
+                              f"without --resume")
+    want = _jsonable(config)
+    if blob["config"] != want:
+        have = blob["config"]
+        diff = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+        k = diff[0] if diff else "?"
+        raise CheckpointError(
+            f"{path} was written by a run with other options ({k}: {have.get(k)} there, "
+            f"{want.get(k)} now); rerun with the same options, or without --resume to start "
+            f"over")
+    return blob["state"]

@@ -6,7 +6,8 @@ batch norm).  Recorded every `eval_every` steps: test accuracy, and the 15th, 50
 85th percentiles of the input to one fixed sigmoid of the last hidden layer over the test
 set.
 
-What the paper does not state, and what is used here (see docs/paper.md for why):
+What the paper does not state, and what is used here (the documentation's
+'Reproducing the paper' page says why):
 optimizer SGD with momentum 0.9, learning rate 0.01, no weight decay, no schedule;
 weights ``N(0, 0.1^2)`` in every layer and zero biases; batch-norm eps 1e-5 and running-
 average momentum 0.1; unit 0 of the last hidden layer for the percentiles.
@@ -23,6 +24,7 @@ with the running averages kept during training.  The percentiles of the batch-no
 are those of the population-statistics network.
 """
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -166,7 +168,7 @@ def _eval_points(steps, every):
 def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr=0.01,
         momentum=0.9, init_std=0.1, eps=1e-5, bn_momentum=0.1, seed=0, unit=0,
         pop_batches=100, hidden=(100, 100, 100), nets=("nobn", "bn"), progress=True,
-        eval_size=None, threads=1, comm=None):
+        eval_size=None, threads=1, comm=None, checkpoint=None, resume=False):
     """Train the two networks and record their curves.
 
     Parameters
@@ -196,6 +198,12 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
         it with the same arguments): each global batch of `batch_size` is split across the
         ranks, batch norm is synchronized, the test set is split for evaluation, and every
         rank returns the same curves.  None: one process.
+    checkpoint : str or os.PathLike, optional
+        Write the training state there at every evaluation point (one process only; see
+        :func:`common.save_checkpoint`); removed when the run completes.
+    resume : bool, default False
+        Continue from `checkpoint` when it exists; the curves are those of an
+        uninterrupted run.
 
     Returns
     -------
@@ -209,6 +217,10 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
         `steps` or `eval_every` is below 1, or `optimizer` is unknown.
     FloatingPointError
         The training loss became infinite or NaN (the learning rate is too high).
+    common.CheckpointError
+        With `resume`: the checkpoint is unreadable or from a run with other options.
+    common.Interrupted
+        On Ctrl-C; its ``results`` hold the curves up to the last evaluation point.
 
     Examples
     --------
@@ -245,11 +257,35 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
                   bn_momentum=bn_momentum, seed=seed, unit=unit, pop_batches=pop_batches,
                   hidden=list(hidden), eval_size=len(Xt), train_size=len(X),
                   ranks=1 if comm is None else comm.Get_size())
-    with common.limit_threads(threads):
-        curves, timing = _train_all(data, X, y, Xt, yt, nets, config, pop_index, points,
-                                    progress, comm)
-        machine = common.machine_info()
-    config["threads"] = threads
+    if comm is not None:
+        checkpoint = None               # the models are wrapped for MPI: not saved
+    ck_config = dict(config, nets=list(nets))
+    saved = common.load_checkpoint(checkpoint, ck_config) if resume and checkpoint else None
+    write = None
+    if checkpoint is not None:
+        def write(state):
+            common.save_checkpoint(checkpoint, ck_config, state)
+    machine = None
+    try:
+        with common.limit_threads(threads):
+            curves, timing = _train_all(data, X, y, Xt, yt, nets, config, pop_index, points,
+                                        progress, comm, checkpoint=write, saved=saved)
+            machine = common.machine_info()
+    except KeyboardInterrupt as exc:
+        curves, timing = getattr(exc, "partial", ({}, {}))
+        has = checkpoint is not None and Path(checkpoint).exists()
+        raise common.Interrupted(
+            checkpoint=checkpoint if has else None,
+            results=_results(config, threads, curves, timing, machine) if curves else None) \
+            from None
+    if checkpoint is not None and Path(checkpoint).exists():
+        Path(checkpoint).unlink()
+    return _results(config, threads, curves, timing, machine)
+
+
+def _results(config, threads, curves, timing, machine):
+    config = dict(config, threads=threads)
+    timing = dict(timing)
     timing["total_s"] = sum(t["train_s"] + t["eval_s"] for k, t in timing.items()
                             if isinstance(t, dict))
     return {"experiment": "mnist_fig1", "config": config, "curves": curves,
@@ -288,10 +324,12 @@ class _Ranks:
         return loss_sum / loss_n if loss_n else None
 
 
-def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress, comm):
+def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress, comm,
+               checkpoint=None, saved=None):
     c = config
     steps, batch_size, seed = c["steps"], c["batch_size"], c["seed"]
-    curves, timing = {}, {}
+    saved = saved or {"curves": {}, "timing": {}, "current": None}
+    curves, timing = dict(saved["curves"]), dict(saved["timing"])
     ranks = _Ranks(comm)
     progress = progress and ranks.rank == 0
     if comm is not None:
@@ -299,23 +337,35 @@ def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress, co
         Xt, yt = Xt[test_part], yt[test_part]
         pop_index = [ranks.part(i) for i in pop_index]
     for key in nets:
+        if key in curves:               # finished before the checkpoint
+            continue
         bn = key == "bn"
-        model = build_mlp(bn, hidden=c["hidden"], init_std=c["init_std"], eps=c["eps"],
-                          bn_momentum=c["bn_momentum"], seed=seed)
+        label = dict(NETS)[key]
+        resume = saved["current"] if (saved["current"] or {}).get("key") == key else None
+        t_train, t_eval = common.Timer(), common.Timer()
+        if resume is None:
+            model = build_mlp(bn, hidden=c["hidden"], init_std=c["init_std"], eps=c["eps"],
+                              bn_momentum=c["bn_momentum"], seed=seed)
+            batches = common.Batches(len(X), batch_size, seed)
+            rec = common.PercentileRecorder()
+            cur = {"step": [], "acc": [], "train_loss": []}
+            if bn:
+                cur["acc_running"] = []
+            start, loss_sum, loss_n = 0, 0.0, 0
+        else:
+            model, opt, batches = resume["model"], None, resume["batches"]
+            rec, cur = resume["rec"], resume["cur"]
+            start, loss_sum, loss_n = resume["step"], resume["loss_sum"], resume["loss_n"]
+            t_train.seconds, t_eval.seconds = resume["train_s"], resume["eval_s"]
         probe = (probe_index(model), c["unit"])
         trained = model
         if comm is not None:
             model = distributed.convert_sync_batchnorm(model, comm)
             trained = distributed.DistributedDataParallel(model, comm)
         opt = _make_optimizer(c["optimizer"], model.parameters(), c["lr"], c["momentum"])
+        if resume is not None:          # its state is keyed by the parameters' ids
+            opt.load_state_dict(resume["opt"])
         loss_fn = nn.CrossEntropyLoss()
-        batches = common.Batches(len(X), batch_size, seed)
-        rec = common.PercentileRecorder()
-        cur = {"step": [], "acc": [], "train_loss": []}
-        if bn:
-            cur["acc_running"] = []
-        t_train, t_eval = common.Timer(), common.Timer()
-        loss_sum, loss_n = 0.0, 0
 
         def evaluate(step):
             with t_eval:
@@ -332,27 +382,50 @@ def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress, co
                 cur["train_loss"].append(ranks.mean_loss(loss_sum, loss_n))
             return acc
 
-        label = dict(NETS)[key]
-        evaluate(0)
-        with common.progress_bar(steps, f"MNIST MLP {label}", progress) as bar:
-            for step in range(1, steps + 1):
-                idx = ranks.part(batches.next())
-                with t_train:
-                    loss = common.train_step(trained, loss_fn, opt, X[idx], y[idx])
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"{label}: loss became {loss} at step {step}; "
-                                             f"lower the learning rate")
-                if comm is None:
-                    loss_sum += loss
-                    loss_n += 1
-                else:           # weighted by this rank's rows, combined at evaluation
-                    loss_sum += loss * len(idx)
-                    loss_n += len(idx)
-                if step in points:
-                    acc = evaluate(step)
-                    loss_sum, loss_n = 0.0, 0
-                    bar.set_postfix(test_acc=f"{acc:.4f}", refresh=False)
-                bar.update(1)
+        def save_state(step):
+            if checkpoint is not None:
+                checkpoint({"curves": curves, "timing": timing, "current": {
+                    "key": key, "model": model, "opt": opt.state_dict(), "batches": batches,
+                    "rec": rec,
+                    "cur": cur, "step": step, "loss_sum": loss_sum, "loss_n": loss_n,
+                    "train_s": t_train.seconds, "eval_s": t_eval.seconds}})
+
+        try:
+            if resume is None:
+                evaluate(0)
+                save_state(0)
+            with common.progress_bar(steps, f"MNIST MLP {label}", progress) as bar:
+                bar.update(start)
+                for step in range(start + 1, steps + 1):
+                    idx = ranks.part(batches.next())
+                    with t_train:
+                        loss = common.train_step(trained, loss_fn, opt, X[idx], y[idx])
+                    if not np.isfinite(loss):
+                        raise FloatingPointError(f"{label}: loss became {loss} at step "
+                                                 f"{step}; lower the learning rate")
+                    if comm is None:
+                        loss_sum += loss
+                        loss_n += 1
+                    else:           # weighted by this rank's rows, combined at evaluation
+                        loss_sum += loss * len(idx)
+                        loss_n += len(idx)
+                    if step in points:
+                        acc = evaluate(step)
+                        loss_sum, loss_n = 0.0, 0
+                        save_state(step)
+                        bar.set_postfix(test_acc=f"{acc:.4f}", refresh=False)
+                    bar.update(1)
+        except KeyboardInterrupt as exc:
+            n = min(len(cur["step"]), len(rec))     # drop a half-recorded evaluation
+            for v in cur.values():
+                del v[n:]
+            del rec.steps[n:], rec.values[n:]
+            if n:
+                curves[key] = dict(cur, **rec.as_dict())
+                timing[key] = {"train_s": t_train.seconds, "eval_s": t_eval.seconds,
+                               "ms_per_step": 1e3 * t_train.seconds / max(1, cur["step"][-1])}
+            exc.partial = (curves, timing)
+            raise
         cur.update(rec.as_dict())
         curves[key] = cur
         timing[key] = {"train_s": t_train.seconds, "eval_s": t_eval.seconds,
@@ -453,21 +526,54 @@ def format_table(results):
 
 
 def format_percentiles(results):
-    """Markdown table of the recorded percentiles at the start, a tenth, and the end."""
+    """Markdown table of the recorded percentiles at the start, a tenth, and the end.
+
+    The rows are labelled by the steps the run evaluated; the paper's values stand beside
+    a row only when the run is the full one (its "tenth" is step 5,000 of 50,000, its "end"
+    step 50,000), and a "tenth" row is shown only when an evaluation point lies strictly
+    between the start and the end.
+
+    Examples
+    --------
+    >>> cur = {"step": [0, 100, 200], "p15": [0.1, 0.2, 0.3], "p50": [0.5, 0.6, 0.7],
+    ...        "p85": [0.9, 1.0, 1.1]}
+    >>> print(format_percentiles({"config": {"steps": 200}, "curves": {"nobn": cur}}))
+    | network | when | paper (15th / 50th / 85th) | ours (15th / 50th / 85th) |
+    | --- | --- | --- | --- |
+    | without BN | start (step 0) | 0.76 / 0.79 / 0.82 | 0.10 / 0.50 / 0.90 |
+    | without BN | step 200 (the paper's end is step 50000) |  | 0.30 / 0.70 / 1.10 |
+    """
     lines = ["| network | when | paper (15th / 50th / 85th) | ours (15th / 50th / 85th) |",
              "| --- | --- | --- | --- |"]
     steps = results["config"]["steps"]
+    full = steps == DEFAULTS["steps"]
     for key, label in NETS:
         cur = results["curves"].get(key)
-        if cur is None:
+        if cur is None or not cur["step"]:
             continue
         paper = PAPER_FIG1_PERCENTILES[key]
-        for when, target in (("start", 0), ("tenth", steps // 10), ("end", steps)):
-            i = int(np.argmin(np.abs(np.asarray(cur["step"]) - target)))
+        have = np.asarray(cur["step"])
+        last = int(have[-1])
+        rows = [("start", 0)]
+        i10 = int(np.argmin(np.abs(have - last // 10)))
+        if 0 < have[i10] < last:
+            rows.append(("tenth", int(have[i10])))
+        if last > 0:
+            rows.append(("end", last))
+        for when, target in rows:
+            i = int(np.argmin(np.abs(have - target)))
+            s = int(have[i])
             ours = " / ".join(f"{cur[k][i]:.2f}" for k in ("p15", "p50", "p85"))
             p = paper.get(when)
-            ps = " / ".join(f"{v:.2f}" for v in p) if p else ""
-            lines.append(f"| {label} | {when} (step {cur['step'][i]}) | {ps} | {ours} |")
+            paper_step = {"start": 0, "tenth": DEFAULTS["steps"] // 10,
+                          "end": DEFAULTS["steps"]}[when]
+            if p and (full or s == paper_step):
+                ps = " / ".join(f"{v:.2f}" for v in p)
+                what = f"{when} (step {s})"
+            else:
+                ps = ""
+                what = f"step {s} (the paper's {when} is step {paper_step})"
+            lines.append(f"| {label} | {what} | {ps} | {ours} |")
     return "\n".join(lines)
 
 
@@ -689,11 +795,22 @@ def main_run(args):
         comm.Barrier()
         if comm.Get_rank() != 0:
             data = common.load_mnist_arrays(args.data_dir)
-    results = run(data, steps=args.steps, eval_every=args.eval_every,
-                  batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                  momentum=args.momentum, init_std=args.init_std, eps=args.eps,
-                  seed=args.seed, unit=args.unit, pop_batches=args.pop_batches,
-                  progress=not args.no_progress, threads=args.threads or None, comm=comm)
+    from pathlib import Path
+
+    ckpt = Path(args.out) / "mnist_fig1.checkpoint.pkl"
+    try:
+        results = run(data, steps=args.steps, eval_every=args.eval_every,
+                      batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                      momentum=args.momentum, init_std=args.init_std, eps=args.eps,
+                      seed=args.seed, unit=args.unit, pop_batches=args.pop_batches,
+                      progress=not args.no_progress, threads=args.threads or None, comm=comm,
+                      checkpoint=ckpt, resume=getattr(args, "resume", False))
+    except common.Interrupted as exc:
+        if exc.results is not None and (comm is None or comm.Get_rank() == 0):
+            exc.results["interrupted"] = True
+            exc.results["data_source"] = data.source
+            exc.paths = save(exc.results, args.out, make_plot=False)
+        raise
     results["timing"]["wall_s"] = time.perf_counter() - t0
     results["data_source"] = data.source
     if comm is not None and comm.Get_rank() != 0:
