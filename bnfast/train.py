@@ -31,6 +31,22 @@ from .nn.module import Module, _as_rng
 __all__ = ["Trainer", "fit", "iterate_minibatches", "accuracy"]
 
 
+def _limit_blas(n):
+    """A context limiting NumPy's BLAS to `n` threads (threadpoolctl); a no-op for None or
+    without threadpoolctl."""
+    import contextlib
+
+    if n is None:
+        return contextlib.nullcontext()
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"blas_threads must be a positive integer or None, got {n!r}")
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=int(n), user_api="blas")
+
+
 def accuracy(output, target):
     """Fraction of rows whose arg-max equals the class index (or the target's arg-max).
 
@@ -332,7 +348,7 @@ class Trainer:
         return np.concatenate(outs)
 
     def fit(self, train_data, epochs=1, *, batch_size=32, shuffle=True, val_data=None,
-            rng=None, progress=True, callback=None):
+            rng=None, progress=True, callback=None, blas_threads=1):
         """Train for `epochs` epochs; return the history (also kept as ``self.history``).
 
         Parameters
@@ -354,6 +370,14 @@ class Trainer:
         callback : callable, optional
             ``callback(epoch, record)`` after each epoch with that epoch's metrics (on
             every rank).
+        blas_threads : int or None, default 1
+            Threads of NumPy's BLAS (the matrix products of ``Linear`` and ``Conv2d``)
+            during training, restored afterwards; needs threadpoolctl (without it the
+            BLAS keeps its setting).  One thread is fastest for the small products of a
+            mini-batch and does not collapse when another process keeps a core busy (a
+            multi-threaded BLAS then spins waiting for its threads: 5 to 30 times
+            slower); None leaves the BLAS alone (for large layers on an idle machine).
+            See the "Threads" page of the user guide.
 
         Returns
         -------
@@ -367,6 +391,13 @@ class Trainer:
             If the training data yields no batch, or (with a communicator) `rng` differs
             between ranks.
         """
+        with _limit_blas(blas_threads):
+            return self._fit_epochs(train_data, epochs, batch_size, shuffle, val_data, rng,
+                                    progress, callback)
+
+    def _fit_epochs(self, train_data, epochs, batch_size, shuffle, val_data, rng, progress,
+                    callback):
+        """The epochs of :meth:`fit`."""
         rng = self._shared_rng(rng)
         progress = progress and self.rank == 0
         hist = self.history
@@ -418,7 +449,8 @@ class Trainer:
 
 
 def fit(model, loss_fn, optimizer, train_data, epochs=1, *, batch_size=32, shuffle=True,
-        val_data=None, scheduler=None, metrics=None, rng=None, progress=True, callback=None):
+        val_data=None, scheduler=None, metrics=None, rng=None, progress=True, callback=None,
+        blas_threads=1):
     """Train `model`; shorthand for ``Trainer(...).fit(...)``.
 
     See :class:`Trainer` and :meth:`Trainer.fit` for details.
@@ -449,6 +481,9 @@ def fit(model, loss_fn, optimizer, train_data, epochs=1, *, batch_size=32, shuff
         Show a tqdm progress bar per epoch (on rank 0 only, for a data-parallel model).
     callback : callable, optional
         ``callback(epoch, record)`` after each epoch with that epoch's metrics.
+    blas_threads : int or None, default 1
+        Threads of NumPy's BLAS during training (see :meth:`Trainer.fit`); None leaves
+        the BLAS's setting.
 
     Returns
     -------
@@ -483,4 +518,5 @@ def fit(model, loss_fn, optimizer, train_data, epochs=1, *, batch_size=32, shuff
     """
     trainer = Trainer(model, loss_fn, optimizer, scheduler=scheduler, metrics=metrics)
     return trainer.fit(train_data, epochs, batch_size=batch_size, shuffle=shuffle,
-                       val_data=val_data, rng=rng, progress=progress, callback=callback)
+                       val_data=val_data, rng=rng, progress=progress, callback=callback,
+                       blas_threads=blas_threads)
