@@ -698,12 +698,21 @@ def _backward_dx(dy, x, mean, invstd, weight, k_x, k_0, *, bias=None, relu=False
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
-               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, relu=False):
+               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, relu=False,
+               num_batches_tracked=None):
     """Batch normalization with the semantics of ``torch.nn.functional.batch_norm``.
 
     When `training` is true, or when no running statistics are given, the batch's own
     statistics are used (and the running statistics, if given, are updated in place when
     training).  Otherwise the running statistics are used.
+
+    ``momentum=None`` gives the cumulative moving average of the batch-norm layers
+    (``momentum=None`` in :class:`bnfast.nn.BatchNorm2d` and PyTorch's layers), which
+    ``torch.nn.functional.batch_norm`` does not have: the running statistics are updated
+    with the factor ``1 / num_batches_tracked``, the count of batches including this one,
+    which the caller keeps and passes (the layers keep it in their ``num_batches_tracked``
+    buffer and add 1 before each training batch).  After n batches the running mean is the
+    mean of the n batch means.
 
     Parameters
     ----------
@@ -711,12 +720,19 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     running_mean, running_var : ndarray of shape (C,), optional
     weight, bias : array_like of shape (C,), optional
     training : bool, default False
-    momentum : float, default 0.1
+    momentum : float or None, default 0.1
+        Weight in [0, 1] of this batch in the running statistics; None for the
+        cumulative average (with `num_batches_tracked`).
     eps : float, default 1e-5
     axis : int, default 1
     out : ndarray, optional
     relu : bool, default False
         Fused ReLU on the output.
+    num_batches_tracked : int, optional
+        Required with ``momentum=None``, and only then (checked in eval mode too, as
+        `momentum` is): the number of training batches so far, this one included
+        (>= 1); the update factor is ``1 / num_batches_tracked``.  A layer's 0-d
+        ``num_batches_tracked`` array is accepted.
 
     Returns
     -------
@@ -726,9 +742,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     ------
     TypeError
         See :func:`batch_norm_train` and :func:`batch_norm_infer`; also a `training`
-        that is not a bool.
+        that is not a bool, or a `num_batches_tracked` that is not an int.
     ValueError
-        See :func:`batch_norm_train` and :func:`batch_norm_infer`.
+        See :func:`batch_norm_train` and :func:`batch_norm_infer`; also
+        ``momentum=None`` without `num_batches_tracked`, `num_batches_tracked` with a
+        numeric `momentum`, or a `num_batches_tracked` below 1.
 
     Examples
     --------
@@ -739,9 +757,37 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     [[-1.0], [1.0]]
     >>> bnfast.batch_norm(x, rm, rv, eps=0.0).tolist()   # eval: running statistics
     [[0.762...], [2.669...]]
+
+    The cumulative average: the caller counts the batches.
+
+    >>> rm, rv = np.zeros(1), np.ones(1)
+    >>> for n, batch in enumerate([x, x + 4, x + 8], start=1):
+    ...     _ = bnfast.batch_norm(batch, rm, rv, training=True, momentum=None,
+    ...                           num_batches_tracked=n)
+    >>> rm.tolist(), rv.tolist()                  # means 2, 6, 10; unbiased variance 2
+    ([6.0], [2.0])
     """
-    _real(momentum, "momentum", 0.0, 1.0)
     training = _flag(training, "training")
+    if momentum is None:                    # the cumulative average: 1 / (batch count)
+        n = num_batches_tracked
+        if isinstance(n, np.ndarray) and n.ndim == 0 and n.dtype.kind in "iu":
+            n = n.item()                    # a layer's 0-d counter
+        if n is None:
+            raise ValueError(
+                "momentum=None (the cumulative average) needs num_batches_tracked=, the "
+                "number of training batches including this one (or use a bnfast.nn "
+                "batch-norm layer, which counts them)")
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"num_batches_tracked must be an int, got {_short(n)}")
+        if n < 1:
+            raise ValueError(f"num_batches_tracked must be >= 1 (the batches so far, this "
+                             f"one included), got {n}")
+        momentum = 1.0 / int(n)
+    else:
+        _real(momentum, "momentum", 0.0, 1.0)
+        if num_batches_tracked is not None:
+            raise ValueError("num_batches_tracked is only used with momentum=None (the "
+                             "cumulative average); pass one or the other")
     if training or (running_mean is None and running_var is None):
         y, _, _ = batch_norm_train(
             x, weight, bias, eps=eps, axis=axis,
