@@ -520,3 +520,7 @@ def fit(model, loss_fn, optimizer, train_data, epochs=1, *, batch_size=32, shuff
     return trainer.fit(train_data, epochs, batch_size=batch_size, shuffle=shuffle,
                        val_data=val_data, rng=rng, progress=progress, callback=callback,
                        blas_threads=blas_threads)
+
+
+from .plotting import plot_history  # noqa: E402  (matplotlib is imported only when plotting)
+__all__.append("plot_history")
