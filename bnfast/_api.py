@@ -671,30 +671,32 @@ def _backward_inputs(dy, x, mean, invstd, weight, bias, relu, axis):
             _chan(bias, C, "bias"), relu)
 
 
-def _backward_sums(dy, x, mean, invstd, weight=None, *, bias=None, relu=False, axis=1):
-    """Per-channel ``(sum(g), sum(g * (x - mean)))`` in float64, g = dy (masked where the
-    fused ReLU's forward output was not positive)."""
+def _backward_two_step(dy, x, mean, invstd, weight, coefficients, *, bias=None, relu=False,
+                       axis=1, out=None):
+    """The training backward with its per-channel sums combined by the caller.
+
+    Validates as :func:`batch_norm_backward`, computes this call's float64 sums
+    ``sd = sum(g)`` and ``sx = sum(g * (x - mean))`` (g = dy, masked where the fused
+    ReLU's forward output was not positive), calls ``coefficients(sd, sx)`` for
+    ``(k_x, k_0)`` (for synchronized batch norm: from the sums of every process), and
+    computes ``dx = weight * invstd * g + k_x * (x - mean) + k_0`` in one pass.  Returns
+    ``(dx, sd, sx)``.  With ``k_x = -(a * invstd) * (sx * invstd / m)`` and
+    ``k_0 = -a * (sd / m)``, ``a = weight * invstd``, dx is exactly
+    :func:`batch_norm_backward`'s.
+    """
     (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, w, b, relu) = _backward_inputs(
         dy, x, mean, invstd, weight, bias, relu, axis)
-    return _core.backward_sums(dyk, xk, N, C, S, m, inv, w, b, relu, get_num_threads())
-
-
-def _backward_dx(dy, x, mean, invstd, weight, k_x, k_0, *, bias=None, relu=False, axis=1,
-                 out=None):
-    """``dx = weight * invstd * g + k_x * (x - mean) + k_0`` per channel: the element-wise
-    pass of the training backward with the caller's coefficients (for the sums of one
-    process, ``k_x = -(a * invstd) * (sum(g*(x-mean)) * invstd / m)`` and
-    ``k_0 = -a * (sum(g) / m)`` with ``a = weight * invstd``)."""
-    (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, w, b, relu) = _backward_inputs(
-        dy, x, mean, invstd, weight, bias, relu, axis)
+    nt = get_num_threads()
+    dx, dxk, copy_back = _output(out, x, perm, (xk, dyk))
+    m, inv, w, b = _detach(dxk, m, inv, w, b)
+    sd, sx = _core.backward_sums(dyk, xk, N, C, S, m, inv, w, b, relu, nt)
+    k_x, k_0 = coefficients(sd, sx)
     kx = _chan(k_x, C, "k_x", required=True)
     k0 = _chan(k_0, C, "k_0", required=True)
-    dx, dxk, copy_back = _output(out, x, perm, (xk, dyk))
-    m, inv, w, b, kx, k0 = _detach(dxk, m, inv, w, b, kx, k0)
-    _core.backward_dx(dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, get_num_threads())
+    _core.backward_dx(dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, nt)
     if copy_back:
         _copy_back(dx, dxk, perm)
-    return dx
+    return dx, sd, sx
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,

@@ -662,29 +662,28 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm=None, bia
     inv = _vec(invstd, C, "invstd", required=True)
     w = _vec(weight, C, "weight")
     # Pass 1 (kernel): this rank's float64 sums sum(g) and sum(g * (x - mean)), g = dy
-    # (masked by the ReLU).
-    s_dy_local, s_xmu_local = _api._backward_sums(dy, x, m, inv, w, bias=bias, relu=relu,
-                                                  axis=ax)
-    rows = _exchange(comm, _header(_OP_BACKWARD, C, x.dtype, x.ndim, ax),
-                     x.size // C if C else 0, s_dy_local, s_xmu_local, check,
-                     "sync_batch_norm_backward")
-    n = 0.0
-    s_dy = np.zeros(C)
-    s_xmu = np.zeros(C)
-    for r in rows:
-        n += r[0]
-        s_dy += r[1:C + 1]
-        s_xmu += r[C + 1:]
-    if n == 0:
-        raise ValueError("sync_batch_norm_backward: the batch is empty on every rank")
-    # Pass 2 (kernel): dx = a * g + k_x * (x - mean) + k_0 with the kernels' coefficients
+    # (masked by the ReLU); the ranks exchange and add them in rank order; pass 2
+    # (kernel): dx = a * g + k_x * (x - mean) + k_0 with the kernels' coefficients
     # (bn_bwd_coeffs) from the global sums and count, in one pass and one rounding: with
     # one rank this is exactly bnfast.batch_norm_backward's dx.
-    a = inv if w is None else inv * w
-    k_x = -(a * inv) * ((s_xmu * inv) / n)
-    k_0 = -a * (s_dy / n)
-    dx = _api._backward_dx(dy, x, m, inv, w, k_x, k_0, bias=bias, relu=relu, axis=ax,
-                           out=out)
+    def coefficients(s_dy_local, s_xmu_local):
+        rows = _exchange(comm, _header(_OP_BACKWARD, C, x.dtype, x.ndim, ax),
+                         x.size // C if C else 0, s_dy_local, s_xmu_local, check,
+                         "sync_batch_norm_backward")
+        n = 0.0
+        s_dy = np.zeros(C)
+        s_xmu = np.zeros(C)
+        for r in rows:
+            n += r[0]
+            s_dy += r[1:C + 1]
+            s_xmu += r[C + 1:]
+        if n == 0:
+            raise ValueError("sync_batch_norm_backward: the batch is empty on every rank")
+        a = inv if w is None else inv * w
+        return -(a * inv) * ((s_xmu * inv) / n), -a * (s_dy / n)
+
+    dx, s_dy_local, s_xmu_local = _api._backward_two_step(
+        dy, x, m, inv, w, coefficients, bias=bias, relu=relu, axis=ax, out=out)
     dt = np.asarray(x).dtype
     return dx, (s_xmu_local * inv).astype(dt), s_dy_local.astype(dt)
 
