@@ -134,6 +134,8 @@ BN_CASES = [
     (nn.BatchNorm1d, (6, 4), {"relu": True}),
     (nn.BatchNorm2d, (3, 4, 3, 2), {"relu": True, "channels_last": True}),
     (nn.BatchNorm1d, (6, 4), {"momentum": None}),
+    (nn.BatchNorm3d, (3, 2, 2, 3, 2), {}),
+    (nn.BatchNorm3d, (3, 2, 3, 2, 4), {"channels_last": True, "relu": True}),
 ]
 
 
@@ -425,8 +427,9 @@ def test_load_state_dict_checks():
     bad = dict(sd)
     bad.pop("0.bias")
     bad["extra"] = np.zeros(1)
-    with pytest.raises(KeyError,
-                       match=r"missing keys \['0.bias'\].*unexpected keys \['extra'\]"):
+    with pytest.raises(nn.StateDictError,
+                       match=r'Missing key\(s\) in state_dict: "0.bias". \n\t'
+                             r'Unexpected key\(s\) in state_dict: "extra"'):
         other.load_state_dict(bad)
     missing, unexpected = other.load_state_dict(bad, strict=False)
     assert missing == ["0.bias"] and unexpected == ["extra"]
@@ -883,6 +886,8 @@ def test_flatten_layout():
     (lambda: nn.BatchNorm2d(2, relu=True, **D), (3, 2, 2, 2)),
     (lambda: nn.BatchNorm2d(2, channels_last=True, **D), (3, 2, 2, 2)),
     (lambda: nn.BatchNorm1d(4, **D), (5, 4)),
+    (lambda: nn.BatchNorm3d(2, **D), (3, 2, 2, 2, 3)),
+    (lambda: nn.BatchNorm3d(3, channels_last=True, relu=True, **D), (3, 2, 2, 2, 3)),
     (lambda: nn.BatchNorm1d(4, **D).eval(), (5, 4)),
     (lambda: nn.BatchNorm1d(4, **D).freeze_bn_stats(), (5, 4)),
     (lambda: nn.Sigmoid(), (5, 4)), (lambda: nn.Tanh(), (5, 4)), (lambda: nn.ReLU(), (5, 4)),
@@ -911,3 +916,437 @@ def test_layers_never_write_to_caller_arrays(make, shape):
     for out in (y, dx):
         if out.flags.writeable:        # a new array, not a view of the caller's
             assert not np.shares_memory(out, x) and not np.shares_memory(out, g)
+
+
+# ---------------------------------------------------------------------------- BatchNorm3d
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm3d_matches_reference(dtype, channels_last, momentum):
+    C = 3
+    bn = nn.BatchNorm3d(C, momentum=momentum, channels_last=channels_last, dtype=dtype)
+    axis = -1 if channels_last else 1
+    rm, rv = np.zeros(C), np.ones(C)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    rng = rng_(20)
+    for step in range(1, 4):
+        x = (rng.standard_normal((2, C, 3, 2, 4)) * 2 + step).astype(dtype)
+        if channels_last:
+            x = np.moveaxis(x, 1, -1)                   # (N, D, H, W, C)
+        y = bn(x)
+        factor = 1.0 / step if momentum is None else momentum
+        yr, mean, invstd = ref.batch_norm_train(x, bn.weight.data, bn.bias.data, axis=axis,
+                                                running_mean=rm, running_var=rv,
+                                                momentum=factor)
+        assert y.dtype == dtype and y.shape == x.shape
+        np.testing.assert_allclose(y, yr, rtol=tol, atol=tol)
+        np.testing.assert_allclose(bn.running_mean, rm, rtol=tol, atol=tol)
+        np.testing.assert_allclose(bn.running_var, rv, rtol=tol, atol=tol)
+        g = rng.standard_normal(x.shape).astype(dtype)
+        dx = bn.backward(g)
+        dxr, dwr, dbr = ref.batch_norm_backward(g, x, mean, invstd, bn.weight.data, axis=axis)
+        np.testing.assert_allclose(dx, dxr, rtol=10 * tol, atol=10 * tol)
+        np.testing.assert_allclose(bn.weight.grad, dwr, rtol=10 * tol, atol=10 * tol)
+        bn.zero_grad()
+    bn.eval()
+    x = rng.standard_normal(x.shape).astype(dtype)
+    np.testing.assert_allclose(bn(x), ref.batch_norm_infer(x, rm, rv, bn.weight.data,
+                                                           bn.bias.data, axis=axis),
+                               rtol=tol, atol=tol)
+
+
+def test_batchnorm3d_checks_and_layout():
+    bn = nn.BatchNorm3d(4)
+    assert list(bn.state_dict()) == ["weight", "bias", "running_mean", "running_var",
+                                     "num_batches_tracked"]
+    with pytest.raises(ValueError, match=r"BatchNorm3d expects input of shape "
+                                         r"\(N, C, D, H, W\), got 4-d"):
+        bn(np.zeros((2, 4, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"\(N, D, H, W, C\)"):
+        nn.BatchNorm3d(4, channels_last=True)(np.zeros((2, 4, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"BatchNorm3d\(4\) got 3 channels"):
+        bn(np.zeros((2, 3, 2, 2, 2), np.float32))
+    with pytest.raises(TypeError, match="float32 parameters but got a float64 input"):
+        bn(np.zeros((2, 4, 2, 2, 2)))
+    assert "channels_last=True" in repr(nn.BatchNorm3d(4, channels_last=True))
+    assert not isinstance(bn, nn.BatchNorm2d)
+    # channels-last equals channels-first, and a whole-model conversion works
+    x = rng_(21).standard_normal((3, 4, 2, 3, 2)).astype(np.float32)
+    a, b = nn.BatchNorm3d(4), nn.BatchNorm3d(4, channels_last=True)
+    np.testing.assert_allclose(np.moveaxis(b(np.moveaxis(x, 1, -1)), -1, 1), a(x),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(a.running_mean, b.running_mean)
+    assert [n for n, _ in nn.batchnorm_layers(nn.Sequential(a, b))] == ["0", "1"]
+    c = nn.BatchNorm3d(4).double()
+    assert c(x.astype(F64)).dtype == F64
+    with pytest.raises(ValueError, match="cannot fold BatchNorm3d into a Linear"):
+        nn.fold_batchnorm(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm3d(4)))
+    with pytest.raises(ValueError, match="cannot fold BatchNorm3d into a Conv2d"):
+        nn.fold_batchnorm(nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm3d(4,
+                                                                           channels_last=True)))
+
+
+def test_batchnorm3d_population_stats_and_freeze():
+    net = nn.Sequential(nn.BatchNorm3d(2, **D), nn.ReLU())
+    data = rng_(22).standard_normal((12, 2, 2, 2, 2)) * 3 + 1
+    nn.compute_population_stats(net, np.split(data, 3))
+    means = np.mean([b.mean(axis=(0, 2, 3, 4)) for b in np.split(data, 3)], axis=0)
+    np.testing.assert_allclose(net[0].running_mean, means, rtol=1e-12)
+    net.freeze_bn_stats()
+    assert net[0].frozen
+
+
+# ---------------------------------------------------------------------------- conveniences
+
+def test_apply_visits_children_first_and_returns_self():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Residual(nn.Sequential(nn.Linear(2, 2),
+                                                                    nn.BatchNorm1d(2))))
+    seen = []
+    assert net.apply(seen.append) is net
+    assert seen == [net[0], net[1].body[0], net[1].body[1], net[1].body, net[1], net]
+    with pytest.raises(TypeError, match="callable"):
+        net.apply(None)
+
+
+def test_reset_parameters():
+    lin = nn.Linear(5, 3, rng=0)
+    w, b = lin.weight.data, lin.bias.data
+    w0, b0 = w.copy(), b.copy()
+    opt = optim.SGD(lin.parameters(), lr=0.1)
+    lin.weight.grad = np.ones_like(w)
+    lin.reset_parameters(rng=1)
+    assert lin.weight.data is w and lin.bias.data is b          # in place
+    assert not np.array_equal(w, w0)
+    assert lin.weight.grad is not None                          # gradients untouched
+    lin.reset_parameters(rng=0)                                 # the constructor's draw
+    np.testing.assert_array_equal(w, w0)
+    np.testing.assert_array_equal(b, b0)
+    opt.step()
+    np.testing.assert_array_equal(w, w0 - np.float32(0.1))      # the optimizer still sees it
+    for m, bound in ((nn.Linear(50, 40, dtype=F64), 1 / np.sqrt(50)),
+                     (nn.Conv2d(3, 40, (3, 2), dtype=F64), 1 / np.sqrt(18))):
+        m.weight.data[...] = 9
+        m.bias.data[...] = 9
+        m.reset_parameters()
+        for p in (m.weight.data, m.bias.data):
+            assert np.abs(p).max() <= bound and np.abs(p).max() > 0.8 * bound
+    nobias = nn.Conv2d(2, 2, 1, bias=False, rng=3)
+    nobias.reset_parameters(rng=3)
+    np.testing.assert_array_equal(nobias.weight.data, nn.Conv2d(2, 2, 1, bias=False,
+                                                                rng=3).weight.data)
+    bn = _bn(nn.BatchNorm2d, {}, 3)
+    bn.num_batches_tracked[...] = 7
+    bn.reset_parameters()
+    np.testing.assert_array_equal(bn.weight.data, np.ones(3))
+    np.testing.assert_array_equal(bn.bias.data, np.zeros(3))
+    np.testing.assert_array_equal(bn.running_mean, np.zeros(3))
+    np.testing.assert_array_equal(bn.running_var, np.ones(3))
+    assert int(bn.num_batches_tracked) == 0
+    nn.BatchNorm1d(3, affine=False, track_running_stats=False).reset_parameters()
+    # containers and parameter-free layers have none (as in PyTorch); apply is the idiom
+    for m in (nn.Module(), nn.Sequential(), nn.ModuleList(), nn.ReLU(), nn.BasicBlock(2, 2)):
+        assert not hasattr(m, "reset_parameters")
+    net, twin = mlp(rng=5), mlp(rng=5)
+    _ = net(rng_(0).standard_normal((4, 8)).astype(np.float32))
+    net.apply(lambda m: m.reset_parameters(rng=9) if hasattr(m, "reset_parameters") else None)
+    twin.apply(lambda m: m.reset_parameters(rng=9) if hasattr(m, "reset_parameters") else None)
+    for (k, a), (_, c) in zip(net.state_dict().items(), twin.state_dict().items()):
+        np.testing.assert_array_equal(a, c, err_msg=k)
+    assert int(net[1].num_batches_tracked) == 0
+    with pytest.raises(TypeError, match="rng"):
+        lin.reset_parameters(rng="seed")
+
+
+def test_add_module():
+    m = nn.Module()
+    m.add_module("b", nn.Linear(2, 3, rng=0))
+    m.add_module("a-1", nn.BatchNorm1d(3))
+    m.add_module("none", None)
+    assert [k for k, _ in m.named_children()] == ["b", "a-1"]
+    assert m.none is None and getattr(m, "a-1").num_features == 3
+    assert list(m.state_dict())[:3] == ["b.weight", "b.bias", "a-1.weight"]
+    m.add_module("b", nn.Linear(2, 4, rng=0))                # replace: keeps its place
+    assert [k for k, _ in m.named_children()] == ["b", "a-1"] and m.b.out_features == 4
+    m.add_module("none", nn.ReLU())                           # a None slot may be filled
+    with pytest.raises(TypeError, match="not a Module subclass"):
+        m.add_module("x", np.zeros(2))
+    with pytest.raises(TypeError, match="should be a string"):
+        m.add_module(1, nn.ReLU())
+    for bad, msg in (("", "empty"), ("a.b", "contain"), ("_x", "start with '_'"),
+                     ("training", "already exists"), ("forward", "already exists")):
+        with pytest.raises(KeyError, match=msg):
+            m.add_module(bad, nn.ReLU())
+    lin = nn.Linear(2, 2)
+    with pytest.raises(KeyError, match="'weight' already exists"):
+        lin.add_module("weight", nn.ReLU())
+
+
+def test_sequential_names():
+    net = nn.Sequential({"fc": nn.Linear(4, 3, rng=0), "bn": nn.BatchNorm1d(3)})
+    assert [k for k, _ in net.named_children()] == ["fc", "bn"]
+    assert net.fc is net[0] and net.bn is net[1] and len(net) == 2
+    net.append(nn.ReLU())
+    net.add_module("out", nn.Linear(3, 2, rng=0))
+    assert [k for k, _ in net.named_children()] == ["fc", "bn", "2", "out"]
+    assert net(np.ones((5, 4), np.float32)).shape == (5, 2)
+    tail = net[1:3]
+    assert [k for k, _ in tail.named_children()] == ["bn", "2"] and tail[0] is net.bn
+    new_bn = nn.BatchNorm1d(3)
+    net.bn = new_bn                          # setattr by name replaces in place
+    assert net[1] is new_bn and "bn" not in vars(net)
+    net.add_module("fc", nn.Linear(4, 3, rng=1))
+    assert [k for k, _ in net.named_children()] == ["fc", "bn", "2", "out"]
+    with pytest.raises(TypeError, match="not a Module"):
+        net.bn = 3
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        net.nope
+    with pytest.raises(KeyError, match="contain"):
+        nn.Sequential({"a.b": nn.ReLU()})
+    with pytest.raises(TypeError, match="layer x is not a Module"):
+        nn.Sequential({"x": 1})
+    with pytest.raises(KeyError, match="already exists"):
+        net.add_module("training", nn.ReLU())
+    assert net.copy().bn is not net.bn and [k for k, _ in net.copy().named_children()] == [
+        "fc", "bn", "2", "out"]
+
+
+def test_module_list():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(4, 4, rng=i, **D) for i in range(3)])
+            self.bn = nn.BatchNorm1d(4, **D)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return self.bn(x)
+
+        def backward(self, g):
+            g = self.bn.backward(g)
+            for b in reversed(self.blocks):
+                g = b.backward(g)
+            return g
+
+    net = Net()
+    assert [n for n, _ in net.named_parameters()] == [
+        "blocks.0.weight", "blocks.0.bias", "blocks.1.weight", "blocks.1.bias",
+        "blocks.2.weight", "blocks.2.bias", "bn.weight", "bn.bias"]
+    gradcheck(net, rng_(23).standard_normal((5, 4)), k=20, atol=1e-6)
+    ml = net.blocks
+    a, b, c = list(ml)
+    del ml[0]
+    assert list(ml) == [b, c] and [k for k, _ in ml.named_children()] == ["0", "1"]
+    ml.insert(0, a)
+    ml.append(nn.ReLU()).extend([nn.Tanh()])
+    ml += [nn.Sigmoid()]
+    assert isinstance(ml, nn.ModuleList) and len(ml) == 6 and ml[-1].__class__ is nn.Sigmoid
+    assert [k for k, _ in ml.named_children()] == [str(i) for i in range(6)]
+    assert isinstance(ml[1:3], nn.ModuleList) and list(ml[1:3]) == [b, c]
+    assert list(ml + nn.ModuleList([a]))[-1] is a
+    ml[1] = nn.Identity()
+    assert isinstance(ml[1], nn.Identity)
+    setattr(ml, "1", b)                     # how convert_sync_batchnorm replaces children
+    assert ml[1] is b and getattr(ml, "1") is b
+    ml.add_module("6", nn.ReLU())
+    ml.add_module("0", a)
+    assert len(ml) == 7
+    with pytest.raises(KeyError, match="named by position"):
+        ml.add_module("9", nn.ReLU())
+    with pytest.raises(TypeError, match="not a Module"):
+        ml.append(3)
+    with pytest.raises(TypeError, match="not a Module"):
+        nn.ModuleList([nn.ReLU(), "x"])
+    with pytest.raises(NotImplementedError):
+        ml(np.zeros(2))
+    assert len(nn.ModuleList()) == 0 and repr(nn.ModuleList()) == "ModuleList()"
+    twin = net.copy()
+    assert twin.blocks[0] is not net.blocks[0]
+    np.testing.assert_array_equal(twin.blocks[0].weight.data, net.blocks[0].weight.data)
+
+
+def test_float_and_double():
+    net = mlp(F64)
+    assert net.float() is net
+    assert all(v.dtype == (np.int64 if k.endswith("num_batches_tracked") else np.float32)
+               for k, v in net.state_dict().items())
+    assert net[0].dtype == np.float32 and net[1].dtype == np.float32
+    assert net(np.ones((4, 8), np.float32)).dtype == np.float32
+    assert net.double() is net and net(np.ones((4, 8))).dtype == F64
+    assert net[1].running_mean.dtype == F64 and net[1].num_batches_tracked.dtype == np.int64
+
+
+def test_state_dict_prefix_destination_keep_vars():
+    net = mlp()
+    keys = list(net.state_dict())
+    assert list(net.state_dict(prefix="model.")) == ["model." + k for k in keys]
+    sub = net[1].state_dict(prefix="1.")
+    assert list(sub) == [k for k in keys if k.startswith("1.")]
+    dest = {"other": 1}
+    assert net.state_dict(destination=dest, prefix="m.") is dest
+    assert list(dest) == ["other"] + ["m." + k for k in keys]
+    live = net.state_dict(keep_vars=True)
+    assert live["0.weight"] is net[0].weight and live["1.running_mean"] is net[1].running_mean
+    copies = net.state_dict()
+    assert not np.shares_memory(copies["0.weight"], net[0].weight.data)
+    other = mlp(rng=3)
+    other.load_state_dict(live)                 # Parameters are accepted as values
+    np.testing.assert_array_equal(other[0].weight.data, net[0].weight.data)
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        net.state_dict(prefix=None)
+    with pytest.raises(TypeError):
+        net.state_dict({}, "p.")                # keyword-only, as PyTorch recommends
+
+
+def test_load_state_dict_errors_and_result():
+    net, other = mlp(rng=0), mlp(rng=1)
+    sd = net.state_dict()
+    res = other.load_state_dict(sd)
+    assert res == ([], []) and res.missing_keys == [] and res.unexpected_keys == []
+    assert repr(res) == "<All keys matched successfully>"
+    before = other.state_dict()
+    bad = {k: v for k, v in sd.items() if k not in ("0.bias", "4.weight")}
+    bad["x.weight"] = np.zeros(2)
+    bad["1.running_mean"] = np.zeros(7)
+    with pytest.raises(nn.StateDictError) as info:
+        other.load_state_dict(bad)
+    assert isinstance(info.value, ValueError)
+    assert str(info.value) == (
+        'Error(s) in loading state_dict for Sequential:\n'
+        '\tMissing key(s) in state_dict: "0.bias", "4.weight". \n'
+        '\tUnexpected key(s) in state_dict: "x.weight". \n'
+        '\tsize mismatch for 1.running_mean: copying a param with shape (7,) from '
+        'checkpoint, the shape in current model is (6,).')
+    # without strict, only the shape mismatch is an error
+    with pytest.raises(nn.StateDictError, match=r"Sequential:\n\tsize mismatch for "
+                                                r"1.running_mean"):
+        other.load_state_dict(bad, strict=False)
+    for k, v in other.state_dict().items():            # nothing was written
+        np.testing.assert_array_equal(v, before[k])
+    bad["1.running_mean"] = sd["1.running_mean"]
+    res = other.load_state_dict(bad, strict=False)
+    assert res.missing_keys == ["0.bias", "4.weight"] and res.unexpected_keys == ["x.weight"]
+    assert repr(res) == ("_IncompatibleKeys(missing_keys=['0.bias', '4.weight'], "
+                         "unexpected_keys=['x.weight'])")
+    np.testing.assert_array_equal(other[0].weight.data, net[0].weight.data)
+    # a value that cannot be cast is a TypeError, as before
+    with pytest.raises(TypeError, match="cannot cast"):
+        other.load_state_dict({**sd, "1.num_batches_tracked": np.array(2.5)})
+
+
+# ---------------------------------------------------------------------------- functional
+# momentum=None
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_functional_cumulative_average_equals_layer(dtype, channels_last):
+    C = 3
+    layer = nn.BatchNorm2d(C, momentum=None, channels_last=channels_last, dtype=dtype)
+    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+    w, b = layer.weight.data, layer.bias.data
+    axis = -1 if channels_last else 1
+    rng = rng_(30)
+    for n in range(1, 6):
+        x = (rng.standard_normal((4, C, 2, 3)) * n + n).astype(dtype)
+        if channels_last:
+            x = np.moveaxis(x, 1, -1)
+        y_layer = layer(x)
+        y = bnfast.batch_norm(x, rm, rv, w, b, training=True, momentum=None, axis=axis,
+                              num_batches_tracked=n)
+        np.testing.assert_array_equal(y, y_layer)         # the same kernels and factor
+        np.testing.assert_array_equal(rm, layer.running_mean)
+        np.testing.assert_array_equal(rv, layer.running_var)
+    # the layer's 0-d counter is accepted as is
+    x = rng.standard_normal(x.shape).astype(dtype)
+    layer(x)
+    bnfast.batch_norm(x, rm, rv, w, b, True, None, axis=axis,
+                      num_batches_tracked=layer.num_batches_tracked)
+    np.testing.assert_array_equal(rm, layer.running_mean)
+    # eval mode: running statistics (the count is checked, and unused)
+    layer.eval()
+    np.testing.assert_array_equal(
+        bnfast.batch_norm(x, rm, rv, w, b, momentum=None, axis=axis, num_batches_tracked=1),
+        layer(x))
+
+
+def test_functional_cumulative_average_errors():
+    x = rng_(31).standard_normal((4, 2))
+    rm, rv = np.zeros(2), np.ones(2)
+    for kw in (dict(training=True), dict(training=False), dict(running_mean=None,
+                                                                running_var=None)):
+        args = {"running_mean": rm, "running_var": rv, **kw}   # in every mode, as momentum
+        with pytest.raises(ValueError, match="momentum=None .* needs num_batches_tracked"):
+            bnfast.batch_norm(x, momentum=None, **args)
+    np.testing.assert_array_equal(rm, np.zeros(2))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="num_batches_tracked must be >= 1"):
+            bnfast.batch_norm(x, rm, rv, training=True, momentum=None,
+                              num_batches_tracked=bad)
+    for bad in (1.0, True, "1", np.array([1])):
+        with pytest.raises(TypeError, match="num_batches_tracked must be an int"):
+            bnfast.batch_norm(x, rm, rv, training=True, momentum=None,
+                              num_batches_tracked=bad)
+    with pytest.raises(ValueError, match="only used with momentum=None"):
+        bnfast.batch_norm(x, rm, rv, training=True, momentum=0.1, num_batches_tracked=1)
+    # no running statistics to update: batch statistics
+    np.testing.assert_array_equal(
+        bnfast.batch_norm(x, momentum=None, training=True, num_batches_tracked=3),
+        bnfast.batch_norm(x, training=True))
+    # a count of 1 replaces the running statistics by the batch's (unbiased variance)
+    bnfast.batch_norm(x, rm, rv, training=True, momentum=None, num_batches_tracked=1)
+    np.testing.assert_allclose(rm, x.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(rv, x.var(axis=0, ddof=1), rtol=1e-14)
+
+
+# ---------------------------------------------------------------------------- plot_history
+
+def test_plot_history():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from bnfast.train import plot_history
+    rng = rng_(40)
+    X = rng.standard_normal((120, 4), dtype=np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    net = nn.Sequential(nn.Linear(4, 8, rng=0), nn.BatchNorm1d(8), nn.ReLU(),
+                        nn.Linear(8, 2, rng=0))
+    hist = fit(net, nn.CrossEntropyLoss(), optim.SGD(net.parameters(), lr=0.1), (X, y),
+               epochs=3, batch_size=30, val_data=(X, y), progress=False, rng=0)
+    fig = plot_history(hist)
+    try:
+        assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy"]
+        lines = fig.axes[0].get_lines()
+        assert [ln.get_label() for ln in lines] == ["train", "validation"]
+        np.testing.assert_array_equal(lines[0].get_xdata(), [1, 2, 3])
+        np.testing.assert_array_equal(lines[1].get_ydata(), hist["val_loss"])
+    finally:
+        plt.close(fig)
+    fig, axes = plt.subplots(1, 2)
+    try:
+        assert plot_history(hist, ["lr", "val_loss"], axes=axes) is fig
+        assert axes[0].get_title() == "lr" and axes[1].get_title() == "val_loss"
+        assert plot_history({"loss": [3, 2]}, axes=axes[0]) is fig    # x: 1, 2
+        with pytest.raises(ValueError, match="1 axes for 2 panels"):
+            plot_history(hist, axes=[axes[0]])
+    finally:
+        plt.close(fig)
+    open_before = plt.get_fignums()
+    for bad, err, msg in ((hist, ValueError, "'nope' is not in the history"),
+                          ({"epoch": [1], "time": [0.1]}, ValueError, "nothing to plot"),
+                          ({"epoch": [1, 2], "loss": [1.0]}, ValueError,
+                           "'loss' has 1 values but there are 2 epochs"),
+                          ([1, 2], TypeError, "history must be a dict")):
+        with pytest.raises(err, match=msg):
+            plot_history(bad, ["nope"] if bad is hist else None)
+    with pytest.raises(TypeError, match="not a str"):
+        plot_history(hist, "loss")
+    assert plt.get_fignums() == open_before          # errors are raised before drawing
+
+
+def test_plot_history_without_matplotlib(monkeypatch):
+    import sys
+    from bnfast.train import plot_history
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match=r'pip install matplotlib \(or pip install '
+                                          r'"bnfast\[paper\]"'):
+        plot_history({"loss": [1.0, 0.5]})

@@ -374,3 +374,202 @@ def test_channels_last_model_loads_pytorch_state_dict(dtype, mode):
     tb = dict(theirs.named_buffers())
     for n, b in ours.named_buffers():
         close(b, tb[n], dtype, f"buffer {n}")
+
+
+# ---------------------------------------------------------------------------- BatchNorm3d
+
+NCDHW_TO_NDHWC = (lambda a: np.moveaxis(a, 1, -1))
+NDHWC_TO_NCDHW = (lambda a: np.ascontiguousarray(np.moveaxis(a, -1, 1)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", BN_KW, ids=_kw_id)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batchnorm3d(dtype, kw, mode, channels_last):
+    """Forward, input and parameter gradients and running statistics over 3 steps."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 5, 2, 3, 2)) * 2 - 1
+    ours = nn.BatchNorm3d(5, **kw, channels_last=channels_last, dtype=dtype)
+    theirs = tnn.BatchNorm3d(5, **kw)
+    _randomise_bn(theirs, rng)
+    if mode == "eval":
+        ours.eval()
+        theirs.eval()
+    if channels_last:
+        compare(ours, theirs, NCDHW_TO_NDHWC(x), dtype, steps=3, to_torch=NDHWC_TO_NCDHW,
+                from_torch=NCDHW_TO_NDHWC)
+    else:
+        compare(ours, theirs, x, dtype, steps=3)
+
+
+# ---------------------------------------------------------------------------- conveniences
+
+def _twins(seed=0):
+    """The same nested model in bnfast and in PyTorch (same keys), with equal weights."""
+    ours = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(),
+                         nn.Sequential(nn.Linear(6, 3), nn.BatchNorm1d(3)))
+    theirs = tnn.Sequential(tnn.Linear(4, 6), tnn.BatchNorm1d(6), tnn.ReLU(),
+                            tnn.Sequential(tnn.Linear(6, 3), tnn.BatchNorm1d(3)))
+    torch.manual_seed(seed)
+    for m in theirs.modules():
+        if isinstance(m, tnn.BatchNorm1d):
+            _randomise_bn(m, np.random.default_rng(seed))
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def test_apply_order_matches_torch():
+    ours, theirs = _twins()
+    a, b = [], []
+    ours.apply(lambda m: a.append(type(m).__name__))
+    theirs.apply(lambda m: b.append(type(m).__name__))
+    assert a == b
+
+
+def test_state_dict_prefix_matches_torch():
+    ours, theirs = _twins()
+    for prefix in ("", "model.", "x"):
+        assert list(ours.state_dict(prefix=prefix)) == list(theirs.state_dict(prefix=prefix))
+    assert list(ours[3].state_dict(prefix="3.")) == list(theirs[3].state_dict(prefix="3."))
+    kept = ours.state_dict(keep_vars=True)
+    tkept = theirs.state_dict(keep_vars=True)
+    assert ([isinstance(v, nn.Parameter) for v in kept.values()]
+            == [isinstance(v, tnn.Parameter) for v in tkept.values()])
+
+
+def _torch_message(exc):
+    """PyTorch's message with its shapes written as bnfast writes them (tuples)."""
+    import re
+    return re.sub(r"torch\.Size\(\[([^\]]*)\]\)",
+                  lambda m: repr(tuple(int(v) for v in m.group(1).split(", ") if v)),
+                  str(exc))
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected", "both", "size", "all"])
+def test_load_state_dict_errors_match_torch(case):
+    ours, theirs = _twins()
+    sd = theirs.state_dict()
+    if case in ("missing", "both", "all"):
+        del sd["0.bias"], sd["3.1.running_var"]
+    if case in ("unexpected", "both", "all"):
+        sd["4.weight"] = torch.zeros(2)
+        sd["extra"] = torch.zeros(1)
+    if case in ("size", "all"):
+        sd["1.weight"] = torch.zeros(7)
+        sd["3.0.weight"] = torch.zeros(3, 5)
+    with pytest.raises(RuntimeError) as tinfo:
+        theirs.load_state_dict(sd)
+    with pytest.raises(nn.StateDictError) as info:
+        ours.load_state_dict(sd)
+    assert str(info.value) == _torch_message(tinfo.value)
+    if case in ("missing", "unexpected", "both"):
+        res, tres = ours.load_state_dict(sd, strict=False), theirs.load_state_dict(
+            sd, strict=False)
+        assert res == tuple(tres)
+        assert res.missing_keys == tres.missing_keys
+        assert res.unexpected_keys == tres.unexpected_keys
+        assert repr(res) == repr(tres)
+    else:                               # shape mismatches are errors with strict=False too
+        with pytest.raises(RuntimeError) as tinfo:
+            theirs.load_state_dict(sd, strict=False)
+        with pytest.raises(nn.StateDictError) as info:
+            ours.load_state_dict(sd, strict=False)
+        assert str(info.value) == _torch_message(tinfo.value)
+    ok = ours.load_state_dict(theirs.state_dict())
+    assert repr(ok) == repr(theirs.load_state_dict(theirs.state_dict()))
+
+
+def test_module_list_and_add_module_keys_match_torch():
+    from collections import OrderedDict
+    ours = nn.ModuleList([nn.Linear(2, 3), nn.BatchNorm1d(3)])
+    theirs = tnn.ModuleList([tnn.Linear(2, 3), tnn.BatchNorm1d(3)])
+    for m, lib in ((ours, nn), (theirs, tnn)):
+        m.append(lib.Linear(3, 3))
+        m.insert(1, lib.ReLU())
+        m.extend([lib.Linear(3, 1), lib.BatchNorm1d(1)])
+        del m[0]
+        m += [lib.Tanh()]
+        m.add_module("6", lib.Linear(1, 1))        # the next position: appended
+        m.add_module("0", lib.ReLU())              # an existing one: replaced
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [k for k, _ in ours.named_children()] == [k for k, _ in theirs.named_children()]
+    assert list(ours[1:4].state_dict()) == list(theirs[1:4].state_dict())
+    seq = nn.Sequential(OrderedDict([("fc", nn.Linear(2, 3)), ("bn", nn.BatchNorm1d(3))]))
+    tseq = tnn.Sequential(OrderedDict([("fc", tnn.Linear(2, 3)), ("bn", tnn.BatchNorm1d(3))]))
+    for m, lib in ((seq, nn), (tseq, tnn)):
+        m.append(lib.ReLU())
+        m.add_module("head", lib.Linear(3, 2))
+    assert list(seq.state_dict()) == list(tseq.state_dict())
+    assert list(seq[1:].state_dict()) == list(tseq[1:].state_dict())
+    seq.load_state_dict(tseq.state_dict())
+    x = np.random.default_rng(0).standard_normal((5, 2)).astype(np.float32)
+    close(seq.eval()(x), tseq.eval()(torch.from_numpy(x)), np.float32, "named Sequential")
+    root, troot = nn.Module(), tnn.Module()
+    for m, lib in ((root, nn), (troot, tnn)):
+        m.add_module("b", lib.Linear(2, 2))
+        m.add_module("a", lib.BatchNorm1d(2))
+        m.add_module("b", lib.Linear(2, 3))          # replaced in its place
+    assert list(root.state_dict()) == list(troot.state_dict())
+    for bad in ("", "a.b"):
+        with pytest.raises(KeyError) as tinfo:
+            troot.add_module(bad, tnn.ReLU())
+        with pytest.raises(KeyError) as info:
+            root.add_module(bad, nn.ReLU())
+        assert str(info.value) == str(tinfo.value)
+    with pytest.raises(KeyError, match="already exists"):
+        troot.add_module("training", tnn.ReLU())
+    with pytest.raises(KeyError, match="already exists"):
+        root.add_module("training", nn.ReLU())
+
+
+def test_reset_parameters_matches_torch():
+    ours, theirs = nn.BatchNorm2d(4), tnn.BatchNorm2d(4)
+    _randomise_bn(theirs, np.random.default_rng(1))
+    theirs.num_batches_tracked.fill_(5)
+    ours.load_state_dict(theirs.state_dict())
+    ours.reset_parameters()
+    theirs.reset_parameters()
+    for k, v in ours.state_dict().items():
+        np.testing.assert_array_equal(v, theirs.state_dict()[k].numpy(), err_msg=k)
+    # Linear / Conv2d: the same uniform bound as torch's kaiming_uniform_(a=sqrt(5))
+    torch.manual_seed(0)
+    for ours, theirs in ((nn.Linear(30, 200), tnn.Linear(30, 200)),
+                         (nn.Conv2d(3, 200, (3, 2)), tnn.Conv2d(3, 200, (3, 2)))):
+        ours.reset_parameters(rng=0)
+        theirs.reset_parameters()
+        for n, p in ours.named_parameters():
+            t = getattr(theirs, n).detach().numpy()
+            bound = np.abs(t).max()
+            assert np.abs(p.data).max() <= bound * 1.02 and np.abs(p.data).max() > 0.95 * bound
+    assert hasattr(tnn.Linear(1, 1), "reset_parameters")
+    assert not hasattr(tnn.Sequential(), "reset_parameters")
+    assert not hasattr(nn.Sequential(), "reset_parameters")
+
+
+def test_float_double_match_torch():
+    ours, theirs = _twins()
+    for conv in ("double", "float"):
+        getattr(ours, conv)()
+        getattr(theirs, conv)()
+        for k, v in ours.state_dict().items():
+            assert str(v.dtype) == str(theirs.state_dict()[k].dtype).replace("torch.", ""), k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_functional_cumulative_average_matches_torch_layer(dtype):
+    """bnfast.batch_norm(momentum=None, num_batches_tracked=n) == a torch BN layer with
+    momentum=None (which F.batch_norm itself cannot express)."""
+    import bnfast
+    C = 4
+    theirs = tnn.BatchNorm1d(C, momentum=None).to(TORCH_DT[dtype])
+    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+    rng = np.random.default_rng(7)
+    for n in range(1, 6):
+        x = (rng.standard_normal((6, C)) * n - n).astype(dtype)
+        y = bnfast.batch_norm(x, rm, rv, training=True, momentum=None, num_batches_tracked=n)
+        yt = theirs(torch.from_numpy(x))
+        close(y, yt, dtype, f"output (batch {n})")
+        close(rm, theirs.running_mean, dtype, f"running_mean (batch {n})")
+        close(rv, theirs.running_var, dtype, f"running_var (batch {n})")
+        assert int(theirs.num_batches_tracked) == n

@@ -20,20 +20,20 @@ order are PyTorch's, so ``load_state_dict`` takes a PyTorch model's ``state_dict
 >>> loss < 1.0
 True
 """
-from .batchnorm import BatchNorm1d, BatchNorm2d
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .layers import (AvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sigmoid,
                      Tanh)
 from .loss import CrossEntropyLoss, MSELoss
-from .module import Identity, Module, Parameter, Sequential
+from .module import Identity, Module, ModuleList, Parameter, Sequential, StateDictError
 from .residual import BasicBlock, Residual
-from .utils import (StateDictError, batchnorm_layers, compute_population_stats, fold_batchnorm,
-                    load, save)
+from .utils import batchnorm_layers, compute_population_stats, fold_batchnorm, load, save
 
 __all__ = [
     "AvgPool2d",
     "BasicBlock",
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchNorm3d",
     "Conv2d",
     "CrossEntropyLoss",
     "Dropout",
@@ -43,6 +43,7 @@ __all__ = [
     "MSELoss",
     "MaxPool2d",
     "Module",
+    "ModuleList",
     "Parameter",
     "ReLU",
     "Residual",

@@ -2,7 +2,7 @@
 
 Constructor signature and semantics are PyTorch's (``num_features, eps=1e-5, momentum=0.1,
 affine=True, track_running_stats=True``), with three keyword-only additions:
-``channels_last`` (BatchNorm2d), ``relu`` (fuse a following ReLU into the kernels) and
+``channels_last`` (BatchNorm2d, BatchNorm3d), ``relu`` (fuse a following ReLU into the kernels) and
 ``dtype``.  Modes:
 
 - ``training`` and not ``frozen``: normalise with the batch's statistics and update the
@@ -19,7 +19,7 @@ import numpy as np
 from .. import _api
 from .module import Module, Parameter, _check_dtype, _input_like
 
-__all__ = ["BatchNorm1d", "BatchNorm2d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
 class _BatchNorm(Module):
@@ -84,6 +84,20 @@ class _BatchNorm(Module):
             self.running_mean[...] = 0
             self.running_var[...] = 1
             self.num_batches_tracked[...] = 0
+
+    def reset_parameters(self, rng=None):
+        """Re-initialise as PyTorch's ``reset_parameters``: weight 1, bias 0 and
+        :meth:`reset_running_stats`, in place (optimizers keep working).
+
+        `rng` is accepted, and unused, so that one call re-initialises every layer::
+
+            model.apply(lambda m: m.reset_parameters(rng=rng)
+                        if hasattr(m, "reset_parameters") else None)
+        """
+        if self.affine:
+            self.weight.data[...] = 1
+            self.bias.data[...] = 0
+        self.reset_running_stats()
 
     def uses_batch_stats(self):
         """Whether the next forward normalises with the batch's own statistics."""
@@ -233,7 +247,29 @@ class BatchNorm1d(_BatchNorm):
     _layout = "(N, C) or (N, C, L)"
 
 
-class BatchNorm2d(_BatchNorm):
+class _ChannelsLastOption(_BatchNorm):
+    """A batch-norm layer for ``(N, C, *spatial)`` input or, with ``channels_last=True``,
+    ``(N, *spatial, C)``."""
+
+    _layouts = ("", "")          # (channels-first, channels-last) shape, for messages
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, channels_last=False, relu=False,
+                 dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         relu=relu, dtype=dtype)
+        self.channels_last = bool(channels_last)
+
+    @property
+    def axis(self):
+        return -1 if self.channels_last else 1
+
+    @property
+    def _layout(self):
+        return self._layouts[self.channels_last]
+
+
+class BatchNorm2d(_ChannelsLastOption):
     """Batch normalization over ``(N, C, H, W)`` input (one channel = one feature map).
 
     Parameters
@@ -280,18 +316,55 @@ class BatchNorm2d(_BatchNorm):
     """
 
     _ndims = (4,)
+    _layouts = ("(N, C, H, W)", "(N, H, W, C)")
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, channels_last=False, relu=False,
-                 dtype=np.float32):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         relu=relu, dtype=dtype)
-        self.channels_last = bool(channels_last)
 
-    @property
-    def axis(self):
-        return -1 if self.channels_last else 1
+class BatchNorm3d(_ChannelsLastOption):
+    """Batch normalization over ``(N, C, D, H, W)`` input (volumes, or video frames).
 
-    @property
-    def _layout(self):
-        return "(N, H, W, C)" if self.channels_last else "(N, C, H, W)"
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, relu, dtype
+        As for :class:`BatchNorm1d`.
+    channels_last : bool, default False
+        Take ``(N, D, H, W, C)`` input instead (PyTorch's ``channels_last_3d`` memory
+        format, as an array of that shape).
+
+    Notes
+    -----
+    Statistics are over the batch and all positions (m = N*D*H*W values per channel).
+    Parameters, buffers and state-dict keys are those of ``torch.nn.BatchNorm3d``.
+
+    Raises
+    ------
+    ValueError
+        If `num_features` is not a positive integer, `eps` is not a real number >= 0, or
+        `momentum` is not None or in [0, 1]; from ``forward``, if the input is not 5-d or
+        has the wrong number of channels; from ``backward``, if the gradient's shape is
+        not the forward input's.
+    TypeError
+        If `dtype` is not float32 or float64; from ``forward`` and ``backward``, if the
+        array's dtype is not the layer's `dtype`.
+    RuntimeError
+        From ``backward``, if called before ``forward``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> bn = nn.BatchNorm3d(2)
+    >>> x = np.arange(32, dtype=np.float32).reshape(2, 2, 2, 2, 2)   # (N, C, D, H, W)
+    >>> y = bn(x)
+    >>> y.mean(axis=(0, 2, 3, 4)).round(4) + 0.0, y.std(axis=(0, 2, 3, 4)).round(3)
+    (array([0., 0.], dtype=float32), array([1., 1.], dtype=float32))
+    >>> bn.running_mean
+    array([1.15, 1.95], dtype=float32)
+    >>> bn.backward(np.ones_like(y)).shape
+    (2, 2, 2, 2, 2)
+    >>> ndhwc = nn.BatchNorm3d(2, channels_last=True)
+    >>> bool(np.allclose(ndhwc(np.moveaxis(x, 1, -1)), np.moveaxis(y, 1, -1)))
+    True
+    """
+
+    _ndims = (5,)
+    _layouts = ("(N, C, D, H, W)", "(N, D, H, W, C)")

@@ -35,8 +35,9 @@ def _pair(v, name, minimum=1):
     return int(a), int(b)
 
 
-def _uniform(rng, shape, bound, dtype):
-    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+def _fill_uniform(rng, param, bound):
+    """Overwrite ``param.data`` with ``U(-bound, bound)`` values (drawn in float64)."""
+    param.data[...] = rng.uniform(-bound, bound, size=param.data.shape)
 
 
 # ---------------------------------------------------------------------------- Linear
@@ -98,13 +99,43 @@ class Linear(Module):
         self.out_features = _pos_int(out_features, "out_features")
         self.dtype = _check_dtype(dtype)
         rng = _as_rng(rng)
-        bound = 1.0 / math.sqrt(self.in_features)
-        self.weight = Parameter(_uniform(rng, (self.out_features, self.in_features), bound,
-                                         self.dtype))
-        self.bias = (Parameter(_uniform(rng, (self.out_features,), bound, self.dtype))
-                     if bias else None)
+        self.weight = Parameter(np.empty((self.out_features, self.in_features), self.dtype))
+        self.bias = Parameter(np.empty(self.out_features, self.dtype)) if bias else None
+        self.reset_parameters(rng)
         self.needs_input_grad = True
         self._x = None
+
+    def reset_parameters(self, rng=None):
+        """Draw new weights and bias, in place, as the constructor does.
+
+        PyTorch's initialisation: ``U(-1/sqrt(in_features), 1/sqrt(in_features))`` for
+        both (what its ``kaiming_uniform_(a=sqrt(5))`` amounts to).  The arrays are
+        overwritten, so an optimizer built before keeps updating them; gradients are
+        left alone.
+
+        Parameters
+        ----------
+        rng : None, int or numpy.random.Generator
+            Source of the values (None: fresh entropy, as for the constructor).
+
+        Raises
+        ------
+        TypeError
+            If `rng` is not None, an int or a Generator.
+
+        Examples
+        --------
+        >>> from bnfast import nn
+        >>> a, b = nn.Linear(3, 2, rng=0), nn.Linear(3, 2, rng=1)
+        >>> b.reset_parameters(rng=0)
+        >>> bool((a.weight.data == b.weight.data).all() and (a.bias.data == b.bias.data).all())
+        True
+        """
+        rng = _as_rng(rng)
+        bound = 1.0 / math.sqrt(self.in_features)
+        _fill_uniform(rng, self.weight, bound)
+        if self.bias is not None:
+            _fill_uniform(rng, self.bias, bound)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -214,13 +245,45 @@ class Conv2d(Module):
         self.dtype = _check_dtype(dtype)
         rng = _as_rng(rng)
         kh, kw = self.kernel_size
-        bound = 1.0 / math.sqrt(self.in_channels * kh * kw)
-        self.weight = Parameter(_uniform(rng, (self.out_channels, self.in_channels, kh, kw),
-                                         bound, self.dtype))
-        self.bias = (Parameter(_uniform(rng, (self.out_channels,), bound, self.dtype))
-                     if bias else None)
+        self.weight = Parameter(np.empty((self.out_channels, self.in_channels, kh, kw),
+                                         self.dtype))
+        self.bias = Parameter(np.empty(self.out_channels, self.dtype)) if bias else None
+        self.reset_parameters(rng)
         self.needs_input_grad = True
         self._cache = None
+
+    def reset_parameters(self, rng=None):
+        """Draw new weights and bias, in place, as the constructor does.
+
+        PyTorch's initialisation: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for both, with
+        ``fan_in = in_channels * kh * kw``.  The arrays are overwritten, so an optimizer
+        built before keeps updating them; gradients are left alone.
+
+        Parameters
+        ----------
+        rng : None, int or numpy.random.Generator
+            Source of the values (None: fresh entropy, as for the constructor).
+
+        Raises
+        ------
+        TypeError
+            If `rng` is not None, an int or a Generator.
+
+        Examples
+        --------
+        >>> from bnfast import nn
+        >>> conv = nn.Conv2d(2, 4, 3, rng=0)
+        >>> w = conv.weight.data
+        >>> conv.reset_parameters(rng=1)
+        >>> conv.weight.data is w, float(abs(w).max()) <= 1 / 18 ** 0.5
+        (True, True)
+        """
+        rng = _as_rng(rng)
+        kh, kw = self.kernel_size
+        bound = 1.0 / math.sqrt(self.in_channels * kh * kw)
+        _fill_uniform(rng, self.weight, bound)
+        if self.bias is not None:
+            _fill_uniform(rng, self.bias, bound)
 
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

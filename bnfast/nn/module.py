@@ -16,12 +16,13 @@ Structure is found by looking at a module's public attributes (names not startin
 Names and order follow PyTorch (each module's parameters, then its buffers, then its
 children, depth first), so ``state_dict()`` keys match those of the equivalent PyTorch model.
 """
+import collections
 import copy
 import numbers
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "Sequential", "Identity"]
+__all__ = ["Parameter", "Module", "Sequential", "ModuleList", "Identity", "StateDictError"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -66,6 +67,53 @@ def _input_like(x, dtype, who):
             hint += f" or the model (model.to(np.{x.dtype}))"
         raise TypeError(f"{who} has {dtype} parameters but got a {x.dtype} input; {hint}")
     return x
+
+
+class StateDictError(ValueError):
+    """A state dict, or a state-dict file, does not fit the model.
+
+    Raised by :meth:`Module.load_state_dict` for missing or unexpected keys (with
+    ``strict=True``) and for values of the wrong shape, and by :func:`~bnfast.nn.load`
+    (and ``Module.load``) for a file that is not an ``.npz`` archive, is corrupt or
+    truncated, has other keys, or an array whose shape or dtype does not match its
+    parameter.  The message names the problem (and the file); the model is left unchanged.
+
+    A subclass of `ValueError`.  Where PyTorch raises ``RuntimeError("Error(s) in loading
+    state_dict for ...")``, bnfast raises this, with the same message.
+    """
+
+    __module__ = "bnfast.nn"          # where it is documented and exported
+
+
+class _IncompatibleKeys(collections.namedtuple("IncompatibleKeys",
+                                               ["missing_keys", "unexpected_keys"])):
+    """What :meth:`Module.load_state_dict` returns (PyTorch's named tuple)."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        if not self.missing_keys and not self.unexpected_keys:
+            return "<All keys matched successfully>"
+        return super().__repr__()
+
+    __str__ = __repr__
+
+
+def _check_child_name(name, module):
+    """Validate ``owner.add_module(name, module)`` (PyTorch's rules, plus bnfast's: a name
+    starting with ``_`` would be a private attribute, not a child)."""
+    if module is not None and not isinstance(module, Module):
+        raise TypeError(f"add_module: {type(module).__name__} is not a Module subclass")
+    if not isinstance(name, str):
+        raise TypeError(f"add_module: module name should be a string, got "
+                        f"{type(name).__name__}")
+    if name == "":
+        raise KeyError('module name can\'t be empty string ""')
+    if "." in name:
+        raise KeyError(f'module name can\'t contain ".", got: {name}')
+    if name.startswith("_"):
+        raise KeyError(f"module name can't start with '_' (a private attribute, not a "
+                       f"child), got: {name}")
 
 
 class Parameter:
@@ -207,6 +255,50 @@ class Module:
             self._buffer_names.append(name)
         setattr(self, name, value)
 
+    def add_module(self, name, module):
+        """Add (or replace) the child module `name`, as PyTorch's ``add_module``.
+
+        The same as assigning ``self.<name> = module``, for names that are not Python
+        identifiers (``"conv-1"``) or are chosen at run time.  A new name goes after the
+        existing children (in :meth:`named_children`, the state-dict keys and the
+        parameter order); an existing child keeps its place.
+
+        Parameters
+        ----------
+        name : str
+            Not empty, without ``"."`` (the separator of qualified names) and not starting
+            with ``"_"`` (bnfast's private attributes are not children).
+        module : Module or None
+            None records no child (``getattr(self, name)`` is then None), as PyTorch
+            leaves a None module out of its children.
+
+        Raises
+        ------
+        TypeError
+            If `module` is not a `Module` or None, or `name` is not a str.
+        KeyError
+            If `name` is empty, contains ``"."``, starts with ``"_"``, or is an attribute
+            of this module other than a child (or None), e.g. ``"weight"`` or
+            ``"forward"``.
+
+        Examples
+        --------
+        >>> from bnfast import nn
+        >>> block = nn.Module()
+        >>> block.add_module("conv-1", nn.Conv2d(1, 2, 3, rng=0))
+        >>> block.add_module("bn-1", nn.BatchNorm2d(2))
+        >>> list(block.state_dict())[:3]
+        ['conv-1.weight', 'conv-1.bias', 'bn-1.weight']
+        >>> block.add_module("training", nn.ReLU())
+        Traceback (most recent call last):
+            ...
+        KeyError: "attribute 'training' already exists"
+        """
+        _check_child_name(name, module)
+        if hasattr(self, name) and not isinstance(getattr(self, name), (Module, type(None))):
+            raise KeyError(f"attribute '{name}' already exists")
+        setattr(self, name, module)
+
     def named_children(self):
         """Yield ``(name, module)`` for the direct children, in assignment order."""
         for k, v in vars(self).items():
@@ -224,6 +316,53 @@ class Module:
 
     def modules(self):
         return [m for _, m in self.named_modules()]
+
+    def apply(self, fn):
+        """Call ``fn(m)`` on every descendant and then on this module; return self.
+
+        The order is PyTorch's: each child's subtree (children before their parent), in
+        child order, then this module.  Typical uses are re-initialising a model (only
+        layers with parameters have ``reset_parameters``; containers have none) and
+        custom initialisation.
+
+        Parameters
+        ----------
+        fn : callable
+            Called with each module; its return value is ignored.
+
+        Returns
+        -------
+        self : Module
+
+        Raises
+        ------
+        TypeError
+            If `fn` is not callable.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from bnfast import nn
+        >>> net = nn.Sequential(nn.Linear(4, 3, rng=0), nn.BatchNorm1d(3), nn.ReLU())
+        >>> names = []
+        >>> _ = net.apply(lambda m: names.append(type(m).__name__))
+        >>> names
+        ['Linear', 'BatchNorm1d', 'ReLU', 'Sequential']
+        >>> rng = np.random.default_rng(1)
+        >>> _ = net.apply(lambda m: m.reset_parameters(rng=rng)
+        ...               if hasattr(m, "reset_parameters") else None)
+        >>> def zero_biases(m):
+        ...     if isinstance(m, nn.Linear) and m.bias is not None:
+        ...         m.bias.data[...] = 0
+        >>> net.apply(zero_biases)[0].bias.data
+        array([0., 0., 0.], dtype=float32)
+        """
+        if not callable(fn):
+            raise TypeError(f"apply: fn must be callable, got {type(fn).__name__}")
+        for _, child in self.named_children():
+            child.apply(fn)
+        fn(self)
+        return self
 
     def _own_parameters(self):
         for k, v in vars(self).items():
@@ -290,19 +429,56 @@ class Module:
             p.grad = None
 
     # -------------------------------------------------------------- state
-    def state_dict(self):
+    def state_dict(self, *, destination=None, prefix="", keep_vars=False):
         """Return a dict ``{name: ndarray copy}`` of parameters and buffers.
 
         The order and names are PyTorch's: for each module depth first, its parameters,
         then its buffers (e.g. ``0.weight``, ``1.running_mean``, ``1.num_batches_tracked``).
+
+        Parameters
+        ----------
+        destination : dict, optional
+            A mapping to add the entries to (and return); default a new dict.
+        prefix : str, default ""
+            Put in front of every key as it is (PyTorch's rule: pass ``"model."`` for
+            keys ``"model.0.weight"``, ...), e.g. to save a sub-model under its name in
+            a larger model's state dict.
+        keep_vars : bool, default False
+            Give the `Parameter` objects and the buffer arrays themselves instead of
+            copies of their values (as PyTorch's ``keep_vars=True`` gives the
+            parameters); writing into those arrays changes the model.
+
+        Returns
+        -------
+        state_dict : dict
+            `destination` if given.
+
+        Raises
+        ------
+        TypeError
+            If `prefix` is not a str.
+
+        Examples
+        --------
+        >>> from bnfast import nn
+        >>> net = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2))
+        >>> list(net.state_dict())
+        ['0.weight', '0.bias', '1.weight', '1.bias', '1.running_mean', '1.running_var',
+         '1.num_batches_tracked']
+        >>> list(net[1].state_dict(prefix="1."))[:2]
+        ['1.weight', '1.bias']
+        >>> net.state_dict(keep_vars=True)["0.weight"] is net[0].weight
+        True
         """
-        out = {}
-        for prefix, m in self.named_modules():
-            dot = prefix + "." if prefix else ""
+        if not isinstance(prefix, str):
+            raise TypeError(f"state_dict: prefix must be a str, got {type(prefix).__name__}")
+        out = {} if destination is None else destination
+        for name, m in self.named_modules():
+            dot = prefix + (name + "." if name else "")
             for k, p in m._own_parameters():
-                out[dot + k] = p.data.copy()
+                out[dot + k] = p if keep_vars else p.data.copy()
             for k, b in m._own_buffers():
-                out[dot + k] = b.copy()
+                out[dot + k] = b if keep_vars else b.copy()
         return out
 
     def _state_targets(self):
@@ -320,6 +496,9 @@ class Module:
     def load_state_dict(self, state_dict, strict=True):
         """Copy values from `state_dict` into the parameters and buffers, in place.
 
+        Every value is checked before any is written: when this raises, the model is
+        unchanged.
+
         Parameters
         ----------
         state_dict : mapping of str to array_like
@@ -328,51 +507,84 @@ class Module:
             Values are cast to each array's dtype (``same_kind`` casting; an integer
             counter accepts integers).
         strict : bool, default True
-            Require the keys to match exactly.
+            Require the keys to match exactly; with False, load the keys both have and
+            return the others.
 
         Returns
         -------
-        missing, unexpected : list of str
-            Keys of this model absent from `state_dict`, and keys of `state_dict` that this
-            model does not have (both empty when `strict`).
+        IncompatibleKeys
+            A named tuple ``(missing_keys, unexpected_keys)``, as PyTorch's: lists of the
+            keys of this model absent from `state_dict`, and of the keys of `state_dict`
+            that this model does not have (both empty when `strict`).  It unpacks as a
+            pair.
 
         Raises
         ------
-        KeyError
-            With `strict`, if keys are missing or unexpected.
-        ValueError
-            If a value has the wrong shape.
+        StateDictError
+            (a `ValueError`) With `strict`, if keys are missing or unexpected, and, either
+            way, if a value has the wrong shape.  The message is PyTorch's
+            ``Error(s) in loading state_dict for <class>:`` followed by one line each for
+            the missing keys, the unexpected keys and every shape mismatch.
         TypeError
             If a value cannot be cast safely (e.g. a float into ``num_batches_tracked``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from bnfast import nn
+        >>> net = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2))
+        >>> other = nn.Sequential(nn.Linear(3, 2, rng=1), nn.BatchNorm1d(2))
+        >>> other.load_state_dict(net.state_dict())
+        <All keys matched successfully>
+        >>> sd = net.state_dict()
+        >>> del sd["1.running_var"]
+        >>> sd["2.weight"] = np.zeros(2)
+        >>> other.load_state_dict(sd)
+        Traceback (most recent call last):
+            ...
+        bnfast.nn.StateDictError: Error(s) in loading state_dict for Sequential:
+            Missing key(s) in state_dict: "1.running_var".
+            Unexpected key(s) in state_dict: "2.weight".
+        >>> other.load_state_dict(sd, strict=False)
+        _IncompatibleKeys(missing_keys=['1.running_var'], unexpected_keys=['2.weight'])
         """
         targets = self._state_targets()
-        keys = list(state_dict.keys())
         missing = [k for k in targets if k not in state_dict]
-        unexpected = [k for k in keys if k not in targets]
-        if strict and (missing or unexpected):
-            raise KeyError(
-                f"load_state_dict for {type(self).__name__}: missing keys {missing}, "
-                f"unexpected keys {unexpected}")
+        unexpected = [k for k in state_dict.keys() if k not in targets]
+        errors = []
+        if strict and missing:
+            errors.append("Missing key(s) in state_dict: {}. ".format(
+                ", ".join(f'"{k}"' for k in missing)))
+        if strict and unexpected:
+            errors.append("Unexpected key(s) in state_dict: {}. ".format(
+                ", ".join(f'"{k}"' for k in unexpected)))
         # validate everything before writing anything
-        values = {}
+        values, cast_errors = {}, []
         for k, dst in targets.items():
             if k not in state_dict:
                 continue
             v = state_dict[k]
-            if hasattr(v, "detach") and hasattr(v, "numpy"):  # a torch.Tensor
+            if isinstance(v, Parameter):                        # from keep_vars=True
+                v = v.data
+            elif hasattr(v, "detach") and hasattr(v, "numpy"):  # a torch.Tensor
                 v = v.detach().cpu().numpy()
             v = np.asarray(v)
             if v.shape != dst.shape:
-                raise ValueError(
-                    f"load_state_dict: {k!r} has shape {v.shape} but the model expects "
-                    f"{dst.shape}")
-            if not np.can_cast(v.dtype, dst.dtype, casting="same_kind"):
-                raise TypeError(
+                errors.append(
+                    f"size mismatch for {k}: copying a param with shape {v.shape} from "
+                    f"checkpoint, the shape in current model is {dst.shape}.")
+            elif not np.can_cast(v.dtype, dst.dtype, casting="same_kind"):
+                cast_errors.append(
                     f"load_state_dict: cannot cast {k!r} from {v.dtype} to {dst.dtype}")
             values[k] = v
+        if errors:
+            raise StateDictError("Error(s) in loading state_dict for {}:\n\t{}".format(
+                type(self).__name__, "\n\t".join(errors)))
+        if cast_errors:
+            raise TypeError("; ".join(cast_errors))
         for k, v in values.items():
             np.copyto(targets[k], v, casting="same_kind")
-        return missing, unexpected
+        return _IncompatibleKeys(missing, unexpected)
 
     def to(self, dtype):
         """Convert the floating-point parameters and buffers to `dtype`; return self.
@@ -397,6 +609,44 @@ class Module:
             if hasattr(m, "dtype"):
                 m.dtype = dt
         return self
+
+    def float(self):
+        """Convert the floating-point parameters and buffers to float32; return self.
+
+        ``to(np.float32)``, as PyTorch's ``.float()``; see :meth:`to`.
+
+        Returns
+        -------
+        self : Module
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from bnfast import nn
+        >>> net = nn.Sequential(nn.Linear(3, 2, dtype=np.float64, rng=0), nn.BatchNorm1d(2))
+        >>> net.float()[0].weight.dtype, net[1].num_batches_tracked.dtype
+        (dtype('float32'), dtype('int64'))
+        """
+        return self.to(np.float32)
+
+    def double(self):
+        """Convert the floating-point parameters and buffers to float64; return self.
+
+        ``to(np.float64)``, as PyTorch's ``.double()``; see :meth:`to`.
+
+        Returns
+        -------
+        self : Module
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from bnfast import nn
+        >>> net = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2)).double()
+        >>> net[1].running_mean.dtype, net(np.ones((4, 3))).dtype
+        (dtype('float64'), dtype('float64'))
+        """
+        return self.to(np.float64)
 
     # attributes holding what the last forward cached for backward: not copied
     _CACHE_ATTRS = ("_x", "_y", "_cache", "_mask", "_shape", "_diff")
@@ -464,13 +714,64 @@ class Identity(Module):
         return grad
 
 
-class Sequential(Module):
+class _ListContainer(Module):
+    """Children kept in a list, each with a name (`Sequential`, `ModuleList`).
+
+    The children are not attributes, but ``getattr(c, name)`` and ``setattr(c, name, m)``
+    reach them by name, as in PyTorch (so code that walks ``named_children()`` and
+    replaces a child with ``setattr`` works on every module).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._names = []
+        self._layers = []
+
+    def named_children(self):
+        yield from zip(self._names, self._layers)
+
+    def __len__(self):
+        return len(self._layers)
+
+    def __iter__(self):
+        return iter(self._layers)
+
+    def __getattr__(self, name):       # only called when ordinary lookup fails
+        names = self.__dict__.get("_names")
+        if names is not None and name in names:
+            return self._layers[names.index(name)]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        names = self.__dict__.get("_names")
+        if names is not None and name in names:
+            self._set(names.index(name), value)
+        else:
+            super().__setattr__(name, value)
+
+    def _module(self, m):
+        if not isinstance(m, Module):
+            raise TypeError(f"{type(self).__name__}: {m!r} is not a Module")
+        return m
+
+    def _set(self, i, m):
+        """Replace the child at position `i` (keeping its name)."""
+        self._layers[i] = self._module(m)
+        self._changed()
+
+    def _changed(self):
+        """Called after the children changed."""
+
+
+class Sequential(_ListContainer):
     """A chain of modules; children are named ``"0"``, ``"1"``, ... as in PyTorch.
 
     Parameters
     ----------
-    *layers : Module
-        The modules, applied in order.
+    *layers : Module, or one dict of str to Module
+        The modules, applied in order; or, as PyTorch's ``Sequential(OrderedDict(...))``,
+        one dict whose keys name them (the names then appear in the state-dict keys).
+        :meth:`add_module` appends a module under a name.
 
     Notes
     -----
@@ -479,10 +780,15 @@ class Sequential(Module):
     channels-last network flattens in PyTorch's ``(C, H, W)`` order and loads the same
     state dict as its channels-first twin.
 
+    Indexing with an int gives a layer; a slice gives a new `Sequential` of the same
+    layer objects under their names, as in PyTorch.
+
     Raises
     ------
     TypeError
         If a layer (given here, assigned by index or appended) is not a `Module`.
+    KeyError
+        If a name in the dict is not a valid module name (see :meth:`add_module`).
     ValueError
         If one `Flatten` instance would follow channels-last layers here and
         channels-first layers in another `Sequential`.
@@ -499,44 +805,77 @@ class Sequential(Module):
     ['0.weight', '0.bias', '1.weight', '1.bias']
     >>> net(np.ones((2, 4), np.float32)).shape
     (2, 3)
+    >>> named = nn.Sequential({"fc": nn.Linear(4, 3, rng=0), "bn": nn.BatchNorm1d(3)})
+    >>> list(named.state_dict())[:3], named.bn is named[1]
+    (['fc.weight', 'fc.bias', 'bn.weight'], True)
     """
 
     def __init__(self, *layers):
         super().__init__()
-        for i, m in enumerate(layers):
+        named = len(layers) == 1 and isinstance(layers[0], dict)
+        items = list(layers[0].items()) if named else [(str(i), m)
+                                                       for i, m in enumerate(layers)]
+        for name, m in items:
             if not isinstance(m, Module):
-                raise TypeError(f"Sequential: layer {i} is not a Module: {m!r}")
-        self._layers = list(layers)
+                raise TypeError(f"Sequential: layer {name} is not a Module: {m!r}")
+            if named:
+                _check_child_name(name, m)
+        self._names = [name for name, _ in items]
+        self._layers = [m for _, m in items]
         _layout_after(self, None)
 
-    def named_children(self):
-        for i, m in enumerate(self._layers):
-            yield str(i), m
-
-    def __len__(self):
-        return len(self._layers)
+    def _changed(self):
+        _layout_after(self, None)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Sequential(*self._layers[i])
+            return Sequential(dict(zip(self._names[i], self._layers[i])))
         return self._layers[i]
 
     def __setitem__(self, i, m):
-        if not isinstance(m, Module):
-            raise TypeError(f"Sequential: {m!r} is not a Module")
-        self._layers[i] = m
-        _layout_after(self, None)
-
-    def __iter__(self):
-        return iter(self._layers)
+        self._set(i, m)
 
     def append(self, m):
-        """Add a module at the end; return self."""
-        if not isinstance(m, Module):
-            raise TypeError(f"Sequential: {m!r} is not a Module")
-        self._layers.append(m)
-        _layout_after(self, None)
+        """Add a module at the end, named by its position; return self."""
+        self.add_module(str(len(self)), m)
         return self
+
+    def add_module(self, name, module):
+        """Append `module` under `name`, or replace the layer named `name` in place.
+
+        As PyTorch's ``Sequential.add_module``: the name is used in the state-dict keys
+        and as an attribute (``net.<name>``); ``net[i]`` still indexes by position.
+
+        Parameters
+        ----------
+        name : str
+            As for :meth:`Module.add_module`.
+        module : Module
+
+        Raises
+        ------
+        TypeError
+            If `module` is not a `Module`, or `name` is not a str.
+        KeyError
+            If `name` is not a valid module name, or an attribute of the `Sequential`.
+
+        Examples
+        --------
+        >>> from bnfast import nn
+        >>> net = nn.Sequential(nn.Linear(4, 3, rng=0))
+        >>> net.add_module("bn", nn.BatchNorm1d(3))
+        >>> [name for name, _ in net.named_children()], net.bn is net[1]
+        (['0', 'bn'], True)
+        """
+        _check_child_name(name, module)
+        if name in self._names:
+            self._set(self._names.index(name), module)
+            return
+        if hasattr(self, name):
+            raise KeyError(f"attribute '{name}' already exists")
+        self._layers.append(self._module(module))
+        self._names.append(name)
+        self._changed()
 
     def forward(self, x):
         for m in self._layers:
@@ -552,6 +891,134 @@ class Sequential(Module):
                     f"Sequential: layer {i} ({type(layers[i]).__name__}) returned no input "
                     f"gradient; needs_input_grad=False is only meaningful on the first layer")
         return grad
+
+
+class ModuleList(_ListContainer):
+    """A list of modules whose parameters belong to the module holding it, as PyTorch's.
+
+    The children are named ``"0"``, ``"1"``, ... by position (renumbered after an
+    insertion or deletion), so state-dict keys match PyTorch's ``ModuleList``.  A
+    `ModuleList` is a container, not a layer: it has no ``forward`` / ``backward``; the
+    module holding it calls its layers (and their ``backward`` in reverse order).
+
+    Parameters
+    ----------
+    modules : iterable of Module, optional
+
+    Raises
+    ------
+    TypeError
+        If an item (given here, assigned, appended or inserted) is not a `Module`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> class MLP(nn.Module):
+    ...     def __init__(self, sizes):
+    ...         super().__init__()
+    ...         self.layers = nn.ModuleList(nn.Linear(a, b, rng=0)
+    ...                                     for a, b in zip(sizes, sizes[1:]))
+    ...     def forward(self, x):
+    ...         for layer in self.layers:
+    ...             x = layer(x)
+    ...         return x
+    ...     def backward(self, grad):
+    ...         for layer in reversed(self.layers):
+    ...             grad = layer.backward(grad)
+    ...         return grad
+    >>> net = MLP([4, 8, 2])
+    >>> [name for name, _ in net.named_parameters()]
+    ['layers.0.weight', 'layers.0.bias', 'layers.1.weight', 'layers.1.bias']
+    >>> net(np.ones((3, 4), np.float32)).shape
+    (3, 2)
+    >>> net.layers.append(nn.ReLU())
+    ModuleList(
+      (0): Linear(in_features=4, out_features=8, bias=True)
+      (1): Linear(in_features=8, out_features=2, bias=True)
+      (2): ReLU()
+    )
+    """
+
+    def __init__(self, modules=None):
+        super().__init__()
+        if modules is not None:
+            self.extend(modules)
+
+    def _renumber(self):
+        self._names = [str(i) for i in range(len(self._layers))]
+
+    def __reversed__(self):
+        return reversed(self._layers)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ModuleList(self._layers[i])
+        return self._layers[i]
+
+    def __setitem__(self, i, m):
+        self._set(i, m)
+
+    def __delitem__(self, i):
+        del self._layers[i]
+        self._renumber()
+
+    def __iadd__(self, modules):
+        return self.extend(modules)
+
+    def __add__(self, other):
+        return ModuleList([*self._layers, *other])
+
+    def append(self, module):
+        """Add `module` at the end; return self."""
+        self._layers.append(self._module(module))
+        self._renumber()
+        return self
+
+    def extend(self, modules):
+        """Add the modules of an iterable at the end; return self."""
+        new = [self._module(m) for m in modules]
+        self._layers.extend(new)
+        self._renumber()
+        return self
+
+    def insert(self, index, module):
+        """Insert `module` before position `index` (as ``list.insert``)."""
+        self._layers.insert(index, self._module(module))
+        self._renumber()
+
+    def add_module(self, name, module):
+        """Replace the module at position `name` (a str), or append it if `name` is
+        ``str(len(self))``; other names raise `KeyError`.
+
+        Parameters
+        ----------
+        name : str
+        module : Module
+
+        Raises
+        ------
+        TypeError
+            If `module` is not a `Module`, or `name` is not a str.
+        KeyError
+            If `name` is not a position of the list or the next one.
+
+        Examples
+        --------
+        >>> from bnfast import nn
+        >>> layers = nn.ModuleList([nn.ReLU()])
+        >>> layers.add_module("1", nn.Tanh())
+        >>> len(layers)
+        2
+        """
+        _check_child_name(name, module)
+        if name in self._names:
+            self._set(self._names.index(name), module)
+        elif name == str(len(self)):
+            self.append(module)
+        else:
+            raise KeyError(f"ModuleList children are named by position '0' to "
+                           f"'{len(self)}', got: {name}")
 
 
 def _layout_after(module, layout):

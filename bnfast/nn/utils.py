@@ -8,9 +8,9 @@ import zlib
 
 import numpy as np
 
-from .batchnorm import _BatchNorm
+from .batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
 from .layers import Conv2d, Linear, ReLU
-from .module import Identity, Parameter, Sequential
+from .module import Identity, Parameter, Sequential, StateDictError
 
 __all__ = ["compute_population_stats", "fold_batchnorm", "save", "load", "batchnorm_layers",
            "StateDictError"]
@@ -147,10 +147,14 @@ def _fold_pair(lin, bn):
     if out != C:
         raise ValueError(f"fold_batchnorm: {type(lin).__name__} has {out} outputs but the "
                          f"following batch norm has {C} channels")
-    if isinstance(lin, Conv2d) and lin.channels_last != getattr(bn, "channels_last", False):
+    if isinstance(lin, Linear) and not isinstance(bn, BatchNorm1d):
+        raise ValueError(f"fold_batchnorm: cannot fold {type(bn).__name__} into a Linear "
+                         f"layer")
+    if isinstance(lin, Conv2d) and not isinstance(bn, BatchNorm2d):
+        raise ValueError(f"fold_batchnorm: cannot fold {type(bn).__name__} into a Conv2d "
+                         f"layer")
+    if isinstance(lin, Conv2d) and lin.channels_last != bn.channels_last:
         raise ValueError("fold_batchnorm: Conv2d and BatchNorm2d disagree on channels_last")
-    if isinstance(lin, Linear) and type(bn).__name__ == "BatchNorm2d":
-        raise ValueError("fold_batchnorm: cannot fold BatchNorm2d into a Linear layer")
     f64 = np.float64
     gamma = bn.weight.data.astype(f64) if bn.affine else np.ones(C)
     beta = bn.bias.data.astype(f64) if bn.affine else np.zeros(C)
@@ -277,17 +281,6 @@ def fold_batchnorm(model, sample=None, *, rtol=None, atol=None):
 
 
 # ---------------------------------------------------------------------------- files
-
-class StateDictError(ValueError):
-    """A state-dict file does not fit the model: not an ``.npz`` archive, corrupt or
-    truncated, keys that differ from the model's, or an array whose shape or dtype does
-    not match its parameter.  The message names the file and the problem.
-
-    A subclass of `ValueError`, raised by :func:`load` (and ``Module.load``).
-    """
-
-    __module__ = "bnfast.nn"          # where it is documented and exported
-
 
 def _npz_path(path):
     """The file :func:`save` writes for `path` (NumPy appends ``.npz`` unless present)."""
