@@ -294,9 +294,10 @@ def test_resume_with_other_options_is_refused(tiny, tmp_path, capsys, monkeypatc
 
 def test_resume_without_a_checkpoint_starts_over(tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    status, _, _ = run_main(ACC_ARGS + ["--data-dir", str(tiny), "--out", str(out),
-                                        "--resume"], capsys)
+    status, stdout, _ = run_main(ACC_ARGS + ["--data-dir", str(tiny), "--out", str(out),
+                                             "--resume"], capsys)
     assert status == 0 and (out / "accelerate.json").exists()
+    assert "no checkpoint" in stdout and "starting from the beginning" in stdout
 
 
 def _real_mnist_dir():

@@ -718,6 +718,8 @@ def main_run(args):
     data = common.load_mnist_arrays(args.data_dir)
     out = Path(args.out)
     ckpt = out / f"{stem}.checkpoint.pkl"
+    if getattr(args, "resume", False) and not ckpt.exists():
+        print(f"no checkpoint {ckpt}: starting from the beginning", flush=True)
     try:
         results = run(data, seed=args.seed, variants=variants, progress=not args.no_progress,
                       threads=args.threads or None, checkpoint=ckpt,

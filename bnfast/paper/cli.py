@@ -361,8 +361,7 @@ def main(argv=None, prog="python -m bnfast.paper"):
         print(f"{name}: interrupted; {what}{ck}", file=sys.stderr, flush=True)
         return 130
     except KeyboardInterrupt:
-        print(f"\n{name}: interrupted before training started; nothing written",
-              file=sys.stderr, flush=True)
+        print(f"\n{name}: interrupted", file=sys.stderr, flush=True)
         return 130
     except DatasetError as exc:
         return error_exit(name, str(exc))

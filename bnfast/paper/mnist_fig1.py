@@ -798,6 +798,9 @@ def main_run(args):
     from pathlib import Path
 
     ckpt = Path(args.out) / "mnist_fig1.checkpoint.pkl"
+    if getattr(args, "resume", False) and not ckpt.exists() and \
+            (comm is None or comm.Get_rank() == 0):
+        print(f"no checkpoint {ckpt}: starting from the beginning", flush=True)
     try:
         results = run(data, steps=args.steps, eval_every=args.eval_every,
                       batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
