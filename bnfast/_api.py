@@ -250,43 +250,49 @@ def _training_count(N, S, shape):
             f"Expected more than 1 value per channel when training, got input shape {shape}")
 
 
-def _backward_degenerate(dy, x, mean, invstd, weight, bias, relu, training, axis, dx,
-                         dweight, dbias):
-    """Recompute the channels whose weight, invstd or sums are not finite.
+def _degenerate_channels(x, dy, ax, invstd, weight, dweight, dbias):
+    """(idx, x_sub, dy_sub): the channels whose weight, invstd, dweight or dbias is not
+    finite, and copies of their data, taken before dx may overwrite x or dy."""
+    inv = np.asarray(invstd, np.float64)
+    ok = (np.isfinite(inv) & np.isfinite(np.asarray(dweight, np.float64))
+          & np.isfinite(np.asarray(dbias, np.float64)))
+    if weight is not None:
+        ok &= np.isfinite(np.asarray(weight, np.float64))
+    idx = np.flatnonzero(~ok)
+    return idx, np.take(x, idx, axis=ax), np.take(dy, idx, axis=ax)
 
-    That happens with an infinite weight or invstd, or with float64 data whose deviations
-    or products overflow (values near 1e308).  The kernels' per-element form
+
+def _backward_degenerate(saved, mean, invstd, weight, bias, relu, training, ax, dx,
+                         dweight, dbias):
+    """Recompute the channels that _degenerate_channels found (`saved`).
+
+    A channel is degenerate with an infinite weight or invstd, or with float64 data whose
+    deviations or products overflow (values near 1e308).  The kernels' per-element form
     ``kd*g + kx*(x - mean) + k0`` then gives inf - inf = NaN, and their sums overflow
     where the result is representable.  These channels are recomputed with the float64
     twin's formula ``a / m * (m*g - sum(g) - xhat * sum(g*xhat))`` in NumPy's long double
-    (80-bit extended on x86-64 Linux, whose range makes the intermediates exact enough not
-    to overflow; where long double is double, the twin's float64 results), and written
+    (80-bit extended on x86-64 Linux, whose range keeps the intermediates from
+    overflowing; where long double is double, the twin's float64 results), and written
     into `dx`, `dweight` and `dbias` in place, rounded once, with canonical NaNs.
     """
-    x = np.asarray(x)
-    ax = axis % x.ndim
-    C = x.shape[ax]
-    inv = np.asarray(invstd, np.float64)
-    w = np.ones(C) if weight is None else np.asarray(weight, np.float64)
-    idx = np.flatnonzero(~(np.isfinite(inv) & np.isfinite(w)
-                           & np.isfinite(np.asarray(dweight, np.float64))
-                           & np.isfinite(np.asarray(dbias, np.float64))))
+    idx, x_sub, dy_sub = saved
     if not idx.size:
         return
     L = np.longdouble
-    shape = [1] * x.ndim
+    shape = [1] * x_sub.ndim
     shape[ax] = idx.size
 
     def vec(v, default):
+        C = dx.shape[ax]
         a = np.full(C, default) if v is None else np.asarray(v, np.float64)
         return a[idx].astype(L).reshape(shape)
 
-    xs = np.take(x, idx, axis=ax).astype(L)
-    g = np.take(np.asarray(dy), idx, axis=ax).astype(L)
-    red = tuple(i for i in range(x.ndim) if i != ax)
+    xs = x_sub.astype(L)
+    g = dy_sub.astype(L)
+    red = tuple(i for i in range(xs.ndim) if i != ax)
     m = xs.size // idx.size
     with np.errstate(all="ignore"):
-        wv, iv = vec(weight, 1.0), vec(inv, 0.0)
+        wv, iv = vec(weight, 1.0), vec(invstd, 0.0)
         xhat = (xs - vec(mean, 0.0)) * iv
         if relu:
             g = np.where(xhat * wv + vec(bias, 0.0) > 0, g, L(0))
@@ -609,10 +615,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     nt = get_num_threads()
     r = _core.fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out, nt)
     if r is not None:
-        if r[3]:
-            _backward_degenerate(dy, x, mean, invstd, weight, bias, relu, training, axis,
-                                 r[0], r[1], r[2])
-        return r[:3]
+        return r
     relu = _flag(relu, "relu")
     training = _flag(training, "training")
     if relu and bias is None:
@@ -634,15 +637,16 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     b = _chan(bias, C, "bias")
     dx, dxk, copy_back = _output(out, x, perm, (xk, dyk))
     m, inv, w, b = _detach(dxk, m, inv, w, b)
-    dweight, dbias, degenerate = _core.backward(dyk, xk, dxk, N, C, S, m, inv, w, b, relu,
-                                                training, nt)
+    dweight, dbias, kx, k0, degenerate = _core.backward_reduce(dyk, xk, N, C, S, m, inv, w, b,
+                                                               relu, training, nt)
+    # channels to recompute, with their data saved before dx may overwrite x or dy
+    saved = _degenerate_channels(x, dy, ax, inv, w, dweight, dbias) if degenerate else None
+    _core.backward_dx(dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, training, nt)
     if copy_back:
         _copy_back(dx, dxk, perm)
-    dweight = dweight.astype(x.dtype, copy=False)
-    dbias = dbias.astype(x.dtype, copy=False)
-    if degenerate:
-        _backward_degenerate(dy, x, m, inv, w, b, relu, training, ax, dx, dweight, dbias)
-    return dx, dweight, dbias
+    if saved is not None:
+        _backward_degenerate(saved, m, inv, w, b, relu, training, ax, dx, dweight, dbias)
+    return dx, dweight.astype(x.dtype, copy=False), dbias.astype(x.dtype, copy=False)
 
 
 # ------------------------------------------------------------------ backward in two steps
@@ -693,7 +697,7 @@ def _backward_two_step(dy, x, mean, invstd, weight, coefficients, *, bias=None, 
     k_x, k_0 = coefficients(sd, sx)
     kx = _chan(k_x, C, "k_x", required=True)
     k0 = _chan(k_0, C, "k_0", required=True)
-    _core.backward_dx(dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, nt)
+    _core.backward_dx(dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, True, nt)
     if copy_back:
         _copy_back(dx, dxk, perm)
     return dx, sd, sx

@@ -276,34 +276,99 @@ cdef int _infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssi
     return 0
 
 
-cdef tuple _backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N,
-                     Py_ssize_t C, Py_ssize_t S, object mean, object invstd, object weight,
-                     object bias, bint relu, bint training, int nt):
-    cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
-    cdef cnp.ndarray dweight = _empty_c(C), dbias = _empty_c(C)
+# The training/eval backward in two kernel passes: the per-channel reduction, the
+# coefficients (as the C kernels' bn_bwd_coeffs computes them), then dx.  Between the two,
+# the caller can look at the sums: channels with a non-finite weight, invstd or sum are
+# "degenerate" (bnfast._api recomputes them; see _backward_degenerate there), and
+# synchronized batch norm replaces the sums by those of every process.
+
+cdef int _bwd_params(Py_ssize_t C, const double *inv, const double *w, const double *b,
+                     double *sc, double *sh) noexcept nogil:
+    # scale a = weight * invstd and shift = bias, as the C kernels' backward computes them
+    cdef Py_ssize_t c
+    for c in range(C):
+        sc[c] = inv[c] * w[c] if w != NULL else inv[c]
+        sh[c] = b[c] if b != NULL else 0.0
+    return 0
+
+
+cdef int _bwd_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                     _Vec m, _Vec inv, _Vec w, _Vec b, bint relu, double *sd, double *sx,
+                     int nt) except -1:
+    cdef const bn_kernel_table *t = bn_active()
+    cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0
+    cdef double *sc = <double *> malloc(sizeof(double) * 2 * (C if C > 0 else 1))
+    if sc == NULL:
+        raise MemoryError()
+    cdef double *sh = sc + C
+    cdef Py_ssize_t c
+    cdef void *dyp = cnp.PyArray_DATA(dy)
+    cdef void *xp = cnp.PyArray_DATA(x)
+    with nogil:
+        _bwd_params(C, inv.ptr, w.ptr, b.ptr, sc, sh)
+        st = t.backward_reduce[dt](dyp, xp, N, C, S, m.ptr, sc, sh, sd, sx, flags, nt)
+        for c in range(C):          # canonical NaNs, as every kernel output
+            if sd[c] != sd[c]:
+                sd[c] = NAN
+            if sx[c] != sx[c]:
+                sx[c] = NAN
+    free(sc)
+    _check(st)
+    return 0
+
+
+cdef int _bwd_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N,
+                    Py_ssize_t C, Py_ssize_t S, _Vec m, _Vec inv, _Vec w, _Vec b,
+                    const double *kx, const double *k0, bint relu, bint training,
+                    int nt) except -1:
     cdef const bn_kernel_table *t = bn_active()
     cdef int dt = _dt(x), st
     cdef int flags = (BN_FLAG_RELU if relu else 0) | (0 if training else BN_FLAG_EVAL)
+    cdef double *sc = <double *> malloc(sizeof(double) * 2 * (C if C > 0 else 1))
+    if sc == NULL:
+        raise MemoryError()
+    cdef double *sh = sc + C
     cdef void *dyp = cnp.PyArray_DATA(dy)
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *dxp = cnp.PyArray_DATA(dx)
+    with nogil:
+        _bwd_params(C, inv.ptr, w.ptr, b.ptr, sc, sh)
+        st = t.backward_dx[dt](dyp, xp, dxp, N, C, S, m.ptr, sc, sh, sc, kx, k0, flags, nt)
+    free(sc)
+    _check(st)
+    return 0
+
+
+cdef tuple _backward_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C,
+                            Py_ssize_t S, _Vec m, _Vec inv, _Vec w, _Vec b, bint relu,
+                            bint training, int nt):
+    """(dweight, dbias, k_x, k_0, degenerate): float64 arrays and a flag."""
+    cdef cnp.ndarray dweight = _empty_c(C), dbias = _empty_c(C)
+    cdef cnp.ndarray kxa = _empty_c(C), k0a = _empty_c(C)
     cdef double *dwp = <double *> cnp.PyArray_DATA(dweight)
     cdef double *dbp = <double *> cnp.PyArray_DATA(dbias)
-    with nogil:
-        st = t.backward[dt](dyp, xp, dxp, N, C, S, m.ptr, inv.ptr, w.ptr, b.ptr, dwp, dbp,
-                            flags, nt)
-    _check(st)
-    # Channels whose weight, invstd or sums are not finite: the kernel's per-element form
-    # kd*g + kx*(x - mean) + k0 turns inf coefficients into inf - inf = NaN, so
-    # bnfast._api recomputes them with the float64 twin's formula (rare; flagged here).
+    cdef double *kx = <double *> cnp.PyArray_DATA(kxa)
+    cdef double *k0 = <double *> cnp.PyArray_DATA(k0a)
+    _bwd_reduce(dy, x, N, C, S, m, inv, w, b, relu, dbp, dwp, nt)   # sum(g), sum(g*(x-mean))
+    cdef double cnt = <double> N * <double> S, a, dw, sd
     cdef bint degenerate = False
     cdef Py_ssize_t c
     for c in range(C):
-        if not (isfinite(dwp[c]) and isfinite(dbp[c]) and isfinite(inv.ptr[c])
+        # as bn_bwd_coeffs: dweight = sum(g * (x - mean)) * invstd, dbias = sum(g)
+        a = inv.ptr[c] * w.ptr[c] if w.ptr != NULL else inv.ptr[c]
+        sd = dbp[c]
+        dw = dwp[c] * inv.ptr[c]
+        dwp[c] = dw if dw == dw else NAN
+        if training and cnt > 0:
+            kx[c] = -(a * inv.ptr[c]) * (dw / cnt)
+            k0[c] = -a * (sd / cnt)
+        else:
+            kx[c] = 0.0
+            k0[c] = 0.0
+        if not (isfinite(dwp[c]) and isfinite(sd) and isfinite(inv.ptr[c])
                 and (w.ptr == NULL or isfinite(w.ptr[c]))):
             degenerate = True
-            break
-    return dweight, dbias, degenerate
+    return dweight, dbias, kxa, k0a, degenerate
 
 
 def backward_sums(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -311,59 +376,21 @@ def backward_sums(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_
                   int nthreads):
     """The backward pass's per-channel reductions: (sum(g), sum(g * (x - mean))) in
     float64, g = dy masked by the fused ReLU's forward output when relu."""
-    cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
     cdef cnp.ndarray sd = _empty_c(C), sx = _empty_c(C)
-    cdef const bn_kernel_table *t = bn_active()
-    cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0
-    cdef double *sc = <double *> malloc(sizeof(double) * 2 * (C if C > 0 else 1))
-    if sc == NULL:
-        raise MemoryError()
-    cdef double *sh = sc + C
-    cdef Py_ssize_t c
-    cdef void *dyp = cnp.PyArray_DATA(dy)
-    cdef void *xp = cnp.PyArray_DATA(x)
-    cdef double *sdp = <double *> cnp.PyArray_DATA(sd)
-    cdef double *sxp = <double *> cnp.PyArray_DATA(sx)
-    with nogil:
-        for c in range(C):
-            sc[c] = inv.ptr[c] * w.ptr[c] if w.ptr != NULL else inv.ptr[c]
-            sh[c] = b.ptr[c] if b.ptr != NULL else 0.0
-        st = t.backward_reduce[dt](dyp, xp, N, C, S, m.ptr, sc, sh, sdp, sxp, flags, nthreads)
-        for c in range(C):          # canonical NaNs, as every kernel output
-            if sdp[c] != sdp[c]:
-                sdp[c] = NAN
-            if sxp[c] != sxp[c]:
-                sxp[c] = NAN
-    free(sc)
-    _check(st)
+    _bwd_reduce(dy, x, N, C, S, _vec(mean, C), _vec(invstd, C), _vec(weight, C),
+                _vec(bias, C), relu, <double *> cnp.PyArray_DATA(sd),
+                <double *> cnp.PyArray_DATA(sx), nthreads)
     return sd, sx
 
 
 def backward_dx(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N, Py_ssize_t C,
                 Py_ssize_t S, object mean, object invstd, object weight, object bias,
-                object k_x, object k_0, bint relu, int nthreads):
-    """dx = a * g + k_x * (x - mean) + k_0 per channel, a = weight * invstd (the element-wise
-    pass of the training backward, with coefficients from the caller's sums)."""
-    cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
-    cdef _Vec kx = _vec(k_x, C), k0 = _vec(k_0, C)
-    cdef const bn_kernel_table *t = bn_active()
-    cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0
-    cdef double *sc = <double *> malloc(sizeof(double) * 2 * (C if C > 0 else 1))
-    if sc == NULL:
-        raise MemoryError()
-    cdef double *sh = sc + C
-    cdef Py_ssize_t c
-    cdef void *dyp = cnp.PyArray_DATA(dy)
-    cdef void *xp = cnp.PyArray_DATA(x)
-    cdef void *dxp = cnp.PyArray_DATA(dx)
-    with nogil:
-        for c in range(C):
-            sc[c] = inv.ptr[c] * w.ptr[c] if w.ptr != NULL else inv.ptr[c]
-            sh[c] = b.ptr[c] if b.ptr != NULL else 0.0
-        st = t.backward_dx[dt](dyp, xp, dxp, N, C, S, m.ptr, sc, sh, sc, kx.ptr, k0.ptr, flags,
-                               nthreads)
-    free(sc)
-    _check(st)
+                cnp.ndarray k_x, cnp.ndarray k_0, bint relu, bint training, int nthreads):
+    """dx = a * g + k_x * (x - mean) + k_0 per channel (a * g in eval mode), a = weight *
+    invstd: the backward's element-wise pass with the caller's float64 coefficients."""
+    _bwd_apply(dy, x, dx, N, C, S, _vec(mean, C), _vec(invstd, C), _vec(weight, C),
+               _vec(bias, C), <double *> cnp.PyArray_DATA(k_x),
+               <double *> cnp.PyArray_DATA(k_0), relu, training, nthreads)
 
 
 def moments(cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads):
@@ -386,13 +413,14 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_s
     _infer(x, y, N, C, S, mean, var, weight, bias, eps, relu, nthreads)
 
 
-def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N, Py_ssize_t C,
-             Py_ssize_t S, cnp.ndarray mean, cnp.ndarray invstd, object weight, object bias,
-             bint relu, bint training, int nthreads):
-    """Backward pass: writes dx, returns (dweight, dbias, degenerate): float64 sums, and
-    whether a channel has a non-finite weight, invstd or sum (see _backward)."""
-    return _backward(dy, x, dx, N, C, S, mean, invstd, weight, bias, relu, training,
-                     nthreads)
+def backward_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                    cnp.ndarray mean, cnp.ndarray invstd, object weight, object bias,
+                    bint relu, bint training, int nthreads):
+    """The backward's reduction: (dweight, dbias, k_x, k_0, degenerate), float64 arrays
+    and whether a channel has a non-finite weight, invstd or sum; backward_dx with k_x and
+    k_0 then writes dx."""
+    return _backward_reduce(dy, x, N, C, S, _vec(mean, C), _vec(invstd, C), _vec(weight, C),
+                            _vec(bias, C), relu, training, nthreads)
 
 
 # ---------------------------------------------------------------- fast paths
@@ -570,12 +598,17 @@ def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out,
     if not (_apart(mean, out) and _apart(invstd, out) and _apart(weight, out)
             and _apart(bias, out)):
         return None
+    cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
+    dweight, dbias, kx, k0, degenerate = _backward_reduce(da, xa, N, C, S, m, inv, w, b, relu,
+                                                          training, nthreads)
+    if degenerate:
+        return None                # the general path recomputes such channels
     cdef cnp.ndarray dx = _empty_like(xa) if out is None else <cnp.ndarray> out
-    dweight, dbias, degenerate = _backward(da, xa, dx, N, C, S, mean, invstd, weight, bias,
-                                           relu, training, nthreads)
+    _bwd_apply(da, xa, dx, N, C, S, m, inv, w, b, <double *> cnp.PyArray_DATA(kx),
+               <double *> cnp.PyArray_DATA(k0), relu, training, nthreads)
     if _dt(xa) == 0:
-        return dx, dweight.astype(np.float32), dbias.astype(np.float32), degenerate
-    return dx, dweight, dbias, degenerate
+        return dx, dweight.astype(np.float32), dbias.astype(np.float32)
+    return dx, dweight, dbias
 
 
 def fast_moments(x, axis, int nthreads):

@@ -40,6 +40,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from functools import lru_cache
 
 import numpy as np
@@ -986,7 +987,7 @@ for n in (100000, 2**31 - 1, 2**31, 2**63, 10**400):
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=package_env(), timeout=300)
+                       env=package_env(), timeout=300, cwd=tempfile.gettempdir())
     assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stderr[-2000:])
 
 
@@ -1245,5 +1246,5 @@ for out in (x.tolist(), "abc", 1.5):
 print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=package_env(), timeout=120)
+                       env=package_env(), timeout=120, cwd=tempfile.gettempdir())
     assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stderr[-2000:])

@@ -5,6 +5,7 @@ Each test failed before its fix.
 """
 import subprocess
 import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 import bnfast
 from bnfast import reference as ref
+from conftest import package_env
 
 ISAS = bnfast.available_isas()
 
@@ -50,10 +52,10 @@ def test_omp_num_threads_huge_is_capped_with_a_warning():
             "    n = bnfast.get_num_threads()\n"
             "    bnfast.moments(np.ones((2, 32768), np.float32))\n"
             "print(n, bnfast.MAX_THREADS, len(w), w[0].message if w else '')\n")
-    import os
-    env = dict(os.environ, OMP_NUM_THREADS="100000")
+    # outside the checkout, whose uncompiled bnfast/ would shadow the installed one
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=env, timeout=120)
+                       env=package_env(OMP_NUM_THREADS="100000"), timeout=120,
+                       cwd=tempfile.gettempdir())
     assert r.returncode == 0, r.stderr
     n, cap, nwarn, msg = r.stdout.split(" ", 3)
     assert n == cap and int(nwarn) >= 1 and "100000" in msg
@@ -513,3 +515,23 @@ def test_backward_with_an_infinite_coefficient_matches_the_twin(which):
         assert np.isinf(dx[:, 0]).all()
     else:                       # xhat = (x - mean) * inf: the twin's answer is NaN too
         assert np.isnan(dx[:, 0]).all() and np.isnan(dw[0])
+
+
+@pytest.mark.parametrize("over", ["x", "dy"])
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_degenerate_channel_in_place(over, training):
+    # the recomputation of a degenerate channel must use x and dy as they were before
+    # dx overwrote them (the fuzz found x = [[nan]], out=x, eval mode: a finite dweight)
+    rng = np.random.default_rng(16)
+    x = rng.standard_normal((5, 3, 4)).astype(np.float32)
+    x[0, 1, 0] = np.nan
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    mean, invstd = np.zeros(3), np.ones(3)
+    invstd[2] = np.inf
+    want = bnfast.batch_norm_backward(dy.copy(), x.copy(), mean, invstd, training=training)
+    target = x if over == "x" else dy
+    got = bnfast.batch_norm_backward(dy, x, mean, invstd, training=training, out=target)
+    assert got[0] is target
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert np.isnan(got[1][1])
