@@ -47,12 +47,12 @@ import numpy as np
 
 from . import _api
 from ._api import batch_norm_infer, moments
-from .nn.batchnorm import BatchNorm1d, BatchNorm2d
-from .nn.module import Module, Sequential
+from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .nn.module import Module
 from .train import iterate_minibatches
 
 __all__ = ["get_comm", "launched_size", "abort_on_exception", "sync_moments", "sync_batch_norm_train",
-           "sync_batch_norm_backward", "SyncBatchNorm1d", "SyncBatchNorm2d",
+           "sync_batch_norm_backward", "SyncBatchNorm1d", "SyncBatchNorm2d", "SyncBatchNorm3d",
            "convert_sync_batchnorm", "DistributedDataParallel", "DistributedSampler"]
 
 _F64 = np.dtype(np.float64)
@@ -853,8 +853,55 @@ class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
         self._init_sync(comm, check)
 
 
+class SyncBatchNorm3d(_SyncBatchNorm, BatchNorm3d):
+    """:class:`bnfast.nn.BatchNorm3d` with statistics over every rank's batch.
+
+    See :class:`SyncBatchNorm1d`; statistics are over the batch and the volume positions
+    of every rank.
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, channels_last, relu, dtype
+        As for :class:`bnfast.nn.BatchNorm3d`.
+    comm : mpi4py.MPI.Comm, optional
+        Default ``COMM_WORLD``.
+    check : bool, default True
+        As for :class:`SyncBatchNorm2d`.
+
+    Attributes
+    ----------
+    comm : mpi4py.MPI.Comm
+    check : bool
+
+    Raises
+    ------
+    ValueError, TypeError
+        As for :class:`SyncBatchNorm1d`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import distributed as dist
+    >>> bn = dist.SyncBatchNorm3d(2)
+    >>> y = bn(np.arange(32, dtype=np.float32).reshape(2, 2, 2, 2, 2))
+    >>> y.mean(axis=(0, 2, 3, 4)).round(4) + 0.0
+    array([0., 0.], dtype=float32)
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, channels_last=False, relu=False,
+                 dtype=np.float32, comm=None, check=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         channels_last=channels_last, relu=relu, dtype=dtype)
+        self._init_sync(comm, check)
+
+
+_SYNC_TWIN = ((BatchNorm3d, SyncBatchNorm3d), (BatchNorm2d, SyncBatchNorm2d),
+              (BatchNorm1d, SyncBatchNorm1d))
+
+
 def convert_sync_batchnorm(module, comm=None, *, check=True):
-    """Replace every ``BatchNorm1d``/``BatchNorm2d`` in `module` by its synchronized twin.
+    """Replace every ``BatchNorm1d``/``2d``/``3d`` in `module` by its synchronized twin.
 
     As ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers share the old
     ones' parameters (the same :class:`~bnfast.nn.Parameter` objects, so an optimizer
@@ -896,9 +943,8 @@ def convert_sync_batchnorm(module, comm=None, *, check=True):
 
 
 def _convert(module, comm, check):
-    if isinstance(module, (BatchNorm1d, BatchNorm2d)) and not isinstance(module,
-                                                                         _SyncBatchNorm):
-        cls = SyncBatchNorm2d if isinstance(module, BatchNorm2d) else SyncBatchNorm1d
+    cls = next((twin for base, twin in _SYNC_TWIN if isinstance(module, base)), None)
+    if cls is not None and not isinstance(module, _SyncBatchNorm):
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
         new._buffer_names = list(module._buffer_names)
@@ -907,10 +953,7 @@ def _convert(module, comm, check):
     for name, child in list(module.named_children()):
         new = _convert(child, comm, check)
         if new is not child:
-            if isinstance(module, Sequential):
-                module[int(name)] = new
-            else:
-                setattr(module, name, new)
+            setattr(module, name, new)   # Sequential and ModuleList too, named or numbered
     return module
 
 

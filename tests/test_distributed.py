@@ -331,3 +331,33 @@ def test_a_rank_that_raises_ends_the_job(how):
     assert "deliberate failure" in r.stderr
     assert "unreachable" not in r.stdout
     assert seconds < 30
+
+
+def test_convert_named_containers_and_3d():
+    from collections import OrderedDict
+    net = nn.Sequential(OrderedDict([("conv", nn.Conv2d(2, 3, 3, rng=0)),
+                                     ("bn", nn.BatchNorm2d(3)),
+                                     ("act", nn.ReLU())]))
+    blocks = nn.ModuleList([nn.BatchNorm1d(4), nn.BatchNorm3d(2, channels_last=True)])
+    holder = nn.Sequential(net)
+    holder.add_module("blocks", blocks)
+    w = blocks[1].weight
+    dist.convert_sync_batchnorm(holder)
+    assert type(net.bn).__name__ == "SyncBatchNorm2d"
+    assert type(blocks[0]).__name__ == "SyncBatchNorm1d"
+    assert type(blocks[1]).__name__ == "SyncBatchNorm3d"
+    assert blocks[1].weight is w and blocks[1].channels_last
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sync_batchnorm3d_one_rank_equals_batchnorm3d(channels_last):
+    rng = np.random.default_rng(5)
+    shape = (3, 4, 2, 3, 5) if not channels_last else (3, 2, 3, 5, 4)
+    x = rng.standard_normal(shape)
+    g = rng.standard_normal(shape)
+    a = nn.BatchNorm3d(4, channels_last=channels_last, dtype=np.float64)
+    b = dist.SyncBatchNorm3d(4, channels_last=channels_last, dtype=np.float64)
+    ya, yb = a(x), b(x)
+    np.testing.assert_allclose(yb, ya, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(b.backward(g), a.backward(g), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b.running_var, a.running_var, rtol=1e-13)
