@@ -616,25 +616,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     r = _core.fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out, nt)
     if r is not None:
         return r
-    relu = _flag(relu, "relu")
     training = _flag(training, "training")
-    if relu and bias is None:
-        raise ValueError(
-            "bias is required when relu=True: the ReLU's gradient mask is where the forward "
-            "output, (x - mean) * invstd * weight + bias, was positive, so it depends on "
-            "the forward's bias (pass bias=np.zeros(C) if the forward had none)")
-    x = _as_data(x, "x")
-    dy = _as_data(dy, "dy")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy has dtype {dy.dtype} but x has dtype {x.dtype}")
-    if dy.shape != x.shape:
-        raise ValueError(f"dy has shape {dy.shape} but x has shape {x.shape}")
-    ax, N, C, S, perm, xk = _layout(x, axis)
-    dyk = _coerce(dy, perm)
-    m = _chan(mean, C, "mean", required=True)
-    inv = _chan(invstd, C, "invstd", required=True)
-    w = _chan(weight, C, "weight")
-    b = _chan(bias, C, "bias")
+    (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, w, b, relu) = _backward_inputs(
+        dy, x, mean, invstd, weight, bias, relu, axis)
     dx, dxk, copy_back = _output(out, x, perm, (xk, dyk))
     m, inv, w, b = _detach(dxk, m, inv, w, b)
     dweight, dbias, kx, k0, degenerate = _core.backward_reduce(dyk, xk, N, C, S, m, inv, w, b,
@@ -657,10 +641,14 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
 # exactly batch_norm_backward's dx.
 
 def _backward_inputs(dy, x, mean, invstd, weight, bias, relu, axis):
+    """The checks and conversions of every backward entry point: (x, dy, ax, N, C, S,
+    perm, xk, dyk, mean, invstd, weight, bias, relu) in the kernels' form."""
     relu = _flag(relu, "relu")
     if relu and bias is None:
-        raise ValueError("bias is required when relu=True (the ReLU's gradient mask depends "
-                         "on the forward's bias)")
+        raise ValueError(
+            "bias is required when relu=True: the ReLU's gradient mask is where the forward "
+            "output, (x - mean) * invstd * weight + bias, was positive, so it depends on "
+            "the forward's bias (pass bias=np.zeros(C) if the forward had none)")
     x = _as_data(x, "x")
     dy = _as_data(dy, "dy")
     if dy.dtype != x.dtype:
