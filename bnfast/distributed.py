@@ -42,6 +42,8 @@ import copy
 import numbers
 import os
 import sys
+import time
+import traceback
 
 import numpy as np
 
@@ -252,10 +254,17 @@ def abort_on_exception(comm=None):
 
     def hook(etype, value, tb):
         try:
-            sys.stderr.write(f"[bnfast.distributed] rank {rank} raised; aborting all ranks\n")
-            previous(etype, value, tb)
+            # The summary line first and everything in one write: the launcher may stop
+            # forwarding this rank's output as soon as the job is aborted.
+            summary = "".join(traceback.format_exception_only(etype, value)).strip()
+            sys.stderr.write(f"[bnfast.distributed] rank {rank} raised {summary}; aborting "
+                             f"all ranks\n" + "".join(traceback.format_exception(etype, value,
+                                                                                 tb)))
             sys.stderr.flush()
             sys.stdout.flush()
+            if previous is not sys.__excepthook__:
+                previous(etype, value, tb)
+            time.sleep(0.2)         # let the launcher forward the output
         finally:
             comm.Abort(1)
 
