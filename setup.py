@@ -7,7 +7,17 @@ Without a working OpenMP the extension is built serially (with a warning).
 
 No fast-math style flags are used: the kernels rely on IEEE semantics (NaN propagation,
 no reassociation).  ``-ffp-contract=off`` keeps every instruction-set variant bit-identical.
+
+Build time: each (instruction-set variant, dtype) pair of kernels is its own translation unit
+(csrc/kernels_<isa>_f32.c, _f64.c; csrc/bn_entry.h) and the sources compile in parallel,
+one job per CPU (``BNFAST_BUILD_JOBS=N`` or ``build_ext -j N`` to change; 1 is serial), the
+longest first; Cython translates bnfast/_core.pyx at build time, in the job that then
+compiles it, while the kernels compile.  With gcc or clang, no debug information is
+generated (``-g0``) unless ``CFLAGS`` asks for it with ``-g``, and the Cython bindings
+(bnfast/_core.c, argument handling only) are compiled with ``-O2``; the kernels keep
+``-O3``.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +25,7 @@ import sys
 import sysconfig
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from setuptools import Extension, setup
@@ -32,13 +43,13 @@ int main(void) {
 }
 """
 
-SOURCES = [
-    "bnfast/_core.pyx",
-    "csrc/dispatch.c",
-    "csrc/kernels_baseline.c",
-    "csrc/kernels_avx2.c",
-    "csrc/kernels_avx512.c",
-]
+ISAS = ["avx512", "avx2", "baseline"]
+# The largest units first: with one job per CPU they start first and finish together.
+SOURCES = (["bnfast/_core.pyx"]
+           + [f"csrc/kernels_{isa}_{dt}.c" for isa in ISAS for dt in ("f64", "f32")]
+           + ["csrc/kernel_tables.c", "csrc/dispatch.c"])
+DEPENDS = (["csrc/bnfast.h", "csrc/bn_impl.h", "csrc/bn_impl_dtype.h", "csrc/bn_entry.h"]
+           + [f"csrc/kernels_{isa}.c" for isa in ISAS])
 
 
 def _candidate_flags(compiler_type):
@@ -85,7 +96,8 @@ def _use_clang_cl(compiler):
     """On Windows, compile with LLVM's clang-cl (BNFAST_CLANG_CL names it).
 
     The kernels use GCC/Clang vector extensions, which MSVC's cl.exe does not accept;
-    clang-cl takes MSVC-style options and links with the MSVC toolchain.
+    clang-cl takes MSVC-style options and links with the MSVC toolchain.  Untested: no
+    Windows build has been run.  Its sources compile one after another.
     """
     exe = os.environ.get("BNFAST_CLANG_CL", "").strip()
     if compiler.compiler_type != "msvc" or not exe:
@@ -94,6 +106,85 @@ def _use_clang_cl(compiler):
         compiler.initialize()
     compiler.cc = exe
     return True
+
+
+def _build_jobs(requested):
+    """Parallel compile jobs: BNFAST_BUILD_JOBS, else ``build_ext -j N``, else one per CPU."""
+    env = os.environ.get("BNFAST_BUILD_JOBS", "").strip()
+    if env:
+        return max(1, int(env))
+    if requested not in (None, False, True):
+        return max(1, int(requested))
+    return os.cpu_count() or 1
+
+
+CYTHON_DIRECTIVES = {"language_level": "3"}
+# Compile order: the position of a source (its .pyx as .c) in SOURCES; others last.
+ORDER = [s[:-4] + ".c" if s.endswith(".pyx") else s for s in SOURCES]
+
+
+def _order(src):
+    src = os.path.normpath(src)
+    for i, s in enumerate(ORDER):
+        if src.endswith(os.path.normpath(s)):
+            return i
+    return len(ORDER)
+
+
+def _parallel_compile(compiler, jobs, per_source_args, before):
+    """Make ``compiler.compile`` compile its sources on ``jobs`` threads (each runs the
+    compiler as a subprocess), in SOURCES order, with ``per_source_args(src)`` appended to
+    each source's command line; ``before[src]()``, where given, runs first in the same job
+    (Cython's translation of a .pyx into that .c).  Returns False, changing nothing, for
+    compilers that override ``compile`` itself (MSVC and clang-cl)."""
+    if not hasattr(compiler, "_compile") or compiler.compiler_type == "msvc":
+        return False
+
+    def compile(sources, output_dir=None, macros=None, include_dirs=None, debug=False,
+                extra_preargs=None, extra_postargs=None, depends=None):
+        macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+            output_dir, macros, include_dirs, sources, depends, extra_postargs)
+        cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+        todo = sorted(((obj,) + tuple(build[obj]) for obj in objects if obj in build),
+                      key=lambda item: _order(item[1]))
+
+        def one(item):
+            obj, src, ext = item
+            if src in before:
+                before[src]()
+            compiler._compile(obj, src, ext, cc_args,
+                              list(extra_postargs or []) + per_source_args(src), pp_opts)
+
+        if jobs <= 1 or len(todo) <= 1:
+            for item in todo:
+                one(item)
+        else:
+            with ThreadPoolExecutor(max_workers=min(jobs, len(todo))) as pool:
+                for fut in [pool.submit(one, item) for item in todo]:
+                    fut.result()   # the first failure is raised after the rest finish
+        return objects
+
+    compiler.compile = compile
+    return True
+
+
+def _build_key(compiler, cflags, lflags):
+    """What an existing build must match to be reused: flags, compiler, NumPy, Cython."""
+    import Cython
+
+    return json.dumps({"cflags": cflags, "lflags": lflags, "python": sys.version,
+                       "compiler": list(getattr(compiler, "compiler_so", None)
+                                        or [str(getattr(compiler, "cc", ""))]),
+                       "numpy": np.__version__, "cython": Cython.__version__},
+                      sort_keys=True)
+
+
+def _cythonize(ext, pyx, force):
+    """Translate the .pyx sources of ``ext`` to C beside them (when out of date)."""
+    from Cython.Build import cythonize
+
+    cythonize([Extension(ext.name, pyx, include_dirs=ext.include_dirs, depends=ext.depends)],
+              compiler_directives=CYTHON_DIRECTIVES, force=force)
 
 
 class BuildExt(build_ext):
@@ -116,23 +207,65 @@ class BuildExt(build_ext):
         if omp is not None:
             cflags += omp[0]
             lflags += omp[1]
+        if not clang_cl and ctype != "msvc":
+            if not any(f.startswith("-g") and f != "-g0"
+                       for f in os.environ.get("CFLAGS", "").split()):
+                cflags.append("-g0")   # debug information is most of the compile time
+        jobs = _build_jobs(self.parallel)
+        print(f"bnfast: compiling with {jobs} parallel job{'s' if jobs > 1 else ''}")
+
+        def per_source_args(src):
+            # The Cython bindings: argument handling; -O3 costs compile time, no speed.
+            if not clang_cl and os.path.basename(src) == "_core.c":
+                return ["-O2"]
+            return []
+
+        self._before = {}
+        self._parallel = _parallel_compile(self.compiler, jobs, per_source_args, self._before)
         for ext in self.extensions:
             ext.extra_compile_args = cflags + list(ext.extra_compile_args or [])
             ext.extra_link_args = lflags + list(ext.extra_link_args or [])
+        # A build left in build/ (pip builds in the source tree) is reused only when its
+        # sources, headers and .pyx are older than it (setuptools' check) and it was made
+        # with this configuration; otherwise everything is rebuilt.
+        key = _build_key(self.compiler, cflags, lflags)
+        stamp = os.path.join(self.build_temp, "bnfast-build-config.json")
+        try:
+            with open(stamp, encoding="utf-8") as f:
+                reuse = f.read() == key
+        except OSError:
+            reuse = False
+        if not reuse:
+            self.force = True
         super().build_extensions()
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w", encoding="utf-8") as f:
+            f.write(key)
+
+    def build_extension(self, ext):
+        # Cython runs here rather than when setup.py is loaded (pip loads it three times),
+        # and with the parallel compile, in the job that compiles its output.
+        pyx = [s for s in ext.sources if s.endswith(".pyx")]
+        if pyx:
+            ext.sources = [s[:-4] + ".c" if s.endswith(".pyx") else s for s in ext.sources]
+            ext.depends = list(ext.depends or []) + pyx   # an edited .pyx rebuilds
+
+            def translate(pyx=pyx):
+                _cythonize(ext, pyx, self.force)
+
+            if getattr(self, "_parallel", False):
+                self._before.update({s[:-4] + ".c": translate for s in pyx})
+            else:
+                translate()
+        super().build_extension(ext)
 
 
-def _extensions():
-    from Cython.Build import cythonize
+EXTENSION = Extension(
+    "bnfast._core",
+    sources=SOURCES,
+    include_dirs=["csrc", np.get_include()],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
+    depends=DEPENDS,
+)
 
-    ext = Extension(
-        "bnfast._core",
-        sources=SOURCES,
-        include_dirs=["csrc", np.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
-        depends=["csrc/bnfast.h", "csrc/bn_impl.h", "csrc/bn_impl_dtype.h"],
-    )
-    return cythonize([ext], compiler_directives={"language_level": "3"})
-
-
-setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
+setup(ext_modules=[EXTENSION], cmdclass={"build_ext": BuildExt})

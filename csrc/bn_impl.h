@@ -300,6 +300,10 @@ static inline int bn_threads(int nthreads, double work)
     return nthreads;
 }
 
+/* BN_ONLY_DTYPE (32 or 64): one dtype only, for the per-dtype translation units
+ * kernels_<isa>_f32.c / _f64.c (bn_entry.h exports their entry points; kernel_tables.c
+ * assembles the tables).  Without it: both dtypes and the table, in one unit. */
+#if !defined(BN_ONLY_DTYPE) || BN_ONLY_DTYPE == 32
 #define T float
 #define BN_SFX f32
 #define BN_IS_F32 1
@@ -307,7 +311,9 @@ static inline int bn_threads(int nthreads, double work)
 #undef T
 #undef BN_SFX
 #undef BN_IS_F32
+#endif
 
+#if !defined(BN_ONLY_DTYPE) || BN_ONLY_DTYPE == 64
 #define T double
 #define BN_SFX f64
 #define BN_IS_F32 0
@@ -315,6 +321,11 @@ static inline int bn_threads(int nthreads, double work)
 #undef T
 #undef BN_SFX
 #undef BN_IS_F32
+#endif
+
+#ifdef BN_ONLY_DTYPE
+#include "bn_entry.h"
+#else
 
 #define BN_TABLE_NAME BN_CAT(bn_table, BN_SUFFIX)
 #define BN_STR2(x) #x
@@ -329,3 +340,4 @@ const bn_kernel_table BN_TABLE_NAME = {
     {BN_CAT(train_forward_f32, BN_SUFFIX), BN_CAT(train_forward_f64, BN_SUFFIX)},
     {BN_CAT(backward_f32, BN_SUFFIX), BN_CAT(backward_f64, BN_SUFFIX)},
 };
+#endif

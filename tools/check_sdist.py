@@ -24,7 +24,12 @@ import tarfile
 
 REQUIRED = ["setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO",
             "bnfast/__init__.py", "bnfast/_core.pyx", "bnfast/py.typed",
-            "csrc/bnfast.h", "csrc/dispatch.c", "tests/conftest.py"]
+            "csrc/bnfast.h", "csrc/dispatch.c", "csrc/bn_impl.h", "csrc/bn_impl_dtype.h",
+            "csrc/bn_entry.h", "csrc/kernel_tables.c", "tests/conftest.py"]
+# The translation units setup.py compiles in parallel: each (variant, dtype) pair, and the
+# per-variant files they include.
+REQUIRED += [f"csrc/kernels_{isa}{part}.c" for isa in ("baseline", "avx2", "avx512")
+             for part in ("", "_f32", "_f64")]
 REQUIRED_GLOBS = ["csrc/*.c", "csrc/*.h", "bnfast/*.py", "bnfast/nn/*.py", "tests/test_*.py"]
 FORBIDDEN = ["*.so", "*.so.*", "*.o", "*.obj", "*.pyd", "*.dll", "*.dylib", "*.a", "*.lib",
              "*.pyc", "*.pyo", "*/__pycache__/*", "bnfast/_core.c", "bnfast/*.html",

@@ -1,0 +1,4 @@
+/* The float64 half of the AVX2 variant: kernels_avx2.c with one dtype (setup.py compiles
+ * the six (variant, dtype) units in parallel; bn_entry.h, kernel_tables.c). */
+#define BN_ONLY_DTYPE 64
+#include "kernels_avx2.c"
