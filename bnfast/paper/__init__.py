@@ -5,8 +5,8 @@ Accelerating Deep Network Training by Reducing Internal Covariate Shift", on bnf
 - :mod:`bnfast.paper.accelerate`: the "accelerating BN networks" table (Figure 3), on a
   small convolutional network on MNIST.
 
-Command line: ``python -m bnfast.paper {mnist,accelerate} [options]`` (also
-``python -m bnfast paper ...``); see docs/paper.md.
+Command line: ``bnfast paper {mnist,accelerate} [options]`` (also
+``python -m bnfast.paper ...``); see "Reproducing the paper" in the documentation.
 """
 from .cli import main
 
