@@ -33,6 +33,9 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    # MathJax 3 bundled in the package and copied to _static/mathjax/: math renders
+    # without a network connection (no CDN).  It sets mathjax_path itself.
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "numpydoc",
     "myst_parser",
@@ -46,6 +49,9 @@ root_doc = "index"
 exclude_patterns = [
     "_build",
     "tutorials",           # sphinx-gallery sources; the built pages are in auto_tutorials/
+    # sphinx-gallery's timing tables load jQuery/DataTables from CDNs; left from older builds
+    "sg_execution_times.rst",
+    "auto_tutorials/sg_execution_times.rst",
     "figures/*.md",        # notes beside the figures, not pages
     "**/README.md",
     "Thumbs.db",
@@ -93,7 +99,9 @@ sphinx_gallery_conf = {
     "show_memory": False,
     "min_reported_time": 1,
     "capture_repr": ("_repr_html_", "__repr__"),
-    "write_computation_times": True,
+    # No sg_execution_times pages: their table loads scripts from CDNs (the docs must read
+    # offline).  Each tutorial still shows its own running time.
+    "write_computation_times": False,
 }
 # Matplotlib: no display; keep its font cache out of the way of a read-only home.
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -134,6 +142,7 @@ OPTIONAL_PAGES = {"paper": "the notes on the paper reproduction (docs/paper.md)"
 
 
 def _missing(page):
+    page = page.lstrip("/")     # "/paper" in a toctree below docs/ is docs/paper
     return not any(os.path.exists(os.path.join(HERE, page + ext)) for ext in (".md", ".rst"))
 
 
