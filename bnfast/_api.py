@@ -492,7 +492,10 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
     weight, bias : array_like of shape (C,), optional
         Per-channel scale and shift; default 1 and 0.
     eps : float, default 1e-5
+        Added to `var` before the square root (PyTorch's default); must be >= 0 and finite.
     axis : int, default 1
+        The channel axis: 1 for channels-first ``(N, C, ...)``, -1 for channels-last
+        ``(N, ..., C)``.
     out : ndarray, optional
         Where to write y; may be `x` itself.
     relu : bool, default False
@@ -584,13 +587,19 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     training : bool, default True
         Whether the forward used batch statistics.
     axis : int, default 1
+        The channel axis of `x` and `dy`: 1 for channels-first ``(N, C, ...)``, -1 for
+        channels-last ``(N, ..., C)``; the sums are taken over every other axis.
     out : ndarray, optional
         Where to write dx; may be `dy` or `x` itself.
 
     Returns
     -------
     dx : ndarray, shape and dtype of `x`
+        The gradient with respect to `x` (`out` if given).
     dweight, dbias : ndarray of shape (C,), dtype of `x`
+        The gradients with respect to `weight` and `bias`: ``sum(dy * xhat)`` and
+        ``sum(dy)`` per channel, accumulated in float64 and returned in the dtype of `x`.
+        They are returned also when `weight` or `bias` was not given.
 
     Raises
     ------
@@ -711,15 +720,28 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Parameters
     ----------
     x : array_like of float32 or float64, ndim >= 2
+        The batch, with its channels on `axis`.
     running_mean, running_var : ndarray of shape (C,), optional
+        Running statistics, float32 or float64 arrays (give both or neither).  In training
+        mode they are updated in place (the variance with the unbiased batch variance,
+        ``n / (n - 1)`` times the biased one); in eval mode they are what `x` is
+        normalised with.  Without them the batch's own statistics are used in either mode.
     weight, bias : array_like of shape (C,), optional
+        Per-channel scale (gamma) and shift (beta); default 1 and 0.
     training : bool, default False
+        Normalise with the batch's statistics (and update the running statistics) rather
+        than with the running statistics.
     momentum : float or None, default 0.1
         Weight in [0, 1] of this batch in the running statistics; None for the
         cumulative average (with `num_batches_tracked`).
     eps : float, default 1e-5
+        Added to the variance before the square root (PyTorch's default); must be >= 0 and
+        finite.
     axis : int, default 1
+        The channel axis: 1 for channels-first ``(N, C, ...)``, -1 for channels-last
+        ``(N, ..., C)``.
     out : ndarray, optional
+        Where to write the result: same shape and dtype as `x`; may be `x` itself.
     relu : bool, default False
         Fused ReLU on the output.
     num_batches_tracked : int, optional
@@ -731,6 +753,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Returns
     -------
     y : ndarray
+        The normalised batch, same shape and dtype as `x` (`out` if given).
 
     Raises
     ------

@@ -96,6 +96,8 @@ def set_isa(name):
     Parameters
     ----------
     name : {'baseline', 'avx2', 'avx512', 'auto'}
+        The variant to use from now on (case-insensitive); ``'auto'`` (or an empty string)
+        restores the default choice, the fastest variant this CPU and build support.
 
     Raises
     ------

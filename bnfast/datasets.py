@@ -87,7 +87,10 @@ class MNIST(NamedTuple):
     Parameters
     ----------
     train_images, train_labels, test_images, test_labels : ndarray
+        The training and test images (uint8, ``(N, 28, 28)``; 60,000 and 10,000 in MNIST)
+        and their labels (uint8 digits 0-9, ``(N,)``).
     source : str
+        Where the arrays came from: the folder the files were read from.
 
     Examples
     --------
@@ -165,6 +168,7 @@ def parse_idx(data, name="<bytes>"):
     Parameters
     ----------
     data : bytes-like
+        The whole content of an uncompressed IDX file (bytes, bytearray or memoryview).
     name : str
         Used in error messages.
 
@@ -281,12 +285,15 @@ def read_idx(path, sha256=None):
     Parameters
     ----------
     path : str or os.PathLike
+        The file, gzip-compressed (recognised by its content, not its name) or raw.
     sha256 : str, optional
         Expected SHA-256 (64 hex digits) of the uncompressed content.
 
     Returns
     -------
     ndarray
+        The array, as :func:`parse_idx` gives it: shape from the header, uint8 data as
+        uint8.
 
     Raises
     ------
@@ -470,6 +477,7 @@ def download_mnist(dest, *, names=None, mirrors=None, checksums=None, timeout=60
     checksums : dict, optional
         Base name -> SHA-256 of the uncompressed content (default :data:`MNIST_SHA256`).
     timeout : float, default 60
+        Seconds to wait for each connection or read before trying the next mirror.
     progress : bool, default True
         Print one line per file.
 
@@ -679,6 +687,7 @@ def as_float(images, *, flatten=False, dtype=np.float32):
     flatten : bool, default False
         Reshape to ``(N, pixels)`` for fully connected networks.
     dtype : float32 or float64, default float32
+        The dtype of the result.
 
     Returns
     -------

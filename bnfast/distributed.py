@@ -165,6 +165,7 @@ def get_comm(comm=None):
     Returns
     -------
     comm : mpi4py.MPI.Comm or the one-process stand-in
+        The communicator every collective of this module uses.
 
     Raises
     ------
@@ -532,7 +533,10 @@ def sync_batch_norm_train(x, weight=None, bias=None, *, comm=None, eps=1e-5, axi
     comm : mpi4py.MPI.Comm, optional
         Default ``COMM_WORLD``.
     eps : float, default 1e-5
+        Added to the global variance before the square root (PyTorch's default); >= 0.
     axis : int, default 1
+        The channel axis: 1 for channels-first ``(N, C, ...)``, -1 for channels-last
+        ``(N, ..., C)``; the same on every rank.
     running_mean, running_var : ndarray of shape (C,), float32 or float64, optional
         Updated in place with the global statistics: the unbiased variance uses the global
         count.  Give both or neither.
@@ -628,6 +632,7 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm=None, bia
     relu : bool, default False
         The forward pass had a fused ReLU.
     axis : int, default 1
+        The channel axis, as in the forward call.
     out : ndarray, optional
         Where to write dx; may be `dy` itself.
     check : bool, default True
@@ -636,6 +641,7 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm=None, bia
     Returns
     -------
     dx : ndarray, shape and dtype of `x`
+        The gradient with respect to this rank's `x` (`out` if given).
     dweight, dbias : ndarray of shape (C,), dtype of `x`
         This rank's contributions, the sums over its own rows; their sum over the ranks
         is the gradient of the whole batch (:class:`DistributedDataParallel` adds them up
@@ -1173,6 +1179,7 @@ class DistributedSampler:
     comm : mpi4py.MPI.Comm, optional
         Default ``COMM_WORLD``.
     shuffle : bool, default True
+        Permute the examples every epoch; otherwise every epoch visits them in order.
     seed : int, default 0
         The same on every rank.
     drop_last : bool, default False

@@ -155,14 +155,21 @@ class SGD(Optimizer):
     Parameters
     ----------
     params : iterable of Parameter or of dict
+        The parameters to update, or parameter groups ``{"params": [...], "lr": ..., ...}``
+        whose missing hyperparameters are the ones given here (see :class:`Optimizer`).
     lr : float
+        The learning rate, >= 0 (default 1e-3, as PyTorch's).
     momentum : float, default 0
+        Momentum factor, >= 0; 0 is plain SGD (no momentum buffer).
     dampening : float, default 0
+        Dampening of the momentum: the gradient enters the buffer scaled by
+        ``1 - dampening`` (not on the first step), >= 0.
     weight_decay : float, default 0
         L2 penalty coefficient.
     nesterov : bool, default False
         Needs ``momentum > 0`` and ``dampening == 0``.
     maximize : bool, default False
+        Maximise the objective: step along the gradient instead of against it.
 
     Raises
     ------
@@ -240,13 +247,23 @@ class Adam(Optimizer):
     Parameters
     ----------
     params : iterable of Parameter or of dict
+        The parameters to update, or parameter groups ``{"params": [...], "lr": ..., ...}``
+        whose missing hyperparameters are the ones given here (see :class:`Optimizer`).
     lr : float, default 1e-3
+        The learning rate, >= 0.
     betas : (float, float), default (0.9, 0.999)
+        Decay rates, each in [0, 1), of the running averages of the gradient and of its
+        square.
     eps : float, default 1e-8
+        Added to the bias-corrected ``sqrt`` of the squared-gradient average in the
+        denominator, >= 0.
     weight_decay : float, default 0
         Added to the gradient (``grad + weight_decay * p``), as in ``torch.optim.Adam``.
     amsgrad : bool, default False
+        Use the AMSGrad variant: the denominator uses the largest squared-gradient average
+        seen so far.
     maximize : bool, default False
+        Maximise the objective: step along the gradient instead of against it.
 
     Raises
     ------
@@ -333,14 +350,24 @@ class AdamW(Adam):
     Parameters
     ----------
     params : iterable of Parameter or of dict
+        The parameters to update, or parameter groups ``{"params": [...], "lr": ..., ...}``
+        whose missing hyperparameters are the ones given here (see :class:`Optimizer`).
     lr : float, default 1e-3
+        The learning rate, >= 0.
     betas : (float, float), default (0.9, 0.999)
+        Decay rates, each in [0, 1), of the running averages of the gradient and of its
+        square.
     eps : float, default 1e-8
+        Added to the bias-corrected ``sqrt`` of the squared-gradient average in the
+        denominator, >= 0.
     weight_decay : float, default 0.01
         Decoupled decay: the parameter is scaled by ``1 - lr * weight_decay`` at each step,
         independently of the gradient (not added to it as in :class:`Adam`).
     amsgrad : bool, default False
+        Use the AMSGrad variant: the denominator uses the largest squared-gradient average
+        seen so far.
     maximize : bool, default False
+        Maximise the objective: step along the gradient instead of against it.
 
     Raises
     ------
@@ -448,6 +475,7 @@ class StepLR(LRScheduler):
     Parameters
     ----------
     optimizer : Optimizer
+        The optimizer whose learning rates are scheduled (see :class:`LRScheduler`).
     step_size : int
         Epochs between decays.
     gamma : float, default 0.1
@@ -492,6 +520,7 @@ class MultiStepLR(LRScheduler):
     Parameters
     ----------
     optimizer : Optimizer
+        The optimizer whose learning rates are scheduled (see :class:`LRScheduler`).
     milestones : iterable of int
         Epochs at which the rate is multiplied by `gamma` (any order).
     gamma : float, default 0.1
@@ -531,6 +560,7 @@ class ExponentialLR(LRScheduler):
     Parameters
     ----------
     optimizer : Optimizer
+        The optimizer whose learning rates are scheduled (see :class:`LRScheduler`).
     gamma : float
         Multiplicative factor per epoch.
 
@@ -567,6 +597,7 @@ class CosineAnnealingLR(LRScheduler):
     Parameters
     ----------
     optimizer : Optimizer
+        The optimizer whose learning rates are scheduled (see :class:`LRScheduler`).
     T_max : int
         Half-period in epochs.
     eta_min : float, default 0

@@ -59,6 +59,7 @@ def moments(x, *, axis=1):
     Returns
     -------
     mean, var : ndarray of shape (C,), float64
+        The mean and the biased (divide by n) variance of every channel.
 
     Raises
     ------
@@ -101,7 +102,9 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     Returns
     -------
     y : ndarray, float64
+        The normalised batch, shaped like `x`.
     mean, invstd : ndarray of shape (C,), float64
+        The batch mean and ``1 / sqrt(var + eps)`` of every channel (biased variance).
 
     Raises
     ------
@@ -150,6 +153,7 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
     Returns
     -------
     y : ndarray, float64
+        The normalised batch, shaped like `x`.
 
     Raises
     ------
@@ -189,7 +193,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     Returns
     -------
     dx : ndarray, float64
+        The gradient with respect to `x`, shaped like `x`.
     dweight, dbias : ndarray of shape (C,), float64
+        The gradients with respect to `weight` and `bias`: ``sum(dy * xhat)`` and
+        ``sum(dy)`` per channel (with `dy` masked by the ReLU when ``relu=True``).
 
     Raises
     ------
@@ -240,6 +247,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Returns
     -------
     y : ndarray, float64
+        The normalised batch, shaped like `x`.
 
     Raises
     ------

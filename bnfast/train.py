@@ -89,9 +89,12 @@ def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, dr
     y : ndarray, optional
         Targets with the same first dimension.
     batch_size : int, default 32
+        Number of examples per batch (the last one may be smaller unless `drop_last`).
     shuffle : bool, default False
         Visit the examples in a random order (a fresh permutation per call).
     rng : None, int or numpy.random.Generator
+        Source of the shuffling order with `shuffle`: None for fresh entropy, an int seed,
+        or a Generator.
     drop_last : bool, default False
         Skip a final batch smaller than `batch_size`.
     shard : (rank, size), optional
@@ -165,9 +168,12 @@ class Trainer:
     Parameters
     ----------
     model : Module
+        The network to train, a :class:`bnfast.nn.Module` (or a
+        :class:`bnfast.distributed.DistributedDataParallel` wrapping one).
     loss_fn : loss module
         Called as ``loss_fn(output, target)`` returning a float, with ``backward()``.
     optimizer : bnfast.optim.Optimizer
+        Holds the parameters of `model`; stepped once per batch.
     scheduler : bnfast.optim.LRScheduler, optional
         Stepped once per epoch.
     metrics : dict of str to callable, optional
@@ -300,6 +306,8 @@ class Trainer:
         Parameters
         ----------
         data : (X, y) arrays, or an iterable of (x, y) batches
+            The evaluation data: a pair of arrays (cut into batches of `batch_size`), or
+            batches of inputs and targets.
         batch_size : int, default 256
             Used when `data` is a pair of arrays.
 
@@ -353,9 +361,12 @@ class Trainer:
 
         Parameters
         ----------
-        train_data : (X, y) arrays, an iterable of (x, y) batches, or a callable returning
-            a fresh iterable each epoch
+        train_data : (X, y) arrays, an iterable of (x, y) batches, or a callable
+            The training data: a pair of arrays (cut into batches of `batch_size`,
+            reshuffled every epoch with `shuffle`), batches of inputs and targets, or a
+            callable returning a fresh iterable of batches each epoch.
         epochs : int, default 1
+            Number of passes over `train_data`.
         batch_size : int, default 32
             Used when `train_data` is a pair of arrays.
         shuffle : bool, default True
@@ -458,12 +469,17 @@ def fit(model, loss_fn, optimizer, train_data, epochs=1, *, batch_size=32, shuff
     Parameters
     ----------
     model : Module
+        The network to train.
     loss_fn : loss module
         Called as ``loss_fn(output, target)`` returning a float, with ``backward()``.
     optimizer : bnfast.optim.Optimizer
-    train_data : (X, y) arrays, an iterable of (x, y) batches, or a callable returning
-        a fresh iterable each epoch
+        Holds the parameters of `model`; stepped once per batch.
+    train_data : (X, y) arrays, an iterable of (x, y) batches, or a callable
+        The training data: a pair of arrays (cut into batches of `batch_size`, reshuffled
+        every epoch with `shuffle`), batches of inputs and targets, or a callable
+        returning a fresh iterable of batches each epoch.
     epochs : int, default 1
+        Number of passes over `train_data`.
     batch_size : int, default 32
         Used when `train_data` or `val_data` is a pair of arrays.
     shuffle : bool, default True

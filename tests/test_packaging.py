@@ -4,7 +4,8 @@
   installed wheel and says where it must come from);
 - every module of the package imports, and the examples in its docstrings run (doctest);
 - every public function and class has a complete numpydoc docstring (parameters, returns,
-  raises, an example), and appears in the API reference of the documentation;
+  raises, an example; every parameter and return value with a description), and appears
+  in the API reference of the documentation;
 - the release build flags are portable (no -march=native, no fast-math), the compiled
   extension has AVX code only in the run-time-dispatched variants, and MANIFEST.in ships
   the build inputs and no build outputs.
@@ -206,6 +207,63 @@ def test_public_docstrings_are_complete():
         msg.append("complete now, remove from KNOWN_INCOMPLETE in tests/test_packaging.py: "
                    + ", ".join(fixed))
     assert not msg, "\n".join(msg)
+
+
+# Sections whose entries (``name : type`` lines, or a bare type in Returns) each need a
+# description: the indented text under the entry, which the API pages render.
+DESCRIBED_SECTIONS = ("Parameters", "Other Parameters", "Returns", "Yields", "Receives")
+
+
+def _public_docstrings():
+    """(qualified name, docstring) of every public object and of its classes' public
+    methods (the docstrings the API pages render)."""
+    for qualname, obj in _public_objects():
+        yield qualname, obj.__doc__ if inspect.isclass(obj) else inspect.getdoc(obj)
+        if not inspect.isclass(obj):
+            continue
+        for name, member in vars(obj).items():
+            if name.startswith("_"):
+                continue
+            if isinstance(member, (staticmethod, classmethod)):
+                member = member.__func__
+            if inspect.isfunction(member) and member.__doc__:
+                yield f"{qualname}.{name}", member.__doc__
+
+
+def _undescribed_entries(body):
+    """The entry lines of a numpydoc section body with no indented description under
+    them (as numpydoc parses a section: an unindented line starts an entry)."""
+    lines = body.splitlines()
+    empty = []
+    for i, line in enumerate(lines):
+        if not line.strip() or line[0].isspace():
+            continue
+        described = False
+        for nxt in lines[i + 1:]:
+            if not nxt.strip():
+                continue
+            described = nxt[0].isspace()
+            break
+        if not described:
+            empty.append(line.strip())
+    return empty
+
+
+def test_undescribed_entries_parser():
+    body = "x : int\n    The x.\ny, z : float\n\nw\n    A w.\nv : str\n"
+    assert _undescribed_entries(body) == ["y, z : float", "v : str"]
+
+
+def test_public_parameters_and_returns_are_described():
+    """Every Parameters / Returns / Yields entry of a public object has a description
+    (a name and a type alone render as a bare line on the API page)."""
+    bare = []
+    for qualname, doc in _public_docstrings():
+        for title, body in _sections(doc).items():
+            if title in DESCRIBED_SECTIONS:
+                bare += [f"  {qualname} [{title}] {e}" for e in _undescribed_entries(body)]
+    assert not bare, ("numpydoc entries without a description (add an indented line of "
+                      "text under each):\n" + "\n".join(bare))
 
 
 def test_api_reference_lists_every_public_name():

@@ -199,6 +199,7 @@ class BatchNorm1d(_BatchNorm):
     num_features : int
         C, the number of channels.
     eps : float, default 1e-5
+        Added to the variance before the square root (PyTorch's default).
     momentum : float or None, default 0.1
         Weight of the new batch in the running statistics; None for a cumulative average.
     affine : bool, default True
@@ -209,6 +210,7 @@ class BatchNorm1d(_BatchNorm):
     relu : bool, default False
         Apply ReLU to the output in the same kernel pass (and mask the gradient).
     dtype : float32 or float64, default float32
+        Dtype of the parameters and running statistics; inputs must have the same dtype.
 
     Attributes
     ----------

@@ -48,7 +48,9 @@ class Linear(Module):
     Parameters
     ----------
     in_features, out_features : int
+        The size of the input's last axis and of the output's (positive).
     bias : bool, default True
+        Learn an additive bias of shape ``(out_features,)``.
     dtype : float32 or float64, default float32
         Dtype of the parameters; inputs must have the same dtype.
     rng : None, int or numpy.random.Generator
@@ -179,16 +181,23 @@ class Conv2d(Module):
     Parameters
     ----------
     in_channels, out_channels : int
+        The number of input and output channels (positive).
     kernel_size : int or (int, int)
+        Height and width of the kernel (one int for both).
     stride : int or (int, int), default 1
+        Step of the kernel along the height and width.
     padding : int or (int, int), default 0
         Zero padding on both sides of each spatial axis.
     bias : bool, default True
+        Learn a per-output-channel bias.
     channels_last : bool, default False
         Take and return ``(N, H, W, C)`` arrays instead of ``(N, C, H, W)``.  The weight
         layout is ``(out, in, kh, kw)`` either way.
     dtype : float32 or float64, default float32
+        Dtype of the parameters; inputs must have the same dtype.
     rng : None, int or numpy.random.Generator
+        Source of the initial weights (see :meth:`reset_parameters`): None for fresh
+        entropy, an int seed, or a Generator.
 
     Attributes
     ----------
@@ -449,11 +458,13 @@ class MaxPool2d(_Pool2d):
     Parameters
     ----------
     kernel_size : int or (int, int)
+        Height and width of the pooling window (one int for both).
     stride : int or (int, int), optional
         Default `kernel_size`.
     padding : int or (int, int), default 0
         Implicit ``-inf`` padding; at most half the kernel size.
     channels_last : bool, default False
+        Take and return ``(N, H, W, C)`` arrays instead of ``(N, C, H, W)``.
 
     Notes
     -----
@@ -523,6 +534,7 @@ class AvgPool2d(_Pool2d):
     Parameters
     ----------
     kernel_size : int or (int, int)
+        Height and width of the pooling window (one int for both).
     stride : int or (int, int), optional
         Default `kernel_size`.
     padding : int or (int, int), default 0
@@ -531,6 +543,7 @@ class AvgPool2d(_Pool2d):
         Divide by the full window size (PyTorch's default) rather than by the number of
         unpadded elements.
     channels_last : bool, default False
+        Take and return ``(N, H, W, C)`` arrays instead of ``(N, C, H, W)``.
 
     Raises
     ------
@@ -608,7 +621,9 @@ class Flatten(Module):
     Parameters
     ----------
     start_dim : int, default 1
+        The first axis to flatten (negative counts from the end).
     end_dim : int, default -1
+        The last axis to flatten, included (negative counts from the end).
     channels_last : bool or None, default None
         The layout of the input.  True: it is channels-last, ``(N, H, W, C)`` (or
         ``(N, ..., C)``), and is flattened in PyTorch's channels-first order ``(C, H, W)``:
@@ -844,6 +859,8 @@ class Dropout(Module):
     Parameters
     ----------
     p : float, default 0.5
+        Probability in [0, 1] of zeroing each value in training mode (1 zeroes everything, 0
+        is the identity).
     rng : None, int or numpy.random.Generator
         Source of the masks.
 

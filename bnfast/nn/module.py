@@ -333,6 +333,7 @@ class Module:
         Returns
         -------
         self : Module
+            This module, so calls can be chained.
 
         Raises
         ------
@@ -618,6 +619,7 @@ class Module:
         Returns
         -------
         self : Module
+            This module, converted in place.
 
         Examples
         --------
@@ -637,6 +639,7 @@ class Module:
         Returns
         -------
         self : Module
+            This module, converted in place.
 
         Examples
         --------
@@ -851,6 +854,7 @@ class Sequential(_ListContainer):
         name : str
             As for :meth:`Module.add_module`.
         module : Module
+            The layer to append, or to put in place of the layer named `name`.
 
         Raises
         ------
@@ -904,6 +908,7 @@ class ModuleList(_ListContainer):
     Parameters
     ----------
     modules : iterable of Module, optional
+        The initial modules, named ``"0"``, ``"1"``, ... in order; default none.
 
     Raises
     ------
@@ -994,7 +999,10 @@ class ModuleList(_ListContainer):
         Parameters
         ----------
         name : str
+            The position to replace, ``"0"`` to ``str(len(self) - 1)``, or
+            ``str(len(self))`` to append.
         module : Module
+            The module to store there.
 
         Raises
         ------

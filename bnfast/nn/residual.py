@@ -14,6 +14,7 @@ class Residual(Module):
     Parameters
     ----------
     body : Module
+        The residual branch, applied to the input.
     shortcut : Module, optional
         Default the identity (the shapes of ``body(x)`` and `x` must then agree).
     activation : Module, optional
@@ -75,10 +76,19 @@ class BasicBlock(Module):
     Parameters
     ----------
     in_channels, out_channels : int
+        The number of input and output channels; when they differ, `downsample` projects the
+        shortcut.
     stride : int, default 1
+        Stride of ``conv1`` (and of the shortcut's 1x1 convolution); 2 halves the height and
+        width.
     channels_last : bool, default False
+        Take and return ``(N, H, W, C)`` arrays instead of ``(N, C, H, W)`` (passed to every
+        convolution and batch-norm layer).
     dtype : float32 or float64, default float32
+        Dtype of the parameters and buffers; inputs must have the same dtype.
     rng : None, int or numpy.random.Generator
+        Source of the initial convolution weights: None for fresh entropy, an int seed, or a
+        Generator.
 
     Raises
     ------

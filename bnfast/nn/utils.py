@@ -74,6 +74,8 @@ def compute_population_stats(model, batches):
     Parameters
     ----------
     model : Module
+        The trained network; the running statistics of its batch-norm layers are overwritten
+        in place.
     batches : iterable
         Training mini-batches: arrays, or tuples whose first item is the input (so a
         data loader yielding ``(x, y)`` works).
@@ -218,6 +220,7 @@ def fold_batchnorm(model, sample=None, *, rtol=None, atol=None):
     Parameters
     ----------
     model : Module
+        The network to fold (with running statistics); it is copied, not changed.
     sample : array_like, optional
         An input batch on which to check that the folded copy's output equals the eval-mode
         output of `model`.
@@ -228,6 +231,8 @@ def fold_batchnorm(model, sample=None, *, rtol=None, atol=None):
     Returns
     -------
     folded : Module
+        A new model in eval mode with the batch-norm layers folded into the layers before
+        them.
 
     Raises
     ------
@@ -303,6 +308,7 @@ def save(model, path):
     Parameters
     ----------
     model : Module
+        The model whose state dict (parameters and buffers) is written.
     path : str or os.PathLike
         ``.npz`` is appended unless the name ends with it (as NumPy does); :func:`load`
         finds the file under the same name.
@@ -388,6 +394,7 @@ def load(model, path, strict=True):
     Parameters
     ----------
     model : Module
+        The model to load into; its parameters and buffers are overwritten in place.
     path : str or os.PathLike
         As given to :func:`save`: when it does not end with ``.npz`` and does not exist,
         ``path + ".npz"`` (the name :func:`save` wrote) is read.

@@ -97,6 +97,10 @@ def build_convnet(bn, act="relu", *, dropout=0.0, channels=(8, 16), hidden=64, s
     Returns
     -------
     bnfast.nn.Sequential
+        The network, in training mode, channels-last: convolution, [batch norm,] activation
+        and max pooling twice, then ``Flatten``, the hidden ``Linear``, [batch norm,] the
+        activation, [``Dropout``,] and a ``Linear`` to 10 outputs; a ReLU is fused into the
+        batch norm before it.
 
     Raises
     ------
@@ -271,11 +275,23 @@ def run(data, *, steps=6000, eval_every=100, batch_size=64, lr=0.02, momentum=0.
     steps : int
         Training steps of every variant.
     eval_every : int
-    batch_size, lr, momentum, weight_decay, dropout : baseline hyperparameters
+        Steps between evaluations of the test accuracy.
+    batch_size : int
+        Mini-batch size of every variant.
+    lr, momentum, weight_decay, dropout : float
+        The Baseline's SGD learning rate and momentum, L2 weight decay (of the convolution
+        and linear weights) and dropout rate; the other variants multiply `lr`, divide
+        `weight_decay` and drop the dropout as :data:`VARIANTS` says (the momentum is the
+        same for all).
     half_life_frac : float
         Baseline learning-rate half-life as a fraction of `steps`.
     seed : int
-    channels, hidden : network widths
+        Seed of the initial weights, the dropout masks, the batch order and the
+        population-statistics batches (the same for every variant).
+    channels : (int, int)
+        Output channels of the two convolutions (see :func:`build_convnet`).
+    hidden : int
+        Width of the hidden linear layer.
     pop_batches : int
         Training mini-batches for the final population statistics.
     eval_size : int, optional
@@ -283,6 +299,7 @@ def run(data, *, steps=6000, eval_every=100, batch_size=64, lr=0.02, momentum=0.
     variants : list of str, optional
         Subset of :data:`VARIANTS` (``"Baseline"`` is always included: it sets the target).
     progress : bool
+        Show a progress bar per variant.
     threads : int or None, default 1
         Threads for bnfast's kernels and the BLAS (see :func:`common.limit_threads`);
         None leaves the process's settings.

@@ -123,6 +123,7 @@ class Batches:
     n : int
         Number of training examples.
     batch_size : int
+        Examples per batch; the remainder of an epoch that does not fill a batch is skipped.
     seed : int
         The same seed gives the same sequence of batches (both networks of a comparison
         see the same data in the same order).
@@ -162,6 +163,7 @@ class PercentileRecorder:
     Parameters
     ----------
     percentiles : sequence of float, default (15, 50, 85)
+        The percentiles to record, each in [0, 100].
 
     Raises
     ------
@@ -222,7 +224,9 @@ def forward_probe(model, x, probe=None):
     Parameters
     ----------
     model : bnfast.nn.Sequential
+        The network; its layers' ``forward`` is called in its current mode.
     x : ndarray
+        The input batch.
     probe : (layer_index, unit) or None
         Return ``out[:, unit]`` of layer `layer_index` (for a 4-d output, the channel
         `unit` over every position).
@@ -230,6 +234,7 @@ def forward_probe(model, x, probe=None):
     Returns
     -------
     logits, probed : ndarray, ndarray or None
+        The model's output, and the probed values as float64 (None without `probe`).
 
     Examples
     --------
@@ -261,6 +266,7 @@ def evaluate(model, X, y, *, probe=None, batch_size=2000):
     Parameters
     ----------
     model : bnfast.nn.Sequential
+        The network, run in eval mode.
     X : ndarray
         Inputs, evaluated in slices of `batch_size`.
     y : ndarray of int
@@ -268,10 +274,12 @@ def evaluate(model, X, y, *, probe=None, batch_size=2000):
     probe : (layer_index, unit) or None
         See :func:`forward_probe`.
     batch_size : int, default 2000
+        Number of examples per forward pass.
 
     Returns
     -------
     accuracy : float
+        The fraction of examples whose prediction equals the label.
     probed : ndarray or None
         Concatenated over the batches (see :func:`forward_probe`).
 
@@ -312,6 +320,7 @@ def population_copy(model, X_train, batch_index):
     Parameters
     ----------
     model : bnfast.nn.Sequential
+        The trained network; copied, not changed.
     X_train : ndarray
         Training inputs.
     batch_index : iterable of index arrays
@@ -348,6 +357,7 @@ def train_step(model, loss_fn, opt, xb, yb):
     Parameters
     ----------
     model : bnfast.nn.Sequential
+        The network, in the mode it is in (usually training).
     loss_fn : bnfast.nn.CrossEntropyLoss
         Or another loss with ``loss_fn(output, target)`` and ``loss_fn.backward()``.
     opt : bnfast.optim.Optimizer

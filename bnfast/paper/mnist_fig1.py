@@ -119,6 +119,7 @@ def probe_index(model):
     Parameters
     ----------
     model : bnfast.nn.Sequential
+        A network as built by :func:`build_mlp`.
 
     Returns
     -------
@@ -176,8 +177,14 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
     data : common.MnistArrays
         Flat float32 inputs.
     steps, eval_every, batch_size : int
+        Training steps per network (>= 1), steps between evaluations (>= 1; step 0 and the
+        last step are always evaluated), and the mini-batch size (the global one with
+        `comm`).
     optimizer : {'sgd', 'nesterov', 'adam'}
+        SGD with momentum, SGD with Nesterov momentum, or Adam (which ignores `momentum`).
     lr, momentum, init_std, eps, bn_momentum : float
+        Learning rate and momentum of the optimizer; standard deviation of the initial
+        weights; `eps` and momentum of the ``BatchNorm1d`` layers (see :func:`build_mlp`).
     seed : int
         Initial weights and batch order (the same for both networks).
     unit : int
@@ -187,7 +194,9 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
     hidden : sequence of int, default (100, 100, 100)
         Widths of the hidden layers (see :func:`build_mlp`).
     nets : tuple of {'nobn', 'bn'}
+        The networks to train: without and with batch norm.
     progress : bool
+        Show a progress bar per network (on rank 0 only with `comm`).
     eval_size : int, optional
         Evaluate on the first `eval_size` test examples only (for quick runs).
     threads : int or None, default 1
