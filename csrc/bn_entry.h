@@ -23,8 +23,7 @@
     extern BN_ENTRY_TYPE(bn_normalize_fn) bn_normalize_##sfx##_##isa;                     \
     extern BN_ENTRY_TYPE(bn_backward_reduce_fn) bn_backward_reduce_##sfx##_##isa;         \
     extern BN_ENTRY_TYPE(bn_backward_dx_fn) bn_backward_dx_##sfx##_##isa;                 \
-    extern BN_ENTRY_TYPE(bn_train_forward_fn) bn_train_forward_##sfx##_##isa;             \
-    extern BN_ENTRY_TYPE(bn_backward_fn) bn_backward_##sfx##_##isa;
+    extern BN_ENTRY_TYPE(bn_train_forward_fn) bn_train_forward_##sfx##_##isa;
 #define BN_ENTRY_DECLARE(sfx, isa) BN_ENTRY_DECLARE_(sfx, isa)
 #endif /* BN_ENTRY_H */
 
@@ -81,12 +80,4 @@ int BN_ENTRY(train_forward)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C, pt
                                     flags, nthreads);
 }
 
-int BN_ENTRY(backward)(const void *dy, const void *x, void *dx, ptrdiff_t N, ptrdiff_t C,
-                       ptrdiff_t S, const double *mean, const double *invstd,
-                       const double *weight, const double *bias, double *dweight,
-                       double *dbias, int flags, int nthreads)
-{
-    return BN_KERNEL(backward)(dy, x, dx, N, C, S, mean, invstd, weight, bias, dweight, dbias,
-                               flags, nthreads);
-}
 #endif /* BN_ONLY_DTYPE */

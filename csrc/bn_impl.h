@@ -205,29 +205,6 @@ static inline void bn_chan_merge(double *n, double *mean, double *m2, double nb,
     *n = nn;
 }
 
-/*
- * Backward coefficients of one channel from sd = sum(g), sx = sum(g * (x - mean)):
- * dbias = sd, dweight = sx * invstd, and dx = kd * g + kx * (x - mean) + k0 where
- * kd = a = weight * invstd, and in training mode kx = -a * invstd * dweight / m,
- * k0 = -a * dbias / m (in eval mode kx = k0 = 0).
- */
-static inline void bn_bwd_coeffs(double sd, double sx, double invstd, double a, double m,
-                                 int eval, double *dbias, double *dweight, double *kd,
-                                 double *kx, double *k0)
-{
-    const double dw = sx * invstd;
-    *dbias = sd;
-    *dweight = dw;
-    *kd = a;
-    if (!eval && m > 0) {
-        *kx = -(a * invstd) * (dw / m);
-        *k0 = -a * (sd / m);
-    } else {
-        *kx = 0.0;
-        *k0 = 0.0;
-    }
-}
-
 /* Number of row groups for the row strategy (shape only). */
 static inline ptrdiff_t bn_groups_row(ptrdiff_t N, ptrdiff_t S)
 {
@@ -300,10 +277,12 @@ static inline int bn_threads(int nthreads, double work)
     return nthreads;
 }
 
-/* BN_ONLY_DTYPE (32 or 64): one dtype only, for the per-dtype translation units
- * kernels_<isa>_f32.c / _f64.c (bn_entry.h exports their entry points; kernel_tables.c
- * assembles the tables).  Without it: both dtypes and the table, in one unit. */
-#if !defined(BN_ONLY_DTYPE) || BN_ONLY_DTYPE == 32
+/* BN_ONLY_DTYPE (32 or 64): the dtype of this translation unit, kernels_<isa>_f32.c or
+ * _f64.c (bn_entry.h exports its entry points; kernel_tables.c assembles the tables). */
+#ifndef BN_ONLY_DTYPE
+#error "compile kernels_<isa>_f32.c / kernels_<isa>_f64.c, which set BN_ONLY_DTYPE"
+#endif
+#if BN_ONLY_DTYPE == 32
 #define T float
 #define BN_SFX f32
 #define BN_IS_F32 1
@@ -313,7 +292,7 @@ static inline int bn_threads(int nthreads, double work)
 #undef BN_IS_F32
 #endif
 
-#if !defined(BN_ONLY_DTYPE) || BN_ONLY_DTYPE == 64
+#if BN_ONLY_DTYPE == 64
 #define T double
 #define BN_SFX f64
 #define BN_IS_F32 0
@@ -323,21 +302,4 @@ static inline int bn_threads(int nthreads, double work)
 #undef BN_IS_F32
 #endif
 
-#ifdef BN_ONLY_DTYPE
 #include "bn_entry.h"
-#else
-
-#define BN_TABLE_NAME BN_CAT(bn_table, BN_SUFFIX)
-#define BN_STR2(x) #x
-#define BN_STR(x) BN_STR2(x)
-
-const bn_kernel_table BN_TABLE_NAME = {
-    BN_STR(BN_SUFFIX),
-    {BN_CAT(moments_f32, BN_SUFFIX), BN_CAT(moments_f64, BN_SUFFIX)},
-    {BN_CAT(normalize_f32, BN_SUFFIX), BN_CAT(normalize_f64, BN_SUFFIX)},
-    {BN_CAT(backward_reduce_f32, BN_SUFFIX), BN_CAT(backward_reduce_f64, BN_SUFFIX)},
-    {BN_CAT(backward_dx_f32, BN_SUFFIX), BN_CAT(backward_dx_f64, BN_SUFFIX)},
-    {BN_CAT(train_forward_f32, BN_SUFFIX), BN_CAT(train_forward_f64, BN_SUFFIX)},
-    {BN_CAT(backward_f32, BN_SUFFIX), BN_CAT(backward_f64, BN_SUFFIX)},
-};
-#endif

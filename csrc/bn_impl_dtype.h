@@ -1205,34 +1205,3 @@ static int BN_FN(train_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t
     free(buf);
     return st;
 }
-
-static int BN_FN(backward)(const void *dyv, const void *xv, void *dxv, ptrdiff_t N,
-                           ptrdiff_t C, ptrdiff_t S, const double *mean, const double *invstd,
-                           const double *weight, const double *bias, double *dweight,
-                           double *dbias, int flags, int nthreads)
-{
-    const int eval = (flags & BN_FLAG_EVAL) != 0;
-    if (N < 0 || C < 0 || S < 0) return BN_EINVAL;
-    if (C == 0) return BN_OK;
-    const double m = (double)N * (double)S;
-    double *buf = (double *)malloc(sizeof(double) * 5 * (size_t)C);
-    if (!buf) return BN_ENOMEM;
-    double *sc = buf, *sh = buf + C, *kd = buf + 2 * C, *kx = buf + 3 * C, *k0 = buf + 4 * C;
-    for (ptrdiff_t c = 0; c < C; c++) {
-        sc[c] = weight ? invstd[c] * weight[c] : invstd[c];
-        sh[c] = bias ? bias[c] : 0.0;
-    }
-    int st = BN_FN(backward_reduce)(dyv, xv, N, C, S, mean, sc, sh, dbias, dweight, flags,
-                                    nthreads);
-    if (st == BN_OK) {
-        for (ptrdiff_t c = 0; c < C; c++)
-            bn_bwd_coeffs(dbias[c], dweight[c], invstd[c], sc[c], m, eval, &dbias[c],
-                          &dweight[c], &kd[c], &kx[c], &k0[c]);
-        st = BN_FN(backward_dx)(dyv, xv, dxv, N, C, S, mean, sc, sh, kd, kx, k0, flags,
-                                nthreads);
-        bn_canon_vec(dweight, C);
-        bn_canon_vec(dbias, C);
-    }
-    free(buf);
-    return st;
-}

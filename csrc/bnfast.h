@@ -83,15 +83,6 @@ typedef int (*bn_train_forward_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_
                                    double eps, double *mean, double *var, double *invstd,
                                    int flags, int nthreads);
 
-/*
- * backward: dx, dweight, dbias (BN_FLAG_EVAL: statistics constant; BN_FLAG_RELU: fused
- * ReLU, whose mask is recomputed from x, mean, invstd, weight, bias).  dx may equal dy or x.
- */
-typedef int (*bn_backward_fn)(const void *dy, const void *x, void *dx, ptrdiff_t N,
-                              ptrdiff_t C, ptrdiff_t S, const double *mean,
-                              const double *invstd, const double *weight, const double *bias,
-                              double *dweight, double *dbias, int flags, int nthreads);
-
 typedef struct {
     const char *name;
     bn_moments_fn moments[2];                 /* [0] float32, [1] float64 */
@@ -99,7 +90,6 @@ typedef struct {
     bn_backward_reduce_fn backward_reduce[2];
     bn_backward_dx_fn backward_dx[2];
     bn_train_forward_fn train_forward[2];
-    bn_backward_fn backward[2];
 } bn_kernel_table;
 
 /* Dispatch (dispatch.c). */

@@ -15,7 +15,6 @@
         {bn_backward_reduce_f32_##isa, bn_backward_reduce_f64_##isa},                     \
         {bn_backward_dx_f32_##isa, bn_backward_dx_f64_##isa},                             \
         {bn_train_forward_f32_##isa, bn_train_forward_f64_##isa},                         \
-        {bn_backward_f32_##isa, bn_backward_f64_##isa},                                   \
     };
 
 BN_TABLE(baseline)
