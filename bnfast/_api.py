@@ -672,17 +672,17 @@ def _backward_inputs(dy, x, mean, invstd, weight, bias, relu, axis):
             _chan(bias, C, "bias"), relu)
 
 
-def _backward_two_step(dy, x, mean, invstd, weight, coefficients, *, bias=None, relu=False,
+def _backward_two_step(dy, x, mean, invstd, weight, combine, *, bias=None, relu=False,
                        axis=1, out=None):
     """The training backward with its per-channel sums combined by the caller.
 
     Validates as :func:`batch_norm_backward`, computes this call's float64 sums
     ``sd = sum(g)`` and ``sx = sum(g * (x - mean))`` (g = dy, masked where the fused
-    ReLU's forward output was not positive), calls ``coefficients(sd, sx)`` for
-    ``(k_x, k_0)`` (for synchronized batch norm: from the sums of every process), and
-    computes ``dx = weight * invstd * g + k_x * (x - mean) + k_0`` in one pass.  Returns
-    ``(dx, sd, sx)``.  With ``k_x = -(a * invstd) * (sx * invstd / m)`` and
-    ``k_0 = -a * (sd / m)``, ``a = weight * invstd``, dx is exactly
+    ReLU's forward output was not positive), calls ``combine(sd, sx)`` for the sums and
+    value count to use, ``(sd_all, sx_all, count)`` (for synchronized batch norm: over
+    every process), takes dx's coefficients from them as the kernels do
+    (``_core.backward_coefficients``) and computes dx in one pass.  Returns
+    ``(dx, sd, sx)``.  With ``combine = lambda sd, sx: (sd, sx, m)`` dx is exactly
     :func:`batch_norm_backward`'s.
     """
     (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, w, b, relu) = _backward_inputs(
@@ -691,9 +691,10 @@ def _backward_two_step(dy, x, mean, invstd, weight, coefficients, *, bias=None, 
     dx, dxk, copy_back = _output(out, x, perm, (xk, dyk))
     m, inv, w, b = _detach(dxk, m, inv, w, b)
     sd, sx = _core.backward_sums(dyk, xk, N, C, S, m, inv, w, b, relu, nt)
-    k_x, k_0 = coefficients(sd, sx)
-    kx = _chan(k_x, C, "k_x", required=True)
-    k0 = _chan(k_0, C, "k_0", required=True)
+    sd_all, sx_all, count = combine(sd, sx)
+    _, kx, k0, _ = _core.backward_coefficients(np.ascontiguousarray(sd_all, np.float64),
+                                               np.ascontiguousarray(sx_all, np.float64),
+                                               inv, w, float(count), True)
     _core.backward_dx(dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, True, nt)
     if copy_back:
         _copy_back(dx, dxk, perm)

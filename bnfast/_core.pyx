@@ -53,11 +53,6 @@ cdef extern from "bnfast.h" nogil:
                                         Py_ssize_t S, const double *weight,
                                         const double *bias, double eps, double *mean,
                                         double *var, double *invstd, int flags, int nthreads)
-    ctypedef int (*bn_backward_fn)(const void *dy, const void *x, void *dx, Py_ssize_t N,
-                                   Py_ssize_t C, Py_ssize_t S, const double *mean,
-                                   const double *invstd, const double *weight,
-                                   const double *bias, double *dweight, double *dbias,
-                                   int flags, int nthreads)
     ctypedef struct bn_kernel_table:
         const char *name
         bn_moments_fn moments[2]
@@ -65,7 +60,6 @@ cdef extern from "bnfast.h" nogil:
         bn_backward_reduce_fn backward_reduce[2]
         bn_backward_dx_fn backward_dx[2]
         bn_train_forward_fn train_forward[2]
-        bn_backward_fn backward[2]
 
     int bn_isa_compiled(int isa)
     int bn_isa_supported(int isa)
@@ -277,7 +271,7 @@ cdef int _infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssi
 
 
 # The training/eval backward in two kernel passes: the per-channel reduction, the
-# coefficients (as the C kernels' bn_bwd_coeffs computes them), then dx.  Between the two,
+# coefficients (_bwd_coeffs), then dx.  Between the two,
 # the caller can look at the sums: channels with a non-finite weight, invstd or sum are
 # "degenerate" (bnfast._api recomputes them; see _backward_degenerate there), and
 # synchronized batch norm replaces the sums by those of every process.
@@ -339,36 +333,61 @@ cdef int _bwd_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N,
     return 0
 
 
+cdef bint _bwd_coeffs(Py_ssize_t C, const double *sd, const double *sx, _Vec inv, _Vec w,
+                      double cnt, bint training, double *dweight, double *kx,
+                      double *k0) noexcept:
+    """From the sums sd = sum(g), sx = sum(g * (x - mean)) over cnt values per channel:
+    dweight = sx * invstd, and the coefficients of dx = a*g + kx*(x - mean) + k0 with
+    a = weight * invstd (kx = k0 = 0 in eval mode).  Returns whether a channel is
+    degenerate (a non-finite weight, invstd or sum).  The one place of these formulas."""
+    cdef bint degenerate = False
+    cdef double a, dw
+    cdef Py_ssize_t c
+    for c in range(C):
+        a = inv.ptr[c] * w.ptr[c] if w.ptr != NULL else inv.ptr[c]
+        dw = sx[c] * inv.ptr[c]
+        dweight[c] = dw if dw == dw else NAN          # canonical NaN
+        if training and cnt > 0:
+            kx[c] = -(a * inv.ptr[c]) * (dw / cnt)
+            k0[c] = -a * (sd[c] / cnt)
+        else:
+            kx[c] = 0.0
+            k0[c] = 0.0
+        if not (isfinite(dweight[c]) and isfinite(sd[c]) and isfinite(inv.ptr[c])
+                and (w.ptr == NULL or isfinite(w.ptr[c]))):
+            degenerate = True
+    return degenerate
+
+
 cdef tuple _backward_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C,
                             Py_ssize_t S, _Vec m, _Vec inv, _Vec w, _Vec b, bint relu,
                             bint training, int nt):
     """(dweight, dbias, k_x, k_0, degenerate): float64 arrays and a flag."""
-    cdef cnp.ndarray dweight = _empty_c(C), dbias = _empty_c(C)
+    cdef cnp.ndarray sx = _empty_c(C), dbias = _empty_c(C), dweight = _empty_c(C)
     cdef cnp.ndarray kxa = _empty_c(C), k0a = _empty_c(C)
-    cdef double *dwp = <double *> cnp.PyArray_DATA(dweight)
     cdef double *dbp = <double *> cnp.PyArray_DATA(dbias)
-    cdef double *kx = <double *> cnp.PyArray_DATA(kxa)
-    cdef double *k0 = <double *> cnp.PyArray_DATA(k0a)
-    _bwd_reduce(dy, x, N, C, S, m, inv, w, b, relu, dbp, dwp, nt)   # sum(g), sum(g*(x-mean))
-    cdef double cnt = <double> N * <double> S, a, dw, sd
-    cdef bint degenerate = False
-    cdef Py_ssize_t c
-    for c in range(C):
-        # as bn_bwd_coeffs: dweight = sum(g * (x - mean)) * invstd, dbias = sum(g)
-        a = inv.ptr[c] * w.ptr[c] if w.ptr != NULL else inv.ptr[c]
-        sd = dbp[c]
-        dw = dwp[c] * inv.ptr[c]
-        dwp[c] = dw if dw == dw else NAN
-        if training and cnt > 0:
-            kx[c] = -(a * inv.ptr[c]) * (dw / cnt)
-            k0[c] = -a * (sd / cnt)
-        else:
-            kx[c] = 0.0
-            k0[c] = 0.0
-        if not (isfinite(dwp[c]) and isfinite(sd) and isfinite(inv.ptr[c])
-                and (w.ptr == NULL or isfinite(w.ptr[c]))):
-            degenerate = True
+    cdef double *sxp = <double *> cnp.PyArray_DATA(sx)
+    _bwd_reduce(dy, x, N, C, S, m, inv, w, b, relu, dbp, sxp, nt)   # dbias = sum(g)
+    degenerate = _bwd_coeffs(C, dbp, sxp, inv, w, <double> N * <double> S, training,
+                             <double *> cnp.PyArray_DATA(dweight),
+                             <double *> cnp.PyArray_DATA(kxa),
+                             <double *> cnp.PyArray_DATA(k0a))
     return dweight, dbias, kxa, k0a, degenerate
+
+
+def backward_coefficients(cnp.ndarray sum_dy, cnp.ndarray sum_dyxmu, object invstd,
+                          object weight, double count, bint training):
+    """(dweight, k_x, k_0, degenerate) from per-channel float64 sums over `count` values
+    (for sums taken over several processes: bnfast.distributed)."""
+    cdef Py_ssize_t C = cnp.PyArray_DIM(sum_dy, 0)
+    cdef cnp.ndarray dweight = _empty_c(C), kxa = _empty_c(C), k0a = _empty_c(C)
+    degenerate = _bwd_coeffs(C, <double *> cnp.PyArray_DATA(sum_dy),
+                             <double *> cnp.PyArray_DATA(sum_dyxmu), _vec(invstd, C),
+                             _vec(weight, C), count, training,
+                             <double *> cnp.PyArray_DATA(dweight),
+                             <double *> cnp.PyArray_DATA(kxa),
+                             <double *> cnp.PyArray_DATA(k0a))
+    return dweight, kxa, k0a, degenerate
 
 
 def backward_sums(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,

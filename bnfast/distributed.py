@@ -679,9 +679,9 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm=None, bia
     # Pass 1 (kernel): this rank's float64 sums sum(g) and sum(g * (x - mean)), g = dy
     # (masked by the ReLU); the ranks exchange and add them in rank order; pass 2
     # (kernel): dx = a * g + k_x * (x - mean) + k_0 with the kernels' coefficients
-    # (bn_bwd_coeffs) from the global sums and count, in one pass and one rounding: with
+    # (_core.backward_coefficients) from the global sums and count, in one pass and one rounding: with
     # one rank this is exactly bnfast.batch_norm_backward's dx.
-    def coefficients(s_dy_local, s_xmu_local):
+    def combine(s_dy_local, s_xmu_local):
         rows = _exchange(comm, _header(_OP_BACKWARD, C, x.dtype, x.ndim, ax),
                          x.size // C if C else 0, s_dy_local, s_xmu_local, check,
                          "sync_batch_norm_backward")
@@ -694,11 +694,10 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm=None, bia
             s_xmu += r[C + 1:]
         if n == 0:
             raise ValueError("sync_batch_norm_backward: the batch is empty on every rank")
-        a = inv if w is None else inv * w
-        return -(a * inv) * ((s_xmu * inv) / n), -a * (s_dy / n)
+        return s_dy, s_xmu, n
 
     dx, s_dy_local, s_xmu_local = _api._backward_two_step(
-        dy, x, m, inv, w, coefficients, bias=bias, relu=relu, axis=ax, out=out)
+        dy, x, m, inv, w, combine, bias=bias, relu=relu, axis=ax, out=out)
     dt = np.asarray(x).dtype
     return dx, (s_xmu_local * inv).astype(dt), s_dy_local.astype(dt)
 
