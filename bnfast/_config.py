@@ -70,6 +70,13 @@ def _isa_index(name):
     return idx
 
 
+def _resolve_isa(name):
+    """The variant index for a name; 'auto' (or '') is the best the CPU supports."""
+    if isinstance(name, str) and name.strip().lower() in ("auto", ""):
+        return _core.isa_best()
+    return _isa_index(name)
+
+
 def get_isa():
     """Return the name of the kernel variant in use.
 
@@ -119,10 +126,7 @@ def set_isa(name):
     'baseline'
     >>> bnfast.set_isa(previous)
     """
-    if isinstance(name, str) and name.strip().lower() in ("auto", ""):
-        idx = _core.isa_best()
-    else:
-        idx = _isa_index(name)
+    idx = _resolve_isa(name)
     with _lock:
         _core.set_isa(idx)
 
@@ -156,10 +160,7 @@ def use_isa(name):
     ...     bnfast.get_isa()
     'baseline'
     """
-    if isinstance(name, str) and name.strip().lower() in ("auto", ""):
-        idx = _core.isa_best()
-    else:
-        idx = _isa_index(name)
+    idx = _resolve_isa(name)
     token = object()
     global _isa_base
     with _lock:
