@@ -24,41 +24,24 @@ DOCS_HINT_MAIN = ("More: bnfast's documentation (user guide, API reference, 'Rep
 
 # ---------------------------------------------------------------------------- arg types
 
-def positive_int(s):
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def int_at_least(lo, expected=None):
+    """argparse type: an integer >= `lo` (`expected` names it in the error)."""
+    expected = expected or f"an integer >= {lo}"
 
-
-def nonnegative_int(s):
-    """argparse type: an integer >= 0."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def int_at_least(lo):
-    """argparse type: an integer >= `lo`."""
     def check(s):
         try:
             v = int(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") \
-                from None
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
         return v
     check.__name__ = f"integer >= {lo}"
     return check
+
+
+positive_int = int_at_least(1, "a positive integer")
+nonnegative_int = int_at_least(0)
 
 
 def thread_count(s):
