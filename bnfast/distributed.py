@@ -822,7 +822,18 @@ class SyncBatchNorm1d(_SyncBatchNorm, BatchNorm1d):
         self._init_sync(comm, check)
 
 
-class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
+class _SyncChannelsLast(_SyncBatchNorm):
+    """The constructor of the synchronized layers with a channels_last option (2d, 3d)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, channels_last=False, relu=False,
+                 dtype=np.float32, comm=None, check=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         channels_last=channels_last, relu=relu, dtype=dtype)
+        self._init_sync(comm, check)
+
+
+class SyncBatchNorm2d(_SyncChannelsLast, BatchNorm2d):
     """:class:`bnfast.nn.BatchNorm2d` with statistics over every rank's batch.
 
     See :class:`SyncBatchNorm1d`; statistics are over the batch and spatial positions of
@@ -859,15 +870,8 @@ class SyncBatchNorm2d(_SyncBatchNorm, BatchNorm2d):
     array([0., 0.], dtype=float32)
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, channels_last=False, relu=False,
-                 dtype=np.float32, comm=None, check=True):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         channels_last=channels_last, relu=relu, dtype=dtype)
-        self._init_sync(comm, check)
 
-
-class SyncBatchNorm3d(_SyncBatchNorm, BatchNorm3d):
+class SyncBatchNorm3d(_SyncChannelsLast, BatchNorm3d):
     """:class:`bnfast.nn.BatchNorm3d` with statistics over every rank's batch.
 
     See :class:`SyncBatchNorm1d`; statistics are over the batch and the volume positions
@@ -901,13 +905,6 @@ class SyncBatchNorm3d(_SyncBatchNorm, BatchNorm3d):
     >>> y.mean(axis=(0, 2, 3, 4)).round(4) + 0.0
     array([0., 0.], dtype=float32)
     """
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, channels_last=False, relu=False,
-                 dtype=np.float32, comm=None, check=True):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         channels_last=channels_last, relu=relu, dtype=dtype)
-        self._init_sync(comm, check)
 
 
 _SYNC_TWIN = ((BatchNorm3d, SyncBatchNorm3d), (BatchNorm2d, SyncBatchNorm2d),
