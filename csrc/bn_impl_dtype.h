@@ -90,11 +90,40 @@ static inline void BN_FN(stnt)(T *p, bn_vd v)
 /* Store v at p (streaming with nts), noting in *acc whether any value is NaN. */
 static inline void BN_FN(stx)(T *p, bn_vd v, int nts, bn_nanacc *acc)
 {
+#if BN_ISA_LEVEL == 1
+    /* AVX2: one split of v into halves serves the NaN test and the store (splitting it
+     * once for each made GCC move the column kernels' operands through the stack:
+     * channels-last backward of (32, 64, 56, 56) float32 3.1 -> 12.5 ms). */
+    bn_vd_halves u;
+    u.v = v;
+    *acc = _mm256_or_pd(*acc, _mm256_cmp_pd(u.h[0], u.h[1], _CMP_UNORD_Q));
+#if BN_IS_F32
+    const __m128 lo = _mm256_cvtpd_ps(u.h[0]), hi = _mm256_cvtpd_ps(u.h[1]);
+    if (nts) {
+        _mm_stream_ps(p, lo);
+        _mm_stream_ps(p + 4, hi);
+    } else {
+        _mm_storeu_ps(p, lo);
+        _mm_storeu_ps(p + 4, hi);
+    }
+#else
+    if (nts) {
+        _mm_stream_pd(p, _mm256_castpd256_pd128(u.h[0]));
+        _mm_stream_pd(p + 2, _mm256_extractf128_pd(u.h[0], 1));
+        _mm_stream_pd(p + 4, _mm256_castpd256_pd128(u.h[1]));
+        _mm_stream_pd(p + 6, _mm256_extractf128_pd(u.h[1], 1));
+    } else {
+        _mm256_storeu_pd(p, u.h[0]);
+        _mm256_storeu_pd(p + 4, u.h[1]);
+    }
+#endif
+#else
     *acc = bn_nanacc_add(*acc, v);
     if (nts)
         BN_FN(stnt)(p, v);
     else
         BN_FN(st)(p, v);
+#endif
 }
 
 /*
