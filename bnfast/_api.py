@@ -20,7 +20,7 @@ _F64 = np.dtype(np.float64)
 # ------------------------------------------------------------------ argument checking
 #
 # Every rule and every error message lives here.  The Cython fast paths (bnfast._core)
-# only take cases these rules accept and that need no conversion (tests/test_fastpath.py).
+# only take cases these rules accept and that need no conversion (tests/api/test_fastpath.py).
 
 def _short(v):
     r = repr(v)

@@ -11,7 +11,7 @@ Two kinds of entry point:
   arguments are, on cheap C-level checks, a case that the general path accepts and that
   needs no conversion; then it computes the result.  A fast path never raises for bad
   input and never accepts anything the general path would reject: ``bnfast._api`` owns
-  every rule and every error message, and tests/test_fastpath.py checks the equivalence
+  every rule and every error message, and tests/api/test_fastpath.py checks the equivalence
   call by call (same result bits or the same exception).
 
 The thread count is passed in with every call (``bnfast._threads`` is the only place it

@@ -60,7 +60,7 @@ exclude_patterns = [
 templates_path = ["_templates"]
 suppress_warnings = []
 
-# -- MyST (Markdown pages, including docs/nn.md and docs/paper.md) -------------------------
+# -- MyST (Markdown pages, including docs/user_guide/nn.md and paper.md) -----------------
 myst_enable_extensions = ["colon_fence", "deflist", "dollarmath", "amsmath", "attrs_inline"]
 myst_heading_anchors = 3
 
@@ -135,15 +135,16 @@ def _figure_or_note(relpath, caption, missing):
     return f":::{{note}}\n{missing}\n:::\n"
 
 
-# Pages written alongside the code they document (docs/paper.md comes with bnfast.paper).
+# Pages written alongside the code they document (docs/user_guide/paper.md comes with bnfast.paper).
 # Until such a page exists, toctree entries marked "% optional" are dropped and links to it
 # become plain text, so the build stays warning-free either way.
-OPTIONAL_PAGES = {"paper": "the notes on the paper reproduction (docs/paper.md)"}
+OPTIONAL_PAGES = {"user_guide/paper": "the notes on the paper reproduction (docs/user_guide/paper.md)"}
 
 
 def _missing(page):
-    page = page.lstrip("/")     # "/paper" in a toctree below docs/ is docs/paper
-    return not any(os.path.exists(os.path.join(HERE, page + ext)) for ext in (".md", ".rst"))
+    page = page.lstrip("/")     # "/user_guide/paper" is docs/user_guide/paper
+    return not any(os.path.exists(os.path.join(HERE, d, page + ext))
+                   for d in ("", "user_guide") for ext in (".md", ".rst"))
 
 
 def _substitute(app, docname, source):

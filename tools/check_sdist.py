@@ -30,7 +30,7 @@ REQUIRED = ["setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO"
 # per-variant files they include.
 REQUIRED += [f"csrc/kernels_{isa}{part}.c" for isa in ("baseline", "avx2", "avx512")
              for part in ("", "_f32", "_f64")]
-REQUIRED_GLOBS = ["csrc/*.c", "csrc/*.h", "bnfast/*.py", "bnfast/nn/*.py", "tests/test_*.py"]
+REQUIRED_GLOBS = ["csrc/*.c", "csrc/*.h", "bnfast/*.py", "bnfast/nn/*.py", "tests/*/test_*.py"]
 FORBIDDEN = ["*.so", "*.so.*", "*.o", "*.obj", "*.pyd", "*.dll", "*.dylib", "*.a", "*.lib",
              "*.pyc", "*.pyo", "*/__pycache__/*", "bnfast/_core.c", "bnfast/*.html",
              ".git/*", ".git", ".gitignore", "build/*", "dist/*", "wheelhouse/*",

@@ -21,7 +21,7 @@
 #  5. A fresh venv outside the tree; pip install "<repaired wheel>[test]"; from a temporary
 #     working directory, print bnfast.__file__ and show_config(), then run the repository's
 #     tests by path against the installed package (--import-mode=importlib, no cache, no
-#     bytecode written into the tree; tests/test_packaging.py asserts bnfast came from the
+#     bytecode written into the tree; tests/packaging/test_packaging.py asserts bnfast came from the
 #     venv).
 set -euo pipefail
 

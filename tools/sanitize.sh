@@ -5,7 +5,7 @@
 #
 #   tools/sanitize.sh                 (from anywhere; uses $PYTHON or python3)
 #   KEEP=1 tools/sanitize.sh          keep the temporary folder for inspection
-#   tools/sanitize.sh tests/test_errors.py -k axis     run other tests (pytest arguments)
+#   tools/sanitize.sh tests/api/test_errors.py -k axis     run other tests (pytest arguments)
 #   SANITIZE_EXTRA_FLAGS=-fno-sanitize=alignment tools/sanitize.sh
 #                                     add compiler flags (e.g. to set a known report aside)
 #   BNFAST_FUZZ_EXAMPLES=n            examples per fuzz test under the sanitizers (default 60)
@@ -43,7 +43,9 @@ else
     for t in test_reference_grid test_determinism test_errors test_gradcheck \
              test_inputs_outputs test_numerics test_fastpath test_hardening \
              test_adversarial test_fuzz; do
-        [ -f "$REPO/tests/$t.py" ] && TESTS+=("tests/$t.py")
+        for f in "$REPO"/tests/*/"$t".py; do
+            [ -f "$f" ] && TESTS+=("${f#"$REPO"/}")
+        done
     done
 fi
 

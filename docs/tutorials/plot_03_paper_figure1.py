@@ -18,7 +18,7 @@ point) and then shows the stored results of the full run.  To run it yourself::
 The full run took 68 s on a 2-core AMD EPYC (x86-64, AVX-512).
 
 The choices the paper does not state (optimizer, learning rate, initialisation) are
-explained in :doc:`/paper`.
+explained in :doc:`/user_guide/paper`.
 """
 
 # %%

@@ -10,7 +10,7 @@ shows the controls.
 
 The timings on this page were measured while the documentation was built, on whatever
 machine built it; run the script yourself for your numbers, and ``python -m bnfast bench``
-for the full benchmark (see :doc:`/performance`).
+for the full benchmark (see :doc:`/user_guide/performance`).
 """
 
 # %%

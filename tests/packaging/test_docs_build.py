@@ -17,7 +17,7 @@ import re
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HTML = os.environ.get("BNFAST_DOCS_HTML") or os.path.join(ROOT, "docs", "_build", "html")
 
 pytestmark = pytest.mark.skipif(

@@ -29,7 +29,7 @@ import pytest
 import bnfast
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)                       # the source checkout holding tests/
+ROOT = os.path.dirname(os.path.dirname(TESTS))      # the source checkout holding tests/
 IN_CHECKOUT = os.path.exists(os.path.join(ROOT, "setup.py"))
 
 
@@ -204,7 +204,7 @@ def test_public_docstrings_are_complete():
         msg.append("public objects with incomplete numpydoc docstrings:\n" + "\n".join(
             f"  {k}: missing {v}" for k, v in sorted(new.items())))
     if fixed:
-        msg.append("complete now, remove from KNOWN_INCOMPLETE in tests/test_packaging.py: "
+        msg.append("complete now, remove from KNOWN_INCOMPLETE in tests/packaging/test_packaging.py: "
                    + ", ".join(fixed))
     assert not msg, "\n".join(msg)
 

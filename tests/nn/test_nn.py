@@ -753,12 +753,12 @@ def test_num_threads_do_not_change_results():
 
 
 def test_docs_examples_run(tmp_path, monkeypatch):
-    """The code blocks of docs/nn.md run, in order, in one namespace."""
+    """The code blocks of docs/user_guide/nn.md run, in order, in one namespace."""
     import os
     import re
-    doc = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "nn.md")
+    doc = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "docs", "user_guide", "nn.md")
     if not os.path.exists(doc):
-        pytest.skip("docs/nn.md is not present")
+        pytest.skip("docs/user_guide/nn.md is not present")
     with open(doc) as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
     assert len(blocks) >= 4

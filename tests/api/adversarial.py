@@ -14,7 +14,7 @@ outside the view is written), and tags that the tests use to decide what the rig
 is for the argument position it is put in.
 
 ``count_inputs()`` returns the number of distinct inputs generated (``python
-tests/adversarial.py`` prints it, by family).
+tests/api/adversarial.py`` prints it, by family).
 """
 import atexit
 import itertools

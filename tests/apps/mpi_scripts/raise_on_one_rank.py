@@ -1,4 +1,4 @@
-"""Run under mpiexec by tests/test_distributed.py: the last rank raises while the others
+"""Run under mpiexec by tests/apps/test_distributed.py: the last rank raises while the others
 wait in a collective; the job must end (non-zero) instead of hanging.
 
 Argument: ``layer`` (the others wait in a SyncBatchNorm1d forward), ``function`` (in

@@ -7,7 +7,7 @@ Fortran, transposed, negative or step strides, misaligned, odd byte strides, rea
 channel axis, with random values (wide ranges, repeated values, NaN), per-channel vectors in
 random dtypes and layouts, running statistics, `out` arrays (fresh, in another layout, or
 `x`/`dy` itself) and scalars; and, in a quarter of the examples, one argument replaced by an
-adversarial input from tests/adversarial.py.  The oracle is tests/test_adversarial.py's
+adversarial input from tests/api/adversarial.py.  The oracle is tests/api/test_adversarial.py's
 `check_case`: the reference's answer within a rounding-error bound, or a TypeError/ValueError
 naming the bad argument; inputs unchanged; no crash.  Inputs in the domain of the open
 issue-12 defects are left out (`known_defect`), so the fuzz is green today; see
@@ -16,7 +16,7 @@ test_adversarial.py for those.
 Budget: BNFAST_FUZZ_EXAMPLES examples per test (default 1000: 10-30 s per test, for
 CI); for a long run by hand:
 
-    BNFAST_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py -p no:cacheprovider
+    BNFAST_FUZZ_EXAMPLES=20000 pytest tests/api/test_fuzz.py -p no:cacheprovider
 
 The examples are derandomized (the same every run, no example database), so CI is
 reproducible; BNFAST_FUZZ_SEED=<int> draws a different reproducible sequence instead.  The

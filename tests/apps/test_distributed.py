@@ -6,7 +6,7 @@ Two kinds of tests:
   and layers equal the ordinary ones, conversion keeps parameters and state, argument
   errors, the sampler, data-parallel training on one rank equals plain training;
 - under ``mpiexec -n 2`` and ``-n 3`` (oversubscribed on a 2-core machine is fine): the
-  scripts in tests/mpi_scripts/ compare every rank's results with one process on the
+  scripts in tests/apps/mpi_scripts/ compare every rank's results with one process on the
   concatenated batch (uneven parts, one rank empty; float64 to 1e-12; statistics
   bit-identical on every rank; a 3-epoch training run), check that ranks that disagree on
   channels, dtype or layout all get a ValueError, and that a rank that raises ends the job

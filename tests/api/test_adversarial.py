@@ -1,4 +1,4 @@
-"""Every public function over the adversarial inputs of tests/adversarial.py.
+"""Every public function over the adversarial inputs of tests/api/adversarial.py.
 
 Each adversarial array is put, alone, in each argument position of each public function
 (x, dy, weight, bias, mean, var, invstd, running_mean, running_var, out), and each awkward
@@ -31,7 +31,7 @@ tests).  None is open today; the three these tests found (a segfault with a non-
 and running statistics, a NaN mean for a channel holding +inf, NaN or overflow in backward
 where the result is +-inf or representable) are fixed and keep their regression tests.
 
-`python tests/adversarial.py` prints the number of distinct adversarial inputs; a run of
+`python tests/api/adversarial.py` prints the number of distinct adversarial inputs; a run of
 this file prints it too, with the number of calls checked, in the terminal summary.
 """
 import copy
@@ -810,7 +810,7 @@ class _Summary:
             total, _ = adv_mod.count_inputs()
             terminalreporter.section("bnfast adversarial inputs")
             terminalreporter.write_line(
-                f"{total} distinct adversarial inputs (tests/adversarial.py); "
+                f"{total} distinct adversarial inputs (tests/api/adversarial.py); "
                 f"{SUMMARY['cases']} calls checked ({len(all_cases())} function/position/"
                 f"input cases, {sum(1 for c in all_cases() if known_defect(c[0], c[2], c[1]))}"
                 f" of them in the domain of an open defect); failed: {SUMMARY['failed']}, and "

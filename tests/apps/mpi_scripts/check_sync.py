@@ -1,4 +1,4 @@
-"""Run under mpiexec by tests/test_distributed.py: synchronized batch norm and data-parallel
+"""Run under mpiexec by tests/apps/test_distributed.py: synchronized batch norm and data-parallel
 training against one process on the concatenated batch.
 
 Every rank computes the single-process result itself (on the whole batch, which every rank
