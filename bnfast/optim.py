@@ -4,7 +4,9 @@ schedules (step, multi-step, exponential, cosine), with PyTorch's update rules.
 An optimizer holds ``param_groups``, a list of dicts each with ``"params"`` (a list of
 :class:`bnfast.nn.Parameter`) and that group's hyperparameters, exactly as in
 ``torch.optim``; schedules change ``group["lr"]``.  Parameters whose ``grad`` is None are
-skipped.  Updates are in place on ``Parameter.data``, in the parameters' dtype.
+skipped.  Updates are in place on ``Parameter.data``, in the parameters' dtype, with the
+array module of the parameters (NumPy, or CuPy for a model on a GPU): the state
+(momentum buffers, Adam's averages) lives on the parameters' device.
 
 >>> import numpy as np
 >>> from bnfast import nn, optim
@@ -18,7 +20,7 @@ skipped.  Updates are in place on ``Parameter.data``, in the parameters' dtype.
 import math
 import numbers
 
-import numpy as np
+from . import _xp
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LRScheduler", "StepLR", "MultiStepLR",
            "ExponentialLR", "CosineAnnealingLR"]
@@ -126,8 +128,7 @@ class Optimizer:
         for g in self.param_groups:
             for p in g["params"]:
                 if id(p) in self.state:
-                    by_id[index[id(p)]] = {k: (v.copy() if isinstance(v, np.ndarray) else v)
-                                           for k, v in self.state[id(p)].items()}
+                    by_id[index[id(p)]] = _copy_state(self.state[id(p)])
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         return {"state": by_id, "param_groups": groups}
 
@@ -140,8 +141,12 @@ class Optimizer:
             g.update(saved)
         self.state = {}
         for i, st in sd["state"].items():
-            self.state[id(flat[int(i)])] = {
-                k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+            self.state[id(flat[int(i)])] = _copy_state(st)
+
+
+def _copy_state(st):
+    """A copy of one parameter's state: arrays (NumPy or CuPy) copied, the rest shared."""
+    return {k: (v.copy() if _xp.is_array(v) else v) for k, v in st.items()}
 
 
 class SGD(Optimizer):
@@ -226,7 +231,7 @@ class SGD(Optimizer):
                 if mom:
                     st = state.get(id(p))
                     if st is None:
-                        buf = np.array(grad, dtype=data.dtype, copy=True)
+                        buf = _xp.array_module(data).array(grad, dtype=data.dtype, copy=True)
                         state[id(p)] = {"momentum_buffer": buf}
                     else:
                         buf = st["momentum_buffer"]
@@ -319,13 +324,14 @@ class Adam(Optimizer):
                         data *= 1 - lr * wd
                     else:
                         grad = grad + wd * data
+                xp = _xp.array_module(data)
                 st = self.state.get(id(p))
                 if st is None:
                     st = self.state[id(p)] = {"step": 0,
-                                              "exp_avg": np.zeros_like(data),
-                                              "exp_avg_sq": np.zeros_like(data)}
+                                              "exp_avg": xp.zeros_like(data),
+                                              "exp_avg_sq": xp.zeros_like(data)}
                     if g["amsgrad"]:
-                        st["max_exp_avg_sq"] = np.zeros_like(data)
+                        st["max_exp_avg_sq"] = xp.zeros_like(data)
                 st["step"] += 1
                 t = st["step"]
                 m, v = st["exp_avg"], st["exp_avg_sq"]
@@ -334,11 +340,11 @@ class Adam(Optimizer):
                 v *= b2
                 v += (1 - b2) * (grad * grad)
                 if g["amsgrad"]:
-                    np.maximum(st["max_exp_avg_sq"], v, out=st["max_exp_avg_sq"])
+                    xp.maximum(st["max_exp_avg_sq"], v, out=st["max_exp_avg_sq"])
                     v = st["max_exp_avg_sq"]
                 bc1 = 1 - b1 ** t
                 bc2 = 1 - b2 ** t
-                denom = np.sqrt(v) / math.sqrt(bc2)
+                denom = xp.sqrt(v) / math.sqrt(bc2)
                 denom += eps
                 data -= (lr / bc1) * (m / denom)
 

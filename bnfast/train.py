@@ -6,6 +6,10 @@ Data-parallel training over MPI: wrap the model in
 (``mpiexec -n 4 python train.py``); `fit` then gives each rank its part of every global
 mini-batch, shows progress on rank 0 only, and reports metrics over all ranks.
 
+Devices: the data stay where they are (NumPy arrays, usually), and `fit`, `evaluate` and
+`predict` move each batch to the model's device, the device of its first parameter (or
+buffer): a model moved with ``model.to("cuda")`` trains on NumPy data unchanged.
+
 >>> import numpy as np
 >>> from bnfast import nn, optim
 >>> from bnfast.train import fit
@@ -25,6 +29,7 @@ import time
 
 import numpy as np
 
+from . import _xp
 from .nn.loss import CrossEntropyLoss
 from .nn.module import Module, _as_rng
 
@@ -53,9 +58,10 @@ def accuracy(output, target):
     Parameters
     ----------
     output : array_like, shape (N, C)
-        Scores (logits or probabilities) per class.
+        Scores (logits or probabilities) per class (NumPy or CuPy).
     target : array_like, shape (N,) or (N, C)
-        Class indices, or class probabilities / one-hot rows (their arg-max is the class).
+        Class indices, or class probabilities / one-hot rows (their arg-max is the class),
+        on the device of `output` or on the CPU.
 
     Returns
     -------
@@ -72,10 +78,13 @@ def accuracy(output, target):
     >>> accuracy(scores[:2], np.array([[0.0, 1.0], [0.0, 1.0]]))
     0.5
     """
-    t = np.asarray(target)
+    out = _xp.asarray(output)
+    xp = _xp.array_module(out)
+    t = _xp.asarray(target)
+    t = _xp.to_device(t, _xp.device_of(out)) if xp is not np else _xp.asnumpy(t)
     if t.ndim == 2:
         t = t.argmax(axis=1)
-    return float(np.mean(np.asarray(output).argmax(axis=1) == t))
+    return float(xp.mean(out.argmax(axis=1) == t))
 
 
 def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, drop_last=False,
@@ -85,7 +94,7 @@ def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, dr
     Parameters
     ----------
     X : ndarray
-        Inputs, batch axis first.
+        Inputs, batch axis first (NumPy, or CuPy: the batches are then on its GPU).
     y : ndarray, optional
         Targets with the same first dimension.
     batch_size : int, default 32
@@ -142,6 +151,8 @@ def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, dr
     if shard is not None:
         rank, size = _check_shard(shard)
     order = _as_rng(rng).permutation(n) if shuffle else None
+    if order is not None and _xp.is_cupy(X):    # the same order, as an index on X's GPU
+        order = _xp.to_device(order, _xp.device_of(X))
     stop = n - n % batch_size if drop_last else n
     for s in range(0, stop, batch_size):
         e = min(s + batch_size, n)
@@ -150,6 +161,27 @@ def iterate_minibatches(X, y=None, batch_size=32, *, shuffle=False, rng=None, dr
             s, e = s + rank * q + min(rank, r), s + (rank + 1) * q + min(rank + 1, r)
         sl = slice(s, e) if order is None else order[s:e]
         yield X[sl] if y is None else (X[sl], y[sl])
+
+
+def _model_device(model):
+    """The device of `model`'s first parameter, else of its first buffer, else "cpu"."""
+    for p in model.parameters():
+        return _xp.device_of(p.data)
+    for b in model.buffers():
+        return _xp.device_of(b)
+    return "cpu"
+
+
+def _to_model_device(batch, device):
+    """A batch (an array or a tuple of arrays) on `device`."""
+    if isinstance(batch, tuple):
+        return tuple(_to_model_device(b, device) for b in batch)
+    return _xp.to_device(batch, device) if _xp.is_array(batch) else batch
+
+
+def _array_pair(data):
+    """Whether `data` is an ``(X, y)`` pair of arrays (rather than batches)."""
+    return isinstance(data, tuple) and len(data) == 2 and _xp.is_array(data[0])
 
 
 def _check_shard(shard):
@@ -182,6 +214,12 @@ class Trainer:
 
     Notes
     -----
+    Devices: the data stay where they are; every batch of :meth:`fit`, :meth:`evaluate`
+    and :meth:`predict` (inputs and targets) is moved to the model's device, that of its
+    first parameter or buffer (no copy when it is there already: NumPy data for a model on
+    the CPU are used as they are).  A model moved with ``model.to("cuda")`` trains on
+    NumPy data unchanged; build the optimizer after moving the model.
+
     Data-parallel training: when `model` has a ``comm`` attribute (an mpi4py
     communicator, as :class:`bnfast.distributed.DistributedDataParallel` has), every rank
     runs the same calls and
@@ -284,7 +322,7 @@ class Trainer:
         return loss, out
 
     def _batches(self, data, batch_size, shuffle, rng):
-        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], np.ndarray):
+        if _array_pair(data):
             return iterate_minibatches(data[0], data[1], batch_size, shuffle=shuffle, rng=rng,
                                        shard=self._shard())
         if callable(data):
@@ -293,7 +331,7 @@ class Trainer:
 
     @staticmethod
     def _n_batches(data, batch_size):
-        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], np.ndarray):
+        if _array_pair(data):
             return -(-len(data[0]) // batch_size)
         try:
             return len(data)
@@ -324,9 +362,11 @@ class Trainer:
         """
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
+        device = _model_device(self.model)
         try:
             sums, n = {}, 0
-            for xb, yb in self._batches(data, batch_size, False, None):
+            for batch in self._batches(data, batch_size, False, None):
+                xb, yb = _to_model_device(tuple(batch), device)
                 k = len(xb)
                 if k == 0:
                     continue
@@ -348,12 +388,14 @@ class Trainer:
         """Model outputs for `X` in eval mode, concatenated (modes restored)."""
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
+        device = _model_device(self.model)
         try:
-            outs = [self.model.forward(xb) for xb in iterate_minibatches(X, None, batch_size)]
+            outs = [self.model.forward(_xp.to_device(xb, device))
+                    for xb in iterate_minibatches(X, None, batch_size)]
         finally:
             for m, t in modes:
                 m.training = t
-        return np.concatenate(outs)
+        return _xp.array_module(*outs[:1]).concatenate(outs)
 
     def fit(self, train_data, epochs=1, *, batch_size=32, shuffle=True, val_data=None,
             rng=None, progress=True, callback=None, blas_threads=1):
@@ -364,7 +406,8 @@ class Trainer:
         train_data : (X, y) arrays, an iterable of (x, y) batches, or a callable
             The training data: a pair of arrays (cut into batches of `batch_size`,
             reshuffled every epoch with `shuffle`), batches of inputs and targets, or a
-            callable returning a fresh iterable of batches each epoch.
+            callable returning a fresh iterable of batches each epoch.  Each batch is
+            moved to the model's device (see the class's Notes).
         epochs : int, default 1
             Number of passes over `train_data`.
         batch_size : int, default 32
@@ -424,7 +467,9 @@ class Trainer:
                            desc=f"epoch {epoch}/{epochs}", leave=True)
                 batches = bar
             sums, n = {}, 0
-            for xb, yb in batches:
+            device = _model_device(self.model)
+            for batch in batches:
+                xb, yb = _to_model_device(tuple(batch), device)
                 loss, out = self.train_step(xb, yb)
                 k = len(xb)
                 if k == 0:              # a rank's empty part of a global batch

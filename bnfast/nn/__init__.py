@@ -4,6 +4,8 @@ Modules follow a PyTorch-like protocol that fits in one file (:mod:`bnfast.nn.mo
 ``forward(x)`` caches what ``backward(grad)`` needs; ``backward`` returns the input gradient
 and accumulates parameter gradients into ``Parameter.grad``.  Parameter names, shapes and
 order are PyTorch's, so ``load_state_dict`` takes a PyTorch model's ``state_dict()``.
+The same code runs on NumPy arrays and, after ``model.to("cuda")``, on CuPy arrays on a
+GPU (the layers compute with the array module of their input).
 
 >>> import numpy as np
 >>> from bnfast import nn, optim
@@ -24,9 +26,10 @@ from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .layers import (AvgPool2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sigmoid,
                      Tanh)
 from .loss import CrossEntropyLoss, MSELoss
-from .module import Identity, Module, ModuleList, Parameter, Sequential, StateDictError
+from .module import (Identity, Module, ModuleList, Parameter, Sequential, StateDictError, load,
+                     save)
 from .residual import BasicBlock, Residual
-from .utils import batchnorm_layers, compute_population_stats, fold_batchnorm, load, save
+from .utils import batchnorm_layers, compute_population_stats, fold_batchnorm
 
 __all__ = [
     "AvgPool2d",

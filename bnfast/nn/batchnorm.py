@@ -11,12 +11,18 @@ affine=True, track_running_stats=True``), with three keyword-only additions:
 - eval mode, or ``frozen`` (see :meth:`Module.freeze_bn_stats`): normalise with the running
   statistics, which then are constants for the backward pass;
 - ``track_running_stats=False``: always the batch's statistics.
+
+While :meth:`~BatchNorm1d.collect_population_stats` is open (as
+:func:`~bnfast.nn.compute_population_stats` opens it), a forward pass normalises with the
+batch's statistics and adds them to population sums instead of updating the running
+statistics.
 """
+import contextlib
 import numbers
 
 import numpy as np
 
-from .. import _api
+from .. import _api, _xp
 from .module import Module, Parameter, _check_dtype, _input_like
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -61,7 +67,6 @@ class _BatchNorm(Module):
             self.running_mean = None
             self.running_var = None
             self.num_batches_tracked = None
-        self._cache = None
         self._population = None     # [sum of means, sum of unbiased vars, count] when collecting
 
     @property
@@ -99,12 +104,75 @@ class _BatchNorm(Module):
             self.bias.data[...] = 0
         self.reset_running_stats()
 
+    def _any_array(self):
+        """A parameter or buffer array (for the device), or None when there is none."""
+        return self.weight.data if self.affine else self.running_mean
+
     def uses_batch_stats(self):
         """Whether the next forward normalises with the batch's own statistics."""
         return (self.training and not self.frozen) or not self.track_running_stats
 
+    def _freeze_stats(self, frozen):
+        self.frozen = frozen
+
+    @contextlib.contextmanager
+    def collect_population_stats(self):
+        """A context in which forward passes collect population statistics.
+
+        While it is open, each forward pass normalises with the batch's own statistics
+        (whatever the mode) and adds the batch's mean and unbiased variance (``m / (m - 1)``
+        times the biased one, m values per channel) to float64 sums; the running
+        statistics and ``num_batches_tracked`` are not touched.  On a normal exit the
+        running statistics become the averages of the batches' means and unbiased
+        variances (Algorithm 2 of Ioffe & Szegedy); when the block raises they are left as
+        they were.  Either way the sums and the forward cache are dropped.
+
+        :func:`~bnfast.nn.compute_population_stats` opens it on every batch-norm layer of
+        a model; use it directly to collect the statistics of one layer, or of batches fed
+        in your own loop.
+
+        Yields
+        ------
+        self : BatchNorm1d, BatchNorm2d or BatchNorm3d
+            This layer.
+
+        Raises
+        ------
+        ValueError
+            If the layer has no running statistics (``track_running_stats=False``); from
+            a forward pass inside the block, if a batch has one value per channel.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from bnfast import nn
+        >>> bn = nn.BatchNorm1d(2).eval()
+        >>> batches = np.arange(24, dtype=np.float32).reshape(3, 4, 2)
+        >>> with bn.collect_population_stats():
+        ...     for xb in batches:
+        ...         _ = bn(xb)
+        >>> bn.running_mean, bn.running_var        # mean of means, mean of unbiased variances
+        (array([11., 12.], dtype=float32), array([6.6666665, 6.6666665], dtype=float32))
+        >>> int(bn.num_batches_tracked), bn.training
+        (0, False)
+        """
+        if not self.track_running_stats:
+            raise ValueError(f"{type(self).__name__} has track_running_stats=False: no "
+                             f"running statistics to set")
+        xp = _xp.array_module(self.running_mean)
+        C = self.num_features
+        self._population = [xp.zeros(C), xp.zeros(C), 0]
+        try:
+            yield self
+            s_mean, s_var, k = self._population
+            self.running_mean[...] = s_mean / k
+            self.running_var[...] = s_var / k
+        finally:
+            self._population = None
+            self._cache = None
+
     def _check(self, x):
-        x = _input_like(x, self.dtype, type(self).__name__)
+        x = _input_like(x, self.dtype, type(self).__name__, self._any_array())
         if x.ndim not in self._ndims:
             raise ValueError(
                 f"{type(self).__name__} expects input of shape {self._layout}, got "
@@ -136,7 +204,7 @@ class _BatchNorm(Module):
             return y
         rm, rv = self.running_mean, self.running_var
         y = _api.batch_norm_infer(x, rm, rv, w, b, eps=self.eps, axis=axis, relu=self.relu)
-        invstd = 1.0 / np.sqrt(rv.astype(np.float64) + self.eps)
+        invstd = 1.0 / _xp.array_module(rv).sqrt(rv.astype(np.float64) + self.eps)
         self._cache = (x, rm.astype(np.float64), invstd, False)
         return y
 
@@ -153,7 +221,8 @@ class _BatchNorm(Module):
         w = self.weight.data if affine else None
         b = None
         if self.relu:   # the fused-ReLU backward needs the forward's bias for its mask
-            b = self.bias.data if affine else np.zeros(self.num_features, self.dtype)
+            b = (self.bias.data if affine
+                 else _xp.array_module(x).zeros(self.num_features, self.dtype))
         if training:
             dx, dw, db = self._batch_backward(grad, x, mean, invstd, w, b)
         else:

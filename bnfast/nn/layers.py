@@ -3,13 +3,16 @@
 Layouts are PyTorch's: `Linear` weight ``(out_features, in_features)``, `Conv2d` weight
 ``(out_channels, in_channels, kh, kw)``, images ``(N, C, H, W)`` (or ``(N, H, W, C)`` with
 ``channels_last=True``).  Initialisation is PyTorch's default, ``U(-1/sqrt(fan_in),
-1/sqrt(fan_in))`` for weights and biases.
+1/sqrt(fan_in))`` for weights and biases, drawn with NumPy on the CPU (the same values on
+every device).  Every layer computes with the array module of its input (NumPy, or CuPy
+for GPU arrays) and keeps what its backward needs in ``_cache``.
 """
 import math
 import numbers
 
 import numpy as np
 
+from .. import _xp
 from .module import Module, Parameter, _as_rng, _check_dtype, _float_input, _input_like
 
 __all__ = ["Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten", "ReLU", "Sigmoid",
@@ -36,8 +39,10 @@ def _pair(v, name, minimum=1):
 
 
 def _fill_uniform(rng, param, bound):
-    """Overwrite ``param.data`` with ``U(-bound, bound)`` values (drawn in float64)."""
-    param.data[...] = rng.uniform(-bound, bound, size=param.data.shape)
+    """Overwrite ``param.data`` with ``U(-bound, bound)`` values (drawn in float64 by NumPy,
+    then copied to the parameter's device)."""
+    values = rng.uniform(-bound, bound, size=param.data.shape)
+    param.data[...] = _xp.to_device(values, _xp.device_of(param.data))
 
 
 # ---------------------------------------------------------------------------- Linear
@@ -105,7 +110,6 @@ class Linear(Module):
         self.bias = Parameter(np.empty(self.out_features, self.dtype)) if bias else None
         self.reset_parameters(rng)
         self.needs_input_grad = True
-        self._x = None
 
     def reset_parameters(self, rng=None):
         """Draw new weights and bias, in place, as the constructor does.
@@ -144,7 +148,7 @@ class Linear(Module):
                 f"bias={self.bias is not None}")
 
     def forward(self, x):
-        x = _input_like(x, self.weight.data.dtype, "Linear")
+        x = _input_like(x, self.weight.data.dtype, "Linear", self.weight.data)
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"Linear expects input of shape (..., {self.in_features}), got {x.shape}")
@@ -152,11 +156,11 @@ class Linear(Module):
         y = x2 @ self.weight.data.T
         if self.bias is not None:
             y += self.bias.data
-        self._x = x
+        self._cache = x
         return y.reshape(x.shape[:-1] + (self.out_features,)) if x.ndim != 2 else y
 
     def backward(self, grad):
-        x = self._x
+        x = self._cache
         if x is None:
             raise RuntimeError("Linear.backward called before forward")
         g2 = grad.reshape(-1, self.out_features) if grad.ndim != 2 else grad
@@ -259,7 +263,6 @@ class Conv2d(Module):
         self.bias = Parameter(np.empty(self.out_channels, self.dtype)) if bias else None
         self.reset_parameters(rng)
         self.needs_input_grad = True
-        self._cache = None
 
     def reset_parameters(self, rng=None):
         """Draw new weights and bias, in place, as the constructor does.
@@ -308,7 +311,7 @@ class Conv2d(Module):
         return (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
 
     def forward(self, x):
-        x = _input_like(x, self.weight.data.dtype, "Conv2d")
+        x = _input_like(x, self.weight.data.dtype, "Conv2d", self.weight.data)
         if x.ndim != 4:
             layout = "(N, H, W, C)" if self.channels_last else "(N, C, H, W)"
             raise ValueError(f"Conv2d expects a 4-d input {layout}, got shape {x.shape}")
@@ -324,15 +327,15 @@ class Conv2d(Module):
                 f"Conv2d: padded input {H + 2 * ph}x{W + 2 * pw} is smaller than the "
                 f"kernel {kh}x{kw}")
         OH, OW = self._out_size(H, W)
+        xp = _xp.array_module(x)
         if ph or pw:
-            xp = np.zeros((N, H + 2 * ph, W + 2 * pw, C), dtype=x.dtype)
-            xp[:, ph:ph + H, pw:pw + W, :] = xl
+            padded = xp.zeros((N, H + 2 * ph, W + 2 * pw, C), dtype=x.dtype)
+            padded[:, ph:ph + H, pw:pw + W, :] = xl
         else:
-            xp = xl
-        sN, sH, sW, sC = xp.strides
-        win = np.lib.stride_tricks.as_strided(
-            xp, shape=(N, OH, OW, kh, kw, C), strides=(sN, sH * sh, sW * sw, sH, sW, sC),
-            writeable=False)
+            padded = xl
+        sN, sH, sW, sC = padded.strides
+        win = _xp.as_strided(padded, shape=(N, OH, OW, kh, kw, C),
+                             strides=(sN, sH * sh, sW * sw, sH, sW, sC))
         cols = win.reshape(N * OH * OW, kh * kw * C)          # the im2col copy
         wmat = self.weight.data.transpose(0, 2, 3, 1).reshape(self.out_channels, -1)
         y = cols @ wmat.T                                      # (N*OH*OW, O)
@@ -347,12 +350,13 @@ class Conv2d(Module):
             raise RuntimeError("Conv2d.backward called before forward")
         cols, wmat, (N, H, W, C), (OH, OW) = self._cache
         O = self.out_channels
+        xp = _xp.array_module(cols)
         gl = grad if self.channels_last else grad.transpose(0, 2, 3, 1)
         g2 = gl.reshape(N * OH * OW, O)
         w = self.weight
         if w.requires_grad:
             dw = (g2.T @ cols).reshape(O, *self.kernel_size, C).transpose(0, 3, 1, 2)
-            w.accumulate(np.ascontiguousarray(dw))
+            w.accumulate(xp.ascontiguousarray(dw))
         b = self.bias
         if b is not None and b.requires_grad:
             b.accumulate(g2.sum(axis=0))
@@ -364,8 +368,8 @@ class Conv2d(Module):
         else:
             # one (N*OH*OW, C) block of the column gradient per kernel offset, contiguous
             w3 = self.weight.data.transpose(2, 3, 0, 1).reshape(kh * kw, O, C)
-            dcols = np.matmul(g2, w3).reshape(kh, kw, N, OH, OW, C)
-            dxp = np.zeros((N, H + 2 * ph, W + 2 * pw, C), dtype=dcols.dtype)
+            dcols = xp.matmul(g2, w3).reshape(kh, kw, N, OH, OW, C)
+            dxp = xp.zeros((N, H + 2 * ph, W + 2 * pw, C), dtype=dcols.dtype)
             for i in range(kh):
                 for j in range(kw):
                     dxp[:, i:i + sh * (OH - 1) + 1:sh, j:j + sw * (OW - 1) + 1:sw, :] += \
@@ -382,10 +386,11 @@ def _alloc_like(like, shape, dtype, fill=None):
     Pooling keeps its input's layout (e.g. a channels-first view of channels-last memory,
     as `Conv2d` returns), so that its strided window views and outputs stay aligned.
     """
+    xp = _xp.array_module(like)
     perm = sorted(range(like.ndim), key=lambda a: -abs(like.strides[a]))
     mem = tuple(shape[a] for a in perm)
-    buf = np.empty(mem, dtype=dtype) if fill is None else np.full(mem, fill, dtype=dtype)
-    return buf.transpose(np.argsort(perm))
+    buf = xp.empty(mem, dtype=dtype) if fill is None else xp.full(mem, fill, dtype=dtype)
+    return buf.transpose(tuple(int(a) for a in np.argsort(perm)))
 
 
 class _Pool2d(Module):
@@ -400,7 +405,6 @@ class _Pool2d(Module):
                 f"padding should be at most half of the kernel size, got "
                 f"padding={self.padding}, kernel_size={self.kernel_size}")
         self.channels_last = bool(channels_last)
-        self._cache = None
 
     def extra_repr(self):
         s = f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -422,11 +426,11 @@ class _Pool2d(Module):
                 f"kernel {kh}x{kw}")
         OH, OW = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
         if ph or pw:
-            xp = _alloc_like(xs, (N, C, H + 2 * ph, W + 2 * pw), x.dtype, fill)
-            xp[:, :, ph:ph + H, pw:pw + W] = xs
+            padded = _alloc_like(xs, (N, C, H + 2 * ph, W + 2 * pw), x.dtype, fill)
+            padded[:, :, ph:ph + H, pw:pw + W] = xs
         else:
-            xp = xs
-        return xp, (N, C, H, W), (OH, OW)
+            padded = xs
+        return padded, (N, C, H, W), (OH, OW)
 
     def _windows(self, a, OH, OW):
         """The kh*kw strided views of `a`, one per kernel offset, each (N, C, OH, OW)."""
@@ -499,32 +503,34 @@ class MaxPool2d(_Pool2d):
     """
 
     def forward(self, x):
-        xp, shape, (OH, OW) = self._prepare(x, -np.inf)
-        wins = self._windows(xp, OH, OW)
+        padded, shape, (OH, OW) = self._prepare(x, -np.inf)
+        xp = _xp.array_module(padded)
+        wins = self._windows(padded, OH, OW)
         y = wins[0].copy(order="K")
-        idx = np.zeros_like(y, dtype=np.uint8 if len(wins) < 256 else np.int32)
+        idx = xp.zeros_like(y, dtype=np.uint8 if len(wins) < 256 else np.int32)
         for k in range(1, len(wins)):
             v = wins[k]
             better = v > y
-            np.maximum(y, v, out=y)
+            xp.maximum(y, v, out=y)
             # offsets are visited in increasing order, so the winner so far is the maximum
-            np.maximum(idx, better * idx.dtype.type(k), out=idx)
-        self._cache = (idx, shape, (OH, OW), xp)
+            xp.maximum(idx, better * idx.dtype.type(k), out=idx)
+        self._cache = (idx, shape, (OH, OW), padded)
         return self._finish(y)
 
     def backward(self, grad):
         if self._cache is None:
             raise RuntimeError("MaxPool2d.backward called before forward")
-        idx, shape, (OH, OW), xp = self._cache
+        idx, shape, (OH, OW), padded = self._cache
+        xp = _xp.array_module(padded)
         g = self._grad_in(grad)
-        dxp = self._grad_input_buffer(xp, shape, xp.dtype)
+        dxp = self._grad_input_buffer(padded, shape, padded.dtype)
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         overlap = sh < kh or sw < kw
         for k, dst in enumerate(self._windows(dxp, OH, OW)):
             if overlap:
                 dst += g * (idx == k)
             else:
-                np.multiply(g, idx == k, out=dst)
+                xp.multiply(g, idx == k, out=dst)
         return self._crop(dxp, shape)
 
 
@@ -580,33 +586,33 @@ class AvgPool2d(_Pool2d):
         s = super().extra_repr()
         return s + ("" if self.count_include_pad else ", count_include_pad=False")
 
-    def _divisor(self, shape, OH, OW, dtype):
+    def _divisor(self, like, shape, OH, OW, dtype):
         kh, kw = self.kernel_size
         ph, pw = self.padding
         if self.count_include_pad or not (ph or pw):
             return dtype.type(kh * kw)
         _, _, H, W = shape
-        ones = np.zeros((1, 1, H + 2 * ph, W + 2 * pw), dtype=dtype)
+        ones = _xp.array_module(like).zeros((1, 1, H + 2 * ph, W + 2 * pw), dtype=dtype)
         ones[:, :, ph:ph + H, pw:pw + W] = 1
         return sum(self._windows(ones, OH, OW))
 
     def forward(self, x):
-        xp, shape, (OH, OW) = self._prepare(x, 0)
-        wins = self._windows(xp, OH, OW)
+        padded, shape, (OH, OW) = self._prepare(x, 0)
+        wins = self._windows(padded, OH, OW)
         y = wins[0].copy(order="K")
         for v in wins[1:]:
             y += v
-        div = self._divisor(shape, OH, OW, xp.dtype)
+        div = self._divisor(padded, shape, OH, OW, padded.dtype)
         y /= div
-        self._cache = (div, shape, (OH, OW), xp)
+        self._cache = (div, shape, (OH, OW), padded)
         return self._finish(y)
 
     def backward(self, grad):
         if self._cache is None:
             raise RuntimeError("AvgPool2d.backward called before forward")
-        div, shape, (OH, OW), xp = self._cache
+        div, shape, (OH, OW), padded = self._cache
         g = self._grad_in(grad) / div
-        dxp = self._grad_input_buffer(xp, shape, xp.dtype)
+        dxp = self._grad_input_buffer(padded, shape, padded.dtype)
         for dst in self._windows(dxp, OH, OW):
             dst += g
         return self._crop(dxp, shape)
@@ -687,7 +693,6 @@ class Flatten(Module):
         self.end_dim = int(end_dim)
         self.channels_last = None if channels_last is None else bool(channels_last)
         self._inferred = None          # set by the Sequential holding it
-        self._shape = None
 
     def _input_channels_last(self):
         if self.channels_last is not None:
@@ -718,22 +723,22 @@ class Flatten(Module):
         x = _float_input(x, "Flatten")
         nd = x.ndim
         moved = self._input_channels_last() and nd >= 3
-        xs = np.moveaxis(x, -1, 1) if moved else x      # the (N, C, ...) view PyTorch sees
+        xs = _xp.array_module(x).moveaxis(x, -1, 1) if moved else x   # PyTorch's (N, C, ...)
         s, e = self.start_dim, self.end_dim
         s, e = (s + nd if s < 0 else s), (e + nd if e < 0 else e)
         if not (0 <= s < nd and 0 <= e < nd and s <= e):
             raise ValueError(
                 f"Flatten(start_dim={self.start_dim}, end_dim={self.end_dim}) does not fit "
                 f"an input of shape {x.shape}")
-        self._shape = (xs.shape, moved)
+        self._cache = (xs.shape, moved)
         return xs.reshape(xs.shape[:s] + (math.prod(xs.shape[s:e + 1]),) + xs.shape[e + 1:])
 
     def backward(self, grad):
-        if self._shape is None:
+        if self._cache is None:
             raise RuntimeError("Flatten.backward called before forward")
-        shape, moved = self._shape
+        shape, moved = self._cache
         g = grad.reshape(shape)
-        return np.moveaxis(g, 1, -1) if moved else g
+        return _xp.array_module(g).moveaxis(g, 1, -1) if moved else g
 
 
 # ---------------------------------------------------------------------------- activations
@@ -757,18 +762,14 @@ class ReLU(Module):
     array([0., 0., 1.])
     """
 
-    def __init__(self):
-        super().__init__()
-        self._y = None
-
     def forward(self, x):
         x = _float_input(x, "ReLU")
-        y = np.maximum(x, 0)
-        self._y = y
+        y = _xp.array_module(x).maximum(x, 0)
+        self._cache = y
         return y
 
     def backward(self, grad):
-        return grad * (self._y > 0)
+        return grad * (self._cache > 0)
 
 
 class Sigmoid(Module):
@@ -794,21 +795,18 @@ class Sigmoid(Module):
     array([0.105, 0.25 , 0.105])
     """
 
-    def __init__(self):
-        super().__init__()
-        self._y = None
-
     def forward(self, x):
         x = _float_input(x, "Sigmoid")
-        y = np.multiply(x, 0.5, dtype=x.dtype)
-        np.tanh(y, out=y)
+        xp = _xp.array_module(x)
+        y = xp.multiply(x, 0.5, dtype=x.dtype)
+        xp.tanh(y, out=y)
         y *= 0.5
         y += 0.5
-        self._y = y
+        self._cache = y
         return y
 
     def backward(self, grad):
-        y = self._y
+        y = self._cache
         t = 1 - y
         t *= y
         t *= grad
@@ -834,20 +832,16 @@ class Tanh(Module):
     array([0.42, 1.  , 0.42])
     """
 
-    def __init__(self):
-        super().__init__()
-        self._y = None
-
     def forward(self, x):
         x = _float_input(x, "Tanh")
-        y = np.tanh(x)
-        self._y = y
+        y = _xp.array_module(x).tanh(x)
+        self._cache = y
         return y
 
     def backward(self, grad):
-        y = self._y
+        y = self._cache
         t = y * y
-        np.subtract(1, t, out=t)
+        _xp.array_module(t).subtract(1, t, out=t)
         t *= grad
         return t
 
@@ -893,7 +887,6 @@ class Dropout(Module):
             raise ValueError(f"dropout probability must be in [0, 1], got {p!r}")
         self.p = float(p)
         self._rng = _as_rng(rng)
-        self._mask = None
 
     def extra_repr(self):
         return f"p={self.p}"
@@ -901,14 +894,16 @@ class Dropout(Module):
     def forward(self, x):
         x = _float_input(x, "Dropout")
         if not self.training or self.p == 0:
-            self._mask = None
+            self._cache = None
             return x
         if self.p == 1:
-            self._mask = np.zeros(x.shape, dtype=x.dtype)
+            mask = np.zeros(x.shape, dtype=x.dtype)
         else:
             keep = self._rng.random(x.shape, dtype=x.dtype) >= self.p
-            self._mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
-        return x * self._mask
+            mask = keep * x.dtype.type(1.0 / (1.0 - self.p))
+        # drawn by NumPy on the CPU: the same masks on every device
+        self._cache = mask = _xp.to_device(mask, _xp.device_of(x))
+        return x * mask
 
     def backward(self, grad):
-        return grad if self._mask is None else grad * self._mask
+        return grad if self._cache is None else grad * self._cache

@@ -2,13 +2,21 @@
 
 A loss is called as ``loss = loss_fn(output, target)`` (a Python float) and
 ``loss_fn.backward()`` then returns dL/d(output), the gradient to feed to the network's
-``backward``.
+``backward``.  The output may be a NumPy or a CuPy array; a NumPy target given with a CuPy
+output is copied to the output's device.
 """
 import numpy as np
 
+from .. import _xp
 from .module import Module, _float_input
 
 __all__ = ["CrossEntropyLoss", "MSELoss"]
+
+
+def _target_like(target, x):
+    """`target` as an array on the device of `x` (no copy when it is there already)."""
+    t = _xp.asarray(target)
+    return _xp.to_device(t, _xp.device_of(x)) if _xp.is_cupy(x) else _xp.asnumpy(t)
 
 
 def _reduction(r):
@@ -62,14 +70,14 @@ class CrossEntropyLoss(Module):
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
-        self._cache = None
 
     def forward(self, logits, target):
         x = _float_input(logits, "CrossEntropyLoss")
         if x.ndim != 2:
             raise ValueError(f"CrossEntropyLoss expects logits of shape (N, C), got {x.shape}")
         N, C = x.shape
-        t = np.asarray(target)
+        xp = _xp.array_module(x)
+        t = _target_like(target, x)
         if t.dtype.kind in "iu":
             if t.shape != (N,):
                 raise ValueError(
@@ -91,13 +99,14 @@ class CrossEntropyLoss(Module):
                 f"CrossEntropyLoss: target must be integer class indices or float "
                 f"probabilities, got dtype {t.dtype}")
         z = x - x.max(axis=1, keepdims=True)
-        e = np.exp(z)
+        e = xp.exp(z)
         s = e.sum(axis=1, keepdims=True)
-        logs = np.log(s[:, 0])                             # log-sum-exp of z per row
+        logs = xp.log(s[:, 0])                             # log-sum-exp of z per row
         ls = self.label_smoothing
         if probs is None:
             # -log softmax(z)[t] = logs - z[t]; smoothing mixes in the mean over classes
-            per = logs - (1 - ls) * z[np.arange(N), t] if ls else logs - z[np.arange(N), t]
+            rows = xp.arange(N)
+            per = logs - (1 - ls) * z[rows, t] if ls else logs - z[rows, t]
             if ls:
                 per -= (ls / C) * z.sum(axis=1)
         else:
@@ -122,7 +131,7 @@ class CrossEntropyLoss(Module):
         if indices:
             g = p.copy()
             ls = self.label_smoothing
-            g[np.arange(N), t] -= (1 - ls)
+            g[_xp.array_module(p).arange(N), t] -= (1 - ls)
             if ls:
                 g -= ls / p.shape[1]
         else:
@@ -155,16 +164,16 @@ class MSELoss(Module):
     def __init__(self, reduction="mean"):
         super().__init__()
         self.reduction = _reduction(reduction)
-        self._diff = None
 
     def forward(self, output, target):
         y = _float_input(output, "MSELoss")
-        t = np.asarray(target)
+        t = _target_like(target, y)
         if t.shape != y.shape:
             raise ValueError(f"MSELoss: target shape {t.shape} != output shape {y.shape}")
         d = y - t.astype(y.dtype, copy=False)
-        self._diff = d
-        loss = np.dot(d.ravel(), d.ravel()).astype(np.float64) if d.size else 0.0
+        self._cache = d
+        flat = d.ravel()
+        loss = _xp.array_module(d).dot(flat, flat).astype(np.float64) if d.size else 0.0
         loss = float(loss)
         if self.reduction == "mean":
             loss = loss / d.size if d.size else float("nan")
@@ -175,8 +184,8 @@ class MSELoss(Module):
 
     def backward(self, grad=1.0):
         """Return dL/d(output) for the last call (scaled by `grad`)."""
-        if self._diff is None:
+        if self._cache is None:
             raise RuntimeError("MSELoss.backward called before forward")
-        d = self._diff
+        d = self._cache
         scale = 2.0 * grad / (d.size if self.reduction == "mean" and d.size else 1)
         return d * d.dtype.type(scale)

@@ -18,11 +18,21 @@ children, depth first), so ``state_dict()`` keys match those of the equivalent P
 """
 import collections
 import copy
+import errno
+import math
 import numbers
+import operator
+import os
+import struct
+import zipfile
+import zlib
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "Sequential", "ModuleList", "Identity", "StateDictError"]
+from .. import _xp
+
+__all__ = ["Parameter", "Module", "Sequential", "ModuleList", "Identity", "StateDictError",
+           "save", "load"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -45,27 +55,35 @@ def _as_rng(rng):
 
 
 def _float_input(x, who):
-    """Check that `x` is a float32/float64 ndarray; return it (no copy)."""
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+    """Check that `x` is a float32/float64 ndarray (NumPy or CuPy); return it (no copy)."""
+    x = _xp.asarray(x)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{who} expects a float32 or float64 array, got dtype {x.dtype}")
     return x
 
 
-def _input_like(x, dtype, who):
-    """Check that `x` is an ndarray of exactly `dtype` (the module's parameter dtype).
+def _input_like(x, dtype, who, like=None):
+    """Check that `x` is an ndarray of exactly `dtype` (the module's parameter dtype) and,
+    when a parameter array `like` is given, on its device.
 
     The error suggests only conversions that work: the input to the parameters' dtype,
     and, for a float input of the other supported precision, the model to the input's.
+    A NumPy input for a model on a GPU (or the other way round) is a TypeError, an input
+    on another GPU a ValueError.
     """
-    if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+    x = _xp.asarray(x)
     if x.dtype != dtype:
         hint = f"convert the input (x.astype(np.{dtype}))"
         if x.dtype in _FLOAT_DTYPES:
             hint += f" or the model (model.to(np.{x.dtype}))"
         raise TypeError(f"{who} has {dtype} parameters but got a {x.dtype} input; {hint}")
+    if like is not None and (_xp.is_cupy(x) or _xp.is_cupy(like)):
+        have, got = _xp.device_of(like), _xp.device_of(x)
+        if have != got:
+            err = ValueError if _xp.is_cupy(x) and _xp.is_cupy(like) else TypeError
+            raise err(f"{who} has its parameters on {have} but got an input on {got}; "
+                      f"move the input (bnfast.train moves every batch to the model's "
+                      f"device) or the model (model.to({got!r}))")
     return x
 
 
@@ -122,7 +140,7 @@ class Parameter:
     Parameters
     ----------
     data : ndarray
-        The value; used and updated in place.
+        The value (a NumPy array, or a CuPy array on a GPU); used and updated in place.
     requires_grad : bool, default True
         When False, backward passes do not accumulate a gradient for it (the optimizer then
         skips it), e.g. to fine-tune only part of a network.
@@ -155,7 +173,7 @@ class Parameter:
     __slots__ = ("data", "grad", "requires_grad")
 
     def __init__(self, data, requires_grad=True):
-        self.data = np.asarray(data)
+        self.data = _xp.asarray(data)
         self.grad = None
         self.requires_grad = bool(requires_grad)
 
@@ -179,12 +197,34 @@ class Parameter:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 
 
+def _array_of(v):
+    """The array of a state-dict member: a `Parameter`'s data, or a buffer itself."""
+    return v.data if isinstance(v, Parameter) else v
+
+
+def _is_dtype_like(v):
+    """Whether `v` names a dtype (``np.float32``, ``"float64"``, ...) rather than a device."""
+    if isinstance(v, str) and v.split(":", 1)[0] in ("cpu", "cuda"):
+        return False
+    try:
+        np.dtype(v)
+    except TypeError:
+        return False
+    return True
+
+
 class Module:
     """Base class of every layer and network.
 
     Subclasses call ``super().__init__()`` first, assign parameters, buffers (via
     :meth:`register_buffer`) and child modules as attributes, and implement
-    :meth:`forward` and :meth:`backward`.
+    :meth:`forward` and :meth:`backward`.  What ``forward`` keeps for ``backward`` goes in
+    the one attribute ``self._cache`` (None until the first forward), which :meth:`copy`
+    and pickling leave out.
+
+    The same code runs on NumPy arrays and on CuPy (GPU) arrays: a layer computes with the
+    array module of its input (``xp = bnfast._xp.array_module(x)``, then ``xp.zeros``, ...),
+    and :meth:`to` moves a model between ``"cpu"`` and ``"cuda"``.
 
     Attributes
     ----------
@@ -205,10 +245,10 @@ class Module:
     ...         self.register_buffer("calls", np.zeros((), np.int64))
     ...     def forward(self, x):
     ...         self.calls += 1
-    ...         self._x = x
+    ...         self._cache = x                 # what backward needs
     ...         return x * self.weight.data
     ...     def backward(self, grad):
-    ...         self.weight.accumulate((grad * self._x).sum(axis=0))
+    ...         self.weight.accumulate((grad * self._cache).sum(axis=0))
     ...         return grad * self.weight.data
     >>> m = Scale(2)
     >>> m(np.array([[1.0, 3.0]]))
@@ -226,6 +266,7 @@ class Module:
     def __init__(self):
         self.training = True
         self._buffer_names = []
+        self._cache = None          # what the last forward kept for backward
 
     # -------------------------------------------------------------- computation
     def forward(self, x):
@@ -247,10 +288,10 @@ class Module:
         """Add a persistent buffer (an ndarray saved in the state dict, not trained).
 
         The array itself is stored, not a copy: the module may update it in place (as
-        batch norm does its running statistics).
+        batch norm does its running statistics).  It may be a NumPy or a CuPy array.
         """
-        if not isinstance(value, np.ndarray):
-            raise TypeError(f"buffer {name!r} must be a numpy.ndarray")
+        if not _xp.is_array(value):
+            raise TypeError(f"buffer {name!r} must be a numpy.ndarray (or a CuPy array)")
         if name not in self._buffer_names:
             self._buffer_names.append(name)
         setattr(self, name, value)
@@ -374,13 +415,26 @@ class Module:
         for k in self._buffer_names:
             yield k, getattr(self, k)
 
+    def _own_state(self):
+        """This module's own parameters, then its buffers: its part of the state dict."""
+        yield from self._own_parameters()
+        yield from self._own_buffers()
+
+    def _named_members(self, members, prefix=""):
+        """Yield ``(qualified_name, value)`` for every ``(name, value)`` of ``members(m)``,
+        for each module m of :meth:`named_modules` in turn.
+
+        The one walk behind the qualified names of parameters, buffers and state-dict
+        keys: ``prefix`` + the module's name + ``"."`` + the member's name (PyTorch's).
+        """
+        for name, m in self.named_modules():
+            dot = prefix + name + "." if name else prefix
+            for k, v in members(m):
+                yield dot + k, v
+
     def named_parameters(self):
         """Return ``[(qualified_name, Parameter)]`` in PyTorch's order."""
-        out = []
-        for prefix, m in self.named_modules():
-            dot = prefix + "." if prefix else ""
-            out.extend((dot + k, p) for k, p in m._own_parameters())
-        return out
+        return list(self._named_members(operator.methodcaller("_own_parameters")))
 
     def parameters(self):
         """Return the list of trained `Parameter` objects."""
@@ -388,11 +442,7 @@ class Module:
 
     def named_buffers(self):
         """Return ``[(qualified_name, ndarray)]`` of the persistent buffers."""
-        out = []
-        for prefix, m in self.named_modules():
-            dot = prefix + "." if prefix else ""
-            out.extend((dot + k, b) for k, b in m._own_buffers())
-        return out
+        return list(self._named_members(operator.methodcaller("_own_buffers")))
 
     def buffers(self):
         return [b for _, b in self.named_buffers()]
@@ -416,9 +466,12 @@ class Module:
         usual set-up for fine-tuning with small batches).  Returns self.
         """
         for m in self.modules():
-            if hasattr(m, "frozen") and hasattr(m, "running_mean"):
-                m.frozen = bool(frozen)
+            m._freeze_stats(bool(frozen))
         return self
+
+    def _freeze_stats(self, frozen):
+        """What :meth:`freeze_bn_stats` does to this module: nothing here; layers that
+        normalise with running statistics override it."""
 
     def unfreeze_bn_stats(self):
         """Undo :meth:`freeze_bn_stats`; return self."""
@@ -474,25 +527,15 @@ class Module:
         if not isinstance(prefix, str):
             raise TypeError(f"state_dict: prefix must be a str, got {type(prefix).__name__}")
         out = {} if destination is None else destination
-        for name, m in self.named_modules():
-            dot = prefix + (name + "." if name else "")
-            for k, p in m._own_parameters():
-                out[dot + k] = p if keep_vars else p.data.copy()
-            for k, b in m._own_buffers():
-                out[dot + k] = b if keep_vars else b.copy()
+        for k, v in self._named_members(operator.methodcaller("_own_state"), prefix):
+            out[k] = v if keep_vars else _array_of(v).copy()
         return out
 
     def _state_targets(self):
         """``{name: ndarray}``: the model's own parameter and buffer arrays (no copies),
         in state-dict order."""
-        targets = {}
-        for prefix, m in self.named_modules():
-            dot = prefix + "." if prefix else ""
-            for k, p in m._own_parameters():
-                targets[dot + k] = p.data
-            for k, b in m._own_buffers():
-                targets[dot + k] = b
-        return targets
+        return {k: _array_of(v)
+                for k, v in self._named_members(operator.methodcaller("_own_state"))}
 
     def load_state_dict(self, state_dict, strict=True):
         """Copy values from `state_dict` into the parameters and buffers, in place.
@@ -569,7 +612,7 @@ class Module:
                 v = v.data
             elif hasattr(v, "detach") and hasattr(v, "numpy"):  # a torch.Tensor
                 v = v.detach().cpu().numpy()
-            v = np.asarray(v)
+            v = _xp.asarray(v)
             if v.shape != dst.shape:
                 errors.append(
                     f"size mismatch for {k}: copying a param with shape {v.shape} from "
@@ -584,32 +627,151 @@ class Module:
         if cast_errors:
             raise TypeError("; ".join(cast_errors))
         for k, v in values.items():
-            np.copyto(targets[k], v, casting="same_kind")
+            dst = targets[k]
+            _xp.array_module(dst).copyto(dst, _xp.to_device(v, _xp.device_of(dst)),
+                                         casting="same_kind")
         return _IncompatibleKeys(missing, unexpected)
 
-    def to(self, dtype):
-        """Convert the floating-point parameters and buffers to `dtype`; return self.
+    def save(self, path):
+        """Save the state dict to an ``.npz`` file (see :func:`bnfast.nn.save`).
 
-        Create optimizers after converting (their state is kept per parameter).  Every
-        parameter and floating-point buffer becomes a new array (arrays the model was
-        built from are not changed).
+        Parameters
+        ----------
+        path : str or os.PathLike
+            ``.npz`` is appended unless the name ends with it.
+        """
+        save(self, path)
+
+    def load(self, path, strict=True):
+        """Load the state dict from an ``.npz`` file (see :func:`bnfast.nn.load`, which
+        raises :class:`bnfast.nn.StateDictError` for a file that does not fit).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            As given to :meth:`save`.
+        strict : bool, default True
+            Require the file's keys to be exactly the model's.
+
+        Returns
+        -------
+        self : Module
+            This module, updated in place.
+        """
+        return load(self, path, strict=strict)
+
+    def to(self, device=None, dtype=None):
+        """Move the parameters, gradients and buffers to `device` and/or convert the
+        floating-point ones to `dtype`; return self.
+
+        As PyTorch's ``Module.to``: ``to("cuda")``, ``to("cpu")``, ``to(np.float64)``
+        (a dtype in the first place is taken as `dtype`), ``to("cuda", np.float32)``.
+        Arrays already on `device` stay as they are (``to("cpu")`` of a NumPy model
+        changes nothing); a dtype conversion makes every parameter and floating-point
+        buffer a new array (arrays the model was built from are not changed) and drops
+        the gradients.  The `Parameter` objects stay the same, so an optimizer built
+        before keeps them; create optimizers after converting all the same, as their
+        state (momentum, Adam's averages) stays where and what it was.
+
+        Parameters
+        ----------
+        device : str, optional
+            ``"cpu"`` (NumPy arrays), ``"cuda"`` (CuPy arrays on CuPy's current GPU) or
+            ``"cuda:N"``; None keeps each array where it is.
+        dtype : float32 or float64, optional
+            The dtype of the parameters and floating-point buffers (integer buffers such
+            as ``num_batches_tracked`` keep theirs); None keeps it.
+
+        Returns
+        -------
+        self : Module
+            This module, moved and converted in place.
 
         Raises
         ------
         TypeError
-            If `dtype` is not float32 or float64 (the only dtypes the layers compute in).
+            If `dtype` is not float32 or float64 (the only dtypes the layers compute in),
+            or `device` is neither a device name nor a dtype.
+        ValueError
+            If `device` is a str that names no device (see :func:`bnfast._xp.parse_device`).
+        ImportError
+            For a ``"cuda"`` device without CuPy (``pip install "bnfast[gpu]"``).
+        RuntimeError
+            For a ``"cuda"`` device when CuPy sees no GPU (or not GPU N).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from bnfast import nn
+        >>> net = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2))
+        >>> w = net[0].weight.data
+        >>> net.to("cpu") is net, net[0].weight.data is w      # already there
+        (True, True)
+        >>> net.to(np.float64)[1].running_mean.dtype
+        dtype('float64')
+        >>> net.to("cpu", dtype=np.float32)[0].weight.dtype
+        dtype('float32')
         """
-        dt = _check_dtype(dtype)
+        if dtype is None and device is not None and _is_dtype_like(device):
+            device, dtype = None, device
+        dt = None if dtype is None else _check_dtype(dtype)
+        if device is not None:
+            _xp.parse_device(device)                   # a bad name fails before any move
         for m in self.modules():
             for _, p in m._own_parameters():
-                p.data = p.data.astype(dt)
-                p.grad = None
+                if dt is not None:
+                    p.data = p.data.astype(dt)
+                    p.grad = None
+                if device is not None:
+                    p.data = _xp.to_device(p.data, device)
+                    if p.grad is not None:
+                        p.grad = _xp.to_device(p.grad, device)
             for k, b in m._own_buffers():
-                if b.dtype.kind == "f":
-                    setattr(m, k, b.astype(dt))
-            if hasattr(m, "dtype"):
+                new = b.astype(dt) if dt is not None and b.dtype.kind == "f" else b
+                if device is not None:
+                    new = _xp.to_device(new, device)
+                if new is not b:
+                    setattr(m, k, new)
+            if dt is not None and hasattr(m, "dtype"):
                 m.dtype = dt
         return self
+
+    def cpu(self):
+        """Move the parameters, gradients and buffers to the CPU (NumPy); return self.
+
+        ``to("cpu")``, as PyTorch's ``.cpu()``; see :meth:`to`.
+
+        Returns
+        -------
+        self : Module
+            This module, moved in place.
+        """
+        return self.to("cpu")
+
+    def cuda(self, device=None):
+        """Move the parameters, gradients and buffers to a GPU (CuPy); return self.
+
+        ``to("cuda")`` or ``to(f"cuda:{device}")``, as PyTorch's ``.cuda()``; see
+        :meth:`to`.
+
+        Parameters
+        ----------
+        device : int, optional
+            The GPU's number; default CuPy's current GPU.
+
+        Returns
+        -------
+        self : Module
+            This module, moved in place.
+
+        Raises
+        ------
+        ImportError
+            Without CuPy.
+        RuntimeError
+            When CuPy sees no GPU (or not GPU number `device`).
+        """
+        return self.to("cuda" if device is None else f"cuda:{int(device)}")
 
     def float(self):
         """Convert the floating-point parameters and buffers to float32; return self.
@@ -651,31 +813,17 @@ class Module:
         """
         return self.to(np.float64)
 
-    # attributes holding what the last forward cached for backward: not copied
-    _CACHE_ATTRS = ("_x", "_y", "_cache", "_mask", "_shape", "_diff")
-
     def __getstate__(self):
+        # what the last forward kept for backward is not copied (nor pickled)
         state = dict(self.__dict__)
-        for k in self._CACHE_ATTRS:
-            if k in state:
-                state[k] = None
+        if state.get("_cache") is not None:
+            state["_cache"] = None
         return state
 
     def copy(self):
         """Return a deep copy of this module (parameters, buffers, modes), without the
         arrays cached by the last forward pass."""
         return copy.deepcopy(self)
-
-    def save(self, path):
-        """Save the state dict to an ``.npz`` file (see :func:`bnfast.nn.save`)."""
-        from .utils import save
-        save(self, path)
-
-    def load(self, path, strict=True):
-        """Load the state dict from an ``.npz`` file (see :func:`bnfast.nn.load`, which
-        raises :class:`bnfast.nn.StateDictError` for a file that does not fit)."""
-        from .utils import load
-        return load(self, path, strict=strict)
 
     # -------------------------------------------------------------- printing
     def extra_repr(self):
@@ -691,6 +839,231 @@ class Module:
             sub = repr(m).replace("\n", "\n  ")
             lines.append(f"  ({name}): {sub}")
         return "\n".join(lines) + "\n)"
+
+
+# ---------------------------------------------------------------------------- files
+# nn.save and nn.load, the file form of Module.state_dict and Module.load_state_dict
+
+def _npz_path(path):
+    """The file :func:`save` writes for `path` (NumPy appends ``.npz`` unless present)."""
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") \
+            from None
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    return p if p.endswith(".npz") else p + ".npz"
+
+
+def save(model, path):
+    """Save `model`'s state dict to an uncompressed ``.npz`` file (no pickle).
+
+    Keys are the state-dict names (``"0.weight"``, ``"1.running_mean"``, ...); every array
+    keeps its dtype, so :func:`load` restores the model bit for bit.  Arrays on a GPU are
+    copied to the host first; the file is the same whatever the model's device.
+
+    Parameters
+    ----------
+    model : Module
+        The model whose state dict (parameters and buffers) is written.
+    path : str or os.PathLike
+        ``.npz`` is appended unless the name ends with it (as NumPy does); :func:`load`
+        finds the file under the same name.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be written.
+    TypeError
+        If `path` is not a str or os.PathLike.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> net = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2))
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp.name, "net.npz")
+    >>> nn.save(net, path)
+    >>> with np.load(path) as f:
+    ...     sorted(f.files)
+    ['0.bias', '0.weight', '1.bias', '1.num_batches_tracked', '1.running_mean',
+     '1.running_var', '1.weight']
+    >>> tmp.cleanup()
+    """
+    state = model.state_dict()
+    np.savez(_npz_path(path), **{k: _xp.asnumpy(v) for k, v in state.items()})
+
+
+def _shortlist(keys, n=8):
+    keys = list(keys)
+    return repr(keys) if len(keys) <= n else repr(keys[:n])[:-1] + f", ... ({len(keys)} in all)]"
+
+
+def _read_member(zf, info, key, target, where):
+    """Read one ``.npy`` member, checking its header against `target` before any data."""
+    from numpy.lib import format as npy
+
+    def bad(problem):
+        return StateDictError(f"{where}: {key!r}: {problem}")
+
+    with zf.open(info) as fp:
+        try:
+            version = npy.read_magic(fp)
+            if version == (1, 0):
+                shape, fortran, dtype = npy.read_array_header_1_0(fp)
+            elif version == (2, 0):
+                shape, fortran, dtype = npy.read_array_header_2_0(fp)
+            else:
+                raise bad(f"not a valid .npy array (format version {version} is not "
+                          f"supported)")
+        except StateDictError:
+            raise
+        except (ValueError, TypeError, SyntaxError, EOFError) as exc:
+            raise bad(f"not a valid .npy array ({exc})") from None
+        if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+            raise bad(f"dtype {dtype} is not a numeric dtype (object arrays and pickles are "
+                      f"never loaded)")
+        if tuple(shape) != target.shape:
+            raise bad(f"shape {tuple(shape)} does not match the model's {target.shape}")
+        if not np.can_cast(dtype, target.dtype, casting="same_kind"):
+            raise bad(f"dtype {dtype} cannot be cast to the model's {target.dtype}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        data = fp.read(nbytes)                  # at most what the parameter needs
+        if len(data) < nbytes:
+            raise bad(f"truncated: {len(data)} of {nbytes} data bytes")
+        if fp.read(1):
+            raise bad(f"more data than the shape {tuple(shape)} and dtype {dtype} need")
+    arr = np.frombuffer(data, dtype=dtype)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def load(model, path, strict=True):
+    """Load an ``.npz`` file written by :func:`save` into `model` (in place, no pickle).
+
+    The archive is checked against the model before anything is read: member names
+    against the model's state-dict keys, then each array's ``.npy`` header (shape and
+    dtype, against the parameter or buffer it is for) before its data, and no more data
+    is read than the parameter needs.  The model is changed only when the whole file
+    fits.
+
+    Parameters
+    ----------
+    model : Module
+        The model to load into; its parameters and buffers are overwritten in place, on
+        whatever device they are.
+    path : str or os.PathLike
+        As given to :func:`save`: when it does not end with ``.npz`` and does not exist,
+        ``path + ".npz"`` (the name :func:`save` wrote) is read.
+    strict : bool, default True
+        Require the file's keys to be exactly the model's; otherwise load the keys both
+        have and ignore the rest (see :meth:`Module.load_state_dict`).
+
+    Returns
+    -------
+    model : Module
+        The same model, updated in place.
+
+    Raises
+    ------
+    StateDictError
+        (a `ValueError`) The file is not an ``.npz`` archive (e.g. empty, random bytes, a
+        single-array ``.npy`` file), is corrupt or truncated, its keys differ from the
+        model's (with `strict`), or an array has the wrong shape, a dtype that cannot be
+        cast to the parameter's (object arrays are refused), or more or fewer data bytes
+        than its header says.  The message names the file and the problem; the model is
+        left unchanged.
+    OSError
+        If the file does not exist or cannot be opened (``FileNotFoundError`` names
+        both names tried).
+    TypeError
+        If `path` is not a str or os.PathLike.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> net = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2))
+    >>> _ = net(np.ones((4, 3), np.float32))          # update the running statistics
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = os.path.join(tmp.name, "net")
+    >>> nn.save(net, path)                            # writes net.npz
+    >>> copy = nn.load(nn.Sequential(nn.Linear(3, 2, rng=1), nn.BatchNorm1d(2)), path)
+    >>> all(np.array_equal(a, b) for a, b in zip(copy.state_dict().values(),
+    ...                                          net.state_dict().values()))
+    True
+    >>> nn.load(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), path)
+    Traceback (most recent call last):
+        ...
+    bnfast.nn.StateDictError: ...net.npz: '0.weight': shape (2, 3) does not match ...
+    >>> tmp.cleanup()
+    """
+    try:
+        given = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") \
+            from None
+    if isinstance(given, bytes):
+        given = os.fsdecode(given)
+    where = given
+    if not os.path.exists(given) and not given.endswith(".npz"):
+        where = given + ".npz"
+        if not os.path.exists(where):
+            raise FileNotFoundError(errno.ENOENT, f"no such file: {given!r} (nor "
+                                    f"{where!r}, the name nn.save writes)", given)
+    targets = model._state_targets()
+    with open(where, "rb") as f:
+        head = f.read(6)
+        f.seek(0)
+        try:
+            zf = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError,
+                NotImplementedError, struct.error) as exc:
+            if head == b"\x93NUMPY":
+                why = "a single-array .npy file, not an .npz archive of a state dict"
+            elif not head:
+                why = "an empty file, not an .npz archive"
+            else:
+                why = (f"not a readable .npz archive (corrupt, truncated or not a zip "
+                       f"file: {exc})")
+            raise StateDictError(f"{where}: {why}; write it with nn.save") from None
+        with zf:
+            infos, seen = {}, set()
+            for info in zf.infolist():
+                name = info.filename
+                if name in seen:
+                    raise StateDictError(f"{where}: the archive holds {name!r} twice")
+                seen.add(name)
+                if not name.endswith(".npy"):
+                    raise StateDictError(f"{where}: member {name!r} is not a .npy array; "
+                                         f"not a state-dict file written by nn.save")
+                infos[name[:-4]] = info
+            missing = [k for k in targets if k not in infos]
+            unexpected = [k for k in infos if k not in targets]
+            if strict and (missing or unexpected):
+                raise StateDictError(
+                    f"{where}: the file's keys do not match the model "
+                    f"({type(model).__name__}): missing keys {_shortlist(missing)}, "
+                    f"unexpected keys {_shortlist(unexpected)}")
+            values = {}
+            for key, target in targets.items():
+                if key in infos:
+                    try:
+                        values[key] = _read_member(zf, infos[key], key, target, where)
+                    except StateDictError:
+                        raise
+                    except (zipfile.BadZipFile, EOFError, OSError, zlib.error,
+                            NotImplementedError, RuntimeError, struct.error) as exc:
+                        raise StateDictError(f"{where}: {key!r}: corrupt or truncated "
+                                             f"archive ({exc})") from None
+    try:
+        model.load_state_dict(values, strict=False)
+    except (KeyError, ValueError, TypeError) as exc:    # not expected after the checks
+        raise StateDictError(f"{where}: {exc}") from exc
+    return model
 
 
 class Identity(Module):

@@ -1,16 +1,17 @@
-"""Whole-model batch-norm tools: population statistics, folding, and ``.npz`` files."""
-import errno
-import math
-import os
-import struct
-import zipfile
-import zlib
+"""Whole-model batch-norm tools: population statistics and folding.
+
+``save``, ``load`` and ``StateDictError`` are defined next to ``Module.state_dict`` in
+:mod:`bnfast.nn.module` and are importable from here too.  This module depends on the
+layers; none of them depends on it.
+"""
+import contextlib
 
 import numpy as np
 
+from .. import _xp
 from .batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
 from .layers import Conv2d, Linear, ReLU
-from .module import Identity, Parameter, Sequential, StateDictError
+from .module import Identity, Parameter, Sequential, StateDictError, load, save
 
 __all__ = ["compute_population_stats", "fold_batchnorm", "save", "load", "batchnorm_layers",
            "StateDictError"]
@@ -111,29 +112,24 @@ def compute_population_stats(model, batches):
         raise ValueError(
             f"compute_population_stats: layers {untracked} have track_running_stats=False "
             f"and no running statistics to set")
-    modes = [(m, m.training, getattr(m, "frozen", None)) for m in model.modules()]
+    modes = [(m, m.training) for m in model.modules()]
+    frozen = [(bn, bn.frozen) for _, bn in layers]
     try:
         model.eval()
-        for _, bn in layers:
-            bn._population = [np.zeros(bn.num_features), np.zeros(bn.num_features), 0]
-        n = 0
-        for b in batches:
-            model.forward(_batch_input(b))
-            n += 1
-        if n == 0:
-            raise ValueError("compute_population_stats: no batches were given")
-        for _, bn in layers:
-            s_mean, s_var, k = bn._population
-            bn.running_mean[...] = s_mean / k
-            bn.running_var[...] = s_var / k
+        with contextlib.ExitStack() as collecting:    # sets the statistics on a clean exit
+            for _, bn in layers:
+                collecting.enter_context(bn.collect_population_stats())
+            n = 0
+            for b in batches:
+                model.forward(_batch_input(b))
+                n += 1
+            if n == 0:
+                raise ValueError("compute_population_stats: no batches were given")
     finally:
-        for _, bn in layers:
-            bn._population = None
-            bn._cache = None
-        for m, training, frozen in modes:
+        for m, training in modes:
             m.training = training
-            if frozen is not None:
-                m.frozen = frozen
+        for bn, f in frozen:
+            bn.frozen = f
     return model
 
 
@@ -158,13 +154,14 @@ def _fold_pair(lin, bn):
     if isinstance(lin, Conv2d) and lin.channels_last != bn.channels_last:
         raise ValueError("fold_batchnorm: Conv2d and BatchNorm2d disagree on channels_last")
     f64 = np.float64
-    gamma = bn.weight.data.astype(f64) if bn.affine else np.ones(C)
-    beta = bn.bias.data.astype(f64) if bn.affine else np.zeros(C)
-    scale = gamma / np.sqrt(bn.running_var.astype(f64) + bn.eps)
-    b0 = lin.bias.data.astype(f64) if lin.bias is not None else np.zeros(C)
+    xp = _xp.array_module(lin.weight.data)
+    gamma = bn.weight.data.astype(f64) if bn.affine else xp.ones(C)
+    beta = bn.bias.data.astype(f64) if bn.affine else xp.zeros(C)
+    scale = gamma / xp.sqrt(bn.running_var.astype(f64) + bn.eps)
+    b0 = lin.bias.data.astype(f64) if lin.bias is not None else xp.zeros(C)
     new = lin.copy()
     if new.bias is None:
-        new.bias = Parameter(np.zeros(C, dtype=lin.weight.data.dtype))
+        new.bias = Parameter(xp.zeros(C, dtype=lin.weight.data.dtype))
     w = lin.weight.data.astype(f64)
     w = w * scale.reshape((C,) + (1,) * (w.ndim - 1))
     new.weight.data = w.astype(lin.weight.data.dtype)
@@ -257,21 +254,18 @@ def fold_batchnorm(model, sample=None, *, rtol=None, atol=None):
     )
     """
     folded = model.copy()
-    folded.eval()
-    for m in folded.modules():
-        if isinstance(m, _BatchNorm):
-            m.frozen = False
+    folded.eval().unfreeze_bn_stats()
     _fold_inplace(folded)
     folded.eval()
     if sample is not None:
         was = [(m, m.training) for m in model.modules()]
         try:
             model.eval()
-            expected = np.asarray(model.forward(sample))
+            expected = _xp.asnumpy(model.forward(sample))
         finally:
             for m, t in was:
                 m.training = t
-        got = np.asarray(folded.forward(sample))
+        got = _xp.asnumpy(folded.forward(sample))
         f32 = expected.dtype == np.float32
         rtol = (1e-4 if f32 else 1e-10) if rtol is None else rtol
         atol = (1e-5 if f32 else 1e-12) if atol is None else atol
@@ -283,225 +277,3 @@ def fold_batchnorm(model, sample=None, *, rtol=None, atol=None):
                 f"fold_batchnorm: the folded model differs from the original on the sample "
                 f"(max abs difference {np.max(err, initial=0.0):.3e})")
     return folded
-
-
-# ---------------------------------------------------------------------------- files
-
-def _npz_path(path):
-    """The file :func:`save` writes for `path` (NumPy appends ``.npz`` unless present)."""
-    try:
-        p = os.fspath(path)
-    except TypeError:
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") \
-            from None
-    if isinstance(p, bytes):
-        p = os.fsdecode(p)
-    return p if p.endswith(".npz") else p + ".npz"
-
-
-def save(model, path):
-    """Save `model`'s state dict to an uncompressed ``.npz`` file (no pickle).
-
-    Keys are the state-dict names (``"0.weight"``, ``"1.running_mean"``, ...); every array
-    keeps its dtype, so :func:`load` restores the model bit for bit.
-
-    Parameters
-    ----------
-    model : Module
-        The model whose state dict (parameters and buffers) is written.
-    path : str or os.PathLike
-        ``.npz`` is appended unless the name ends with it (as NumPy does); :func:`load`
-        finds the file under the same name.
-
-    Raises
-    ------
-    OSError
-        If the file cannot be written.
-    TypeError
-        If `path` is not a str or os.PathLike.
-
-    Examples
-    --------
-    >>> import os, tempfile
-    >>> import numpy as np
-    >>> from bnfast import nn
-    >>> net = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2))
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> path = os.path.join(tmp.name, "net.npz")
-    >>> nn.save(net, path)
-    >>> with np.load(path) as f:
-    ...     sorted(f.files)
-    ['0.bias', '0.weight', '1.bias', '1.num_batches_tracked', '1.running_mean',
-     '1.running_var', '1.weight']
-    >>> tmp.cleanup()
-    """
-    state = model.state_dict()
-    np.savez(_npz_path(path), **state)
-
-
-def _shortlist(keys, n=8):
-    keys = list(keys)
-    return repr(keys) if len(keys) <= n else repr(keys[:n])[:-1] + f", ... ({len(keys)} in all)]"
-
-
-def _read_member(zf, info, key, target, where):
-    """Read one ``.npy`` member, checking its header against `target` before any data."""
-    from numpy.lib import format as npy
-
-    def bad(problem):
-        return StateDictError(f"{where}: {key!r}: {problem}")
-
-    with zf.open(info) as fp:
-        try:
-            version = npy.read_magic(fp)
-            if version == (1, 0):
-                shape, fortran, dtype = npy.read_array_header_1_0(fp)
-            elif version == (2, 0):
-                shape, fortran, dtype = npy.read_array_header_2_0(fp)
-            else:
-                raise bad(f"not a valid .npy array (format version {version} is not "
-                          f"supported)")
-        except StateDictError:
-            raise
-        except (ValueError, TypeError, SyntaxError, EOFError) as exc:
-            raise bad(f"not a valid .npy array ({exc})") from None
-        if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
-            raise bad(f"dtype {dtype} is not a numeric dtype (object arrays and pickles are "
-                      f"never loaded)")
-        if tuple(shape) != target.shape:
-            raise bad(f"shape {tuple(shape)} does not match the model's {target.shape}")
-        if not np.can_cast(dtype, target.dtype, casting="same_kind"):
-            raise bad(f"dtype {dtype} cannot be cast to the model's {target.dtype}")
-        nbytes = math.prod(shape) * dtype.itemsize
-        data = fp.read(nbytes)                  # at most what the parameter needs
-        if len(data) < nbytes:
-            raise bad(f"truncated: {len(data)} of {nbytes} data bytes")
-        if fp.read(1):
-            raise bad(f"more data than the shape {tuple(shape)} and dtype {dtype} need")
-    arr = np.frombuffer(data, dtype=dtype)
-    return arr.reshape(shape, order="F" if fortran else "C")
-
-
-def load(model, path, strict=True):
-    """Load an ``.npz`` file written by :func:`save` into `model` (in place, no pickle).
-
-    The archive is checked against the model before anything is read: member names
-    against the model's state-dict keys, then each array's ``.npy`` header (shape and
-    dtype, against the parameter or buffer it is for) before its data, and no more data
-    is read than the parameter needs.  The model is changed only when the whole file
-    fits.
-
-    Parameters
-    ----------
-    model : Module
-        The model to load into; its parameters and buffers are overwritten in place.
-    path : str or os.PathLike
-        As given to :func:`save`: when it does not end with ``.npz`` and does not exist,
-        ``path + ".npz"`` (the name :func:`save` wrote) is read.
-    strict : bool, default True
-        Require the file's keys to be exactly the model's; otherwise load the keys both
-        have and ignore the rest (see :meth:`Module.load_state_dict`).
-
-    Returns
-    -------
-    model : Module
-        The same model, updated in place.
-
-    Raises
-    ------
-    StateDictError
-        (a `ValueError`) The file is not an ``.npz`` archive (e.g. empty, random bytes, a
-        single-array ``.npy`` file), is corrupt or truncated, its keys differ from the
-        model's (with `strict`), or an array has the wrong shape, a dtype that cannot be
-        cast to the parameter's (object arrays are refused), or more or fewer data bytes
-        than its header says.  The message names the file and the problem; the model is
-        left unchanged.
-    OSError
-        If the file does not exist or cannot be opened (``FileNotFoundError`` names
-        both names tried).
-    TypeError
-        If `path` is not a str or os.PathLike.
-
-    Examples
-    --------
-    >>> import os, tempfile
-    >>> import numpy as np
-    >>> from bnfast import nn
-    >>> net = nn.Sequential(nn.Linear(3, 2, rng=0), nn.BatchNorm1d(2))
-    >>> _ = net(np.ones((4, 3), np.float32))          # update the running statistics
-    >>> tmp = tempfile.TemporaryDirectory()
-    >>> path = os.path.join(tmp.name, "net")
-    >>> nn.save(net, path)                            # writes net.npz
-    >>> copy = nn.load(nn.Sequential(nn.Linear(3, 2, rng=1), nn.BatchNorm1d(2)), path)
-    >>> all(np.array_equal(a, b) for a, b in zip(copy.state_dict().values(),
-    ...                                          net.state_dict().values()))
-    True
-    >>> nn.load(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), path)
-    Traceback (most recent call last):
-        ...
-    bnfast.nn.StateDictError: ...net.npz: '0.weight': shape (2, 3) does not match ...
-    >>> tmp.cleanup()
-    """
-    try:
-        given = os.fspath(path)
-    except TypeError:
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") \
-            from None
-    if isinstance(given, bytes):
-        given = os.fsdecode(given)
-    where = given
-    if not os.path.exists(given) and not given.endswith(".npz"):
-        where = given + ".npz"
-        if not os.path.exists(where):
-            raise FileNotFoundError(errno.ENOENT, f"no such file: {given!r} (nor "
-                                    f"{where!r}, the name nn.save writes)", given)
-    targets = model._state_targets()
-    with open(where, "rb") as f:
-        head = f.read(6)
-        f.seek(0)
-        try:
-            zf = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError,
-                NotImplementedError, struct.error) as exc:
-            if head == b"\x93NUMPY":
-                why = "a single-array .npy file, not an .npz archive of a state dict"
-            elif not head:
-                why = "an empty file, not an .npz archive"
-            else:
-                why = (f"not a readable .npz archive (corrupt, truncated or not a zip "
-                       f"file: {exc})")
-            raise StateDictError(f"{where}: {why}; write it with nn.save") from None
-        with zf:
-            infos, seen = {}, set()
-            for info in zf.infolist():
-                name = info.filename
-                if name in seen:
-                    raise StateDictError(f"{where}: the archive holds {name!r} twice")
-                seen.add(name)
-                if not name.endswith(".npy"):
-                    raise StateDictError(f"{where}: member {name!r} is not a .npy array; "
-                                         f"not a state-dict file written by nn.save")
-                infos[name[:-4]] = info
-            missing = [k for k in targets if k not in infos]
-            unexpected = [k for k in infos if k not in targets]
-            if strict and (missing or unexpected):
-                raise StateDictError(
-                    f"{where}: the file's keys do not match the model "
-                    f"({type(model).__name__}): missing keys {_shortlist(missing)}, "
-                    f"unexpected keys {_shortlist(unexpected)}")
-            values = {}
-            for key, target in targets.items():
-                if key in infos:
-                    try:
-                        values[key] = _read_member(zf, infos[key], key, target, where)
-                    except StateDictError:
-                        raise
-                    except (zipfile.BadZipFile, EOFError, OSError, zlib.error,
-                            NotImplementedError, RuntimeError, struct.error) as exc:
-                        raise StateDictError(f"{where}: {key!r}: corrupt or truncated "
-                                             f"archive ({exc})") from None
-    try:
-        model.load_state_dict(values, strict=False)
-    except (KeyError, ValueError, TypeError) as exc:    # not expected after the checks
-        raise StateDictError(f"{where}: {exc}") from exc
-    return model
