@@ -2,7 +2,8 @@
 
 With no command (or quick), prints the configuration and a short speed comparison of
 bnfast against NumPy (and PyTorch, when installed) on two common shapes.  bench runs the
-full benchmark (--quick for a subset) and writes JSON and a PNG plot.  paper runs the
+full benchmark (--quick for a subset; --isa NAME|all for the kernel variants: one
+table per variant) and writes JSON, Markdown tables and PNG plots.  paper runs the
 paper's experiments (bnfast paper mnist, bnfast paper accelerate; bnfast paper --help).
 
 Exit status: 0 on success, 1 when a run fails (one message, no traceback), 2 for invalid
@@ -45,13 +46,46 @@ def _quick(args):
     return 0
 
 
-def _bench(args):
-    from . import show_config
-    from ._bench import run
+def _existing_file(s):
+    """argparse type: a file that exists."""
+    import os
 
+    if not os.path.isfile(os.path.expanduser(s)):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a file")
+    return os.path.expanduser(s)
+
+
+def _isa_choice(s):
+    """argparse type of bench --isa: a variant name this CPU supports, or all."""
+    from ._bench import ALL
+    from ._config import ISA_NAMES, available_isas
+
+    choices = list(ISA_NAMES) + [ALL]
+    if s not in choices:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {s!r} (choose from {', '.join(choices)})")
+    if s != ALL and s not in available_isas():
+        raise argparse.ArgumentTypeError(
+            f"variant {s!r} is not supported by this CPU or build; available: "
+            f"{', '.join(available_isas())}, all")
+    return s
+
+
+def _bench(args):
+    if args.device == "cuda":              # the GPU benchmark: bnfast.cuda._bench
+        from .cuda._bench import main as cuda_main
+
+        return cuda_main(args)
+    from . import show_config
+    from ._bench import resolve_isas, run
+
+    isas, skipped = resolve_isas(args.isa, args.quick)
     show_config()
+    for name in skipped:
+        print(f"note: variant {name} is not supported by this CPU or build; not run")
     threads = [args.threads] if args.threads else None
-    run(quick=args.quick, out_dir=args.out, threads_list=threads, repeat=args.repeat)
+    run(quick=args.quick, out_dir=args.out, threads_list=threads, repeat=args.repeat,
+        isas=isas, reference=args.compare)
     return 0
 
 
@@ -72,6 +106,7 @@ def _config(args):
 def build_parser():
     """The parser of the ``bnfast`` command (``paper`` is handed to bnfast.paper.cli)."""
     from . import __version__
+    from ._config import ISA_NAMES
     from .paper.cli import DOCS_HINT_MAIN, HelpFormatter, output_dir, positive_int, \
         positive_thread_count
 
@@ -87,19 +122,31 @@ def build_parser():
     q = sub.add_parser("quick", help="configuration and a short speed comparison (default)",
                        description="The configuration and a short speed comparison against "
                                    "NumPy and PyTorch.", formatter_class=HelpFormatter)
-    b = sub.add_parser("bench", help="the full benchmark: table, JSON and PNG",
-                       description="The full benchmark against NumPy, PyTorch and the memory "
-                                   "copy floor; writes a table, JSON and a PNG.",
+    b = sub.add_parser("bench", help="the full benchmark: tables, JSON and PNGs per variant",
+                       description="The full benchmark against PyTorch, oneDNN and the memory "
+                                   "copy floor (--quick: NumPy too), one table per kernel "
+                                   "variant; writes JSON, Markdown tables and PNG plots.",
                        formatter_class=HelpFormatter)
     sub.add_parser("paper", help="the paper's experiments: paper mnist | paper accelerate "
                                  f"(see {PROG} paper --help)", add_help=False)
     b.add_argument("--quick", action="store_true", help="a subset that runs in under a minute")
     b.add_argument("--out", type=output_dir, default="results", metavar="DIR",
-                   help="folder for JSON and PNG (created)")
+                   help="folder for the JSON, Markdown and PNG files (created)")
     b.add_argument("--threads", type=positive_thread_count, default=None,
-                   help="one thread count (default: 1 and all cores; with --quick: all)")
+                   help="thread count of bnfast and PyTorch (default: all cores)")
     b.add_argument("--repeat", type=positive_int, default=None,
                    help="timing samples per case (default: 3 to 7, by size)")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: the CPU kernels; cuda: the GPU backend against PyTorch CUDA and "
+                        "a device copy (exit status 2 without a GPU)")
+    b.add_argument("--isa", type=_isa_choice, default=None,
+                   metavar="{" + ",".join(list(ISA_NAMES) + ["all"]) + "}",
+                   help="kernel variant(s) to time, one table each; all = every variant "
+                        "this CPU supports (default: all; with --quick: the variant in "
+                        "use, BNFAST_ISA or the best)")
+    b.add_argument("--compare", type=_existing_file, default=None, metavar="JSON",
+                   help="an earlier run's JSON: compare the avx512 variant's times with it "
+                        "(default: none)")
     for p in (parser, q):
         p.add_argument("--threads", type=positive_thread_count, default=None,
                        help="thread count (default: all cores)")

@@ -1,42 +1,110 @@
-"""Benchmark harness shared by ``python -m bnfast``, ``python -m bnfast bench`` and
-``benchmarks/``.
+"""Benchmark harness shared by ``bnfast``, ``bnfast bench`` and ``benchmarks/``.
 
-Compares, in one process and with the same thread count, bnfast against a plain NumPy
-implementation and PyTorch's CPU batch norm (``torch.nn.functional.batch_norm`` and autograd;
-skipped with a note when torch is absent), and against the memory-bandwidth floor: the faster
-of NumPy's copy and a multithreaded copy of the same tensor into a preallocated buffer
-(written with non-temporal stores above ``BNFAST_STREAM_MIN_BYTES``, as the kernels write
-large outputs).  Times are medians (and minima) of repeated runs.
+Compares, in one process and with the same thread count, bnfast against PyTorch's CPU
+batch norm (``torch.nn.functional.batch_norm`` and autograd; skipped with a note when torch
+is absent), oneDNN through PyTorch's mkldnn tensors (4-D float32 training forward and
+backward), a plain NumPy implementation (quick runs), and the memory-bandwidth floor: the
+faster of NumPy's copy and a multithreaded copy of the same tensor into a preallocated
+buffer (written with non-temporal stores above ``BNFAST_STREAM_MIN_BYTES``, as the kernels
+write large outputs).
+
+Every kernel variant asked for (``isas``) is timed in the same process: the variant is
+switched with :func:`bnfast.set_isa` before each of its samples, outside the timed region,
+and the variants, PyTorch and oneDNN take turns sample by sample, so each variant's table
+compares against the same PyTorch measurement.  Times are medians (and minima) of the
+samples.
 """
 import json
 import math
 import os
+import platform
 import time
 
 import numpy as np
 
-from . import _api, _core
+from . import _api, _config, _core
 from ._threads import get_num_threads, num_threads
 
 OPS = ("train", "infer", "backward", "train_relu")
+OP_TITLES = {"train": "training forward", "infer": "inference", "backward": "backward",
+             "train_relu": "training forward + ReLU"}
+ALL = "all"
 
-FULL_F32 = [(64, 128), (256, 1024), (4096, 4096), (8, 32, 32, 32), (32, 64, 56, 56),
-            (64, 256, 28, 28), (16, 512, 14, 14), (128, 64, 112, 112)]
-FULL_F64 = [(256, 1024), (32, 64, 56, 56), (16, 512, 14, 14)]
+# Shape classes of the full benchmark, in the order of its tables and plots.
+CLASSES = ("batch-1", "tiny S", "odd C", "2-D", "1-D seq", "3-D vol", "classic", "> LLC")
+CLASS_TITLES = {
+    "batch-1": "batch 1 (inference and training)",
+    "tiny S": "tiny spatial size, S = H x W from 1 to 49",
+    "odd C": "odd channel counts (3, 17, 1000)",
+    "2-D": "tall and wide 2-D",
+    "1-D seq": "1-D sequences (N, C, L)",
+    "3-D vol": "3-D volumes (N, C, D, H, W)",
+    "classic": "the benchmark's original shapes",
+    "> LLC": "larger than the last-level cache (>= 72 MiB float32)",
+}
+# (class, logical channels-first shape, ops, dtype); 2-D shapes run channels-first only,
+# the others in both layouts.
+FULL_CASES = [
+    ("batch-1", (1, 512, 7, 7), OPS, "float32"),
+    ("batch-1", (1, 64, 112, 112), OPS, "float32"),
+    ("batch-1", (1, 2048), ("infer",), "float32"),   # one value per channel: no training
+    ("tiny S", (256, 512, 1, 1), OPS, "float32"),
+    ("tiny S", (128, 256, 2, 2), OPS, "float32"),
+    ("tiny S", (64, 256, 3, 3), OPS, "float32"),
+    ("tiny S", (32, 256, 5, 5), OPS, "float32"),
+    ("tiny S", (32, 512, 7, 7), OPS, "float32"),
+    ("odd C", (32, 3, 112, 112), OPS, "float32"),
+    ("odd C", (32, 17, 56, 56), OPS, "float32"),
+    ("odd C", (128, 1000), OPS, "float32"),
+    ("odd C", (8, 1000, 7, 7), OPS, "float32"),
+    ("2-D", (65536, 64), OPS, "float32"),
+    ("2-D", (32, 8192), OPS, "float32"),
+    ("1-D seq", (32, 128, 256), OPS, "float32"),
+    ("1-D seq", (16, 512, 100), OPS, "float32"),
+    ("3-D vol", (4, 32, 16, 32, 32), OPS, "float32"),
+    ("3-D vol", (2, 64, 8, 28, 28), OPS, "float32"),
+    ("classic", (64, 128), OPS, "float32"),
+    ("classic", (256, 1024), OPS, "float32"),
+    ("classic", (4096, 4096), OPS, "float32"),
+    ("classic", (8, 32, 32, 32), OPS, "float32"),
+    ("classic", (32, 64, 56, 56), OPS, "float32"),
+    ("classic", (64, 256, 28, 28), OPS, "float32"),
+    ("classic", (16, 512, 14, 14), OPS, "float32"),
+    ("> LLC", (32, 64, 96, 96), OPS, "float32"),        # 72 MiB
+    ("> LLC", (128, 64, 112, 112), OPS, "float32"),     # 392 MiB
+    # float64 subset
+    ("batch-1", (1, 512, 7, 7), OPS, "float64"),
+    ("classic", (256, 1024), OPS, "float64"),
+    ("classic", (32, 64, 56, 56), OPS, "float64"),
+    ("classic", (16, 512, 14, 14), OPS, "float64"),
+    ("1-D seq", (32, 128, 256), OPS, "float64"),
+]
 QUICK_F32 = [(64, 128), (256, 1024), (32, 64, 56, 56)]
 
+# The issue's targets for tensors larger than the last-level cache: bnfast time / copy.
+LLC_TARGETS = {("cf", "infer"): 1.05, ("cf", "train"): 1.25, ("cf", "backward"): 1.7,
+               ("cl", "infer"): 1.05, ("cl", "train"): 1.6, ("cl", "backward"): 2.6}
 
-def timeit_many(fns, *, repeat=7, min_time=0.02, max_time=3.0):
+
+def timeit_many(fns, *, repeat=7, min_time=0.02, max_time=3.0, prepare=None):
     """Median and minimum seconds per call of each function in `fns`, sampled in turn.
 
     Each sample runs a function enough times to last at least `min_time`.  The functions
     take turns, one sample each per round, so that a burst of load on a shared machine
     hits all of them alike and their ratios stay meaningful.  `repeat` rounds are run (at
-    least 3, fewer if the total would exceed `max_time` per function).  Returns a list of
-    ``(median, min)`` pairs, one per function.
+    least 3, fewer if the total would exceed `max_time` per function).  `prepare`, if
+    given, is a list of callables (or None) run before each sample of the function at
+    the same index (and before its warm-up), outside the timed region: the benchmark
+    selects a kernel variant there.  Returns a list of ``(median, min)`` pairs, one per
+    function.
     """
+    prepare = list(prepare) if prepare is not None else [None] * len(fns)
+    if len(prepare) != len(fns):
+        raise ValueError("prepare must have one entry per function")
     inner = []
-    for fn in fns:
+    for fn, prep in zip(fns, prepare):
+        if prep is not None:
+            prep()
         fn()  # warm up (page faults, lazy initialisation)
         t0 = time.perf_counter()
         fn()
@@ -46,10 +114,13 @@ def timeit_many(fns, *, repeat=7, min_time=0.02, max_time=3.0):
     start = time.perf_counter()
     for _ in range(repeat):
         for k, fn in enumerate(fns):
+            if prepare[k] is not None:
+                prepare[k]()
+            n = inner[k]
             t0 = time.perf_counter()
-            for _ in range(inner[k]):
+            for _ in range(n):
                 fn()
-            samples[k].append((time.perf_counter() - t0) / inner[k])
+            samples[k].append((time.perf_counter() - t0) / n)
         if time.perf_counter() - start > max_time * len(fns) and len(samples[0]) >= 3:
             break
     return [(float(np.median(v)), float(np.min(v))) for v in samples]
@@ -108,26 +179,65 @@ def numpy_backward(dy, x, mean, invstd, w, axis):
     return dx, dweight, dbias
 
 
-def _torch():
-    try:
-        import torch
-    except Exception:
-        return None
-    return torch
-
-
 # ------------------------------------------------------------------ one case
 
+def _plan(x, op, axis, relu):
+    """(plan dict, short strategy string) from bnfast.explain, or (None, '') without it."""
+    explain = getattr(_api, "explain", None)
+    if explain is None:
+        return None, ""
+    try:
+        plan = explain(x, op=op, axis=axis, relu=relu)
+    except Exception as exc:  # the plan is a label; never let it stop a benchmark
+        return {"error": f"{type(exc).__name__}: {exc}"}, "?"
+    return _jsonable(plan), plan_string(plan)
+
+
+def plan_string(plan):
+    """A short one-line form of a plan dict (its 'strategy' entry when it has one)."""
+    if not plan:
+        return ""
+    if isinstance(plan, dict):
+        s = plan.get("strategy")
+        if isinstance(s, str):
+            return s
+        passes = plan.get("passes")
+        if isinstance(passes, (list, tuple)):
+            return "+".join(str(p.get("strategy", p)) if isinstance(p, dict) else str(p)
+                            for p in passes)
+    return str(plan)
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
 def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, repeat=7,
-             include_torch=True, include_numpy=True, seed=0):
+             include_torch=True, include_numpy=True, include_fresh=True,
+             include_onednn=False, isas=None, shape_class="", seed=0, min_time=0.02):
     """Time every op on one case; return a list of result dicts (times in ms).
 
     `shape` is the logical channels-first shape (N, C, ...).  With ``layout='cl'`` the data
     is stored channels-last (N, ..., C) and bnfast is called with ``axis=-1``; PyTorch gets
-    the same memory as a ``channels_last`` tensor.
+    the same memory as a ``channels_last`` tensor.  `isas` lists the kernel variants to
+    time (None: the one in use); each gets its own row per op, all timed in turn with the
+    same PyTorch and oneDNN samples.  oneDNN (``include_onednn``) runs for 4-D float32
+    training forward and backward, on ``x.to_mkldnn()`` (blocked layout; the conversion is
+    not timed).
     """
     threads = threads or get_num_threads()
     dtype = np.dtype(dtype)
+    isas = [_config.get_isa()] if isas is None else list(isas)
     rng = np.random.default_rng(seed)
     nd = len(shape)
     cl = layout == "cl" and nd > 2
@@ -140,81 +250,163 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
     b = (0.1 * rng.standard_normal(C)).astype(dtype)
     rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
     y_out, dx_out, copy_out = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-    _, mean, invstd = _api.batch_norm_train(x, w, b, axis=axis)
-    bmean, bvar = _api.moments(x, axis=axis)
-    np_mean, np_invstd = numpy_train(x, w, b, axis)[1:]
+    train_ok = math.prod(shape) // C > 1          # training needs two values per channel
+    if train_ok:
+        _, mean, invstd = _api.batch_norm_train(x, w, b, axis=axis)
+        np_mean, np_invstd = numpy_train(x, w, b, axis)[1:]
+    bmean, bvar = (_api.moments(x, axis=axis) if train_ok
+                   else (np.zeros(C, dtype), np.ones(C, dtype)))
     torch = _torch() if include_torch else None
+    onednn = include_onednn and torch is not None and nd == 4 and dtype == np.float32
     results = []
-    with num_threads(threads):
-        copy_np, copy_mt = timeit_many([lambda: np.copyto(copy_out, x),
-                                        lambda: _core.copy(x, copy_out, threads)],
-                                       repeat=repeat)
-        copy_ms = min(copy_np[0], copy_mt[0]) * 1e3
-        if torch is not None:
-            torch.set_num_threads(threads)
-            F = torch.nn.functional
-            perm = (0, nd - 1) + tuple(range(1, nd - 1)) if cl else None
-            tx = torch.from_numpy(x).permute(*perm) if cl else torch.from_numpy(x)
-            tdy = torch.from_numpy(dy).permute(*perm) if cl else torch.from_numpy(dy)
-            tw, tb = torch.from_numpy(w), torch.from_numpy(b)
-            trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
-            txg = tx.detach().clone().requires_grad_(True)  # clone keeps the memory format
-            twg, tbg = tw.clone().requires_grad_(True), tb.clone().requires_grad_(True)
-            yg = F.batch_norm(txg, None, None, twg, tbg, training=True)
-        for op in ops:
-            if op in ("train", "train_relu"):
+    orig_isa = _config.get_isa()
+
+    def selector(name):
+        def select():
+            _config.set_isa(name)
+        return select
+
+    try:
+        with num_threads(threads):
+            # The copy floor is the machine's: measured with the best variant (the
+            # streaming copy), whatever variants are benchmarked.
+            _config.set_isa("auto")
+            copy_np, copy_mt = timeit_many([lambda: np.copyto(copy_out, x),
+                                            lambda: _core.copy(x, copy_out, threads)],
+                                           repeat=repeat, min_time=min_time)
+            copy_ms = min(copy_np[0], copy_mt[0]) * 1e3
+            copy_min_ms = min(copy_np[1], copy_mt[1]) * 1e3
+            if torch is not None:
+                torch.set_num_threads(threads)
+                F = torch.nn.functional
+                perm = (0, nd - 1) + tuple(range(1, nd - 1)) if cl else None
+                tx = torch.from_numpy(x).permute(*perm) if cl else torch.from_numpy(x)
+                tdy = torch.from_numpy(dy).permute(*perm) if cl else torch.from_numpy(dy)
+                tw, tb = torch.from_numpy(w), torch.from_numpy(b)
+                trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+                if train_ok:
+                    txg = tx.detach().clone().requires_grad_(True)  # keeps the memory format
+                    twg, tbg = tw.clone().requires_grad_(True), tb.clone().requires_grad_(True)
+                    yg = F.batch_norm(txg, None, None, twg, tbg, training=True)
+                if onednn:
+                    mx, mdy = tx.to_mkldnn(), tdy.to_mkldnn()
+                    mrm, mrv = trm.clone(), trv.clone()
+                    mxg = tx.to_mkldnn().requires_grad_(True)
+                    mwg, mbg = tw.clone().requires_grad_(True), tb.clone().requires_grad_(True)
+                    myg = F.batch_norm(mxg, None, None, mwg, mbg, training=True)
+            for op in ops:
+                if op not in OPS:
+                    raise ValueError(f"unknown op {op!r}")
+                if op != "infer" and not train_ok:
+                    continue
                 relu = op == "train_relu"
-                f_bn = lambda: _api.batch_norm_train(  # noqa: E731
-                    x, w, b, axis=axis, running_mean=rm, running_var=rv, out=y_out, relu=relu)
-                f_fresh = lambda: _api.batch_norm_train(  # noqa: E731
-                    x, w, b, axis=axis, running_mean=rm, running_var=rv, relu=relu)
+                f_dnn = None
+                if op in ("train", "train_relu"):
+                    def f_bn(relu=relu):
+                        _api.batch_norm_train(x, w, b, axis=axis, running_mean=rm,
+                                              running_var=rv, out=y_out, relu=relu)
 
-                def f_np():
-                    y = numpy_train(x, w, b, axis, rm=rm.copy(), rv=rv.copy())[0]
-                    return np.maximum(y, 0) if relu else y
+                    def f_fresh(relu=relu):
+                        _api.batch_norm_train(x, w, b, axis=axis, running_mean=rm,
+                                              running_var=rv, relu=relu)
 
+                    def f_np(relu=relu):
+                        y = numpy_train(x, w, b, axis, rm=rm.copy(), rv=rv.copy())[0]
+                        return np.maximum(y, 0) if relu else y
+
+                    if torch is not None:
+                        def f_t(relu=relu):
+                            y = F.batch_norm(tx, trm, trv, tw, tb, training=True)
+                            return F.relu(y) if relu else y
+                    if onednn and op == "train":
+                        def f_dnn():
+                            return F.batch_norm(mx, mrm, mrv, tw, tb, training=True)
+                elif op == "infer":
+                    def f_bn():
+                        _api.batch_norm_infer(x, bmean, bvar, w, b, axis=axis, out=y_out)
+
+                    def f_fresh():
+                        _api.batch_norm_infer(x, bmean, bvar, w, b, axis=axis)
+
+                    def f_np():
+                        return numpy_infer(x, bmean, bvar, w, b, axis)
+
+                    if torch is not None:
+                        def f_t():
+                            return F.batch_norm(tx, trm, trv, tw, tb, training=False)
+                else:  # backward
+                    def f_bn():
+                        _api.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                                 out=dx_out)
+
+                    def f_fresh():
+                        _api.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+
+                    def f_np():
+                        return numpy_backward(dy, x, np_mean, np_invstd, w, axis)
+
+                    if torch is not None:
+                        def f_t():
+                            return torch.autograd.grad(yg, (txg, twg, tbg), tdy,
+                                                       retain_graph=True)
+                    if onednn:
+                        def f_dnn():
+                            return torch.autograd.grad(myg, (mxg, mwg, mbg), mdy,
+                                                       retain_graph=True)
+                # All implementations (and variants) take turns sample by sample.
+                fns, prep, keys = [], [], []
+                for isa in isas:
+                    fns.append(f_bn)
+                    prep.append(selector(isa))
+                    keys.append(("bnfast", isa))
+                    if include_fresh:
+                        fns.append(f_fresh)
+                        prep.append(selector(isa))
+                        keys.append(("fresh", isa))
+                if include_numpy:
+                    fns.append(f_np)
+                    prep.append(None)
+                    keys.append(("numpy", None))
                 if torch is not None:
-                    def f_t():
-                        y = F.batch_norm(tx, trm, trv, tw, tb, training=True)
-                        return F.relu(y) if relu else y
-                else:
-                    f_t = None
-            elif op == "infer":
-                f_bn = lambda: _api.batch_norm_infer(  # noqa: E731
-                    x, bmean, bvar, w, b, axis=axis, out=y_out)
-                f_fresh = lambda: _api.batch_norm_infer(x, bmean, bvar, w, b, axis=axis)  # noqa
-                f_np = lambda: numpy_infer(x, bmean, bvar, w, b, axis)  # noqa: E731
-                f_t = (lambda: F.batch_norm(tx, trm, trv, tw, tb, training=False)) \
-                    if torch is not None else None
-            elif op == "backward":
-                f_bn = lambda: _api.batch_norm_backward(  # noqa: E731
-                    dy, x, mean, invstd, w, axis=axis, out=dx_out)
-                f_fresh = lambda: _api.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)  # noqa
-                f_np = lambda: numpy_backward(dy, x, np_mean, np_invstd, w, axis)  # noqa: E731
-                f_t = (lambda: torch.autograd.grad(yg, (txg, twg, tbg), tdy,  # noqa: E731
-                                                   retain_graph=True)) \
-                    if torch is not None else None
-            else:
-                raise ValueError(f"unknown op {op!r}")
-            # All implementations take turns sample by sample (see timeit_many).
-            fns = [f_bn, f_fresh] + ([f_np] if include_numpy else []) + \
-                ([f_t] if torch is not None else [])
-            grad_off = torch is not None and op != "backward"
-            with torch.no_grad() if grad_off else _nullcontext():
-                times = timeit_many(fns, repeat=repeat)
-            t_bn, t_fr = times[0], times[1]
-            t_np = times[2] if include_numpy else (math.nan, math.nan)
-            t_t = times[-1] if torch is not None else (math.nan, math.nan)
-            results.append({
-                "op": op, "shape": list(shape), "layout": "cl" if cl else "cf",
-                "dtype": dtype.name, "threads": threads, "bytes": int(x.nbytes),
-                "bnfast_ms": t_bn[0] * 1e3, "bnfast_min_ms": t_bn[1] * 1e3,
-                "bnfast_fresh_ms": t_fr[0] * 1e3, "bnfast_fresh_min_ms": t_fr[1] * 1e3,
-                "numpy_ms": t_np[0] * 1e3, "numpy_min_ms": t_np[1] * 1e3,
-                "torch_ms": t_t[0] * 1e3, "torch_min_ms": t_t[1] * 1e3,
-                "copy_ms": copy_ms, "copy_numpy_ms": copy_np[0] * 1e3,
-                "copy_threads_ms": copy_mt[0] * 1e3,
-            })
+                    fns.append(f_t)
+                    prep.append(None)
+                    keys.append(("torch", None))
+                if f_dnn is not None:
+                    fns.append(f_dnn)
+                    prep.append(None)
+                    keys.append(("onednn", None))
+                grad_off = torch is not None and op != "backward"
+                with torch.no_grad() if grad_off else _nullcontext():
+                    times = dict(zip(keys, timeit_many(fns, repeat=repeat, prepare=prep,
+                                                       min_time=min_time)))
+                nan2 = (math.nan, math.nan)
+                t_np = times.get(("numpy", None), nan2)
+                t_t = times.get(("torch", None), nan2)
+                t_d = times.get(("onednn", None), nan2)
+                for isa in isas:
+                    _config.set_isa(isa)
+                    if _config.get_isa() != isa:       # never report a variant not run
+                        raise RuntimeError(f"variant {isa} was asked for, "
+                                           f"{_config.get_isa()} is in use")
+                    plan, strategy = _plan(x, op if op != "train_relu" else "train", axis,
+                                           relu)
+                    t_bn = times[("bnfast", isa)]
+                    t_fr = times.get(("fresh", isa), nan2)
+                    results.append({
+                        "class": shape_class, "op": op, "shape": list(shape),
+                        "layout": "cl" if cl else "cf", "dtype": dtype.name,
+                        "threads": threads, "bytes": int(x.nbytes), "isa": isa,
+                        "bnfast_ms": t_bn[0] * 1e3, "bnfast_min_ms": t_bn[1] * 1e3,
+                        "bnfast_fresh_ms": t_fr[0] * 1e3, "bnfast_fresh_min_ms": t_fr[1] * 1e3,
+                        "numpy_ms": t_np[0] * 1e3, "numpy_min_ms": t_np[1] * 1e3,
+                        "torch_ms": t_t[0] * 1e3, "torch_min_ms": t_t[1] * 1e3,
+                        "onednn_ms": t_d[0] * 1e3, "onednn_min_ms": t_d[1] * 1e3,
+                        "copy_ms": copy_ms, "copy_min_ms": copy_min_ms,
+                        "copy_numpy_ms": copy_np[0] * 1e3, "copy_threads_ms": copy_mt[0] * 1e3,
+                        "strategy": strategy, "plan": plan,
+                    })
+    finally:
+        _config.set_isa(orig_isa)
     return results
 
 
@@ -226,9 +418,9 @@ class _nullcontext:
         return False
 
 
-# ------------------------------------------------------------------ suites and reports
+# ------------------------------------------------------------------ suites
 
-def _fits(shape, dtype, factor=12):
+def _fits(shape, dtype, factor=14):
     need = factor * math.prod(shape) * np.dtype(dtype).itemsize
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -238,43 +430,239 @@ def _fits(shape, dtype, factor=12):
 
 
 def suite(quick=False, threads_list=None):
-    """The list of (shape, layout, dtype, threads) cases of the full or quick benchmark."""
-    allt = get_num_threads()
+    """The cases of the full or quick benchmark, as dicts.
+
+    Each case has ``class``, ``shape``, ``layout``, ``dtype``, ``threads`` and ``ops``.
+    By default one thread count: all of bnfast's threads (PyTorch gets the same).  Cases
+    that would not fit in the free memory are left out.
+    """
     if threads_list is None:
-        threads_list = [allt] if quick else sorted({1, allt})
+        threads_list = [get_num_threads()]
+    specs = ([("classic", s, OPS, "float32") for s in QUICK_F32] if quick else FULL_CASES)
     cases = []
-    groups = [(QUICK_F32, np.float32)] if quick else [(FULL_F32, np.float32),
-                                                       (FULL_F64, np.float64)]
-    for shapes, dt in groups:
-        for shape in shapes:
-            if not _fits(shape, dt):
-                continue
-            for layout in (["cf"] if len(shape) == 2 else ["cf", "cl"]):
-                for t in threads_list:
-                    cases.append((tuple(shape), layout, dt, t))
+    for cls, shape, ops, dt in specs:
+        if not _fits(shape, dt):
+            continue
+        for layout in (["cf"] if len(shape) == 2 else ["cf", "cl"]):
+            for t in threads_list:
+                cases.append({"class": cls, "shape": tuple(shape), "layout": layout,
+                              "dtype": np.dtype(dt), "threads": t, "ops": tuple(ops)})
     return cases
 
 
+def resolve_isas(isa, quick=False):
+    """The variants to run for ``--isa``: a name, ``'all'`` (those this CPU supports) or
+    None (the default: all for the full run; for ``--quick`` the variant in use, that is
+    ``BNFAST_ISA`` or the best).  Returns ``(names, skipped)``, `skipped` listing the
+    variants of ``'all'`` this CPU or build lacks."""
+    avail = _config.available_isas()
+    if isa is None:
+        isa = _config.get_isa() if quick else ALL
+    if isa == ALL:
+        return list(avail), [n for n in _config.ISA_NAMES if n not in avail]
+    if isa not in avail:
+        raise ValueError(f"variant {isa!r} is not supported by this CPU or build; "
+                         f"available: {', '.join(avail)}")
+    return [isa], []
+
+
+# ------------------------------------------------------------------ figures of merit
+
+def _f(v):
+    return math.nan if v is None else float(v)
+
+
+def speedup(r):
+    """PyTorch time / bnfast time (nan without PyTorch)."""
+    return _f(r.get("torch_ms")) / _f(r["bnfast_ms"])
+
+
+def vs_onednn(r):
+    """oneDNN time / bnfast time (nan where oneDNN did not run)."""
+    return _f(r.get("onednn_ms")) / _f(r["bnfast_ms"])
+
+
+def x_copy(r):
+    """bnfast time / copy time."""
+    return _f(r["bnfast_ms"]) / _f(r["copy_ms"])
+
+
+def _geomean(v):
+    v = [x for x in v if x == x and x > 0]
+    return float(np.exp(np.mean(np.log(v)))) if v else math.nan
+
+
+def shape_str(shape):
+    return "x".join(str(int(s)) for s in shape)
+
+
+def case_label(r):
+    return f"{r['op']} {shape_str(r['shape'])} {r['layout']} {r['dtype']}"
+
+
+def summarize(rows):
+    """Median, minimum and geometric-mean speed-ups against PyTorch, per op."""
+    out = {}
+    for op in OPS:
+        r = [speedup(x) for x in rows if x["op"] == op]
+        r = [v for v in r if v == v]
+        if r:
+            out[op] = {"median": float(np.median(r)), "min": float(np.min(r)),
+                       "geomean": _geomean(r), "cases": len(r)}
+    return out
+
+
+def _target(name, limit, figure, met, detail=""):
+    return {"target": name, "limit": limit, "figure": figure,
+            "met": None if met is None else bool(met), "detail": detail}
+
+
+def _key(r):
+    return (r["op"], tuple(r["shape"]), r["layout"], r["dtype"], int(r["threads"]))
+
+
+def regression(rows, reference_rows, tolerance=1.05):
+    """This run's bnfast times against a reference run's, case by case (same op, shape,
+    layout, dtype, threads): geometric mean and worst of new / old."""
+    ref = {_key(r): _f(r["bnfast_ms"]) for r in reference_rows}
+    pairs = [(r, _f(r["bnfast_ms"]) / ref[_key(r)]) for r in rows if _key(r) in ref]
+    pairs = [(r, q) for r, q in pairs if q == q]
+    if not pairs:
+        return None
+    worst = max(pairs, key=lambda p: p[1])
+    g = _geomean([q for _, q in pairs])
+    return {"cases": len(pairs), "geomean": g, "worst": worst[1],
+            "worst_case": case_label(worst[0]),
+            "slower_25pct": sum(q > 1.25 for _, q in pairs), "met": g <= tolerance}
+
+
+def summarize_variant(rows, reference_rows=None):
+    """The summary of one variant's rows: speed-ups per op, the geometric mean of the
+    training-forward and backward speed-ups, the cases slower than PyTorch, the worst
+    one, and the issue's targets (float32 rows), each marked met / not met with its
+    figure (``met`` is None where the run has no case for it)."""
+    f32 = [r for r in rows if r["dtype"] == "float32"]
+    with_torch = [r for r in f32 if speedup(r) == speedup(r)]
+    slower = sorted((r for r in with_torch if speedup(r) < 1.0), key=speedup)
+    worst = min(with_torch, key=speedup) if with_torch else None
+    gtb = _geomean([speedup(r) for r in with_torch if r["op"] in ("train", "backward")])
+    f64_torch = [r for r in rows if r["dtype"] == "float64" and speedup(r) == speedup(r)]
+    out = {
+        "per_op": summarize(rows),
+        "cases_float32": len(with_torch),
+        "geomean_train_backward": gtb,
+        "slower_than_torch": [{"case": case_label(r), "speedup": speedup(r)} for r in slower],
+        "worst": ({"case": case_label(worst), "speedup": speedup(worst)} if worst else None),
+        "float64_slower_than_torch": sum(speedup(r) < 1.0 for r in f64_torch),
+        "float64_cases": len(f64_torch),
+    }
+    t = []
+    if with_torch:
+        t.append(_target("never slower than PyTorch (speed-up >= 1.0)", 1.0,
+                         worst and speedup(worst), not slower,
+                         f"{len(slower)} of {len(with_torch)} cases slower; worst "
+                         f"{case_label(worst)}"))
+        t.append(_target("geometric mean of train and backward speed-ups >= 2x", 2.0, gtb,
+                         gtb >= 2.0))
+    dnn = [r for r in f32 if r["op"] == "train" and vs_onednn(r) == vs_onednn(r)]
+    if dnn:
+        w = min(dnn, key=vs_onednn)
+        n_slow = sum(vs_onednn(r) < 1.0 for r in dnn)
+        t.append(_target("training forward at least as fast as oneDNN", 1.0, vs_onednn(w),
+                         n_slow == 0, f"{n_slow} of {len(dnn)} cases slower; worst "
+                                      f"{case_label(w)}"))
+    for (layout, op), limit in LLC_TARGETS.items():
+        big = [r for r in f32 if r["class"] == "> LLC" and r["layout"] == layout
+               and r["op"] == op]
+        if big:
+            w = max(big, key=x_copy)
+            name = {"cf": "channels-first", "cl": "channels-last"}[layout]
+            t.append(_target(f"> LLC {name} {OP_TITLES[op]} <= {limit}x copy", limit,
+                             x_copy(w), x_copy(w) <= limit,
+                             f"worst {case_label(w)}; {len(big)} cases"))
+    if reference_rows is not None:
+        reg = regression(f32, reference_rows)
+        if reg is not None:
+            t.append(_target("no regression against the reference run (geometric mean of "
+                             "time ratios <= 1.05)", 1.05, reg["geomean"], reg["met"],
+                             f"{reg['cases']} cases; worst {reg['worst']:.2f}x "
+                             f"({reg['worst_case']}); {reg['slower_25pct']} more than "
+                             f"1.25x slower"))
+    out["targets"] = t
+    # Item 2 of the issue (tuning goals), measured by the same run.
+    item2 = []
+    by = {_key(r): r for r in f32}
+    relu = [(r, _f(r["bnfast_ms"]) / _f(by[k]["bnfast_ms"])) for r in f32
+            if r["op"] == "train_relu"
+            and (k := ("train",) + _key(r)[1:]) in by]
+    if relu:
+        w = max(relu, key=lambda p: p[1])
+        item2.append(_target("fused ReLU costs at most 10% more than training forward",
+                             1.10, w[1], w[1] <= 1.10,
+                             f"worst {case_label(w[0])}; "
+                             f"{sum(q > 1.10 for _, q in relu)} of {len(relu)} over"))
+    b1 = [r for r in f32 if r["class"] == "batch-1" and r["op"] == "infer"]
+    if b1:
+        q = [(r, _f(r["bnfast_ms"]) / max(1.5 * _f(r["copy_ms"]), 0.005)) for r in b1]
+        w = max(q, key=lambda p: p[1])
+        item2.append(_target("batch-1 inference within max(1.5x copy, 5 us)", 1.0, w[1],
+                             w[1] <= 1.0, f"worst {case_label(w[0])} "
+                                          f"{w[0]['bnfast_ms'] * 1e3:.1f} us"))
+    out["item2"] = item2
+    return out
+
+
+def compare_variants(rows, faster="avx2", slower="baseline"):
+    """Cases (float32) where variant `faster` is not faster than `slower`: the issue wants
+    avx2 to beat baseline on every case.  None unless both ran."""
+    a = {_key(r): r for r in rows if r["isa"] == faster and r["dtype"] == "float32"}
+    b = {_key(r): r for r in rows if r["isa"] == slower and r["dtype"] == "float32"}
+    common = [k for k in a if k in b]
+    if not common:
+        return None
+    q = [(a[k], _f(b[k]["bnfast_ms"]) / _f(a[k]["bnfast_ms"])) for k in common]
+    w = min(q, key=lambda p: p[1])
+    return {"cases": len(q), "not_faster": sum(v < 1.0 for _, v in q),
+            "geomean": _geomean([v for _, v in q]), "worst": w[1],
+            "worst_case": case_label(w[0]),
+            "met": all(v >= 1.0 for _, v in q)}
+
+
+# ------------------------------------------------------------------ tables
+
+def _ms(v):
+    v = _f(v)
+    if v != v:
+        return "-"
+    return f"{v:#.3g}" if v < 100 else f"{v:.0f}"
+
+
+def _x(v, nd=2):
+    v = _f(v)
+    return "-" if v != v else f"{v:.{nd}f}"
+
+
 def format_table(rows, torch=None):
-    """The results as a text table.
+    """The quick command's text table (one variant, with NumPy and fresh outputs).
 
     `torch` says why there are no PyTorch times when none of `rows` has one ('not
     installed', 'skipped (--no-torch)'): the PyTorch columns are then left out and a
     line says so, rather than columns of nan.
     """
-    has_torch = any(r["torch_ms"] == r["torch_ms"] for r in rows)
+    has_torch = any(_f(r["torch_ms"]) == _f(r["torch_ms"]) for r in rows)
+
+    def ms(v, width):
+        v = _f(v)
+        return f"{v:>{width}.3f}" if v == v else f"{'-':>{width}}"
+
     head = (f"{'op':<10} {'shape':<19} {'lay':<3} {'dtype':<7} {'thr':>3} {'bnfast':>9} "
             f"{'fresh':>9} {'numpy':>9} " + (f"{'torch':>9} " if has_torch else "")
             + f"{'copy':>8} " + (f"{'vs torch':>8} " if has_torch else "")
             + f"{'vs np':>7} {'x copy':>6}")
     lines = [head, "-" * len(head)]
-
-    def ms(v, width):
-        return f"{v:>{width}.3f}" if v == v else f"{'-':>{width}}"
-
     for r in rows:
-        vt = r["torch_ms"] / r["bnfast_ms"]
-        vn = r["numpy_ms"] / r["bnfast_ms"]
+        vt = speedup(r)
+        vn = _f(r["numpy_ms"]) / _f(r["bnfast_ms"])
         lines.append(
             f"{r['op']:<10} {str(tuple(r['shape'])):<19} {r['layout']:<3} {r['dtype']:<7} "
             f"{r['threads']:>3} {ms(r['bnfast_ms'], 9)} {ms(r['bnfast_fresh_ms'], 9)} "
@@ -282,7 +670,7 @@ def format_table(rows, torch=None):
             + f"{ms(r['copy_ms'], 8)} "
             + ((f"{vt:>7.2f}x " if vt == vt else f"{'-':>8} ") if has_torch else "")
             + (f"{vn:>6.1f}x" if vn == vn else f"{'-':>7}")
-            + f" {r['bnfast_ms'] / r['copy_ms']:>6.2f}")
+            + f" {x_copy(r):>6.2f}")
     lines.append("times: median ms; fresh = bnfast allocating its outputs; "
                  + ("vs torch/np = their time / bnfast's" if has_torch
                     else "vs np = NumPy's time / bnfast's")
@@ -294,98 +682,413 @@ def format_table(rows, torch=None):
     return "\n".join(lines)
 
 
-def summarize(rows):
-    """Geometric-mean and median speed-ups against PyTorch, per op."""
-    out = {}
+def format_variant_table(rows):
+    """One variant's rows as a text table (the bench command's output)."""
+    has_dnn = any(vs_onednn(r) == vs_onednn(r) for r in rows)
+    has_plan = any(r.get("strategy") for r in rows)
+    head = (f"{'class':<8} {'op':<10} {'shape':<16} {'lay':<3} {'dt':<3} {'bnfast':>8} "
+            f"{'torch':>8} {'speedup':>7} " + (f"{'oneDNN':>8} {'vs dnn':>6} " if has_dnn
+                                             else "") + f"{'x copy':>6}"
+            + ("  plan" if has_plan else ""))
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['class']:<8} {r['op']:<10} {shape_str(r['shape']):<16} {r['layout']:<3} "
+            f"{'f' + r['dtype'][-2:]:<3} {_ms(r['bnfast_ms']):>8} {_ms(r.get('torch_ms')):>8} "
+            f"{_x(speedup(r)):>7} "
+            + (f"{_ms(r.get('onednn_ms')):>8} {_x(vs_onednn(r)):>6} " if has_dnn else "")
+            + f"{_x(x_copy(r)):>6}" + (f"  {r.get('strategy', '')}" if has_plan else ""))
+    return "\n".join(lines)
+
+
+def format_summary(isa, s, skipped=()):
+    """A variant's summary as text lines (also used in the Markdown report)."""
+    lines = [f"variant {isa}:"]
+    for op, v in s["per_op"].items():
+        lines.append(f"  speed-up over PyTorch, {op}: median {v['median']:.2f}x, "
+                     f"min {v['min']:.2f}x, geomean {v['geomean']:.2f}x over {v['cases']} cases")
+    lines.append(f"  geometric mean of train and backward speed-ups (float32): "
+                 f"{s['geomean_train_backward']:.2f}x")
+    lines.append(f"  slower than PyTorch: {len(s['slower_than_torch'])} of "
+                 f"{s['cases_float32']} float32 cases, {s['float64_slower_than_torch']} of "
+                 f"{s['float64_cases']} float64 cases")
+    if s["worst"]:
+        lines.append(f"  worst: {s['worst']['case']} {s['worst']['speedup']:.2f}x")
+    for t in s["targets"] + s["item2"]:
+        mark = {True: "met", False: "NOT MET", None: "n/a"}[t["met"]]
+        fig = "-" if t["figure"] is None else f"{t['figure']:.2f}"
+        lines.append(f"  [{mark}] {t['target']}: {fig}" +
+                     (f" ({t['detail']})" if t["detail"] else ""))
+    return "\n".join(lines)
+
+
+def markdown_tables(rows, isa):
+    """One variant's results as Markdown: one table per operation (narrow columns)."""
+    has_plan = any(r.get("strategy") for r in rows)
+    out = []
     for op in OPS:
-        r = [x["torch_ms"] / x["bnfast_ms"] for x in rows
-             if x["op"] == op and x["torch_ms"] == x["torch_ms"]]
-        if r:
-            out[op] = {"median": float(np.median(r)), "min": float(np.min(r)),
-                       "geomean": float(np.exp(np.mean(np.log(r)))), "cases": len(r)}
-    return out
+        rs = [r for r in rows if r["op"] == op]
+        if not rs:
+            continue
+        dnn = any(vs_onednn(r) == vs_onednn(r) for r in rs)
+        out.append(f"**{isa}: {OP_TITLES[op]}** ({len(rs)} cases)\n")
+        cols = ["class", "shape", "lay", "dt", "bnfast ms", "PyTorch ms", "speed-up"]
+        cols += ["oneDNN ms", "vs oneDNN"] if dnn else []
+        cols += ["x copy"] + (["plan"] if has_plan else [])
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|" + "|".join("---:" if c.endswith(("ms", "up", "copy", "oneDNN"))
+                                  else "---" for c in cols) + "|")
+        for r in rs:
+            su = speedup(r)
+            sus = _x(su) + ("x" if su == su else "")
+            if su == su and su < 1.0:
+                sus = f"**{sus}**"
+            cells = [r["class"], shape_str(r["shape"]), r["layout"], "f" + r["dtype"][-2:],
+                     _ms(r["bnfast_ms"]), _ms(r.get("torch_ms")), sus]
+            if dnn:
+                cells += [_ms(r.get("onednn_ms")), _x(vs_onednn(r))]
+            cells += [_x(x_copy(r))]
+            if has_plan:
+                cells += [f"`{r['strategy']}`" if r.get("strategy") else ""]
+            out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
-def plot(rows, path):
-    """Save a PNG: speed-up over PyTorch per case, and time as a multiple of the copy."""
+def markdown_summary(summaries, cross=None):
+    """The per-variant summaries and targets as Markdown tables."""
+    isas = list(summaries)
+    out = ["| | " + " | ".join(isas) + " |", "|---|" + "---:|" * len(isas)]
+
+    def row(name, fn):
+        out.append(f"| {name} | " + " | ".join(fn(summaries[i]) for i in isas) + " |")
+
+    row("geomean train+backward speed-up", lambda s: f"{s['geomean_train_backward']:.2f}x")
+    for op in OPS:
+        row(f"{op}: median (min) speed-up",
+            lambda s, op=op: (f"{s['per_op'][op]['median']:.2f}x "
+                              f"({s['per_op'][op]['min']:.2f}x)" if op in s["per_op"] else "-"))
+    row("float32 cases slower than PyTorch",
+        lambda s: f"{len(s['slower_than_torch'])} of {s['cases_float32']}")
+    row("float64 cases slower than PyTorch",
+        lambda s: f"{s['float64_slower_than_torch']} of {s['float64_cases']}")
+    row("worst case", lambda s: (f"{s['worst']['speedup']:.2f}x {s['worst']['case']}"
+                                 if s["worst"] else "-"))
+    names = []
+    for s in summaries.values():
+        for t in s["targets"] + s["item2"]:
+            if t["target"] not in names:
+                names.append(t["target"])
+    for name in names:
+        def cell(s, name=name):
+            for t in s["targets"] + s["item2"]:
+                if t["target"] == name:
+                    fig = "-" if t["figure"] is None else f"{t['figure']:.2f}"
+                    mark = {True: "met", False: "**not met**", None: "n/a"}[t["met"]]
+                    return f"{mark}: {fig}"
+            return "-"
+        out.append(f"| {name} | " + " | ".join(cell(summaries[i]) for i in isas) + " |")
+    if cross:
+        out.append("")
+        out.append(f"avx2 against baseline (float32): avx2 faster on "
+                   f"{cross['cases'] - cross['not_faster']} of {cross['cases']} cases, "
+                   f"geometric mean {cross['geomean']:.2f}x, worst {cross['worst']:.2f}x "
+                   f"({cross['worst_case']}).")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ plots
+
+_LAYOUT_COLOR = {"cf": "C0", "cl": "C1"}
+_OFFSETS = {("cf", "float32"): -0.24, ("cl", "float32"): -0.08,
+            ("cf", "float64"): 0.08, ("cl", "float64"): 0.24}
+
+
+def _tick(v, _pos=None):
+    return f"{v:g}"
+
+
+def plot(rows, path, title=None):
+    """Save a PNG of one variant's rows: per operation (one row of panels each), the
+    speed-up over PyTorch (left; oneDNN as crosses) and the time as a multiple of a copy
+    (right; the issue's targets for the largest tensors as red ticks), one line per shape
+    class, one dot per case (blue channels-first, orange channels-last, hollow float64)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    labels = [f"{r['op']} {'x'.join(map(str, r['shape']))} {r['layout']} "
-              f"{r['dtype'][-2:]} t{r['threads']}" for r in rows]
-    vt = [r["torch_ms"] / r["bnfast_ms"] for r in rows]
-    xc = [r["bnfast_ms"] / r["copy_ms"] for r in rows]
-    n = len(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.22 * n + 1.5)), sharey=True)
-    ypos = np.arange(n)
-    colors = {"train": "C0", "infer": "C1", "backward": "C2", "train_relu": "C3"}
-    col = [colors[r["op"]] for r in rows]
-    axes[0].barh(ypos, vt, color=col)
-    axes[0].axvline(1.0, color="k", lw=0.8)
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("speed-up over PyTorch (torch time / bnfast time)")
-    axes[1].barh(ypos, xc, color=col)
-    axes[1].axvline(1.0, color="k", lw=0.8)
-    axes[1].set_xlabel("bnfast time / copy time (memory floor = 1)")
-    axes[0].set_yticks(ypos)
-    axes[0].set_yticklabels(labels, fontsize=7)
-    axes[0].invert_yaxis()
-    fig.suptitle("bnfast vs PyTorch CPU batch norm (median times, same run)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    classes = [c for c in CLASSES if any(r["class"] == c for r in rows)]
+    classes += sorted({r["class"] for r in rows} - set(classes))
+    ypos = {c: i for i, c in enumerate(classes)}
+    h = 0.62 + 0.27 * len(classes)
+    fig, axes = plt.subplots(len(ops), 2, figsize=(7.5, 0.7 + h * len(ops)), squeeze=False)
+    for i, op in enumerate(ops):
+        rs = [r for r in rows if r["op"] == op]
+        for j, (fn, xlabel) in enumerate([(speedup, "PyTorch time / bnfast time"),
+                                          (x_copy, "bnfast time / copy time")]):
+            ax = axes[i][j]
+            for r in rs:
+                v = fn(r)
+                if v != v:
+                    continue
+                y = ypos[r["class"]] + _OFFSETS.get((r["layout"], r["dtype"]), 0.0)
+                c = _LAYOUT_COLOR.get(r["layout"], "C2")
+                face = c if r["dtype"] == "float32" else "none"
+                ax.scatter([v], [y], s=16, facecolors=face, edgecolors=c, linewidths=0.9,
+                           zorder=3)
+                if j == 0 and vs_onednn(r) == vs_onednn(r):
+                    ax.scatter([vs_onednn(r)], [y], s=18, marker="x", color="0.25",
+                               linewidths=0.9, zorder=3)
+            ax.axvline(1.0, color="k", lw=0.8)
+            if j == 0:
+                ax.axvspan(1e-3, 1.0, color="C3", alpha=0.07, lw=0)
+            else:
+                for (layout, top), limit in LLC_TARGETS.items():
+                    if top == op and "> LLC" in ypos:
+                        y = ypos["> LLC"] + _OFFSETS[(layout, "float32")]
+                        ax.plot([limit, limit], [y - 0.08, y + 0.08], color="C3", lw=1.6,
+                                zorder=4)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_minor_locator(LogLocator(base=10, subs=np.arange(1, 10)))
+            ax.xaxis.set_major_formatter(FuncFormatter(_tick))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            vals = [fn(r) for r in rs if fn(r) == fn(r)]
+            if j == 0:
+                vals += [vs_onednn(r) for r in rs if vs_onednn(r) == vs_onednn(r)]
+            if vals:
+                lo, hi = min(vals + [1.0]), max(vals + [1.0])
+                ax.set_xlim(lo / 1.25, hi * 1.25)
+            ax.set_ylim(len(classes) - 0.5, -0.5)
+            ax.set_yticks(range(len(classes)))
+            ax.set_yticklabels(classes if j == 0 else [], fontsize=8)
+            ax.tick_params(axis="x", labelsize=7.5)
+            ax.grid(axis="x", which="both", color="0.9", lw=0.5)
+            for y in range(len(classes) - 1):
+                ax.axhline(y + 0.5, color="0.85", lw=0.5)
+            ax.set_title(f"{OP_TITLES[op]}: " + ("speed-up over PyTorch" if j == 0
+                                                  else "time / copy"), fontsize=9)
+            if i == len(ops) - 1:
+                ax.set_xlabel(xlabel, fontsize=8)
+    handles = [Line2D([], [], ls="", marker="o", color="C0", label="channels-first"),
+               Line2D([], [], ls="", marker="o", color="C1", label="channels-last")]
+    if any(r["dtype"] == "float64" for r in rows):
+        handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="0.3",
+                              label="float64"))
+    if any(vs_onednn(r) == vs_onednn(r) for r in rows):
+        handles.append(Line2D([], [], ls="", marker="x", color="0.25",
+                              label="bnfast vs oneDNN"))
+    if "> LLC" in ypos:
+        handles.append(Line2D([], [], color="C3", lw=1.6, label="target (> LLC)"))
+    H = fig.get_figheight()
+    fig.tight_layout(h_pad=0.6)
+    fig.subplots_adjust(top=1 - 0.72 / H)
+    fig.legend(handles=handles, loc="center", ncol=len(handles), fontsize=7.5,
+               frameon=False, bbox_to_anchor=(0.5, 1 - 0.36 / H))
+    if title:
+        fig.text(0.5, 1 - 0.06 / H, title, fontsize=10, ha="center", va="top")
+    fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
-def _write_json(out_dir, stem, torch, t0, summ, rows, interrupted=False):
+# ------------------------------------------------------------------ machine, JSON
+
+_FLAGS = ("sse2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl",
+          "avx512_vnni", "avx512_bf16")
+
+
+def machine_info():
+    """The CPU model (lscpu's 'Model name'), a subset of its flags, cores and caches."""
+    info = {"model": platform.processor() or platform.machine(), "flags": [],
+            "cpus": os.cpu_count()}
+    fields = {}
+    try:
+        import subprocess
+
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
+                             env=dict(os.environ, LC_ALL="C")).stdout
+        for line in out.splitlines():
+            k, _, v = line.partition(":")
+            fields[k.strip()] = v.strip()
+    except (OSError, ValueError, Exception):
+        pass
+    if fields.get("Model name"):
+        info["model"] = fields["Model name"]
+    flags = fields.get("Flags", "").split()
+    if not flags:
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("flags"):
+                        flags = line.split(":", 1)[1].split()
+                        break
+        except OSError:
+            pass
+    info["flags"] = [f for f in _FLAGS if f in flags]
+    for k in ("L2 cache", "L3 cache"):
+        if k in fields:
+            info[k.split()[0].lower() + "_cache"] = fields[k]
+    return info
+
+
+def _json_safe(v):
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def _write_json(out_dir, stem, torch, t0, summ, rows, interrupted=False, extra=None):
     from ._config import get_config
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, stem + ".json")
-    blob = {"config": get_config(), "torch": getattr(torch, "__version__", None),
+    blob = {"config": get_config(), "machine": machine_info(),
+            "torch": getattr(torch, "__version__", None),
+            "torch_threads": torch.get_num_threads() if torch is not None else None,
             "seconds": time.perf_counter() - t0, "summary": summ, "results": rows}
+    blob.update(extra or {})
     if interrupted:
         blob["interrupted"] = True
     with open(path, "w") as f:
-        json.dump(blob, f, indent=1)
+        json.dump(_json_safe(blob), f, indent=1, default=str)
     return path
 
 
-def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=print):
-    """Run the benchmark suite; print a table; write JSON (and PNG if matplotlib exists)."""
+def load_rows(path):
+    """The results of a JSON file written by the benchmark (None read back as nan)."""
+    with open(path) as f:
+        blob = json.load(f)
+    rows = blob["results"]
+    for r in rows:
+        for k, v in list(r.items()):
+            if k.endswith("_ms") and v is None:
+                r[k] = math.nan
+        r.setdefault("isa", blob.get("config", {}).get("isa"))
+        r.setdefault("class", "")
+    return rows
+
+
+# ------------------------------------------------------------------ the run
+
+def _torch():
+    try:
+        import torch
+    except Exception:
+        return None
+    return torch
+
+
+def _onednn_works(torch):
+    """Whether PyTorch's mkldnn (oneDNN) batch norm runs here; (ok, why not)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False, "torch.backends.mkldnn.is_available() is False"
+        x = torch.randn(2, 3, 4, 4)
+        w = torch.ones(3, requires_grad=True)
+        xm = x.to_mkldnn().requires_grad_(True)
+        y = torch.nn.functional.batch_norm(xm, None, None, w, torch.zeros(3), training=True)
+        torch.autograd.grad(y, (xm, w), torch.ones(2, 3, 4, 4).to_mkldnn())
+        return True, ""
+    except Exception as exc:
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def write_reports(rows, out_dir, stem, summaries=None, cross=None, log=print):
+    """Write the Markdown summary (``<stem>_summary.md``), one Markdown file of tables and
+    one PNG per variant (``<stem>_<variant>.md/.png``) into `out_dir`."""
+    isas = [i for i in _config.ISA_NAMES if any(r["isa"] == i for r in rows)]
+    if summaries is None:
+        summaries = {i: summarize_variant([r for r in rows if r["isa"] == i]) for i in isas}
+        cross = compare_variants(rows)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + "_summary.md"), "w") as f:
+        f.write(markdown_summary(summaries, cross) + "\n")
+    for isa in isas:
+        with open(os.path.join(out_dir, f"{stem}_{isa}.md"), "w") as f:
+            f.write(markdown_tables([r for r in rows if r["isa"] == isa], isa))
+    threads = "/".join(str(t) for t in sorted({int(r["threads"]) for r in rows}))
+    try:
+        for isa in isas:
+            plot([r for r in rows if r["isa"] == isa],
+                 os.path.join(out_dir, f"{stem}_{isa}.png"),
+                 title=f"bnfast ({isa}) against PyTorch, {machine_info()['model']}, "
+                       f"{threads} threads, median times")
+    except ImportError:
+        log("note: matplotlib is not installed; no plot written (pip install matplotlib)")
+    log(f"wrote {os.path.join(out_dir, stem)}.json, {stem}_summary.md, "
+        f"{stem}_<variant>.md and .png")
+
+
+def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=print,
+        isas=None, reference=None, min_time=None):
+    """Run the benchmark suite; print one table and summary per variant; write JSON,
+    Markdown tables and one PNG per variant (if matplotlib exists).
+
+    `isas`: the variant names to run (default: see :func:`resolve_isas`); `reference`: a
+    JSON file of an earlier run whose bnfast times this run's are compared with.
+    """
     torch = _torch()
     if torch is None:
         log("note: PyTorch is not installed; its columns are left out (pip install torch)")
+    if isas is None:
+        isas, _ = resolve_isas(None, quick)
+    onednn, why = (_onednn_works(torch) if torch is not None and not quick
+                   else (False, "not in --quick" if torch is not None else "no PyTorch"))
+    if torch is not None and not quick and not onednn:
+        log(f"note: oneDNN (PyTorch mkldnn tensors) does not run here: {why}")
+    ref_rows = load_rows(reference) if reference else None
     cases = suite(quick, threads_list)
     rows = []
     t0 = time.perf_counter()
     stem = "bench_quick" if quick else "bench"
+    log(f"variants: {', '.join(isas)}; {len(cases)} cases; oneDNN: "
+        f"{'yes' if onednn else 'no (' + why + ')'}")
     try:
-        for shape, layout, dt, t in cases:
-            big = math.prod(shape) * np.dtype(dt).itemsize > 256e6
-            rep = repeat or (3 if big else (5 if quick else 7))
-            rows += run_case(shape, layout, dt, t, repeat=rep)
-            r = rows[-1]
-            log(f"  {r['shape']} {layout} {r['dtype']} t{t}: done "
-                f"({time.perf_counter() - t0:.0f} s)")
+        for c in cases:
+            size = math.prod(c["shape"]) * c["dtype"].itemsize
+            rep = repeat or (3 if size > 256e6 else 5 if (quick or size > 64e6) else 7)
+            kw = dict(ops=c["ops"], repeat=rep, isas=isas, shape_class=c["class"],
+                      include_numpy=quick, include_fresh=quick, include_onednn=onednn)
+            if min_time:
+                kw["min_time"] = min_time
+            rows += run_case(c["shape"], c["layout"], c["dtype"], c["threads"], **kw)
+            log(f"  {c['class']:<8} {shape_str(c['shape']):<16} {c['layout']} "
+                f"{c['dtype'].name} t{c['threads']}: done ({time.perf_counter() - t0:.0f} s)")
     except KeyboardInterrupt:
         if out_dir and rows:
             path = _write_json(out_dir, stem, torch, t0, summarize(rows), rows,
                                interrupted=True)
             log(f"\ninterrupted after {len(rows)} rows; wrote them to {path}")
         raise
-    log("")
-    log(format_table(rows, torch=None if torch is not None else "not installed"))
-    summ = summarize(rows)
-    for op, s in summ.items():
-        log(f"speed-up over PyTorch, {op}: median {s['median']:.2f}x, "
-            f"min {s['min']:.2f}x, geomean {s['geomean']:.2f}x over {s['cases']} cases")
+    seconds = time.perf_counter() - t0
+    summaries = {}
+    for isa in isas:
+        rs = [r for r in rows if r["isa"] == isa]
+        summaries[isa] = summarize_variant(rs, ref_rows if isa == "avx512" else None)
+        log("")
+        if quick:
+            log(f"variant {isa}:")
+            log(format_table(rs, torch=None if torch is not None else "not installed"))
+        else:
+            log(format_variant_table(rs))
+        log(format_summary(isa, summaries[isa]))
+    cross = compare_variants(rows)
+    if cross:
+        log(f"\navx2 against baseline: avx2 faster on {cross['cases'] - cross['not_faster']} "
+            f"of {cross['cases']} float32 cases; geomean {cross['geomean']:.2f}x, worst "
+            f"{cross['worst']:.2f}x ({cross['worst_case']})")
+    log(f"\n{len(rows)} rows in {seconds:.0f} s")
     if out_dir:
-        _write_json(out_dir, stem, torch, t0, summ, rows)
-        try:
-            plot(rows, os.path.join(out_dir, stem + ".png"))
-        except ImportError:
-            log("note: matplotlib is not installed; no plot written (pip install matplotlib)")
-        log(f"wrote {os.path.join(out_dir, stem)}.json/.png")
+        extra = {"isas": isas, "onednn": onednn if onednn else why, "cross": cross,
+                 "threads": sorted({c["threads"] for c in cases})}
+        _write_json(out_dir, stem, torch, t0, summaries, rows, extra=extra)
+        write_reports(rows, out_dir, stem, summaries, cross, log=log)
     return rows

@@ -68,3 +68,248 @@ def test_bench_cli_writes_json(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "bench_quick.json").read_text())
     assert {r["layout"] for r in data["results"]} == {"cf", "cl"}
     assert data["config"]["version"] == bnfast.__version__
+
+
+# ------------------------------------------------------------------ variants (--isa)
+
+def _tiny_quick(monkeypatch):
+    monkeypatch.setattr(_bench, "QUICK_F32", [(8, 4, 6, 6)])
+    monkeypatch.setattr(_bench, "_torch", lambda: None)
+
+
+def test_timeit_many_runs_prepare_before_every_sample():
+    calls = []
+    times = _bench.timeit_many([lambda: calls.append("a"), lambda: calls.append("b")],
+                               repeat=3, min_time=0.0,
+                               prepare=[lambda: calls.append("pa"), None])
+    assert len(times) == 2
+    # warm-up (prepare, 2 calls) then per round: prepare, sample of a, sample of b
+    assert calls[:3] == ["pa", "a", "a"]
+    rounds = calls[5:]
+    assert rounds == ["pa", "a", "b"] * 3
+    with pytest.raises(ValueError, match="one entry per function"):
+        _bench.timeit_many([lambda: None], prepare=[None, None])
+
+
+def test_run_case_times_each_variant_and_restores_the_selection():
+    before = bnfast.get_isa()
+    isas = bnfast.available_isas()
+    rows = _bench.run_case((4, 3, 5, 5), "cl", np.float32, 1, repeat=1, isas=isas,
+                           include_torch=False, include_numpy=False, include_fresh=False,
+                           shape_class="x", min_time=0.0)
+    assert bnfast.get_isa() == before
+    assert [(r["op"], r["isa"]) for r in rows] == [(op, i) for op in _bench.OPS
+                                                   for i in isas]
+    for r in rows:
+        assert r["class"] == "x" and r["bnfast_ms"] > 0 and r["copy_ms"] > 0
+        assert r["torch_ms"] != r["torch_ms"] and r["onednn_ms"] != r["onednn_ms"]
+
+
+def test_run_case_without_training_values_times_inference_only():
+    rows = _bench.run_case((1, 6), "cf", np.float32, 1, repeat=1, include_torch=False,
+                           min_time=0.0)
+    assert [r["op"] for r in rows] == ["infer"]
+
+
+def test_resolve_isas(monkeypatch):
+    avail = bnfast.available_isas()
+    assert _bench.resolve_isas("all") == (avail, [n for n in _bench._config.ISA_NAMES
+                                                  if n not in avail])
+    assert _bench.resolve_isas(None) == _bench.resolve_isas("all")       # full run: all
+    assert _bench.resolve_isas(None, quick=True) == ([bnfast.get_isa()], [])
+    assert _bench.resolve_isas("baseline") == (["baseline"], [])
+    monkeypatch.setattr(_bench._config, "available_isas", lambda: ["baseline"])
+    assert _bench.resolve_isas("all") == (["baseline"], ["avx2", "avx512"])
+    with pytest.raises(ValueError, match="not supported.*available: baseline"):
+        _bench.resolve_isas("avx512")
+
+
+def test_bench_cli_isa_all_writes_one_table_per_variant(tmp_path, monkeypatch, capsys):
+    _tiny_quick(monkeypatch)
+    from bnfast.__main__ import main
+
+    before = bnfast.get_isa()
+    assert main(["bench", "--quick", "--isa", "all", "--out", str(tmp_path),
+                 "--repeat", "1"]) == 0
+    assert bnfast.get_isa() == before
+    out = capsys.readouterr().out
+    isas = bnfast.available_isas()
+    for isa in isas:
+        assert f"variant {isa}:" in out
+        assert (tmp_path / f"bench_quick_{isa}.md").exists()
+    data = json.loads((tmp_path / "bench_quick.json").read_text())
+    assert data["isas"] == isas and set(data["summary"]) == set(isas)
+    assert sorted({r["isa"] for r in data["results"]}) == sorted(isas)
+    assert len(data["results"]) == 2 * len(_bench.OPS) * len(isas)   # cf and cl
+
+
+def test_bench_cli_one_named_variant(tmp_path, monkeypatch):
+    _tiny_quick(monkeypatch)
+    from bnfast.__main__ import main
+
+    assert main(["bench", "--quick", "--isa", "baseline", "--out", str(tmp_path),
+                 "--repeat", "1"]) == 0
+    data = json.loads((tmp_path / "bench_quick.json").read_text())
+    assert {r["isa"] for r in data["results"]} == {"baseline"}
+
+
+def test_bench_cli_unknown_variant_is_a_usage_error(capsys):
+    from bnfast.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--isa", "sse9"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--isa" in err and "'sse9'" in err
+    for name in ("baseline", "avx2", "avx512", "all"):
+        assert name in err.splitlines()[-1]
+
+
+def test_bench_cli_unsupported_variant_is_a_usage_error(capsys, monkeypatch):
+    monkeypatch.setattr(_bench._config, "available_isas", lambda: ["baseline"])
+    from bnfast.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--quick", "--isa", "avx512"])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("bnfast bench: error: argument --isa:")
+    assert "avx512" in last and "available: baseline" in last
+
+
+def test_bench_json_schema(tmp_path, monkeypatch):
+    _tiny_quick(monkeypatch)
+    from bnfast.__main__ import main
+
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--repeat", "1"]) == 0
+    text = (tmp_path / "bench_quick.json").read_text()
+    assert "NaN" not in text                      # missing figures are null (valid JSON)
+    data = json.loads(text)
+    for key in ("config", "machine", "torch", "torch_threads", "seconds", "summary",
+                "results", "isas", "threads", "onednn"):
+        assert key in data, key
+    assert data["torch"] is None and data["threads"] == [bnfast.get_num_threads()]
+    assert set(data["machine"]) >= {"model", "flags", "cpus"}
+    row_keys = {"class", "op", "shape", "layout", "dtype", "threads", "bytes", "isa",
+                "bnfast_ms", "bnfast_min_ms", "torch_ms", "torch_min_ms", "onednn_ms",
+                "onednn_min_ms", "copy_ms", "copy_min_ms", "copy_numpy_ms",
+                "copy_threads_ms", "numpy_ms", "bnfast_fresh_ms", "strategy", "plan"}
+    for r in data["results"]:
+        assert set(r) >= row_keys
+        assert r["torch_ms"] is None and r["bnfast_ms"] > 0
+        assert r["bnfast_min_ms"] <= r["bnfast_ms"]
+    s = data["summary"][bnfast.get_isa()]
+    assert {"per_op", "geomean_train_backward", "slower_than_torch", "worst",
+            "targets"} <= set(s)
+    rows = _bench.load_rows(str(tmp_path / "bench_quick.json"))
+    assert rows[0]["torch_ms"] != rows[0]["torch_ms"]          # null read back as nan
+
+
+# ------------------------------------------------------------------ summary (synthetic)
+
+def _row(op, shape, bn, torch, copy=1.0, layout="cf", dtype="float32", cls="classic",
+         isa="avx512", onednn=float("nan")):
+    return {"class": cls, "op": op, "shape": list(shape), "layout": layout, "dtype": dtype,
+            "threads": 2, "isa": isa, "bnfast_ms": bn, "torch_ms": torch,
+            "onednn_ms": onednn, "copy_ms": copy, "strategy": ""}
+
+
+def _targets(s):
+    return {t["target"]: t for t in s["targets"] + s["item2"]}
+
+
+def test_summary_of_synthetic_rows():
+    rows = [_row("train", (8, 4), 1.0, 4.0, onednn=2.0),
+            _row("backward", (8, 4), 1.0, 1.0),
+            _row("infer", (8, 4), 2.0, 1.0),                  # 0.5x: the worst
+            _row("train_relu", (8, 4), 1.2, 3.0),             # ReLU costs 20 % more
+            _row("train", (8, 4), 1.0, 0.1, dtype="float64")]  # float64: not in targets
+    s = _bench.summarize_variant(rows)
+    assert s["geomean_train_backward"] == pytest.approx(2.0)    # sqrt(4 * 1)
+    assert s["cases_float32"] == 4
+    assert [x["case"] for x in s["slower_than_torch"]] == ["infer 8x4 cf float32"]
+    assert s["worst"] == {"case": "infer 8x4 cf float32", "speedup": 0.5}
+    assert s["float64_slower_than_torch"] == 1 and s["float64_cases"] == 1
+    t = _targets(s)
+    never = t["never slower than PyTorch (speed-up >= 1.0)"]
+    assert never["met"] is False and never["figure"] == 0.5
+    assert "1 of 4 cases slower" in never["detail"]
+    gm = t["geometric mean of train and backward speed-ups >= 2x"]
+    assert gm["met"] is True and gm["figure"] == pytest.approx(2.0)
+    dnn = t["training forward at least as fast as oneDNN"]
+    assert dnn["met"] is True and dnn["figure"] == 2.0
+    relu = t["fused ReLU costs at most 10% more than training forward"]
+    assert relu["met"] is False and relu["figure"] == pytest.approx(1.2)
+    assert s["per_op"]["train"]["cases"] == 2 and s["per_op"]["infer"]["min"] == 0.5
+    # no case larger than the cache, no batch-1 case: no such targets
+    assert not any(k.startswith("> LLC") for k in t)
+
+
+def test_summary_targets_for_tensors_larger_than_the_cache():
+    big = (32, 64, 96, 96)
+    rows = [_row("infer", big, 1.04, 9, copy=1.0, cls="> LLC"),            # met (1.05)
+            _row("train", big, 1.30, 9, copy=1.0, cls="> LLC"),            # not met (1.25)
+            _row("backward", big, 1.69, 9, copy=1.0, cls="> LLC"),         # met (1.7)
+            _row("train", big, 1.59, 9, copy=1.0, cls="> LLC", layout="cl"),     # met (1.6)
+            _row("backward", big, 2.7, 9, copy=1.0, cls="> LLC", layout="cl"),   # not (2.6)
+            _row("train", big, 9.0, 9, copy=1.0, cls="classic")]           # other class
+    t = _targets(_bench.summarize_variant(rows))
+    got = {k: (v["met"], round(v["figure"], 2)) for k, v in t.items() if k.startswith("> LLC")}
+    assert got == {
+        "> LLC channels-first inference <= 1.05x copy": (True, 1.04),
+        "> LLC channels-first training forward <= 1.25x copy": (False, 1.3),
+        "> LLC channels-first backward <= 1.7x copy": (True, 1.69),
+        "> LLC channels-last training forward <= 1.6x copy": (True, 1.59),
+        "> LLC channels-last backward <= 2.6x copy": (False, 2.7)}
+
+
+def test_summary_onednn_batch1_and_regression():
+    rows = [_row("train", (4, 8, 3, 3), 2.0, 5.0, onednn=1.0),       # 0.5x oneDNN
+            _row("train", (4, 8, 5, 5), 1.0, 5.0, onednn=3.0),
+            _row("infer", (1, 512, 7, 7), 0.010, 1.0, copy=0.004, cls="batch-1"),
+            _row("infer", (1, 2048), 0.004, 1.0, copy=0.001, cls="batch-1")]
+    ref = [dict(r, bnfast_ms=r["bnfast_ms"] / 2) for r in rows[:2]]  # we got 2x slower
+    s = _bench.summarize_variant(rows, ref)
+    t = _targets(s)
+    dnn = t["training forward at least as fast as oneDNN"]
+    assert dnn["met"] is False and dnn["figure"] == 0.5 and "1 of 2" in dnn["detail"]
+    b1 = t["batch-1 inference within max(1.5x copy, 5 us)"]
+    # 10 us against max(6 us, 5 us) -> 1.67 (not met); 4 us against 5 us -> 0.8
+    assert b1["met"] is False and b1["figure"] == pytest.approx(0.010 / 0.006)
+    reg = [v for k, v in t.items() if k.startswith("no regression")][0]
+    assert reg["met"] is False and reg["figure"] == pytest.approx(2.0)
+    assert _bench.regression(rows, ref)["cases"] == 2
+    assert _bench.regression(rows, [])is None
+
+
+def test_compare_variants_counts_cases_where_avx2_is_not_faster():
+    rows = [_row("train", (8, 4), 1.0, 1, isa="avx2"), _row("train", (8, 4), 2.0, 1,
+                                                            isa="baseline"),
+            _row("infer", (8, 4), 1.5, 1, isa="avx2"), _row("infer", (8, 4), 1.0, 1,
+                                                            isa="baseline")]
+    c = _bench.compare_variants(rows)
+    assert c["cases"] == 2 and c["not_faster"] == 1 and c["met"] is False
+    assert c["worst"] == pytest.approx(1 / 1.5) and c["worst_case"] == "infer 8x4 cf float32"
+    assert _bench.compare_variants(rows[:1]) is None
+
+
+def test_reports_markdown_and_plots(tmp_path):
+    rows = []
+    for isa in ("baseline", "avx512"):
+        rows += [_row("train", (4, 8, 3, 3), 2.0, 5.0, onednn=1.0, isa=isa),
+                 _row("train", (4, 8, 3, 3), 2.0, 1.0, layout="cl", isa=isa, cls="tiny S"),
+                 _row("infer", (32, 64, 96, 96), 1.0, 5.0, cls="> LLC", isa=isa),
+                 _row("backward", (256, 1024), 1.0, 1.5, dtype="float64", isa=isa)]
+    pytest.importorskip("matplotlib")
+    _bench.write_reports(rows, str(tmp_path), "b", log=lambda *a: None)
+    for isa in ("baseline", "avx512"):
+        md = (tmp_path / f"b_{isa}.md").read_text()
+        assert f"**{isa}: training forward** (2 cases)" in md
+        assert "| class | shape | lay | dt | bnfast ms | PyTorch ms | speed-up | oneDNN ms |" in md
+        assert "**0.50x**" in md                      # slower than PyTorch stands out
+        assert max(len(line) for line in md.splitlines()) < 120
+        assert (tmp_path / f"b_{isa}.png").stat().st_size > 10000
+    summary = (tmp_path / "b_summary.md").read_text()
+    assert "| | baseline | avx512 |" in summary and "**not met**" in summary
+    text = _bench.format_variant_table([r for r in rows if r["isa"] == "avx512"])
+    assert "oneDNN" in text and "4x8x3x3" in text
