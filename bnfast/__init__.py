@@ -10,7 +10,13 @@ The functional API works on NumPy arrays of float32 or float64 with the channel 
 True
 
 See :func:`show_config` for the kernel variant and thread count in use.
+
+The framework on top of the kernels, :mod:`bnfast.nn` and :mod:`bnfast.optim`, is loaded
+on first use (``bnfast.nn``, ``from bnfast import nn``): ``import bnfast`` loads the kernel
+layer only.
 """
+# The one place the version is written: pyproject.toml reads it from here
+# ([tool.setuptools.dynamic]), and the installed metadata follows.
 __version__ = "0.1.0"
 
 import os as _os
@@ -56,7 +62,22 @@ from ._api import (  # noqa: E402
     moments,
 )
 from . import reference  # noqa: E402,F401
-from . import nn, optim  # noqa: E402,F401
+
+# Submodules loaded on first access, not by `import bnfast` (PEP 562).
+_LAZY_SUBMODULES = ("nn", "optim")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 
 __all__ = [
     "__version__",
