@@ -224,7 +224,8 @@ def _jsonable(v):
 
 def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, repeat=7,
              include_torch=True, include_numpy=True, include_fresh=True,
-             include_onednn=False, isas=None, shape_class="", seed=0, min_time=0.02):
+             include_onednn=False, isas=None, shape_class="", seed=0, min_time=0.02,
+             copy_each_op=True):
     """Time every op on one case; return a list of result dicts (times in ms).
 
     `shape` is the logical channels-first shape (N, C, ...).  With ``layout='cl'`` the data
@@ -233,7 +234,9 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
     time (None: the one in use); each gets its own row per op, all timed in turn with the
     same PyTorch and oneDNN samples.  oneDNN (``include_onednn``) runs for 4-D float32
     training forward and backward, on ``x.to_mkldnn()`` (blocked layout; the conversion is
-    not timed).
+    not timed).  The copy floor (the faster of NumPy's copy and bnfast's streaming copy,
+    measured first) is sampled again with each op (``copy_each_op``), in turn with the
+    rest.
     """
     threads = threads or get_num_threads()
     dtype = np.dtype(dtype)
@@ -274,8 +277,14 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
             copy_np, copy_mt = timeit_many([lambda: np.copyto(copy_out, x),
                                             lambda: _core.copy(x, copy_out, threads)],
                                            repeat=repeat, min_time=min_time)
-            copy_ms = min(copy_np[0], copy_mt[0]) * 1e3
-            copy_min_ms = min(copy_np[1], copy_mt[1]) * 1e3
+            # The faster of the two is sampled again with every op, in turn with the
+            # implementations, so that "x copy" compares times taken under the same load.
+            if copy_np[0] <= copy_mt[0]:
+                def f_copy():
+                    np.copyto(copy_out, x)
+            else:
+                def f_copy():
+                    _core.copy(x, copy_out, threads)
             if torch is not None:
                 torch.set_num_threads(threads)
                 F = torch.nn.functional
@@ -371,6 +380,10 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
                     fns.append(f_t)
                     prep.append(None)
                     keys.append(("torch", None))
+                if copy_each_op:
+                    fns.append(f_copy)
+                    prep.append(selector("auto"))
+                    keys.append(("copy", None))
                 if f_dnn is not None:
                     fns.append(f_dnn)
                     prep.append(None)
@@ -383,6 +396,9 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
                 t_np = times.get(("numpy", None), nan2)
                 t_t = times.get(("torch", None), nan2)
                 t_d = times.get(("onednn", None), nan2)
+                t_c = times.get(("copy", None))
+                if t_c is None:       # the copy measured once for the case
+                    t_c = (min(copy_np[0], copy_mt[0]), min(copy_np[1], copy_mt[1]))
                 for isa in isas:
                     _config.set_isa(isa)
                     if _config.get_isa() != isa:       # never report a variant not run
@@ -401,7 +417,7 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
                         "numpy_ms": t_np[0] * 1e3, "numpy_min_ms": t_np[1] * 1e3,
                         "torch_ms": t_t[0] * 1e3, "torch_min_ms": t_t[1] * 1e3,
                         "onednn_ms": t_d[0] * 1e3, "onednn_min_ms": t_d[1] * 1e3,
-                        "copy_ms": copy_ms, "copy_min_ms": copy_min_ms,
+                        "copy_ms": t_c[0] * 1e3, "copy_min_ms": t_c[1] * 1e3,
                         "copy_numpy_ms": copy_np[0] * 1e3, "copy_threads_ms": copy_mt[0] * 1e3,
                         "strategy": strategy, "plan": plan,
                     })
@@ -885,7 +901,7 @@ def plot(rows, path, title=None):
     if "> LLC" in ypos:
         handles.append(Line2D([], [], color="C3", lw=1.6, label="target (> LLC)"))
     H = fig.get_figheight()
-    fig.tight_layout(h_pad=0.6)
+    fig.tight_layout(h_pad=1.0)
     fig.subplots_adjust(top=1 - 0.72 / H)
     fig.legend(handles=handles, loc="center", ncol=len(handles), fontsize=7.5,
                frameon=False, bbox_to_anchor=(0.5, 1 - 0.36 / H))
@@ -1023,8 +1039,8 @@ def write_reports(rows, out_dir, stem, summaries=None, cross=None, log=print):
                        f"{threads} threads, median times")
     except ImportError:
         log("note: matplotlib is not installed; no plot written (pip install matplotlib)")
-    log(f"wrote {os.path.join(out_dir, stem)}.json, {stem}_summary.md, "
-        f"{stem}_<variant>.md and .png")
+    log(f"wrote {os.path.join(out_dir, stem)}_summary.md and {stem}_<variant>.md/.png "
+        f"({', '.join(isas)})")
 
 
 def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=print,
@@ -1054,7 +1070,7 @@ def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=prin
     try:
         for c in cases:
             size = math.prod(c["shape"]) * c["dtype"].itemsize
-            rep = repeat or (3 if size > 256e6 else 5 if (quick or size > 64e6) else 7)
+            rep = repeat or (3 if size > 256e6 else 5 if (quick or size > 16e6) else 7)
             kw = dict(ops=c["ops"], repeat=rep, isas=isas, shape_class=c["class"],
                       include_numpy=quick, include_fresh=quick, include_onednn=onednn)
             if min_time:
@@ -1089,6 +1105,7 @@ def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=prin
     if out_dir:
         extra = {"isas": isas, "onednn": onednn if onednn else why, "cross": cross,
                  "threads": sorted({c["threads"] for c in cases})}
-        _write_json(out_dir, stem, torch, t0, summaries, rows, extra=extra)
+        path = _write_json(out_dir, stem, torch, t0, summaries, rows, extra=extra)
+        log(f"wrote {path}")
         write_reports(rows, out_dir, stem, summaries, cross, log=log)
     return rows
