@@ -25,7 +25,7 @@ import re
 import numpy as np
 
 __all__ = ["array_module", "is_cupy", "is_array", "asarray", "asnumpy", "device_of",
-           "parse_device", "to_device", "as_strided"]
+           "parse_device", "check_device", "to_device", "as_strided"]
 
 _DEVICE_RE = re.compile(r"(cpu|cuda)(?::(\d+))?\Z")
 
@@ -207,6 +207,28 @@ def _gpu(cp, index):
         raise RuntimeError(f"device 'cuda:{index}' does not exist: CuPy sees {count} GPU"
                            f"{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
     return cp.cuda.Device(index) if index is not None else cp.cuda.Device()
+
+
+def check_device(device):
+    """Check that `device` names a device that is there, before anything is moved.
+
+    Parameters
+    ----------
+    device : str
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Raises
+    ------
+    ValueError
+        If `device` is not a device name (see :func:`parse_device`).
+    ImportError
+        For a CUDA device when CuPy is not installed.
+    RuntimeError
+        For a CUDA device when CuPy sees no GPU, or not GPU number N.
+    """
+    kind, index = parse_device(device)
+    if kind == "cuda":
+        _gpu(_cupy(), index)
 
 
 def to_device(a, device):

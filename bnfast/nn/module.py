@@ -716,7 +716,7 @@ class Module:
             device, dtype = None, device
         dt = None if dtype is None else _check_dtype(dtype)
         if device is not None:
-            _xp.parse_device(device)                   # a bad name fails before any move
+            _xp.check_device(device)        # an unknown or absent device: before any change
         for m in self.modules():
             for _, p in m._own_parameters():
                 if dt is not None:

@@ -212,14 +212,24 @@ def test_to_cuda_without_cupy_is_a_clear_error(no_cupy):
         with pytest.raises(ImportError, match=r"needs CuPy.*pip install \"bnfast\[gpu\]\""):
             move()
     assert net[0].weight.data is w                   # nothing moved
+    with pytest.raises(ImportError, match="needs CuPy"):
+        net.to("cuda", np.float64)
+    assert net[0].weight.data is w                   # nor converted
     with pytest.raises(ValueError, match="unknown device 'cuda:x'"):
         net.to("cuda:x")
 
 
 def test_to_cuda_without_a_gpu_is_a_clear_error(cupy):
+    net = small_net()
+    with pytest.raises(RuntimeError, match="'cuda:5' does not exist"):
+        net.to("cuda:5", np.float64)
+    assert net[0].weight.dtype == np.float32
     FakeCupy.devices = None
     with pytest.raises(RuntimeError, match="no CUDA device is available to CuPy"):
         small_net().to("cuda")
+    with pytest.raises(RuntimeError, match="no CUDA device is available to CuPy"):
+        _xp.check_device("cuda:0")
+    _xp.check_device("cpu")
 
 
 def test_to_moves_parameters_gradients_and_buffers(cupy):
