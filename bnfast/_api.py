@@ -1,4 +1,4 @@
-"""The functional batch-norm API on NumPy arrays.
+"""The functional batch-norm API on NumPy arrays (CPU kernels) and CuPy arrays (GPU).
 
 Every function validates and normalises its arguments here, in Python, then calls one
 compiled kernel (``bnfast._core``) that releases the GIL.  Conventions follow PyTorch:
@@ -27,6 +27,34 @@ def _short(v):
     return r if len(r) <= 60 else r[:40] + "..." + r[-10:]
 
 
+# ------------------------------------------------------------------ two kinds of array
+#
+# The checks below serve NumPy and CuPy arrays.  `be` (the backend) is None for NumPy
+# input, which the CPU kernels compute, and for a CuPy `x` it is bnfast.cuda's backend for
+# x's device: it supplies the array operations that differ (type and device of each
+# argument, allocation, overlap) and the GPU operations.  Rules and messages stay here.
+
+def _is_cupy(a):
+    """Whether `a`'s type comes from CuPy (decided without importing CuPy)."""
+    return type(a).__module__.split(".", 1)[0] == "cupy"
+
+
+def _backend(x):
+    """None for NumPy input; for a CuPy array, the GPU backend of its device."""
+    if not _is_cupy(x):
+        return None
+    from .cuda._backend import backend_for
+    return backend_for(x)
+
+
+def _refuse_cupy(v, name):
+    """NumPy path: a CuPy argument is a TypeError naming it (not a failed conversion)."""
+    if _is_cupy(v):
+        raise TypeError(
+            f"{name} is a CuPy array (on the GPU) but x is a NumPy array: pass all arrays "
+            f"on one device (cupy.asarray(x) to compute on the GPU, {name}.get() for the CPU)")
+
+
 def _not_masked(a, name):
     if isinstance(a, np.ma.MaskedArray):
         raise TypeError(
@@ -39,18 +67,19 @@ def _asarray(v, name):
     if isinstance(v, np.ndarray):
         _not_masked(v, name)
         return v if type(v) is np.ndarray else v.view(np.ndarray)
+    _refuse_cupy(v, name)
     try:
         return np.asarray(v)
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(f"{name} could not be converted to an array: {exc}") from None
 
 
-def _as_data(x, name):
-    x = _asarray(x, name)
+def _as_data(x, name, be=None):
+    x = _asarray(x, name) if be is None else be.asarray(x, name)
     dt = x.dtype
     if dt.kind != "f" or dt.itemsize not in (4, 8):
         raise TypeError(f"{name} must have dtype float32 or float64, got {dt}")
-    if not dt.isnative or not x.flags.aligned:
+    if be is None and (not dt.isnative or not x.flags.aligned):
         x = x.astype(dt.newbyteorder("="))      # a native, aligned copy
     return x
 
@@ -73,7 +102,7 @@ def _norm_axis(axis, ndim):
     return axis % ndim
 
 
-def _layout(x, axis):
+def _layout(x, axis, be=None):
     """Return (ax, N, C, S, perm, xk): the kernel view of x.
 
     xk is C-contiguous and its memory is (N, C, S): N elements of the axes stored outside
@@ -94,13 +123,14 @@ def _layout(x, axis):
         if xt.flags.c_contiguous:
             p = perm.index(ax)
             return ax, math.prod(xt.shape[:p]), C, math.prod(xt.shape[p + 1:]), perm, xt
-        x = np.ascontiguousarray(x)
+        x = np.ascontiguousarray(x) if be is None else be.ascontiguous(x)
     return ax, math.prod(shape[:ax]), C, math.prod(shape[ax + 1:]), None, x
 
 
-def _coerce(a, perm):
+def _coerce(a, perm, be=None):
     """Bring another array of x's shape into x's kernel layout."""
-    return np.ascontiguousarray(a if perm is None else a.transpose(perm))
+    a = a if perm is None else a.transpose(perm)
+    return np.ascontiguousarray(a) if be is None else be.ascontiguous(a)
 
 
 def _inverse(perm):
@@ -120,64 +150,88 @@ def _overlap(a, b):
         return True
 
 
-def _output(out, x, perm, inputs, name="out"):
+def _is_array(a, be):
+    return isinstance(a, np.ndarray) if be is None else be.is_array(a)
+
+
+def _not_array(a, name, what, be):
+    """The TypeError for a `name` that must be an array of x's kind (`what`: why)."""
+    if be is None:
+        _refuse_cupy(a, name)
+    kind = "numpy.ndarray" if be is None else be.array_type
+    got = type(a).__name__ if be is None else be.describe(a)
+    return TypeError(f"{name} must be a {kind}{what}, got {got}")
+
+
+def _output(out, x, perm, inputs, name="out", be=None):
     """Return (result, kernel_buffer, copy_back) for an output shaped like x."""
     shape = x.shape
+    empty = np.empty if be is None else be.empty
     if out is None:
         if perm is None:
-            buf = np.empty(shape, dtype=x.dtype)
+            buf = empty(shape, dtype=x.dtype)
             return buf, buf, False
-        buf = np.empty(tuple(shape[i] for i in perm), dtype=x.dtype)
+        buf = empty(tuple(shape[i] for i in perm), dtype=x.dtype)
         return buf.transpose(_inverse(perm)), buf, False
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
-    _not_masked(out, name)
+    if not _is_array(out, be):
+        raise _not_array(out, name, "", be)
+    if be is None:
+        _not_masked(out, name)
+    else:
+        be.same_device(out, name)
     if out.dtype != x.dtype:
         raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {x.dtype}")
     if out.shape != shape:
         raise ValueError(f"{name} has shape {out.shape} but the result has shape {shape}")
-    if not out.flags.writeable:
+    if not (out.flags.writeable if be is None else be.writeable(out)):
         raise ValueError(f"{name} is read-only")
     view = out if perm is None else out.transpose(perm)
-    if view.flags.c_contiguous and view.flags.aligned:
+    if view.flags.c_contiguous and (view.flags.aligned if be is None else be.aligned(view)):
         safe = True
         for a in inputs:
             # Writing in place over an input is fine only if it is exactly the same memory.
-            if np.may_share_memory(view, a) and not (
-                    a.shape == view.shape
-                    and a.__array_interface__["data"][0] == view.__array_interface__["data"][0]):
+            if be is None:
+                if np.may_share_memory(view, a) and not (
+                        a.shape == view.shape
+                        and a.__array_interface__["data"][0]
+                        == view.__array_interface__["data"][0]):
+                    safe = False
+            elif be.may_share(view, a) and not (a.shape == view.shape
+                                                and be.same_start(a, view)):
                 safe = False
         if safe:
             return out, view, False
-    return out, np.empty(view.shape, dtype=x.dtype), True
+    return out, empty(view.shape, dtype=x.dtype), True
 
 
 def _copy_back(out, buf, perm):
     out[...] = buf if perm is None else buf.transpose(_inverse(perm))
 
 
-def _chan(v, C, name, required=False):
+def _chan(v, C, name, required=False, be=None):
     if v is None:
         if required:
             raise ValueError(f"{name} is required")
         return None
-    a = _asarray(v, name)
+    a = _asarray(v, name) if be is None else be.asarray(v, name)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {a.dtype}")
     if a.shape != (C,):
         raise ValueError(
             f"{name} must have shape ({C},) to match the {C} channels of x, got {a.shape}")
+    if be is not None:
+        return be.ascontiguous(a, np.float64)
     return np.require(a, np.float64, ["C_CONTIGUOUS", "ALIGNED"])
 
 
-def _detach(buf, *vecs):
+def _detach(buf, *vecs, be=None):
     """The per-channel vectors, copied where they share memory with the output buffer
     (the kernel reads them while it writes the output)."""
-    return tuple(v.copy() if v is not None and np.may_share_memory(v, buf) else v
-                 for v in vecs)
+    share = np.may_share_memory if be is None else be.may_share
+    return tuple(v.copy() if v is not None and share(v, buf) else v for v in vecs)
 
 
-def _running(rm, rv, C, x, out):
+def _running(rm, rv, C, x, out, be=None):
     """Validate the running statistics; return (rm_kernel, rv_kernel, write_back).
 
     The kernel arrays are `rm`/`rv` themselves when they are native, aligned and strided
@@ -188,12 +242,14 @@ def _running(rm, rv, C, x, out):
         return None, None, None
     if rm is None or rv is None:
         raise ValueError("running_mean and running_var must both be given or both be None")
+    overlap = _overlap if be is None else be.overlap
     for a, name in ((rm, "running_mean"), (rv, "running_var")):
-        if not isinstance(a, np.ndarray):
-            raise TypeError(
-                f"{name} must be a numpy.ndarray (it is updated in place), "
-                f"got {type(a).__name__}")
-        _not_masked(a, name)
+        if not _is_array(a, be):
+            raise _not_array(a, name, " (it is updated in place)", be)
+        if be is None:
+            _not_masked(a, name)
+        else:
+            be.same_device(a, name)
         if a.dtype.type not in (np.float32, np.float64):
             raise TypeError(
                 f"{name} must have dtype float32 or float64 (either byte order), "
@@ -202,27 +258,32 @@ def _running(rm, rv, C, x, out):
             raise ValueError(
                 f"{name} must have shape ({C},) to match the {C} channels of x, "
                 f"got {a.shape}")
-        if not a.flags.writeable:
+        if not (a.flags.writeable if be is None else be.writeable(a)):
             raise ValueError(f"{name} is read-only; it must be writeable to be updated")
-        if _overlap(a, x):
+        if overlap(a, x):
             raise ValueError(f"{name} must not share memory with x")
-        if out is not None and isinstance(out, np.ndarray) and _overlap(a, out):
+        if out is not None and _is_array(out, be) and overlap(a, out):
             raise ValueError(f"{name} must not share memory with out")
     if rm.dtype.type is not rv.dtype.type:
         raise TypeError(
             f"running_mean ({rm.dtype}) and running_var ({rv.dtype}) must have the same dtype")
-    if _overlap(rm, rv):
+    if overlap(rm, rv):
         raise ValueError("running_mean and running_var must not share memory")
 
     def direct(a):
+        if be is not None:
+            return be.direct_running(a)
         return (a.dtype.isnative and a.flags.aligned and a.strides[0] % a.itemsize == 0
                 and type(a) is np.ndarray)
 
     if direct(rm) and direct(rv):
         return rm, rv, None
     native = rm.dtype.newbyteorder("=")
-    km = np.array(rm, dtype=native, order="C")
-    kv = np.array(rv, dtype=native, order="C")
+    if be is None:
+        km = np.array(rm, dtype=native, order="C")
+        kv = np.array(rv, dtype=native, order="C")
+    else:
+        km, kv = be.copy(rm, native), be.copy(rv, native)
 
     def write_back():
         rm[...] = km
@@ -250,20 +311,29 @@ def _training_count(N, S, shape):
             f"Expected more than 1 value per channel when training, got input shape {shape}")
 
 
-def _degenerate_channels(x, dy, ax, invstd, weight, dweight, dbias):
-    """(idx, x_sub, dy_sub): the channels whose weight, invstd, dweight or dbias is not
-    finite, and copies of their data, taken before dx may overwrite x or dy."""
+def _degenerate_index(invstd, weight, dweight, dbias):
+    """The channels whose weight, invstd, dweight or dbias is not finite (NumPy vectors)."""
     inv = np.asarray(invstd, np.float64)
     ok = (np.isfinite(inv) & np.isfinite(np.asarray(dweight, np.float64))
           & np.isfinite(np.asarray(dbias, np.float64)))
     if weight is not None:
         ok &= np.isfinite(np.asarray(weight, np.float64))
-    idx = np.flatnonzero(~ok)
-    return idx, np.take(x, idx, axis=ax), np.take(dy, idx, axis=ax)
+    return np.flatnonzero(~ok)
+
+
+def _degenerate_channels(x, dy, ax, invstd, weight, dweight, dbias, be=None):
+    """(idx, x_sub, dy_sub): the channels whose weight, invstd, dweight or dbias is not
+    finite, and (NumPy) copies of their data, taken before dx may overwrite x or dy."""
+    if be is None:
+        idx = _degenerate_index(invstd, weight, dweight, dbias)
+        return idx, np.take(x, idx, axis=ax), np.take(dy, idx, axis=ax)
+    idx = _degenerate_index(*(None if v is None else be.to_host(v)
+                              for v in (invstd, weight, dweight, dbias)))
+    return idx, be.take_host(x, idx, ax), be.take_host(dy, idx, ax)
 
 
 def _backward_degenerate(saved, mean, invstd, weight, bias, relu, training, ax, dx,
-                         dweight, dbias):
+                         dweight, dbias, be=None):
     """Recompute the channels that _degenerate_channels found (`saved`).
 
     A channel is degenerate with an infinite weight or invstd, or with float64 data whose
@@ -273,11 +343,16 @@ def _backward_degenerate(saved, mean, invstd, weight, bias, relu, training, ax, 
     twin's formula ``a / m * (m*g - sum(g) - xhat * sum(g*xhat))`` in NumPy's long double
     (80-bit extended on x86-64 Linux, whose range keeps the intermediates from
     overflowing; where long double is double, the twin's float64 results), and written
-    into `dx`, `dweight` and `dbias` in place, rounded once, with canonical NaNs.
+    into `dx`, `dweight` and `dbias` in place, rounded once, with canonical NaNs.  On the
+    GPU (`be`) the same host computation, its results copied into the device arrays.
     """
     idx, x_sub, dy_sub = saved
     if not idx.size:
         return
+    put = (lambda a: a) if be is None else be.from_host
+    if be is not None:
+        mean, invstd, weight, bias = (None if v is None else be.to_host(v)
+                                      for v in (mean, invstd, weight, bias))
     L = np.longdouble
     shape = [1] * x_sub.ndim
     shape[ax] = idx.size
@@ -303,18 +378,21 @@ def _backward_degenerate(saved, mean, invstd, weight, bias, relu, training, ax, 
         else:
             rdx = wv * iv * g
     canon = lambda a: np.where(np.isnan(a), np.nan, a)  # noqa: E731
-    where = (slice(None),) * ax + (idx,)
+    where = (slice(None),) * ax + (put(idx),)
     with np.errstate(over="ignore"):
-        dx[where] = canon(rdx.astype(np.float64)).astype(dx.dtype)
-        dweight[idx] = canon(dw.reshape(-1).astype(np.float64))
-        dbias[idx] = canon(db.reshape(-1).astype(np.float64))
+        dx[where] = put(canon(rdx.astype(np.float64)).astype(dx.dtype))
+        dweight[put(idx)] = put(canon(dw.reshape(-1).astype(np.float64)))
+        dbias[put(idx)] = put(canon(db.reshape(-1).astype(np.float64)))
 
 
-def _check_zero_variance(xk, N, C, S, eps):
+def _check_zero_variance(xk, N, C, S, eps, be=None):
     """With eps == 0 a constant channel would normalise to 0/0 = NaN: refuse it first."""
     if eps != 0.0:
         return
-    _, var = _core.moments(xk, N, C, S, get_num_threads())
+    if be is None:
+        _, var = _core.moments(xk, N, C, S, get_num_threads())
+    else:
+        var = be.to_host(be.moments(xk, N, C, S)[1])
     zero = np.flatnonzero(var == 0.0)
     if zero.size:
         raise ValueError(
@@ -374,10 +452,13 @@ def moments(x, *, axis=1):
     r = _core.fast_moments(x, axis, get_num_threads())
     if r is not None:
         return r
-    x = _as_data(x, "x")
-    ax, N, C, S, perm, xk = _layout(x, axis)
+    be = _backend(x)
+    x = _as_data(x, "x", be)
+    ax, N, C, S, perm, xk = _layout(x, axis, be)
     if N * S == 0 and C > 0:
         raise ValueError(f"moments of an empty batch are undefined (x has shape {x.shape})")
+    if be is not None:
+        return be.moments(xk, N, C, S)
     return _core.moments(xk, N, C, S, get_num_threads())
 
 
@@ -453,20 +534,24 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
                          out, relu, nt)
     if r is not None:
         return r
-    x = _as_data(x, "x")
-    ax, N, C, S, perm, xk = _layout(x, axis)
+    be = _backend(x)
+    x = _as_data(x, "x", be)
+    ax, N, C, S, perm, xk = _layout(x, axis, be)
     eps = _real(eps, "eps", 0.0, math.inf)
     momentum = _real(momentum, "momentum", 0.0, 1.0)
     relu = _flag(relu, "relu")
-    w = _chan(weight, C, "weight")
-    b = _chan(bias, C, "bias")
-    rm, rv, write_back = _running(running_mean, running_var, C, x, out)
+    w = _chan(weight, C, "weight", be=be)
+    b = _chan(bias, C, "bias", be=be)
+    rm, rv, write_back = _running(running_mean, running_var, C, x, out, be)
     _training_count(N, S, x.shape)
-    y, yk, copy_back = _output(out, x, perm, (xk,))
-    w, b = _detach(yk, w, b)
-    _check_zero_variance(xk, N, C, S, eps)
-    mean, invstd = _core.train_forward(xk, yk, N, C, S, w, b, eps, relu, rm, rv, momentum,
-                                       nt)
+    y, yk, copy_back = _output(out, x, perm, (xk,), be=be)
+    w, b = _detach(yk, w, b, be=be)
+    _check_zero_variance(xk, N, C, S, eps, be)
+    if be is None:
+        mean, invstd = _core.train_forward(xk, yk, N, C, S, w, b, eps, relu, rm, rv,
+                                           momentum, nt)
+    else:
+        mean, invstd = be.train_forward(xk, yk, N, C, S, w, b, eps, relu, rm, rv, momentum)
     if copy_back:
         _copy_back(y, yk, perm)
     if write_back is not None:
@@ -526,27 +611,32 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
     r = _core.fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, nt)
     if r is not None:
         return r
-    x = _as_data(x, "x")
-    ax, N, C, S, perm, xk = _layout(x, axis)
+    be = _backend(x)
+    x = _as_data(x, "x", be)
+    ax, N, C, S, perm, xk = _layout(x, axis, be)
     eps = _real(eps, "eps", 0.0, math.inf)
     relu = _flag(relu, "relu")
-    m = _chan(mean, C, "mean", required=True)
-    v = _chan(var, C, "var", required=True)
-    bad = np.flatnonzero(~(v >= 0))
+    m = _chan(mean, C, "mean", required=True, be=be)
+    v = _chan(var, C, "var", required=True, be=be)
+    vh = v if be is None else be.to_host(v)      # the checks read the values
+    bad = np.flatnonzero(~(vh >= 0))
     if bad.size:
         raise ValueError(
             f"var must be >= 0 (and not NaN) in every channel; channel {int(bad[0])} "
-            f"has var {v[bad[0]]!r}")
-    zero = np.flatnonzero(v + eps == 0)
+            f"has var {vh[bad[0]]!r}")
+    zero = np.flatnonzero(vh + eps == 0)
     if zero.size:
         raise ValueError(
             f"var + eps must be > 0 in every channel; channel {int(zero[0])} has var 0 "
             f"and eps is 0, so its output would be 0/0 = NaN")
-    w = _chan(weight, C, "weight")
-    b = _chan(bias, C, "bias")
-    y, yk, copy_back = _output(out, x, perm, (xk,))
-    m, v, w, b = _detach(yk, m, v, w, b)
-    _core.infer_forward(xk, yk, N, C, S, m, v, w, b, eps, relu, nt)
+    w = _chan(weight, C, "weight", be=be)
+    b = _chan(bias, C, "bias", be=be)
+    y, yk, copy_back = _output(out, x, perm, (xk,), be=be)
+    m, v, w, b = _detach(yk, m, v, w, b, be=be)
+    if be is None:
+        _core.infer_forward(xk, yk, N, C, S, m, v, w, b, eps, relu, nt)
+    else:
+        be.infer_forward(xk, yk, N, C, S, m, v, w, b, eps, relu)
     if copy_back:
         _copy_back(y, yk, perm)
     return y
@@ -626,19 +716,22 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     if r is not None:
         return r
     training = _flag(training, "training")
+    be = _backend(x)
     (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, w, b, relu) = _backward_inputs(
-        dy, x, mean, invstd, weight, bias, relu, axis)
-    dx, dxk, copy_back = _output(out, x, perm, (xk, dyk))
-    m, inv, w, b = _detach(dxk, m, inv, w, b)
-    dweight, dbias, kx, k0, degenerate = _core.backward_reduce(dyk, xk, N, C, S, m, inv, w, b,
-                                                               relu, training, nt)
+        dy, x, mean, invstd, weight, bias, relu, axis, be)
+    dx, dxk, copy_back = _output(out, x, perm, (xk, dyk), be=be)
+    m, inv, w, b = _detach(dxk, m, inv, w, b, be=be)
+    kernels = _core if be is None else be
+    dweight, dbias, kx, k0, degenerate = kernels.backward_reduce(dyk, xk, N, C, S, m, inv, w,
+                                                                 b, relu, training, nt)
     # channels to recompute, with their data saved before dx may overwrite x or dy
-    saved = _degenerate_channels(x, dy, ax, inv, w, dweight, dbias) if degenerate else None
-    _core.backward_dx(dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, training, nt)
+    saved = (_degenerate_channels(x, dy, ax, inv, w, dweight, dbias, be) if degenerate
+             else None)
+    kernels.backward_dx(dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, training, nt)
     if copy_back:
         _copy_back(dx, dxk, perm)
     if saved is not None:
-        _backward_degenerate(saved, m, inv, w, b, relu, training, ax, dx, dweight, dbias)
+        _backward_degenerate(saved, m, inv, w, b, relu, training, ax, dx, dweight, dbias, be)
     return dx, dweight.astype(x.dtype, copy=False), dbias.astype(x.dtype, copy=False)
 
 
@@ -649,7 +742,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
 # Same checks as batch_norm_backward; with the sums of one process the two steps give
 # exactly batch_norm_backward's dx.
 
-def _backward_inputs(dy, x, mean, invstd, weight, bias, relu, axis):
+def _backward_inputs(dy, x, mean, invstd, weight, bias, relu, axis, be=None):
     """The checks and conversions of every backward entry point: (x, dy, ax, N, C, S,
     perm, xk, dyk, mean, invstd, weight, bias, relu) in the kernels' form."""
     relu = _flag(relu, "relu")
@@ -658,18 +751,18 @@ def _backward_inputs(dy, x, mean, invstd, weight, bias, relu, axis):
             "bias is required when relu=True: the ReLU's gradient mask is where the forward "
             "output, (x - mean) * invstd * weight + bias, was positive, so it depends on "
             "the forward's bias (pass bias=np.zeros(C) if the forward had none)")
-    x = _as_data(x, "x")
-    dy = _as_data(dy, "dy")
+    x = _as_data(x, "x", be)
+    dy = _as_data(dy, "dy", be)
     if dy.dtype != x.dtype:
         raise TypeError(f"dy has dtype {dy.dtype} but x has dtype {x.dtype}")
     if dy.shape != x.shape:
         raise ValueError(f"dy has shape {dy.shape} but x has shape {x.shape}")
-    ax, N, C, S, perm, xk = _layout(x, axis)
-    dyk = _coerce(dy, perm)
-    m = _chan(mean, C, "mean", required=True)
-    inv = _chan(invstd, C, "invstd", required=True)
-    return (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, _chan(weight, C, "weight"),
-            _chan(bias, C, "bias"), relu)
+    ax, N, C, S, perm, xk = _layout(x, axis, be)
+    dyk = _coerce(dy, perm, be)
+    m = _chan(mean, C, "mean", required=True, be=be)
+    inv = _chan(invstd, C, "invstd", required=True, be=be)
+    return (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, _chan(weight, C, "weight", be=be),
+            _chan(bias, C, "bias", be=be), relu)
 
 
 def _backward_two_step(dy, x, mean, invstd, weight, combine, *, bias=None, relu=False,
@@ -685,6 +778,9 @@ def _backward_two_step(dy, x, mean, invstd, weight, combine, *, bias=None, relu=
     ``(dx, sd, sx)``.  With ``combine = lambda sd, sx: (sd, sx, m)`` dx is exactly
     :func:`batch_norm_backward`'s.
     """
+    if _is_cupy(x):
+        raise TypeError("the two-step backward (synchronized batch norm, bnfast.distributed) "
+                        "takes NumPy arrays only; x is a CuPy array")
     (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, w, b, relu) = _backward_inputs(
         dy, x, mean, invstd, weight, bias, relu, axis)
     nt = get_num_threads()
@@ -788,8 +884,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     training = _flag(training, "training")
     if momentum is None:                    # the cumulative average: 1 / (batch count)
         n = num_batches_tracked
-        if isinstance(n, np.ndarray) and n.ndim == 0 and n.dtype.kind in "iu":
-            n = n.item()                    # a layer's 0-d counter
+        if ((isinstance(n, np.ndarray) or _is_cupy(n)) and n.ndim == 0
+                and n.dtype.kind in "iu"):
+            n = n.item()                    # a layer's 0-d counter (NumPy or CuPy)
         if n is None:
             raise ValueError(
                 "momentum=None (the cumulative average) needs num_batches_tracked=, the "

@@ -267,7 +267,7 @@ def get_config():
 
 
 def show_config(file=None):
-    """Print bnfast's version, kernel variants, OpenMP runtime, threads and compiler.
+    """Print bnfast's version, kernel variants, OpenMP runtime, threads, compiler and GPU.
 
     Parameters
     ----------
@@ -310,6 +310,8 @@ def show_config(file=None):
         f"  python, numpy  : {cfg['python']}, {cfg['numpy']}",
         f"  machine        : {cfg['machine']}",
     ]
+    from .cuda import config_line          # imports CuPy (if installed) only now
+    lines.append(config_line())
     print("\n".join(lines), file=out)
 
 

@@ -5,10 +5,11 @@ Usage: python tools/check_sdist.py DIST.tar.gz [SOURCE_TREE]
 Fails (exit status 1) when
 
 - a build input is missing: setup.py, pyproject.toml, README.md, MANIFEST.in, every C
-  source and header under csrc/, the Cython bindings bnfast/_core.pyx, every Python file of
-  the bnfast package, bnfast/py.typed, and the tests.  With SOURCE_TREE (a git checkout),
-  every file git knows under csrc/, bnfast/ and tests/ (tracked, or untracked and not
-  ignored) must be in the sdist too, except generated files;
+  source and header under csrc/ (and the CUDA kernels, csrc/cuda/*.cu and *.cuh), the
+  Cython bindings bnfast/_core.pyx, every Python file of the bnfast package,
+  bnfast/py.typed, and the tests.  With SOURCE_TREE (a git checkout), every file git
+  knows under csrc/, bnfast/ and tests/ (tracked, or untracked and not ignored) must be in
+  the sdist too, except generated files;
 - a build output or other unwanted file is present: compiled objects and libraries (.so,
   .o, .pyd, .dll, .dylib, .a), the Cython-generated bnfast/_core.c, Python bytecode,
   .git, build/ or dist/ trees, virtual environments, caches, built documentation.
@@ -30,6 +31,8 @@ REQUIRED = ["setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO"
 # per-variant files they include.
 REQUIRED += [f"csrc/kernels_{isa}{part}.c" for isa in ("baseline", "avx2", "avx512")
              for part in ("", "_f32", "_f64")]
+# The CUDA kernels (package data of the wheel, compiled at run time by NVRTC).
+REQUIRED += ["csrc/cuda/bnfast.cu", "csrc/cuda/bn_common.cuh"]
 REQUIRED_GLOBS = ["csrc/*.c", "csrc/*.h", "bnfast/*.py", "bnfast/nn/*.py", "tests/*/test_*.py"]
 FORBIDDEN = ["*.so", "*.so.*", "*.o", "*.obj", "*.pyd", "*.dll", "*.dylib", "*.a", "*.lib",
              "*.pyc", "*.pyo", "*/__pycache__/*", "bnfast/_core.c", "bnfast/*.html",

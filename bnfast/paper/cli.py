@@ -207,6 +207,9 @@ def build_parser(prog="python -m bnfast.paper"):
     m.add_argument("--unit", type=unit_index(d["hidden"][-1]), default=d["unit"],
                    help=f"unit (0..{d['hidden'][-1] - 1}) of the last hidden layer whose "
                         f"input is recorded")
+    m.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where to train: cpu (NumPy) or cuda (CuPy arrays on the GPU; "
+                        "evaluation runs on a CPU copy of the model)")
     m.add_argument("--pop-batches", type=positive_int, default=d["pop_batches"],
                    help="training mini-batches for the population statistics")
     _add_common(m, "paper-results")
@@ -326,6 +329,13 @@ def main(argv=None, prog="python -m bnfast.paper"):
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     name = f"{prog} {args.experiment}"
+    if getattr(args, "device", "cpu") == "cuda":
+        from ..cuda import why_unavailable
+
+        reason = why_unavailable()
+        if reason is not None:
+            return error_exit(name, f"--device cuda: the GPU backend is unavailable: {reason}",
+                              status=2)
     try:
         if args.experiment == "mnist":
             from . import mnist_fig1

@@ -23,6 +23,7 @@ E[mu_B] and m/(m-1) E[var_B] over `pop_batches` fixed training mini-batches of 6
 with the running averages kept during training.  The percentiles of the batch-norm network
 are those of the population-statistics network.
 """
+import copy
 import time
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def _eval_points(steps, every):
 def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr=0.01,
         momentum=0.9, init_std=0.1, eps=1e-5, bn_momentum=0.1, seed=0, unit=0,
         pop_batches=100, hidden=(100, 100, 100), nets=("nobn", "bn"), progress=True,
-        eval_size=None, threads=1, comm=None, checkpoint=None, resume=False):
+        eval_size=None, threads=1, comm=None, checkpoint=None, resume=False, device="cpu"):
     """Train the two networks and record their curves.
 
     Parameters
@@ -213,6 +214,10 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
     resume : bool, default False
         Continue from `checkpoint` when it exists; the curves are those of an
         uninterrupted run.
+    device : {'cpu', 'cuda'}, default 'cpu'
+        Train on NumPy arrays, or on CuPy arrays on the GPU (``model.to("cuda")``; each
+        mini-batch is copied to the GPU; evaluation runs on a CPU copy of the model).
+        Not with `comm`.
 
     Returns
     -------
@@ -223,7 +228,8 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
     Raises
     ------
     ValueError
-        `steps` or `eval_every` is below 1, or `optimizer` is unknown.
+        `steps` or `eval_every` is below 1, `optimizer` is unknown, or `device` is
+        ``'cuda'`` with `comm`.
     FloatingPointError
         The training loss became infinite or NaN (the learning rate is too high).
     common.CheckpointError
@@ -266,6 +272,10 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
                   bn_momentum=bn_momentum, seed=seed, unit=unit, pop_batches=pop_batches,
                   hidden=list(hidden), eval_size=len(Xt), train_size=len(X),
                   ranks=1 if comm is None else comm.Get_size())
+    if device != "cpu":
+        if comm is not None:
+            raise ValueError("device='cuda' with MPI ranks is not supported")
+        config["device"] = device
     if comm is not None:
         checkpoint = None               # the models are wrapped for MPI: not saved
     ck_config = dict(config, nets=list(nets))
@@ -278,7 +288,8 @@ def run(data, *, steps=50000, eval_every=500, batch_size=60, optimizer="sgd", lr
     try:
         with common.limit_threads(threads):
             curves, timing = _train_all(data, X, y, Xt, yt, nets, config, pop_index, points,
-                                        progress, comm, checkpoint=write, saved=saved)
+                                        progress, comm, checkpoint=write, saved=saved,
+                                        device=device)
             machine = common.machine_info()
     except KeyboardInterrupt as exc:
         curves, timing = getattr(exc, "partial", ({}, {}))
@@ -333,8 +344,13 @@ class _Ranks:
         return loss_sum / loss_n if loss_n else None
 
 
+def _on_cpu(model):
+    """A NumPy copy of a model trained on the GPU (evaluation code is NumPy)."""
+    return copy.deepcopy(model).to("cpu")
+
+
 def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress, comm,
-               checkpoint=None, saved=None):
+               checkpoint=None, saved=None, device="cpu"):
     c = config
     steps, batch_size, seed = c["steps"], c["batch_size"], c["seed"]
     saved = saved or {"curves": {}, "timing": {}, "current": None}
@@ -355,6 +371,8 @@ def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress, co
         if resume is None:
             model = build_mlp(bn, hidden=c["hidden"], init_std=c["init_std"], eps=c["eps"],
                               bn_momentum=c["bn_momentum"], seed=seed)
+            if device != "cpu":         # the same initial parameters, on the GPU
+                model.to(device)
             batches = common.Batches(len(X), batch_size, seed)
             rec = common.PercentileRecorder()
             cur = {"step": [], "acc": [], "train_loss": []}
@@ -378,13 +396,14 @@ def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress, co
 
         def evaluate(step):
             with t_eval:
+                ev = model if device == "cpu" else _on_cpu(model)
                 if bn:
-                    acc_run, _ = ranks.evaluate(model, Xt, yt, None)
-                    pop = common.population_copy(model, X, pop_index)
+                    acc_run, _ = ranks.evaluate(ev, Xt, yt, None)
+                    pop = common.population_copy(ev, X, pop_index)
                     acc, pre = ranks.evaluate(pop, Xt, yt, probe)
                     cur["acc_running"].append(acc_run)
                 else:
-                    acc, pre = ranks.evaluate(model, Xt, yt, probe)
+                    acc, pre = ranks.evaluate(ev, Xt, yt, probe)
                 rec.record(step, pre)
                 cur["step"].append(step)
                 cur["acc"].append(acc)
@@ -408,7 +427,11 @@ def _train_all(data, X, y, Xt, yt, nets, config, pop_index, points, progress, co
                 for step in range(start + 1, steps + 1):
                     idx = ranks.part(batches.next())
                     with t_train:
-                        loss = common.train_step(trained, loss_fn, opt, X[idx], y[idx])
+                        xb, yb = X[idx], y[idx]
+                        if device != "cpu":     # the batch to the GPU
+                            from .. import _xp
+                            xb, yb = _xp.to_device(xb, device), _xp.to_device(yb, device)
+                        loss = common.train_step(trained, loss_fn, opt, xb, yb)
                     if not np.isfinite(loss):
                         raise FloatingPointError(f"{label}: loss became {loss} at step "
                                                  f"{step}; lower the learning rate")
@@ -816,7 +839,8 @@ def main_run(args):
                       momentum=args.momentum, init_std=args.init_std, eps=args.eps,
                       seed=args.seed, unit=args.unit, pop_batches=args.pop_batches,
                       progress=not args.no_progress, threads=args.threads or None, comm=comm,
-                      checkpoint=ckpt, resume=getattr(args, "resume", False))
+                      checkpoint=ckpt, resume=getattr(args, "resume", False),
+                      device=getattr(args, "device", "cpu"))
     except common.Interrupted as exc:
         if exc.results is not None and (comm is None or comm.Get_rank() == 0):
             exc.results["interrupted"] = True

@@ -391,4 +391,9 @@ def test_manifest_ships_build_inputs_and_no_build_outputs():
     assert any(r[0] == "global-exclude" and "*.so" in r for r in rules)
     # every source the extension is built from is covered by those rules
     for fn in os.listdir(os.path.join(ROOT, "csrc")):
+        if fn == "cuda":        # the CUDA kernels (compiled at run time by NVRTC)
+            assert has("recursive-include", "csrc/cuda", "*.cu", "*.cuh")
+            for g in os.listdir(os.path.join(ROOT, "csrc", "cuda")):
+                assert g.endswith((".cu", ".cuh")), f"csrc/cuda/{g} is not shipped"
+            continue
         assert fn.endswith((".c", ".h")), f"csrc/{fn} is not shipped by MANIFEST.in"
