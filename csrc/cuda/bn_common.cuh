@@ -1,0 +1,131 @@
+/*
+ * bnfast CUDA kernels: shared helpers.  Device code only, no #include: the same text is
+ * compiled by nvcc (tools/cuda_compile.sh) and by NVRTC through cupy.RawModule at run time
+ * (bnfast/cuda/_kernels.py inlines this header into bnfast.cu before compiling).
+ *
+ * Numerics as in the CPU kernels (csrc/bn_impl_dtype.h): every value is widened to double,
+ * all arithmetic is double precision, results are rounded once.  The module is compiled
+ * with -fmad=false, so no multiply and add are contracted into an FMA and every
+ * element-wise formula gives the CPU kernels' bits.
+ */
+#ifndef BN_COMMON_CUH
+#define BN_COMMON_CUH
+
+#define BN_THREADS 256          /* threads per block in every kernel */
+#define BN_SHIFT_COND 16.0      /* one-pass block statistics while m^2 <= this * var */
+
+typedef long long bn_i64;
+
+/* Canonical quiet NaNs (NumPy's np.nan and its float32 cast), stored for every NaN
+ * output: the GPU's own NaNs have other bits. */
+__device__ __forceinline__ double bn_canon(double v)
+{
+    return v != v ? __longlong_as_double(0x7ff8000000000000LL) : v;
+}
+
+__device__ __forceinline__ float bn_canon(float v)
+{
+    return v != v ? __int_as_float(0x7fc00000) : v;
+}
+
+/* Round a double result to the storage type, with the canonical NaN. */
+template <typename T> __device__ __forceinline__ T bn_store(double v);
+template <> __device__ __forceinline__ float bn_store<float>(double v)
+{
+    return bn_canon((float)v);
+}
+template <> __device__ __forceinline__ double bn_store<double>(double v)
+{
+    return bn_canon(v);
+}
+
+__device__ __forceinline__ bool bn_isfinite(double v)
+{
+    return ((__double_as_longlong(v) >> 52) & 0x7ff) != 0x7ff;
+}
+
+/* v * 2^e for any int e (in steps that keep every intermediate exact for normal values). */
+__device__ __forceinline__ double bn_ldexp(double v, int e)
+{
+    while (e > 1000) {
+        v *= __longlong_as_double((bn_i64)(1000 + 1023) << 52);
+        e -= 1000;
+    }
+    while (e < -1000) {
+        v *= __longlong_as_double((bn_i64)(-1000 + 1023) << 52);
+        e += 1000;
+    }
+    return v * __longlong_as_double((bn_i64)(e + 1023) << 52);
+}
+
+/* The e with v < 2^e for v >= 0 (frexp's exponent; 0 for v == 0). */
+__device__ __forceinline__ int bn_exponent(double v)
+{
+    if (v == 0.0) return 0;
+    const int biased = (int)((__double_as_longlong(v) >> 52) & 0x7ff);
+    return biased == 0 ? -1022 : biased - 1022;
+}
+
+/* The ReLU (zero where t <= 0; NaN kept) and its gradient mask (g where t > 0). */
+__device__ __forceinline__ double bn_relu(double t) { return t <= 0.0 ? 0.0 : t; }
+__device__ __forceinline__ double bn_mask(double g, double t) { return t > 0.0 ? g : 0.0; }
+
+/* The shift of channel c: its first value x[c*S], or 0 if that is not finite. */
+template <typename T>
+__device__ __forceinline__ double bn_shift_of(const T *x, bn_i64 S, bn_i64 c)
+{
+    const double K = (double)x[c * S];
+    return bn_isfinite(K) ? K : 0.0;
+}
+
+/* Chan, Golub & LeVeque's pairwise update of (n, mean, M2) with (nb, meanb, m2b): the
+ * CPU kernels' bn_chan_merge. */
+__device__ __forceinline__ void bn_chan_merge(double &n, double &mean, double &m2, double nb,
+                                              double meanb, double m2b)
+{
+    if (nb == 0.0) return;
+    if (n == 0.0) {
+        n = nb;
+        mean = meanb;
+        m2 = m2b;
+        return;
+    }
+    const double nn = n + nb;
+    const double delta = meanb - mean;
+    mean += delta * (nb / nn);
+    m2 += m2b + delta * delta * (n * nb / nn);
+    n = nn;
+}
+
+__device__ __forceinline__ double bn_fabs(double v)
+{
+    return __longlong_as_double(__double_as_longlong(v) & 0x7fffffffffffffffLL);
+}
+
+/* Neumaier's compensated addition of v to (s, comp). */
+__device__ __forceinline__ void bn_neumaier(double &s, double &comp, double v)
+{
+    const double t = s + v;
+    comp += (bn_fabs(s) >= bn_fabs(v)) ? (s - t) + v : (v - t) + s;
+    s = t;
+}
+
+/*
+ * Tree sums over the block in a fixed order: after bn_tree2, a[base] holds the sum of
+ * a[base + k * step] for k < count (count a power of two), added pairwise as
+ * (a[i] + a[i + half]) -- the same order on every run and every device.  Every thread of
+ * the block must call it.
+ */
+__device__ __forceinline__ void bn_tree2(double *a, double *b, int lane, int step, int count)
+{
+    for (int half = count >> 1; half > 0; half >>= 1) {
+        __syncthreads();
+        if (lane < half) {
+            a[lane * step] += a[(lane + half) * step];
+            b[lane * step] += b[(lane + half) * step];
+        }
+    }
+    __syncthreads();
+}
+
+#endif
