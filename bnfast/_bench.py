@@ -658,6 +658,14 @@ def _x(v, nd=2):
     return "-" if v != v else f"{v:.{nd}f}"
 
 
+def _r(v):
+    """A ratio in 3-4 characters plus x: 0.96x, 2.00x, 11.0x, 112x."""
+    v = _f(v)
+    if v != v:
+        return "-"
+    return f"{v:.0f}x" if v >= 99.5 else f"{v:.1f}x" if v >= 9.995 else f"{v:.2f}x"
+
+
 def format_table(rows, torch=None):
     """The quick command's text table (one variant, with NumPy and fresh outputs).
 
@@ -738,32 +746,45 @@ def format_summary(isa, s, skipped=()):
     return "\n".join(lines)
 
 
+def _by_class(rows):
+    """Rows grouped by shape class, in the order of CLASSES (stable within a class)."""
+    rank = {c: k for k, c in enumerate(CLASSES)}
+    return sorted(rows, key=lambda r: rank.get(r["class"], len(rank)))
+
+
 def markdown_tables(rows, isa):
-    """One variant's results as Markdown: one table per operation (narrow columns)."""
+    """One variant's results as Markdown: one table per operation, narrow enough for a
+    page (times in ms; a row in italics names each shape class; the case is the shape, the
+    layout and, for float64, f64)."""
     has_plan = any(r.get("strategy") for r in rows)
     out = []
     for op in OPS:
-        rs = [r for r in rows if r["op"] == op]
+        rs = _by_class([r for r in rows if r["op"] == op])
         if not rs:
             continue
         dnn = any(vs_onednn(r) == vs_onednn(r) for r in rs)
-        out.append(f"**{isa}: {OP_TITLES[op]}** ({len(rs)} cases)\n")
-        cols = ["class", "shape", "lay", "dt", "bnfast ms", "PyTorch ms", "speed-up"]
-        cols += ["oneDNN ms", "vs oneDNN"] if dnn else []
+        out.append(f"**{isa}: {OP_TITLES[op]}** ({len(rs)} cases; times in ms)\n")
+        cols = ["case", "bnfast", "PyTorch", "speed-up"]
+        cols += ["oneDNN"] if dnn else []
         cols += ["x copy"] + (["plan"] if has_plan else [])
         out.append("| " + " | ".join(cols) + " |")
-        out.append("|" + "|".join("---:" if c.endswith(("ms", "up", "copy", "oneDNN"))
-                                  else "---" for c in cols) + "|")
+        out.append("|" + "|".join("---" if c in ("case", "plan") else "---:"
+                                  for c in cols) + "|")
+        cls = None
         for r in rs:
+            if r["class"] != cls:
+                cls = r["class"]
+                out.append(f"| *{cls}* |" + " |" * (len(cols) - 1))
             su = speedup(r)
-            sus = _x(su) + ("x" if su == su else "")
+            sus = _r(su)
             if su == su and su < 1.0:
                 sus = f"**{sus}**"
-            cells = [r["class"], shape_str(r["shape"]), r["layout"], "f" + r["dtype"][-2:],
-                     _ms(r["bnfast_ms"]), _ms(r.get("torch_ms")), sus]
+            case = f"{shape_str(r['shape'])} {r['layout']}" + (
+                "" if r["dtype"] == "float32" else f" f{r['dtype'][-2:]}")
+            cells = [case, _ms(r["bnfast_ms"]), _ms(r.get("torch_ms")), sus]
             if dnn:
-                cells += [_ms(r.get("onednn_ms")), _x(vs_onednn(r))]
-            cells += [_x(x_copy(r))]
+                cells += [_ms(r.get("onednn_ms"))]
+            cells += [_r(x_copy(r))]
             if has_plan:
                 cells += [f"`{r['strategy']}`" if r.get("strategy") else ""]
             out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
@@ -966,7 +987,11 @@ def _write_json(out_dir, stem, torch, t0, summ, rows, interrupted=False, extra=N
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, stem + ".json")
-    blob = {"config": get_config(), "machine": machine_info(),
+    try:
+        load = list(os.getloadavg())
+    except (OSError, AttributeError):
+        load = None
+    blob = {"config": get_config(), "machine": machine_info(), "load_average_end": load,
             "torch": getattr(torch, "__version__", None),
             "torch_threads": torch.get_num_threads() if torch is not None else None,
             "seconds": time.perf_counter() - t0, "summary": summ, "results": rows}
@@ -1065,8 +1090,13 @@ def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=prin
     rows = []
     t0 = time.perf_counter()
     stem = "bench_quick" if quick else "bench"
+    try:
+        load0 = list(os.getloadavg())
+    except (OSError, AttributeError):
+        load0 = None
     log(f"variants: {', '.join(isas)}; {len(cases)} cases; oneDNN: "
-        f"{'yes' if onednn else 'no (' + why + ')'}")
+        f"{'yes' if onednn else 'no (' + why + ')'}"
+        + (f"; load average {load0[0]:.1f} (1 min)" if load0 else ""))
     try:
         for c in cases:
             size = math.prod(c["shape"]) * c["dtype"].itemsize
@@ -1104,6 +1134,7 @@ def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=prin
     log(f"\n{len(rows)} rows in {seconds:.0f} s")
     if out_dir:
         extra = {"isas": isas, "onednn": onednn if onednn else why, "cross": cross,
+                 "load_average_start": load0,
                  "threads": sorted({c["threads"] for c in cases})}
         path = _write_json(out_dir, stem, torch, t0, summaries, rows, extra=extra)
         log(f"wrote {path}")

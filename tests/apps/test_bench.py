@@ -304,10 +304,13 @@ def test_reports_markdown_and_plots(tmp_path):
     _bench.write_reports(rows, str(tmp_path), "b", log=lambda *a: None)
     for isa in ("baseline", "avx512"):
         md = (tmp_path / f"b_{isa}.md").read_text()
-        assert f"**{isa}: training forward** (2 cases)" in md
-        assert "| class | shape | lay | dt | bnfast ms | PyTorch ms | speed-up | oneDNN ms |" in md
-        assert "**0.50x**" in md                      # slower than PyTorch stands out
-        assert max(len(line) for line in md.splitlines()) < 120
+        assert f"**{isa}: training forward** (2 cases; times in ms)" in md
+        assert "| case | bnfast | PyTorch | speed-up | oneDNN | x copy |" in md
+        assert "| *classic* | | | | | |" in md          # one row names each class
+        assert "| 4x8x3x3 cf | 2.00 | 5.00 | 2.50x | 1.00 | 2.00x |" in md
+        assert "| 4x8x3x3 cl | 2.00 | 1.00 | **0.50x** | - | 2.00x |" in md
+        assert "| 256x1024 cf f64 | 1.00 | 1.50 | 1.50x | 1.00x |" in md
+        assert md.index("*tiny S*") < md.index("*classic*")   # in the order of CLASSES
         assert (tmp_path / f"b_{isa}.png").stat().st_size > 10000
     summary = (tmp_path / "b_summary.md").read_text()
     assert "| | baseline | avx512 |" in summary and "**not met**" in summary
