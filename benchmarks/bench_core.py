@@ -1,12 +1,14 @@
-"""Benchmark bnfast's kernels against NumPy, PyTorch and the memory-copy floor.
+"""Benchmark bnfast's kernels against PyTorch, oneDNN and the memory-copy floor.
 
-Same as ``python -m bnfast bench``::
+Same as ``bnfast bench`` (``python -m bnfast bench``)::
 
-    python benchmarks/bench_core.py            # full suite: float32 + float64, 1 and all threads
-    python benchmarks/bench_core.py --quick    # a subset in under a minute
+    python benchmarks/bench_core.py                 # every variant the CPU supports
+    python benchmarks/bench_core.py --isa avx2      # one variant
+    python benchmarks/bench_core.py --quick         # a subset, the variant in use
     python benchmarks/bench_core.py --threads 2 --out results
 
-Writes a table to the terminal and ``bench.json`` / ``bench.png`` to the output folder.
+Prints one table and summary per kernel variant and writes ``bench.json``,
+``bench_summary.md`` and ``bench_<variant>.md`` / ``.png`` to the output folder.
 See benchmarks/README.md for how to read the figures.
 """
 import sys
