@@ -540,15 +540,19 @@ def _key(r):
 def regression(rows, reference_rows, tolerance=1.05):
     """This run's bnfast times against a reference run's, case by case (same op, shape,
     layout, dtype, threads): geometric mean and worst of new / old."""
-    ref = {_key(r): _f(r["bnfast_ms"]) for r in reference_rows}
-    pairs = [(r, _f(r["bnfast_ms"]) / ref[_key(r)]) for r in rows if _key(r) in ref]
+    ref = {_key(r): r for r in reference_rows}
+    pairs = [(r, _f(r["bnfast_ms"]) / _f(ref[_key(r)]["bnfast_ms"])) for r in rows
+             if _key(r) in ref]
     pairs = [(r, q) for r, q in pairs if q == q]
     if not pairs:
         return None
     worst = max(pairs, key=lambda p: p[1])
     g = _geomean([q for _, q in pairs])
+    # The same comparison on the speed-up over PyTorch (old speed-up / new speed-up), which
+    # cancels a load that slows both alike.
+    rel = _geomean([speedup(ref[_key(r)]) / speedup(r) for r, _ in pairs])
     return {"cases": len(pairs), "geomean": g, "worst": worst[1],
-            "worst_case": case_label(worst[0]),
+            "worst_case": case_label(worst[0]), "speedup_geomean": rel,
             "slower_25pct": sum(q > 1.25 for _, q in pairs), "met": g <= tolerance}
 
 
@@ -603,7 +607,8 @@ def summarize_variant(rows, reference_rows=None):
                              "time ratios <= 1.05)", 1.05, reg["geomean"], reg["met"],
                              f"{reg['cases']} cases; worst {reg['worst']:.2f}x "
                              f"({reg['worst_case']}); {reg['slower_25pct']} more than "
-                             f"1.25x slower"))
+                             f"1.25x slower; relative to PyTorch in each run: "
+                             f"{reg['speedup_geomean']:.2f}x"))
     out["targets"] = t
     # Item 2 of the issue (tuning goals), measured by the same run.
     item2 = []

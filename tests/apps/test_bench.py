@@ -278,7 +278,10 @@ def test_summary_onednn_batch1_and_regression():
     assert b1["met"] is False and b1["figure"] == pytest.approx(0.010 / 0.006)
     reg = [v for k, v in t.items() if k.startswith("no regression")][0]
     assert reg["met"] is False and reg["figure"] == pytest.approx(2.0)
-    assert _bench.regression(rows, ref)["cases"] == 2
+    r = _bench.regression(rows, ref)
+    assert r["cases"] == 2 and r["speedup_geomean"] == pytest.approx(2.0)
+    ref2 = [dict(x, torch_ms=x["torch_ms"] / 2) for x in ref]    # PyTorch was slower too
+    assert _bench.regression(rows, ref2)["speedup_geomean"] == pytest.approx(1.0)
     assert _bench.regression(rows, [])is None
 
 
