@@ -1,0 +1,594 @@
+"""The GPU path's Python side, without a GPU: CuPy replaced by a NumPy-backed stand-in.
+
+The stand-in's arrays are NumPy arrays whose type says it comes from CuPy.  Its kernels
+check each launch against the kernel as nvcc compiled it -- the argument count, each
+argument's kind against the parameter list in the PTX and, through the demangled names
+and the source's extern "C" prototypes, the C type of every parameter (element type of
+every pointer) -- and the launch shape the kernel's shared-memory reductions assume; then
+a NumPy emulation of the kernel runs, block by block with the kernel's index arithmetic
+(only the order of the additions inside a block differs).  So every operation runs
+through bnfast._api and bnfast.cuda's launch code here, and the results are compared with
+the CPU kernels: a wrong argument order, a partition that misses or repeats elements, or
+a merge that reads the wrong partials fails here.  What the emulation cannot show is
+whether the CUDA code itself matches it (shared memory, barriers, the compiler): that
+needs a GPU (tests/gpu/test_cuda.py, tools/gpu_check.sh).  Skipped without nvcc and c++filt
+(the kernels' signatures come from them).
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import bnfast
+import bnfast.cuda
+from bnfast import _api
+from bnfast.cuda import _backend
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_cases import ERRORS, _message  # noqa: E402
+
+NVCC = shutil.which(os.environ.get("NVCC", "nvcc"))
+CXXFILT = shutil.which("c++filt")
+pytestmark = pytest.mark.skipif(NVCC is None or CXXFILT is None,
+                                reason="needs nvcc and c++filt (the kernels' signatures)")
+
+# kernels whose reductions use all BN_THREADS (256) threads of a block; merges take a power
+# of two from 32 to 256; the element-wise kernels any block up to 256
+FULL_BLOCK = ("bn_stats_row", "bn_stats_col", "bn_bwd_reduce_row", "bn_bwd_reduce_col",
+              "bn_stats_fixup")
+MERGES = ("bn_stats_merge", "bn_bwd_merge")
+
+
+@pytest.fixture(scope="module")
+def signatures(tmp_path_factory):
+    """name expression -> list of parameter descriptions, from nvcc's PTX of the source
+    NVRTC compiles: ('ptr', element C type or None), ('i64',), ('f64',) or ('i32',)."""
+    tmp = tmp_path_factory.mktemp("ptx")
+    src = tmp / "k.cu"
+    src.write_text(bnfast.cuda.kernel_source(), encoding="utf-8")
+    r = subprocess.run([NVCC, "-ptx", "-arch=sm_80", "-std=c++17", "--fmad=false", "-o",
+                        str(tmp / "k.ptx"), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ptx = (tmp / "k.ptx").read_text()
+    # extern "C" kernels are not mangled: their C parameter types from the source
+    plain = {}
+    for m in re.finditer(r'extern "C" __global__ void[^\n]*\n(\w+)\(([^)]*)\)',
+                         bnfast.cuda.kernel_source()):
+        plain[m.group(1)] = [re.sub(r"__restrict__|\w+$", "", p.strip()).strip()
+                             for p in m.group(2).split(",")]
+    sigs = {}
+    for m in re.finditer(r"\.entry\s+(\S+)\(([^)]*)\)", ptx):
+        mangled, params = m.group(1), m.group(2)
+        kinds = re.findall(r"\.param\s+\.(\w+)", params)
+        demangled = subprocess.run([CXXFILT, mangled], capture_output=True,
+                                   text=True).stdout.strip()
+        ctypes = None
+        if "(" in demangled:                      # a template instance: C types known
+            name = demangled.split("(")[0].replace("void ", "").strip()
+            ctypes = [t.strip() for t in demangled.split("(", 1)[1].rsplit(")", 1)[0]
+                      .split(",")]
+        else:
+            name = mangled
+            ctypes = plain[name]
+        desc = []
+        for i, k in enumerate(kinds):
+            c = ctypes[i] if ctypes else None
+            if c is not None and c.endswith("*"):
+                desc.append(("ptr", c.replace("const", "").replace("*", "").strip()))
+            elif c in ("long long", "bn_i64"):
+                desc.append(("i64",))
+            elif k == "f64":
+                desc.append(("f64",))
+            elif k in ("u32", "s32"):
+                desc.append(("i32",))
+            else:                                  # .u64 of an extern "C" kernel
+                desc.append(("u64",))
+        sigs[name] = desc
+    assert "bn_stats_row<float>" in sigs and "bn_coeffs" in sigs, sorted(sigs)
+    return sigs
+
+
+_CTYPE = {"float": np.float32, "double": np.float64, "int": np.int32}
+
+
+class FakeArray(np.ndarray):
+    """A NumPy array that bnfast takes for a CuPy array on device 0."""
+
+    @property
+    def device(self):
+        return _Device(0)
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+    def get(self):
+        return np.array(self)
+
+
+FakeArray.__module__ = "cupy"
+FakeArray.__name__ = FakeArray.__qualname__ = "ndarray"
+
+
+class _Device:
+    def __init__(self, dev=0):
+        self.id = dev
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _to_fake(a, dtype=None, order="K"):
+    return np.array(a, dtype=dtype, order=order).view(FakeArray)
+
+
+class FakeKernel:
+    def __init__(self, name, sig, log):
+        self.name, self.sig, self.log = name, sig, log
+
+    def __call__(self, grid, block, args):
+        base = self.name.split("<")[0]
+        assert isinstance(grid, tuple) and len(grid) == 1 and 0 < grid[0] < 2 ** 31, grid
+        assert isinstance(block, tuple) and len(block) == 3, block
+        threads = block[0] * block[1] * block[2]
+        if base in FULL_BLOCK:
+            assert threads == 256 and block[0] & (block[0] - 1) == 0, (self.name, block)
+        elif base in MERGES:
+            assert block[1:] == (1, 1) and block[0] in (32, 64, 128, 256), (self.name, block)
+        else:
+            assert 0 < threads <= 256, (self.name, block)
+        assert len(args) == len(self.sig), (self.name, len(args), len(self.sig))
+        for i, (a, want) in enumerate(zip(args, self.sig)):
+            where = f"{self.name} argument {i}"
+            if want[0] in ("ptr", "u64"):
+                if isinstance(a, np.uint64):
+                    assert a == 0, where               # the null pointer
+                    continue
+                assert isinstance(a, FakeArray), (where, type(a))
+                if want[0] == "ptr":
+                    assert a.dtype == _CTYPE[want[1]], (where, a.dtype, want)
+                    assert a.flags.c_contiguous or a.ndim == 1, where
+            elif want[0] == "i64":
+                assert type(a) is np.int64, (where, type(a))
+            elif want[0] == "f64":
+                assert type(a) is np.float64, (where, type(a))
+            else:
+                assert type(a) is np.int32, (where, type(a))
+        self.log.append(self.name)
+        EMULATE[base](grid[0], block, *args)
+        if base == "bn_bwd_merge" and FakeKernel.degenerate:
+            args[-1][0] = 1                           # as a GPU with a non-finite channel
+
+
+FakeKernel.degenerate = False
+
+
+# ------------------------------------------------------------------ the kernels in NumPy
+#
+# What each kernel computes, block by block, with the kernel's own index arithmetic
+# (partition, partial indices, pointers plus element offsets, null pointers), in float64;
+# only the order of the additions inside a block differs from the GPU's.  The results
+# then show whether the launches' partitions cover every element once and whether the
+# merges and element-wise passes read what the first kernels wrote.
+
+def _flat(a):
+    return np.asarray(a).reshape(-1)
+
+
+def _opt(a):
+    return None if isinstance(a, np.uint64) else np.asarray(a)
+
+
+def _shift(x, S, c):
+    k = float(x[c * S])
+    return k if np.isfinite(k) else 0.0
+
+
+def _block_stats(d):
+    cnt = d.size
+    s1, s2 = d.sum(), (d * d).sum()
+    m = s1 / cnt
+    r = s2 - s1 * m
+    if not (m * m <= 16.0 * (r / cnt)):
+        e = d - m
+        r = (e * e).sum() - e.sum() ** 2 / cnt
+    return cnt, m, max(r, 0.0) if r == r else r
+
+
+def _stats_row(grid, block, x, N, C, S, RB, G, pn, pm, pq):
+    xf = _flat(x)
+    X = xf.reshape(N, C, S)
+    for blk in range(grid):
+        c, g = divmod(blk, int(G))
+        n0, n1 = g * RB, min(N, g * RB + RB)
+        d = X[n0:n1, c, :].astype(np.float64) - _shift(xf, S, c)
+        pn[blk], pm[blk], pq[blk] = _block_stats(d)
+
+
+def _stats_col(grid, block, x, R, Cp, S, RB, G, pn, pm, pq):
+    xf = _flat(x)
+    X = xf.reshape(R, Cp)
+    for blk in range(grid):
+        tile, g = divmod(blk, int(G))
+        r0, r1 = g * RB, min(R, g * RB + RB)
+        for j in range(tile * block[0], min(Cp, (tile + 1) * block[0])):
+            d = X[r0:r1, j].astype(np.float64) - _shift(xf, S, j // S)
+            o = j * G + g
+            pn[o], pm[o], pq[o] = _block_stats(d)
+
+
+def _chan(n, m, q, nb, mb, qb):
+    if nb == 0:
+        return n, m, q
+    if n == 0:
+        return nb, mb, qb
+    nn = n + nb
+    delta = mb - m
+    return nn, m + delta * (nb / nn), q + qb + delta * delta * (n * nb / nn)
+
+
+def _stats_merge(grid, block, pn, pm, pq, M, x, S, mean, var):
+    xf = _flat(x)
+    for c in range(grid):
+        n = m = q = 0.0
+        for k in range(c * M, c * M + M):
+            n, m, q = _chan(n, m, q, pn[k], pm[k], pq[k])
+        mean[c] = _shift(xf, S, c) + m
+        var[c] = q / n
+
+
+def _stats_fixup(grid, block, x, N, C, S, mean, var):
+    assert np.isfinite(np.asarray(mean)).all() and np.isfinite(np.asarray(var)).all(), \
+        "the emulation has no overflow fixup: use finite, moderate test data"
+
+
+def _coeffs(grid, block, var, w, b, eps, C, invstd, scale, shift):
+    var, w, b, invstd = np.asarray(var), _opt(w), _opt(b), _opt(invstd)
+    inv = 1.0 / np.sqrt(var[:C] + eps)
+    if invstd is not None:
+        invstd[:C] = inv
+    scale[:C] = inv * w[:C] if w is not None else inv
+    shift[:C] = b[:C] if b is not None else 0.0
+
+
+def _running(grid, block, rm, rv, sm, sv, mean, var, C, count, momentum):
+    # raw pointer arithmetic: element c at pointer + c * stride (rm may be a strided view)
+    pm = np.lib.stride_tricks.as_strided(rm, shape=(C,), strides=(sm * rm.itemsize,))
+    pv = np.lib.stride_tricks.as_strided(rv, shape=(C,), strides=(sv * rv.itemsize,))
+    unb = var[:C] * (count / (count - 1.0)) if count > 1.0 else var[:C]
+    pm[...] = (1.0 - momentum) * pm.astype(np.float64) + momentum * mean[:C]
+    pv[...] = (1.0 - momentum) * pv.astype(np.float64) + momentum * unb
+
+
+def _rows(grid, C, S, chunks):
+    for blk in range(grid):
+        row, ch = divmod(blk, int(chunks))
+        s0 = ch * _backend.CHUNK
+        yield row % C, slice(row * S + s0, row * S + min(S, s0 + _backend.CHUNK))
+
+
+def _cols(grid, block, R, Cp, S, RB, G):
+    for blk in range(grid):
+        tile, g = divmod(blk, int(G))
+        j = np.arange(tile * block[0], min(Cp, (tile + 1) * block[0]))
+        yield slice(g * RB, min(R, g * RB + RB)), g, j, j // S
+
+
+def _norm(xv, m, a, b, relu):
+    v = (xv.astype(np.float64) - m) * a + b
+    return np.where(v <= 0.0, 0.0, v) if relu else v
+
+
+def _normalize_row(grid, block, x, y, C, S, chunks, mean, scale, shift, relu):
+    xf, yf = _flat(x), _flat(y)
+    for c, sl in _rows(grid, C, S, chunks):
+        yf[sl] = _norm(xf[sl], mean[c], scale[c], shift[c], relu)
+
+
+def _normalize_col(grid, block, x, y, R, Cp, S, RB, G, mean, scale, shift, relu):
+    X, Y = _flat(x).reshape(R, Cp), _flat(y).reshape(R, Cp)
+    for rs, _, j, c in _cols(grid, block, R, Cp, S, RB, G):
+        Y[rs, j] = _norm(X[rs, j], mean[c], scale[c], shift[c], relu)
+
+
+def _pick(v, c):
+    return None if v is None else v[c]
+
+
+def _bwd_terms(dyv, xv, m, inv, w, b, relu):
+    a = inv * w if w is not None else inv
+    bb = b if b is not None else 0.0
+    xm = xv.astype(np.float64) - m
+    g = dyv.astype(np.float64)
+    if relu:
+        g = np.where(xm * a + bb > 0.0, g, 0.0)
+    return a, xm, g
+
+
+def _bwd_reduce_row(grid, block, dy, x, N, C, S, RB, G, mean, invstd, weight, bias, relu,
+                    pd, px):
+    D, X = _flat(dy).reshape(N, C, S), _flat(x).reshape(N, C, S)
+    w, b = _opt(weight), _opt(bias)
+    for blk in range(grid):
+        c, g = divmod(blk, int(G))
+        n0, n1 = g * RB, min(N, g * RB + RB)
+        _, xm, gv = _bwd_terms(D[n0:n1, c], X[n0:n1, c], mean[c], invstd[c], _pick(w, c),
+                               _pick(b, c), relu)
+        pd[blk], px[blk] = gv.sum(), (gv * xm).sum()
+
+
+def _bwd_reduce_col(grid, block, dy, x, R, Cp, S, RB, G, mean, invstd, weight, bias, relu,
+                    pd, px):
+    D, X = _flat(dy).reshape(R, Cp), _flat(x).reshape(R, Cp)
+    w, b = _opt(weight), _opt(bias)
+    for rs, g, j, c in _cols(grid, block, R, Cp, S, RB, G):
+        _, xm, gv = _bwd_terms(D[rs][:, j], X[rs][:, j], mean[c], invstd[c], _pick(w, c),
+                               _pick(b, c), relu)
+        pd[j * G + g], px[j * G + g] = gv.sum(axis=0), (gv * xm).sum(axis=0)
+
+
+def _bwd_merge(grid, block, pd, px, M, invstd, weight, cnt, training, sum_dy, sum_dyxmu,
+               dweight, kx, k0, degenerate):
+    w = _opt(weight)
+    for c in range(grid):
+        sd, sx = float(np.sum(pd[c * M:c * M + M])), float(np.sum(px[c * M:c * M + M]))
+        inv = invstd[c]
+        a = inv * w[c] if w is not None else inv
+        dw = sx * inv
+        sum_dy[c], sum_dyxmu[c], dweight[c] = sd, sx, dw
+        kx[c] = -(a * inv) * (dw / cnt) if training and cnt > 0 else 0.0
+        k0[c] = -a * (sd / cnt) if training and cnt > 0 else 0.0
+
+
+def _dx(dyv, xv, m, inv, w, b, relu, kxc, k0c, ev):
+    a, xm, g = _bwd_terms(dyv, xv, m, inv, w, b, relu)
+    with np.errstate(invalid="ignore"):     # inf - inf of a degenerate channel: NaN
+        return a * g if ev else (a * g + kxc * xm) + k0c
+
+
+def _bwd_dx_row(grid, block, dy, x, dx, C, S, chunks, mean, invstd, weight, bias, relu, kx,
+                k0, ev):
+    df, xf, of = _flat(dy), _flat(x), _flat(dx)
+    w, b = _opt(weight), _opt(bias)
+    for c, sl in _rows(grid, C, S, chunks):
+        of[sl] = _dx(df[sl], xf[sl], mean[c], invstd[c], _pick(w, c), _pick(b, c), relu,
+                     kx[c], k0[c], ev)
+
+
+def _bwd_dx_col(grid, block, dy, x, dx, R, Cp, S, RB, G, mean, invstd, weight, bias, relu,
+                kx, k0, ev):
+    D, X, O = (_flat(a).reshape(R, Cp) for a in (dy, x, dx))
+    w, b = _opt(weight), _opt(bias)
+    for rs, _, j, c in _cols(grid, block, R, Cp, S, RB, G):
+        O[rs, j] = _dx(D[rs][:, j], X[rs][:, j], mean[c], invstd[c], _pick(w, c),
+                       _pick(b, c), relu, kx[c], k0[c], ev)
+
+
+EMULATE = {"bn_stats_row": _stats_row, "bn_stats_col": _stats_col,
+           "bn_stats_merge": _stats_merge, "bn_stats_fixup": _stats_fixup,
+           "bn_coeffs": _coeffs, "bn_update_running": _running,
+           "bn_normalize_row": _normalize_row, "bn_normalize_col": _normalize_col,
+           "bn_bwd_reduce_row": _bwd_reduce_row, "bn_bwd_reduce_col": _bwd_reduce_col,
+           "bn_bwd_merge": _bwd_merge, "bn_bwd_dx_row": _bwd_dx_row,
+           "bn_bwd_dx_col": _bwd_dx_col}
+
+
+@pytest.fixture
+def fake_cupy(signatures, monkeypatch):
+    """Install the stand-in; yields the list of launched kernel names."""
+    log = []
+
+    class RawModule:
+        def __init__(self, *, code, options, name_expressions):
+            assert "-fmad=false" in options and "--use_fast_math" not in options
+            assert set(name_expressions) <= set(signatures), \
+                set(name_expressions) - set(signatures)
+            self.code = code
+
+        def compile(self):
+            pass
+
+        def get_function(self, name):
+            assert name in signatures, name
+            return FakeKernel(name, signatures[name], log)
+
+    cp = types.ModuleType("cupy")
+    cp.__version__ = "stand-in"
+    cp.ndarray = FakeArray
+    cp.zeros = lambda n, dtype=float: np.zeros(n, dtype).view(FakeArray)
+    cp.empty = lambda shape, dtype=float: np.empty(shape, dtype).view(FakeArray)
+    cp.ascontiguousarray = lambda a, dtype=None: np.ascontiguousarray(
+        a, dtype=dtype).view(FakeArray)
+    cp.array = _to_fake
+    cp.asarray = lambda a: np.asarray(a).view(FakeArray)
+    cp.take = lambda a, idx, axis: np.take(np.asarray(a), np.asarray(idx),
+                                           axis=axis).view(FakeArray)
+    cp.shares_memory = lambda a, b: np.shares_memory(a, b)
+    cp.RawModule = RawModule
+    cp.cuda = types.SimpleNamespace(Device=_Device)
+    monkeypatch.setitem(bnfast.cuda._state, "cupy", (cp, None))
+    monkeypatch.setattr(_backend, "_modules", {})
+    monkeypatch.setattr(_backend, "_backends", {})
+    FakeKernel.degenerate = False
+    yield log
+
+
+def F(a):
+    return None if a is None else _to_fake(a)
+
+
+SHAPES = [((5, 3), 1), ((16, 3, 300), 1), ((16, 3, 300), -1), ((20000, 3), 1),
+          ((3, 2, 5000), 1), ((2, 3, 5, 7), 2), ((0, 3, 4), 1)]
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_operation_launches_valid_kernels(fake_cupy, shape, axis, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+    empty = x.size == 0
+    if not empty:
+        m, v = bnfast.moments(F(x), axis=axis)
+        assert isinstance(m, FakeArray) and m.dtype == np.float64 and m.shape == (C,)
+        for rdt in (np.float32, np.float64):
+            rm, rv = F(np.zeros(C, rdt)), F(np.ones(C, rdt))
+            y, mean, inv = bnfast.batch_norm_train(F(x), F(w), F(b), axis=axis,
+                                                   running_mean=rm, running_var=rv,
+                                                   relu=True)
+            assert isinstance(y, FakeArray) and y.dtype == dtype and y.shape == x.shape
+        # strided running statistics (element stride 2) and in-place output
+        buf = F(np.zeros(2 * C))
+        xin = F(x)
+        bnfast.batch_norm_train(xin, axis=axis, running_mean=buf[::2], running_var=buf[1::2],
+                                out=xin)
+        bnfast.batch_norm(F(x), F(np.zeros(C)), F(np.ones(C)), training=True, momentum=None,
+                          num_batches_tracked=np.array(3), axis=axis)
+    y = bnfast.batch_norm_infer(F(x), F(np.zeros(C)), F(np.ones(C)), F(w), F(b), axis=axis)
+    assert isinstance(y, FakeArray) and y.shape == x.shape
+    for training in (True, False):
+        dx, dw, db = bnfast.batch_norm_backward(F(x), F(x), F(np.zeros(C)), F(np.ones(C)),
+                                                F(w), bias=F(b), relu=True,
+                                                training=training, axis=axis)
+        assert dx.shape == x.shape and dw.dtype == dtype and db.shape == (C,)
+    names = {n.split("<")[0] for n in fake_cupy}
+    if not empty:
+        assert {"bn_stats_merge", "bn_stats_fixup", "bn_coeffs", "bn_update_running",
+                "bn_bwd_merge"} <= names
+        kind = "row" if (x.size // x.shape[0] // C if axis % x.ndim == 1 else 1) >= 256 \
+            else None
+        if kind == "row" and axis == 1:
+            assert {"bn_stats_row", "bn_normalize_row", "bn_bwd_reduce_row",
+                    "bn_bwd_dx_row"} <= names
+        if axis == -1:
+            assert {"bn_stats_col", "bn_normalize_col", "bn_bwd_reduce_col",
+                    "bn_bwd_dx_col"} <= names
+
+
+def test_errors_have_the_cpu_messages_through_the_gpu_path(fake_cupy):
+    for case, (fn, args, kw) in ERRORS.items():
+        if case == "eps 0 constant":          # needs the kernels' statistics
+            continue
+        want = _message(fn, *args, **kw)
+        dev = (lambda a: F(a) if isinstance(a, np.ndarray) else a)
+        got = _message(fn, *(dev(a) for a in args), **{k: dev(v) for k, v in kw.items()})
+        assert got == want, case
+
+
+def test_mixing_is_refused_naming_the_argument(fake_cupy):
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match=r"^weight must be a cupy.ndarray on device 0 like x, "
+                                        r"got numpy.ndarray \(a NumPy array"):
+        bnfast.batch_norm_train(F(x), np.ones(3))
+    with pytest.raises(TypeError, match=r"^out must be a cupy.ndarray, got numpy.ndarray"):
+        bnfast.batch_norm_train(F(x), out=x)
+    with pytest.raises(TypeError, match=r"^running_var must be a cupy.ndarray \(it is updated"):
+        bnfast.batch_norm_train(F(x), running_mean=F(np.zeros(3)), running_var=np.ones(3))
+    with pytest.raises(TypeError, match=r"^dy must be a cupy.ndarray"):
+        bnfast.batch_norm_backward(x, F(x), F(np.zeros(3)), F(np.ones(3)))
+    with pytest.raises(TypeError, match=r"^mean must be a cupy.ndarray .*got list"):
+        bnfast.batch_norm_infer(F(x), [0.0, 0.0, 0.0], F(np.ones(3)))
+    with pytest.raises(TypeError, match="two-step backward"):
+        _api._backward_two_step(F(x), F(x), F(np.zeros(3)), F(np.ones(3)), None,
+                                lambda sd, sx: (sd, sx, 4))
+
+
+def test_two_devices_are_refused(fake_cupy):
+    class OtherDevice(FakeArray):
+        @property
+        def device(self):
+            return _Device(1)
+
+    OtherDevice.__module__ = "cupy"
+    x = F(np.ones((4, 3)))
+    w = np.ones(3).view(OtherDevice)
+    with pytest.raises(ValueError, match=r"^weight is on CUDA device 1 but x is on device 0"):
+        bnfast.batch_norm_train(x, w)
+
+
+def test_degenerate_channels_are_recomputed_as_on_the_cpu(fake_cupy):
+    """An infinite weight: the backward's flag comes back set, and the channel is
+    recomputed on the host into the device arrays, exactly as the CPU path does."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 3, 5))
+    dy = rng.standard_normal(x.shape)
+    mean, inv = x.mean(axis=(0, 2)), np.ones(3)
+    w = np.array([1.0, np.inf, 2.0])
+    FakeKernel.degenerate = True
+    dx, dw, db = bnfast.batch_norm_backward(F(dy), F(x), F(mean), F(inv), F(w))
+    cdx, cdw, cdb = bnfast.batch_norm_backward(dy, x, mean, inv, w)
+    np.testing.assert_array_equal(np.asarray(dx)[:, 1], cdx[:, 1])
+    assert np.asarray(dw)[1] == cdw[1] or (np.isnan(dw[1]) and np.isnan(cdw[1]))
+    assert np.asarray(db)[1] == cdb[1]
+    assert any(n.startswith("bn_bwd_dx_") for n in fake_cupy)
+
+
+VALUE_SHAPES = [((5, 3), 1), ((7, 65), 1), ((3, 9, 1), 1), ((16, 3, 300), 1),
+                ((16, 3, 300), -1), ((20000, 3), 1), ((3, 2, 5000), 1), ((2, 3, 5, 7), 2),
+                ((8, 16, 20, 20), -1), ((300, 40), 1), ((2, 5, 3, 3, 8), 1)]
+
+
+@pytest.mark.parametrize("shape,axis", VALUE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+def test_emulated_kernels_give_the_cpu_results(fake_cupy, shape, axis, dtype, relu):
+    """The launches' partitions and indices, run by the NumPy emulation of each kernel:
+    every operation agrees with the CPU kernels (statistics to float64 rounding; the
+    element-wise passes without a reduction bit for bit)."""
+    from conftest import assert_close, assert_same_bits
+
+    rng = np.random.default_rng(abs(hash((shape, axis))) % 2 ** 32)
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    w, b = rng.uniform(0.5, 2, C) * rng.choice([-1, 1], C), rng.standard_normal(C)
+    m0, v0 = rng.standard_normal(C), rng.uniform(0.5, 2, C)
+
+    gm, gv = bnfast.moments(F(x), axis=axis)
+    cm, cv = bnfast.moments(x, axis=axis)
+    assert_close(np.asarray(gm), cm, rtol=1e-12, scale=np.abs(x).max(), what="mean")
+    assert_close(np.asarray(gv), cv, rtol=1e-12, scale=0.0, what="var")
+
+    grm, grv = F(m0.astype(dtype)), F(v0.astype(dtype))
+    crm, crv = m0.astype(dtype), v0.astype(dtype)
+    gy, gmean, ginv = bnfast.batch_norm_train(F(x), F(w), F(b), axis=axis, relu=relu,
+                                              running_mean=grm, running_var=grv,
+                                              momentum=0.3)
+    cy, cmean, cinv = bnfast.batch_norm_train(x, w, b, axis=axis, relu=relu,
+                                              running_mean=crm, running_var=crv,
+                                              momentum=0.3)
+    assert_close(np.asarray(gy), cy, what="y")
+    assert_close(np.asarray(ginv), cinv, rtol=1e-12, scale=0.0, what="invstd")
+    assert_close(np.asarray(grm), crm, scale=np.abs(crm) + np.abs(x).max(), what="rm")
+    assert_close(np.asarray(grv), crv, scale=0.0, what="rv")
+
+    gyi = bnfast.batch_norm_infer(F(x), F(m0), F(v0), F(w), F(b), axis=axis, relu=relu)
+    cyi = bnfast.batch_norm_infer(x, m0, v0, w, b, axis=axis, relu=relu)
+    assert_same_bits(np.asarray(gyi), cyi, "infer")
+
+    for training in (True, False):
+        mean, inv = (cmean, cinv) if training else (m0, 1 / np.sqrt(v0 + 1e-5))
+        gdx, gdw, gdb = bnfast.batch_norm_backward(F(dy), F(x), F(mean), F(inv), F(w),
+                                                   bias=F(b), relu=relu, training=training,
+                                                   axis=axis)
+        cdx, cdw, cdb = bnfast.batch_norm_backward(dy, x, mean, inv, w, bias=b, relu=relu,
+                                                   training=training, axis=axis)
+        red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+        gscale = np.abs(dy.astype(np.float64)).sum(axis=red)
+        assert_close(np.asarray(gdb), cdb, scale=gscale, what="dbias")
+        assert_close(np.asarray(gdw), cdw, scale=gscale * np.abs(x).max() * np.abs(inv).max()
+                     * 4, what="dweight")
+        if training:
+            assert_close(np.asarray(gdx), cdx, scale=np.abs(cdx).max() + np.abs(dy).max()
+                         * np.abs(w * inv).max(), what="dx")
+        else:
+            assert_same_bits(np.asarray(gdx), cdx, "eval dx")
