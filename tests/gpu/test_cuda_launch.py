@@ -592,3 +592,57 @@ def test_emulated_kernels_give_the_cpu_results(fake_cupy, shape, axis, dtype, re
                          * np.abs(w * inv).max(), what="dx")
         else:
             assert_same_bits(np.asarray(gdx), cdx, "eval dx")
+
+
+def test_nn_training_steps_through_the_gpu_path(fake_cupy, monkeypatch):
+    """Two SGD steps of Linear -> BatchNorm1d -> ReLU -> Linear after ``model.to("cuda")``,
+    with the stand-in also serving bnfast.nn's array module (its NumPy functions return
+    stand-in arrays): the batch-norm layer runs through bnfast.cuda's launches and the
+    emulated kernels, and losses and every parameter and buffer match the CPU's."""
+    from bnfast import nn, optim
+    from bnfast.train import Trainer
+
+    cp = bnfast.cuda._state["cupy"][0]
+
+    def wrap(f):
+        return lambda *a, **k: np.asarray(f(*a, **k)).view(FakeArray)
+
+    for fn in ("ones", "full", "zeros_like", "empty_like", "ones_like", "maximum", "exp",
+               "log", "sqrt", "where", "sum", "argmax", "arange", "dot", "matmul", "clip",
+               "abs", "tanh", "mean", "max"):
+        setattr(cp, fn, wrap(getattr(np, fn)))
+    for t in ("float32", "float64", "int64"):
+        setattr(cp, t, getattr(np, t))
+    cp.array = lambda a, dtype=None, order="K", copy=True: np.array(
+        a, dtype=dtype, order=order, copy=copy).view(FakeArray)
+    cp.asarray = lambda a, dtype=None: np.asarray(a, dtype=dtype).view(FakeArray)
+    cp.asnumpy = lambda a: np.array(a)
+    cp.lib = types.SimpleNamespace(stride_tricks=np.lib.stride_tricks)
+    cp.cuda = types.SimpleNamespace(
+        Device=lambda i=None: _Device(0 if i is None else i),
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 20), dtype=np.float32)
+    y = (X[:, :3].sum(axis=1) > 0).astype(np.int64)
+    results = []
+    for device in ("cpu", "cuda"):
+        r = np.random.default_rng(1)
+        model = nn.Sequential(nn.Linear(20, 16, rng=r), nn.BatchNorm1d(16), nn.ReLU(),
+                              nn.Linear(16, 2, rng=r))
+        model.to(device)
+        trainer = Trainer(model, nn.CrossEntropyLoss(),
+                          optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        xin, yin = (X, y) if device == "cpu" else (cp.asarray(X), cp.asarray(y))
+        losses = [float(trainer.train_step(xin, yin)[0]) for _ in range(2)]
+        state = model.state_dict()
+        if device == "cuda":
+            assert all(isinstance(v, FakeArray) for v in state.values())
+        results.append((losses, {k: np.array(v) for k, v in state.items()}))
+    (lc, sc), (lg, sg) = results
+    np.testing.assert_allclose(lg, lc, rtol=1e-6)
+    for k in sc:
+        np.testing.assert_allclose(sg[k], sc[k], rtol=2e-5, atol=2e-6, err_msg=k)
+    assert any(n.startswith("bn_stats_col") for n in fake_cupy)
+    assert any(n.startswith("bn_bwd_dx_col") for n in fake_cupy)
