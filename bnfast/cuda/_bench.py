@@ -6,7 +6,9 @@ memory-bandwidth floor), in one process, on the CPU benchmark's shapes plus tens
 1 GiB and more, channels-first and channels-last, float32.  Each case is timed with CUDA
 events around a run of calls long enough to dwarf the launch latency; the figure is the
 median over `repeat` samples.  Writes ``bench_cuda.json`` (every sample's median, the
-device and the versions) and prints a table.
+device and the versions) and prints a table.  bnfast's times include the host reads its
+checks need (the backward's degenerate-channel flag, the variance check of inference):
+each waits for the stream, which is part of a call's cost.
 """
 import json
 import os
@@ -110,6 +112,7 @@ def _case(cp, torch, bnfast, shape, layout, time_fn, repeat, log):
     if torch is not None:
         fns.update(_torch_fns(torch, x, dy, w, b, layout))
     rows = []
+    errors = {}
     label = "x".join(map(str, shape))
     for op in OPS:
         times = {}
@@ -117,13 +120,20 @@ def _case(cp, torch, bnfast, shape, layout, time_fn, repeat, log):
             fn = fns.get((op, impl))
             if fn is None:
                 continue
-            if impl == "native":
-                with torch.backends.cudnn.flags(enabled=False):
+            try:
+                if impl == "native":
+                    with torch.backends.cudnn.flags(enabled=False):
+                        times[impl] = time_fn(fn, repeat)
+                else:
                     times[impl] = time_fn(fn, repeat)
-            else:
-                times[impl] = time_fn(fn, repeat)
+            except Exception as exc:        # recorded, and the other cases still run
+                if impl == "bnfast":
+                    raise
+                log(f"   {impl} {op} failed: {type(exc).__name__}: {exc}")
+                errors[f"{op}/{impl}"] = f"{type(exc).__name__}: {exc}"
         row = {"shape": list(shape), "layout": layout, "op": op, "bytes": nbytes,
-               "copy_s": t_copy, **{f"{k}_s": v for k, v in times.items()}}
+               "copy_s": t_copy, **{f"{k}_s": v for k, v in times.items()},
+               "errors": {k: v for k, v in errors.items() if k.startswith(op + "/")}}
         rows.append(row)
         ratio = " ".join(f"{k} {v * 1e3:8.3f} ms" for k, v in times.items())
         log(f"{label:>18s} {layout} {op:8s} copy {t_copy * 1e3:8.3f} ms  {ratio}  "
