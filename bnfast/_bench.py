@@ -978,8 +978,8 @@ def machine_info():
 
 
 def _json_safe(v):
-    if isinstance(v, float) and v != v:
-        return None
+    if isinstance(v, float):
+        return None if v != v else float(f"{v:.6g}")     # 6 digits: far below the noise
     if isinstance(v, dict):
         return {k: _json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -1003,8 +1003,14 @@ def _write_json(out_dir, stem, torch, t0, summ, rows, interrupted=False, extra=N
     blob.update(extra or {})
     if interrupted:
         blob["interrupted"] = True
+    blob = _json_safe(blob)
+    rows_out = blob.pop("results")
+    text = json.dumps(blob, indent=1, default=str)
+    # one line per result row: a full run has hundreds of rows
+    body = ",\n".join("  " + json.dumps(r, default=str) for r in rows_out)
+    text = text[:-2] + ',\n "results": [\n' + body + "\n ]\n}\n"
     with open(path, "w") as f:
-        json.dump(_json_safe(blob), f, indent=1, default=str)
+        f.write(text)
     return path
 
 
