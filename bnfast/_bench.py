@@ -222,6 +222,42 @@ def _jsonable(v):
     return str(v)
 
 
+def _onednn_blocked(torch, C):
+    """A function giving a tensor's oneDNN (mkldnn) copy in oneDNN's blocked layout.
+
+    ``x.to_mkldnn()`` keeps the plain NCHW order (oneDNN format ``abcd``), on which oneDNN
+    runs its generic batch norm (``ncsp_bnorm:any`` in ``ONEDNN_VERBOSE=1``).  An identity
+    1x1 convolution through PyTorch's mkldnn module gives the same values (exactly) in
+    the blocked layout a oneDNN network passes between layers (``aBcd16b``, nChw16c), on
+    which batch norm runs the JIT kernel (``bnorm_jit:avx512_core`` here).  Falls back to
+    ``to_mkldnn()`` if that fails.
+    """
+    try:
+        import torch.utils.mkldnn as tum
+
+        conv = torch.nn.Conv2d(C, C, 1, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(torch.eye(C).reshape(C, C, 1, 1))
+        mconv = tum.to_mkldnn(conv)
+    except Exception:
+        mconv = None
+
+    def blocked(t):
+        m = t.to_mkldnn()
+        if mconv is None:
+            return m
+        try:
+            with torch.no_grad():
+                b = mconv(m)
+            if torch.equal(b.to_dense(), t.contiguous()):
+                return b
+        except Exception:
+            pass
+        return m
+
+    return blocked
+
+
 def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, repeat=7,
              include_torch=True, include_numpy=True, include_fresh=True,
              include_onednn=False, isas=None, shape_class="", seed=0, min_time=0.02,
@@ -298,9 +334,10 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
                     twg, tbg = tw.clone().requires_grad_(True), tb.clone().requires_grad_(True)
                     yg = F.batch_norm(txg, None, None, twg, tbg, training=True)
                 if onednn:
-                    mx, mdy = tx.to_mkldnn(), tdy.to_mkldnn()
+                    blocked = _onednn_blocked(torch, C)
+                    mx, mdy = blocked(tx), blocked(tdy)
                     mrm, mrv = trm.clone(), trv.clone()
-                    mxg = tx.to_mkldnn().requires_grad_(True)
+                    mxg = mx.detach().clone().requires_grad_(True)
                     mwg, mbg = tw.clone().requires_grad_(True), tb.clone().requires_grad_(True)
                     myg = F.batch_norm(mxg, None, None, mwg, mbg, training=True)
             for op in ops:

@@ -319,3 +319,13 @@ def test_reports_markdown_and_plots(tmp_path):
     assert "| | baseline | avx512 |" in summary and "**not met**" in summary
     text = _bench.format_variant_table([r for r in rows if r["isa"] == "avx512"])
     assert "oneDNN" in text and "4x8x3x3" in text
+
+
+def test_onednn_copy_is_exact_and_in_onednn_format():
+    torch = pytest.importorskip("torch")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("PyTorch without mkldnn (oneDNN)")
+    x = torch.randn(2, 17, 5, 4).contiguous(memory_format=torch.channels_last)
+    b = _bench._onednn_blocked(torch, 17)(x)
+    assert b.is_mkldnn and torch.equal(b.to_dense(), x)
+    assert _bench._onednn_works(torch) == (True, "")
