@@ -233,8 +233,11 @@ def _onednn_blocked(torch, C):
     ``to_mkldnn()`` if that fails.
     """
     try:
-        import torch.utils.mkldnn as tum
+        import warnings
 
+        with warnings.catch_warnings():      # its import: torch.jit.script_method deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import torch.utils.mkldnn as tum
         conv = torch.nn.Conv2d(C, C, 1, bias=False)
         with torch.no_grad():
             conv.weight.copy_(torch.eye(C).reshape(C, C, 1, 1))
