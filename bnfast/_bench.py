@@ -631,6 +631,12 @@ def summarize_variant(rows, reference_rows=None):
         t.append(_target("training forward at least as fast as oneDNN", 1.0, vs_onednn(w),
                          n_slow == 0, f"{n_slow} of {len(dnn)} cases slower; worst "
                                       f"{case_label(w)}"))
+    out["vs_onednn"] = {}
+    for op in ("train", "backward"):       # oneDNN's figures (only training is a target)
+        d = [vs_onednn(r) for r in f32 if r["op"] == op and vs_onednn(r) == vs_onednn(r)]
+        if d:
+            out["vs_onednn"][op] = {"cases": len(d), "slower": sum(v < 1.0 for v in d),
+                                    "geomean": _geomean(d), "min": float(min(d))}
     for (layout, op), limit in LLC_TARGETS.items():
         big = [r for r in f32 if r["class"] == "> LLC" and r["layout"] == layout
                and r["op"] == op]
@@ -783,6 +789,9 @@ def format_summary(isa, s, skipped=()):
                  f"{s['float64_cases']} float64 cases")
     if s["worst"]:
         lines.append(f"  worst: {s['worst']['case']} {s['worst']['speedup']:.2f}x")
+    for op, d in s.get("vs_onednn", {}).items():
+        lines.append(f"  {op} against oneDNN: geomean {d['geomean']:.2f}x, min {d['min']:.2f}x, "
+                     f"{d['slower']} of {d['cases']} cases slower")
     for t in s["targets"] + s["item2"]:
         mark = {True: "met", False: "NOT MET", None: "n/a"}[t["met"]]
         fig = "-" if t["figure"] is None else f"{t['figure']:.2f}"
@@ -856,6 +865,14 @@ def markdown_summary(summaries, cross=None):
         lambda s: f"{s['float64_slower_than_torch']} of {s['float64_cases']}")
     row("worst case", lambda s: (f"{s['worst']['speedup']:.2f}x {s['worst']['case']}"
                                  if s["worst"] else "-"))
+    for op in ("train", "backward"):
+        if any(op in s.get("vs_onednn", {}) for s in summaries.values()):
+            row(f"{op} vs oneDNN: geomean (min), slower",
+                lambda s, op=op: (f"{s['vs_onednn'][op]['geomean']:.2f}x "
+                                  f"({s['vs_onednn'][op]['min']:.2f}x), "
+                                  f"{s['vs_onednn'][op]['slower']} of "
+                                  f"{s['vs_onednn'][op]['cases']}"
+                                  if op in s.get("vs_onednn", {}) else "-"))
     names = []
     for s in summaries.values():
         for t in s["targets"] + s["item2"]:

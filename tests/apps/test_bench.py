@@ -273,6 +273,8 @@ def test_summary_onednn_batch1_and_regression():
     t = _targets(s)
     dnn = t["training forward at least as fast as oneDNN"]
     assert dnn["met"] is False and dnn["figure"] == 0.5 and "1 of 2" in dnn["detail"]
+    assert s["vs_onednn"] == {"train": {"cases": 2, "slower": 1, "min": 0.5,
+                                        "geomean": pytest.approx(1.5 ** 0.5)}}
     b1 = t["batch-1 inference within max(1.5x copy, 5 us)"]
     # 10 us against max(6 us, 5 us) -> 1.67 (not met); 4 us against 5 us -> 0.8
     assert b1["met"] is False and b1["figure"] == pytest.approx(0.010 / 0.006)
@@ -317,6 +319,7 @@ def test_reports_markdown_and_plots(tmp_path):
         assert (tmp_path / f"b_{isa}.png").stat().st_size > 10000
     summary = (tmp_path / "b_summary.md").read_text()
     assert "| | baseline | avx512 |" in summary and "**not met**" in summary
+    assert "| train vs oneDNN: geomean (min), slower | 0.50x (0.50x), 1 of 1 |" in summary
     text = _bench.format_variant_table([r for r in rows if r["isa"] == "avx512"])
     assert "oneDNN" in text and "4x8x3x3" in text
 
