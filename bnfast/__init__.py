@@ -15,22 +15,8 @@ The framework on top of the kernels, :mod:`bnfast.nn` and :mod:`bnfast.optim`, i
 on first use (``bnfast.nn``, ``from bnfast import nn``): ``import bnfast`` loads the kernel
 layer only.
 """
-# The one place the version is written: pyproject.toml reads it from here
-# ([tool.setuptools.dynamic]), and the installed metadata follows.
-__version__ = "0.1.0"
-
-import os as _os
-
-# GNU OpenMP's idle threads spin for about 300,000 iterations after every parallel region
-# unless told otherwise.  Between bnfast kernels that steals the cores from NumPy's BLAS
-# threads (a small conv net's training step in bnfast.nn ran 3.5x slower on 2 cores).  A
-# short spin keeps the threads responsive for back-to-back kernels without that.  Set
-# before the extension loads libgomp; an explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
-    _os.environ["GOMP_SPINCOUNT"] = "10000"
-    _SPINCOUNT_SET_BY_BNFAST = True
-else:
-    _SPINCOUNT_SET_BY_BNFAST = False
+from ._version import __version__  # noqa: F401  (written once, in bnfast/_version.py)
+from . import _openmp_env  # noqa: F401  (GOMP_SPINCOUNT, before _core loads libgomp)
 
 try:
     from . import _core  # noqa: F401

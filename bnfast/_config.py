@@ -21,6 +21,8 @@ import threading
 import numpy as np
 
 from . import _core
+from ._openmp_env import SPINCOUNT_SET_BY_BNFAST
+from ._version import __version__
 
 ISA_NAMES = _core.ISA_NAMES
 ENV_VAR = "BNFAST_ISA"
@@ -209,13 +211,11 @@ _OPENMP_SPEC = {201107: "3.1", 201307: "4.0", 201511: "4.5", 201811: "5.0", 2020
 
 
 def _wait_policy():
-    from . import _SPINCOUNT_SET_BY_BNFAST
-
     if os.environ.get("OMP_WAIT_POLICY"):
         return f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
     spin = os.environ.get("GOMP_SPINCOUNT")
     if spin:
-        return f"GOMP_SPINCOUNT={spin}" + (" (bnfast's default)" if _SPINCOUNT_SET_BY_BNFAST
+        return f"GOMP_SPINCOUNT={spin}" + (" (bnfast's default)" if SPINCOUNT_SET_BY_BNFAST
                                            else "")
     return "runtime default"
 
@@ -242,7 +242,6 @@ def get_config():
     >>> cfg["isa"] == bnfast.get_isa(), "baseline" in cfg["isas_available"]
     (True, True)
     """
-    from . import __version__
     from ._threads import get_num_threads
 
     ver, path = _openmp_runtime()
