@@ -9,11 +9,18 @@ a NumPy emulation of the kernel runs, block by block with the kernel's index ari
 (only the order of the additions inside a block differs).  So every operation runs
 through bnfast._api and bnfast.cuda's launch code here, and the results are compared with
 the CPU kernels: a wrong argument order, a partition that misses or repeats elements, or
-a merge that reads the wrong partials fails here.  What the emulation cannot show is
-whether the CUDA code itself matches it (shared memory, barriers, the compiler): that
-needs a GPU (tests/gpu/test_cuda.py, tools/gpu_check.sh).  Skipped without nvcc and c++filt
-(the kernels' signatures come from them).
+a merge that reads the wrong partials fails here.
+
+The last tests run the CUDA source itself instead of the NumPy emulation: compiled for
+the CPU with tests/gpu/cuda_host_emu.h (g++, C++20), every block as 256 OS threads,
+__shared__ arrays static, __syncthreads a barrier.  The kernels' shared-memory trees,
+barriers, two-pass decisions, merges and fixup then run as written, and must give the CPU
+kernels' results, the same bits on every run whatever order the threads run in, and the
+numerical edge cases.  What neither shows is the GPU itself (nvcc's and NVRTC's code, the
+memory system, speed): tests/gpu/test_cuda.py and tools/gpu_check.sh on a GPU.  Skipped
+without nvcc and c++filt (the kernels' signatures come from them).
 """
+import ctypes
 import os
 import re
 import shutil
@@ -67,27 +74,26 @@ def signatures(tmp_path_factory):
         kinds = re.findall(r"\.param\s+\.(\w+)", params)
         demangled = subprocess.run([CXXFILT, mangled], capture_output=True,
                                    text=True).stdout.strip()
-        ctypes = None
+        ctys = None
         if "(" in demangled:                      # a template instance: C types known
             name = demangled.split("(")[0].replace("void ", "").strip()
-            ctypes = [t.strip() for t in demangled.split("(", 1)[1].rsplit(")", 1)[0]
+            ctys = [t.strip() for t in demangled.split("(", 1)[1].rsplit(")", 1)[0]
                       .split(",")]
         else:
             name = mangled
-            ctypes = plain[name]
-        desc = []
+            ctys = plain[name]
+        desc = []                                  # (kind, pointer element, C type)
         for i, k in enumerate(kinds):
-            c = ctypes[i] if ctypes else None
-            if c is not None and c.endswith("*"):
-                desc.append(("ptr", c.replace("const", "").replace("*", "").strip()))
+            c = ctys[i]
+            if c.endswith("*"):
+                desc.append(("ptr", c.replace("const", "").replace("*", "").strip(), c))
             elif c in ("long long", "bn_i64"):
-                desc.append(("i64",))
+                desc.append(("i64", None, c))
             elif k == "f64":
-                desc.append(("f64",))
-            elif k in ("u32", "s32"):
-                desc.append(("i32",))
-            else:                                  # .u64 of an extern "C" kernel
-                desc.append(("u64",))
+                desc.append(("f64", None, c))
+            else:
+                assert k in ("u32", "s32"), (name, k, c)
+                desc.append(("i32", None, c))
         sigs[name] = desc
     assert "bn_stats_row<float>" in sigs and "bn_coeffs" in sigs, sorted(sigs)
     return sigs
@@ -163,12 +169,34 @@ class FakeKernel:
             else:
                 assert type(a) is np.int32, (where, type(a))
         self.log.append(self.name)
-        EMULATE[base](grid[0], block, *args)
+        if FakeKernel.host is not None:               # the CUDA code on CPU threads
+            _host_launch(FakeKernel.host, self.name, grid[0], block, args, self.sig)
+        else:
+            EMULATE[base](grid[0], block, *args)
         if base == "bn_bwd_merge" and FakeKernel.degenerate:
             args[-1][0] = 1                           # as a GPU with a non-finite channel
 
 
 FakeKernel.degenerate = False
+FakeKernel.host = None          # (ctypes library, {name: symbol}) of host_kernels
+
+
+def _host_launch(host, name, grid, block, args, sig):
+    lib, symbols = host
+    holders = []
+    for a, (kind, _, _) in zip(args, sig):
+        if kind == "ptr":
+            holders.append(ctypes.c_void_p(0 if isinstance(a, np.uint64)
+                                           else a.__array_interface__["data"][0]))
+        elif kind == "i64":
+            holders.append(ctypes.c_longlong(int(a)))
+        elif kind == "f64":
+            holders.append(ctypes.c_double(float(a)))
+        else:
+            holders.append(ctypes.c_int(int(a)))
+    argv = (ctypes.c_void_p * max(1, len(holders)))(
+        *[ctypes.addressof(h) for h in holders])
+    getattr(lib, symbols[name])(ctypes.c_uint(grid), *(ctypes.c_uint(b) for b in block), argv)
 
 
 # ------------------------------------------------------------------ the kernels in NumPy
@@ -544,6 +572,10 @@ def test_emulated_kernels_give_the_cpu_results(fake_cupy, shape, axis, dtype, re
     """The launches' partitions and indices, run by the NumPy emulation of each kernel:
     every operation agrees with the CPU kernels (statistics to float64 rounding; the
     element-wise passes without a reduction bit for bit)."""
+    _check_against_cpu(shape, axis, dtype, relu)
+
+
+def _check_against_cpu(shape, axis, dtype, relu):
     from conftest import assert_close, assert_same_bits
 
     rng = np.random.default_rng(abs(hash((shape, axis))) % 2 ** 32)
@@ -646,3 +678,105 @@ def test_nn_training_steps_through_the_gpu_path(fake_cupy, monkeypatch):
         np.testing.assert_allclose(sg[k], sc[k], rtol=2e-5, atol=2e-6, err_msg=k)
     assert any(n.startswith("bn_stats_col") for n in fake_cupy)
     assert any(n.startswith("bn_bwd_dx_col") for n in fake_cupy)
+
+
+# ------------------------------------------------------------------ the CUDA code itself
+
+@pytest.fixture(scope="module")
+def host_kernels(signatures, tmp_path_factory):
+    """csrc/cuda compiled for the CPU with tests/gpu/cuda_host_emu.h (g++, C++20)."""
+    gxx = shutil.which(os.environ.get("CXX", "g++"))
+    if gxx is None:
+        pytest.skip("needs g++ (C++20) to run the CUDA code on CPU threads")
+    tmp = tmp_path_factory.mktemp("host")
+    header = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_host_emu.h")
+    symbols, wrappers = {}, []
+    for k, (name, sig) in enumerate(sorted(signatures.items())):
+        symbols[name] = f"emu_kernel_{k}"
+        call = ", ".join(f"*({raw} *)a[{i}]" for i, (_, _, raw) in enumerate(sig))
+        wrappers.append(f'extern "C" void emu_kernel_{k}(unsigned g, unsigned bx, '
+                        f"unsigned by, unsigned bz, void **a) {{ emu_launch(g, bx, by, bz, "
+                        f"[&] {{ {name}({call}); }}); }}")
+    src = tmp / "kernels_host.cpp"
+    src.write_text(f'#include "{header}"\n' + bnfast.cuda.kernel_source() + "\n"
+                   + "\n".join(wrappers) + "\n", encoding="utf-8")
+    lib = tmp / "kernels_host.so"
+    r = subprocess.run([gxx, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared",
+                        "-pthread", "-w", "-o", str(lib), str(src)],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0 and "barrier" in r.stderr:
+        pytest.skip(f"{gxx} lacks C++20's std::barrier")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ctypes.CDLL(str(lib)), symbols
+
+
+@pytest.fixture
+def on_cpu_threads(fake_cupy, host_kernels):
+    FakeKernel.host = host_kernels
+    yield fake_cupy
+    FakeKernel.host = None
+
+
+HOST_SHAPES = [((5, 3), 1), ((16, 3, 300), 1), ((16, 3, 300), -1), ((20000, 3), 1),
+               ((3, 2, 5000), 1), ((2, 5, 3, 3, 8), 1)]
+
+
+@pytest.mark.parametrize("shape,axis", HOST_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_kernels_on_cpu_threads_give_the_cpu_results(on_cpu_threads, shape, axis,
+                                                          dtype):
+    """The kernels' CUDA source itself, each block run as 256 CPU threads with barriers
+    for __syncthreads: every operation agrees with the CPU kernels."""
+    _check_against_cpu(shape, axis, dtype, relu=True)
+
+
+def test_cuda_kernels_on_cpu_threads_are_deterministic(on_cpu_threads):
+    """Two runs, with the OS scheduling the block's threads differently each time, give
+    the same bits: the reductions do not depend on the order the threads run in."""
+    rng = np.random.default_rng(5)
+    cases = [(rng.standard_normal(shape) * 3 + 1, axis)
+             for shape, axis in (((16, 3, 700), 1), ((3000, 5), 1), ((6, 20, 20, 7), -1))]
+    results = []
+    for _ in range(2):
+        res = []
+        for x, axis in cases:
+            C = x.shape[axis]
+            y, m, s = bnfast.batch_norm_train(F(x), axis=axis, relu=True)
+            dx, dw, db = bnfast.batch_norm_backward(F(x), F(x), m, s, bias=F(np.zeros(C)),
+                                                    relu=True, axis=axis)
+            res += [np.array(a) for a in (y, m, s, dx, dw, db)]
+        results.append(res)
+    for a, b in zip(*results):
+        assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_cuda_kernels_on_cpu_threads_numerical_edge_cases(on_cpu_threads, layout):
+    """The constant float32 channel at 1e7 normalises to exactly beta; 1e6 + 1e-2 noise
+    keeps its variance; 1e30 gives finite statistics; float64 near the largest double
+    goes through the fixup kernel to the CPU's mean."""
+    def put(x):
+        return (x, 1) if layout == "first" else (np.ascontiguousarray(np.moveaxis(x, 1, -1)),
+                                                 -1)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((16, 3, 300)).astype(np.float32)
+    x[:, 1] = np.float32(1e7)
+    x, axis = put(x)
+    y, _, _ = bnfast.batch_norm_train(F(x), F(np.array([2.0, 3.0, 4.0])),
+                                      F(np.array([0.5, 0.25, -3.0])), axis=axis)
+    assert (np.take(np.array(y), 1, axis=axis) == np.float32(0.25)).all()
+    k = rng.choice([-1.0, 0.0, 1.0], size=(64, 3, 300), p=[0.0128, 0.9744, 0.0128])
+    k[0], k[1] = 1.0, -1.0
+    x, axis = put((np.float32(1e6) + np.float32(0.0625) * k).astype(np.float32))
+    _, gv = bnfast.moments(F(x), axis=axis)
+    _, cv = bnfast.moments(x, axis=axis)
+    assert np.all(np.abs(np.array(gv) - cv) <= 1e-9 * cv)
+    x, axis = put((1e30 * rng.standard_normal((50, 3, 300))).astype(np.float32))
+    gm, gv = bnfast.moments(F(x), axis=axis)
+    assert np.isfinite(np.array(gv)).all()
+    np.testing.assert_allclose(np.array(gv), bnfast.moments(x, axis=axis)[1], rtol=1e-12)
+    x = np.array([[1.7e308, 1.0], [-1.7e308, 2.0], [1.6e308, 3.0]])
+    gm, gv = bnfast.moments(F(x))
+    cm, cv = bnfast.moments(x)
+    np.testing.assert_allclose(np.array(gm), cm, rtol=1e-15)
+    assert np.isinf(np.array(gv)[0]) == np.isinf(cv[0])
