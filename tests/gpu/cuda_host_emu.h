@@ -1,7 +1,7 @@
 /*
  * Run bnfast's CUDA kernels (csrc/cuda) on the CPU, for tests without a GPU
  * (tests/gpu/test_cuda_launch.py): the CUDA keywords become plain C++, each block of a
- * launch runs as blockDim OS threads, __shared__ arrays are static (blocks run one after
+ * launch runs on blockDim OS threads, __shared__ arrays are static (blocks run one after
  * another) and __syncthreads() is a std::barrier of the block's threads.  So the kernels'
  * own code -- shared-memory trees, barriers, the two-pass decision, the merges, the
  * fixup, every index -- executes as written; only the GPU's memory system and scheduling
@@ -16,8 +16,8 @@
 struct emu_dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
-thread_local emu_dim3 threadIdx;
-static emu_dim3 blockIdx, blockDim, gridDim;
+thread_local emu_dim3 threadIdx, blockIdx;
+static emu_dim3 blockDim, gridDim;
 static std::barrier<> *emu_barrier = nullptr;
 
 #define __global__
@@ -52,25 +52,28 @@ inline float __int_as_float(int v)
 
 inline double __dsqrt_rn(double v) { return std::sqrt(v); }
 
-/* Run body() as a launch of `grid` blocks of (bx, by, bz) threads, block after block. */
+/* Run body() as a launch of `grid` blocks of (bx, by, bz) threads: the same OS threads take
+ * the blocks one after another, all of a block's threads finishing it (a barrier) before
+ * the next one starts, so the static __shared__ arrays serve one block at a time.  The
+ * kernels' barriers are uniform within a block, as CUDA requires. */
 template <class F>
 void emu_launch(unsigned grid, unsigned bx, unsigned by, unsigned bz, F body)
 {
     gridDim = {grid, 1, 1};
     blockDim = {bx, by, bz};
     const unsigned nt = bx * by * bz;
-    for (unsigned b = 0; b < grid; b++) {
-        blockIdx = {b, 0, 0};
-        std::barrier<> bar(nt);
-        emu_barrier = &bar;
-        std::vector<std::thread> threads;
-        threads.reserve(nt);
-        for (unsigned t = 0; t < nt; t++)
-            threads.emplace_back([&, t] {
-                threadIdx = {t % bx, (t / bx) % by, t / (bx * by)};
+    std::barrier<> bar(nt);
+    emu_barrier = &bar;
+    std::vector<std::thread> threads;
+    threads.reserve(nt);
+    for (unsigned t = 0; t < nt; t++)
+        threads.emplace_back([&, t] {
+            threadIdx = {t % bx, (t / bx) % by, t / (bx * by)};
+            for (unsigned b = 0; b < grid; b++) {
+                blockIdx = {b, 0, 0};
                 body();
-                bar.arrive_and_drop();      /* a finished thread no longer holds others */
-            });
-        for (auto &th : threads) th.join();
-    }
+                bar.arrive_and_wait();       /* the block is done in every thread */
+            }
+        });
+    for (auto &th : threads) th.join();
 }

@@ -717,17 +717,17 @@ def on_cpu_threads(fake_cupy, host_kernels):
     FakeKernel.host = None
 
 
-HOST_SHAPES = [((5, 3), 1), ((16, 3, 300), 1), ((16, 3, 300), -1), ((20000, 3), 1),
-               ((3, 2, 5000), 1), ((2, 5, 3, 3, 8), 1)]
+HOST_SHAPES = VALUE_SHAPES
 
 
 @pytest.mark.parametrize("shape,axis", HOST_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
 def test_cuda_kernels_on_cpu_threads_give_the_cpu_results(on_cpu_threads, shape, axis,
-                                                          dtype):
-    """The kernels' CUDA source itself, each block run as 256 CPU threads with barriers
+                                                          dtype, relu):
+    """The kernels' CUDA source itself, each block run on 256 CPU threads with barriers
     for __syncthreads: every operation agrees with the CPU kernels."""
-    _check_against_cpu(shape, axis, dtype, relu=True)
+    _check_against_cpu(shape, axis, dtype, relu)
 
 
 def test_cuda_kernels_on_cpu_threads_are_deterministic(on_cpu_threads):
