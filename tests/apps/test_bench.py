@@ -226,6 +226,12 @@ def test_summary_of_synthetic_rows():
             _row("train", (8, 4), 1.0, 0.1, dtype="float64")]  # float64: not in targets
     s = _bench.summarize_variant(rows)
     assert s["geomean_train_backward"] == pytest.approx(2.0)    # sqrt(4 * 1)
+    assert s["geomean_train_backward_of_minima"] != s["geomean_train_backward_of_minima"]
+    rows_min = [dict(r, torch_min_ms=r["torch_ms"] / 2, bnfast_min_ms=r["bnfast_ms"])
+                for r in rows]
+    s_min = _bench.summarize_variant(rows_min)
+    assert s_min["geomean_train_backward_of_minima"] == pytest.approx(1.0)   # sqrt(2 * .5)
+    assert s_min["slower_than_torch_by_minima"] == 2           # backward, infer
     assert s["cases_float32"] == 4
     assert [x["case"] for x in s["slower_than_torch"]] == ["infer 8x4 cf float32"]
     assert s["worst"] == {"case": "infer 8x4 cf float32", "speedup": 0.5}
