@@ -338,3 +338,11 @@ def test_onednn_copy_is_exact_and_in_onednn_format():
     b = _bench._onednn_blocked(torch, 17)(x)
     assert b.is_mkldnn and torch.equal(b.to_dense(), x)
     assert _bench._onednn_works(torch) == (True, "")
+
+
+def test_plan_string():
+    assert _bench.plan_string(None) == "" and _bench.plan_string({}) == ""
+    assert _bench.plan_string({"strategy": "rows/rows", "x": 1}) == "rows/rows"
+    assert _bench.plan_string({"passes": [{"strategy": "a"}, "b"]}) == "a+b"
+    assert _bench._jsonable({"k": (np.int64(3), np.float32(0.5), None, object)})["k"][:3] \
+        == [3, 0.5, None]
