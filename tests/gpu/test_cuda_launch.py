@@ -780,3 +780,75 @@ def test_cuda_kernels_on_cpu_threads_numerical_edge_cases(on_cpu_threads, layout
     cm, cv = bnfast.moments(x)
     np.testing.assert_allclose(np.array(gm), cm, rtol=1e-15)
     assert np.isinf(np.array(gv)[0]) == np.isinf(cv[0])
+
+
+# ------------------------------------------------------------------ test_cuda.py on CPU threads
+
+def install_fake_cupy():
+    """Make ``import cupy`` give the stand-in, with the CUDA source on CPU threads as its
+    kernels, for this process: ``BNFAST_TEST_FAKE_CUPY=1 pytest tests/gpu/test_cuda.py``
+    then runs the GPU tests here (a check of the tests themselves and of the kernels'
+    code, not of a GPU).  Returns the stand-in module."""
+    import tempfile
+    from pathlib import Path
+
+    factory = types.SimpleNamespace(mktemp=lambda name: Path(tempfile.mkdtemp(prefix=name)))
+    sigs = signatures.__wrapped__(factory)
+    FakeKernel.host = host_kernels.__wrapped__(sigs, factory)
+    log = []
+
+    class RawModule:
+        def __init__(self, *, code, options, name_expressions):
+            pass
+
+        def compile(self):
+            pass
+
+        def get_function(self, name):
+            return FakeKernel(name, sigs[name], log)
+
+    def wrap(f):
+        return lambda *a, **k: np.asarray(f(*a, **k)).view(FakeArray)
+
+    class Stream:
+        def __init__(self, non_blocking=False):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def synchronize(self):
+            pass
+
+    cp = types.ModuleType("cupy")
+    cp.__version__ = "stand-in (CUDA source on CPU threads)"
+    cp.ndarray = FakeArray
+    for fn in ("zeros", "empty", "ones", "full", "zeros_like", "empty_like", "ones_like",
+               "maximum", "exp", "log", "sqrt", "where", "sum", "argmax", "arange", "dot",
+               "matmul", "clip", "abs", "tanh", "mean", "max"):
+        setattr(cp, fn, wrap(getattr(np, fn)))
+    for t in ("float32", "float64", "int64"):
+        setattr(cp, t, getattr(np, t))
+    cp.ascontiguousarray = lambda a, dtype=None: np.ascontiguousarray(
+        a, dtype=dtype).view(FakeArray)
+    cp.array = lambda a, dtype=None, order="K", copy=True: np.array(
+        a, dtype=dtype, order=order, copy=copy).view(FakeArray)
+    cp.asarray = lambda a, dtype=None: np.asarray(a, dtype=dtype).view(FakeArray)
+    cp.asnumpy = lambda a: np.array(a)
+    cp.take = lambda a, idx, axis=None: np.take(np.asarray(a), np.asarray(idx),
+                                                axis=axis).view(FakeArray)
+    cp.shares_memory = lambda a, b: np.shares_memory(a, b)
+    cp.RawModule = RawModule
+    cp.lib = types.SimpleNamespace(stride_tricks=np.lib.stride_tricks)
+    cp.cuda = types.SimpleNamespace(
+        Device=lambda i=None: _Device(0 if i is None else i), Stream=Stream,
+        nvrtc=types.SimpleNamespace(getVersion=lambda: (0, 0)),
+        runtime=types.SimpleNamespace(
+            getDeviceCount=lambda: 1, driverGetVersion=lambda: 0, runtimeGetVersion=lambda: 0,
+            getDeviceProperties=lambda i: {"name": b"CPU threads", "major": 0, "minor": 0}))
+    sys.modules["cupy"] = cp
+    bnfast.cuda._state["cupy"] = (cp, None)
+    return cp
