@@ -21,6 +21,8 @@ memory system, speed): tests/gpu/test_cuda.py and tools/gpu_check.sh on a GPU.  
 without nvcc and c++filt (the kernels' signatures come from them).
 """
 import ctypes
+import json
+import time
 import os
 import re
 import shutil
@@ -852,3 +854,123 @@ def install_fake_cupy():
     sys.modules["cupy"] = cp
     bnfast.cuda._state["cupy"] = (cp, None)
     return cp
+
+
+def _bench_and_paper_stand_in(cp):
+    """What the GPU benchmark and the paper's runner use beyond the functions above."""
+    class Event:
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+    def copy_async(dst):
+        def copy(src, nbytes):
+            ctypes.memmove(dst.ptr, src.ptr, nbytes)
+        return copy
+
+    class Mem(types.SimpleNamespace):
+        pass
+
+    FakeArray.data = property(lambda self: _mem(self))
+
+    def _mem(a):
+        m = Mem(ptr=a.__array_interface__["data"][0])
+        m.copy_from_device_async = copy_async(m)
+        return m
+
+    cp.random = types.SimpleNamespace(default_rng=lambda seed: types.SimpleNamespace(
+        standard_normal=lambda shape, dtype=np.float64: np.random.default_rng(seed)
+        .standard_normal(shape, dtype=dtype).view(FakeArray)))
+    cp.empty_like = lambda a: np.empty_like(np.asarray(a)).view(FakeArray)
+    cp.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
+    cp.cuda.Event = Event
+    cp.cuda.get_elapsed_time = lambda a, b: (b.t - a.t) * 1e3
+    cp.cuda.get_current_stream = lambda: types.SimpleNamespace(synchronize=lambda: None)
+
+
+@pytest.fixture
+def stand_in_module(fake_cupy, monkeypatch):
+    """The stand-in as `cupy` in sys.modules, with what nn, the benchmark and the paper
+    runner need (NumPy emulation of the kernels)."""
+    saved = FakeArray.data
+    monkeypatch.setattr(FakeKernel, "host", None)
+    cp = bnfast.cuda._state["cupy"][0]
+    _extend(cp)
+    _bench_and_paper_stand_in(cp)
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    yield cp
+    FakeArray.data = saved
+
+
+def _extend(cp):
+    def fallback(name):              # anything else: NumPy's, returning stand-in arrays
+        f = getattr(np, name)
+        if isinstance(f, type) or not callable(f):
+            return f
+
+        def call(*a, **k):
+            r = f(*a, **k)
+            return r.view(FakeArray) if isinstance(r, np.ndarray) else r
+        return call
+
+    cp.__getattr__ = fallback
+    cp.array = lambda a, dtype=None, order="K", copy=True: np.array(
+        a, dtype=dtype, order=order, copy=copy).view(FakeArray)
+    cp.asarray = lambda a, dtype=None: np.asarray(a, dtype=dtype).view(FakeArray)
+    cp.asnumpy = lambda a: np.array(a)
+    cp.lib = types.SimpleNamespace(stride_tricks=np.lib.stride_tricks)
+    cp.cuda = types.SimpleNamespace(
+        Device=lambda i=None: _Device(0 if i is None else i),
+        nvrtc=types.SimpleNamespace(getVersion=lambda: (0, 0)),
+        runtime=types.SimpleNamespace(
+            getDeviceCount=lambda: 1, driverGetVersion=lambda: 0, runtimeGetVersion=lambda: 0,
+            getDeviceProperties=lambda i: {"name": b"stand-in", "major": 0, "minor": 0}))
+
+
+def test_bench_device_cuda_runs_on_the_stand_in(stand_in_module, tmp_path, monkeypatch):
+    """``bnfast bench --device cuda`` end to end on small shapes: the table, the JSON."""
+    import json
+
+    from bnfast.__main__ import main
+    from bnfast.cuda import _bench
+
+    monkeypatch.setattr(_bench, "QUICK_SHAPES", [(64, 8), (4, 8, 5, 5)])
+    monkeypatch.setattr(_bench, "_torch", lambda: None)
+    assert main(["bench", "--device", "cuda", "--quick", "--out", str(tmp_path),
+                 "--repeat", "2"]) == 0
+    blob = json.loads((tmp_path / "bench_cuda.json").read_text())
+    assert len(blob["rows"]) == 3 * 3           # (64, 8) cf; (4, 8, 5, 5) cf and cl
+    assert all(r["bnfast_s"] > 0 and r["copy_s"] > 0 for r in blob["rows"])
+
+
+def test_paper_mnist_device_cuda_runs_on_the_stand_in(stand_in_module, fake_cupy, tmp_path,
+                                                      capsys):
+    """``bnfast paper mnist --device cuda`` on home-made MNIST files: both networks train
+    through the GPU path (batch norm on the stand-in's kernels) and write their results."""
+    import struct
+    from unittest import mock
+
+    from bnfast import datasets
+    from bnfast.paper.cli import main
+
+    def idx(dims, values):
+        head = struct.pack(">BBBB", 0, 0, 0x08, len(dims))
+        return head + struct.pack(f">{len(dims)}I", *dims) + bytes(values)
+
+    files = {"train_images": idx((40, 28, 28), [i % 256 for i in range(40 * 784)]),
+             "train_labels": idx((40,), [i % 10 for i in range(40)]),
+             "test_images": idx((10, 28, 28), [i % 251 for i in range(10 * 784)]),
+             "test_labels": idx((10,), list(range(10)))}
+    for role, blob in files.items():
+        (tmp_path / datasets.MNIST_FILES[role]).write_bytes(blob)
+    with mock.patch.dict(datasets.MNIST_SHA256, clear=True):
+        status = main(["mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"),
+                       "--steps", "3", "--batch-size", "8", "--pop-batches", "2",
+                       "--no-progress", "--no-plot", "--device", "cuda"])
+    assert status == 0, capsys.readouterr().err
+    out = json.loads((tmp_path / "out" / "mnist_fig1.json").read_text())
+    assert out["config"]["device"] == "cuda"
+    assert {"nobn", "bn"} <= set(out["curves"])
+    assert any(n.startswith("bn_normalize_col") for n in fake_cupy)   # BN ran on the "GPU"
