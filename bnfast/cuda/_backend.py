@@ -91,8 +91,13 @@ class _CuPyBackend:
 
     def __init__(self, cp, dev):
         self.cp, self.dev = cp, dev
-        self.device = cp.cuda.Device(dev)
         self._kernels = {}
+
+    @property
+    def device(self):
+        """A new ``cupy.cuda.Device`` context for x's device (one per use: a Device
+        object's context keeps the previous device per object, not per thread)."""
+        return self.cp.cuda.Device(self.dev)
 
     # ------------------------------------------------------------ checks' operations
 
