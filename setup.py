@@ -47,8 +47,11 @@ ISAS = ["avx512", "avx2", "baseline"]
 # The largest units first: with one job per CPU they start first and finish together.
 SOURCES = (["bnfast/_core.pyx"]
            + [f"csrc/kernels_{isa}_{dt}.c" for isa in ISAS for dt in ("f64", "f32")]
-           + ["csrc/kernel_tables.c", "csrc/dispatch.c"])
-DEPENDS = (["csrc/bnfast.h", "csrc/bn_impl.h", "csrc/bn_impl_dtype.h", "csrc/bn_entry.h"]
+           + ["csrc/kernel_tables.c", "csrc/dispatch.c", "csrc/plan.c", "csrc/running_stats.c",
+              "csrc/bench_copy.c"])
+DEPENDS = (["csrc/bnfast.h", "csrc/bn_plan.h", "csrc/bn_kernels.h", "csrc/bn_common.h",
+            "csrc/bn_isa.h", "csrc/bn_stats.h", "csrc/bn_elementwise.h", "csrc/bn_train.h",
+            "csrc/bn_entry.h"]
            + [f"csrc/kernels_{isa}.c" for isa in ISAS])
 
 

@@ -75,7 +75,7 @@ def _isa_index(name):
 def _resolve_isa(name):
     """The variant index for a name; 'auto' (or '') is the best the CPU supports."""
     if isinstance(name, str) and name.strip().lower() in ("auto", ""):
-        return _core.isa_best()
+        return _core.isa_default()
     return _isa_index(name)
 
 
@@ -351,7 +351,7 @@ def _select_from_environment():
         except (ValueError, RuntimeError) as exc:
             raise RuntimeError(f"{ENV_VAR}={forced}: {exc}") from None
     else:
-        idx = _core.isa_best()
+        idx = _core.isa_default()
     _core.set_isa(idx)
 
 

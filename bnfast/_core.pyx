@@ -63,7 +63,7 @@ cdef extern from "bnfast.h" nogil:
 
     int bn_isa_compiled(int isa)
     int bn_isa_supported(int isa)
-    int bn_isa_best()
+    int bn_isa_default()
     const char *bn_isa_name(int isa)
     int bn_set_isa(int isa)
     int bn_get_isa()
@@ -76,15 +76,42 @@ cdef extern from "bnfast.h" nogil:
                               Py_ssize_t C, double count, double momentum)
     const char *bn_compiler()
     int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads)
-    size_t bn_get_stream_min_bytes()
-    void bn_set_stream_min_bytes(size_t nbytes)
     int bn_openmp_version()
     int bn_omp_max_threads()
 
 
+
+cdef extern from "bn_plan.h" nogil:
+    enum:
+        BN_OP_COUNT
+        BN_WALK_COUNT
+    ctypedef struct bn_colpart:
+        Py_ssize_t R, Cp, tile, ntiles, rb, nblocks, bpg, ngroups
+    ctypedef struct bn_plan:
+        int op, isa, itemsize
+        Py_ssize_t N, C, S
+        int nthreads, layout, reduce_walk, strip_cols, resident
+        Py_ssize_t row_groups, rows_per_group, row_chunk, row_items
+        bn_colpart col
+        Py_ssize_t col_items
+        int ew_walk
+        Py_ssize_t period, ew_units, ew_per_item, ew_items
+        int stream
+    int bn_plan_make(bn_plan *p, int op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                     int itemsize, int isa, int nthreads)
+    int bn_plan_force(int layout, int stats_walk, int backward_walk, int ew_walk)
+    void bn_plan_forced(int *layout, int *stats_walk, int *backward_walk, int *ew_walk)
+    const char *bn_walk_name(int walk)
+    const char *bn_layout_name(int layout)
+    const char *bn_op_name(int op)
+    size_t bn_get_stream_min_bytes()
+    void bn_set_stream_min_bytes(size_t nbytes)
+
+
 ISA_NAMES = tuple(bn_isa_name(i).decode() for i in range(BN_ISA_COUNT))
-FLAG_RELU = BN_FLAG_RELU
-FLAG_EVAL = BN_FLAG_EVAL
+OP_NAMES = tuple(bn_op_name(i).decode() for i in range(BN_OP_COUNT))
+WALK_NAMES = tuple(bn_walk_name(i).decode() for i in range(BN_WALK_COUNT))
+LAYOUT_NAMES = ("rows", "columns")
 
 
 cdef int _check(int status) except -1:
@@ -106,8 +133,9 @@ def isa_compiled(int isa):
 def isa_supported(int isa):
     return bool(bn_isa_supported(isa))
 
-def isa_best():
-    return bn_isa_best()
+def isa_default():
+    """The default variant's index (csrc/dispatch.c chooses it)."""
+    return bn_isa_default()
 
 def set_isa(int isa):
     _check(bn_set_isa(isa))
@@ -129,6 +157,90 @@ def set_stream_min_bytes(size_t nbytes):
 
 def omp_max_threads():
     return bn_omp_max_threads()
+
+
+# ---------------------------------------------------------------- the plan
+
+def plan(str op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize, int nthreads):
+    """The kernels' plan for op ('moments', 'train', 'infer', 'backward') on (N, C, S)
+    elements of itemsize bytes with the variant in use: a dict (see bnfast.explain)."""
+    cdef bn_plan p
+    if op not in OP_NAMES:
+        raise ValueError(f"unknown op {op!r}")
+    _check(bn_plan_make(&p, OP_NAMES.index(op), N, C, S, itemsize, bn_get_isa(), nthreads))
+    rows = p.layout == 0
+    d = {"op": op, "variant": ISA_NAMES[p.isa], "N": p.N, "C": p.C, "S": p.S,
+         "itemsize": p.itemsize, "threads": p.nthreads, "layout": LAYOUT_NAMES[p.layout]}
+    if op != "infer":
+        red = {"pass": "statistics" if op in ("moments", "train") else "backward_sums",
+               "walk": "rows" if rows else WALK_NAMES[p.reduce_walk]}
+        if rows:
+            red.update(row_groups=p.row_groups, rows_per_group=p.rows_per_group,
+                       channels_per_item=p.row_chunk, items=p.row_items)
+        else:
+            red.update(tile=p.col.tile, tiles=p.col.ntiles, rows_per_block=p.col.rb,
+                       groups=p.col.ngroups, blocks_per_group=p.col.bpg,
+                       items=p.col_items, resident=bool(p.resident))
+            if p.reduce_walk == 1:   # BN_WALK_REGISTER
+                red["strip_columns"] = p.strip_cols
+        d["reduce"] = red
+    if op != "moments":
+        ew = {"pass": "normalize" if op in ("train", "infer") else "dx",
+              "walk": "rows" if rows else WALK_NAMES[p.ew_walk],
+              ("rows_per_item" if rows else "periods_per_item"): p.ew_per_item,
+              "items": p.ew_items, "stream": bool(p.stream)}
+        if not rows:
+            ew["period"] = p.period
+        d["elementwise"] = ew
+    return d
+
+
+_FORCE_KEYS = ("layout", "statistics", "backward_sums", "elementwise")
+
+
+def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise=None):
+    """Tests: force the layout ('rows', 'columns') and the walks of the statistics
+    ('register', 'memory'), the backward sums ('register', 'rows', 'blocks') and the
+    element-wise passes ('spans', 'period64') for every later call; None keeps the plan's
+    choice.  Returns the previous setting as a dict (pass it back as keywords)."""
+    cdef int l, s, b, e
+    bn_plan_forced(&l, &s, &b, &e)
+    old = dict(zip(_FORCE_KEYS, (None if v < 0 else (LAYOUT_NAMES[v] if i == 0
+                                 else WALK_NAMES[v]) for i, v in enumerate((l, s, b, e)))))
+
+    def idx(v, names, what):
+        if v is None:
+            return -1
+        if v not in names:
+            raise ValueError(f"force_strategy: unknown {what} {v!r}")
+        return names.index(v)
+    _check(bn_plan_force(idx(layout, LAYOUT_NAMES, "layout"),
+                         idx(statistics, WALK_NAMES, "statistics walk"),
+                         idx(backward_sums, WALK_NAMES, "backward_sums walk"),
+                         idx(elementwise, WALK_NAMES, "elementwise walk")))
+    return old
+
+
+def _force_from_environment():
+    # BNFAST_FORCE_STRATEGY=layout=columns,statistics=register,... (tests, CI)
+    import os
+    raw = os.environ.get("BNFAST_FORCE_STRATEGY", "").strip()
+    if not raw:
+        return
+    kw = {}
+    for item in raw.split(","):
+        key, sep, val = item.strip().partition("=")
+        if not sep or key.strip() not in _FORCE_KEYS:
+            raise RuntimeError(f"BNFAST_FORCE_STRATEGY={raw!r}: expected comma-separated "
+                               f"KEY=NAME with KEY one of {', '.join(_FORCE_KEYS)}")
+        kw[key.strip()] = val.strip()
+    try:
+        force_strategy(**kw)
+    except ValueError as exc:
+        raise RuntimeError(f"BNFAST_FORCE_STRATEGY={raw!r}: {exc}") from None
+
+
+_force_from_environment()
 
 
 def copy(cnp.ndarray src, cnp.ndarray dst, int nthreads):

@@ -3,7 +3,7 @@
  *
  * setup.py compiles each (variant, dtype) pair as its own unit, kernels_<isa>_f32.c and
  * kernels_<isa>_f64.c, so that the six compile in parallel.  Such a unit defines
- * BN_ONLY_DTYPE (32 or 64) and includes kernels_<isa>.c, whose bn_impl.h then builds that
+ * BN_ONLY_DTYPE (32 or 64) and includes kernels_<isa>.c, whose bn_kernels.h then builds that
  * one dtype and includes this file at its end: each kernel (a static function, e.g.
  * moments_f32_avx2) gets an exported entry point of the same name with a "bn_" prefix
  * (bn_moments_f32_avx2) that calls it.  The kernels are the same code as in the one-unit
@@ -27,7 +27,7 @@
 #define BN_ENTRY_DECLARE(sfx, isa) BN_ENTRY_DECLARE_(sfx, isa)
 #endif /* BN_ENTRY_H */
 
-#ifdef BN_ONLY_DTYPE   /* included from bn_impl.h in a per-dtype unit: define them */
+#ifdef BN_ONLY_DTYPE   /* included from bn_kernels.h in a per-dtype unit: define them */
 #if BN_ONLY_DTYPE == 32
 #define BN_ENTRY_SFX f32
 #elif BN_ONLY_DTYPE == 64

@@ -19,6 +19,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include "bn_plan.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -95,13 +96,13 @@ typedef struct {
 /* Dispatch (dispatch.c). */
 int bn_isa_compiled(int isa);            /* compiled into this build? */
 int bn_isa_supported(int isa);           /* compiled and supported by this CPU? */
-int bn_isa_best(void);                   /* best supported variant */
+int bn_isa_default(void);                /* the default variant: best supported */
 const char *bn_isa_name(int isa);
 int bn_set_isa(int isa);                 /* BN_OK or BN_ENOISA */
 int bn_get_isa(void);
 const bn_kernel_table *bn_active(void);
 
-/* Running statistics update (dispatch.c): r = (1 - m) r + m * batch, var unbiased. */
+/* Running statistics update (running_stats.c): r = (1 - m) r + m * batch, var unbiased. */
 int bn_update_running_f32(float *rmean, float *rvar, ptrdiff_t rm_stride, ptrdiff_t rv_stride,
                           const double *mean, const double *var, ptrdiff_t C, double count,
                           double momentum);
@@ -109,19 +110,9 @@ int bn_update_running_f64(double *rmean, double *rvar, ptrdiff_t rm_stride, ptrd
                           const double *mean, const double *var, ptrdiff_t C, double count,
                           double momentum);
 
-/* Multithreaded copy in 1 MiB chunks (the benchmark's memory-bandwidth floor), with
+/* bench_copy.c: multithreaded copy in 1 MiB chunks (the benchmark's memory-bandwidth floor), with
  * non-temporal stores where the kernels would use them (see below). */
 int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads);
-
-/*
- * Element-wise passes (normalisation, dx) whose inputs and outputs together move at least
- * this many bytes write their output with non-temporal stores (AVX2 and AVX-512 variants,
- * 16-byte aligned outputs with rows of whole 16-byte pieces).  The bits are the same either
- * way; only the cache traffic differs.  0 streams whenever possible.
- */
-#define BN_STREAM_MIN_BYTES_DEFAULT ((size_t)16 << 20)
-size_t bn_get_stream_min_bytes(void);
-void bn_set_stream_min_bytes(size_t nbytes);
 
 /* Build information. */
 const char *bn_compiler(void);

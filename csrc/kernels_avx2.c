@@ -6,8 +6,9 @@
 #pragma GCC target("avx2,fma")
 #endif
 #define BN_ISA_LEVEL 1
+#define BN_ISA BN_ISA_AVX2
 #define BN_SUFFIX avx2
-#include "bn_impl.h"
+#include "bn_kernels.h"
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif

@@ -6,8 +6,9 @@
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")
 #endif
 #define BN_ISA_LEVEL 2
+#define BN_ISA BN_ISA_AVX512
 #define BN_SUFFIX avx512
-#include "bn_impl.h"
+#include "bn_kernels.h"
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif

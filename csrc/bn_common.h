@@ -1,0 +1,164 @@
+/*
+ * Common definitions of the kernels: the 8-double vector type, the generated names, the
+ * Chan merge, the per-element parameter expansion, and the partition skeletons that run
+ * a pass's work items (shared by statistics and backward sums, and by normalize and dx).
+ * No intrinsics here (bn_isa.h has them all) and nothing that depends on the variant.
+ *
+ * Vector code uses GCC/Clang vector extensions with a fixed width of eight doubles, so the
+ * lane structure (and therefore the rounding) is the same in every variant: AVX-512 holds
+ * a vector in one register, AVX2 in two, SSE2 in four.
+ */
+#ifndef BN_COMMON_H
+#define BN_COMMON_H
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "bnfast.h"
+#include "bn_plan.h"
+
+/* BN_FN(moments) is moments_f32_avx2 in the float32 unit of the AVX2 variant. */
+#define BN_CAT2(a, b) a##_##b
+#define BN_CAT(a, b) BN_CAT2(a, b)
+#define BN_FN(name) BN_CAT(BN_CAT(name, BN_SFX), BN_SUFFIX)
+
+typedef double bn_vd __attribute__((vector_size(64)));
+typedef float bn_vf __attribute__((vector_size(32)));
+typedef long long bn_vl __attribute__((vector_size(64)));
+
+static inline double bn_hsum(bn_vd v)
+{
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+static inline bn_vd bn_splat(double a)
+{
+    bn_vd v = {a, a, a, a, a, a, a, a};
+    return v;
+}
+
+static inline bn_vd bn_ldd(const double *p)
+{
+    bn_vd t;
+    memcpy(&t, p, sizeof t);
+    return t;
+}
+
+static inline void bn_std(double *p, bn_vd v) { memcpy(p, &v, sizeof v); }
+
+/* The scalar ReLU, and the gradient mask: g where t = (x - m) * a + b > 0, else 0 (a NaN t
+ * passes no gradient).  The vector forms are bn_vrelu and bn_vmask (bn_isa.h). */
+static inline double bn_srelu(double t) { return (t <= 0.0) ? 0.0 : t; }
+static inline double bn_smask(double g, double t) { return t > 0.0 ? g : 0.0; }
+
+/* Per-channel outputs with canonical NaNs (see bn_nanacc in bn_isa.h). */
+static inline void bn_canon_vec(double *p, ptrdiff_t n)
+{
+    if (!p) return;
+    for (ptrdiff_t i = 0; i < n; i++)
+        if (p[i] != p[i]) p[i] = NAN;
+}
+
+/* Chan, Golub & LeVeque pairwise update of (count, mean, M2) with a block's values. */
+static inline void bn_chan_merge(double *n, double *mean, double *m2, double nb,
+                                 double meanb, double m2b)
+{
+    if (nb == 0) return;
+    if (*n == 0) {
+        *n = nb;
+        *mean = meanb;
+        *m2 = m2b;
+        return;
+    }
+    double nn = *n + nb;
+    double delta = meanb - *mean;
+    *mean += delta * (nb / nn);
+    *m2 += m2b + delta * delta * (*n * nb / nn);
+    *n = nn;
+}
+
+/* Expand per-channel values v[C] to per-element values e[P] for columns of width S
+ * (P is a multiple of Cp = C * S; v == NULL gives zeros). */
+static inline void bn_expand(double *e, const double *v, ptrdiff_t P, ptrdiff_t Cp,
+                             ptrdiff_t S)
+{
+    const ptrdiff_t C = Cp / S;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        const double val = v ? v[c] : 0.0;
+        for (ptrdiff_t s = 0; s < S; s++) e[c * S + s] = val;
+    }
+    for (ptrdiff_t j = Cp; j < P; j++) e[j] = e[j - Cp];
+}
+
+/* ---- partition skeletons ---- */
+
+/* Rows layout, reductions: item `it` covers channels [c0, c1) of the rows [n0, n1) of row
+ * group g (bn_plan.h: row_groups, rows_per_group, row_chunk). */
+typedef struct {
+    ptrdiff_t g, n0, n1, c0, c1;
+} bn_row_item;
+
+static inline bn_row_item bn_row_item_of(const bn_plan *p, ptrdiff_t it)
+{
+    const ptrdiff_t nch = (p->C + p->row_chunk - 1) / p->row_chunk;
+    bn_row_item r;
+    r.g = it / nch;
+    r.c0 = (it % nch) * p->row_chunk;
+    r.c1 = r.c0 + p->row_chunk < p->C ? r.c0 + p->row_chunk : p->C;
+    r.n0 = r.g * p->rows_per_group;
+    r.n1 = r.n0 + p->rows_per_group < p->N ? r.n0 + p->rows_per_group : p->N;
+    return r;
+}
+
+/* Columns layout, reductions: item `it` covers the columns [c0, c0 + w) of tile t over the
+ * rows [r0, r1) of group g (blocks of col.rb rows). */
+typedef struct {
+    ptrdiff_t g, t, c0, w, r0, r1;
+} bn_col_item;
+
+static inline bn_col_item bn_col_item_of(const bn_plan *p, ptrdiff_t it)
+{
+    const bn_colpart *cp = &p->col;
+    const ptrdiff_t rows_per_group = cp->bpg * cp->rb;
+    bn_col_item r;
+    r.g = it / cp->ntiles;
+    r.t = it % cp->ntiles;
+    r.c0 = r.t * cp->tile;
+    r.w = cp->Cp - r.c0 < cp->tile ? cp->Cp - r.c0 : cp->tile;
+    r.r0 = r.g * rows_per_group;
+    r.r1 = r.r0 + rows_per_group < cp->R ? r.r0 + rows_per_group : cp->R;
+    return r;
+}
+
+/* Run items [0, items) of a reduction on the plan's threads, dynamically scheduled (each
+ * item writes its own partial results, merged afterwards in a fixed order). */
+typedef void (*bn_item_fn)(const void *ctx, ptrdiff_t it);
+
+static void bn_run_reduce_items(const bn_plan *p, ptrdiff_t items, bn_item_fn f,
+                                const void *ctx)
+{
+    const int nt = p->nthreads;
+    (void)nt;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (ptrdiff_t it = 0; it < items; it++) f(ctx, it);
+}
+
+/* Run an element-wise pass: units (rows, or whole periods) [u0, u1) per item, statically
+ * scheduled; f stores its outputs and fences its own streaming stores. */
+typedef void (*bn_range_fn)(const void *ctx, ptrdiff_t u0, ptrdiff_t u1);
+
+static void bn_run_ew_items(const bn_plan *p, bn_range_fn f, const void *ctx)
+{
+    const int nt = p->nthreads;
+    const ptrdiff_t per = p->ew_per_item, units = p->ew_units, items = p->ew_items;
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (ptrdiff_t it = 0; it < items; it++) {
+        const ptrdiff_t u0 = it * per, u1 = u0 + per < units ? u0 + per : units;
+        f(ctx, u0, u1);
+    }
+}
+#endif /* BN_COMMON_H */

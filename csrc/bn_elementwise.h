@@ -1,0 +1,314 @@
+/*
+ * The element-wise passes for one storage type T: normalize (y = (x - m) * a + b, optional
+ * ReLU) and backward_dx (dx = kd * g + kx * (x - m) + k0, g = dy or the ReLU-masked dy).
+ * All arithmetic is in double.  Both run on the element-wise skeleton of bn_common.h
+ * (items of rows, or of whole periods of the columns layout, then a partial period) and
+ * follow the plan (bn_plan.h) for the layout, the walk and streaming stores.
+ *
+ * Canonical NaNs: each span notes whether it stored a NaN (bn_nanacc) and rewrites them
+ * in memory afterwards (canon_mem); tails go through store_tail.
+ */
+
+/* Rewrite the NaNs among the n stored values at p as the canonical NaN.  After streaming
+ * stores too: an ordinary load sees this thread's own streaming stores. */
+static void BN_FN(canon_mem)(T *p, ptrdiff_t n)
+{
+    for (ptrdiff_t k = 0; k < n; k++)
+        if (p[k] != p[k]) p[k] = (T)NAN;
+}
+
+/* ================================================================= normalize */
+
+/* One element of y (the scalar form of the vector lanes). */
+static inline T BN_FN(norm_one)(T x, double m, double a, double b, int relu)
+{
+    const double v = ((double)x - m) * a + b;
+    return (T)(relu ? bn_srelu(v) : v);
+}
+
+/* y[i] = (x[i] - m) * a + b over a span, with scalar parameters. */
+static void BN_FN(norm_span_s)(const T *x, T *y, ptrdiff_t L, double m, double a, double b,
+                               int relu, int nts)
+{
+    const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
+    ptrdiff_t i = 0;
+    T tmp[8];
+    bn_nanacc acc = bn_nanacc_zero();
+    if (relu) {
+        for (; i + 8 <= L; i += 8)
+            BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv) * av + bv), nts, &acc);
+    } else {
+        for (; i + 8 <= L; i += 8)
+            BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - mv) * av + bv, nts, &acc);
+    }
+    if (bn_nanacc_any(acc)) BN_FN(canon_mem)(y, i);
+    for (ptrdiff_t k = 0; k < L - i; k++) tmp[k] = BN_FN(norm_one)(x[i + k], m, a, b, relu);
+    BN_FN(store_tail)(y + i, tmp, L - i, nts);
+}
+
+/* The same with per-element parameter arrays m[i], a[i], b[i]. */
+static void BN_FN(norm_span_v)(const T *x, T *y, ptrdiff_t L, const double *m,
+                               const double *a, const double *b, int relu, int nts)
+{
+    ptrdiff_t i = 0;
+    T tmp[8];
+    bn_nanacc acc = bn_nanacc_zero();
+    if (relu) {
+        for (; i + 8 <= L; i += 8)
+            BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) +
+                                       bn_ldd(b + i)), nts, &acc);
+    } else {
+        for (; i + 8 <= L; i += 8)
+            BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - bn_ldd(m + i)) * bn_ldd(a + i) + bn_ldd(b + i),
+                       nts, &acc);
+    }
+    if (bn_nanacc_any(acc)) BN_FN(canon_mem)(y, i);
+    for (ptrdiff_t k = 0; k < L - i; k++)
+        tmp[k] = BN_FN(norm_one)(x[i + k], m[i + k], a[i + k], b[i + k], relu);
+    BN_FN(store_tail)(y + i, tmp, L - i, nts);
+}
+
+/* Period-64 walk: np consecutive periods of 64 elements, the parameters in registers. */
+static void BN_FN(norm_periods64)(const T *x, T *y, ptrdiff_t np, const double *m,
+                                  const double *a, const double *b, int relu, int nts)
+{
+    bn_vd mv[8], av[8], bv[8];
+    for (int t = 0; t < 8; t++) {
+        mv[t] = bn_ldd(m + 8 * t);
+        av[t] = bn_ldd(a + 8 * t);
+        bv[t] = bn_ldd(b + 8 * t);
+    }
+    bn_nanacc acc = bn_nanacc_zero();
+    if (relu) {
+        for (ptrdiff_t k = 0; k < np; k++) {
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++) {
+                const ptrdiff_t i = 64 * k + 8 * t;
+                BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t]), nts,
+                           &acc);
+            }
+        }
+    } else {
+        for (ptrdiff_t k = 0; k < np; k++) {
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++) {
+                const ptrdiff_t i = 64 * k + 8 * t;
+                BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - mv[t]) * av[t] + bv[t], nts, &acc);
+            }
+        }
+    }
+    if (bn_nanacc_any(acc)) BN_FN(canon_mem)(y, 64 * np);
+}
+
+typedef struct {
+    const bn_plan *p;
+    const T *x;
+    T *y;
+    const double *m, *a, *b;   /* rows: per channel; columns: per element of a period */
+    int relu, nts;
+} BN_FN(norm_ctx);
+
+/* Rows layout: rows [r0, r1), each with its channel's scalar parameters. */
+static void BN_FN(norm_rows)(const void *ctx, ptrdiff_t r0, ptrdiff_t r1)
+{
+    const BN_FN(norm_ctx) *k = ctx;
+    const ptrdiff_t C = k->p->C, S = k->p->S;
+    for (ptrdiff_t r = r0; r < r1; r++) {
+        const ptrdiff_t c = r % C;
+        BN_FN(norm_span_s)(k->x + r * S, k->y + r * S, S, k->m[c], k->a[c], k->b[c], k->relu,
+                           k->nts);
+    }
+    bn_stream_fence(k->nts);
+}
+
+/* Columns layout: whole periods [p0, p1). */
+static void BN_FN(norm_periods)(const void *ctx, ptrdiff_t p0, ptrdiff_t p1)
+{
+    const BN_FN(norm_ctx) *k = ctx;
+    const ptrdiff_t P = k->p->period;
+    const T *x = k->x + p0 * P;
+    T *y = k->y + p0 * P;
+    if (k->p->ew_walk == BN_WALK_PERIOD64)
+        BN_FN(norm_periods64)(x, y, p1 - p0, k->m, k->a, k->b, k->relu, k->nts);
+    else
+        for (ptrdiff_t i = 0; i < p1 - p0; i++)
+            BN_FN(norm_span_v)(x + i * P, y + i * P, P, k->m, k->a, k->b, k->relu, k->nts);
+    bn_stream_fence(k->nts);
+}
+
+static int BN_FN(normalize_planned)(const bn_plan *p, const T *x, T *y, const double *mean,
+                                    const double *scale, const double *shift, int relu)
+{
+    const ptrdiff_t N = p->N, C = p->C, S = p->S;
+    if (N == 0 || C == 0 || S == 0) return BN_OK;
+    const int nts = p->stream && ((uintptr_t)y & 15) == 0;
+    if (p->layout == BN_LAYOUT_ROWS) {
+        BN_FN(norm_ctx) k = {p, x, y, mean, scale, shift, relu, nts};
+        bn_run_ew_items(p, BN_FN(norm_rows), &k);
+        return BN_OK;
+    }
+    const ptrdiff_t Cp = C * S, P = p->period;
+    double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)P);
+    if (!buf) return BN_ENOMEM;
+    BN_FN(norm_ctx) k = {p, x, y, buf, buf + P, buf + 2 * P, relu, nts};
+    bn_expand(buf, mean, P, Cp, S);
+    bn_expand(buf + P, scale, P, Cp, S);
+    bn_expand(buf + 2 * P, shift, P, Cp, S);
+    bn_run_ew_items(p, BN_FN(norm_periods), &k);
+    const ptrdiff_t done = p->ew_units * P, rem = N * Cp - done;
+    if (rem) {
+        BN_FN(norm_span_v)(x + done, y + done, rem, k.m, k.a, k.b, relu, nts);
+        bn_stream_fence(nts);
+    }
+    free(buf);
+    return BN_OK;
+}
+
+static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                            const double *mean, const double *scale, const double *shift,
+                            int flags, int nthreads)
+{
+    bn_plan p;
+    if (bn_plan_make(&p, BN_OP_INFER, N, C, S, (int)sizeof(T), BN_ISA, nthreads) != BN_OK)
+        return BN_EINVAL;
+    return BN_FN(normalize_planned)(&p, (const T *)xv, (T *)yv, mean, scale, shift,
+                                    (flags & BN_FLAG_RELU) != 0);
+}
+
+/* ================================================================= backward dx */
+
+/* One element of dx (the scalar form of dx_span's vector lanes; parameters at index j). */
+static inline T BN_FN(dx_one)(const T *dy, const T *x, ptrdiff_t i, ptrdiff_t j,
+                              const double *m, const double *a, const double *b,
+                              const double *kd, const double *kx, const double *k0, int relu,
+                              int eval)
+{
+    double g = (double)dy[i];
+    double xm = (double)x[i] - m[j];
+    if (relu) g = bn_smask(g, xm * a[j] + b[j]);
+    return (T)(eval ? kd[j] * g : (kd[j] * g + kx[j] * xm) + k0[j]);
+}
+
+/* dx over a span; parameters per element when inc == 1, scalars when inc == 0. */
+static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const double *m,
+                           const double *a, const double *b, const double *kd,
+                           const double *kx, const double *k0, ptrdiff_t inc, int relu,
+                           int eval, int nts)
+{
+    ptrdiff_t i = 0;
+    T tmp[8];
+    bn_nanacc acc = bn_nanacc_zero();
+    if (inc == 0) {
+        const bn_vd mv = bn_splat(*m), av = bn_splat(*a), bv = bn_splat(*b);
+        const bn_vd kdv = bn_splat(*kd), kxv = bn_splat(*kx), k0v = bn_splat(*k0);
+        for (; i + 8 <= L; i += 8) {
+            bn_vd g = BN_FN(ld)(dy + i);
+            bn_vd xm = BN_FN(ld)(x + i) - mv;
+            if (relu) g = bn_vmask(g, xm * av + bv);
+            BN_FN(stx)(dx + i, eval ? kdv * g : (kdv * g + kxv * xm) + k0v, nts, &acc);
+        }
+    } else {
+        for (; i + 8 <= L; i += 8) {
+            bn_vd g = BN_FN(ld)(dy + i);
+            bn_vd xm = BN_FN(ld)(x + i) - bn_ldd(m + i);
+            if (relu) g = bn_vmask(g, xm * bn_ldd(a + i) + bn_ldd(b + i));
+            bn_vd kdv = bn_ldd(kd + i);
+            BN_FN(stx)(dx + i,
+                       eval ? kdv * g : (kdv * g + bn_ldd(kx + i) * xm) + bn_ldd(k0 + i), nts,
+                       &acc);
+        }
+    }
+    if (bn_nanacc_any(acc)) BN_FN(canon_mem)(dx, i);
+    for (ptrdiff_t k = 0; k < L - i; k++)
+        tmp[k] = BN_FN(dx_one)(dy, x, i + k, (i + k) * inc, m, a, b, kd, kx, k0, relu, eval);
+    BN_FN(store_tail)(dx + i, tmp, L - i, nts);
+}
+
+typedef struct {
+    const bn_plan *p;
+    const T *dy, *x;
+    T *dx;
+    const double *m, *a, *b, *kd, *kx, *k0;   /* rows: per channel; columns: per element */
+    int relu, eval, nts;
+} BN_FN(dx_ctx);
+
+/* Rows layout: rows [r0, r1), each with its channel's scalar coefficients. */
+static void BN_FN(dx_rows)(const void *ctx, ptrdiff_t r0, ptrdiff_t r1)
+{
+    const BN_FN(dx_ctx) *k = ctx;
+    const ptrdiff_t C = k->p->C, S = k->p->S;
+    const double zero = 0.0;
+    for (ptrdiff_t r = r0; r < r1; r++) {
+        const ptrdiff_t c = r % C, off = r * S;
+        BN_FN(dx_span)(k->dy + off, k->x + off, k->dx + off, S, k->m + c,
+                       k->a ? k->a + c : &zero, k->b ? k->b + c : &zero, k->kd + c,
+                       k->kx ? k->kx + c : &zero, k->k0 ? k->k0 + c : &zero, 0, k->relu,
+                       k->eval, k->nts);
+    }
+    bn_stream_fence(k->nts);
+}
+
+/* Columns layout: whole periods [p0, p1), in column tiles of BN_EW_TILE so that a tile's
+ * six parameter arrays stay in L1 over the periods. */
+static void BN_FN(dx_periods)(const void *ctx, ptrdiff_t p0, ptrdiff_t p1)
+{
+    const BN_FN(dx_ctx) *k = ctx;
+    const ptrdiff_t P = k->p->period;
+    for (ptrdiff_t j0 = 0; j0 < P; j0 += BN_EW_TILE) {
+        const ptrdiff_t w = P - j0 < BN_EW_TILE ? P - j0 : BN_EW_TILE;
+        for (ptrdiff_t q = p0; q < p1; q++) {
+            const ptrdiff_t o = q * P + j0;
+            BN_FN(dx_span)(k->dy + o, k->x + o, k->dx + o, w, k->m + j0, k->a + j0, k->b + j0,
+                           k->kd + j0, k->kx + j0, k->k0 + j0, 1, k->relu, k->eval, k->nts);
+        }
+    }
+    bn_stream_fence(k->nts);
+}
+
+static int BN_FN(backward_dx_planned)(const bn_plan *p, const T *dy, const T *x, T *dx,
+                                      const double *mean, const double *scale,
+                                      const double *shift, const double *k_dy,
+                                      const double *k_x, const double *k_0, int relu, int eval)
+{
+    const ptrdiff_t N = p->N, C = p->C, S = p->S;
+    if (N == 0 || C == 0 || S == 0) return BN_OK;
+    const int nts = p->stream && ((uintptr_t)dx & 15) == 0;
+    if (p->layout == BN_LAYOUT_ROWS) {
+        BN_FN(dx_ctx) k = {p, dy, x, dx, mean, scale, shift, k_dy, k_x, k_0, relu, eval, nts};
+        bn_run_ew_items(p, BN_FN(dx_rows), &k);
+        return BN_OK;
+    }
+    const ptrdiff_t Cp = C * S, P = p->period;
+    double *buf = (double *)malloc(sizeof(double) * 6 * (size_t)P);
+    if (!buf) return BN_ENOMEM;
+    BN_FN(dx_ctx) k = {p, dy, x, dx, buf, buf + P, buf + 2 * P, buf + 3 * P, buf + 4 * P,
+                       buf + 5 * P, relu, eval, nts};
+    bn_expand(buf, mean, P, Cp, S);
+    bn_expand(buf + P, scale, P, Cp, S);
+    bn_expand(buf + 2 * P, shift, P, Cp, S);
+    bn_expand(buf + 3 * P, k_dy, P, Cp, S);
+    bn_expand(buf + 4 * P, k_x, P, Cp, S);
+    bn_expand(buf + 5 * P, k_0, P, Cp, S);
+    bn_run_ew_items(p, BN_FN(dx_periods), &k);
+    const ptrdiff_t done = p->ew_units * P, rem = N * Cp - done;
+    if (rem) {
+        BN_FN(dx_span)(dy + done, x + done, dx + done, rem, k.m, k.a, k.b, k.kd, k.kx, k.k0, 1,
+                       relu, eval, nts);
+        bn_stream_fence(nts);
+    }
+    free(buf);
+    return BN_OK;
+}
+
+static int BN_FN(backward_dx)(const void *dyv, const void *xv, void *dxv, ptrdiff_t N,
+                              ptrdiff_t C, ptrdiff_t S, const double *mean,
+                              const double *scale, const double *shift, const double *k_dy,
+                              const double *k_x, const double *k_0, int flags, int nthreads)
+{
+    bn_plan p;
+    if (bn_plan_make(&p, BN_OP_BACKWARD, N, C, S, (int)sizeof(T), BN_ISA, nthreads) != BN_OK)
+        return BN_EINVAL;
+    return BN_FN(backward_dx_planned)(&p, (const T *)dyv, (const T *)xv, (T *)dxv, mean, scale,
+                                      shift, k_dy, k_x, k_0, (flags & BN_FLAG_RELU) != 0,
+                                      (flags & BN_FLAG_EVAL) != 0);
+}

@@ -1,0 +1,121 @@
+/*
+ * The plan: which traversal each pass of an operation uses, and every threshold and block
+ * size behind that choice.  bn_plan_make (plan.c) is the one function that decides; the
+ * kernels only follow the plan it returns, and Python shows it (bnfast.explain).
+ *
+ * An operation has up to two passes over the data:
+ *
+ *   op         reduction pass                     element-wise pass
+ *   moments    statistics (mean, M2)              -
+ *   train      statistics                         normalize
+ *   infer      -                                  normalize
+ *   backward   backward sums (sum g, sum g(x-m))  dx
+ *
+ * Both passes see the data as (N, C, S) and use the same LAYOUT:
+ *   BN_LAYOUT_ROWS     each (n, c) row of S contiguous elements is a unit (channels-first
+ *                      with a large spatial size);
+ *   BN_LAYOUT_COLUMNS  the data is a matrix of N rows and Cp = C * S columns, each column
+ *                      one (c, s) pair (channels-last, 2-D, small spatial sizes).
+ * The layout and the partitions below depend on the shape only; they fix the order of
+ * every addition, hence the bits.  The WALKS (the traversal inside a partition) only
+ * change the speed: every walk of a pass performs the same additions in the same order,
+ * so forcing one (bn_plan_force) gives the same bits.  Forcing the layout changes the
+ * partition, hence the bits (still the same for any thread count and every variant).
+ */
+#ifndef BN_PLAN_H
+#define BN_PLAN_H
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- thresholds and block sizes (all depend on the shape only, never on threads) ---- */
+#define BN_ROW_MIN_S 64        /* S >= this: rows layout; else columns of (N, C*S) */
+#define BN_PAR_MIN 32768       /* elements below which a call stays on one thread */
+#define BN_SEG 2048            /* rows layout: contiguous segment per two-pass block */
+#define BN_ROW_RUN 16384       /* rows layout: elements an item reads contiguously (per n) */
+#define BN_ROW_CHUNK 256       /* rows layout: most channels per work item */
+#define BN_MAX_GROUPS_ROW 16   /* rows layout: most row groups (partial results) */
+#define BN_TILE 256            /* columns layout: columns per tile */
+#define BN_BLOCK_ELEMS 32768   /* columns layout: elements per two-pass block (tile x rows) */
+#define BN_MAX_GROUPS_COL 64   /* columns layout: most row groups */
+#define BN_SPAN 16384          /* element-wise passes: elements per work item (about) */
+#define BN_EW_TILE 256         /* columns dx: columns per tile (parameters stay in L1) */
+#define BN_PERIOD_MIN 64       /* columns element-wise: shortest period (elements) */
+#define BN_REG_MAX_COLS 64     /* register walks: most columns one strip keeps in registers */
+#define BN_SHIFT_COND 16.0     /* one-pass block statistics while mean(x-K)^2 <= this * var */
+
+enum { BN_OP_MOMENTS = 0, BN_OP_TRAIN = 1, BN_OP_INFER = 2, BN_OP_BACKWARD = 3,
+       BN_OP_COUNT = 4 };
+
+enum { BN_LAYOUT_ROWS = 0, BN_LAYOUT_COLUMNS = 1 };
+
+/* Walks.  Statistics (columns layout): REGISTER or MEMORY.  Backward sums (columns
+ * layout): REGISTER, ROWS or BLOCKS.  Element-wise (columns layout): SPANS or PERIOD64. */
+enum {
+    BN_WALK_NONE = 0,      /* the pass does not run, or the rows layout (one walk) */
+    BN_WALK_REGISTER = 1,  /* strips of up to strip_cols columns down a block, sums in
+                              registers */
+    BN_WALK_MEMORY = 2,    /* row by row, column sums in memory (L1), prefetching ahead */
+    BN_WALK_ROWS = 3,      /* backward: row by row, sums in memory */
+    BN_WALK_BLOCKS = 4,    /* backward: block by block, strips of 8 columns in registers */
+    BN_WALK_SPANS = 5,     /* element-wise: each period as a span, parameters from memory */
+    BN_WALK_PERIOD64 = 6,  /* element-wise: a period of 64 with its parameters in registers */
+    BN_WALK_COUNT = 7
+};
+
+/* Column partition (shape only): tile width, rows per block, blocks per group. */
+typedef struct {
+    ptrdiff_t R, Cp, tile, ntiles, rb, nblocks, bpg, ngroups;
+} bn_colpart;
+
+typedef struct {
+    int op, isa, itemsize;
+    ptrdiff_t N, C, S;
+    int nthreads;            /* threads the passes use (1 below BN_PAR_MIN elements) */
+    int layout;              /* BN_LAYOUT_* (both passes) */
+    /* reduction pass */
+    int reduce_walk;         /* statistics or backward sums: BN_WALK_* (columns layout) */
+    int strip_cols;          /* register walks: columns per strip (multiple of 8) */
+    int resident;            /* its inputs fit the cache (below the streaming threshold) */
+    ptrdiff_t row_groups, rows_per_group, row_chunk, row_items;   /* rows layout */
+    bn_colpart col;                                               /* columns layout */
+    ptrdiff_t col_items;
+    /* element-wise pass */
+    int ew_walk;             /* BN_WALK_SPANS or BN_WALK_PERIOD64 (columns layout) */
+    ptrdiff_t period;        /* columns layout: elements per period (a multiple of Cp) */
+    ptrdiff_t ew_units;      /* rows (rows layout) or whole periods (columns) */
+    ptrdiff_t ew_per_item;   /* units per work item */
+    ptrdiff_t ew_items;
+    int stream;              /* streaming stores, if the output is 16-byte aligned */
+} bn_plan;
+
+/* The plan of operation op on (N, C, S) elements of itemsize bytes (4 or 8) with kernel
+ * variant isa and up to nthreads threads; the streaming threshold and any forced walks
+ * are read from their settings.  Returns BN_OK or BN_EINVAL. */
+int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int itemsize,
+                 int isa, int nthreads);
+
+/* Tests: force a layout (BN_LAYOUT_*, -1 = the plan's choice), a reduction walk and an
+ * element-wise walk (BN_WALK_*, -1 = the plan's choice) for every later call; a walk that
+ * does not apply to a pass (a backward walk for statistics, PERIOD64 for a period other
+ * than 64) leaves that pass's choice alone.  Returns BN_OK or BN_EINVAL. */
+int bn_plan_force(int layout, int stats_walk, int backward_walk, int ew_walk);
+void bn_plan_forced(int *layout, int *stats_walk, int *backward_walk, int *ew_walk);
+
+const char *bn_walk_name(int walk);
+const char *bn_layout_name(int layout);
+const char *bn_op_name(int op);
+
+/* Element-wise passes whose inputs and outputs together move at least this many bytes
+ * write their output with non-temporal stores (AVX2 and AVX-512 variants, aligned
+ * outputs); the same measure tells whether a reduction's inputs are cache-resident. */
+#define BN_STREAM_MIN_BYTES_DEFAULT ((size_t)16 << 20)
+size_t bn_get_stream_min_bytes(void);
+void bn_set_stream_min_bytes(size_t nbytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* BN_PLAN_H */

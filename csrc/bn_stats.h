@@ -1,0 +1,729 @@
+/*
+ * The reduction passes for one storage type T: per-channel statistics (moments) and the
+ * backward sums (backward_reduce).  All arithmetic is in double.  Each traversal is a
+ * named function; both passes share the partition skeletons of bn_common.h and follow
+ * the plan (bn_plan.h) for layout and walk.  Every walk of a pass performs the same
+ * additions in the same order (each column adds its rows in order, from zero), so the
+ * walk never changes a bit.
+ */
+
+/* ======================================================================= statistics */
+
+/*
+ * Mean and M2 of a contiguous, cache-resident segment of L > 0 elements, in coordinates
+ * shifted by K (the channel's first value): returns mean(x - K) and M2.
+ *
+ * One pass accumulates s1 = sum(d) and s2 = sum(d^2) of d = x - K in double; then
+ * M2 = s2 - s1 * m, whose relative rounding error is about u * (1 + 2 m^2 / var) with
+ * m = s1 / L.  While m^2 <= BN_SHIFT_COND * var (16) that is below 2^-47 (the shift keeps m
+ * small: K is a value of the same channel).  Otherwise (K far from this segment's values,
+ * or a constant segment away from K) a second pass computes the corrected two-pass
+ * M2 = sum((d - m)^2) - (sum(d - m))^2 / L, exact up to a few ulps.  The choice depends on
+ * the data only, so results stay deterministic.
+ */
+static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, double *m2)
+{
+    const bn_vd kv = bn_splat(K);
+    bn_vd a0 = bn_splat(0.0), a1 = bn_splat(0.0), b0 = bn_splat(0.0), b1 = bn_splat(0.0);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= L; i += 16) {
+        bn_vd d0 = BN_FN(ld)(x + i) - kv;
+        bn_vd d1 = BN_FN(ld)(x + i + 8) - kv;
+        a0 += d0;
+        a1 += d1;
+        b0 += d0 * d0;
+        b1 += d1 * d1;
+    }
+    if (i + 8 <= L) {
+        bn_vd d0 = BN_FN(ld)(x + i) - kv;
+        a0 += d0;
+        b0 += d0 * d0;
+        i += 8;
+    }
+    double s1 = bn_hsum(a0 + a1), s2 = bn_hsum(b0 + b1);
+    for (; i < L; i++) {
+        double d = (double)x[i] - K;
+        s1 += d;
+        s2 += d * d;
+    }
+    const double m = s1 / (double)L;
+    double r = s2 - s1 * m;
+    if (!(m * m <= BN_SHIFT_COND * (r / (double)L))) {
+        const bn_vd mv = bn_splat(m);
+        bn_vd q0 = bn_splat(0.0), q1 = bn_splat(0.0), k0 = bn_splat(0.0), k1 = bn_splat(0.0);
+        i = 0;
+        for (; i + 16 <= L; i += 16) {
+            bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
+            bn_vd d1 = (BN_FN(ld)(x + i + 8) - kv) - mv;
+            q0 += d0 * d0;
+            q1 += d1 * d1;
+            k0 += d0;
+            k1 += d1;
+        }
+        if (i + 8 <= L) {
+            bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
+            q0 += d0 * d0;
+            k0 += d0;
+            i += 8;
+        }
+        double q = bn_hsum(q0 + q1), k = bn_hsum(k0 + k1);
+        for (; i < L; i++) {
+            double d = ((double)x[i] - K) - m;
+            q += d * d;
+            k += d;
+        }
+        r = q - k * k / (double)L;
+    }
+    if (r < 0.0) r = 0.0;
+    *mean = m;
+    *m2 = r;
+}
+
+/* The shift of channel c: its first value, or 0 if that is not finite. */
+static inline double BN_FN(shift_of)(const T *x, ptrdiff_t S, ptrdiff_t c)
+{
+    double K = (double)x[c * S];
+    return isfinite(K) ? K : 0.0;
+}
+
+/* ---- rows layout ---- */
+
+typedef struct {
+    const bn_plan *p;
+    const T *x;
+    double *pn, *pm, *pq;   /* per row group and channel: count, mean(x - K), M2 */
+} BN_FN(row_stats_ctx);
+
+/*
+ * Statistics of channels [c0, c1) (at most BN_ROW_CHUNK) over the rows of a row group,
+ * walked in memory order; each channel merges its segments in row order.
+ */
+static void BN_FN(row_moments_item)(const void *ctx, ptrdiff_t it)
+{
+    const BN_FN(row_stats_ctx) *k = ctx;
+    const bn_row_item r = bn_row_item_of(k->p, it);
+    const ptrdiff_t C = k->p->C, S = k->p->S, w = r.c1 - r.c0;
+    const T *x = k->x;
+    double n[BN_ROW_CHUNK], mean[BN_ROW_CHUNK], m2[BN_ROW_CHUNK], K[BN_ROW_CHUNK];
+    for (ptrdiff_t j = 0; j < w; j++) {
+        K[j] = BN_FN(shift_of)(x, S, r.c0 + j);
+        n[j] = mean[j] = m2[j] = 0.0;
+    }
+    for (ptrdiff_t row = r.n0; row < r.n1; row++) {
+        for (ptrdiff_t j = 0; j < w; j++) {
+            const T *seg = x + (row * C + r.c0 + j) * S;
+            for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
+                ptrdiff_t L = S - s0 < BN_SEG ? S - s0 : BN_SEG;
+                double bm, bq;
+                BN_FN(seg_moments)(seg + s0, L, K[j], &bm, &bq);
+                bn_chan_merge(&n[j], &mean[j], &m2[j], (double)L, bm, bq);
+            }
+        }
+    }
+    double *pn = k->pn + r.g * C, *pm = k->pm + r.g * C, *pq = k->pq + r.g * C;
+    for (ptrdiff_t j = 0; j < w; j++) {
+        pn[r.c0 + j] = n[j];
+        pm[r.c0 + j] = mean[j];
+        pq[r.c0 + j] = m2[j];
+    }
+}
+
+static int BN_FN(moments_rows)(const bn_plan *p, const T *x, double *mean, double *var)
+{
+    const ptrdiff_t C = p->C, S = p->S, G = p->row_groups;
+    double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)(G * C));
+    if (!buf) return BN_ENOMEM;
+    BN_FN(row_stats_ctx) k = {p, x, buf, buf + G * C, buf + 2 * G * C};
+    bn_run_reduce_items(p, p->row_items, BN_FN(row_moments_item), &k);
+    /* Each channel merges its row-group partials in group order. */
+    for (ptrdiff_t c = 0; c < C; c++) {
+        double n = 0.0, m = 0.0, q = 0.0;
+        for (ptrdiff_t g = 0; g < G; g++)
+            bn_chan_merge(&n, &m, &q, k.pn[g * C + c], k.pm[g * C + c], k.pq[g * C + c]);
+        mean[c] = BN_FN(shift_of)(x, S, c) + m;
+        var[c] = q / n;
+    }
+    free(buf);
+    return BN_OK;
+}
+
+/* ---- columns layout ---- */
+
+/*
+ * Shifted column sums of a block: s[j] = sum_r (x[r, j] - kc[j]), q[j] = sum_r (...)^2 over
+ * nr rows of columns (row stride Cp), each column adding its rows in order.
+ */
+
+/* Register walk: nv * 8 columns with their sums in registers (nv a constant after
+ * inlining, so the arrays stay in registers). */
+static inline __attribute__((always_inline)) void BN_FN(col_sums_reg)(
+    const T *blk, ptrdiff_t nr, ptrdiff_t Cp, const double *kc, double *s, double *q,
+    const int nv)
+{
+    bn_vd kv[8], sv[8], qv[8];
+    for (int t = 0; t < nv; t++) {
+        kv[t] = bn_ldd(kc + 8 * t);
+        sv[t] = qv[t] = bn_splat(0.0);
+    }
+    for (ptrdiff_t r = 0; r < nr; r++) {
+        const T *row = blk + r * Cp;
+#pragma GCC unroll 8
+        for (int t = 0; t < nv; t++) {
+            bn_vd d = BN_FN(ld)(row + 8 * t) - kv[t];
+            sv[t] += d;
+            qv[t] += d * d;
+        }
+    }
+    for (int t = 0; t < nv; t++) {
+        bn_std(s + 8 * t, sv[t]);
+        bn_std(q + 8 * t, qv[t]);
+    }
+}
+
+/* One register strip of nv (1..8) vectors of columns. */
+static void BN_FN(col_sums_strip)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, const double *kc,
+                                  double *s, double *q, int nv)
+{
+    switch (nv) {
+    case 8: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 8); break;
+    case 7: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 7); break;
+    case 6: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 6); break;
+    case 5: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 5); break;
+    case 4: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 4); break;
+    case 3: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 3); break;
+    case 2: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 2); break;
+    default: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 1); break;
+    }
+}
+
+/* Memory walk: row by row, the sums of the w8 vector columns in s and q (L1). */
+static void BN_FN(col_sums_mem)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, ptrdiff_t w,
+                                ptrdiff_t w8, const double *kc, double *s, double *q)
+{
+    /* Accumulators in memory hold back the out-of-order window, so the hardware
+     * prefetchers fall behind on DRAM-resident data: prefetch about 8 KiB ahead. */
+    const ptrdiff_t pfr = (8192 / (ptrdiff_t)sizeof(T) + w - 1) / (w > 0 ? w : 1);
+    ptrdiff_t j;
+    for (j = 0; j < w8; j++) s[j] = q[j] = 0.0;
+    for (ptrdiff_t r = 0; r < nr; r++) {
+        const T *row = blk + r * Cp;
+        for (j = 0; j < w; j += 64 / (ptrdiff_t)sizeof(T)) __builtin_prefetch(row + pfr * Cp + j);
+        for (j = 0; j < w8; j += 8) {
+            bn_vd d = BN_FN(ld)(row + j) - bn_ldd(kc + j);
+            bn_std(s + j, bn_ldd(s + j) + d);
+            bn_std(q + j, bn_ldd(q + j) + d * d);
+        }
+    }
+}
+
+static void BN_FN(col_sums)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, ptrdiff_t w,
+                            const double *kc, double *s, double *q, const bn_plan *p)
+{
+    const ptrdiff_t w8 = w & ~(ptrdiff_t)7;
+    if (p->reduce_walk == BN_WALK_REGISTER) {
+        for (ptrdiff_t j0 = 0; j0 < w8; j0 += p->strip_cols) {
+            const ptrdiff_t cols = w8 - j0 < p->strip_cols ? w8 - j0 : p->strip_cols;
+            BN_FN(col_sums_strip)(blk + j0, nr, Cp, kc + j0, s + j0, q + j0, (int)(cols / 8));
+        }
+    } else {
+        BN_FN(col_sums_mem)(blk, nr, Cp, w, w8, kc, s, q);
+    }
+    /* The last w % 8 columns one by one. */
+    for (ptrdiff_t j = w8; j < w; j++) {
+        double sj = 0.0, qj = 0.0;
+        for (ptrdiff_t r = 0; r < nr; r++) {
+            double d = (double)blk[r * Cp + j] - kc[j];
+            sj += d;
+            qj += d * d;
+        }
+        s[j] = sj;
+        q[j] = qj;
+    }
+}
+
+typedef struct {
+    const bn_plan *p;
+    const T *x;
+    const double *kcol;     /* per column: its channel's shift */
+    double *pm, *pq;        /* per group and column: mean(x - K), M2 */
+} BN_FN(col_stats_ctx);
+
+/* Statistics of the columns of one tile over the row blocks of one group. */
+static void BN_FN(col_moments_item)(const void *ctx, ptrdiff_t it)
+{
+    const BN_FN(col_stats_ctx) *k = ctx;
+    const bn_plan *p = k->p;
+    const bn_col_item ci = bn_col_item_of(p, it);
+    const ptrdiff_t Cp = p->col.Cp, c0 = ci.c0, w = ci.w;
+    const T *x = k->x;
+    double mean[BN_TILE], m2[BN_TILE], s[BN_TILE], q[BN_TILE], kk[BN_TILE], m1[BN_TILE];
+    int bad[BN_TILE];
+    const double *kc = k->kcol + c0;
+    double n = 0.0;
+    for (ptrdiff_t r0 = ci.r0; r0 < ci.r1; r0 += p->col.rb) {
+        const ptrdiff_t r1 = r0 + p->col.rb < ci.r1 ? r0 + p->col.rb : ci.r1;
+        const double nb = (double)(r1 - r0);
+        ptrdiff_t j;
+        BN_FN(col_sums)(x + r0 * Cp + c0, r1 - r0, Cp, w, kc, s, q, p);
+        /* One pass (shifted sums) unless a column is ill-conditioned (see seg_moments);
+         * the second pass runs over the whole tile but is used only for those columns,
+         * so a column's result never depends on its neighbours' data. */
+        int two_pass = 0;
+        for (j = 0; j < w; j++) {
+            const double mj = s[j] / nb;
+            kk[j] = q[j] - s[j] * mj;   /* M2 from the shifted sums */
+            s[j] = mj;
+            bad[j] = !(mj * mj <= BN_SHIFT_COND * (kk[j] / nb));
+            two_pass |= bad[j];
+        }
+        if (two_pass) {
+            for (j = 0; j < w; j++) m1[j] = kk[j];
+            for (j = 0; j < w; j++) q[j] = kk[j] = 0.0;
+            for (ptrdiff_t r = r0; r < r1; r++) {
+                const T *row = x + r * Cp + c0;
+                for (j = 0; j + 8 <= w; j += 8) {
+                    bn_vd d = (BN_FN(ld)(row + j) - bn_ldd(kc + j)) - bn_ldd(s + j);
+                    bn_std(q + j, bn_ldd(q + j) + d * d);
+                    bn_std(kk + j, bn_ldd(kk + j) + d);
+                }
+                for (; j < w; j++) {
+                    double d = ((double)row[j] - kc[j]) - s[j];
+                    q[j] += d * d;
+                    kk[j] += d;
+                }
+            }
+            for (j = 0; j < w; j++) kk[j] = bad[j] ? q[j] - kk[j] * kk[j] / nb : m1[j];
+        }
+        /* kk[j] now holds the block's M2 of column j. */
+        if (n == 0.0) {
+            for (j = 0; j < w; j++) {
+                double r = kk[j];
+                mean[j] = s[j];
+                m2[j] = r < 0.0 ? 0.0 : r;
+            }
+        } else {
+            const double nn = n + nb, f1 = nb / nn, f2 = n * nb / nn;
+            for (j = 0; j < w; j++) {
+                double r = kk[j];
+                if (r < 0.0) r = 0.0;
+                double delta = s[j] - mean[j];
+                mean[j] += delta * f1;
+                m2[j] += r + delta * delta * f2;
+            }
+        }
+        n += nb;
+    }
+    for (ptrdiff_t j = 0; j < w; j++) {
+        k->pm[ci.g * Cp + c0 + j] = mean[j];
+        k->pq[ci.g * Cp + c0 + j] = m2[j];
+    }
+}
+
+static int BN_FN(moments_columns)(const bn_plan *p, const T *x, double *mean, double *var)
+{
+    const ptrdiff_t N = p->N, C = p->C, S = p->S, Cp = p->col.Cp, G = p->col.ngroups;
+    double *buf = (double *)malloc(sizeof(double) * (2 * (size_t)(G * Cp) + (size_t)Cp));
+    if (!buf) return BN_ENOMEM;
+    double *kcol = buf + 2 * G * Cp;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        const double K = BN_FN(shift_of)(x, S, c);
+        for (ptrdiff_t s = 0; s < S; s++) kcol[c * S + s] = K;
+    }
+    BN_FN(col_stats_ctx) k = {p, x, kcol, buf, buf + G * Cp};
+    bn_run_reduce_items(p, p->col_items, BN_FN(col_moments_item), &k);
+    /* Each channel merges its columns' group partials, column by column, group by group. */
+    const ptrdiff_t rows_per_group = p->col.bpg * p->col.rb;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        double n = 0.0, m = 0.0, q = 0.0;
+        for (ptrdiff_t s = 0; s < S; s++) {
+            const ptrdiff_t col = c * S + s;
+            for (ptrdiff_t g = 0; g < G; g++) {
+                ptrdiff_t r0 = g * rows_per_group, r1 = r0 + rows_per_group;
+                if (r1 > N) r1 = N;
+                bn_chan_merge(&n, &m, &q, (double)(r1 - r0), k.pm[g * Cp + col],
+                              k.pq[g * Cp + col]);
+            }
+        }
+        mean[c] = kcol[c * S] + m;
+        var[c] = q / n;
+    }
+    free(buf);
+    return BN_OK;
+}
+
+/*
+ * Statistics of the channels whose blocked result is not finite although all their values
+ * are, recomputed in scaled coordinates.  Finite float64 data near the largest double
+ * (1.7e308 and -1.7e308 in one channel) overflows the shifted sums, x - K, of the blocked
+ * algorithm: the mean of finite values is always finite, and the variance overflows only
+ * when its true value exceeds the double range.  Here each value is multiplied by a power
+ * of two sc (exact for normal numbers) chosen so that no sum can overflow; the mean is a
+ * compensated (Neumaier) sum, so cancelling huge values keep the small ones exactly, and
+ * so is the sum of squares; the deviations are scaled again by a power of two t so that
+ * their squares stay at most 1.  The result is scaled back with ldexp (inf only when the
+ * true variance is beyond the double range).  Channels holding inf or NaN get the
+ * statistics IEEE arithmetic gives the exact sums: mean +-inf (NaN with a NaN or both
+ * infinities) and variance NaN; the shifted sums could turn a lone +inf into a NaN mean.
+ * Scalar code in a fixed order, so the same bits in every variant and for any thread
+ * count; it runs only for channels whose result was not finite.
+ */
+static void BN_FN(moments_fixup)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                                 double *mean, double *var)
+{
+    const double cnt = (double)N * (double)S;
+    for (ptrdiff_t c = 0; c < C; c++) {
+        if (isfinite(mean[c]) && isfinite(var[c])) continue;
+        double amax = 0.0;
+        int pinf = 0, ninf = 0, nan = 0;
+        for (ptrdiff_t n = 0; n < N; n++) {
+            const T *row = x + (n * C + c) * S;
+            for (ptrdiff_t s = 0; s < S; s++) {
+                const double v = (double)row[s];
+                if (v != v) nan = 1;
+                else if (v == INFINITY) pinf = 1;
+                else if (v == -INFINITY) ninf = 1;
+                else if (fabs(v) > amax) amax = fabs(v);
+            }
+        }
+        if (nan | pinf | ninf) {
+            /* IEEE arithmetic on the exact sums: the mean is +-inf, or NaN with NaN or both
+             * infinities; the deviations include inf - inf, so the variance is NaN. */
+            mean[c] = (nan || (pinf && ninf)) ? NAN : (pinf ? INFINITY : -INFINITY);
+            var[c] = NAN;
+            continue;
+        }
+        int ea, ec;
+        frexp(amax, &ea);           /* amax < 2^ea */
+        frexp(cnt, &ec);            /* cnt < 2^ec */
+        const int k = ea + ec > 1000 ? ea + ec - 1000 : 0;   /* sums stay below 2^1000 */
+        const double sc = ldexp(1.0, -k);
+        double s1 = 0.0, comp = 0.0;   /* Neumaier's compensated sum */
+        for (ptrdiff_t n = 0; n < N; n++) {
+            const T *row = x + (n * C + c) * S;
+            for (ptrdiff_t s = 0; s < S; s++) {
+                const double v = (double)row[s] * sc, t1 = s1 + v;
+                comp += fabs(s1) >= fabs(v) ? (s1 - t1) + v : (v - t1) + s1;
+                s1 = t1;
+            }
+        }
+        const double m = (s1 + comp) / cnt;
+        double dmax = 0.0;
+        for (ptrdiff_t n = 0; n < N; n++) {
+            const T *row = x + (n * C + c) * S;
+            for (ptrdiff_t s = 0; s < S; s++) {
+                const double d = fabs((double)row[s] * sc - m);
+                if (d > dmax) dmax = d;
+            }
+        }
+        int ed;
+        frexp(dmax, &ed);           /* |deviation| < 2^ed */
+        const double t = ldexp(1.0, -(ed + 1));
+        double q = 0.0, qc = 0.0;      /* compensated too */
+        for (ptrdiff_t n = 0; n < N; n++) {
+            const T *row = x + (n * C + c) * S;
+            for (ptrdiff_t s = 0; s < S; s++) {
+                const double d = ((double)row[s] * sc - m) * t, d2 = d * d, q1 = q + d2;
+                qc += q >= d2 ? (q - q1) + d2 : (d2 - q1) + q;
+                q = q1;
+            }
+        }
+        mean[c] = ldexp(m, k);
+        var[c] = ldexp((q + qc) / cnt, 2 * (k + ed + 1));
+    }
+}
+
+/* Per-channel mean and biased variance under plan p: the blocked algorithm of the plan's
+ * layout, the overflow fallback, and canonical NaNs. */
+static int BN_FN(moments_planned)(const bn_plan *p, const T *x, double *mean, double *var)
+{
+    const ptrdiff_t N = p->N, C = p->C, S = p->S;
+    if (C == 0) return BN_OK;
+    if (N == 0 || S == 0) {
+        for (ptrdiff_t c = 0; c < C; c++) mean[c] = var[c] = NAN;
+        return BN_OK;
+    }
+    const int st = p->layout == BN_LAYOUT_ROWS ? BN_FN(moments_rows)(p, x, mean, var)
+                                               : BN_FN(moments_columns)(p, x, mean, var);
+    if (st != BN_OK) return st;
+    BN_FN(moments_fixup)(x, N, C, S, mean, var);
+    bn_canon_vec(mean, C);
+    bn_canon_vec(var, C);
+    return BN_OK;
+}
+
+static int BN_FN(moments)(const void *xv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                          double *mean, double *var, int nthreads)
+{
+    bn_plan p;
+    if (bn_plan_make(&p, BN_OP_MOMENTS, N, C, S, (int)sizeof(T), BN_ISA, nthreads) != BN_OK)
+        return BN_EINVAL;
+    return BN_FN(moments_planned)(&p, (const T *)xv, mean, var);
+}
+
+/* ==================================================================== backward sums */
+
+/* One element's contribution to the backward sums: g = dy (ReLU-masked with relu), then
+ * sd += g and sx += g * (x - m).  The scalar form of every vector walk below. */
+static inline void BN_FN(bwd_one)(T dy, T x, double m, double a, double b, int relu,
+                                  double *sd, double *sx)
+{
+    const double xm = (double)x - m;
+    double g = (double)dy;
+    if (relu) g = bn_smask(g, xm * a + b);
+    *sd += g;
+    *sx += g * xm;
+}
+
+/* Rows layout: sums of g and g * (x - m) over a span with scalar parameters (fixed lane
+ * order), added to *sd and *sx. */
+static void BN_FN(bwd_span_s)(const T *dy, const T *x, ptrdiff_t L, double m, double a,
+                              double b, int relu, double *sd, double *sx)
+{
+    const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
+    bn_vd d0 = bn_splat(0.0), x0 = bn_splat(0.0);
+    ptrdiff_t i = 0;
+    for (; i + 8 <= L; i += 8) {
+        bn_vd xm = BN_FN(ld)(x + i) - mv;
+        bn_vd g = BN_FN(ld)(dy + i);
+        if (relu) g = bn_vmask(g, xm * av + bv);
+        d0 += g;
+        x0 += g * xm;
+    }
+    double s1 = bn_hsum(d0), s2 = bn_hsum(x0);
+    for (; i < L; i++) BN_FN(bwd_one)(dy[i], x[i], m, a, b, relu, &s1, &s2);
+    *sd += s1;
+    *sx += s2;
+}
+
+typedef struct {
+    const bn_plan *p;
+    const T *dy, *x;
+    const double *mean, *scale, *shift;   /* rows: per channel; columns: per column */
+    int relu;
+    double *pd, *px;                      /* partial sums per group */
+} BN_FN(bwd_ctx);
+
+/* Rows layout: backward sums of channels [c0, c1) over the rows of a row group, in
+ * memory order; each channel adds its rows in order. */
+static void BN_FN(row_bwd_item)(const void *ctx, ptrdiff_t it)
+{
+    const BN_FN(bwd_ctx) *k = ctx;
+    const bn_row_item r = bn_row_item_of(k->p, it);
+    const ptrdiff_t C = k->p->C, S = k->p->S;
+    double sd[BN_ROW_CHUNK], sx[BN_ROW_CHUNK];
+    for (ptrdiff_t c = r.c0; c < r.c1; c++) sd[c - r.c0] = sx[c - r.c0] = 0.0;
+    for (ptrdiff_t row = r.n0; row < r.n1; row++)
+        for (ptrdiff_t c = r.c0; c < r.c1; c++) {
+            const ptrdiff_t off = (row * C + c) * S;
+            const double a = k->scale ? k->scale[c] : 0.0, b = k->shift ? k->shift[c] : 0.0;
+            BN_FN(bwd_span_s)(k->dy + off, k->x + off, S, k->mean[c], a, b, k->relu,
+                              &sd[c - r.c0], &sx[c - r.c0]);
+        }
+    for (ptrdiff_t c = r.c0; c < r.c1; c++) {
+        k->pd[r.g * C + c] = sd[c - r.c0];
+        k->px[r.g * C + c] = sx[c - r.c0];
+    }
+}
+
+/* Register walk: the sums of nv * 8 columns over nr rows, in registers from zero. */
+static inline __attribute__((always_inline)) void BN_FN(bwd_sums_reg)(
+    const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp, const double *m,
+    const double *a, const double *b, int relu, double *sd, double *sx, const int nv)
+{
+    bn_vd mv[8], dv[8], xv[8];
+    for (int t = 0; t < nv; t++) {
+        mv[t] = bn_ldd(m + 8 * t);
+        dv[t] = xv[t] = bn_splat(0.0);
+    }
+    for (ptrdiff_t r = 0; r < nr; r++) {
+#pragma GCC unroll 8
+        for (int t = 0; t < nv; t++) {
+            bn_vd xm = BN_FN(ld)(xblk + r * Cp + 8 * t) - mv[t];
+            bn_vd gv = BN_FN(ld)(dblk + r * Cp + 8 * t);
+            if (relu) gv = bn_vmask(gv, xm * bn_ldd(a + 8 * t) + bn_ldd(b + 8 * t));
+            dv[t] += gv;
+            xv[t] += gv * xm;
+        }
+    }
+    for (int t = 0; t < nv; t++) {
+        bn_std(sd + 8 * t, dv[t]);
+        bn_std(sx + 8 * t, xv[t]);
+    }
+}
+
+/* One register strip of nv (1..8) vectors of columns. */
+static void BN_FN(bwd_sums_strip)(const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp,
+                                  const double *m, const double *a, const double *b, int relu,
+                                  double *sd, double *sx, int nv)
+{
+    switch (nv) {
+    case 8: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 8); break;
+    case 7: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 7); break;
+    case 6: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 6); break;
+    case 5: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 5); break;
+    case 4: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 4); break;
+    case 3: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 3); break;
+    case 2: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 2); break;
+    default: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 1); break;
+    }
+}
+
+/* The scalar columns [j0, w) of a block of nr rows, added to ad[j], ax[j]. */
+static void BN_FN(bwd_cols_scalar)(const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp,
+                                   ptrdiff_t j0, ptrdiff_t w, const double *m, const double *a,
+                                   const double *b, int relu, double *ad, double *ax)
+{
+    for (ptrdiff_t j = j0; j < w; j++) {
+        double sd = ad[j], sx = ax[j];
+        for (ptrdiff_t r = 0; r < nr; r++)
+            BN_FN(bwd_one)(dblk[r * Cp + j], xblk[r * Cp + j], m[j], a[j], b[j], relu, &sd,
+                           &sx);
+        ad[j] = sd;
+        ax[j] = sx;
+    }
+}
+
+/* Register walk over a tile: strips of strip_cols columns down all nr rows. */
+static void BN_FN(bwd_cols_register)(const T *dblk, const T *xblk, ptrdiff_t nr,
+                                     ptrdiff_t Cp, ptrdiff_t w, const double *m,
+                                     const double *a, const double *b, int relu,
+                                     ptrdiff_t strip, double *ad, double *ax)
+{
+    const ptrdiff_t w8 = w & ~(ptrdiff_t)7;
+    for (ptrdiff_t j0 = 0; j0 < w8; j0 += strip) {
+        const ptrdiff_t cols = w8 - j0 < strip ? w8 - j0 : strip;
+        BN_FN(bwd_sums_strip)(dblk + j0, xblk + j0, nr, Cp, m + j0, a + j0, b + j0, relu,
+                              ad + j0, ax + j0, (int)(cols / 8));
+    }
+    for (ptrdiff_t j = w8; j < w; j++) ad[j] = ax[j] = 0.0;
+    BN_FN(bwd_cols_scalar)(dblk, xblk, nr, Cp, w8, w, m, a, b, relu, ad, ax);
+}
+
+/* Rows walk over a tile: row by row, vectors across the row, sums in memory (L1). */
+static void BN_FN(bwd_cols_rows)(const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp,
+                                 ptrdiff_t w, const double *m, const double *a,
+                                 const double *b, int relu, double *ad, double *ax)
+{
+    ptrdiff_t j;
+    for (j = 0; j < w; j++) ad[j] = ax[j] = 0.0;
+    for (ptrdiff_t r = 0; r < nr; r++) {
+        const T *dr = dblk + r * Cp, *xr = xblk + r * Cp;
+        for (j = 0; j + 8 <= w; j += 8) {
+            bn_vd xm = BN_FN(ld)(xr + j) - bn_ldd(m + j);
+            bn_vd gv = BN_FN(ld)(dr + j);
+            if (relu) gv = bn_vmask(gv, xm * bn_ldd(a + j) + bn_ldd(b + j));
+            bn_std(ad + j, bn_ldd(ad + j) + gv);
+            bn_std(ax + j, bn_ldd(ax + j) + gv * xm);
+        }
+        for (; j < w; j++) BN_FN(bwd_one)(dr[j], xr[j], m[j], a[j], b[j], relu, &ad[j], &ax[j]);
+    }
+}
+
+/* Blocks walk over a tile: block by block (cache-resident), strips of 8 columns with their
+ * sums in registers. */
+static void BN_FN(bwd_cols_blocks)(const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp,
+                                   ptrdiff_t w, ptrdiff_t rb, const double *m,
+                                   const double *a, const double *b, int relu, double *ad,
+                                   double *ax)
+{
+    const ptrdiff_t w8 = w & ~(ptrdiff_t)7;
+    for (ptrdiff_t j = 0; j < w; j++) ad[j] = ax[j] = 0.0;
+    for (ptrdiff_t rb0 = 0; rb0 < nr; rb0 += rb) {
+        const ptrdiff_t nb = nr - rb0 < rb ? nr - rb0 : rb;
+        const T *db = dblk + rb0 * Cp, *xb = xblk + rb0 * Cp;
+        for (ptrdiff_t j = 0; j < w8; j += 8) {
+            const bn_vd mv = bn_ldd(m + j), av = bn_ldd(a + j), bv = bn_ldd(b + j);
+            bn_vd sd = bn_ldd(ad + j), sx = bn_ldd(ax + j);
+            for (ptrdiff_t r = 0; r < nb; r++) {
+                bn_vd xm = BN_FN(ld)(xb + r * Cp + j) - mv;
+                bn_vd gv = BN_FN(ld)(db + r * Cp + j);
+                if (relu) gv = bn_vmask(gv, xm * av + bv);
+                sd += gv;
+                sx += gv * xm;
+            }
+            bn_std(ad + j, sd);
+            bn_std(ax + j, sx);
+        }
+        BN_FN(bwd_cols_scalar)(db, xb, nb, Cp, w8, w, m, a, b, relu, ad, ax);
+    }
+}
+
+/* Columns layout: per-column sums of one tile over the rows of one group. */
+static void BN_FN(col_bwd_item)(const void *ctx, ptrdiff_t it)
+{
+    const BN_FN(bwd_ctx) *k = ctx;
+    const bn_plan *p = k->p;
+    const bn_col_item ci = bn_col_item_of(p, it);
+    const ptrdiff_t Cp = p->col.Cp, c0 = ci.c0, w = ci.w, nr = ci.r1 - ci.r0;
+    /* Accumulate on the stack: neighbouring items' partials share cache lines. */
+    double ad[BN_TILE], ax[BN_TILE];
+    const double *m = k->mean + c0, *a = k->scale + c0, *b = k->shift + c0;
+    const T *dblk = k->dy + ci.r0 * Cp + c0, *xblk = k->x + ci.r0 * Cp + c0;
+    if (p->reduce_walk == BN_WALK_REGISTER)
+        BN_FN(bwd_cols_register)(dblk, xblk, nr, Cp, w, m, a, b, k->relu, p->strip_cols, ad,
+                                 ax);
+    else if (p->reduce_walk == BN_WALK_ROWS)
+        BN_FN(bwd_cols_rows)(dblk, xblk, nr, Cp, w, m, a, b, k->relu, ad, ax);
+    else
+        BN_FN(bwd_cols_blocks)(dblk, xblk, nr, Cp, w, p->col.rb, m, a, b, k->relu, ad, ax);
+    for (ptrdiff_t j = 0; j < w; j++) {
+        k->pd[ci.g * Cp + c0 + j] = ad[j];
+        k->px[ci.g * Cp + c0 + j] = ax[j];
+    }
+}
+
+/* sum_dy[c] = sum g, sum_dyxmu[c] = sum g * (x - mean[c]), partials added in group order
+ * (and, in the columns layout, column by column within a channel). */
+static int BN_FN(backward_reduce_planned)(const bn_plan *p, const T *dy, const T *x,
+                                          const double *mean, const double *scale,
+                                          const double *shift, double *sum_dy,
+                                          double *sum_dyxmu, int relu)
+{
+    const ptrdiff_t C = p->C, S = p->S;
+    for (ptrdiff_t c = 0; c < C; c++) sum_dy[c] = sum_dyxmu[c] = 0.0;
+    if (p->N == 0 || C == 0 || S == 0) return BN_OK;
+    if (p->layout == BN_LAYOUT_ROWS) {
+        const ptrdiff_t G = p->row_groups;
+        double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)(G * C));
+        if (!buf) return BN_ENOMEM;
+        BN_FN(bwd_ctx) k = {p, dy, x, mean, scale, shift, relu, buf, buf + G * C};
+        bn_run_reduce_items(p, p->row_items, BN_FN(row_bwd_item), &k);
+        for (ptrdiff_t c = 0; c < C; c++)
+            for (ptrdiff_t g = 0; g < G; g++) {
+                sum_dy[c] += k.pd[g * C + c];
+                sum_dyxmu[c] += k.px[g * C + c];
+            }
+        free(buf);
+        return BN_OK;
+    }
+    const ptrdiff_t Cp = p->col.Cp, G = p->col.ngroups;
+    double *buf = (double *)malloc(sizeof(double) * (2 * (size_t)(G * Cp) + 3 * (size_t)Cp));
+    if (!buf) return BN_ENOMEM;
+    double *me = buf + 2 * G * Cp, *ae = me + Cp, *be = ae + Cp;
+    bn_expand(me, mean, Cp, Cp, S);
+    bn_expand(ae, scale, Cp, Cp, S);
+    bn_expand(be, shift, Cp, Cp, S);
+    BN_FN(bwd_ctx) k = {p, dy, x, me, ae, be, relu, buf, buf + G * Cp};
+    bn_run_reduce_items(p, p->col_items, BN_FN(col_bwd_item), &k);
+    for (ptrdiff_t c = 0; c < C; c++)
+        for (ptrdiff_t s = 0; s < S; s++)
+            for (ptrdiff_t g = 0; g < G; g++) {
+                sum_dy[c] += k.pd[g * Cp + c * S + s];
+                sum_dyxmu[c] += k.px[g * Cp + c * S + s];
+            }
+    free(buf);
+    return BN_OK;
+}
+
+static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, ptrdiff_t C,
+                                  ptrdiff_t S, const double *mean, const double *scale,
+                                  const double *shift, double *sum_dy, double *sum_dyxmu,
+                                  int flags, int nthreads)
+{
+    bn_plan p;
+    if (bn_plan_make(&p, BN_OP_BACKWARD, N, C, S, (int)sizeof(T), BN_ISA, nthreads) != BN_OK)
+        return BN_EINVAL;
+    return BN_FN(backward_reduce_planned)(&p, (const T *)dyv, (const T *)xv, mean, scale,
+                                          shift, sum_dy, sum_dyxmu,
+                                          (flags & BN_FLAG_RELU) != 0);
+}

@@ -1,0 +1,240 @@
+/*
+ * The plan (bn_plan.h): the one function that chooses each pass's layout, partition and
+ * walk, with every threshold named and explained; the forced-walk switch for tests; the
+ * streaming threshold.
+ */
+#include <stddef.h>
+#include "bnfast.h"
+#include "bn_plan.h"
+
+static size_t bn_stream_min = BN_STREAM_MIN_BYTES_DEFAULT;
+
+size_t bn_get_stream_min_bytes(void) { return bn_stream_min; }
+
+void bn_set_stream_min_bytes(size_t nbytes) { bn_stream_min = nbytes; }
+
+/* Forced choices (tests): -1 = the plan's own choice. */
+static int force_layout = -1, force_stats = -1, force_backward = -1, force_ew = -1;
+
+static int walk_ok(int w, int a, int b, int c)
+{
+    return w == -1 || w == a || w == b || w == c;
+}
+
+int bn_plan_force(int layout, int stats_walk, int backward_walk, int ew_walk)
+{
+    if (!(layout == -1 || layout == BN_LAYOUT_ROWS || layout == BN_LAYOUT_COLUMNS) ||
+        !walk_ok(stats_walk, BN_WALK_REGISTER, BN_WALK_MEMORY, BN_WALK_MEMORY) ||
+        !walk_ok(backward_walk, BN_WALK_REGISTER, BN_WALK_ROWS, BN_WALK_BLOCKS) ||
+        !walk_ok(ew_walk, BN_WALK_SPANS, BN_WALK_PERIOD64, BN_WALK_PERIOD64))
+        return BN_EINVAL;
+    force_layout = layout;
+    force_stats = stats_walk;
+    force_backward = backward_walk;
+    force_ew = ew_walk;
+    return BN_OK;
+}
+
+void bn_plan_forced(int *layout, int *stats_walk, int *backward_walk, int *ew_walk)
+{
+    *layout = force_layout;
+    *stats_walk = force_stats;
+    *backward_walk = force_backward;
+    *ew_walk = force_ew;
+}
+
+const char *bn_walk_name(int walk)
+{
+    static const char *names[BN_WALK_COUNT] = {"none", "register", "memory", "rows",
+                                               "blocks", "spans", "period64"};
+    return walk >= 0 && walk < BN_WALK_COUNT ? names[walk] : "unknown";
+}
+
+const char *bn_layout_name(int layout)
+{
+    return layout == BN_LAYOUT_ROWS ? "rows" : layout == BN_LAYOUT_COLUMNS ? "columns"
+                                                                           : "unknown";
+}
+
+const char *bn_op_name(int op)
+{
+    static const char *names[BN_OP_COUNT] = {"moments", "train", "infer", "backward"};
+    return op >= 0 && op < BN_OP_COUNT ? names[op] : "unknown";
+}
+
+/* ---- partitions (shape only) ---- */
+
+/* Rows layout: number of row groups, each producing partial results merged in order. */
+static ptrdiff_t groups_row(ptrdiff_t N, ptrdiff_t S)
+{
+    ptrdiff_t g = (ptrdiff_t)(((double)N * (double)S) / 65536.0);
+    if (g > BN_MAX_GROUPS_ROW) g = BN_MAX_GROUPS_ROW;
+    if (g > N) g = N;
+    if (g < 1) g = 1;
+    return g;
+}
+
+/*
+ * Rows layout: channels per work item.  An item covers channels [c0, c0 + chunk) of a group
+ * of rows and walks them in memory order (for each n, its channels one after another), so
+ * it reads runs of chunk * S contiguous elements that the hardware prefetchers can follow.
+ * Each channel still merges its rows in order, so the chunking does not change any result.
+ */
+static ptrdiff_t chunk_row(ptrdiff_t C, ptrdiff_t S)
+{
+    ptrdiff_t cc = (BN_ROW_RUN + S - 1) / (S > 0 ? S : 1);
+    const ptrdiff_t par = (C + 7) / 8;   /* at least about 8 items per row group */
+    if (cc > par) cc = par;
+    if (cc > BN_ROW_CHUNK) cc = BN_ROW_CHUNK;
+    if (cc < 1) cc = 1;
+    return cc;
+}
+
+/* Columns layout: tiles of columns, blocks of rows, groups of blocks. */
+static bn_colpart colpart_make(ptrdiff_t R, ptrdiff_t Cp)
+{
+    bn_colpart p;
+    p.R = R;
+    p.Cp = Cp;
+    p.tile = Cp < BN_TILE ? Cp : BN_TILE;
+    if (p.tile < 1) p.tile = 1;
+    p.ntiles = (Cp + p.tile - 1) / p.tile;
+    p.rb = BN_BLOCK_ELEMS / p.tile;
+    if (p.rb < 8) p.rb = 8;
+    p.nblocks = (R + p.rb - 1) / p.rb;
+    if (p.nblocks < 1) p.nblocks = 1;
+    ptrdiff_t g = p.nblocks;
+    if (g > BN_MAX_GROUPS_COL) g = BN_MAX_GROUPS_COL;
+    ptrdiff_t lim = (ptrdiff_t)1 << 20;
+    lim = lim / (Cp > 0 ? Cp : 1);
+    if (lim < 1) lim = 1;
+    if (g > lim) g = lim;
+    ptrdiff_t work = (ptrdiff_t)(((double)R * (double)Cp) / 65536.0);
+    if (work < 1) work = 1;
+    if (g > work) g = work;
+    if (g < 1) g = 1;
+    p.bpg = (p.nblocks + g - 1) / g;
+    p.ngroups = (p.nblocks + p.bpg - 1) / p.bpg;
+    return p;
+}
+
+/*
+ * Columns layout, element-wise passes: the period is Cp itself when Cp >= 64 (any length),
+ * else the smallest multiple of Cp of at least 64 elements that is a multiple of 8, so
+ * narrow rows still fill whole vectors.
+ */
+static ptrdiff_t period_of(ptrdiff_t Cp)
+{
+    if (Cp >= BN_PERIOD_MIN) return Cp;
+    ptrdiff_t k = 1;
+    while (k * Cp < BN_PERIOD_MIN || (k * Cp) % 8 != 0) k++;
+    return k * Cp;
+}
+
+int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int itemsize,
+                 int isa, int nthreads)
+{
+    if (N < 0 || C < 0 || S < 0 || op < 0 || op >= BN_OP_COUNT ||
+        (itemsize != 4 && itemsize != 8) || isa < 0 || isa >= BN_ISA_COUNT)
+        return BN_EINVAL;
+    const double count = (double)N * (double)C * (double)S;
+    const int has_reduce = op != BN_OP_INFER, has_ew = op != BN_OP_MOMENTS;
+    p->op = op;
+    p->isa = isa;
+    p->itemsize = itemsize;
+    p->N = N;
+    p->C = C;
+    p->S = S;
+
+    /* Threads: a call below BN_PAR_MIN elements stays on one thread (waking the others
+     * costs more than it saves).  The partitions never depend on the thread count. */
+    p->nthreads = nthreads < 1 || count < BN_PAR_MIN ? 1 : nthreads;
+
+    /* Layout: rows of S >= 64 contiguous elements fill whole vectors with little tail
+     * work; shorter rows are better seen as columns of the (N, C*S) matrix. */
+    p->layout = S >= BN_ROW_MIN_S ? BN_LAYOUT_ROWS : BN_LAYOUT_COLUMNS;
+    if (force_layout >= 0) p->layout = force_layout;
+    const int rows = p->layout == BN_LAYOUT_ROWS;
+
+    /* Partitions of both layouts (cheap; only the chosen one is used). */
+    const ptrdiff_t Cp = C * S;
+    ptrdiff_t G = groups_row(N, S);
+    p->rows_per_group = (N + G - 1) / (G > 0 ? G : 1);
+    if (p->rows_per_group < 1) p->rows_per_group = 1;
+    p->row_groups = (N + p->rows_per_group - 1) / p->rows_per_group;
+    p->row_chunk = chunk_row(C, S);
+    p->row_items = p->row_groups * ((C + p->row_chunk - 1) / p->row_chunk);
+    p->col = colpart_make(N, Cp);
+    p->col_items = p->col.ngroups * p->col.ntiles;
+
+    /* The reduction's inputs stay in the cache (one tensor for statistics, x and dy for
+     * the backward sums) when they are below the streaming threshold.  Register strips
+     * walk down a block column by column: fast from the cache, slower than the row-by-row
+     * walk from DRAM, whose single stream the prefetchers follow. */
+    const double in_bytes = count * (double)itemsize * (op == BN_OP_BACKWARD ? 2.0 : 1.0);
+    p->resident = in_bytes < (double)bn_stream_min;
+    p->strip_cols = BN_REG_MAX_COLS;
+    p->reduce_walk = BN_WALK_NONE;
+    const ptrdiff_t tile = p->col.tile, tile8 = tile & ~(ptrdiff_t)7;
+    if (has_reduce && !rows) {
+        /* Register strips need 2 * strip_cols / 8 vector accumulators of 8 doubles:
+         * 16 registers on AVX-512 for 64 columns; AVX2 and SSE2 would need 32 and 64 and
+         * spill, so they keep the sums in memory. */
+        const int wide_regs = isa == BN_ISA_AVX512;
+        if (op == BN_OP_BACKWARD) {
+            /* Backward sums: whole rows of 8 to 71 columns (one stream), or wide
+             * cache-resident tiles, in register strips; otherwise row by row for tiles
+             * of 32 columns or more (measured: faster than strips for 64+ columns) and
+             * block by block in strips of 8 columns below that. */
+            if (wide_regs && ((Cp == tile && tile >= 8 && tile < BN_REG_MAX_COLS + 8) ||
+                              (tile >= BN_REG_MAX_COLS + 8 && p->resident)))
+                p->reduce_walk = BN_WALK_REGISTER;
+            else if (tile >= 32)
+                p->reduce_walk = BN_WALK_ROWS;
+            else
+                p->reduce_walk = BN_WALK_BLOCKS;
+            if (force_backward >= 0) p->reduce_walk = force_backward;
+        } else {
+            /* Statistics: register strips for tiles of up to 64 columns, and for wider
+             * tiles while cache-resident; else row by row with sums in memory. */
+            if (wide_regs && (tile8 <= BN_REG_MAX_COLS || p->resident))
+                p->reduce_walk = BN_WALK_REGISTER;
+            else
+                p->reduce_walk = BN_WALK_MEMORY;
+            if (force_stats >= 0) p->reduce_walk = force_stats;
+        }
+    }
+
+    /* Element-wise pass. */
+    p->ew_walk = BN_WALK_NONE;
+    p->period = rows ? S : period_of(Cp);
+    if (p->period < 1) p->period = 1;
+    p->ew_per_item = BN_SPAN / p->period;
+    if (p->ew_per_item < 1) p->ew_per_item = 1;
+    const ptrdiff_t units = rows ? N * C : (Cp > 0 ? (N * Cp) / p->period : 0);
+    p->ew_units = units;
+    p->ew_items = (units + p->ew_per_item - 1) / p->ew_per_item;
+    p->stream = 0;
+    if (has_ew) {
+        if (!rows) {
+            /* A period of 64 keeps its 3 parameter vectors x 8 in registers: 24 of
+             * AVX-512's 32; AVX2 and SSE2 would need 48 and 96. */
+            p->ew_walk = isa == BN_ISA_AVX512 && p->period == 64 ? BN_WALK_PERIOD64
+                                                                 : BN_WALK_SPANS;
+            if (force_ew == BN_WALK_SPANS || (force_ew == BN_WALK_PERIOD64 && p->period == 64))
+                p->ew_walk = force_ew;
+        }
+        /* Streaming stores: only where the pass's working set (normalize: x and y; dx: dy,
+         * x and dx) reaches the threshold, the variant has the instructions (not the
+         * baseline), and every store is a whole 16-byte piece: each row (rows layout) or
+         * period (columns) starts where the previous ended, so its length in bytes must be
+         * a multiple of 16.  Mixing ordinary and non-temporal stores on one cache line is
+         * very slow, so it is all or nothing; the kernel also checks the output's
+         * alignment. */
+        const double tensors = op == BN_OP_BACKWARD ? 3.0 : 2.0;
+        p->stream = isa != BN_ISA_BASELINE &&
+                    ((size_t)p->period * (size_t)itemsize) % 16 == 0 &&
+                    count * (double)itemsize * tensors >= (double)bn_stream_min;
+    }
+    return BN_OK;
+}
