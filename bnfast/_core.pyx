@@ -161,13 +161,16 @@ def omp_max_threads():
 
 # ---------------------------------------------------------------- the plan
 
-def plan(str op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize, int nthreads):
+def plan(str op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize, int nthreads,
+         isa=None):
     """The kernels' plan for op ('moments', 'train', 'infer', 'backward') on (N, C, S)
-    elements of itemsize bytes with the variant in use: a dict (see bnfast.explain)."""
+    elements of itemsize bytes with variant isa (an index; None: the one in use), a dict
+    (see bnfast.explain).  Any variant can be planned, even one this CPU lacks."""
     cdef bn_plan p
     if op not in OP_NAMES:
         raise ValueError(f"unknown op {op!r}")
-    _check(bn_plan_make(&p, OP_NAMES.index(op), N, C, S, itemsize, bn_get_isa(), nthreads))
+    _check(bn_plan_make(&p, OP_NAMES.index(op), N, C, S, itemsize,
+                        bn_get_isa() if isa is None else isa, nthreads))
     rows = p.layout == 0
     d = {"op": op, "variant": ISA_NAMES[p.isa], "N": p.N, "C": p.C, "S": p.S,
          "itemsize": p.itemsize, "threads": p.nthreads, "layout": LAYOUT_NAMES[p.layout]}
@@ -198,15 +201,20 @@ def plan(str op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize, int nth
 _FORCE_KEYS = ("layout", "statistics", "backward_sums", "elementwise")
 
 
-def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise=None):
-    """Tests: force the layout ('rows', 'columns') and the walks of the statistics
-    ('register', 'memory'), the backward sums ('register', 'rows', 'blocks') and the
-    element-wise passes ('spans', 'period64') for every later call; None keeps the plan's
-    choice.  Returns the previous setting as a dict (pass it back as keywords)."""
+def forced_strategy():
+    """The forced layout and walks (see force_strategy) as a dict; None = not forced."""
     cdef int l, s, b, e
     bn_plan_forced(&l, &s, &b, &e)
-    old = dict(zip(_FORCE_KEYS, (None if v < 0 else (LAYOUT_NAMES[v] if i == 0
-                                 else WALK_NAMES[v]) for i, v in enumerate((l, s, b, e)))))
+    return dict(zip(_FORCE_KEYS, (None if v < 0 else (LAYOUT_NAMES[v] if i == 0
+                                  else WALK_NAMES[v]) for i, v in enumerate((l, s, b, e)))))
+
+
+def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise=None):
+    """Tests: force the layout ('rows', 'columns') and the walks of the statistics
+    ('register', 'memory'), the backward sums ('register', 'memory', 'blocks') and the
+    element-wise passes ('spans', 'period64') for every later call; None keeps the plan's
+    choice.  Returns the previous setting as a dict (pass it back as keywords)."""
+    old = forced_strategy()
 
     def idx(v, names, what):
         if v is None:

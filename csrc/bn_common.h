@@ -2,7 +2,9 @@
  * Common definitions of the kernels: the 8-double vector type, the generated names, the
  * Chan merge, the per-element parameter expansion, and the partition skeletons that run
  * a pass's work items (shared by statistics and backward sums, and by normalize and dx).
- * No intrinsics here (bn_isa.h has them all) and nothing that depends on the variant.
+ * No intrinsics here (bn_isa.h has them all) and nothing that depends on the variant;
+ * functions that may be compiled out of line carry the variant in their name (BN_FN), as
+ * tools/check_isa.py expects of code compiled for AVX2/AVX-512.
  *
  * Vector code uses GCC/Clang vector extensions with a fixed width of eight doubles, so the
  * lane structure (and therefore the rounding) is the same in every variant: AVX-512 holds
@@ -82,7 +84,7 @@ static inline void bn_chan_merge(double *n, double *mean, double *m2, double nb,
 
 /* Expand per-channel values v[C] to per-element values e[P] for columns of width S
  * (P is a multiple of Cp = C * S; v == NULL gives zeros). */
-static inline void bn_expand(double *e, const double *v, ptrdiff_t P, ptrdiff_t Cp,
+static inline void BN_FN(expand)(double *e, const double *v, ptrdiff_t P, ptrdiff_t Cp,
                              ptrdiff_t S)
 {
     const ptrdiff_t C = Cp / S;
@@ -137,7 +139,7 @@ static inline bn_col_item bn_col_item_of(const bn_plan *p, ptrdiff_t it)
  * item writes its own partial results, merged afterwards in a fixed order). */
 typedef void (*bn_item_fn)(const void *ctx, ptrdiff_t it);
 
-static void bn_run_reduce_items(const bn_plan *p, ptrdiff_t items, bn_item_fn f,
+static void BN_FN(run_reduce_items)(const bn_plan *p, ptrdiff_t items, bn_item_fn f,
                                 const void *ctx)
 {
     const int nt = p->nthreads;
@@ -150,7 +152,7 @@ static void bn_run_reduce_items(const bn_plan *p, ptrdiff_t items, bn_item_fn f,
  * scheduled; f stores its outputs and fences its own streaming stores. */
 typedef void (*bn_range_fn)(const void *ctx, ptrdiff_t u0, ptrdiff_t u1);
 
-static void bn_run_ew_items(const bn_plan *p, bn_range_fn f, const void *ctx)
+static void BN_FN(run_ew_items)(const bn_plan *p, bn_range_fn f, const void *ctx)
 {
     const int nt = p->nthreads;
     const ptrdiff_t per = p->ew_per_item, units = p->ew_units, items = p->ew_items;

@@ -144,17 +144,17 @@ static int BN_FN(normalize_planned)(const bn_plan *p, const T *x, T *y, const do
     const int nts = p->stream && ((uintptr_t)y & 15) == 0;
     if (p->layout == BN_LAYOUT_ROWS) {
         BN_FN(norm_ctx) k = {p, x, y, mean, scale, shift, relu, nts};
-        bn_run_ew_items(p, BN_FN(norm_rows), &k);
+        BN_FN(run_ew_items)(p, BN_FN(norm_rows), &k);
         return BN_OK;
     }
     const ptrdiff_t Cp = C * S, P = p->period;
     double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)P);
     if (!buf) return BN_ENOMEM;
     BN_FN(norm_ctx) k = {p, x, y, buf, buf + P, buf + 2 * P, relu, nts};
-    bn_expand(buf, mean, P, Cp, S);
-    bn_expand(buf + P, scale, P, Cp, S);
-    bn_expand(buf + 2 * P, shift, P, Cp, S);
-    bn_run_ew_items(p, BN_FN(norm_periods), &k);
+    BN_FN(expand)(buf, mean, P, Cp, S);
+    BN_FN(expand)(buf + P, scale, P, Cp, S);
+    BN_FN(expand)(buf + 2 * P, shift, P, Cp, S);
+    BN_FN(run_ew_items)(p, BN_FN(norm_periods), &k);
     const ptrdiff_t done = p->ew_units * P, rem = N * Cp - done;
     if (rem) {
         BN_FN(norm_span_v)(x + done, y + done, rem, k.m, k.a, k.b, relu, nts);
@@ -275,7 +275,7 @@ static int BN_FN(backward_dx_planned)(const bn_plan *p, const T *dy, const T *x,
     const int nts = p->stream && ((uintptr_t)dx & 15) == 0;
     if (p->layout == BN_LAYOUT_ROWS) {
         BN_FN(dx_ctx) k = {p, dy, x, dx, mean, scale, shift, k_dy, k_x, k_0, relu, eval, nts};
-        bn_run_ew_items(p, BN_FN(dx_rows), &k);
+        BN_FN(run_ew_items)(p, BN_FN(dx_rows), &k);
         return BN_OK;
     }
     const ptrdiff_t Cp = C * S, P = p->period;
@@ -283,13 +283,13 @@ static int BN_FN(backward_dx_planned)(const bn_plan *p, const T *dy, const T *x,
     if (!buf) return BN_ENOMEM;
     BN_FN(dx_ctx) k = {p, dy, x, dx, buf, buf + P, buf + 2 * P, buf + 3 * P, buf + 4 * P,
                        buf + 5 * P, relu, eval, nts};
-    bn_expand(buf, mean, P, Cp, S);
-    bn_expand(buf + P, scale, P, Cp, S);
-    bn_expand(buf + 2 * P, shift, P, Cp, S);
-    bn_expand(buf + 3 * P, k_dy, P, Cp, S);
-    bn_expand(buf + 4 * P, k_x, P, Cp, S);
-    bn_expand(buf + 5 * P, k_0, P, Cp, S);
-    bn_run_ew_items(p, BN_FN(dx_periods), &k);
+    BN_FN(expand)(buf, mean, P, Cp, S);
+    BN_FN(expand)(buf + P, scale, P, Cp, S);
+    BN_FN(expand)(buf + 2 * P, shift, P, Cp, S);
+    BN_FN(expand)(buf + 3 * P, k_dy, P, Cp, S);
+    BN_FN(expand)(buf + 4 * P, k_x, P, Cp, S);
+    BN_FN(expand)(buf + 5 * P, k_0, P, Cp, S);
+    BN_FN(run_ew_items)(p, BN_FN(dx_periods), &k);
     const ptrdiff_t done = p->ew_units * P, rem = N * Cp - done;
     if (rem) {
         BN_FN(dx_span)(dy + done, x + done, dx + done, rem, k.m, k.a, k.b, k.kd, k.kx, k.k0, 1,

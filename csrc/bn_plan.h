@@ -51,18 +51,18 @@ enum { BN_OP_MOMENTS = 0, BN_OP_TRAIN = 1, BN_OP_INFER = 2, BN_OP_BACKWARD = 3,
 
 enum { BN_LAYOUT_ROWS = 0, BN_LAYOUT_COLUMNS = 1 };
 
-/* Walks.  Statistics (columns layout): REGISTER or MEMORY.  Backward sums (columns
- * layout): REGISTER, ROWS or BLOCKS.  Element-wise (columns layout): SPANS or PERIOD64. */
+/* Walks of the columns layout (the rows layout has one walk per pass).  Statistics:
+ * REGISTER or MEMORY.  Backward sums: REGISTER, MEMORY or BLOCKS.  Normalize: SPANS or
+ * PERIOD64.  dx: SPANS (in column tiles of BN_EW_TILE). */
 enum {
-    BN_WALK_NONE = 0,      /* the pass does not run, or the rows layout (one walk) */
-    BN_WALK_REGISTER = 1,  /* strips of up to strip_cols columns down a block, sums in
-                              registers */
-    BN_WALK_MEMORY = 2,    /* row by row, column sums in memory (L1), prefetching ahead */
-    BN_WALK_ROWS = 3,      /* backward: row by row, sums in memory */
-    BN_WALK_BLOCKS = 4,    /* backward: block by block, strips of 8 columns in registers */
-    BN_WALK_SPANS = 5,     /* element-wise: each period as a span, parameters from memory */
-    BN_WALK_PERIOD64 = 6,  /* element-wise: a period of 64 with its parameters in registers */
-    BN_WALK_COUNT = 7
+    BN_WALK_NONE = 0,      /* the pass does not run, or the rows layout */
+    BN_WALK_REGISTER = 1,  /* strips of up to strip_cols columns down a block (statistics)
+                              or a group's rows (backward), sums in registers */
+    BN_WALK_MEMORY = 2,    /* row by row, vectors across the row, column sums in memory (L1) */
+    BN_WALK_BLOCKS = 3,    /* backward: block by block, strips of 8 columns in registers */
+    BN_WALK_SPANS = 4,     /* element-wise: each period as a span, parameters from memory */
+    BN_WALK_PERIOD64 = 5,  /* normalize: a period of 64 with its parameters in registers */
+    BN_WALK_COUNT = 6
 };
 
 /* Column partition (shape only): tile width, rows per block, blocks per group. */

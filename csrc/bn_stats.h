@@ -134,7 +134,7 @@ static int BN_FN(moments_rows)(const bn_plan *p, const T *x, double *mean, doubl
     double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)(G * C));
     if (!buf) return BN_ENOMEM;
     BN_FN(row_stats_ctx) k = {p, x, buf, buf + G * C, buf + 2 * G * C};
-    bn_run_reduce_items(p, p->row_items, BN_FN(row_moments_item), &k);
+    BN_FN(run_reduce_items)(p, p->row_items, BN_FN(row_moments_item), &k);
     /* Each channel merges its row-group partials in group order. */
     for (ptrdiff_t c = 0; c < C; c++) {
         double n = 0.0, m = 0.0, q = 0.0;
@@ -330,7 +330,7 @@ static int BN_FN(moments_columns)(const bn_plan *p, const T *x, double *mean, do
         for (ptrdiff_t s = 0; s < S; s++) kcol[c * S + s] = K;
     }
     BN_FN(col_stats_ctx) k = {p, x, kcol, buf, buf + G * Cp};
-    bn_run_reduce_items(p, p->col_items, BN_FN(col_moments_item), &k);
+    BN_FN(run_reduce_items)(p, p->col_items, BN_FN(col_moments_item), &k);
     /* Each channel merges its columns' group partials, column by column, group by group. */
     const ptrdiff_t rows_per_group = p->col.bpg * p->col.rb;
     for (ptrdiff_t c = 0; c < C; c++) {
@@ -599,8 +599,8 @@ static void BN_FN(bwd_cols_register)(const T *dblk, const T *xblk, ptrdiff_t nr,
     BN_FN(bwd_cols_scalar)(dblk, xblk, nr, Cp, w8, w, m, a, b, relu, ad, ax);
 }
 
-/* Rows walk over a tile: row by row, vectors across the row, sums in memory (L1). */
-static void BN_FN(bwd_cols_rows)(const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp,
+/* Memory walk over a tile: row by row, vectors across the row, sums in memory (L1). */
+static void BN_FN(bwd_cols_mem)(const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp,
                                  ptrdiff_t w, const double *m, const double *a,
                                  const double *b, int relu, double *ad, double *ax)
 {
@@ -662,8 +662,8 @@ static void BN_FN(col_bwd_item)(const void *ctx, ptrdiff_t it)
     if (p->reduce_walk == BN_WALK_REGISTER)
         BN_FN(bwd_cols_register)(dblk, xblk, nr, Cp, w, m, a, b, k->relu, p->strip_cols, ad,
                                  ax);
-    else if (p->reduce_walk == BN_WALK_ROWS)
-        BN_FN(bwd_cols_rows)(dblk, xblk, nr, Cp, w, m, a, b, k->relu, ad, ax);
+    else if (p->reduce_walk == BN_WALK_MEMORY)
+        BN_FN(bwd_cols_mem)(dblk, xblk, nr, Cp, w, m, a, b, k->relu, ad, ax);
     else
         BN_FN(bwd_cols_blocks)(dblk, xblk, nr, Cp, w, p->col.rb, m, a, b, k->relu, ad, ax);
     for (ptrdiff_t j = 0; j < w; j++) {
@@ -687,7 +687,7 @@ static int BN_FN(backward_reduce_planned)(const bn_plan *p, const T *dy, const T
         double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)(G * C));
         if (!buf) return BN_ENOMEM;
         BN_FN(bwd_ctx) k = {p, dy, x, mean, scale, shift, relu, buf, buf + G * C};
-        bn_run_reduce_items(p, p->row_items, BN_FN(row_bwd_item), &k);
+        BN_FN(run_reduce_items)(p, p->row_items, BN_FN(row_bwd_item), &k);
         for (ptrdiff_t c = 0; c < C; c++)
             for (ptrdiff_t g = 0; g < G; g++) {
                 sum_dy[c] += k.pd[g * C + c];
@@ -700,11 +700,11 @@ static int BN_FN(backward_reduce_planned)(const bn_plan *p, const T *dy, const T
     double *buf = (double *)malloc(sizeof(double) * (2 * (size_t)(G * Cp) + 3 * (size_t)Cp));
     if (!buf) return BN_ENOMEM;
     double *me = buf + 2 * G * Cp, *ae = me + Cp, *be = ae + Cp;
-    bn_expand(me, mean, Cp, Cp, S);
-    bn_expand(ae, scale, Cp, Cp, S);
-    bn_expand(be, shift, Cp, Cp, S);
+    BN_FN(expand)(me, mean, Cp, Cp, S);
+    BN_FN(expand)(ae, scale, Cp, Cp, S);
+    BN_FN(expand)(be, shift, Cp, Cp, S);
     BN_FN(bwd_ctx) k = {p, dy, x, me, ae, be, relu, buf, buf + G * Cp};
-    bn_run_reduce_items(p, p->col_items, BN_FN(col_bwd_item), &k);
+    BN_FN(run_reduce_items)(p, p->col_items, BN_FN(col_bwd_item), &k);
     for (ptrdiff_t c = 0; c < C; c++)
         for (ptrdiff_t s = 0; s < S; s++)
             for (ptrdiff_t g = 0; g < G; g++) {

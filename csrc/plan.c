@@ -25,7 +25,7 @@ int bn_plan_force(int layout, int stats_walk, int backward_walk, int ew_walk)
 {
     if (!(layout == -1 || layout == BN_LAYOUT_ROWS || layout == BN_LAYOUT_COLUMNS) ||
         !walk_ok(stats_walk, BN_WALK_REGISTER, BN_WALK_MEMORY, BN_WALK_MEMORY) ||
-        !walk_ok(backward_walk, BN_WALK_REGISTER, BN_WALK_ROWS, BN_WALK_BLOCKS) ||
+        !walk_ok(backward_walk, BN_WALK_REGISTER, BN_WALK_MEMORY, BN_WALK_BLOCKS) ||
         !walk_ok(ew_walk, BN_WALK_SPANS, BN_WALK_PERIOD64, BN_WALK_PERIOD64))
         return BN_EINVAL;
     force_layout = layout;
@@ -45,8 +45,8 @@ void bn_plan_forced(int *layout, int *stats_walk, int *backward_walk, int *ew_wa
 
 const char *bn_walk_name(int walk)
 {
-    static const char *names[BN_WALK_COUNT] = {"none", "register", "memory", "rows",
-                                               "blocks", "spans", "period64"};
+    static const char *names[BN_WALK_COUNT] = {"none",   "register", "memory",
+                                               "blocks", "spans",    "period64"};
     return walk >= 0 && walk < BN_WALK_COUNT ? names[walk] : "unknown";
 }
 
@@ -125,6 +125,7 @@ static bn_colpart colpart_make(ptrdiff_t R, ptrdiff_t Cp)
  */
 static ptrdiff_t period_of(ptrdiff_t Cp)
 {
+    if (Cp < 1) return 1;   /* empty data: nothing to walk */
     if (Cp >= BN_PERIOD_MIN) return Cp;
     ptrdiff_t k = 1;
     while (k * Cp < BN_PERIOD_MIN || (k * Cp) % 8 != 0) k++;
@@ -190,7 +191,7 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
                               (tile >= BN_REG_MAX_COLS + 8 && p->resident)))
                 p->reduce_walk = BN_WALK_REGISTER;
             else if (tile >= 32)
-                p->reduce_walk = BN_WALK_ROWS;
+                p->reduce_walk = BN_WALK_MEMORY;
             else
                 p->reduce_walk = BN_WALK_BLOCKS;
             if (force_backward >= 0) p->reduce_walk = force_backward;
@@ -217,11 +218,12 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
     p->stream = 0;
     if (has_ew) {
         if (!rows) {
-            /* A period of 64 keeps its 3 parameter vectors x 8 in registers: 24 of
-             * AVX-512's 32; AVX2 and SSE2 would need 48 and 96. */
-            p->ew_walk = isa == BN_ISA_AVX512 && p->period == 64 ? BN_WALK_PERIOD64
-                                                                 : BN_WALK_SPANS;
-            if (force_ew == BN_WALK_SPANS || (force_ew == BN_WALK_PERIOD64 && p->period == 64))
+            /* Normalize: a period of 64 keeps its 3 x 8 parameter vectors in registers:
+             * 24 of AVX-512's 32 registers; AVX2 and SSE2 would need 48 and 96.  dx (six
+             * parameter arrays) walks spans in column tiles. */
+            const int p64_ok = op != BN_OP_BACKWARD && p->period == 64;
+            p->ew_walk = isa == BN_ISA_AVX512 && p64_ok ? BN_WALK_PERIOD64 : BN_WALK_SPANS;
+            if (force_ew == BN_WALK_SPANS || (force_ew == BN_WALK_PERIOD64 && p64_ok))
                 p->ew_walk = force_ew;
         }
         /* Streaming stores: only where the pass's working set (normalize: x and y; dx: dy,
