@@ -45,6 +45,7 @@ from ._api import (  # noqa: E402
     batch_norm_backward,
     batch_norm_infer,
     batch_norm_train,
+    explain,
     moments,
 )
 from . import reference  # noqa: E402,F401
@@ -72,6 +73,7 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_infer",
     "batch_norm_train",
+    "explain",
     "get_config",
     "get_isa",
     "get_num_threads",

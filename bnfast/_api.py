@@ -914,3 +914,83 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         raise ValueError("running_mean and running_var must both be given or both be None")
     return batch_norm_infer(x, running_mean, running_var, weight, bias, eps=eps, axis=axis,
                             out=out, relu=relu)
+
+
+_EXPLAIN_OPS = ("train", "infer", "backward", "moments")
+
+
+def explain(x, op="train", *, axis=1, relu=False, isa=None):
+    """Show the kernels' plan for an operation on `x`: which traversal each pass uses.
+
+    The compiled kernels decide once per call, from the shape seen as (N, C, S), the
+    dtype, the kernel variant, the streaming threshold and the thread count, how each pass
+    walks the data (one C function, ``bn_plan_make`` in ``csrc/plan.c``).  This returns that
+    decision without running anything.  The layout and the partitions fix the order of
+    every addition (hence the bits); the walks only change the speed.
+
+    Parameters
+    ----------
+    x : array_like of float32 or float64, ndim >= 2
+        The data (only its shape, dtype and memory order are used).
+    op : {'train', 'infer', 'backward', 'moments'}, default 'train'
+        The operation: :func:`batch_norm_train`, :func:`batch_norm_infer`,
+        :func:`batch_norm_backward` or :func:`moments`.
+    axis : int, default 1
+        The channel axis, as for those functions.
+    relu : bool, default False
+        Whether the ReLU is fused (it does not change the plan; it is reported).
+    isa : {None, 'baseline', 'avx2', 'avx512'}, default None
+        The kernel variant to plan for: None for the one in use; any other name shows the
+        plan that variant would follow, even on a CPU that lacks it.
+
+    Returns
+    -------
+    dict
+        ``op``, ``variant`` (the kernel variant in use), ``dtype``, ``N``, ``C``, ``S``
+        (the kernel view: S elements per channel and row, contiguous), ``threads`` (those
+        the passes use: 1 below 32768 elements), ``layout`` ('rows' of S elements, or
+        'columns' of the (N, C*S) matrix), ``relu``, ``forced`` (walks forced for testing),
+        and one dict per pass: ``reduce`` (statistics or backward sums: ``walk`` and the
+        partition: row groups and channels per item, or tiles, rows per block and groups)
+        and ``elementwise`` (normalize or dx: ``walk``, items, the period of the columns
+        layout, and ``stream``: non-temporal stores if the output is 16-byte aligned).
+
+    Raises
+    ------
+    TypeError
+        If `x` is not float32 or float64, or `axis` is not an integer.
+    ValueError
+        If `op` or `isa` is unknown, `x` has fewer than 2 dimensions or `axis` is out of
+        range.
+
+    See Also
+    --------
+    bnfast.show_config : the variant and thread count in use.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> x = np.zeros((32, 64, 56, 56), np.float32)
+    >>> with bnfast.num_threads(2):
+    ...     plan = bnfast.explain(x, op="train")
+    >>> plan["layout"], plan["reduce"]["pass"], plan["elementwise"]["pass"], plan["threads"]
+    ('rows', 'statistics', 'normalize', 2)
+    >>> p = bnfast.explain(np.zeros((4096, 64), np.float32), op="backward", isa="avx512")
+    >>> p["layout"], p["reduce"]["walk"], p["elementwise"]["walk"]
+    ('columns', 'register', 'spans')
+    """
+    if op not in _EXPLAIN_OPS:
+        raise ValueError(f"op must be one of {', '.join(map(repr, _EXPLAIN_OPS))}, "
+                         f"got {_short(op)}")
+    relu = _flag(relu, "relu")
+    if isa is not None and isa not in _core.ISA_NAMES:
+        raise ValueError(f"isa must be None or one of {', '.join(_core.ISA_NAMES)}, "
+                         f"got {_short(isa)}")
+    x = _as_data(x, "x")
+    ax, N, C, S, perm, xk = _layout(x, axis)
+    plan = _core.plan(op, N, C, S, x.dtype.itemsize, get_num_threads(),
+                      None if isa is None else _core.ISA_NAMES.index(isa))
+    plan["dtype"] = x.dtype.name
+    plan["relu"] = relu
+    plan["forced"] = {k: v for k, v in _core.forced_strategy().items() if v is not None}
+    return plan
