@@ -9,23 +9,49 @@ import bnfast
 from conftest import ISAS, assert_same_bits, rng_for
 
 # All well above BN_PAR_MIN (32768 elements), so the kernels really run multithreaded, and on
-# both sides of the S=64 strategy switch.
+# both sides of the S=64 layout switch.  PATHS: the layout and, on AVX-512, the walks of the
+# statistics and the backward sums each case takes (asserted through the plan below).
 CASES = {
-    "nchw-f32": ((32, 64, 28, 28), np.float32, 1, "first"),     # row strategy, S=784
-    "nhwc-f32": ((32, 64, 28, 28), np.float32, -1, "last"),     # column strategy, C=64
-    "2d-f32": ((4096, 512), np.float32, 1, "first"),            # column strategy, C=512
-    "c1-nchw-f32": ((16, 1, 128, 128), np.float32, 1, "first"),  # C=1, S=16384
-    "c1-2d-f64": ((200000, 1), np.float64, 1, "first"),          # C=1, N*S=200000, S=1
-    "s9-f64": ((2048, 24, 3, 3), np.float64, 1, "first"),        # column strategy, S=9
-    "s65-f64": ((97, 33, 65), np.float64, 1, "first"),           # row strategy, odd sizes
-    # row strategy: two row groups, several channel chunks per group (bn_chunk_row)
+    "nchw-f32": ((32, 64, 28, 28), np.float32, 1, "first"),
+    "nhwc-f32": ((32, 64, 28, 28), np.float32, -1, "last"),
+    "2d-f32": ((4096, 512), np.float32, 1, "first"),
+    "c1-nchw-f32": ((16, 1, 128, 128), np.float32, 1, "first"),
+    "c1-2d-f64": ((200000, 1), np.float64, 1, "first"),
+    "s9-f64": ((2048, 24, 3, 3), np.float64, 1, "first"),
+    "s65-f64": ((97, 33, 65), np.float64, 1, "first"),
     "groups-chunks-f32": ((128, 24, 32, 33), np.float32, 1, "first"),
-    # column strategy: 43 columns (5 register vectors + 3 scalar columns on AVX-512) and
-    # 100 columns (on AVX-512 a 64-column register strip, then 4 vectors + 4 scalar
-    # columns; accumulators in memory in the other variants and for streamed data)
     "c43-2d-f32": ((8192, 43), np.float32, 1, "first"),
     "c100-nhwc-f64": ((64, 100, 9, 9), np.float64, -1, "last"),
 }
+PATHS = {
+    "nchw-f32": ("rows", "rows", "rows"),                 # S = 784
+    "nhwc-f32": ("columns", "register", "register"),      # Cp = 64
+    "2d-f32": ("columns", "register", "memory"),          # Cp = 512: x and dy not resident
+    "c1-nchw-f32": ("rows", "rows", "rows"),              # C = 1, S = 16384
+    "c1-2d-f64": ("columns", "register", "blocks"),       # Cp = 1
+    "s9-f64": ("columns", "register", "register"),        # Cp = 216, cache-resident
+    "s65-f64": ("rows", "rows", "rows"),                  # odd sizes, tail of 1
+    "groups-chunks-f32": ("rows", "rows", "rows"),        # 2 row groups, channel chunks
+    "c43-2d-f32": ("columns", "register", "register"),    # 5 vectors + 3 scalar columns
+    "c100-nhwc-f64": ("columns", "register", "register"),  # a 64-column strip, then 36
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_case_takes_its_path(name):
+    shape, dtype, axis, layout = CASES[name]
+    if layout == "last":
+        shape = shape[:1] + shape[2:] + shape[1:2]
+    x = np.empty(shape, dtype)
+    with bnfast.num_threads(2):
+        train = bnfast.explain(x, op="train", axis=axis, isa="avx512")
+        back = bnfast.explain(x, op="backward", axis=axis, isa="avx512")
+    assert train["threads"] == 2, "the case must run multithreaded"
+    assert (train["layout"], train["reduce"]["walk"], back["reduce"]["walk"]) == PATHS[name]
+    if train["layout"] == "rows" and name.startswith("groups"):
+        assert train["reduce"]["row_groups"] == 2 and train["reduce"]["items"] > 2
+
+
 _cache = {}
 
 

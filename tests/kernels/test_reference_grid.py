@@ -11,8 +11,9 @@ from bnfast import reference as ref
 from conftest import (DTYPES, RTOL, assert_close, channel_abs_sum, make_params, make_stats,
                       make_x, reduce_axes, rng_for)
 
-# (shape, axis).  With axis=1, S = prod(shape[2:]): S < 64 takes the column strategy, S >= 64
-# the row strategy; axis=-1 is channels-last (S = 1).
+# (shape, axis).  With axis=1, S = prod(shape[2:]); axis=-1 is channels-last (S = 1).
+# The layout each takes (rows for S >= 64, else columns) is asserted through the plan in
+# test_grid_covers_both_layouts.
 SHAPES = [
     (5, 3),            # (N, C)
     (2, 1),            # N=2, C=1
@@ -20,13 +21,22 @@ SHAPES = [
     (7, 65),           # C=65
     (2, 7, 9),         # (N, C, L), S=9
     (3, 9, 1),         # S=1
-    (3, 4, 65),        # S=65 (row strategy, tail of 1)
-    (4, 1, 129),       # C=1, S=129 (row strategy)
+    (3, 4, 65),        # S=65, tail of 1
+    (4, 1, 129),       # C=1, S=129
     (2, 3, 5, 7),      # (N, C, H, W), S=35
-    (2, 3, 8, 9),      # S=72 (row strategy)
+    (2, 3, 8, 9),      # S=72
     (2, 2, 3, 4, 5),   # (N, C, D, H, W), S=60
-    (2, 5, 3, 3, 8),   # S=72 (row strategy)
+    (2, 5, 3, 3, 8),   # S=72
 ]
+ROWS_LAYOUT = {(3, 4, 65), (4, 1, 129), (2, 3, 8, 9), (2, 5, 3, 3, 8)}   # with axis=1
+
+
+def test_grid_covers_both_layouts():
+    for shape in SHAPES:
+        for op in ("moments", "train", "infer", "backward"):
+            p = bnfast.explain(np.empty(shape), op=op, axis=1)
+            assert p["layout"] == ("rows" if shape in ROWS_LAYOUT else "columns"), shape
+            assert bnfast.explain(np.empty(shape), op=op, axis=-1)["layout"] == "columns"
 
 
 def _cases():

@@ -1,0 +1,312 @@
+"""The kernels' plan (csrc/plan.c, bnfast.explain) and the forced-strategy switch.
+
+* Which layout and walk each shape takes, per variant, asserted through the plan (the
+  shapes of test_determinism.py and test_reference_grid.py included).
+* Every forced layout and walk, in every variant this CPU supports, against the float64
+  twin, bit-identical across thread counts and variants; a forced WALK gives the same bits
+  as the plan's own choice (walks change the speed, never the order of additions).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast import _core
+from bnfast import reference as ref
+from conftest import (ISAS, assert_close, assert_same_bits, make_params, make_x, package_env,
+                      reduce_axes, rng_for)
+
+
+@pytest.fixture
+def force():
+    """force(**kw): force walks for the rest of the test; always restored."""
+    before = _core.forced_strategy()
+
+    def setter(**kw):
+        _core.force_strategy(**kw)
+    yield setter
+    _core.force_strategy(**before)
+
+
+def _plan(shape, op, axis=1, isa=None, dtype=np.float32, threads=2):
+    with bnfast.num_threads(threads):
+        return bnfast.explain(np.empty(shape, dtype), op=op, axis=axis, isa=isa)
+
+
+def _walks(shape, op, axis=1, isa=None):
+    p = _plan(shape, op, axis, isa)
+    return (p["layout"], p.get("reduce", {}).get("walk"), p.get("elementwise", {}).get("walk"))
+
+
+# ---------------------------------------------------------------- what the plan chooses
+
+# (shape, axis): layout, then per op (reduce walk, element-wise walk) on avx512 and on
+# avx2/baseline.  The rows layout has one walk per pass, reported as "rows".
+PATHS = [
+    # channels-first, S = 784 >= 64: rows
+    (((32, 64, 28, 28), 1), "rows", {"train": ("rows", "rows"), "backward": ("rows", "rows")},
+     {"train": ("rows", "rows"), "backward": ("rows", "rows")}),
+    # channels-last, Cp = 64: register strips and 64-element periods on AVX-512
+    (((32, 28, 28, 64), -1), "columns",
+     {"train": ("register", "period64"), "backward": ("register", "spans")},
+     {"train": ("memory", "spans"), "backward": ("memory", "spans")}),
+    # 2-D, Cp = 512: tiles of 256; x is cache-resident (8 MiB < 16 MiB), x and dy are not
+    (((4096, 512), 1), "columns",
+     {"train": ("register", "spans"), "backward": ("memory", "spans")},
+     {"train": ("memory", "spans"), "backward": ("memory", "spans")}),
+    # S = 9, Cp = 216
+    (((2048, 24, 3, 3), 1), "columns",
+     {"train": ("register", "spans"), "backward": ("register", "spans")},
+     {"train": ("memory", "spans"), "backward": ("memory", "spans")}),
+    # Cp = 43: one tile of 43 columns (5 vectors + 3 scalar columns)
+    (((8192, 43), 1), "columns",
+     {"train": ("register", "spans"), "backward": ("register", "spans")},
+     {"train": ("memory", "spans"), "backward": ("memory", "spans")}),
+    # Cp = 1, a single column; period 64 (64 copies of the column)
+    (((200000, 1), 1), "columns",
+     {"train": ("register", "period64"), "backward": ("blocks", "spans")},
+     {"train": ("memory", "spans"), "backward": ("blocks", "spans")}),
+    # Cp = 16 (S = 16): one 16-column register strip on AVX-512, else blocks of 8-column
+    # strips
+    (((512, 1, 4, 4), 1), "columns",
+     {"train": ("register", "period64"), "backward": ("register", "spans")},
+     {"train": ("memory", "spans"), "backward": ("blocks", "spans")}),
+    # larger than the streaming threshold, channels-last: not cache-resident, so the
+    # reductions walk row by row (one stream) instead of register strips down the rows
+    (((64, 56, 56, 256), -1), "columns",
+     {"train": ("memory", "spans"), "backward": ("memory", "spans")},
+     {"train": ("memory", "spans"), "backward": ("memory", "spans")}),
+    # S = 65 / 72 / 129: rows
+    (((97, 33, 65), 1), "rows", {"train": ("rows", "rows")}, {"train": ("rows", "rows")}),
+    (((2, 3, 8, 9), 1), "rows", {"moments": ("rows", None)}, {"moments": ("rows", None)}),
+    # S = 49 (batch-1 ResNet tail): columns of the (1, 25088) matrix
+    (((1, 512, 7, 7), 1), "columns", {"infer": (None, "spans")}, {"infer": (None, "spans")}),
+]
+
+
+@pytest.mark.parametrize("case,layout,on512,other", PATHS,
+                         ids=[f"{'x'.join(map(str, c[0][0]))}-ax{c[0][1]}" for c in PATHS])
+def test_each_shape_takes_its_path(case, layout, on512, other):
+    shape, axis = case
+    for isa, table in (("avx512", on512), ("avx2", other), ("baseline", other)):
+        for op, (red, ew) in table.items():
+            got = _walks(shape, op, axis, isa)
+            assert got == (layout, red, ew), f"{shape} axis={axis} {op} on {isa}: {got}"
+
+
+def test_plan_fields_and_thresholds():
+    # threads: one below BN_PAR_MIN (32768) elements
+    assert _plan((4, 8, 32, 32), "train", threads=1)["threads"] == 1
+    assert _plan((4, 8, 32, 32), "train", threads=2)["threads"] == 2   # 32768 elements
+    assert _plan((4, 8, 32, 31), "train", threads=2)["threads"] == 1
+    # the rows/columns switch at S = 64
+    assert _plan((4, 8, 8, 8), "moments")["layout"] == "rows"
+    assert _plan((4, 8, 9, 7), "moments")["layout"] == "columns"
+    # streaming: working set >= the threshold, not the baseline, rows of 16-byte multiples
+    big = (64, 64, 32, 32)                                             # 16 MiB float32
+    assert _plan(big, "infer", isa="avx2")["elementwise"]["stream"]
+    assert not _plan(big, "infer", isa="baseline")["elementwise"]["stream"]
+    assert not _plan((64, 64, 33, 33), "infer", isa="avx2")["elementwise"]["stream"]
+    assert not _plan((4, 8, 32, 32), "infer", isa="avx2")["elementwise"]["stream"]
+    p = _plan((4096, 512), "moments", isa="avx512")
+    assert p["reduce"]["tile"] == 256 and p["reduce"]["tiles"] == 2
+    assert p["reduce"]["rows_per_block"] == 128 and p["reduce"]["strip_columns"] == 64
+    p = bnfast.explain(np.empty((8, 3, 5, 5)), op="infer", relu=True)
+    assert p["dtype"] == "float64" and p["relu"] is True and p["forced"] == {}
+    assert "reduce" not in p and p["elementwise"]["pass"] == "normalize"
+    assert p["elementwise"]["period"] == 75 and p["N"] == 8 and p["S"] == 25   # Cp >= 64
+    # Cp = 27 < 64: the smallest multiple of Cp of at least 64 that is a multiple of 8
+    assert _plan((8, 3, 3, 3), "infer")["elementwise"]["period"] == 216
+    assert "elementwise" not in _plan((8, 3), "moments")
+    assert _plan((8, 3), "backward")["reduce"]["pass"] == "backward_sums"
+
+
+def test_plan_of_empty_shapes():
+    # every op on zero channels, an empty batch or empty spatial axes (the kernels return
+    # at once; the plan must still be made, without looping on a zero-width period)
+    for shape in [(4, 0, 3), (0, 5, 3), (4, 5, 0), (0, 0), (4, 0), (3, 2, 0, 7)]:
+        for op in ("moments", "train", "infer", "backward"):
+            p = _plan(shape, op)
+            assert p["threads"] == 1
+            if "elementwise" in p:
+                assert p["elementwise"]["items"] == 0
+
+
+def test_explain_follows_the_memory_layout():
+    # a channels-last array passed with axis=1 (a transposed view) is planned as the
+    # kernels see it: (N*H*W, C, 1), as the call itself would run
+    x = np.empty((8, 5, 5, 16), np.float32).transpose(0, 3, 1, 2)
+    p = bnfast.explain(x, op="train", axis=1)
+    assert (p["N"], p["C"], p["S"]) == (200, 16, 1) and p["layout"] == "columns"
+
+
+def test_explain_errors():
+    with pytest.raises(ValueError, match="op must be one of"):
+        bnfast.explain(np.zeros((2, 3)), op="forward")
+    with pytest.raises(ValueError, match="isa must be"):
+        bnfast.explain(np.zeros((2, 3)), isa="sse9")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        bnfast.explain(np.zeros((2, 3), np.int32))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        bnfast.explain(np.zeros(3))
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        bnfast.explain(np.zeros((2, 3)), relu="yes")
+
+
+def test_force_switch(force):
+    shape = (32, 28, 28, 64)
+    force(statistics="memory", backward_sums="blocks", elementwise="spans")
+    assert _walks(shape, "train", -1, "avx512") == ("columns", "memory", "spans")
+    assert _walks(shape, "backward", -1, "avx512") == ("columns", "blocks", "spans")
+    assert bnfast.explain(np.empty(shape), axis=-1)["forced"] == {
+        "statistics": "memory", "backward_sums": "blocks", "elementwise": "spans"}
+    force(statistics="register", elementwise="period64")
+    assert _walks(shape, "train", -1, "baseline") == ("columns", "register", "period64")
+    # period64 applies only to normalize with a period of 64
+    assert _walks((100, 100), "train", 1, "baseline") == ("columns", "register", "spans")
+    assert _walks(shape, "backward", -1, "baseline")[2] == "spans"
+    force(layout="columns")
+    assert _walks((8, 4, 16, 16), "train", 1)[0] == "columns"
+    force(layout="rows")
+    assert _walks((800, 4), "backward", 1) == ("rows", "rows", "rows")
+    force()
+    assert _core.forced_strategy() == dict.fromkeys(
+        ("layout", "statistics", "backward_sums", "elementwise"))
+    for bad in (dict(layout="diagonal"), dict(statistics="blocks"),
+                dict(backward_sums="period64"), dict(elementwise="memory")):
+        with pytest.raises((ValueError, RuntimeError)):
+            force(**bad)
+
+
+def test_force_from_environment():
+    code = ("import bnfast, numpy as np; from bnfast import _core; "
+            "print(sorted(_core.forced_strategy().items(), key=str)); "
+            "print(bnfast.explain(np.empty((64, 64), np.float32), op='backward')"
+            "['reduce']['walk'])")
+    env = package_env(BNFAST_FORCE_STRATEGY="layout=columns, backward_sums=blocks")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, cwd=os.path.dirname(__file__))
+    assert out.returncode == 0, out.stderr
+    assert "('backward_sums', 'blocks')" in out.stdout and "('layout', 'columns')" in out.stdout
+    assert out.stdout.strip().endswith("blocks")
+    env = package_env(BNFAST_FORCE_STRATEGY="statistics=sideways")
+    out = subprocess.run([sys.executable, "-c", "import bnfast"], env=env,
+                         capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert out.returncode != 0 and "BNFAST_FORCE_STRATEGY" in out.stderr
+
+
+# ---------------------------------------------------------------- forced strategies run
+
+# Above BN_PAR_MIN (so 2 threads really split the work), with vector tails and scalar
+# columns; each reaches the forced walks: Cp = 43, 64 (period 64), 100 (channels-last),
+# 300 (two tiles, the second narrow), 1296 (rows data forced into columns), S = 130 rows.
+SHAPES = [((1024, 43), 1), ((1200, 64), 1), ((16, 12, 12, 100), -1), ((200, 300), 1),
+          ((37, 16, 9, 9), 1), ((50, 7, 130), 1)]
+
+FORCINGS = [
+    {},
+    {"layout": "rows"},
+    {"layout": "columns"},
+    {"statistics": "register"},
+    {"statistics": "memory"},
+    {"backward_sums": "register"},
+    {"backward_sums": "memory"},
+    {"backward_sums": "blocks"},
+    {"elementwise": "spans"},
+    {"elementwise": "period64"},
+    {"layout": "columns", "statistics": "register", "backward_sums": "register",
+     "elementwise": "period64"},
+    {"layout": "columns", "statistics": "memory", "backward_sums": "blocks"},
+]
+
+
+def _fid(f):
+    return ",".join(f"{k}={v}" for k, v in f.items()) or "plan"
+
+
+def _inputs(shape, axis, dtype):
+    rng = rng_for("plan", shape, axis, np.dtype(dtype).name)
+    x = make_x(rng, shape, dtype, axis=axis)
+    C = shape[axis]
+    w, b = make_params(rng, C)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return x, dy, w, b
+
+
+def _run(x, dy, w, b, axis):
+    out = {}
+    out["mean"], out["var"] = bnfast.moments(x, axis=axis)
+    for relu in (False, True):
+        t = "relu" if relu else "plain"
+        out[f"y-{t}"], out[f"m-{t}"], out[f"inv-{t}"] = bnfast.batch_norm_train(
+            x, w, b, axis=axis, relu=relu)
+        out[f"yi-{t}"] = bnfast.batch_norm_infer(x, out["mean"], out["var"], w, b, axis=axis,
+                                                 relu=relu)
+        for training in (True, False):
+            k = f"{t}-{'train' if training else 'eval'}"
+            out[f"dx-{k}"], out[f"dw-{k}"], out[f"db-{k}"] = bnfast.batch_norm_backward(
+                dy, x, out["mean"], out[f"inv-{t}"], w, bias=b, relu=relu,
+                training=training, axis=axis)
+    return out
+
+
+def _check_twin(r, x, dy, w, b, axis, dtype):
+    rmean, rvar = ref.moments(x, axis=axis)
+    xmax = np.abs(x.astype(np.float64)).max(axis=reduce_axes(x.ndim, axis))
+    assert_close(r["mean"], rmean, dtype=np.float64, scale=xmax, what="mean")
+    assert_close(r["var"], rvar, dtype=np.float64, scale=0.0, what="var")
+    loose = 1e-5 if dtype == np.float32 else 1e-9
+    for relu in (False, True):
+        t = "relu" if relu else "plain"
+        ry, _, rinv = ref.batch_norm_train(x, w, b, axis=axis, relu=relu)
+        assert_close(r[f"y-{t}"], ry, what=f"train y {t}")
+        assert_close(r[f"inv-{t}"], rinv, dtype=np.float64, scale=0.0, what="invstd")
+        ryi = ref.batch_norm_infer(x, r["mean"], r["var"], w, b, axis=axis, relu=relu)
+        assert_close(r[f"yi-{t}"], ryi, what=f"infer y {t}")
+        for training in (True, False):
+            k = f"{t}-{'train' if training else 'eval'}"
+            rdx, rdw, rdb = ref.batch_norm_backward(dy, x, r["mean"], r[f"inv-{t}"], w,
+                                                    bias=b, relu=relu, training=training,
+                                                    axis=axis)
+            gscale = np.abs(dy.astype(np.float64)).max() * np.abs(w).max() * rinv.max()
+            assert_close(r[f"dx-{k}"], rdx, scale=gscale, rtol=loose, what=f"dx {k}")
+            n = x.size // x.shape[axis]
+            assert_close(r[f"db-{k}"], rdb, scale=np.abs(dy).max() * n, rtol=loose,
+                         what=f"dbias {k}")
+            assert_close(r[f"dw-{k}"], rdw, scale=np.abs(dy).max() * n * 4, rtol=loose,
+                         what=f"dweight {k}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape,axis", SHAPES,
+                         ids=[f"{'x'.join(map(str, s))}-ax{a}" for s, a in SHAPES])
+@pytest.mark.parametrize("forcing", FORCINGS, ids=_fid)
+def test_forced_strategy(forcing, shape, axis, dtype, force):
+    x, dy, w, b = _inputs(shape, axis, dtype)
+    # the plan's own choice with the same layout: a forced walk must give its bits
+    force(**({"layout": forcing["layout"]} if "layout" in forcing else {}))
+    with bnfast.use_isa(ISAS[0]), bnfast.num_threads(1):
+        unforced = _run(x, dy, w, b, axis)
+    force(**forcing)
+    first = None
+    for isa in ISAS:
+        with bnfast.use_isa(isa):
+            for key, value in forcing.items():   # the forcing is in effect where it applies
+                plan = bnfast.explain(x, op="train", axis=axis)
+                if key == "layout":
+                    assert plan["layout"] == value
+                elif key == "statistics" and plan["layout"] == "columns":
+                    assert plan["reduce"]["walk"] == value
+            for t in (1, 2):
+                with bnfast.num_threads(t):
+                    r = _run(x, dy, w, b, axis)
+                if first is None:
+                    first = r
+                    _check_twin(r, x, dy, w, b, axis, dtype)
+                for k in r:
+                    assert_same_bits(r[k], first[k], f"{_fid(forcing)} {isa} t{t}: {k}")
+    for k in first:
+        assert_same_bits(first[k], unforced[k], f"{_fid(forcing)} vs the plan's walk: {k}")
