@@ -25,8 +25,10 @@ import tarfile
 
 REQUIRED = ["setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO",
             "bnfast/__init__.py", "bnfast/_core.pyx", "bnfast/py.typed",
-            "csrc/bnfast.h", "csrc/dispatch.c", "csrc/bn_impl.h", "csrc/bn_impl_dtype.h",
-            "csrc/bn_entry.h", "csrc/kernel_tables.c", "tests/conftest.py"]
+            "csrc/bnfast.h", "csrc/bn_plan.h", "csrc/plan.c", "csrc/dispatch.c",
+            "csrc/running_stats.c", "csrc/bench_copy.c", "csrc/bn_kernels.h",
+            "csrc/bn_common.h", "csrc/bn_isa.h", "csrc/bn_stats.h", "csrc/bn_elementwise.h",
+            "csrc/bn_train.h", "csrc/bn_entry.h", "csrc/kernel_tables.c", "tests/conftest.py"]
 # The translation units setup.py compiles in parallel: each (variant, dtype) pair, and the
 # per-variant files they include.
 REQUIRED += [f"csrc/kernels_{isa}{part}.c" for isa in ("baseline", "avx2", "avx512")
