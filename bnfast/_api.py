@@ -946,14 +946,15 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
     Returns
     -------
     dict
-        ``op``, ``variant`` (the kernel variant in use), ``dtype``, ``N``, ``C``, ``S``
+        ``op``, ``variant`` (the kernel variant planned for), ``dtype``, ``N``, ``C``, ``S``
         (the kernel view: S elements per channel and row, contiguous), ``threads`` (those
         the passes use: 1 below 32768 elements), ``layout`` ('rows' of S elements, or
         'columns' of the (N, C*S) matrix), ``relu``, ``forced`` (walks forced for testing),
         and one dict per pass: ``reduce`` (statistics or backward sums: ``walk`` and the
         partition: row groups and channels per item, or tiles, rows per block and groups)
         and ``elementwise`` (normalize or dx: ``walk``, items, the period of the columns
-        layout, and ``stream``: non-temporal stores if the output is 16-byte aligned).
+        layout, and ``stream``: non-temporal stores if the output is 16-byte aligned);
+        ``strategy`` sums it up in one line ('rows', or 'columns:' and the walks).
 
     Raises
     ------
@@ -976,8 +977,8 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
     >>> plan["layout"], plan["reduce"]["pass"], plan["elementwise"]["pass"], plan["threads"]
     ('rows', 'statistics', 'normalize', 2)
     >>> p = bnfast.explain(np.zeros((4096, 64), np.float32), op="backward", isa="avx512")
-    >>> p["layout"], p["reduce"]["walk"], p["elementwise"]["walk"]
-    ('columns', 'register', 'spans')
+    >>> p["layout"], p["reduce"]["walk"], p["elementwise"]["walk"], p["strategy"]
+    ('columns', 'register', 'spans', 'columns:register+spans')
     """
     if op not in _EXPLAIN_OPS:
         raise ValueError(f"op must be one of {', '.join(map(repr, _EXPLAIN_OPS))}, "
@@ -992,5 +993,8 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
                       None if isa is None else _core.ISA_NAMES.index(isa))
     plan["dtype"] = x.dtype.name
     plan["relu"] = relu
+    walks = [plan[k]["walk"] for k in ("reduce", "elementwise") if k in plan]
+    plan["strategy"] = ("rows" if plan["layout"] == "rows"
+                        else "columns:" + "+".join(walks))
     plan["forced"] = {k: v for k, v in _core.forced_strategy().items() if v is not None}
     return plan

@@ -116,6 +116,7 @@ def test_plan_fields_and_thresholds():
     assert p["reduce"]["rows_per_block"] == 128 and p["reduce"]["strip_columns"] == 64
     p = bnfast.explain(np.empty((8, 3, 5, 5)), op="infer", relu=True)
     assert p["dtype"] == "float64" and p["relu"] is True and p["forced"] == {}
+    assert p["strategy"] == "columns:spans"
     assert "reduce" not in p and p["elementwise"]["pass"] == "normalize"
     assert p["elementwise"]["period"] == 75 and p["N"] == 8 and p["S"] == 25   # Cp >= 64
     # Cp = 27 < 64: the smallest multiple of Cp of at least 64 that is a multiple of 8
