@@ -187,10 +187,29 @@ def _plan(x, op, axis, relu):
     if explain is None:
         return None, ""
     try:
-        plan = explain(x, op=op, axis=axis, relu=relu)
+        plan = dict(explain(x, op=op, axis=axis, relu=relu))
     except Exception as exc:  # the plan is a label; never let it stop a benchmark
         return {"error": f"{type(exc).__name__}: {exc}"}, "?"
+    plan["threads_asked"] = get_num_threads()
     return _jsonable(plan), plan_string(plan)
+
+
+_WALK_ABBREV = {"register": "reg", "memory": "mem", "period64": "p64", "blocks": "blk"}
+
+
+def plan_short(strategy, plan=None):
+    """The table form of a strategy: 'rows', or 'cols' and the walks abbreviated, plus the
+    thread count when the plan uses fewer threads than the run ('rows 1t')."""
+    if not strategy:
+        return ""
+    s = strategy
+    if s.startswith("columns:"):
+        s = "cols " + "+".join(_WALK_ABBREV.get(w, w) for w in s[8:].split("+"))
+    if isinstance(plan, dict) and isinstance(plan.get("threads"), int) \
+            and isinstance(plan.get("threads_asked"), int) \
+            and plan["threads"] < plan["threads_asked"]:
+        s += f" {plan['threads']}t"
+    return s
 
 
 def plan_string(plan):
@@ -732,6 +751,7 @@ def format_table(rows, torch=None):
     line says so, rather than columns of nan.
     """
     has_torch = any(_f(r["torch_ms"]) == _f(r["torch_ms"]) for r in rows)
+    has_plan = any(r.get("strategy") for r in rows)
 
     def ms(v, width):
         v = _f(v)
@@ -740,7 +760,7 @@ def format_table(rows, torch=None):
     head = (f"{'op':<10} {'shape':<19} {'lay':<3} {'dtype':<7} {'thr':>3} {'bnfast':>9} "
             f"{'fresh':>9} {'numpy':>9} " + (f"{'torch':>9} " if has_torch else "")
             + f"{'copy':>8} " + (f"{'vs torch':>8} " if has_torch else "")
-            + f"{'vs np':>7} {'x copy':>6}")
+            + f"{'vs np':>7} {'x copy':>6}" + ("  plan" if has_plan else ""))
     lines = [head, "-" * len(head)]
     for r in rows:
         vt = speedup(r)
@@ -752,11 +772,14 @@ def format_table(rows, torch=None):
             + f"{ms(r['copy_ms'], 8)} "
             + ((f"{vt:>7.2f}x " if vt == vt else f"{'-':>8} ") if has_torch else "")
             + (f"{vn:>6.1f}x" if vn == vn else f"{'-':>7}")
-            + f" {x_copy(r):>6.2f}")
+            + f" {x_copy(r):>6.2f}"
+            + (f"  {plan_short(r.get('strategy'), r.get('plan'))}" if has_plan else ""))
     lines.append("times: median ms; fresh = bnfast allocating its outputs; "
                  + ("vs torch/np = their time / bnfast's" if has_torch
                     else "vs np = NumPy's time / bnfast's")
-                 + "; x copy = bnfast / copy floor")
+                 + "; x copy = bnfast / copy floor"
+                 + ("; plan = bnfast.explain's strategy (rows / cols and the walks; "
+                    "1t: one thread)" if has_plan else ""))
     if not has_torch:
         why = torch or "not installed"
         hint = " (pip install torch)" if why == "not installed" else ""
@@ -779,7 +802,8 @@ def format_variant_table(rows):
             f"{'f' + r['dtype'][-2:]:<3} {_ms(r['bnfast_ms']):>8} {_ms(r.get('torch_ms')):>8} "
             f"{_x(speedup(r)):>7} "
             + (f"{_ms(r.get('onednn_ms')):>8} {_x(vs_onednn(r)):>6} " if has_dnn else "")
-            + f"{_x(x_copy(r)):>6}" + (f"  {r.get('strategy', '')}" if has_plan else ""))
+            + f"{_x(x_copy(r)):>6}"
+            + (f"  {plan_short(r.get('strategy'), r.get('plan'))}" if has_plan else ""))
     return "\n".join(lines)
 
 
@@ -847,7 +871,7 @@ def markdown_tables(rows, isa):
                 cells += [_ms(r.get("onednn_ms"))]
             cells += [_r(x_copy(r))]
             if has_plan:
-                cells += [f"`{r['strategy']}`" if r.get("strategy") else ""]
+                cells += [plan_short(r.get("strategy"), r.get("plan"))]
             out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -103,6 +103,10 @@ def test_run_case_times_each_variant_and_restores_the_selection():
     for r in rows:
         assert r["class"] == "x" and r["bnfast_ms"] > 0 and r["copy_ms"] > 0
         assert r["torch_ms"] != r["torch_ms"] and r["onednn_ms"] != r["onednn_ms"]
+        if hasattr(bnfast, "explain"):          # the plan of the variant that ran
+            assert r["strategy"] and r["plan"]["variant"] == r["isa"]
+            assert r["plan"]["threads_asked"] == 1 and r["plan"]["relu"] == (
+                r["op"] == "train_relu")
 
 
 def test_run_case_without_training_values_times_inference_only():
@@ -338,6 +342,14 @@ def test_onednn_copy_is_exact_and_in_onednn_format():
     b = _bench._onednn_blocked(torch, 17)(x)
     assert b.is_mkldnn and torch.equal(b.to_dense(), x)
     assert _bench._onednn_works(torch) == (True, "")
+
+
+def test_plan_short():
+    assert _bench.plan_short("") == "" and _bench.plan_short("rows") == "rows"
+    assert _bench.plan_short("columns:register+period64") == "cols reg+p64"
+    assert _bench.plan_short("columns:memory+spans", {"threads": 1, "threads_asked": 2}) \
+        == "cols mem+spans 1t"
+    assert _bench.plan_short("rows", {"threads": 2, "threads_asked": 2}) == "rows"
 
 
 def test_plan_string():
