@@ -1088,7 +1088,8 @@ def _write_json(out_dir, stem, torch, t0, summ, rows, interrupted=False, extra=N
         load = list(os.getloadavg())
     except (OSError, AttributeError):
         load = None
-    blob = {"config": get_config(), "machine": machine_info(), "load_average_end": load,
+    blob = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "config": get_config(), "machine": machine_info(), "load_average_end": load,
             "torch": getattr(torch, "__version__", None),
             "torch_threads": torch.get_num_threads() if torch is not None else None,
             "seconds": time.perf_counter() - t0, "summary": summ, "results": rows}

@@ -189,7 +189,7 @@ def test_bench_json_schema(tmp_path, monkeypatch):
     text = (tmp_path / "bench_quick.json").read_text()
     assert "NaN" not in text                      # missing figures are null (valid JSON)
     data = json.loads(text)
-    for key in ("config", "machine", "torch", "torch_threads", "seconds", "summary",
+    for key in ("date", "config", "machine", "torch", "torch_threads", "seconds", "summary",
                 "results", "isas", "threads", "onednn"):
         assert key in data, key
     assert data["torch"] is None and data["threads"] == [bnfast.get_num_threads()]
