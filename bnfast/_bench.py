@@ -14,6 +14,7 @@ and the variants, PyTorch and oneDNN take turns sample by sample, so each varian
 compares against the same PyTorch measurement.  Times are medians (and minima) of the
 samples.
 """
+import contextlib
 import json
 import math
 import os
@@ -32,16 +33,6 @@ ALL = "all"
 
 # Shape classes of the full benchmark, in the order of its tables and plots.
 CLASSES = ("batch-1", "tiny S", "odd C", "2-D", "1-D seq", "3-D vol", "classic", "> LLC")
-CLASS_TITLES = {
-    "batch-1": "batch 1 (inference and training)",
-    "tiny S": "tiny spatial size, S = H x W from 1 to 49",
-    "odd C": "odd channel counts (3, 17, 1000)",
-    "2-D": "tall and wide 2-D",
-    "1-D seq": "1-D sequences (N, C, L)",
-    "3-D vol": "3-D volumes (N, C, D, H, W)",
-    "classic": "the benchmark's original shapes",
-    "> LLC": "larger than the last-level cache (>= 72 MiB float32)",
-}
 # (class, logical channels-first shape, ops, dtype); 2-D shapes run channels-first only,
 # the others in both layouts.
 FULL_CASES = [
@@ -448,7 +439,7 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
                     prep.append(None)
                     keys.append(("onednn", None))
                 grad_off = torch is not None and op != "backward"
-                with torch.no_grad() if grad_off else _nullcontext():
+                with torch.no_grad() if grad_off else contextlib.nullcontext():
                     times = dict(zip(keys, timeit_many(fns, repeat=repeat, prepare=prep,
                                                        min_time=min_time)))
                 nan2 = (math.nan, math.nan)
@@ -483,14 +474,6 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
     finally:
         _config.set_isa(orig_isa)
     return results
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ------------------------------------------------------------------ suites
@@ -807,7 +790,7 @@ def format_variant_table(rows):
     return "\n".join(lines)
 
 
-def format_summary(isa, s, skipped=()):
+def format_summary(isa, s):
     """A variant's summary as text lines (also used in the Markdown report)."""
     lines = [f"variant {isa}:"]
     for op, v in s["per_op"].items():
