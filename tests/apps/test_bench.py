@@ -358,3 +358,30 @@ def test_plan_string():
     assert _bench.plan_string({"passes": [{"strategy": "a"}, "b"]}) == "a+b"
     assert _bench._jsonable({"k": (np.int64(3), np.float32(0.5), None, object)})["k"][:3] \
         == [3, 0.5, None]
+
+
+def test_each_variant_is_in_force_while_its_samples_run(monkeypatch):
+    """The variant of a row is the one selected while its calls ran, not just a label."""
+    isas = bnfast.available_isas()
+    seen = {}
+    real = _bench._api.batch_norm_infer
+
+    def spy(*a, **kw):
+        seen.setdefault(kw.get("out") is not None, set()).add(bnfast.get_isa())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_bench._api, "batch_norm_infer", spy)
+    calls = []
+    real_timeit = _bench.timeit_many
+
+    def timeit_many(fns, **kw):
+        out = real_timeit(fns, **kw)
+        calls.append(kw.get("prepare"))
+        return out
+
+    monkeypatch.setattr(_bench, "timeit_many", timeit_many)
+    _bench.run_case((4, 3, 5, 5), "cf", np.float32, 1, ops=("infer",), repeat=2, isas=isas,
+                    include_torch=False, include_numpy=False, include_fresh=False,
+                    min_time=0.0)
+    assert seen[True] == set(isas)            # every variant ran its own samples
+    assert len(calls[-1]) == len(isas) + 1     # one selector per variant, and the copy
