@@ -732,6 +732,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
         _copy_back(dx, dxk, perm)
     if saved is not None:
         _backward_degenerate(saved, m, inv, w, b, relu, training, ax, dx, dweight, dbias, be)
+    if be is not None:          # the GPU's float64 -> float32 cast has other NaN bits
+        return dx, be.cast(dweight, x.dtype), be.cast(dbias, x.dtype)
     return dx, dweight.astype(x.dtype, copy=False), dbias.astype(x.dtype, copy=False)
 
 

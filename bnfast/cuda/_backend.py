@@ -327,6 +327,15 @@ class _CuPyBackend:
         if C and N * S:
             self._dx(dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, training)
 
+    def cast(self, a, dtype):
+        """`a` (float64) in `dtype`, NaNs as the canonical NaN (NumPy's, the CPU path's):
+        a GPU's float64 -> float32 conversion makes its own NaN, 0x7fffffff."""
+        with self.device:
+            if np.dtype(dtype) == a.dtype:
+                return a
+            r = a.astype(dtype)
+            return self.cp.where(self.cp.isnan(r), np.dtype(dtype).type(np.nan), r)
+
     def take_host(self, a, idx, axis):
         """NumPy copy of the channels `idx` (NumPy ints) of `a` along `axis`."""
         with self.device:

@@ -442,6 +442,8 @@ def fake_cupy(signatures, monkeypatch):
     cp.take = lambda a, idx, axis: np.take(np.asarray(a), np.asarray(idx),
                                            axis=axis).view(FakeArray)
     cp.shares_memory = lambda a, b: np.shares_memory(a, b)
+    cp.isnan = lambda a: np.isnan(np.asarray(a)).view(FakeArray)
+    cp.where = lambda c, a, b: np.asarray(np.where(c, a, b)).view(FakeArray)
     cp.RawModule = RawModule
     cp.cuda = types.SimpleNamespace(Device=_Device)
     monkeypatch.setitem(bnfast.cuda._state, "cupy", (cp, None))
@@ -829,8 +831,8 @@ def install_fake_cupy():
     cp.__version__ = "stand-in (CUDA source on CPU threads)"
     cp.ndarray = FakeArray
     for fn in ("zeros", "empty", "ones", "full", "zeros_like", "empty_like", "ones_like",
-               "maximum", "exp", "log", "sqrt", "where", "sum", "argmax", "arange", "dot",
-               "matmul", "clip", "abs", "tanh", "mean", "max"):
+               "maximum", "exp", "log", "sqrt", "where", "isnan", "sum", "argmax", "arange",
+               "dot", "matmul", "clip", "abs", "tanh", "mean", "max"):
         setattr(cp, fn, wrap(getattr(np, fn)))
     for t in ("float32", "float64", "int64"):
         setattr(cp, t, getattr(np, t))
