@@ -95,6 +95,22 @@ static inline void BN_FN(expand)(double *e, const double *v, ptrdiff_t P, ptrdif
     for (ptrdiff_t j = Cp; j < P; j++) e[j] = e[j - Cp];
 }
 
+/* Per-element parameters of one period for the columns layout: v itself where it already
+ * is that (S == 1 and the period is Cp: channels-last and 2-D data with C >= 64), else
+ * its expansion into e (which may then be NULL: bn_params_direct tells). */
+static inline int bn_params_direct(ptrdiff_t P, ptrdiff_t Cp, ptrdiff_t S)
+{
+    return S == 1 && P == Cp;
+}
+
+static inline const double *BN_FN(params)(double *e, const double *v, ptrdiff_t P,
+                                          ptrdiff_t Cp, ptrdiff_t S)
+{
+    if (bn_params_direct(P, Cp, S) && v) return v;
+    BN_FN(expand)(e, v, P, Cp, S);
+    return e;
+}
+
 /* ---- partition skeletons ---- */
 
 /* Rows layout, reductions: item `it` covers channels [c0, c1) of the rows [n0, n1) of row
@@ -143,7 +159,10 @@ static void BN_FN(run_reduce_items)(const bn_plan *p, ptrdiff_t items, bn_item_f
                                 const void *ctx)
 {
     const int nt = p->nthreads;
-    (void)nt;
+    if (nt == 1) {   /* no parallel region: its cost matters for small calls */
+        for (ptrdiff_t it = 0; it < items; it++) f(ctx, it);
+        return;
+    }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (ptrdiff_t it = 0; it < items; it++) f(ctx, it);
 }
@@ -156,7 +175,13 @@ static void BN_FN(run_ew_items)(const bn_plan *p, bn_range_fn f, const void *ctx
 {
     const int nt = p->nthreads;
     const ptrdiff_t per = p->ew_per_item, units = p->ew_units, items = p->ew_items;
-    (void)nt;
+    if (nt == 1) {   /* no parallel region: its cost matters for small calls */
+        for (ptrdiff_t it = 0; it < items; it++) {
+            const ptrdiff_t u0 = it * per, u1 = u0 + per < units ? u0 + per : units;
+            f(ctx, u0, u1);
+        }
+        return;
+    }
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (ptrdiff_t it = 0; it < items; it++) {
         const ptrdiff_t u0 = it * per, u1 = u0 + per < units ? u0 + per : units;

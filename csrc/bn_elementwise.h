@@ -148,12 +148,14 @@ static int BN_FN(normalize_planned)(const bn_plan *p, const T *x, T *y, const do
         return BN_OK;
     }
     const ptrdiff_t Cp = C * S, P = p->period;
-    double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)P);
-    if (!buf) return BN_ENOMEM;
-    BN_FN(norm_ctx) k = {p, x, y, buf, buf + P, buf + 2 * P, relu, nts};
-    BN_FN(expand)(buf, mean, P, Cp, S);
-    BN_FN(expand)(buf + P, scale, P, Cp, S);
-    BN_FN(expand)(buf + 2 * P, shift, P, Cp, S);
+    double *buf = NULL;
+    if (!bn_params_direct(P, Cp, S) || !mean || !scale || !shift) {
+        buf = (double *)malloc(sizeof(double) * 3 * (size_t)P);
+        if (!buf) return BN_ENOMEM;
+    }
+    BN_FN(norm_ctx) k = {p, x, y, BN_FN(params)(buf, mean, P, Cp, S),
+                         BN_FN(params)(buf + P, scale, P, Cp, S),
+                         BN_FN(params)(buf + 2 * P, shift, P, Cp, S), relu, nts};
     BN_FN(run_ew_items)(p, BN_FN(norm_periods), &k);
     const ptrdiff_t done = p->ew_units * P, rem = N * Cp - done;
     if (rem) {
@@ -201,22 +203,13 @@ static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const do
     if (inc == 0) {
         const bn_vd mv = bn_splat(*m), av = bn_splat(*a), bv = bn_splat(*b);
         const bn_vd kdv = bn_splat(*kd), kxv = bn_splat(*kx), k0v = bn_splat(*k0);
-        for (; i + 8 <= L; i += 8) {
-            bn_vd g = BN_FN(ld)(dy + i);
-            bn_vd xm = BN_FN(ld)(x + i) - mv;
-            if (relu) g = bn_vmask(g, xm * av + bv);
-            BN_FN(stx)(dx + i, eval ? kdv * g : (kdv * g + kxv * xm) + k0v, nts, &acc);
-        }
+        for (; i + 8 <= L; i += 8)
+            BN_FN(stx_dx)(dx + i, BN_FN(ld)(dy + i), BN_FN(ld)(x + i) - mv, av, bv, kdv, kxv,
+                          k0v, relu, eval, nts, &acc);
     } else {
-        for (; i + 8 <= L; i += 8) {
-            bn_vd g = BN_FN(ld)(dy + i);
-            bn_vd xm = BN_FN(ld)(x + i) - bn_ldd(m + i);
-            if (relu) g = bn_vmask(g, xm * bn_ldd(a + i) + bn_ldd(b + i));
-            bn_vd kdv = bn_ldd(kd + i);
-            BN_FN(stx)(dx + i,
-                       eval ? kdv * g : (kdv * g + bn_ldd(kx + i) * xm) + bn_ldd(k0 + i), nts,
-                       &acc);
-        }
+        for (; i + 8 <= L; i += 8)
+            BN_FN(stx_dx_p)(dx + i, dy + i, x + i, m + i, a + i, b + i, kd + i, kx + i, k0 + i,
+                            relu, eval, nts, &acc);
     }
     if (bn_nanacc_any(acc)) BN_FN(canon_mem)(dx, i);
     for (ptrdiff_t k = 0; k < L - i; k++)
@@ -279,16 +272,17 @@ static int BN_FN(backward_dx_planned)(const bn_plan *p, const T *dy, const T *x,
         return BN_OK;
     }
     const ptrdiff_t Cp = C * S, P = p->period;
-    double *buf = (double *)malloc(sizeof(double) * 6 * (size_t)P);
-    if (!buf) return BN_ENOMEM;
-    BN_FN(dx_ctx) k = {p, dy, x, dx, buf, buf + P, buf + 2 * P, buf + 3 * P, buf + 4 * P,
-                       buf + 5 * P, relu, eval, nts};
-    BN_FN(expand)(buf, mean, P, Cp, S);
-    BN_FN(expand)(buf + P, scale, P, Cp, S);
-    BN_FN(expand)(buf + 2 * P, shift, P, Cp, S);
-    BN_FN(expand)(buf + 3 * P, k_dy, P, Cp, S);
-    BN_FN(expand)(buf + 4 * P, k_x, P, Cp, S);
-    BN_FN(expand)(buf + 5 * P, k_0, P, Cp, S);
+    double *buf = NULL;
+    if (!bn_params_direct(P, Cp, S) || !mean || !scale || !shift || !k_dy || !k_x || !k_0) {
+        buf = (double *)malloc(sizeof(double) * 6 * (size_t)P);
+        if (!buf) return BN_ENOMEM;
+    }
+    BN_FN(dx_ctx) k = {p, dy, x, dx, BN_FN(params)(buf, mean, P, Cp, S),
+                       BN_FN(params)(buf + P, scale, P, Cp, S),
+                       BN_FN(params)(buf + 2 * P, shift, P, Cp, S),
+                       BN_FN(params)(buf + 3 * P, k_dy, P, Cp, S),
+                       BN_FN(params)(buf + 4 * P, k_x, P, Cp, S),
+                       BN_FN(params)(buf + 5 * P, k_0, P, Cp, S), relu, eval, nts};
     BN_FN(run_ew_items)(p, BN_FN(dx_periods), &k);
     const ptrdiff_t done = p->ew_units * P, rem = N * Cp - done;
     if (rem) {

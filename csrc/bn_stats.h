@@ -24,23 +24,23 @@
 static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, double *m2)
 {
     const bn_vd kv = bn_splat(K);
-    bn_vd a0 = bn_splat(0.0), a1 = bn_splat(0.0), b0 = bn_splat(0.0), b1 = bn_splat(0.0);
+    bn_acc a0 = bn_acc_zero(), a1 = bn_acc_zero(), b0 = bn_acc_zero(), b1 = bn_acc_zero();
     ptrdiff_t i = 0;
     for (; i + 16 <= L; i += 16) {
         bn_vd d0 = BN_FN(ld)(x + i) - kv;
         bn_vd d1 = BN_FN(ld)(x + i + 8) - kv;
-        a0 += d0;
-        a1 += d1;
-        b0 += d0 * d0;
-        b1 += d1 * d1;
+        a0 = bn_acc_add(a0, d0);
+        a1 = bn_acc_add(a1, d1);
+        b0 = bn_acc_add(b0, d0 * d0);
+        b1 = bn_acc_add(b1, d1 * d1);
     }
     if (i + 8 <= L) {
         bn_vd d0 = BN_FN(ld)(x + i) - kv;
-        a0 += d0;
-        b0 += d0 * d0;
+        a0 = bn_acc_add(a0, d0);
+        b0 = bn_acc_add(b0, d0 * d0);
         i += 8;
     }
-    double s1 = bn_hsum(a0 + a1), s2 = bn_hsum(b0 + b1);
+    double s1 = bn_acc_hsum(bn_acc_plus(a0, a1)), s2 = bn_acc_hsum(bn_acc_plus(b0, b1));
     for (; i < L; i++) {
         double d = (double)x[i] - K;
         s1 += d;
@@ -50,23 +50,23 @@ static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, 
     double r = s2 - s1 * m;
     if (!(m * m <= BN_SHIFT_COND * (r / (double)L))) {
         const bn_vd mv = bn_splat(m);
-        bn_vd q0 = bn_splat(0.0), q1 = bn_splat(0.0), k0 = bn_splat(0.0), k1 = bn_splat(0.0);
+        bn_acc q0 = bn_acc_zero(), q1 = bn_acc_zero(), k0 = bn_acc_zero(), k1 = bn_acc_zero();
         i = 0;
         for (; i + 16 <= L; i += 16) {
             bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
             bn_vd d1 = (BN_FN(ld)(x + i + 8) - kv) - mv;
-            q0 += d0 * d0;
-            q1 += d1 * d1;
-            k0 += d0;
-            k1 += d1;
+            q0 = bn_acc_add(q0, d0 * d0);
+            q1 = bn_acc_add(q1, d1 * d1);
+            k0 = bn_acc_add(k0, d0);
+            k1 = bn_acc_add(k1, d1);
         }
         if (i + 8 <= L) {
             bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
-            q0 += d0 * d0;
-            k0 += d0;
+            q0 = bn_acc_add(q0, d0 * d0);
+            k0 = bn_acc_add(k0, d0);
             i += 8;
         }
-        double q = bn_hsum(q0 + q1), k = bn_hsum(k0 + k1);
+        double q = bn_acc_hsum(bn_acc_plus(q0, q1)), k = bn_acc_hsum(bn_acc_plus(k0, k1));
         for (; i < L; i++) {
             double d = ((double)x[i] - K) - m;
             q += d * d;
@@ -160,23 +160,24 @@ static inline __attribute__((always_inline)) void BN_FN(col_sums_reg)(
     const T *blk, ptrdiff_t nr, ptrdiff_t Cp, const double *kc, double *s, double *q,
     const int nv)
 {
-    bn_vd kv[8], sv[8], qv[8];
+    bn_vd kv[8];
+    bn_acc sv[8], qv[8];
     for (int t = 0; t < nv; t++) {
         kv[t] = bn_ldd(kc + 8 * t);
-        sv[t] = qv[t] = bn_splat(0.0);
+        sv[t] = qv[t] = bn_acc_zero();
     }
     for (ptrdiff_t r = 0; r < nr; r++) {
         const T *row = blk + r * Cp;
 #pragma GCC unroll 8
         for (int t = 0; t < nv; t++) {
             bn_vd d = BN_FN(ld)(row + 8 * t) - kv[t];
-            sv[t] += d;
-            qv[t] += d * d;
+            sv[t] = bn_acc_add(sv[t], d);
+            qv[t] = bn_acc_add(qv[t], d * d);
         }
     }
     for (int t = 0; t < nv; t++) {
-        bn_std(s + 8 * t, sv[t]);
-        bn_std(q + 8 * t, qv[t]);
+        bn_acc_st(s + 8 * t, sv[t]);
+        bn_acc_st(q + 8 * t, qv[t]);
     }
 }
 
@@ -480,16 +481,11 @@ static void BN_FN(bwd_span_s)(const T *dy, const T *x, ptrdiff_t L, double m, do
                               double b, int relu, double *sd, double *sx)
 {
     const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
-    bn_vd d0 = bn_splat(0.0), x0 = bn_splat(0.0);
+    bn_acc d0 = bn_acc_zero(), x0 = bn_acc_zero();
     ptrdiff_t i = 0;
-    for (; i + 8 <= L; i += 8) {
-        bn_vd xm = BN_FN(ld)(x + i) - mv;
-        bn_vd g = BN_FN(ld)(dy + i);
-        if (relu) g = bn_vmask(g, xm * av + bv);
-        d0 += g;
-        x0 += g * xm;
-    }
-    double s1 = bn_hsum(d0), s2 = bn_hsum(x0);
+    for (; i + 8 <= L; i += 8)
+        bn_bwd_acc(&d0, &x0, BN_FN(ld)(dy + i), BN_FN(ld)(x + i) - mv, av, bv, relu);
+    double s1 = bn_acc_hsum(d0), s2 = bn_acc_hsum(x0);
     for (; i < L; i++) BN_FN(bwd_one)(dy[i], x[i], m, a, b, relu, &s1, &s2);
     *sd += s1;
     *sx += s2;
@@ -530,24 +526,22 @@ static inline __attribute__((always_inline)) void BN_FN(bwd_sums_reg)(
     const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp, const double *m,
     const double *a, const double *b, int relu, double *sd, double *sx, const int nv)
 {
-    bn_vd mv[8], dv[8], xv[8];
+    bn_vd mv[8];
+    bn_acc dv[8], xv[8];
     for (int t = 0; t < nv; t++) {
         mv[t] = bn_ldd(m + 8 * t);
-        dv[t] = xv[t] = bn_splat(0.0);
+        dv[t] = xv[t] = bn_acc_zero();
     }
     for (ptrdiff_t r = 0; r < nr; r++) {
 #pragma GCC unroll 8
-        for (int t = 0; t < nv; t++) {
-            bn_vd xm = BN_FN(ld)(xblk + r * Cp + 8 * t) - mv[t];
-            bn_vd gv = BN_FN(ld)(dblk + r * Cp + 8 * t);
-            if (relu) gv = bn_vmask(gv, xm * bn_ldd(a + 8 * t) + bn_ldd(b + 8 * t));
-            dv[t] += gv;
-            xv[t] += gv * xm;
-        }
+        for (int t = 0; t < nv; t++)
+            bn_bwd_acc(&dv[t], &xv[t], BN_FN(ld)(dblk + r * Cp + 8 * t),
+                       BN_FN(ld)(xblk + r * Cp + 8 * t) - mv[t], bn_ldd(a + 8 * t),
+                       bn_ldd(b + 8 * t), relu);
     }
     for (int t = 0; t < nv; t++) {
-        bn_std(sd + 8 * t, dv[t]);
-        bn_std(sx + 8 * t, xv[t]);
+        bn_acc_st(sd + 8 * t, dv[t]);
+        bn_acc_st(sx + 8 * t, xv[t]);
     }
 }
 
@@ -609,11 +603,11 @@ static void BN_FN(bwd_cols_mem)(const T *dblk, const T *xblk, ptrdiff_t nr, ptrd
     for (ptrdiff_t r = 0; r < nr; r++) {
         const T *dr = dblk + r * Cp, *xr = xblk + r * Cp;
         for (j = 0; j + 8 <= w; j += 8) {
-            bn_vd xm = BN_FN(ld)(xr + j) - bn_ldd(m + j);
-            bn_vd gv = BN_FN(ld)(dr + j);
-            if (relu) gv = bn_vmask(gv, xm * bn_ldd(a + j) + bn_ldd(b + j));
-            bn_std(ad + j, bn_ldd(ad + j) + gv);
-            bn_std(ax + j, bn_ldd(ax + j) + gv * xm);
+            bn_acc sd = bn_acc_ld(ad + j), sx = bn_acc_ld(ax + j);
+            bn_bwd_acc(&sd, &sx, BN_FN(ld)(dr + j), BN_FN(ld)(xr + j) - bn_ldd(m + j),
+                       bn_ldd(a + j), bn_ldd(b + j), relu);
+            bn_acc_st(ad + j, sd);
+            bn_acc_st(ax + j, sx);
         }
         for (; j < w; j++) BN_FN(bwd_one)(dr[j], xr[j], m[j], a[j], b[j], relu, &ad[j], &ax[j]);
     }
@@ -633,16 +627,12 @@ static void BN_FN(bwd_cols_blocks)(const T *dblk, const T *xblk, ptrdiff_t nr, p
         const T *db = dblk + rb0 * Cp, *xb = xblk + rb0 * Cp;
         for (ptrdiff_t j = 0; j < w8; j += 8) {
             const bn_vd mv = bn_ldd(m + j), av = bn_ldd(a + j), bv = bn_ldd(b + j);
-            bn_vd sd = bn_ldd(ad + j), sx = bn_ldd(ax + j);
-            for (ptrdiff_t r = 0; r < nb; r++) {
-                bn_vd xm = BN_FN(ld)(xb + r * Cp + j) - mv;
-                bn_vd gv = BN_FN(ld)(db + r * Cp + j);
-                if (relu) gv = bn_vmask(gv, xm * av + bv);
-                sd += gv;
-                sx += gv * xm;
-            }
-            bn_std(ad + j, sd);
-            bn_std(ax + j, sx);
+            bn_acc sd = bn_acc_ld(ad + j), sx = bn_acc_ld(ax + j);
+            for (ptrdiff_t r = 0; r < nb; r++)
+                bn_bwd_acc(&sd, &sx, BN_FN(ld)(db + r * Cp + j), BN_FN(ld)(xb + r * Cp + j) - mv,
+                           av, bv, relu);
+            bn_acc_st(ad + j, sd);
+            bn_acc_st(ax + j, sx);
         }
         BN_FN(bwd_cols_scalar)(db, xb, nb, Cp, w8, w, m, a, b, relu, ad, ax);
     }
@@ -700,10 +690,9 @@ static int BN_FN(backward_reduce_planned)(const bn_plan *p, const T *dy, const T
     double *buf = (double *)malloc(sizeof(double) * (2 * (size_t)(G * Cp) + 3 * (size_t)Cp));
     if (!buf) return BN_ENOMEM;
     double *me = buf + 2 * G * Cp, *ae = me + Cp, *be = ae + Cp;
-    BN_FN(expand)(me, mean, Cp, Cp, S);
-    BN_FN(expand)(ae, scale, Cp, Cp, S);
-    BN_FN(expand)(be, shift, Cp, Cp, S);
-    BN_FN(bwd_ctx) k = {p, dy, x, me, ae, be, relu, buf, buf + G * Cp};
+    BN_FN(bwd_ctx) k = {p, dy, x, BN_FN(params)(me, mean, Cp, Cp, S),
+                        BN_FN(params)(ae, scale, Cp, Cp, S),
+                        BN_FN(params)(be, shift, Cp, Cp, S), relu, buf, buf + G * Cp};
     BN_FN(run_reduce_items)(p, p->col_items, BN_FN(col_bwd_item), &k);
     for (ptrdiff_t c = 0; c < C; c++)
         for (ptrdiff_t s = 0; s < S; s++)
