@@ -171,24 +171,24 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
     /* The reduction's inputs stay in the cache (one tensor for statistics, x and dy for
      * the backward sums) when they are below the streaming threshold.  Register strips
      * walk down a block column by column: fast from the cache, slower than the row-by-row
-     * walk from DRAM, whose single stream the prefetchers follow. */
+     * walk from DRAM on 2 threads (measured on AVX-512), whose single stream the
+     * prefetchers follow.  The walks are chosen alike in every variant: with its sums in
+     * native registers (bn_acc), the 64-column register strip is the fastest walk on AVX2
+     * and SSE2 too, even where it spills (strips of 16 or 32 columns walk the rows more
+     * often and were slower: benchmarks/README.md). */
     const double in_bytes = count * (double)itemsize * (op == BN_OP_BACKWARD ? 2.0 : 1.0);
     p->resident = in_bytes < (double)bn_stream_min;
     p->strip_cols = BN_REG_MAX_COLS;
     p->reduce_walk = BN_WALK_NONE;
     const ptrdiff_t tile = p->col.tile, tile8 = tile & ~(ptrdiff_t)7;
     if (has_reduce && !rows) {
-        /* Register strips need 2 * strip_cols / 8 vector accumulators of 8 doubles:
-         * 16 registers on AVX-512 for 64 columns; AVX2 and SSE2 would need 32 and 64 and
-         * spill, so they keep the sums in memory. */
-        const int wide_regs = isa == BN_ISA_AVX512;
         if (op == BN_OP_BACKWARD) {
             /* Backward sums: whole rows of 8 to 71 columns (one stream), or wide
              * cache-resident tiles, in register strips; otherwise row by row for tiles
              * of 32 columns or more (measured: faster than strips for 64+ columns) and
              * block by block in strips of 8 columns below that. */
-            if (wide_regs && ((Cp == tile && tile >= 8 && tile < BN_REG_MAX_COLS + 8) ||
-                              (tile >= BN_REG_MAX_COLS + 8 && p->resident)))
+            if ((Cp == tile && tile >= 8 && tile < BN_REG_MAX_COLS + 8) ||
+                (tile >= BN_REG_MAX_COLS + 8 && p->resident))
                 p->reduce_walk = BN_WALK_REGISTER;
             else if (tile >= 32)
                 p->reduce_walk = BN_WALK_MEMORY;
@@ -198,7 +198,7 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
         } else {
             /* Statistics: register strips for tiles of up to 64 columns, and for wider
              * tiles while cache-resident; else row by row with sums in memory. */
-            if (wide_regs && (tile8 <= BN_REG_MAX_COLS || p->resident))
+            if (tile8 <= BN_REG_MAX_COLS || p->resident)
                 p->reduce_walk = BN_WALK_REGISTER;
             else
                 p->reduce_walk = BN_WALK_MEMORY;
@@ -218,11 +218,12 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
     p->stream = 0;
     if (has_ew) {
         if (!rows) {
-            /* Normalize: a period of 64 keeps its 3 x 8 parameter vectors in registers:
-             * 24 of AVX-512's 32 registers; AVX2 and SSE2 would need 48 and 96.  dx (six
-             * parameter arrays) walks spans in column tiles. */
+            /* Normalize: a period of 64 keeps its 3 x 8 parameter vectors in registers
+             * (24 of AVX-512's 32 registers; AVX2 and SSE2 reload some, and it is still
+             * 5-15% faster than spans there).  dx (six parameter arrays) walks spans in
+             * column tiles. */
             const int p64_ok = op != BN_OP_BACKWARD && p->period == 64;
-            p->ew_walk = isa == BN_ISA_AVX512 && p64_ok ? BN_WALK_PERIOD64 : BN_WALK_SPANS;
+            p->ew_walk = p64_ok ? BN_WALK_PERIOD64 : BN_WALK_SPANS;
             if (force_ew == BN_WALK_SPANS || (force_ew == BN_WALK_PERIOD64 && p64_ok))
                 p->ew_walk = force_ew;
         }
