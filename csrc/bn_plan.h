@@ -31,7 +31,8 @@ extern "C" {
 #endif
 
 /* ---- thresholds and block sizes (all depend on the shape only, never on threads) ---- */
-#define BN_ROW_MIN_S 64        /* S >= this: rows layout; else columns of (N, C*S) */
+#define BN_ROW_MIN_S 64        /* S >= this: rows layout; else columns of (N, C*S) ... */
+#define BN_ROW_MIN_S_PER_N 2   /* ... unless S >= this * N (few rows): rows layout too */
 #define BN_PAR_MIN 32768       /* elements below which a call stays on one thread */
 #define BN_SEG 2048            /* rows layout: contiguous segment per two-pass block */
 #define BN_ROW_RUN 16384       /* rows layout: elements an item reads contiguously (per n) */

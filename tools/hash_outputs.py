@@ -11,6 +11,11 @@ and off, training and eval backward, data with NaN/inf, a 1e6 offset and a const
 each under the default streaming threshold and with streaming forced (threshold 0, which
 also makes every column reduction take its "not cache-resident" traversal); threads 1 and 2;
 every variant the CPU supports.  Used to prove a restructuring of csrc/ changed no bit.
+
+tools/hash_reference.json holds the hashes of the current kernels.  A change that moves a
+shape to another layout or partition (csrc/plan.c) changes them on purpose: regenerate the
+file with --save in the same commit and say why (history: the split of bn_impl_dtype.h kept
+every bit; the few-rows layout rule, S >= 2 N, changed the hashes).
 """
 import argparse
 import hashlib

@@ -75,6 +75,12 @@ PATHS = [
     (((2, 3, 8, 9), 1), "rows", {"moments": ("rows", None)}),
     # S = 49, 256 rows: columns of the (256, 3136) matrix
     (((256, 64, 7, 7), 1), "columns", {"infer": (None, "spans")}),
+    # few rows (S >= 2 N): rows, although S < 64 -- batch-1 (1, 512, 7, 7), (16, 64, 7, 7)
+    (((1, 512, 7, 7), 1), "rows", {"train": ("rows", "rows"), "backward": ("rows", "rows")}),
+    (((16, 64, 7, 7), 1), "rows", {"moments": ("rows", None)}),
+    (((25, 64, 7, 7), 1), "columns", {"moments": ("register", None)}),
+    (((1, 2048), 1), "columns", {"infer": (None, "spans")}),
+    (((3, 8, 6), 1), "rows", {"infer": (None, "rows")}),
 ]
 
 
@@ -93,9 +99,11 @@ def test_plan_fields_and_thresholds():
     assert _plan((4, 8, 32, 32), "train", threads=1)["threads"] == 1
     assert _plan((4, 8, 32, 32), "train", threads=2)["threads"] == 2   # 32768 elements
     assert _plan((4, 8, 32, 31), "train", threads=2)["threads"] == 1
-    # the rows/columns switch at S = 64
-    assert _plan((4, 8, 8, 8), "moments")["layout"] == "rows"
-    assert _plan((4, 8, 9, 7), "moments")["layout"] == "columns"
+    # the rows/columns switch at S = 64, and at S = 2 N below that
+    assert _plan((400, 8, 8, 8), "moments")["layout"] == "rows"
+    assert _plan((400, 8, 9, 7), "moments")["layout"] == "columns"
+    assert _plan((31, 8, 9, 7), "moments")["layout"] == "rows"
+    assert _plan((32, 8, 9, 7), "moments")["layout"] == "columns"
     # streaming: working set >= the threshold, not the baseline, rows of 16-byte multiples
     big = (64, 64, 32, 32)                                             # 16 MiB float32
     assert _plan(big, "infer", isa="avx2")["elementwise"]["stream"]
@@ -105,13 +113,13 @@ def test_plan_fields_and_thresholds():
     p = _plan((4096, 512), "moments", isa="avx512")
     assert p["reduce"]["tile"] == 256 and p["reduce"]["tiles"] == 2
     assert p["reduce"]["rows_per_block"] == 128 and p["reduce"]["strip_columns"] == 64
-    p = bnfast.explain(np.empty((8, 3, 5, 5)), op="infer", relu=True)
+    p = bnfast.explain(np.empty((80, 3, 5, 5)), op="infer", relu=True)
     assert p["dtype"] == "float64" and p["relu"] is True and p["forced"] == {}
     assert p["strategy"] == "columns:spans"
     assert "reduce" not in p and p["elementwise"]["pass"] == "normalize"
-    assert p["elementwise"]["period"] == 75 and p["N"] == 8 and p["S"] == 25   # Cp >= 64
+    assert p["elementwise"]["period"] == 75 and p["N"] == 80 and p["S"] == 25   # Cp >= 64
     # Cp = 27 < 64: the smallest multiple of Cp of at least 64 that is a multiple of 8
-    assert _plan((8, 3, 3, 3), "infer")["elementwise"]["period"] == 216
+    assert _plan((80, 3, 3, 3), "infer")["elementwise"]["period"] == 216
     assert "elementwise" not in _plan((8, 3), "moments")
     assert _plan((8, 3), "backward")["reduce"]["pass"] == "backward_sums"
 

@@ -12,8 +12,8 @@ from conftest import (DTYPES, RTOL, assert_close, channel_abs_sum, make_params, 
                       make_x, reduce_axes, rng_for)
 
 # (shape, axis).  With axis=1, S = prod(shape[2:]); axis=-1 is channels-last (S = 1).
-# The layout each takes (rows for S >= 64, else columns) is asserted through the plan in
-# test_grid_covers_both_layouts.
+# The layout each takes (rows for S >= 64 or S >= 2 N, else columns) is asserted through
+# the plan in test_grid_covers_both_layouts.
 SHAPES = [
     (5, 3),            # (N, C)
     (2, 1),            # N=2, C=1
@@ -28,7 +28,9 @@ SHAPES = [
     (2, 2, 3, 4, 5),   # (N, C, D, H, W), S=60
     (2, 5, 3, 3, 8),   # S=72
 ]
-ROWS_LAYOUT = {(3, 4, 65), (4, 1, 129), (2, 3, 8, 9), (2, 5, 3, 3, 8)}   # with axis=1
+# with axis=1: S >= 64, or S >= 2 N (few rows)
+ROWS_LAYOUT = {(3, 4, 65), (4, 1, 129), (2, 3, 8, 9), (2, 5, 3, 3, 8), (2, 7, 9),
+               (2, 3, 5, 7), (2, 2, 3, 4, 5)}
 
 
 def test_grid_covers_both_layouts():
