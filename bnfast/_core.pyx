@@ -19,7 +19,7 @@ is stored).
 """
 import numpy as np
 cimport numpy as cnp
-from libc.math cimport NAN, isfinite, sqrt
+from libc.math cimport NAN, isfinite
 from libc.stdlib cimport malloc, free
 
 cnp.import_array()
@@ -53,6 +53,10 @@ cdef extern from "bnfast.h" nogil:
                                         Py_ssize_t S, const double *weight,
                                         const double *bias, double eps, double *mean,
                                         double *var, double *invstd, int flags, int nthreads)
+    ctypedef int (*bn_infer_forward_fn)(const void *x, void *y, Py_ssize_t N, Py_ssize_t C,
+                                        Py_ssize_t S, const double *mean, const double *var,
+                                        const double *weight, const double *bias,
+                                        double eps, int flags, int nthreads)
     ctypedef struct bn_kernel_table:
         const char *name
         bn_moments_fn moments[2]
@@ -60,6 +64,7 @@ cdef extern from "bnfast.h" nogil:
         bn_backward_reduce_fn backward_reduce[2]
         bn_backward_dx_fn backward_dx[2]
         bn_train_forward_fn train_forward[2]
+        bn_infer_forward_fn infer_forward[2]
 
     int bn_isa_compiled(int isa)
     int bn_isa_supported(int isa)
@@ -371,21 +376,10 @@ cdef int _infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssi
     cdef _Vec m = _vec(mean, C), v = _vec(var, C), w = _vec(weight, C), b = _vec(bias, C)
     cdef const bn_kernel_table *t = bn_active()
     cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0
-    cdef double *sc = <double *> malloc(sizeof(double) * 2 * (C if C > 0 else 1))
-    if sc == NULL:
-        raise MemoryError()
-    cdef double *sh = sc + C
-    cdef double inv
-    cdef Py_ssize_t c
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *yp = cnp.PyArray_DATA(y)
     with nogil:
-        for c in range(C):
-            inv = 1.0 / sqrt(v.ptr[c] + eps)
-            sc[c] = inv * w.ptr[c] if w.ptr != NULL else inv
-            sh[c] = b.ptr[c] if b.ptr != NULL else 0.0
-        st = t.normalize[dt](xp, yp, N, C, S, m.ptr, sc, sh, flags, nt)
-    free(sc)
+        st = t.infer_forward[dt](xp, yp, N, C, S, m.ptr, v.ptr, w.ptr, b.ptr, eps, flags, nt)
     _check(st)
     return 0
 

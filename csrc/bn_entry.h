@@ -23,7 +23,8 @@
     extern BN_ENTRY_TYPE(bn_normalize_fn) bn_normalize_##sfx##_##isa;                     \
     extern BN_ENTRY_TYPE(bn_backward_reduce_fn) bn_backward_reduce_##sfx##_##isa;         \
     extern BN_ENTRY_TYPE(bn_backward_dx_fn) bn_backward_dx_##sfx##_##isa;                 \
-    extern BN_ENTRY_TYPE(bn_train_forward_fn) bn_train_forward_##sfx##_##isa;
+    extern BN_ENTRY_TYPE(bn_train_forward_fn) bn_train_forward_##sfx##_##isa;            \
+    extern BN_ENTRY_TYPE(bn_infer_forward_fn) bn_infer_forward_##sfx##_##isa;
 #define BN_ENTRY_DECLARE(sfx, isa) BN_ENTRY_DECLARE_(sfx, isa)
 #endif /* BN_ENTRY_H */
 
@@ -78,6 +79,14 @@ int BN_ENTRY(train_forward)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C, pt
 {
     return BN_KERNEL(train_forward)(x, y, N, C, S, weight, bias, eps, mean, var, invstd,
                                     flags, nthreads);
+}
+
+int BN_ENTRY(infer_forward)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                            const double *mean, const double *var, const double *weight,
+                            const double *bias, double eps, int flags, int nthreads)
+{
+    return BN_KERNEL(infer_forward)(x, y, N, C, S, mean, var, weight, bias, eps, flags,
+                                    nthreads);
 }
 
 #endif /* BN_ONLY_DTYPE */

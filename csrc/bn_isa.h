@@ -223,6 +223,28 @@ static inline double bn_acc_hsum(bn_acc a)
 }
 #endif
 
+/* Square root of each lane (correctly rounded, so the bits of the scalar sqrt). */
+static inline bn_vd bn_vsqrt(bn_vd v)
+{
+#if BN_ISA_LEVEL == 2
+    return (bn_vd)_mm512_sqrt_pd((__m512d)v);
+#elif BN_ISA_LEVEL == 1
+    const bn_v4 lo = (bn_v4)_mm256_sqrt_pd((__m256d)BN_LO4(v));
+    const bn_v4 hi = (bn_v4)_mm256_sqrt_pd((__m256d)BN_HI4(v));
+    return BN_CAT4(lo, hi);
+#elif defined(__SSE2__)
+    const bn_v2 q0 = (bn_v2)_mm_sqrt_pd((__m128d)BN_Q2(v, 0));
+    const bn_v2 q1 = (bn_v2)_mm_sqrt_pd((__m128d)BN_Q2(v, 1));
+    const bn_v2 q2 = (bn_v2)_mm_sqrt_pd((__m128d)BN_Q2(v, 2));
+    const bn_v2 q3 = (bn_v2)_mm_sqrt_pd((__m128d)BN_Q2(v, 3));
+    return BN_CAT4(__builtin_shufflevector(q0, q1, 0, 1, 2, 3),
+                   __builtin_shufflevector(q2, q3, 0, 1, 2, 3));
+#else
+    for (int k = 0; k < 8; k++) v[k] = sqrt(v[k]);
+    return v;
+#endif
+}
+
 /* Order this thread's non-temporal stores before its later stores. */
 static inline void bn_stream_fence(int nts)
 {

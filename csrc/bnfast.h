@@ -84,6 +84,16 @@ typedef int (*bn_train_forward_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_
                                    double eps, double *mean, double *var, double *invstd,
                                    int flags, int nthreads);
 
+/*
+ * infer_forward: inference in one call: y = (x - mean) * invstd * weight + bias with
+ * invstd = 1/sqrt(var + eps) as IEEE arithmetic gives it (weight/bias may be NULL for 1/0),
+ * optional ReLU.  y may equal x.
+ */
+typedef int (*bn_infer_forward_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C,
+                                   ptrdiff_t S, const double *mean, const double *var,
+                                   const double *weight, const double *bias, double eps,
+                                   int flags, int nthreads);
+
 typedef struct {
     const char *name;
     bn_moments_fn moments[2];                 /* [0] float32, [1] float64 */
@@ -91,6 +101,7 @@ typedef struct {
     bn_backward_reduce_fn backward_reduce[2];
     bn_backward_dx_fn backward_dx[2];
     bn_train_forward_fn train_forward[2];
+    bn_infer_forward_fn infer_forward[2];
 } bn_kernel_table;
 
 /* Dispatch (dispatch.c). */

@@ -15,6 +15,7 @@
         {bn_backward_reduce_f32_##isa, bn_backward_reduce_f64_##isa},                     \
         {bn_backward_dx_f32_##isa, bn_backward_dx_f64_##isa},                             \
         {bn_train_forward_f32_##isa, bn_train_forward_f64_##isa},                         \
+        {bn_infer_forward_f32_##isa, bn_infer_forward_f64_##isa},                         \
     };
 
 BN_TABLE(baseline)
