@@ -116,7 +116,7 @@ cdef extern from "bn_plan.h" nogil:
 ISA_NAMES = tuple(bn_isa_name(i).decode() for i in range(BN_ISA_COUNT))
 OP_NAMES = tuple(bn_op_name(i).decode() for i in range(BN_OP_COUNT))
 WALK_NAMES = tuple(bn_walk_name(i).decode() for i in range(BN_WALK_COUNT))
-LAYOUT_NAMES = ("rows", "columns")
+LAYOUT_NAMES = tuple(bn_layout_name(i).decode() for i in range(2))   # rows, columns
 
 
 cdef int _check(int status) except -1:

@@ -18,8 +18,6 @@
  * unlike a union: benchmarks/README.md). */
 typedef double bn_v4 __attribute__((vector_size(32)));
 typedef double bn_v2 __attribute__((vector_size(16)));
-typedef long long bn_l4 __attribute__((vector_size(32)));
-typedef long long bn_l2 __attribute__((vector_size(16)));
 #define BN_LO4(v) __builtin_shufflevector((v), (v), 0, 1, 2, 3)
 #define BN_HI4(v) __builtin_shufflevector((v), (v), 4, 5, 6, 7)
 #define BN_CAT4(lo, hi) __builtin_shufflevector((lo), (hi), 0, 1, 2, 3, 4, 5, 6, 7)
