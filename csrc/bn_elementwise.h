@@ -192,25 +192,44 @@ static inline T BN_FN(dx_one)(const T *dy, const T *x, ptrdiff_t i, ptrdiff_t j,
 }
 
 /* dx over a span; parameters per element when inc == 1, scalars when inc == 0. */
-static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const double *m,
-                           const double *a, const double *b, const double *kd,
-                           const double *kx, const double *k0, ptrdiff_t inc, int relu,
-                           int eval, int nts)
+/* The vector part of dx_span: the elements [0, L - L % 8), with relu and eval constants
+ * (dx_span instantiates the four cases, so no loop tests them per vector). */
+static inline __attribute__((always_inline)) ptrdiff_t BN_FN(dx_vectors)(
+    const T *dy, const T *x, T *dx, ptrdiff_t L, const double *m, const double *a,
+    const double *b, const double *kd, const double *kx, const double *k0, ptrdiff_t inc,
+    const int relu, const int eval, int nts, bn_nanacc *acc)
 {
     ptrdiff_t i = 0;
-    T tmp[8];
-    bn_nanacc acc = bn_nanacc_zero();
     if (inc == 0) {
         const bn_vd mv = bn_splat(*m), av = bn_splat(*a), bv = bn_splat(*b);
         const bn_vd kdv = bn_splat(*kd), kxv = bn_splat(*kx), k0v = bn_splat(*k0);
         for (; i + 8 <= L; i += 8)
             BN_FN(stx_dx)(dx + i, BN_FN(ld)(dy + i), BN_FN(ld)(x + i) - mv, av, bv, kdv, kxv,
-                          k0v, relu, eval, nts, &acc);
+                          k0v, relu, eval, nts, acc);
     } else {
         for (; i + 8 <= L; i += 8)
             BN_FN(stx_dx_p)(dx + i, dy + i, x + i, m + i, a + i, b + i, kd + i, kx + i, k0 + i,
-                            relu, eval, nts, &acc);
+                            relu, eval, nts, acc);
     }
+    return i;
+}
+
+static void BN_FN(dx_span)(const T *dy, const T *x, T *dx, ptrdiff_t L, const double *m,
+                           const double *a, const double *b, const double *kd,
+                           const double *kx, const double *k0, ptrdiff_t inc, int relu,
+                           int eval, int nts)
+{
+    ptrdiff_t i;
+    T tmp[8];
+    bn_nanacc acc = bn_nanacc_zero();
+    if (relu && eval)
+        i = BN_FN(dx_vectors)(dy, x, dx, L, m, a, b, kd, kx, k0, inc, 1, 1, nts, &acc);
+    else if (relu)
+        i = BN_FN(dx_vectors)(dy, x, dx, L, m, a, b, kd, kx, k0, inc, 1, 0, nts, &acc);
+    else if (eval)
+        i = BN_FN(dx_vectors)(dy, x, dx, L, m, a, b, kd, kx, k0, inc, 0, 1, nts, &acc);
+    else
+        i = BN_FN(dx_vectors)(dy, x, dx, L, m, a, b, kd, kx, k0, inc, 0, 0, nts, &acc);
     if (bn_nanacc_any(acc)) BN_FN(canon_mem)(dx, i);
     for (ptrdiff_t k = 0; k < L - i; k++)
         tmp[k] = BN_FN(dx_one)(dy, x, i + k, (i + k) * inc, m, a, b, kd, kx, k0, relu, eval);
