@@ -540,10 +540,16 @@ static inline void BN_FN(stx_dx)(T *p, bn_vd g, bn_vd xm, bn_vd a, bn_vd b, bn_v
                                  bn_nanacc *acc)
 {
     (void)nts;
-#define BN_DX2_(k) bn_dx2(BN_Q2(g, k), BN_Q2(xm, k), BN_Q2(a, k), BN_Q2(b, k), BN_Q2(kd, k), \
-                          BN_Q2(kx, k), BN_Q2(k0, k), relu, eval)
-    BN_FN(stx_quarters)(p, BN_DX2_(0), BN_DX2_(1), BN_DX2_(2), BN_DX2_(3), acc);
-#undef BN_DX2_
+    BN_FN(stx_quarters)(p,
+                        bn_dx2(BN_Q2(g, 0), BN_Q2(xm, 0), BN_Q2(a, 0), BN_Q2(b, 0),
+                               BN_Q2(kd, 0), BN_Q2(kx, 0), BN_Q2(k0, 0), relu, eval),
+                        bn_dx2(BN_Q2(g, 1), BN_Q2(xm, 1), BN_Q2(a, 1), BN_Q2(b, 1),
+                               BN_Q2(kd, 1), BN_Q2(kx, 1), BN_Q2(k0, 1), relu, eval),
+                        bn_dx2(BN_Q2(g, 2), BN_Q2(xm, 2), BN_Q2(a, 2), BN_Q2(b, 2),
+                               BN_Q2(kd, 2), BN_Q2(kx, 2), BN_Q2(k0, 2), relu, eval),
+                        bn_dx2(BN_Q2(g, 3), BN_Q2(xm, 3), BN_Q2(a, 3), BN_Q2(b, 3),
+                               BN_Q2(kd, 3), BN_Q2(kx, 3), BN_Q2(k0, 3), relu, eval),
+                        acc);
 }
 
 static inline void BN_FN(stx_dx_p)(T *p, const T *dy, const T *x, const double *m,
@@ -551,12 +557,13 @@ static inline void BN_FN(stx_dx_p)(T *p, const T *dy, const T *x, const double *
                                    const double *kx, const double *k0, int relu, int eval,
                                    int nts, bn_nanacc *acc)
 {
+    bn_v2 y[4];
     (void)nts;
-#define BN_DX2_(k) bn_dx2(BN_FN(ld2)(dy + 2 * k), BN_FN(ld2)(x + 2 * k) - bn_ld2d(m + 2 * k), \
-                          bn_ld2d(a + 2 * k), bn_ld2d(b + 2 * k), bn_ld2d(kd + 2 * k),       \
-                          bn_ld2d(kx + 2 * k), bn_ld2d(k0 + 2 * k), relu, eval)
-    BN_FN(stx_quarters)(p, BN_DX2_(0), BN_DX2_(1), BN_DX2_(2), BN_DX2_(3), acc);
-#undef BN_DX2_
+    for (int k = 0; k < 4; k++)   /* piece k: elements 2k, 2k + 1 */
+        y[k] = bn_dx2(BN_FN(ld2)(dy + 2 * k), BN_FN(ld2)(x + 2 * k) - bn_ld2d(m + 2 * k),
+                      bn_ld2d(a + 2 * k), bn_ld2d(b + 2 * k), bn_ld2d(kd + 2 * k),
+                      bn_ld2d(kx + 2 * k), bn_ld2d(k0 + 2 * k), relu, eval);
+    BN_FN(stx_quarters)(p, y[0], y[1], y[2], y[3], acc);
 }
 #else
 static inline bn_vd bn_vmask(bn_vd g, bn_vd t)   /* g where t > 0, else 0 */
