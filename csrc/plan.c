@@ -202,8 +202,12 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
             if (force_backward >= 0) p->reduce_walk = force_backward;
         } else {
             /* Statistics: register strips for tiles of up to 64 columns, and for wider
-             * tiles while cache-resident; else row by row with sums in memory. */
-            if (tile8 <= BN_REG_MAX_COLS || p->resident)
+             * tiles while cache-resident; else row by row with sums in memory -- on
+             * AVX-512 only: from DRAM (2 threads, 49 and 64 MiB, the test machine's L3 is
+             * 32 MiB) the memory walk took 1.7 / 4.7 ms against 2.5 / 4.9 for strips on
+             * AVX-512, but 3.5 / 6.3 against 2.7 / 5.5 on AVX2 (SSE2: 4.1 / 6.9 against
+             * 3.3 / 6.8), whose memory walk moves every sum through L1 in pieces. */
+            if (tile8 <= BN_REG_MAX_COLS || p->resident || isa != BN_ISA_AVX512)
                 p->reduce_walk = BN_WALK_REGISTER;
             else
                 p->reduce_walk = BN_WALK_MEMORY;
