@@ -2,6 +2,7 @@
 layer (``import bnfast``) does not load the framework on top of it (nn, optim, train),
 which loads on first use, and the version is written once."""
 import ast
+import importlib.machinery
 import os
 import re
 import subprocess
@@ -25,8 +26,10 @@ KNOWN_CYCLE_EDGES = {}   # (importer, imported): reason; none today
 
 def package_modules(package_dir=PACKAGE_DIR, package="bnfast"):
     """``{module name: path}`` of every Python and Cython (``.pyx``) module of the
-    package, subpackages too."""
+    package, subpackages too; a compiled extension without its .pyx (an installed wheel)
+    is a module with no path, whose imports are not seen."""
     mods = {}
+    compiled = {}
     for dirpath, dirnames, filenames in os.walk(package_dir):
         dirnames[:] = sorted(d for d in dirnames
                              if os.path.exists(os.path.join(dirpath, d, "__init__.py")))
@@ -37,11 +40,14 @@ def package_modules(package_dir=PACKAGE_DIR, package="bnfast"):
                 stem = fn.rsplit(".", 1)[0]
                 name = ".".join(parts if stem == "__init__" else parts + [stem])
                 mods[name] = os.path.join(dirpath, fn)
-    return mods
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                if fn.endswith(suffix):
+                    compiled[".".join(parts + [fn[:-len(suffix)]])] = None
+    return {**compiled, **mods}
 
 
 def _is_package(name, mods):
-    return mods.get(name, "").endswith("__init__.py")
+    return (mods.get(name) or "").endswith("__init__.py")
 
 
 def _resolve(name, mods, node):
@@ -72,6 +78,9 @@ def import_graph(mods):
     the module (in functions too: they are dependencies all the same)."""
     graph = {}
     for name, path in mods.items():
+        if path is None:                # compiled, no source here
+            graph[name] = set()
+            continue
         with open(path, encoding="utf-8") as f:
             text = f.read()
         if path.endswith(".pyx"):       # Cython: its Python import lines (not cimports)
