@@ -103,7 +103,7 @@ def _norm_axis(axis, ndim):
 
 
 def _layout(x, axis, be=None):
-    """Return (ax, N, C, S, perm, xk): the kernel view of x.
+    """Return (N, C, S, perm, xk): the kernel view of x.
 
     xk is C-contiguous and its memory is (N, C, S): N elements of the axes stored outside
     the channel axis, S of those stored inside it.  ``perm`` is None when x is C-contiguous;
@@ -122,9 +122,9 @@ def _layout(x, axis, be=None):
         xt = x.transpose(perm)
         if xt.flags.c_contiguous:
             p = perm.index(ax)
-            return ax, math.prod(xt.shape[:p]), C, math.prod(xt.shape[p + 1:]), perm, xt
+            return math.prod(xt.shape[:p]), C, math.prod(xt.shape[p + 1:]), perm, xt
         x = np.ascontiguousarray(x) if be is None else be.ascontiguous(x)
-    return ax, math.prod(shape[:ax]), C, math.prod(shape[ax + 1:]), None, x
+    return math.prod(shape[:ax]), C, math.prod(shape[ax + 1:]), None, x
 
 
 def _coerce(a, perm, be=None):
@@ -454,7 +454,7 @@ def moments(x, *, axis=1):
         return r
     be = _backend(x)
     x = _as_data(x, "x", be)
-    ax, N, C, S, perm, xk = _layout(x, axis, be)
+    N, C, S, perm, xk = _layout(x, axis, be)
     if N * S == 0 and C > 0:
         raise ValueError(f"moments of an empty batch are undefined (x has shape {x.shape})")
     if be is not None:
@@ -536,7 +536,7 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
         return r
     be = _backend(x)
     x = _as_data(x, "x", be)
-    ax, N, C, S, perm, xk = _layout(x, axis, be)
+    N, C, S, perm, xk = _layout(x, axis, be)
     eps = _real(eps, "eps", 0.0, math.inf)
     momentum = _real(momentum, "momentum", 0.0, 1.0)
     relu = _flag(relu, "relu")
@@ -613,7 +613,7 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
         return r
     be = _backend(x)
     x = _as_data(x, "x", be)
-    ax, N, C, S, perm, xk = _layout(x, axis, be)
+    N, C, S, perm, xk = _layout(x, axis, be)
     eps = _real(eps, "eps", 0.0, math.inf)
     relu = _flag(relu, "relu")
     m = _chan(mean, C, "mean", required=True, be=be)
@@ -759,7 +759,8 @@ def _backward_inputs(dy, x, mean, invstd, weight, bias, relu, axis, be=None):
         raise TypeError(f"dy has dtype {dy.dtype} but x has dtype {x.dtype}")
     if dy.shape != x.shape:
         raise ValueError(f"dy has shape {dy.shape} but x has shape {x.shape}")
-    ax, N, C, S, perm, xk = _layout(x, axis, be)
+    N, C, S, perm, xk = _layout(x, axis, be)
+    ax = _norm_axis(axis, x.ndim)           # valid: _layout checked it
     dyk = _coerce(dy, perm, be)
     m = _chan(mean, C, "mean", required=True, be=be)
     inv = _chan(invstd, C, "invstd", required=True, be=be)
@@ -990,7 +991,7 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
         raise ValueError(f"isa must be None or one of {', '.join(_core.ISA_NAMES)}, "
                          f"got {_short(isa)}")
     x = _as_data(x, "x")
-    ax, N, C, S, perm, xk = _layout(x, axis)
+    N, C, S, perm, xk = _layout(x, axis)
     plan = _core.plan(op, N, C, S, x.dtype.itemsize, get_num_threads(),
                       None if isa is None else _core.ISA_NAMES.index(isa))
     plan["dtype"] = x.dtype.name

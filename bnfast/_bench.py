@@ -117,11 +117,6 @@ def timeit_many(fns, *, repeat=7, min_time=0.02, max_time=3.0, prepare=None):
     return [(float(np.median(v)), float(np.min(v))) for v in samples]
 
 
-def timeit(fn, *, repeat=7, min_time=0.02, max_time=3.0):
-    """Median and minimum seconds per call of ``fn()`` (see :func:`timeit_many`)."""
-    return timeit_many([fn], repeat=repeat, min_time=min_time, max_time=max_time)[0]
-
-
 # ------------------------------------------------------------------ NumPy baseline
 
 def _axes(x, axis):
