@@ -3,7 +3,7 @@
  * compiled by nvcc (tools/cuda_compile.sh) and by NVRTC through cupy.RawModule at run time
  * (bnfast/cuda/_kernels.py inlines this header into bnfast.cu before compiling).
  *
- * Numerics as in the CPU kernels (csrc/bn_impl_dtype.h): every value is widened to double,
+ * Numerics as in the CPU kernels (csrc/bn_stats.h): every value is widened to double,
  * all arithmetic is double precision, results are rounded once.  The module is compiled
  * with -fmad=false, so no multiply and add are contracted into an FMA and every
  * element-wise formula gives the CPU kernels' bits.

@@ -1,5 +1,5 @@
 /*
- * bnfast CUDA kernels (the GPU twin of csrc/bn_impl_dtype.h), for float and double data.
+ * bnfast CUDA kernels (the GPU twin of csrc/bn_stats.h, bn_elementwise.h and bn_train.h), for float and double data.
  *
  * Device code only: nvcc compiles this file as a check (tools/cuda_compile.sh), and
  * bnfast.cuda compiles it at run time with NVRTC through cupy.RawModule, with
