@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _core
 from ._threads import get_num_threads
+from ._xp import is_cupy as _is_cupy   # from the type's module, without importing CuPy
 
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -33,11 +34,6 @@ def _short(v):
 # input, which the CPU kernels compute, and for a CuPy `x` it is bnfast.cuda's backend for
 # x's device: it supplies the array operations that differ (type and device of each
 # argument, allocation, overlap) and the GPU operations.  Rules and messages stay here.
-
-def _is_cupy(a):
-    """Whether `a`'s type comes from CuPy (decided without importing CuPy)."""
-    return type(a).__module__.split(".", 1)[0] == "cupy"
-
 
 def _backend(x):
     """None for NumPy input; for a CuPy array, the GPU backend of its device."""
@@ -163,6 +159,18 @@ def _not_array(a, name, what, be):
     return TypeError(f"{name} must be a {kind}{what}, got {got}")
 
 
+def _writable_array(a, name, what, be):
+    """Check that an array the caller passes for bnfast to write (out=, running
+    statistics) is an array of the backend's kind: not masked (NumPy), on x's device
+    (CuPy)."""
+    if not _is_array(a, be):
+        raise _not_array(a, name, what, be)
+    if be is None:
+        _not_masked(a, name)
+    else:
+        be.same_device(a, name)
+
+
 def _output(out, x, perm, inputs, name="out", be=None):
     """Return (result, kernel_buffer, copy_back) for an output shaped like x."""
     shape = x.shape
@@ -173,12 +181,7 @@ def _output(out, x, perm, inputs, name="out", be=None):
             return buf, buf, False
         buf = empty(tuple(shape[i] for i in perm), dtype=x.dtype)
         return buf.transpose(_inverse(perm)), buf, False
-    if not _is_array(out, be):
-        raise _not_array(out, name, "", be)
-    if be is None:
-        _not_masked(out, name)
-    else:
-        be.same_device(out, name)
+    _writable_array(out, name, "", be)
     if out.dtype != x.dtype:
         raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {x.dtype}")
     if out.shape != shape:
@@ -244,12 +247,7 @@ def _running(rm, rv, C, x, out, be=None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     overlap = _overlap if be is None else be.overlap
     for a, name in ((rm, "running_mean"), (rv, "running_var")):
-        if not _is_array(a, be):
-            raise _not_array(a, name, " (it is updated in place)", be)
-        if be is None:
-            _not_masked(a, name)
-        else:
-            be.same_device(a, name)
+        _writable_array(a, name, " (it is updated in place)", be)
         if a.dtype.type not in (np.float32, np.float64):
             raise TypeError(
                 f"{name} must have dtype float32 or float64 (either byte order), "
