@@ -348,6 +348,7 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
                     mxg = mx.detach().clone().requires_grad_(True)
                     mwg, mbg = tw.clone().requires_grad_(True), tb.clone().requires_grad_(True)
                     myg = F.batch_norm(mxg, None, None, mwg, mbg, training=True)
+            pending = {}            # op -> the functions to time, their selectors, keys
             for op in ops:
                 if op not in OPS:
                     raise ValueError(f"unknown op {op!r}")
@@ -433,15 +434,38 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
                     fns.append(f_dnn)
                     prep.append(None)
                     keys.append(("onednn", None))
-                grad_off = torch is not None and op != "backward"
+                pending[op] = (fns, prep, keys)
+            # Training forward with and without ReLU are sampled in one set (the ReLU's cost
+            # is a figure of merit); the copy is sampled once per set.
+            times = {}
+            for group in (("train", "train_relu"), ("infer",), ("backward",)):
+                fns, prep, keys = [], [], []
+                for op in (o for o in group if o in pending):
+                    for f, p_, k in zip(*pending[op]):
+                        if k[0] == "copy" and ("copy", None) in [kk[1:] for kk in keys]:
+                            continue
+                        fns.append(f)
+                        prep.append(p_)
+                        keys.append((op,) + k if k[0] != "copy" else (None,) + k)
+                if not fns:
+                    continue
+                grad_off = torch is not None and group[0] != "backward"
                 with torch.no_grad() if grad_off else contextlib.nullcontext():
-                    times = dict(zip(keys, timeit_many(fns, repeat=repeat, prepare=prep,
-                                                       min_time=min_time)))
+                    got = timeit_many(fns, repeat=repeat, prepare=prep, min_time=min_time)
+                for k, v in zip(keys, got):
+                    if k[0] is None:               # the set's copy serves its ops
+                        for op in group:
+                            times[(op,) + k[1:]] = v
+                    else:
+                        times[k] = v
+            for op in (o for o in ops if o in pending):
+                relu = op == "train_relu"
+                times_op = {k[1:]: v for k, v in times.items() if k[0] == op}
                 nan2 = (math.nan, math.nan)
-                t_np = times.get(("numpy", None), nan2)
-                t_t = times.get(("torch", None), nan2)
-                t_d = times.get(("onednn", None), nan2)
-                t_c = times.get(("copy", None))
+                t_np = times_op.get(("numpy", None), nan2)
+                t_t = times_op.get(("torch", None), nan2)
+                t_d = times_op.get(("onednn", None), nan2)
+                t_c = times_op.get(("copy", None))
                 if t_c is None:       # the copy measured once for the case
                     t_c = (min(copy_np[0], copy_mt[0]), min(copy_np[1], copy_mt[1]))
                 for isa in isas:
@@ -451,8 +475,8 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
                                            f"{_config.get_isa()} is in use")
                     plan, strategy = _plan(x, op if op != "train_relu" else "train", axis,
                                            relu)
-                    t_bn = times[("bnfast", isa)]
-                    t_fr = times.get(("fresh", isa), nan2)
+                    t_bn = times_op[("bnfast", isa)]
+                    t_fr = times_op.get(("fresh", isa), nan2)
                     results.append({
                         "class": shape_class, "op": op, "shape": list(shape),
                         "layout": "cl" if cl else "cf", "dtype": dtype.name,

@@ -385,3 +385,21 @@ def test_each_variant_is_in_force_while_its_samples_run(monkeypatch):
                     min_time=0.0)
     assert seen[True] == set(isas)            # every variant ran its own samples
     assert len(calls[-1]) == len(isas) + 1     # one selector per variant, and the copy
+
+
+def test_training_forward_with_and_without_relu_share_one_set_of_samples(monkeypatch):
+    sets = []
+    real = _bench.timeit_many
+
+    def timeit_many(fns, **kw):
+        sets.append(len(fns))
+        return real(fns, **kw)
+
+    monkeypatch.setattr(_bench, "timeit_many", timeit_many)
+    rows = _bench.run_case((4, 3, 5, 5), "cf", np.float32, 1, repeat=1, isas=["baseline"],
+                           include_torch=False, include_numpy=False, include_fresh=False,
+                           min_time=0.0)
+    # the copy floor, then {train, train_relu, copy}, {infer, copy}, {backward, copy}
+    assert sets == [2, 3, 2, 2]
+    by = {r["op"]: r for r in rows}
+    assert by["train"]["copy_ms"] == by["train_relu"]["copy_ms"]
