@@ -111,6 +111,25 @@ __device__ __forceinline__ void bn_neumaier(double &s, double &comp, double v)
 }
 
 /*
+ * The block's compensated sum in a fixed tree order: thread tid holds (sa[tid], sb[tid])
+ * (sum, compensation); afterwards sa[0] + sb[0] is the block's sum.  Every thread of the
+ * block must call it (it synchronises); thread 0 may read sa[0], sb[0] at once, the
+ * others after a __syncthreads().
+ */
+__device__ __forceinline__ void bn_block_neumaier(double *sa, double *sb, int tid)
+{
+    for (int half = BN_THREADS >> 1; half > 0; half >>= 1) {
+        __syncthreads();
+        if (tid < half) {
+            double s0 = sa[tid], c0 = sb[tid] + sb[tid + half];
+            bn_neumaier(s0, c0, sa[tid + half]);
+            sa[tid] = s0;
+            sb[tid] = c0;
+        }
+    }
+}
+
+/*
  * Tree sums over the block in a fixed order: after bn_tree2, a[base] holds the sum of
  * a[base + k * step] for k < count (count a power of two), added pairwise as
  * (a[i] + a[i + half]) -- the same order on every run and every device.  Every thread of

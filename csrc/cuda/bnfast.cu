@@ -233,15 +233,7 @@ __global__ void __launch_bounds__(BN_THREADS) bn_stats_fixup(BN_FIXUP_ARGS(T))
     __syncthreads();
     sa[tid] = s;
     sb[tid] = comp;
-    for (int half = BN_THREADS >> 1; half > 0; half >>= 1) {
-        __syncthreads();
-        if (tid < half) {
-            double s0 = sa[tid], c0 = sb[tid] + sb[tid + half];
-            bn_neumaier(s0, c0, sa[tid + half]);
-            sa[tid] = s0;
-            sb[tid] = c0;
-        }
-    }
+    bn_block_neumaier(sa, sb, tid);
     __syncthreads();
     const double m = (sa[0] + sb[0]) / cnt;
     double dmax = 0.0;
@@ -266,15 +258,7 @@ __global__ void __launch_bounds__(BN_THREADS) bn_stats_fixup(BN_FIXUP_ARGS(T))
     __syncthreads();
     sa[tid] = q;
     sb[tid] = qc;
-    for (int half = BN_THREADS >> 1; half > 0; half >>= 1) {
-        __syncthreads();
-        if (tid < half) {
-            double s0 = sa[tid], c0 = sb[tid] + sb[tid + half];
-            bn_neumaier(s0, c0, sa[tid + half]);
-            sa[tid] = s0;
-            sb[tid] = c0;
-        }
-    }
+    bn_block_neumaier(sa, sb, tid);
     if (tid == 0) {
         mean[c] = bn_canon(bn_ldexp(m, k));
         var[c] = bn_canon(bn_ldexp((sa[0] + sb[0]) / cnt, 2 * (k + ed + 1)));
