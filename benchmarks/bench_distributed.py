@@ -168,17 +168,12 @@ def _mpiexec():
 
 def machine():
     import platform
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+
     from mpi4py import MPI
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+
+    from bnfast._bench import machine_info    # lscpu's model name, as bnfast bench records
+    return {"cpu": machine_info()["model"], "cores": os.cpu_count(),
+            "python": platform.python_version(),
             "mpi": MPI.Get_library_version().splitlines()[0].strip()}
 
 
