@@ -90,6 +90,8 @@ cdef extern from "bn_plan.h" nogil:
     enum:
         BN_OP_COUNT
         BN_WALK_COUNT
+        BN_LAYOUT_ROWS
+        BN_WALK_REGISTER
     ctypedef struct bn_colpart:
         Py_ssize_t R, Cp, tile, ntiles, rb, nblocks, bpg, ngroups
     ctypedef struct bn_plan:
@@ -176,7 +178,7 @@ def plan(str op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize, int nth
         raise ValueError(f"unknown op {op!r}")
     _check(bn_plan_make(&p, OP_NAMES.index(op), N, C, S, itemsize,
                         bn_get_isa() if isa is None else isa, nthreads))
-    rows = p.layout == 0
+    rows = p.layout == BN_LAYOUT_ROWS
     d = {"op": op, "variant": ISA_NAMES[p.isa], "N": p.N, "C": p.C, "S": p.S,
          "itemsize": p.itemsize, "threads": p.nthreads, "layout": LAYOUT_NAMES[p.layout]}
     if op != "infer":
@@ -189,7 +191,7 @@ def plan(str op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize, int nth
             red.update(tile=p.col.tile, tiles=p.col.ntiles, rows_per_block=p.col.rb,
                        groups=p.col.ngroups, blocks_per_group=p.col.bpg,
                        items=p.col_items, resident=bool(p.resident))
-            if p.reduce_walk == 1:   # BN_WALK_REGISTER
+            if p.reduce_walk == BN_WALK_REGISTER:
                 red["strip_columns"] = p.strip_cols
         d["reduce"] = red
     if op != "moments":
