@@ -27,7 +27,6 @@ import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -49,7 +48,7 @@ SOURCES = (["bnfast/_core.pyx"]
            + [f"csrc/kernels_{isa}_{dt}.c" for isa in ISAS for dt in ("f64", "f32")]
            + ["csrc/kernel_tables.c", "csrc/dispatch.c", "csrc/plan.c", "csrc/running_stats.c",
               "csrc/bench_copy.c"])
-DEPENDS = (["csrc/bnfast.h", "csrc/bn_plan.h", "csrc/bn_kernels.h", "csrc/bn_common.h",
+DEPENDS = (["bnfast/_npy_abi.h", "bnfast/_npy.pxd", "csrc/bnfast.h", "csrc/bn_plan.h", "csrc/bn_kernels.h", "csrc/bn_common.h",
             "csrc/bn_isa.h", "csrc/bn_stats.h", "csrc/bn_elementwise.h", "csrc/bn_train.h",
             "csrc/bn_entry.h"]
            + [f"csrc/kernels_{isa}.c" for isa in ISAS])
@@ -172,13 +171,13 @@ def _parallel_compile(compiler, jobs, per_source_args, before):
 
 
 def _build_key(compiler, cflags, lflags):
-    """What an existing build must match to be reused: flags, compiler, NumPy, Cython."""
+    """What an existing build must match to be reused: flags, compiler, Cython."""
     import Cython
 
     return json.dumps({"cflags": cflags, "lflags": lflags, "python": sys.version,
                        "compiler": list(getattr(compiler, "compiler_so", None)
                                         or [str(getattr(compiler, "cc", ""))]),
-                       "numpy": np.__version__, "cython": Cython.__version__},
+                       "cython": Cython.__version__},
                       sort_keys=True)
 
 
@@ -266,8 +265,7 @@ class BuildExt(build_ext):
 EXTENSION = Extension(
     "bnfast._core",
     sources=SOURCES,
-    include_dirs=["csrc", np.get_include()],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
+    include_dirs=["csrc", "bnfast"],   # bnfast/_npy_abi.h: no NumPy needed to build
     depends=DEPENDS,
 )
 

@@ -18,7 +18,7 @@ The thread count is passed in with every call (``bnfast._threads`` is the only p
 is stored).
 """
 import numpy as np
-cimport numpy as cnp
+from bnfast cimport _npy as cnp   # NumPy's C API without its headers (bnfast/_npy_abi.h)
 from libc.math cimport NAN, isfinite
 from libc.stdlib cimport malloc, free
 
@@ -270,6 +270,21 @@ def copy(cnp.ndarray src, cnp.ndarray dst, int nthreads):
 
 
 # ---------------------------------------------------------------- helpers
+
+def _npy_view(cnp.ndarray a):
+    """What bnfast/_npy_abi.h reads of an array (for tests/packaging/test_npy_abi.py):
+    (address, ndim, shape, strides, type number, item size, bytes, C-contiguous,
+    aligned, writeable, native byte order), and an empty array made like it."""
+    cdef int i
+    shape = tuple(cnp.PyArray_DIM(a, i) for i in range(cnp.PyArray_NDIM(a)))
+    strides = tuple(cnp.PyArray_STRIDE(a, i) for i in range(cnp.PyArray_NDIM(a)))
+    return ((<size_t> cnp.PyArray_DATA(a), cnp.PyArray_NDIM(a), shape, strides,
+             cnp.PyArray_TYPE(a), cnp.PyArray_ITEMSIZE(a), cnp.PyArray_NBYTES(a),
+             cnp.PyArray_IS_C_CONTIGUOUS(a), cnp.PyArray_ISALIGNED(a),
+             cnp.PyArray_ISWRITEABLE(a), cnp.PyArray_ISNOTSWAPPED(a)),
+            cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a), cnp.PyArray_TYPE(a), 0))
+
+
 
 cdef inline int _dt(cnp.ndarray a):
     # 0 for float32, 1 for float64 (callers guarantee one of them)

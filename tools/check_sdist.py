@@ -6,7 +6,8 @@ Fails (exit status 1) when
 
 - a build input is missing: setup.py, pyproject.toml, README.md, MANIFEST.in, every C
   source and header under csrc/ (and the CUDA kernels, csrc/cuda/*.cu and *.cuh), the
-  Cython bindings bnfast/_core.pyx, every Python file of the bnfast package,
+  Cython bindings bnfast/_core.pyx (with bnfast/_npy.pxd and bnfast/_npy_abi.h, the NumPy
+  C ABI it uses), every Python file of the bnfast package,
   bnfast/py.typed, and the tests.  With SOURCE_TREE (a git checkout), every file git
   knows under csrc/, bnfast/ and tests/ (tracked, or untracked and not ignored) must be in
   the sdist too, except generated files;
@@ -24,7 +25,8 @@ import sys
 import tarfile
 
 REQUIRED = ["setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO",
-            "bnfast/__init__.py", "bnfast/_core.pyx", "bnfast/py.typed",
+            "bnfast/__init__.py", "bnfast/_core.pyx", "bnfast/_npy.pxd", "bnfast/_npy_abi.h",
+            "bnfast/py.typed",
             "csrc/bnfast.h", "csrc/bn_plan.h", "csrc/plan.c", "csrc/dispatch.c",
             "csrc/running_stats.c", "csrc/bench_copy.c", "csrc/bn_kernels.h",
             "csrc/bn_common.h", "csrc/bn_isa.h", "csrc/bn_stats.h", "csrc/bn_elementwise.h",
@@ -39,7 +41,7 @@ REQUIRED_GLOBS = ["csrc/*.c", "csrc/*.h", "bnfast/*.py", "bnfast/nn/*.py", "test
 FORBIDDEN = ["*.so", "*.so.*", "*.o", "*.obj", "*.pyd", "*.dll", "*.dylib", "*.a", "*.lib",
              "*.pyc", "*.pyo", "*/__pycache__/*", "bnfast/_core.c", "bnfast/*.html",
              ".git/*", ".git", ".gitignore", "build/*", "dist/*", "wheelhouse/*",
-             ".ci-venv/*", "*/.venv/*", ".venv/*", "*/site-packages/*",
+             ".ci-venv/*", ".ci-np1/*", "*/.venv/*", ".venv/*", "*/site-packages/*",
              ".pytest_cache/*", ".hypothesis/*", ".benchmarks/*", "results/*",
              "docs/_build/*", "docs/auto_tutorials/*", "docs/api/generated/*",
              "docs/sg_execution_times.rst", "*.whl", "*.tar.gz", "*/.gitignore"]
