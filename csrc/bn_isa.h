@@ -9,8 +9,10 @@
  * than once in a loop body made GCC move the loop's operands through the stack on AVX2
  * (a 4x regression); where a store and a NaN test need the halves, they share one split.
  */
-#if BN_ISA_LEVEL > 0 || defined(__SSE2__)
+#if BN_ISA_LEVEL > 0
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>   /* SSE2 only: a fifth of immintrin.h's parsing (compile time) */
 #endif
 
 /* Native pieces of the 8-double vector: 4 doubles (one AVX2 register), 2 (one SSE2

@@ -181,20 +181,26 @@ static inline __attribute__((always_inline)) void BN_FN(col_sums_reg)(
     }
 }
 
-/* One register strip of nv (1..8) vectors of columns. */
+/* One register strip of nv (1..8) vectors of columns: a strip of 8 vectors, or the binary
+ * decomposition of nv (4, 2, 1), so that four widths are compiled instead of eight (each
+ * column's sum is the same whatever strip holds it). */
 static void BN_FN(col_sums_strip)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, const double *kc,
                                   double *s, double *q, int nv)
 {
-    switch (nv) {
-    case 8: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 8); break;
-    case 7: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 7); break;
-    case 6: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 6); break;
-    case 5: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 5); break;
-    case 4: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 4); break;
-    case 3: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 3); break;
-    case 2: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 2); break;
-    default: BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 1); break;
+    if (nv >= 8) {
+        BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 8);
+        return;
     }
+    int t = 0;
+    if (nv & 4) {
+        BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 4);
+        t = 4;
+    }
+    if (nv & 2) {
+        BN_FN(col_sums_reg)(blk + 8 * t, nr, Cp, kc + 8 * t, s + 8 * t, q + 8 * t, 2);
+        t += 2;
+    }
+    if (nv & 1) BN_FN(col_sums_reg)(blk + 8 * t, nr, Cp, kc + 8 * t, s + 8 * t, q + 8 * t, 1);
 }
 
 /* Memory walk: row by row, the sums of the w8 vector columns in s and q (L1). */
@@ -545,21 +551,29 @@ static inline __attribute__((always_inline)) void BN_FN(bwd_sums_reg)(
     }
 }
 
-/* One register strip of nv (1..8) vectors of columns. */
+/* One register strip of nv (1..8) vectors of columns: 8 vectors, or the binary
+ * decomposition of nv (as col_sums_strip). */
 static void BN_FN(bwd_sums_strip)(const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp,
                                   const double *m, const double *a, const double *b, int relu,
                                   double *sd, double *sx, int nv)
 {
-    switch (nv) {
-    case 8: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 8); break;
-    case 7: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 7); break;
-    case 6: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 6); break;
-    case 5: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 5); break;
-    case 4: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 4); break;
-    case 3: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 3); break;
-    case 2: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 2); break;
-    default: BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 1); break;
+    if (nv >= 8) {
+        BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 8);
+        return;
     }
+    int t = 0;
+    if (nv & 4) {
+        BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 4);
+        t = 4;
+    }
+    if (nv & 2) {
+        BN_FN(bwd_sums_reg)(dblk + 8 * t, xblk + 8 * t, nr, Cp, m + 8 * t, a + 8 * t, b + 8 * t,
+                            relu, sd + 8 * t, sx + 8 * t, 2);
+        t += 2;
+    }
+    if (nv & 1)
+        BN_FN(bwd_sums_reg)(dblk + 8 * t, xblk + 8 * t, nr, Cp, m + 8 * t, a + 8 * t, b + 8 * t,
+                            relu, sd + 8 * t, sx + 8 * t, 1);
 }
 
 /* The scalar columns [j0, w) of a block of nr rows, added to ad[j], ax[j]. */
