@@ -26,7 +26,12 @@ static inline T BN_FN(norm_one)(T x, double m, double a, double b, int relu)
     return (T)(relu ? bn_srelu(v) : v);
 }
 
-/* y[i] = (x[i] - m) * a + b over a span, with scalar parameters. */
+/* y[i] = (x[i] - m) * a + b over a span, with scalar parameters.  A span of 8 or more
+ * elements whose length is not a multiple of 8 (rows of S = 49, 25, ...) ends with one
+ * vector over its last 8 elements, overlapping the one before, instead of a scalar tail:
+ * it is computed before the other vectors are stored, so an output that is the input
+ * (in place) gets the same values, and it stores exactly what those lanes' own vectors
+ * store.  Not with streaming stores (whole aligned pieces only). */
 static void BN_FN(norm_span_s)(const T *x, T *y, ptrdiff_t L, double m, double a, double b,
                                int relu, int nts)
 {
@@ -34,12 +39,22 @@ static void BN_FN(norm_span_s)(const T *x, T *y, ptrdiff_t L, double m, double a
     ptrdiff_t i = 0;
     T tmp[8];
     bn_nanacc acc = bn_nanacc_zero();
+    const int last = !nts && L > 8 && (L & 7) != 0;
+    if (last) {   /* into tmp: a vector live across the loops would live in memory */
+        const bn_vd v = (BN_FN(ld)(x + L - 8) - mv) * av + bv;
+        BN_FN(stx)(tmp, relu ? bn_vrelu(v) : v, 0, &acc);
+    }
     if (relu) {
         for (; i + 8 <= L; i += 8)
             BN_FN(stx)(y + i, bn_vrelu((BN_FN(ld)(x + i) - mv) * av + bv), nts, &acc);
     } else {
         for (; i + 8 <= L; i += 8)
             BN_FN(stx)(y + i, (BN_FN(ld)(x + i) - mv) * av + bv, nts, &acc);
+    }
+    if (last) {
+        memcpy(y + L - 8, tmp, sizeof tmp);
+        if (bn_nanacc_any(acc)) BN_FN(canon_mem)(y, L);
+        return;
     }
     if (bn_nanacc_any(acc)) BN_FN(canon_mem)(y, i);
     for (ptrdiff_t k = 0; k < L - i; k++) tmp[k] = BN_FN(norm_one)(x[i + k], m, a, b, relu);
@@ -142,7 +157,7 @@ static int BN_FN(normalize_planned)(const bn_plan *p, const T *x, T *y, const do
     const ptrdiff_t N = p->N, C = p->C, S = p->S;
     if (N == 0 || C == 0 || S == 0) return BN_OK;
     const int nts = p->stream && ((uintptr_t)y & 15) == 0;
-    if (p->layout == BN_LAYOUT_ROWS) {
+    if (p->layout == BN_LAYOUT_ROWS || p->ew_walk == BN_WALK_ROWS) {
         BN_FN(norm_ctx) k = {p, x, y, mean, scale, shift, relu, nts};
         BN_FN(run_ew_items)(p, BN_FN(norm_rows), &k);
         return BN_OK;
@@ -285,7 +300,7 @@ static int BN_FN(backward_dx_planned)(const bn_plan *p, const T *dy, const T *x,
     const ptrdiff_t N = p->N, C = p->C, S = p->S;
     if (N == 0 || C == 0 || S == 0) return BN_OK;
     const int nts = p->stream && ((uintptr_t)dx & 15) == 0;
-    if (p->layout == BN_LAYOUT_ROWS) {
+    if (p->layout == BN_LAYOUT_ROWS || p->ew_walk == BN_WALK_ROWS) {
         BN_FN(dx_ctx) k = {p, dy, x, dx, mean, scale, shift, k_dy, k_x, k_0, relu, eval, nts};
         BN_FN(run_ew_items)(p, BN_FN(dx_rows), &k);
         return BN_OK;

@@ -44,6 +44,10 @@ extern "C" {
 #define BN_SPAN 16384          /* element-wise passes: elements per work item (about) */
 #define BN_EW_TILE 256         /* columns dx: columns per tile (parameters stay in L1) */
 #define BN_PERIOD_MIN 64       /* columns element-wise: shortest period (elements) */
+#define BN_EW_ROW_MIN_S 8      /* columns element-wise: rows walk for S >= this (below,
+                                  a row does not fill one vector) ... */
+#define BN_EW_ROW_MIN_PARAM_BYTES ((double)(512 << 10))   /* ... and a period's expanded
+                                  parameters of at least this many bytes (half of L2) */
 #define BN_REG_MAX_COLS 64     /* register walks: most columns one strip keeps in registers */
 #define BN_SHIFT_COND 16.0     /* one-pass block statistics while mean(x-K)^2 <= this * var */
 
@@ -53,8 +57,10 @@ enum { BN_OP_MOMENTS = 0, BN_OP_TRAIN = 1, BN_OP_INFER = 2, BN_OP_BACKWARD = 3,
 enum { BN_LAYOUT_ROWS = 0, BN_LAYOUT_COLUMNS = 1 };
 
 /* Walks of the columns layout (the rows layout has one walk per pass).  Statistics:
- * REGISTER or MEMORY.  Backward sums: REGISTER, MEMORY or BLOCKS.  Normalize: SPANS or
- * PERIOD64.  dx: SPANS (in column tiles of BN_EW_TILE). */
+ * REGISTER or MEMORY.  Backward sums: REGISTER, MEMORY or BLOCKS.  Normalize: ROWS, SPANS
+ * or PERIOD64.  dx: ROWS or SPANS (in column tiles of BN_EW_TILE).  An element-wise walk
+ * computes every element with the same operations whatever the partition, so the
+ * columns layout's element-wise pass may walk rows (the reduction keeps its columns). */
 enum {
     BN_WALK_NONE = 0,      /* the pass does not run, or the rows layout */
     BN_WALK_REGISTER = 1,  /* strips of up to strip_cols columns down a block (statistics)
@@ -63,7 +69,9 @@ enum {
     BN_WALK_BLOCKS = 3,    /* backward: block by block, strips of 8 columns in registers */
     BN_WALK_SPANS = 4,     /* element-wise: each period as a span, parameters from memory */
     BN_WALK_PERIOD64 = 5,  /* normalize: a period of 64 with its parameters in registers */
-    BN_WALK_COUNT = 6
+    BN_WALK_ROWS = 6,      /* element-wise: each (n, c) row of S elements with its channel's
+                              scalar parameters, as the rows layout does */
+    BN_WALK_COUNT = 7
 };
 
 /* Column partition (shape only): tile width, rows per block, blocks per group. */
@@ -84,9 +92,10 @@ typedef struct {
     bn_colpart col;                                               /* columns layout */
     ptrdiff_t col_items;
     /* element-wise pass */
-    int ew_walk;             /* BN_WALK_SPANS or BN_WALK_PERIOD64 (columns layout) */
-    ptrdiff_t period;        /* columns layout: elements per period (a multiple of Cp) */
-    ptrdiff_t ew_units;      /* rows (rows layout) or whole periods (columns) */
+    int ew_walk;             /* BN_WALK_ROWS, SPANS or PERIOD64 (columns layout) */
+    ptrdiff_t period;        /* elements per unit: S (rows layout or ROWS walk), else a
+                                period of the columns layout (a multiple of Cp) */
+    ptrdiff_t ew_units;      /* rows (rows layout or ROWS walk) or whole periods */
     ptrdiff_t ew_per_item;   /* units per work item */
     ptrdiff_t ew_items;
     int stream;              /* streaming stores, if the output is 16-byte aligned */

@@ -26,7 +26,7 @@ int bn_plan_force(int layout, int stats_walk, int backward_walk, int ew_walk)
     if (!(layout == -1 || layout == BN_LAYOUT_ROWS || layout == BN_LAYOUT_COLUMNS) ||
         !walk_ok(stats_walk, BN_WALK_REGISTER, BN_WALK_MEMORY, BN_WALK_MEMORY) ||
         !walk_ok(backward_walk, BN_WALK_REGISTER, BN_WALK_MEMORY, BN_WALK_BLOCKS) ||
-        !walk_ok(ew_walk, BN_WALK_SPANS, BN_WALK_PERIOD64, BN_WALK_PERIOD64))
+        !walk_ok(ew_walk, BN_WALK_SPANS, BN_WALK_PERIOD64, BN_WALK_ROWS))
         return BN_EINVAL;
     force_layout = layout;
     force_stats = stats_walk;
@@ -45,8 +45,8 @@ void bn_plan_forced(int *layout, int *stats_walk, int *backward_walk, int *ew_wa
 
 const char *bn_walk_name(int walk)
 {
-    static const char *names[BN_WALK_COUNT] = {"none",   "register", "memory",
-                                               "blocks", "spans",    "period64"};
+    static const char *names[BN_WALK_COUNT] = {"none",  "register", "memory", "blocks",
+                                               "spans", "period64", "rows"};
     return walk >= 0 && walk < BN_WALK_COUNT ? names[walk] : "unknown";
 }
 
@@ -215,27 +215,40 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
         }
     }
 
-    /* Element-wise pass. */
+    /* Element-wise pass.  The columns layout walks rows of S >= BN_EW_ROW_MIN_S elements
+     * with their channel's scalar parameters, as the rows layout does, when a period's
+     * expanded parameters -- three (normalize) or six (dx) doubles per column -- reach
+     * BN_EW_ROW_MIN_PARAM_BYTES: read per element from beyond L2 they cost more than the
+     * rows' short loops (one thread, AVX-512 / AVX2: inference of (32, 512, 7, 7), period
+     * 25,088 (600 KB), 280 -> 190 / 288 -> 197 us; its dx (1.2 MB) 728 -> 559 / 751 ->
+     * 716 us).  With smaller periods the periods are faster (dx of (32, 256, 5, 5), 300 KB:
+     * 155 against 181 us; inference of (256, 64, 3, 3): 36 against 72 us).  Normalize's
+     * rows end with an overlapping vector (norm_span_s); dx's do not (slower on AVX2). */
     p->ew_walk = BN_WALK_NONE;
-    p->period = rows ? S : period_of(Cp);
+    if (has_ew && !rows) {
+        /* Normalize: a period of 64 keeps its 3 x 8 parameter vectors in registers
+         * (24 of AVX-512's 32 registers; AVX2 and SSE2 reload some, and it is still
+         * 5-15% faster than spans there).  dx (six parameter arrays) walks spans in
+         * column tiles. */
+        const int p64_ok = op != BN_OP_BACKWARD && period_of(Cp) == 64;
+        const double param_bytes = (op == BN_OP_BACKWARD ? 6.0 : 3.0) * 8.0 * (double)Cp;
+        p->ew_walk = S >= BN_EW_ROW_MIN_S && param_bytes >= BN_EW_ROW_MIN_PARAM_BYTES
+                         ? BN_WALK_ROWS
+                     : p64_ok ? BN_WALK_PERIOD64 : BN_WALK_SPANS;
+        if (force_ew == BN_WALK_SPANS || force_ew == BN_WALK_ROWS ||
+            (force_ew == BN_WALK_PERIOD64 && p64_ok))
+            p->ew_walk = force_ew;
+    }
+    const int ew_rows = rows || p->ew_walk == BN_WALK_ROWS;
+    p->period = ew_rows ? S : period_of(Cp);
     if (p->period < 1) p->period = 1;
     p->ew_per_item = BN_SPAN / p->period;
     if (p->ew_per_item < 1) p->ew_per_item = 1;
-    const ptrdiff_t units = rows ? N * C : (Cp > 0 ? (N * Cp) / p->period : 0);
+    const ptrdiff_t units = ew_rows ? N * C : (Cp > 0 ? (N * Cp) / p->period : 0);
     p->ew_units = units;
     p->ew_items = (units + p->ew_per_item - 1) / p->ew_per_item;
     p->stream = 0;
     if (has_ew) {
-        if (!rows) {
-            /* Normalize: a period of 64 keeps its 3 x 8 parameter vectors in registers
-             * (24 of AVX-512's 32 registers; AVX2 and SSE2 reload some, and it is still
-             * 5-15% faster than spans there).  dx (six parameter arrays) walks spans in
-             * column tiles. */
-            const int p64_ok = op != BN_OP_BACKWARD && p->period == 64;
-            p->ew_walk = p64_ok ? BN_WALK_PERIOD64 : BN_WALK_SPANS;
-            if (force_ew == BN_WALK_SPANS || (force_ew == BN_WALK_PERIOD64 && p64_ok))
-                p->ew_walk = force_ew;
-        }
         /* Streaming stores: only where the pass's working set (normalize: x and y; dx: dy,
          * x and dx) reaches the threshold, the variant has the instructions (not the
          * baseline), and every store is a whole 16-byte piece: each row (rows layout) or

@@ -81,6 +81,16 @@ PATHS = [
     (((16, 64, 7, 7), 1), "rows", {"moments": ("rows", None)}),
     (((25, 64, 7, 7), 1), "columns", {"moments": ("register", None)}),
     (((1, 2048), 1), "columns", {"infer": (None, "spans")}),
+    # S = 49, Cp = 25,088: a period's expanded parameters (600 KB normalize, 1.2 MB dx)
+    # reach BN_EW_ROW_MIN_PARAM_BYTES, so the element-wise passes walk (n, c) rows
+    (((32, 512, 7, 7), 1), "columns",
+     {"train": ("register", "rows"), "infer": (None, "rows"),
+      "backward": ("register", "rows")}),
+    # S = 25, Cp = 6400: normalize's 150 KB stay periods, dx's 300 KB too
+    (((32, 256, 5, 5), 1), "columns",
+     {"infer": (None, "spans"), "backward": ("register", "spans")}),
+    # S = 4 < 8 rows are narrower than a vector: periods whatever the parameters' size
+    (((64, 8192, 2, 2), 1), "columns", {"infer": (None, "spans")}),
     (((3, 8, 6), 1), "rows", {"infer": (None, "rows")}),
 ]
 
@@ -179,6 +189,10 @@ def test_force_switch(force):
     # period64 applies only to normalize with a period of 64
     assert _walks((100, 100), "train", 1, "baseline") == ("columns", "register", "spans")
     assert _walks(shape, "backward", -1, "baseline")[2] == "spans"
+    force(elementwise="rows")
+    assert _walks(shape, "backward", -1, "avx2") == ("columns", "register", "rows")
+    p = _plan(shape, "infer", -1)["elementwise"]
+    assert "period" not in p and p["rows_per_item"] == 16384
     force(layout="columns")
     assert _walks((8, 4, 16, 16), "train", 1)[0] == "columns"
     force(layout="rows")
@@ -213,9 +227,10 @@ def test_force_from_environment():
 
 # Above BN_PAR_MIN (so 2 threads really split the work), with vector tails and scalar
 # columns; each reaches the forced walks: Cp = 43, 64 (period 64), 100 (channels-last),
-# 300 (two tiles, the second narrow), 1296 (rows data forced into columns), S = 130 rows.
+# 300 (two tiles, the second narrow), 1296 (rows data forced into columns), S = 130 rows,
+# S = 49 columns (forced rows walk: rows that end in an overlapping vector).
 SHAPES = [((1024, 43), 1), ((1200, 64), 1), ((16, 12, 12, 100), -1), ((200, 300), 1),
-          ((37, 16, 9, 9), 1), ((50, 7, 130), 1)]
+          ((37, 16, 9, 9), 1), ((50, 7, 130), 1), ((48, 16, 7, 7), 1)]
 
 FORCINGS = [
     {},
@@ -228,6 +243,8 @@ FORCINGS = [
     {"backward_sums": "blocks"},
     {"elementwise": "spans"},
     {"elementwise": "period64"},
+    {"elementwise": "rows"},
+    {"layout": "columns", "elementwise": "rows"},
     {"layout": "columns", "statistics": "register", "backward_sums": "register",
      "elementwise": "period64"},
     {"layout": "columns", "statistics": "memory", "backward_sums": "blocks"},
@@ -321,3 +338,26 @@ def test_forced_strategy(forcing, shape, axis, dtype, force):
                     assert_same_bits(r[k], first[k], f"{_fid(forcing)} {isa} t{t}: {k}")
     for k in first:
         assert_same_bits(first[k], unforced[k], f"{_fid(forcing)} vs the plan's walk: {k}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_rows_walk_in_place(isa, force):
+    # the rows walk's overlapping last vector is computed before the row's other vectors
+    # are stored, so writing over the input (out=x) gives the same bits
+    rng = rng_for("plan-inplace", isa)
+    x = rng.standard_normal((32, 512, 7, 7)).astype(np.float32)
+    x[3, 5, 6, 6] = np.nan
+    C = x.shape[1]
+    w, b = make_params(rng, C)
+    mean, var = rng.standard_normal(C), rng.random(C) + 0.5
+    with bnfast.use_isa(isa):
+        assert _walks(x.shape, "infer") == ("columns", None, "rows")
+        for relu in (False, True):
+            want = bnfast.batch_norm_infer(x, mean, var, w, b, relu=relu)
+            y = x.copy()
+            bnfast.batch_norm_infer(y, mean, var, w, b, relu=relu, out=y)
+            assert_same_bits(y, want, f"in place relu={relu}")
+            force(elementwise="spans")
+            assert_same_bits(bnfast.batch_norm_infer(x, mean, var, w, b, relu=relu), want,
+                             f"spans relu={relu}")
+            force()
