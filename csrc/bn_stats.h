@@ -332,27 +332,51 @@ static int BN_FN(moments_columns)(const bn_plan *p, const T *x, double *mean, do
     double *buf = (double *)malloc(sizeof(double) * (2 * (size_t)(G * Cp) + (size_t)Cp));
     if (!buf) return BN_ENOMEM;
     double *kcol = buf + 2 * G * Cp;
-    for (ptrdiff_t c = 0; c < C; c++) {
-        const double K = BN_FN(shift_of)(x, S, c);
-        for (ptrdiff_t s = 0; s < S; s++) kcol[c * S + s] = K;
-    }
+    if (S == 1)   /* a loop the compiler vectorises (2-D data: 8192 channels of (32, 8192)) */
+        for (ptrdiff_t c = 0; c < C; c++) kcol[c] = BN_FN(shift_of)(x, 1, c);
+    else
+        for (ptrdiff_t c = 0; c < C; c++) {
+            const double K = BN_FN(shift_of)(x, S, c);
+            for (ptrdiff_t s = 0; s < S; s++) kcol[c * S + s] = K;
+        }
     BN_FN(col_stats_ctx) k = {p, x, kcol, buf, buf + G * Cp};
     BN_FN(run_reduce_items)(p, p->col_items, BN_FN(col_moments_item), &k);
-    /* Each channel merges its columns' group partials, column by column, group by group. */
+    /* Each channel merges its columns' group partials, column by column, group by group
+     * (bn_chan_merge's operations).  The counts are the same for every channel, so 8
+     * channels merge side by side (independent chains the compiler may vectorise; one
+     * channel at a time, the merges of (32, 8192) took a fifth of its training forward). */
     const ptrdiff_t rows_per_group = p->col.bpg * p->col.rb;
-    for (ptrdiff_t c = 0; c < C; c++) {
-        double n = 0.0, m = 0.0, q = 0.0;
+    for (ptrdiff_t c0 = 0; c0 < C; c0 += 8) {
+        const int w = C - c0 < 8 ? (int)(C - c0) : 8;
+        double n = 0.0, m[8] = {0}, q[8] = {0};
         for (ptrdiff_t s = 0; s < S; s++) {
-            const ptrdiff_t col = c * S + s;
             for (ptrdiff_t g = 0; g < G; g++) {
                 ptrdiff_t r0 = g * rows_per_group, r1 = r0 + rows_per_group;
                 if (r1 > N) r1 = N;
-                bn_chan_merge(&n, &m, &q, (double)(r1 - r0), k.pm[g * Cp + col],
-                              k.pq[g * Cp + col]);
+                const double nb = (double)(r1 - r0);
+                const double *pm = k.pm + g * Cp + c0 * S + s, *pq = k.pq + g * Cp + c0 * S + s;
+                if (nb == 0) continue;
+                if (n == 0) {
+                    for (int j = 0; j < w; j++) {
+                        m[j] = pm[j * S];
+                        q[j] = pq[j * S];
+                    }
+                    n = nb;
+                    continue;
+                }
+                const double nn = n + nb, f1 = nb / nn, f2 = n * nb / nn;
+                for (int j = 0; j < w; j++) {
+                    const double delta = pm[j * S] - m[j];
+                    m[j] += delta * f1;
+                    q[j] += pq[j * S] + delta * delta * f2;
+                }
+                n = nn;
             }
         }
-        mean[c] = kcol[c * S] + m;
-        var[c] = q / n;
+        for (int j = 0; j < w; j++) {
+            mean[c0 + j] = kcol[(c0 + j) * S] + m[j];
+            var[c0 + j] = q[j] / n;
+        }
     }
     free(buf);
     return BN_OK;
@@ -708,12 +732,24 @@ static int BN_FN(backward_reduce_planned)(const bn_plan *p, const T *dy, const T
                         BN_FN(params)(ae, scale, Cp, Cp, S),
                         BN_FN(params)(be, shift, Cp, Cp, S), relu, buf, buf + G * Cp};
     BN_FN(run_reduce_items)(p, p->col_items, BN_FN(col_bwd_item), &k);
-    for (ptrdiff_t c = 0; c < C; c++)
+    /* 8 channels side by side, each in its own order (one channel at a time, the chain of
+     * dependent additions took 9% of the backward of (32, 512, 7, 7)). */
+    for (ptrdiff_t c0 = 0; c0 < C; c0 += 8) {
+        const int w = C - c0 < 8 ? (int)(C - c0) : 8;
+        double sd[8] = {0}, sx[8] = {0};
         for (ptrdiff_t s = 0; s < S; s++)
             for (ptrdiff_t g = 0; g < G; g++) {
-                sum_dy[c] += k.pd[g * Cp + c * S + s];
-                sum_dyxmu[c] += k.px[g * Cp + c * S + s];
+                const double *pd = k.pd + g * Cp + c0 * S + s, *px = k.px + g * Cp + c0 * S + s;
+                for (int j = 0; j < w; j++) {
+                    sd[j] += pd[j * S];
+                    sx[j] += px[j * S];
+                }
             }
+        for (int j = 0; j < w; j++) {
+            sum_dy[c0 + j] = sd[j];
+            sum_dyxmu[c0 + j] = sx[j];
+        }
+    }
     free(buf);
     return BN_OK;
 }
