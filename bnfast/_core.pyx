@@ -198,7 +198,8 @@ def plan(str op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize, int nth
         ew_rows = rows or WALK_NAMES[p.ew_walk] == "rows"   # the columns' rows walk too
         ew = {"pass": "normalize" if op in ("train", "infer") else "dx",
               "walk": "rows" if rows else WALK_NAMES[p.ew_walk],
-              ("rows_per_item" if ew_rows else "periods_per_item"): p.ew_per_item,
+              ("rows_per_item" if ew_rows else "tiles_per_item"
+               if WALK_NAMES[p.ew_walk] == "tiles" else "periods_per_item"): p.ew_per_item,
               "items": p.ew_items, "stream": bool(p.stream)}
         if not ew_rows:
             ew["period"] = p.period
@@ -220,7 +221,7 @@ def forced_strategy():
 def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise=None):
     """Tests: force the layout ('rows', 'columns') and the walks of the statistics
     ('register', 'memory'), the backward sums ('register', 'memory', 'blocks') and the
-    element-wise passes ('rows', 'spans', 'period64') for every later call; None keeps the plan's
+    element-wise passes ('rows', 'tiles', 'spans', 'period64') for every later call; None keeps the plan's
     choice.  Returns the previous setting as a dict (pass it back as keywords)."""
     old = forced_strategy()
 

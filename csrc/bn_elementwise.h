@@ -151,6 +151,21 @@ static void BN_FN(norm_periods)(const void *ctx, ptrdiff_t p0, ptrdiff_t p1)
     bn_stream_fence(k->nts);
 }
 
+/* Tiles walk (columns layout): column tiles [t0, t1) of BN_EW_TILE, each down all N rows
+ * (rows of P = Cp elements), the tile's parameters in L1. */
+static void BN_FN(norm_tiles)(const void *ctx, ptrdiff_t t0, ptrdiff_t t1)
+{
+    const BN_FN(norm_ctx) *k = ctx;
+    const ptrdiff_t P = k->p->period, N = k->p->N;
+    for (ptrdiff_t t = t0; t < t1; t++) {
+        const ptrdiff_t j0 = t * BN_EW_TILE, w = P - j0 < BN_EW_TILE ? P - j0 : BN_EW_TILE;
+        for (ptrdiff_t r = 0; r < N; r++)
+            BN_FN(norm_span_v)(k->x + r * P + j0, k->y + r * P + j0, w, k->m + j0, k->a + j0,
+                               k->b + j0, k->relu, k->nts);
+    }
+    bn_stream_fence(k->nts);
+}
+
 static int BN_FN(normalize_planned)(const bn_plan *p, const T *x, T *y, const double *mean,
                                     const double *scale, const double *shift, int relu)
 {
@@ -171,8 +186,10 @@ static int BN_FN(normalize_planned)(const bn_plan *p, const T *x, T *y, const do
     BN_FN(norm_ctx) k = {p, x, y, BN_FN(params)(buf, mean, P, Cp, S),
                          BN_FN(params)(buf + P, scale, P, Cp, S),
                          BN_FN(params)(buf + 2 * P, shift, P, Cp, S), relu, nts};
-    BN_FN(run_ew_items)(p, BN_FN(norm_periods), &k);
-    const ptrdiff_t done = p->ew_units * P, rem = N * Cp - done;
+    BN_FN(run_ew_items)(p, p->ew_walk == BN_WALK_TILES ? BN_FN(norm_tiles)
+                                                         : BN_FN(norm_periods), &k);
+    const ptrdiff_t done = p->ew_walk == BN_WALK_TILES ? N * Cp : p->ew_units * P,
+                    rem = N * Cp - done;
     if (rem) {
         BN_FN(norm_span_v)(x + done, y + done, rem, k.m, k.a, k.b, relu, nts);
         bn_stream_fence(nts);
@@ -292,6 +309,22 @@ static void BN_FN(dx_periods)(const void *ctx, ptrdiff_t p0, ptrdiff_t p1)
     bn_stream_fence(k->nts);
 }
 
+/* Tiles walk (columns layout): column tiles [t0, t1), each down all N rows. */
+static void BN_FN(dx_tiles)(const void *ctx, ptrdiff_t t0, ptrdiff_t t1)
+{
+    const BN_FN(dx_ctx) *k = ctx;
+    const ptrdiff_t P = k->p->period, N = k->p->N;
+    for (ptrdiff_t t = t0; t < t1; t++) {
+        const ptrdiff_t j0 = t * BN_EW_TILE, w = P - j0 < BN_EW_TILE ? P - j0 : BN_EW_TILE;
+        for (ptrdiff_t r = 0; r < N; r++) {
+            const ptrdiff_t o = r * P + j0;
+            BN_FN(dx_span)(k->dy + o, k->x + o, k->dx + o, w, k->m + j0, k->a + j0, k->b + j0,
+                           k->kd + j0, k->kx + j0, k->k0 + j0, 1, k->relu, k->eval, k->nts);
+        }
+    }
+    bn_stream_fence(k->nts);
+}
+
 static int BN_FN(backward_dx_planned)(const bn_plan *p, const T *dy, const T *x, T *dx,
                                       const double *mean, const double *scale,
                                       const double *shift, const double *k_dy,
@@ -317,8 +350,10 @@ static int BN_FN(backward_dx_planned)(const bn_plan *p, const T *dy, const T *x,
                        BN_FN(params)(buf + 3 * P, k_dy, P, Cp, S),
                        BN_FN(params)(buf + 4 * P, k_x, P, Cp, S),
                        BN_FN(params)(buf + 5 * P, k_0, P, Cp, S), relu, eval, nts};
-    BN_FN(run_ew_items)(p, BN_FN(dx_periods), &k);
-    const ptrdiff_t done = p->ew_units * P, rem = N * Cp - done;
+    BN_FN(run_ew_items)(p, p->ew_walk == BN_WALK_TILES ? BN_FN(dx_tiles) : BN_FN(dx_periods),
+                        &k);
+    const ptrdiff_t done = p->ew_walk == BN_WALK_TILES ? N * Cp : p->ew_units * P,
+                    rem = N * Cp - done;
     if (rem) {
         BN_FN(dx_span)(dy + done, x + done, dx + done, rem, k.m, k.a, k.b, k.kd, k.kx, k.k0, 1,
                        relu, eval, nts);

@@ -46,6 +46,9 @@ extern "C" {
 #define BN_PERIOD_MIN 64       /* columns element-wise: shortest period (elements) */
 #define BN_EW_ROW_MIN_S 8      /* columns element-wise: rows walk for S >= this (below,
                                   a row does not fill one vector) ... */
+#define BN_EW_TILE_MIN_COLS 2048   /* columns normalize: tiles walk for Cp >= this (a
+                                  period's parameters leave L1; few periods per item) */
+#define BN_EW_TILE_MAX_ROWS 256    /* ... and N <= this (an item is a tile down all rows) */
 #define BN_EW_ROW_MIN_PARAM_BYTES ((double)(512 << 10))   /* ... and a period's expanded
                                   parameters of at least this many bytes (half of L2) */
 #define BN_REG_MAX_COLS 64     /* register walks: most columns one strip keeps in registers */
@@ -57,8 +60,8 @@ enum { BN_OP_MOMENTS = 0, BN_OP_TRAIN = 1, BN_OP_INFER = 2, BN_OP_BACKWARD = 3,
 enum { BN_LAYOUT_ROWS = 0, BN_LAYOUT_COLUMNS = 1 };
 
 /* Walks of the columns layout (the rows layout has one walk per pass).  Statistics:
- * REGISTER or MEMORY.  Backward sums: REGISTER, MEMORY or BLOCKS.  Normalize: ROWS, SPANS
- * or PERIOD64.  dx: ROWS or SPANS (in column tiles of BN_EW_TILE).  An element-wise walk
+ * REGISTER or MEMORY.  Backward sums: REGISTER, MEMORY or BLOCKS.  Normalize: ROWS, TILES,
+ * SPANS or PERIOD64.  dx: ROWS or SPANS (in column tiles of BN_EW_TILE); TILES forced.  An element-wise walk
  * computes every element with the same operations whatever the partition, so the
  * columns layout's element-wise pass may walk rows (the reduction keeps its columns). */
 enum {
@@ -71,7 +74,9 @@ enum {
     BN_WALK_PERIOD64 = 5,  /* normalize: a period of 64 with its parameters in registers */
     BN_WALK_ROWS = 6,      /* element-wise: each (n, c) row of S elements with its channel's
                               scalar parameters, as the rows layout does */
-    BN_WALK_COUNT = 7
+    BN_WALK_TILES = 7,     /* element-wise: items of column tiles (BN_EW_TILE) down all N
+                              rows, so a tile's parameters stay in L1 */
+    BN_WALK_COUNT = 8
 };
 
 /* Column partition (shape only): tile width, rows per block, blocks per group. */
@@ -95,7 +100,8 @@ typedef struct {
     int ew_walk;             /* BN_WALK_ROWS, SPANS or PERIOD64 (columns layout) */
     ptrdiff_t period;        /* elements per unit: S (rows layout or ROWS walk), else a
                                 period of the columns layout (a multiple of Cp) */
-    ptrdiff_t ew_units;      /* rows (rows layout or ROWS walk) or whole periods */
+    ptrdiff_t ew_units;      /* rows (rows layout or ROWS walk), column tiles (TILES walk)
+                                or whole periods */
     ptrdiff_t ew_per_item;   /* units per work item */
     ptrdiff_t ew_items;
     int stream;              /* streaming stores, if the output is 16-byte aligned */

@@ -16,7 +16,8 @@ tools/hash_reference.json holds the hashes of the current kernels.  A change tha
 shape to another layout or partition (csrc/plan.c) changes them on purpose: regenerate the
 file with --save in the same commit and say why (history: the split of bn_impl_dtype.h kept
 every bit; the few-rows layout rule, S >= 2 N, changed the hashes; the shape
-(12, 2800, 3, 3) was added to reach the columns layout's rows walk).
+(12, 2800, 3, 3) was added to reach the columns layout's rows walk, (20, 2050) its tiles
+walk).
 """
 import argparse
 import hashlib
@@ -38,6 +39,7 @@ SHAPES = [
     ((128, 24, 32, 33), 1), ((4, 6, 50, 50), 1), ((16, 1, 128, 128), 1), ((200000, 1), 1),
     ((8, 16, 16, 16), -1), ((64, 9, 9, 100), -1), ((32, 28, 28, 64), -1), ((4, 5, 7, 3), -1),
     ((16, 20, 20, 40), -1), ((6, 11, 13), -1), ((12, 2800, 3, 3), 1),
+    ((20, 2050), 1),
 ]
 
 

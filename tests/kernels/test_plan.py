@@ -75,7 +75,8 @@ PATHS = [
     (((97, 33, 65), 1), "rows", {"train": ("rows", "rows")}),
     (((2, 3, 8, 9), 1), "rows", {"moments": ("rows", None)}),
     # S = 49, 256 rows: columns of the (256, 3136) matrix
-    (((256, 64, 7, 7), 1), "columns", {"infer": (None, "spans")}),
+    (((256, 64, 7, 7), 1), "columns", {"infer": (None, "tiles")}),
+    (((257, 64, 7, 7), 1), "columns", {"infer": (None, "spans")}),   # N > 256: periods
     # few rows (S >= 2 N): rows, although S < 64 -- batch-1 (1, 512, 7, 7), (16, 64, 7, 7)
     (((1, 512, 7, 7), 1), "rows", {"train": ("rows", "rows"), "backward": ("rows", "rows")}),
     (((16, 64, 7, 7), 1), "rows", {"moments": ("rows", None)}),
@@ -86,11 +87,17 @@ PATHS = [
     (((32, 512, 7, 7), 1), "columns",
      {"train": ("register", "rows"), "infer": (None, "rows"),
       "backward": ("register", "rows")}),
-    # S = 25, Cp = 6400: normalize's 150 KB stay periods, dx's 300 KB too
+    # S = 25, Cp = 6400: below 512 KiB of parameters (normalize 150 KB, dx 300 KB), so
+    # normalize walks tiles (Cp >= 2048) and dx its periods
     (((32, 256, 5, 5), 1), "columns",
-     {"infer": (None, "spans"), "backward": ("register", "spans")}),
-    # S = 4 < 8 rows are narrower than a vector: periods whatever the parameters' size
-    (((64, 8192, 2, 2), 1), "columns", {"infer": (None, "spans")}),
+     {"infer": (None, "tiles"), "backward": ("register", "spans")}),
+    # S = 4 < 8 rows are narrower than a vector: no rows walk; Cp = 32768 >= 2048:
+    # normalize walks column tiles down all rows, dx its periods
+    (((64, 8192, 2, 2), 1), "columns", {"infer": (None, "tiles")}),
+    (((32, 8192), 1), "columns",
+     {"train": ("register", "tiles"), "infer": (None, "tiles"),
+      "backward": ("register", "spans")}),
+    (((20, 2047), 1), "columns", {"train": ("register", "spans")}),
     (((3, 8, 6), 1), "rows", {"infer": (None, "rows")}),
 ]
 
@@ -193,6 +200,10 @@ def test_force_switch(force):
     assert _walks(shape, "backward", -1, "avx2") == ("columns", "register", "rows")
     p = _plan(shape, "infer", -1)["elementwise"]
     assert "period" not in p and p["rows_per_item"] == 16384
+    force(elementwise="tiles")
+    assert _walks(shape, "backward", -1, "avx2") == ("columns", "register", "tiles")
+    p = _plan(shape, "infer", -1)["elementwise"]
+    assert p["period"] == 64 and p["tiles_per_item"] == 1 and p["items"] == 1
     force(layout="columns")
     assert _walks((8, 4, 16, 16), "train", 1)[0] == "columns"
     force(layout="rows")
@@ -228,9 +239,10 @@ def test_force_from_environment():
 # Above BN_PAR_MIN (so 2 threads really split the work), with vector tails and scalar
 # columns; each reaches the forced walks: Cp = 43, 64 (period 64), 100 (channels-last),
 # 300 (two tiles, the second narrow), 1296 (rows data forced into columns), S = 130 rows,
-# S = 49 columns (forced rows walk: rows that end in an overlapping vector).
+# S = 49 columns (forced rows walk: rows that end in an overlapping vector), Cp = 2050
+# (tiles walk: 8 tiles and one of 2 columns).
 SHAPES = [((1024, 43), 1), ((1200, 64), 1), ((16, 12, 12, 100), -1), ((200, 300), 1),
-          ((37, 16, 9, 9), 1), ((50, 7, 130), 1), ((48, 16, 7, 7), 1)]
+          ((37, 16, 9, 9), 1), ((50, 7, 130), 1), ((48, 16, 7, 7), 1), ((20, 2050), 1)]
 
 FORCINGS = [
     {},
@@ -245,6 +257,8 @@ FORCINGS = [
     {"elementwise": "period64"},
     {"elementwise": "rows"},
     {"layout": "columns", "elementwise": "rows"},
+    {"elementwise": "tiles"},
+    {"layout": "columns", "elementwise": "tiles"},
     {"layout": "columns", "statistics": "register", "backward_sums": "register",
      "elementwise": "period64"},
     {"layout": "columns", "statistics": "memory", "backward_sums": "blocks"},
