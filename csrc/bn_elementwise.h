@@ -41,8 +41,10 @@ static void BN_FN(norm_span_s)(const T *x, T *y, ptrdiff_t L, double m, double a
     bn_nanacc acc = bn_nanacc_zero();
     const int last = !nts && L > 8 && (L & 7) != 0;
     if (last) {   /* into tmp: a vector live across the loops would live in memory */
-        const bn_vd v = (BN_FN(ld)(x + L - 8) - mv) * av + bv;
-        BN_FN(stx)(tmp, relu ? bn_vrelu(v) : v, 0, &acc);
+        if (relu)
+            BN_FN(stx)(tmp, bn_vrelu((BN_FN(ld)(x + L - 8) - mv) * av + bv), 0, &acc);
+        else
+            BN_FN(stx)(tmp, (BN_FN(ld)(x + L - 8) - mv) * av + bv, 0, &acc);
     }
     if (relu) {
         for (; i + 8 <= L; i += 8)
