@@ -32,8 +32,8 @@ static inline T BN_FN(norm_one)(T x, double m, double a, double b, int relu)
  * it is computed before the other vectors are stored, so an output that is the input
  * (in place) gets the same values, and it stores exactly what those lanes' own vectors
  * store.  Not with streaming stores (whole aligned pieces only). */
-static void BN_FN(norm_span_s)(const T *x, T *y, ptrdiff_t L, double m, double a, double b,
-                               int relu, int nts)
+static inline __attribute__((always_inline)) void BN_FN(norm_span_s)(
+    const T *x, T *y, ptrdiff_t L, double m, double a, double b, const int relu, int nts)
 {
     const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
     ptrdiff_t i = 0;
@@ -130,11 +130,19 @@ static void BN_FN(norm_rows)(const void *ctx, ptrdiff_t r0, ptrdiff_t r1)
 {
     const BN_FN(norm_ctx) *k = ctx;
     const ptrdiff_t C = k->p->C, S = k->p->S;
-    for (ptrdiff_t r = r0; r < r1; r++) {
-        const ptrdiff_t c = r % C;
-        BN_FN(norm_span_s)(k->x + r * S, k->y + r * S, S, k->m[c], k->a[c], k->b[c], k->relu,
-                           k->nts);
-    }
+    ptrdiff_t c = r0 % C;   /* counted, not r % C per row; one loop per relu case */
+    if (k->relu)
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            BN_FN(norm_span_s)(k->x + r * S, k->y + r * S, S, k->m[c], k->a[c], k->b[c], 1,
+                               k->nts);
+            if (++c == C) c = 0;
+        }
+    else
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            BN_FN(norm_span_s)(k->x + r * S, k->y + r * S, S, k->m[c], k->a[c], k->b[c], 0,
+                               k->nts);
+            if (++c == C) c = 0;
+        }
     bn_stream_fence(k->nts);
 }
 
