@@ -241,10 +241,16 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
          * walks spans in column tiles within its periods (the tiles walk was no faster:
          * (32, 8192) 437 against 432 us). */
         const int p64_ok = op != BN_OP_BACKWARD && period_of(Cp) == 64;
+        /* The rows and tiles walks on AVX2 and AVX-512 only: the SSE2 baseline is bound
+         * by its arithmetic (four 2-double pieces per vector), not by reading parameters,
+         * and there the periods were as fast or faster (one thread, spans against rows or
+         * tiles: inference of (32, 8192) 140 / 150 us, (64, 8192, 2, 2) 1399 / 1461,
+         * (256, 64, 7, 7) 382 / 417; backward of (32, 512, 7, 7) 1052 / 1163). */
+        const int wide = isa != BN_ISA_BASELINE;
         const double param_bytes = (op == BN_OP_BACKWARD ? 6.0 : 3.0) * 8.0 * (double)Cp;
-        p->ew_walk = S >= BN_EW_ROW_MIN_S && param_bytes >= BN_EW_ROW_MIN_PARAM_BYTES
+        p->ew_walk = wide && S >= BN_EW_ROW_MIN_S && param_bytes >= BN_EW_ROW_MIN_PARAM_BYTES
                          ? BN_WALK_ROWS
-                     : op != BN_OP_BACKWARD && Cp >= BN_EW_TILE_MIN_COLS && N >= 2 &&
+                     : wide && op != BN_OP_BACKWARD && Cp >= BN_EW_TILE_MIN_COLS && N >= 2 &&
                                N <= BN_EW_TILE_MAX_ROWS ? BN_WALK_TILES
                      : p64_ok ? BN_WALK_PERIOD64 : BN_WALK_SPANS;
         if (force_ew == BN_WALK_SPANS || force_ew == BN_WALK_ROWS ||
