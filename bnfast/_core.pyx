@@ -57,6 +57,10 @@ cdef extern from "bnfast.h" nogil:
                                         Py_ssize_t S, const double *mean, const double *var,
                                         const double *weight, const double *bias,
                                         double eps, int flags, int nthreads)
+    ctypedef int (*bn_backward_coeffs_fn)(Py_ssize_t C, const double *sd, const double *sx,
+                                          const double *invstd, const double *weight,
+                                          double cnt, int training, double *dweight,
+                                          double *kx, double *k0)
     ctypedef struct bn_kernel_table:
         const char *name
         bn_moments_fn moments[2]
@@ -65,6 +69,7 @@ cdef extern from "bnfast.h" nogil:
         bn_backward_dx_fn backward_dx[2]
         bn_train_forward_fn train_forward[2]
         bn_infer_forward_fn infer_forward[2]
+        bn_backward_coeffs_fn backward_coeffs[2]
 
     int bn_isa_compiled(int isa)
     int bn_isa_supported(int isa)
@@ -472,24 +477,10 @@ cdef bint _bwd_coeffs(Py_ssize_t C, const double *sd, const double *sx, _Vec inv
     """From the sums sd = sum(g), sx = sum(g * (x - mean)) over cnt values per channel:
     dweight = sx * invstd, and the coefficients of dx = a*g + kx*(x - mean) + k0 with
     a = weight * invstd (kx = k0 = 0 in eval mode).  Returns whether a channel is
-    degenerate (a non-finite weight, invstd or sum).  The one place of these formulas."""
-    cdef bint degenerate = False
-    cdef double a, dw
-    cdef Py_ssize_t c
-    for c in range(C):
-        a = inv.ptr[c] * w.ptr[c] if w.ptr != NULL else inv.ptr[c]
-        dw = sx[c] * inv.ptr[c]
-        dweight[c] = dw if dw == dw else NAN          # canonical NaN
-        if training and cnt > 0:
-            kx[c] = -(a * inv.ptr[c]) * (dw / cnt)
-            k0[c] = -a * (sd[c] / cnt)
-        else:
-            kx[c] = 0.0
-            k0[c] = 0.0
-        if not (isfinite(dweight[c]) and isfinite(sd[c]) and isfinite(inv.ptr[c])
-                and (w.ptr == NULL or isfinite(w.ptr[c]))):
-            degenerate = True
-    return degenerate
+    degenerate (a non-finite weight, invstd or sum).  The formulas are in one place: the
+    kernel backward_coeffs (csrc/bn_train.h), 8 channels per vector."""
+    return bn_active().backward_coeffs[0](C, sd, sx, inv.ptr, w.ptr, cnt, training,
+                                          dweight, kx, k0) != 0
 
 
 cdef tuple _backward_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C,

@@ -24,7 +24,8 @@
     extern BN_ENTRY_TYPE(bn_backward_reduce_fn) bn_backward_reduce_##sfx##_##isa;         \
     extern BN_ENTRY_TYPE(bn_backward_dx_fn) bn_backward_dx_##sfx##_##isa;                 \
     extern BN_ENTRY_TYPE(bn_train_forward_fn) bn_train_forward_##sfx##_##isa;            \
-    extern BN_ENTRY_TYPE(bn_infer_forward_fn) bn_infer_forward_##sfx##_##isa;
+    extern BN_ENTRY_TYPE(bn_infer_forward_fn) bn_infer_forward_##sfx##_##isa;            \
+    extern BN_ENTRY_TYPE(bn_backward_coeffs_fn) bn_backward_coeffs_##sfx##_##isa;
 #define BN_ENTRY_DECLARE(sfx, isa) BN_ENTRY_DECLARE_(sfx, isa)
 #endif /* BN_ENTRY_H */
 
@@ -87,6 +88,14 @@ int BN_ENTRY(infer_forward)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C, pt
 {
     return BN_KERNEL(infer_forward)(x, y, N, C, S, mean, var, weight, bias, eps, flags,
                                     nthreads);
+}
+
+int BN_ENTRY(backward_coeffs)(ptrdiff_t C, const double *sd, const double *sx,
+                              const double *invstd, const double *weight, double cnt,
+                              int training, double *dweight, double *kx, double *k0)
+{
+    return BN_KERNEL(backward_coeffs)(C, sd, sx, invstd, weight, cnt, training, dweight, kx,
+                                      k0);
 }
 
 #endif /* BN_ONLY_DTYPE */

@@ -94,6 +94,17 @@ typedef int (*bn_infer_forward_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_
                                    const double *weight, const double *bias, double eps,
                                    int flags, int nthreads);
 
+/*
+ * backward_coeffs: from the sums sd = sum(g), sx = sum(g * (x - mean)) over cnt values per
+ * channel, dweight = sx * invstd (canonical NaN) and dx's coefficients with a = weight *
+ * invstd: kx = -(a * invstd) * (dweight / cnt), k0 = -a * (sd / cnt) when training and
+ * cnt > 0, else 0 (weight may be NULL for 1).  Returns 1 if a channel is degenerate (a
+ * non-finite weight, invstd, sum(g) or dweight), else 0.  The same for both dtypes.
+ */
+typedef int (*bn_backward_coeffs_fn)(ptrdiff_t C, const double *sd, const double *sx,
+                                     const double *invstd, const double *weight, double cnt,
+                                     int training, double *dweight, double *kx, double *k0);
+
 typedef struct {
     const char *name;
     bn_moments_fn moments[2];                 /* [0] float32, [1] float64 */
@@ -102,6 +113,7 @@ typedef struct {
     bn_backward_dx_fn backward_dx[2];
     bn_train_forward_fn train_forward[2];
     bn_infer_forward_fn infer_forward[2];
+    bn_backward_coeffs_fn backward_coeffs[2];
 } bn_kernel_table;
 
 /* Dispatch (dispatch.c). */

@@ -16,6 +16,7 @@
         {bn_backward_dx_f32_##isa, bn_backward_dx_f64_##isa},                             \
         {bn_train_forward_f32_##isa, bn_train_forward_f64_##isa},                         \
         {bn_infer_forward_f32_##isa, bn_infer_forward_f64_##isa},                         \
+        {bn_backward_coeffs_f32_##isa, bn_backward_coeffs_f64_##isa},                     \
     };
 
 BN_TABLE(baseline)
