@@ -382,12 +382,17 @@ static int BN_FN(backward_dx_planned)(const bn_plan *p, const T *dy, const T *x,
         buf = (double *)malloc(sizeof(double) * 6 * (size_t)P);
         if (!buf) return BN_ENOMEM;
     }
-    BN_FN(dx_ctx) k = {p, dy, x, dx, BN_FN(params)(buf, mean, P, Cp, S),
-                       BN_FN(params)(buf + P, scale, P, Cp, S),
-                       BN_FN(params)(buf + 2 * P, shift, P, Cp, S),
-                       BN_FN(params)(buf + 3 * P, k_dy, P, Cp, S),
-                       BN_FN(params)(buf + 4 * P, k_x, P, Cp, S),
-                       BN_FN(params)(buf + 5 * P, k_0, P, Cp, S), relu, eval, nts};
+    /* Only the parameters the case reads are expanded (scale and shift for the ReLU's
+     * mask, k_x and k_0 unless eval); the others point at an expanded array that is
+     * never read (serial on any thread count; one thread, backward without ReLU of
+     * (32, 256, 5, 5): 153 -> 148 us AVX2, 276 -> 263 baseline). */
+    const double *me = BN_FN(params)(buf, mean, P, Cp, S);
+    const double *kde = BN_FN(params)(buf + 3 * P, k_dy, P, Cp, S);
+    BN_FN(dx_ctx) k = {p, dy, x, dx, me,
+                       relu ? BN_FN(params)(buf + P, scale, P, Cp, S) : me,
+                       relu ? BN_FN(params)(buf + 2 * P, shift, P, Cp, S) : me, kde,
+                       eval ? kde : BN_FN(params)(buf + 4 * P, k_x, P, Cp, S),
+                       eval ? kde : BN_FN(params)(buf + 5 * P, k_0, P, Cp, S), relu, eval, nts};
     BN_FN(run_ew_items)(p, p->ew_walk == BN_WALK_TILES ? BN_FN(dx_tiles) : BN_FN(dx_periods),
                         &k);
     const ptrdiff_t done = p->ew_walk == BN_WALK_TILES ? N * Cp : p->ew_units * P,
