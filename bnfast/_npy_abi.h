@@ -107,7 +107,6 @@ static inline bnpy_intp *bnpy_DIMS(bnpy_array *a) { return a->dimensions; }
 static inline bnpy_intp bnpy_DIM(bnpy_array *a, int i) { return a->dimensions[i]; }
 static inline bnpy_intp bnpy_STRIDE(bnpy_array *a, int i) { return a->strides[i]; }
 static inline int bnpy_TYPE(bnpy_array *a) { return a->descr->type_num; }
-static inline int bnpy_FLAGS(bnpy_array *a) { return a->flags; }
 static inline int bnpy_IS_C_CONTIGUOUS(bnpy_array *a)
 {
     return (a->flags & BNPY_C_CONTIGUOUS) != 0;
