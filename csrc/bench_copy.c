@@ -36,9 +36,8 @@ int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads)
 {
     const size_t chunk = (size_t)1 << 20;
     const ptrdiff_t nchunks = (ptrdiff_t)((nbytes + chunk - 1) / chunk);
-    /* Stream as the kernels do: read + written bytes over the threshold, and only when the
-     * selected variant streams (not baseline). */
-    const int stream = 2 * nbytes >= bn_get_stream_min_bytes() && bn_get_isa() != BN_ISA_BASELINE;
+    /* Stream as the kernels do (plan.c's rule, on read + written bytes). */
+    const int stream = bn_plan_streams(bn_get_isa(), 2.0 * (double)nbytes);
     if (nthreads < 1) nthreads = 1;
     (void)nthreads;
     (void)stream;

@@ -130,6 +130,7 @@ const char *bn_op_name(int op);
 #define BN_STREAM_MIN_BYTES_DEFAULT ((size_t)16 << 20)
 size_t bn_get_stream_min_bytes(void);
 void bn_set_stream_min_bytes(size_t nbytes);
+int bn_plan_streams(int isa, double bytes);   /* the streaming rule (plan.c) */
 
 #ifdef __cplusplus
 }

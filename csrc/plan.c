@@ -13,6 +13,13 @@ size_t bn_get_stream_min_bytes(void) { return bn_stream_min; }
 
 void bn_set_stream_min_bytes(size_t nbytes) { bn_stream_min = nbytes; }
 
+/* Whether a pass moving `bytes` (read + written) streams its stores under variant `isa`:
+ * the rule of the element-wise passes below, shared with bench_copy.c's copy floor. */
+int bn_plan_streams(int isa, double bytes)
+{
+    return isa != BN_ISA_BASELINE && bytes >= (double)bn_stream_min;
+}
+
 /* Forced choices (tests): -1 = the plan's own choice. */
 static int force_layout = -1, force_stats = -1, force_backward = -1, force_ew = -1;
 
@@ -280,9 +287,8 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
          * very slow, so it is all or nothing; the kernel also checks the output's
          * alignment. */
         const double tensors = op == BN_OP_BACKWARD ? 3.0 : 2.0;
-        p->stream = isa != BN_ISA_BASELINE &&
-                    ((size_t)p->period * (size_t)itemsize) % 16 == 0 &&
-                    count * (double)itemsize * tensors >= (double)bn_stream_min;
+        p->stream = ((size_t)p->period * (size_t)itemsize) % 16 == 0 &&
+                    bn_plan_streams(isa, count * (double)itemsize * tensors);
     }
     return BN_OK;
 }
