@@ -395,9 +395,10 @@ cdef tuple _train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_s
 
 
 cdef int _infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                object mean, object var, object weight, object bias, double eps, bint relu,
+                object mean, _Vec v, object weight, object bias, double eps, bint relu,
                 int nt) except -1:
-    cdef _Vec m = _vec(mean, C), v = _vec(var, C), w = _vec(weight, C), b = _vec(bias, C)
+    # v: var as a _Vec (fast_infer has built it for its checks)
+    cdef _Vec m = _vec(mean, C), w = _vec(weight, C), b = _vec(bias, C)
     cdef const bn_kernel_table *t = bn_active()
     cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0
     cdef void *xp = cnp.PyArray_DATA(x)
@@ -553,7 +554,7 @@ def infer_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_s
                   cnp.ndarray mean, cnp.ndarray var, object weight, object bias, double eps,
                   bint relu, int nthreads):
     """Inference forward with given mean/var."""
-    _infer(x, y, N, C, S, mean, var, weight, bias, eps, relu, nthreads)
+    _infer(x, y, N, C, S, mean, _vec(var, C), weight, bias, eps, relu, nthreads)
 
 
 def backward_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -716,7 +717,7 @@ def fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, int nthreads):
         if not (v.ptr[c] >= 0.0 and v.ptr[c] + e > 0.0):
             return None            # negative, NaN or zero (with eps 0): the general path
     cdef cnp.ndarray y = _empty_like(xa) if out is None else <cnp.ndarray> out
-    _infer(xa, y, N, C, S, mean, var, weight, bias, eps, relu, nthreads)
+    _infer(xa, y, N, C, S, mean, v, weight, bias, eps, relu, nthreads)
     return y
 
 

@@ -103,10 +103,9 @@ def test_run_case_times_each_variant_and_restores_the_selection():
     for r in rows:
         assert r["class"] == "x" and r["bnfast_ms"] > 0 and r["copy_ms"] > 0
         assert r["torch_ms"] != r["torch_ms"] and r["onednn_ms"] != r["onednn_ms"]
-        if hasattr(bnfast, "explain"):          # the plan of the variant that ran
-            assert r["strategy"] and r["plan"]["variant"] == r["isa"]
-            assert r["plan"]["threads_asked"] == 1 and r["plan"]["relu"] == (
-                r["op"] == "train_relu")
+        # the plan of the variant that ran
+        assert r["strategy"] and r["plan"]["variant"] == r["isa"]
+        assert r["plan"]["threads_asked"] == 1 and r["plan"]["relu"] == (r["op"] == "train_relu")
 
 
 def test_run_case_without_training_values_times_inference_only():

@@ -25,7 +25,7 @@ def _arrays():
     for dt in ("f2", "c16", "i1", "u8", "?", "U7", "S3", "O", "M8[ns]", "m8[s]",
                [("a", "f4"), ("b", "i8", (3,))], "V5"):
         yield repr(dt), np.zeros((3, 2), dtype=dt)
-    yield "large item", np.zeros(2, dtype=("f8", (64, 64)))
+    yield "large item", np.zeros(2, dtype=[("a", "f8", (64, 64))])   # itemsize 32768
 
 
 @pytest.mark.parametrize("name,a", list(_arrays()), ids=[n for n, _ in _arrays()])
