@@ -478,8 +478,10 @@ cdef bint _bwd_coeffs(Py_ssize_t C, const double *sd, const double *sx, _Vec inv
     """From the sums sd = sum(g), sx = sum(g * (x - mean)) over cnt values per channel:
     dweight = sx * invstd, and the coefficients of dx = a*g + kx*(x - mean) + k0 with
     a = weight * invstd (kx = k0 = 0 in eval mode).  Returns whether a channel is
-    degenerate (a non-finite weight, invstd or sum).  The formulas are in one place: the
-    kernel backward_coeffs (csrc/bn_train.h), 8 channels per vector."""
+    degenerate (a non-finite weight, invstd or sum).  These formulas are in one place: the
+    kernel backward_coeffs (csrc/bn_train.h), 8 channels per vector; its inputs and outputs
+    are float64 whatever the data's dtype, so the float32 slot [0] serves both (the two
+    slots are the same function compiled twice)."""
     return bn_active().backward_coeffs[0](C, sd, sx, inv.ptr, w.ptr, cnt, training,
                                           dweight, kx, k0) != 0
 
