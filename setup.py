@@ -11,7 +11,10 @@ no reassociation).  ``-ffp-contract=off`` keeps every instruction-set variant bi
 Build time: each (instruction-set variant, dtype) pair of kernels is its own translation unit
 (csrc/kernels_<isa>_f32.c, _f64.c; csrc/bn_entry.h) and the sources compile in parallel,
 one job per CPU (``BNFAST_BUILD_JOBS=N`` or ``build_ext -j N`` to change; 1 is serial), the
-longest first; Cython translates bnfast/_core.pyx at build time, in the job that then
+longest first.  The Cython bindings' C, bnfast/_core.c, is kept in the tree with the
+SHA-256 of its sources on its second line (build_backend/bnfast_cython.py): an unchanged
+checkout builds without Cython; an edited bnfast/_core.pyx or ``BNFAST_CYTHONIZE=1`` makes
+the build backend require Cython and this script translate again, in the job that then
 compiles it, while the kernels compile.  With gcc or clang, no debug information is
 generated (``-g0``) unless ``CFLAGS`` asks for it with ``-g``, and the Cython bindings
 (bnfast/_core.c, argument handling only) are compiled with ``-O1``; the kernels keep
@@ -30,6 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "build_backend"))
+import bnfast_cython  # noqa: E402  (the kept translation of the bindings and its record)
 
 OPENMP_PROBE = r"""
 #include <omp.h>
@@ -53,7 +59,7 @@ SOURCES = (["bnfast/_core.pyx"]
                                                     "baseline_f64", "avx512_f64", "avx512_f32")]
            + ["csrc/kernel_tables.c", "csrc/dispatch.c", "csrc/plan.c", "csrc/running_stats.c",
               "csrc/bench_copy.c"])
-DEPENDS = (["bnfast/_npy_abi.h", "bnfast/_npy.pxd", "csrc/bnfast.h", "csrc/bn_plan.h", "csrc/bn_kernels.h", "csrc/bn_common.h",
+DEPENDS = (["bnfast/_npy_abi.h", "csrc/bnfast.h", "csrc/bn_plan.h", "csrc/bn_kernels.h", "csrc/bn_common.h",
             "csrc/bn_isa.h", "csrc/bn_stats.h", "csrc/bn_elementwise.h", "csrc/bn_train.h",
             "csrc/bn_entry.h"]
            + [f"csrc/kernels_{isa}.c" for isa in ISAS])
@@ -125,7 +131,6 @@ def _build_jobs(requested):
     return os.cpu_count() or 1
 
 
-CYTHON_DIRECTIVES = {"language_level": "3"}
 # Compile order: the position of a source (its .pyx as .c) in SOURCES; others last.
 ORDER = [s[:-4] + ".c" if s.endswith(".pyx") else s for s in SOURCES]
 
@@ -176,22 +181,11 @@ def _parallel_compile(compiler, jobs, per_source_args, before):
 
 
 def _build_key(compiler, cflags, lflags):
-    """What an existing build must match to be reused: flags, compiler, Cython."""
-    import Cython
-
+    """What an existing build must match to be reused: flags, compiler, Python."""
     return json.dumps({"cflags": cflags, "lflags": lflags, "python": sys.version,
                        "compiler": list(getattr(compiler, "compiler_so", None)
-                                        or [str(getattr(compiler, "cc", ""))]),
-                       "cython": Cython.__version__},
+                                        or [str(getattr(compiler, "cc", ""))])},
                       sort_keys=True)
-
-
-def _cythonize(ext, pyx, force):
-    """Translate the .pyx sources of ``ext`` to C beside them (when out of date)."""
-    from Cython.Build import cythonize
-
-    cythonize([Extension(ext.name, pyx, include_dirs=ext.include_dirs, depends=ext.depends)],
-              compiler_directives=CYTHON_DIRECTIVES, force=force)
 
 
 class BuildExt(build_ext):
@@ -252,27 +246,35 @@ class BuildExt(build_ext):
             f.write(key)
 
     def build_extension(self, ext):
-        # Cython runs here rather than when setup.py is loaded (pip loads it three times),
-        # and with the parallel compile, in the job that compiles its output.
+        # The bindings are compiled from the kept bnfast/_core.c; Cython runs only when that
+        # file does not match its sources (bnfast_cython), here rather than when setup.py
+        # is loaded (pip loads it three times), and with the parallel compile, in the job
+        # that compiles its output.
         pyx = [s for s in ext.sources if s.endswith(".pyx")]
         if pyx:
+            assert pyx == [bnfast_cython.PYX], pyx
             ext.sources = [s[:-4] + ".c" if s.endswith(".pyx") else s for s in ext.sources]
-            ext.depends = list(ext.depends or []) + pyx   # an edited .pyx rebuilds
+            # an edited .pyx or .pxd recompiles (its new translation is newer than the .o)
+            ext.depends = list(ext.depends or []) + list(bnfast_cython.INPUTS)
+            if bnfast_cython.needs_translation():
+                print(f"bnfast: translating {bnfast_cython.PYX} with Cython "
+                      f"({bnfast_cython.OUTPUT} does not match its sources, or "
+                      f"{bnfast_cython.FORCE_ENV} is set)")
 
-            def translate(pyx=pyx):
-                _cythonize(ext, pyx, self.force)
+                def translate():
+                    bnfast_cython.translate()
 
-            if getattr(self, "_parallel", False):
-                self._before.update({s[:-4] + ".c": translate for s in pyx})
-            else:
-                translate()
+                if getattr(self, "_parallel", False):
+                    self._before[bnfast_cython.OUTPUT] = translate
+                else:
+                    translate()
         super().build_extension(ext)
 
 
 EXTENSION = Extension(
     "bnfast._core",
     sources=SOURCES,
-    include_dirs=["csrc", "bnfast"],   # bnfast/_npy_abi.h: no NumPy needed to build
+    include_dirs=bnfast_cython.INCLUDE_DIRS,   # bnfast/_npy_abi.h: no NumPy needed to build
     depends=DEPENDS,
 )
 

@@ -7,12 +7,14 @@ Fails (exit status 1) when
 - a build input is missing: setup.py, pyproject.toml, README.md, MANIFEST.in, every C
   source and header under csrc/ (and the CUDA kernels, csrc/cuda/*.cu and *.cuh), the
   Cython bindings bnfast/_core.pyx (with bnfast/_npy.pxd and bnfast/_npy_abi.h, the NumPy
-  C ABI it uses), every Python file of the bnfast package,
+  C ABI it uses) and their kept translation bnfast/_core.c, which must record the SHA-256
+  of the sdist's own .pyx and .pxd (else building from the sdist needs Cython), the build
+  backend (build_backend/*.py), every Python file of the bnfast package,
   bnfast/py.typed, and the tests.  With SOURCE_TREE (a git checkout), every file git
   knows under csrc/, bnfast/ and tests/ (tracked, or untracked and not ignored) must be in
   the sdist too, except generated files;
 - a build output or other unwanted file is present: compiled objects and libraries (.so,
-  .o, .pyd, .dll, .dylib, .a), the Cython-generated bnfast/_core.c, Python bytecode,
+  .o, .pyd, .dll, .dylib, .a), Python bytecode,
   .git, build/ or dist/ trees, virtual environments, caches, built documentation.
 
 Prints a summary of the contents by top-level folder.
@@ -23,10 +25,12 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 REQUIRED = ["setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO",
             "bnfast/__init__.py", "bnfast/_core.pyx", "bnfast/_npy.pxd", "bnfast/_npy_abi.h",
-            "bnfast/py.typed",
+            "bnfast/py.typed", "bnfast/_core.c", "build_backend/bnfast_backend.py",
+            "build_backend/bnfast_cython.py",
             "csrc/bnfast.h", "csrc/bn_plan.h", "csrc/plan.c", "csrc/dispatch.c",
             "csrc/running_stats.c", "csrc/bench_copy.c", "csrc/bn_kernels.h",
             "csrc/bn_common.h", "csrc/bn_isa.h", "csrc/bn_stats.h", "csrc/bn_elementwise.h",
@@ -39,14 +43,14 @@ REQUIRED += [f"csrc/kernels_{isa}{part}.c" for isa in ("baseline", "avx2", "avx5
 REQUIRED += ["csrc/cuda/bnfast.cu", "csrc/cuda/bn_common.cuh"]
 REQUIRED_GLOBS = ["csrc/*.c", "csrc/*.h", "bnfast/*.py", "bnfast/nn/*.py", "tests/*/test_*.py"]
 FORBIDDEN = ["*.so", "*.so.*", "*.o", "*.obj", "*.pyd", "*.dll", "*.dylib", "*.a", "*.lib",
-             "*.pyc", "*.pyo", "*/__pycache__/*", "bnfast/_core.c", "bnfast/*.html",
+             "*.pyc", "*.pyo", "*/__pycache__/*", "bnfast/*.html",
              ".git/*", ".git", ".gitignore", "build/*", "dist/*", "wheelhouse/*",
              ".ci-venv/*", ".ci-np1/*", "*/.venv/*", ".venv/*", "*/site-packages/*",
              ".pytest_cache/*", ".hypothesis/*", ".benchmarks/*", "results/*",
              "docs/_build/*", "docs/auto_tutorials/*", "docs/api/generated/*",
              "docs/sg_execution_times.rst", "*.whl", "*.tar.gz", "*/.gitignore"]
 # Files that SOURCE_TREE may hold but that are generated, so must NOT be in the sdist.
-GENERATED = ["bnfast/_core.c", "*.so", "*.o", "*.pyc", "*/__pycache__/*", "bnfast/*.html"]
+GENERATED = ["*.so", "*.o", "*.pyc", "*/__pycache__/*", "bnfast/*.html"]
 
 
 def members(path):
@@ -54,6 +58,33 @@ def members(path):
         names = [m.name for m in tar.getmembers() if m.isfile()]
     top = os.path.commonpath(names)
     return sorted(os.path.relpath(n, top) for n in names)
+
+
+def translation_problem(path):
+    """Why the sdist's bnfast/_core.c does not match its .pyx and .pxd, or None."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(path) as tar:
+            files = [m for m in tar.getmembers() if m.isfile()]
+            top = os.path.commonpath([m.name for m in files])
+            for m in files:
+                rel = os.path.relpath(m.name, top)
+                if rel.startswith(("bnfast/", "build_backend/")) and rel.endswith(
+                        (".pyx", ".pxd", ".c", ".py")):
+                    dest = os.path.join(tmp, rel)
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    with tar.extractfile(m) as src, open(dest, "wb") as out:
+                        out.write(src.read())
+        sys.path.insert(0, os.path.join(tmp, "build_backend"))
+        try:
+            import bnfast_cython
+            if bnfast_cython.recorded(tmp) != bnfast_cython.stamp(tmp):
+                return ("bnfast/_core.c does not record the sdist's bnfast/_core.pyx and "
+                        "_npy.pxd (regenerate: BNFAST_CYTHONIZE=1 python setup.py build_ext "
+                        "--inplace)")
+        finally:
+            sys.path.pop(0)
+            sys.modules.pop("bnfast_cython", None)
+    return None
 
 
 def git_files(tree):
@@ -78,6 +109,10 @@ def main(argv):
     for req in REQUIRED:
         if req not in have:
             problems.append(f"missing: {req}")
+    if "bnfast/_core.c" in have and "build_backend/bnfast_cython.py" in have:
+        why = translation_problem(argv[0])
+        if why:
+            problems.append(why)
     for pat in REQUIRED_GLOBS:
         if not any(fnmatch.fnmatch(n, pat) for n in names):
             problems.append(f"missing: nothing matches {pat}")

@@ -78,8 +78,10 @@ T0=$SECONDS
 # ------------------------------------------------------------------ copy the sources
 SRC="$WORK/src"
 mkdir -p "$SRC"
-(cd "$REPO" && cp -r setup.py pyproject.toml README.md LICENSE MANIFEST.in csrc bnfast tests \
-     "$SRC/")
+(cd "$REPO" && cp -r setup.py pyproject.toml README.md LICENSE MANIFEST.in build_backend csrc \
+     bnfast tests "$SRC/")
+# Without the kept translation bnfast/_core.c, setup.py runs Cython on bnfast/_core.pyx: this
+# build is CI's check that the translation path works (the other builds use the kept file).
 rm -rf "$SRC"/bnfast/*.so "$SRC/bnfast/_core.c" "$SRC"/bnfast/*.html
 find "$SRC" -name __pycache__ -prune -exec rm -rf {} +
 
