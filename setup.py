@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -257,6 +256,7 @@ class BuildExt(build_ext):
             # an edited .pyx or .pxd recompiles (its new translation is newer than the .o)
             ext.depends = list(ext.depends or []) + list(bnfast_cython.INPUTS)
             if bnfast_cython.needs_translation():
+                self.force = True      # rebuild even when the .pyx is older than the build
                 print(f"bnfast: translating {bnfast_cython.PYX} with Cython "
                       f"({bnfast_cython.OUTPUT} does not match its sources, or "
                       f"{bnfast_cython.FORCE_ENV} is set)")

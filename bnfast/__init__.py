@@ -27,9 +27,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
         "    pip install .          (install), or\n"
         "    pip install -e .       (editable install for development), or\n"
         "    python setup.py build_ext --inplace\n"
-        "which needs a C compiler, Cython>=3 and NumPy. If you are inside the source "
-        "directory of an installed bnfast, change to another directory first."
+        "which needs a C compiler (and Cython>=3 after an edit of bnfast/_core.pyx). If "
+        "you are inside the source directory of an installed bnfast, change to another "
+        "directory first."
     ) from exc
+
+from . import _plan  # noqa: E402
+_plan.force_from_environment()   # BNFAST_FORCE_STRATEGY (tests, CI): before any call
 
 from ._config import (  # noqa: E402
     available_isas,

@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from . import _core
+from . import _core, _plan
 from ._threads import get_num_threads
 from ._xp import is_cupy as _is_cupy   # from the type's module, without importing CuPy
 
@@ -990,12 +990,12 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
                          f"got {_short(isa)}")
     x = _as_data(x, "x")
     N, C, S, perm, xk = _layout(x, axis)
-    plan = _core.plan(op, N, C, S, x.dtype.itemsize, get_num_threads(),
+    plan = _plan.plan(op, N, C, S, x.dtype.itemsize, get_num_threads(),
                       None if isa is None else _core.ISA_NAMES.index(isa))
     plan["dtype"] = x.dtype.name
     plan["relu"] = relu
     walks = [plan[k]["walk"] for k in ("reduce", "elementwise") if k in plan]
     plan["strategy"] = ("rows" if plan["layout"] == "rows"
                         else "columns:" + "+".join(walks))
-    plan["forced"] = {k: v for k, v in _core.forced_strategy().items() if v is not None}
+    plan["forced"] = {k: v for k, v in _plan.forced_strategy().items() if v is not None}
     return plan

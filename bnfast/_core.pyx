@@ -172,97 +172,27 @@ def omp_max_threads():
 
 
 # ---------------------------------------------------------------- the plan
+# Thin accessors; bnfast/_plan.py builds the plan's dict and parses the forcing (cold code,
+# kept out of this file: it is compiled on every install).
 
-def plan(str op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize, int nthreads,
-         isa=None):
-    """The kernels' plan for op ('moments', 'train', 'infer', 'backward') on (N, C, S)
-    elements of itemsize bytes with variant isa (an index; None: the one in use), a dict
-    (see bnfast.explain).  Any variant can be planned, even one this CPU lacks."""
+def plan_fields(int op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int itemsize, int isa,
+                int nthreads):
+    """bn_plan_make's plan for op (an index of OP_NAMES) as a dict of its C fields."""
     cdef bn_plan p
-    if op not in OP_NAMES:
-        raise ValueError(f"unknown op {op!r}")
-    _check(bn_plan_make(&p, OP_NAMES.index(op), N, C, S, itemsize,
-                        bn_get_isa() if isa is None else isa, nthreads))
-    rows = p.layout == BN_LAYOUT_ROWS
-    d = {"op": op, "variant": ISA_NAMES[p.isa], "N": p.N, "C": p.C, "S": p.S,
-         "itemsize": p.itemsize, "threads": p.nthreads, "layout": LAYOUT_NAMES[p.layout]}
-    if op != "infer":
-        red = {"pass": "statistics" if op in ("moments", "train") else "backward_sums",
-               "walk": "rows" if rows else WALK_NAMES[p.reduce_walk]}
-        if rows:
-            red.update(row_groups=p.row_groups, rows_per_group=p.rows_per_group,
-                       channels_per_item=p.row_chunk, items=p.row_items)
-        else:
-            red.update(tile=p.col.tile, tiles=p.col.ntiles, rows_per_block=p.col.rb,
-                       groups=p.col.ngroups, blocks_per_group=p.col.bpg,
-                       items=p.col_items, resident=bool(p.resident))
-            if p.reduce_walk == BN_WALK_REGISTER:
-                red["strip_columns"] = p.strip_cols
-        d["reduce"] = red
-    if op != "moments":
-        ew_rows = rows or WALK_NAMES[p.ew_walk] == "rows"   # the columns' rows walk too
-        ew = {"pass": "normalize" if op in ("train", "infer") else "dx",
-              "walk": "rows" if rows else WALK_NAMES[p.ew_walk],
-              ("rows_per_item" if ew_rows else "tiles_per_item"
-               if WALK_NAMES[p.ew_walk] == "tiles" else "periods_per_item"): p.ew_per_item,
-              "items": p.ew_items, "stream": bool(p.stream)}
-        if not ew_rows:
-            ew["period"] = p.period
-        d["elementwise"] = ew
-    return d
+    _check(bn_plan_make(&p, op, N, C, S, itemsize, isa, nthreads))
+    return p
 
 
-_FORCE_KEYS = ("layout", "statistics", "backward_sums", "elementwise")
+def plan_force(int layout, int statistics, int backward_sums, int elementwise):
+    """bn_plan_force: indices (layout: LAYOUT_NAMES, walks: WALK_NAMES), -1 = not forced."""
+    _check(bn_plan_force(layout, statistics, backward_sums, elementwise))
 
 
-def forced_strategy():
-    """The forced layout and walks (see force_strategy) as a dict; None = not forced."""
+def plan_forced():
+    """bn_plan_forced: the forced (layout, statistics, backward_sums, elementwise) indices."""
     cdef int l, s, b, e
     bn_plan_forced(&l, &s, &b, &e)
-    return dict(zip(_FORCE_KEYS, (None if v < 0 else (LAYOUT_NAMES[v] if i == 0
-                                  else WALK_NAMES[v]) for i, v in enumerate((l, s, b, e)))))
-
-
-def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise=None):
-    """Tests: force the layout ('rows', 'columns') and the walks of the statistics
-    ('register', 'memory'), the backward sums ('register', 'memory', 'blocks') and the
-    element-wise passes ('rows', 'tiles', 'spans', 'period64') for every later call; None keeps the plan's
-    choice.  Returns the previous setting as a dict (pass it back as keywords)."""
-    old = forced_strategy()
-
-    def idx(v, names, what):
-        if v is None:
-            return -1
-        if v not in names:
-            raise ValueError(f"force_strategy: unknown {what} {v!r}")
-        return names.index(v)
-    _check(bn_plan_force(idx(layout, LAYOUT_NAMES, "layout"),
-                         idx(statistics, WALK_NAMES, "statistics walk"),
-                         idx(backward_sums, WALK_NAMES, "backward_sums walk"),
-                         idx(elementwise, WALK_NAMES, "elementwise walk")))
-    return old
-
-
-def _force_from_environment():
-    # BNFAST_FORCE_STRATEGY=layout=columns,statistics=register,... (tests, CI)
-    import os
-    raw = os.environ.get("BNFAST_FORCE_STRATEGY", "").strip()
-    if not raw:
-        return
-    kw = {}
-    for item in raw.split(","):
-        key, sep, val = item.strip().partition("=")
-        if not sep or key.strip() not in _FORCE_KEYS:
-            raise RuntimeError(f"BNFAST_FORCE_STRATEGY={raw!r}: expected comma-separated "
-                               f"KEY=NAME with KEY one of {', '.join(_FORCE_KEYS)}")
-        kw[key.strip()] = val.strip()
-    try:
-        force_strategy(**kw)
-    except ValueError as exc:
-        raise RuntimeError(f"BNFAST_FORCE_STRATEGY={raw!r}: {exc}") from None
-
-
-_force_from_environment()
+    return (l, s, b, e)
 
 
 def copy(cnp.ndarray src, cnp.ndarray dst, int nthreads):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import bnfast
-from bnfast import _core
+from bnfast._plan import force_strategy, forced_strategy
 from bnfast import reference as ref
 from conftest import (ISAS, assert_close, assert_same_bits, make_params, make_x, package_env,
                       reduce_axes, rng_for)
@@ -23,12 +23,12 @@ from conftest import (ISAS, assert_close, assert_same_bits, make_params, make_x,
 @pytest.fixture
 def force():
     """force(**kw): force walks for the rest of the test; always restored."""
-    before = _core.forced_strategy()
+    before = forced_strategy()
 
     def setter(**kw):
-        _core.force_strategy(**kw)
+        force_strategy(**kw)
     yield setter
-    _core.force_strategy(**before)
+    force_strategy(**before)
 
 
 def _plan(shape, op, axis=1, isa=None, dtype=np.float32, threads=2):
@@ -212,7 +212,7 @@ def test_force_switch(force):
     force(layout="rows")
     assert _walks((800, 4), "backward", 1) == ("rows", "rows", "rows")
     force()
-    assert _core.forced_strategy() == dict.fromkeys(
+    assert forced_strategy() == dict.fromkeys(
         ("layout", "statistics", "backward_sums", "elementwise"))
     for bad in (dict(layout="diagonal"), dict(statistics="blocks"),
                 dict(backward_sums="period64"), dict(elementwise="memory")):
@@ -221,8 +221,8 @@ def test_force_switch(force):
 
 
 def test_force_from_environment():
-    code = ("import bnfast, numpy as np; from bnfast import _core; "
-            "print(sorted(_core.forced_strategy().items(), key=str)); "
+    code = ("import bnfast, numpy as np; from bnfast import _plan; "
+            "print(sorted(_plan.forced_strategy().items(), key=str)); "
             "print(bnfast.explain(np.empty((64, 64), np.float32), op='backward')"
             "['reduce']['walk'])")
     env = package_env(BNFAST_FORCE_STRATEGY="layout=columns, backward_sums=blocks")

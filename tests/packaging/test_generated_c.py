@@ -7,7 +7,6 @@ import importlib
 import os
 import re
 import shutil
-import sys
 
 import pytest
 

@@ -1,0 +1,106 @@
+"""The kernels' plan as Python sees it (``bnfast.explain``), and the forced-strategy switch.
+
+The plan itself is made in C (csrc/plan.c, ``bn_plan_make``); ``bnfast._core`` hands over its
+fields, and this module names them.  Forcing a layout or walk (``force_strategy``, or
+``BNFAST_FORCE_STRATEGY`` read at import) makes every later plan take it: tests use it to
+run every strategy under every variant.
+"""
+import os
+
+from . import _core
+
+ISA_NAMES, OP_NAMES = _core.ISA_NAMES, _core.OP_NAMES
+WALK_NAMES, LAYOUT_NAMES = _core.WALK_NAMES, _core.LAYOUT_NAMES
+FORCE_KEYS = ("layout", "statistics", "backward_sums", "elementwise")
+FORCE_ENV = "BNFAST_FORCE_STRATEGY"
+
+
+def plan(op, N, C, S, itemsize, nthreads, isa=None):
+    """The kernels' plan for op ('moments', 'train', 'infer', 'backward') on (N, C, S)
+    elements of itemsize bytes with variant isa (an index; None: the one in use), a dict
+    (see bnfast.explain).  Any variant can be planned, even one this CPU lacks."""
+    if op not in OP_NAMES:
+        raise ValueError(f"unknown op {op!r}")
+    p = _core.plan_fields(OP_NAMES.index(op), N, C, S, itemsize,
+                          _core.get_isa() if isa is None else isa, nthreads)
+    rows = LAYOUT_NAMES[p["layout"]] == "rows"
+    d = {"op": op, "variant": ISA_NAMES[p["isa"]], "N": p["N"], "C": p["C"], "S": p["S"],
+         "itemsize": p["itemsize"], "threads": p["nthreads"],
+         "layout": LAYOUT_NAMES[p["layout"]]}
+    if op != "infer":
+        walk = WALK_NAMES[p["reduce_walk"]]
+        red = {"pass": "statistics" if op in ("moments", "train") else "backward_sums",
+               "walk": "rows" if rows else walk}
+        if rows:
+            red.update(row_groups=p["row_groups"], rows_per_group=p["rows_per_group"],
+                       channels_per_item=p["row_chunk"], items=p["row_items"])
+        else:
+            col = p["col"]
+            red.update(tile=col["tile"], tiles=col["ntiles"], rows_per_block=col["rb"],
+                       groups=col["ngroups"], blocks_per_group=col["bpg"],
+                       items=p["col_items"], resident=bool(p["resident"]))
+            if walk == "register":
+                red["strip_columns"] = p["strip_cols"]
+        d["reduce"] = red
+    if op != "moments":
+        ew_walk = WALK_NAMES[p["ew_walk"]]
+        ew_rows = rows or ew_walk == "rows"         # the columns' rows walk too
+        ew = {"pass": "normalize" if op in ("train", "infer") else "dx",
+              "walk": "rows" if rows else ew_walk,
+              ("rows_per_item" if ew_rows else "tiles_per_item" if ew_walk == "tiles"
+               else "periods_per_item"): p["ew_per_item"],
+              "items": p["ew_items"], "stream": bool(p["stream"])}
+        if not ew_rows:
+            ew["period"] = p["period"]
+        d["elementwise"] = ew
+    return d
+
+
+def forced_strategy():
+    """The forced layout and walks (see force_strategy) as a dict; None = not forced."""
+    idx = _core.plan_forced()
+    return {key: None if v < 0 else (LAYOUT_NAMES if key == "layout" else WALK_NAMES)[v]
+            for key, v in zip(FORCE_KEYS, idx)}
+
+
+def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise=None):
+    """Tests: force the layout ('rows', 'columns') and the walks of the statistics
+    ('register', 'memory'), the backward sums ('register', 'memory', 'blocks') and the
+    element-wise passes ('rows', 'tiles', 'spans', 'period64') for every later call; None
+    keeps the plan's choice.  Returns the previous setting as a dict (pass it back as
+    keywords)."""
+    old = forced_strategy()
+    asked = dict(zip(FORCE_KEYS, (layout, statistics, backward_sums, elementwise)))
+    idx = []
+    for key, v in asked.items():
+        names = LAYOUT_NAMES if key == "layout" else WALK_NAMES
+        if v is not None and v not in names:
+            what = "layout" if key == "layout" else f"{key} walk"
+            raise ValueError(f"force_strategy: unknown {what} {v!r}")
+        idx.append(-1 if v is None else names.index(v))
+    try:
+        _core.plan_force(*idx)
+    except ValueError:
+        given = ", ".join(f"{k}={v!r}" for k, v in asked.items() if v is not None)
+        raise ValueError(f"force_strategy: {given}: a walk that this pass does not have "
+                         "(statistics: register, memory; backward_sums: register, memory, "
+                         "blocks; elementwise: rows, tiles, spans, period64)") from None
+    return old
+
+
+def force_from_environment():
+    """Apply BNFAST_FORCE_STRATEGY=layout=columns,statistics=register,... (tests, CI)."""
+    raw = os.environ.get(FORCE_ENV, "").strip()
+    if not raw:
+        return
+    kw = {}
+    for item in raw.split(","):
+        key, sep, val = item.strip().partition("=")
+        if not sep or key.strip() not in FORCE_KEYS:
+            raise RuntimeError(f"{FORCE_ENV}={raw!r}: expected comma-separated "
+                               f"KEY=NAME with KEY one of {', '.join(FORCE_KEYS)}")
+        kw[key.strip()] = val.strip()
+    try:
+        force_strategy(**kw)
+    except ValueError as exc:
+        raise RuntimeError(f"{FORCE_ENV}={raw!r}: {exc}") from None
