@@ -57,8 +57,8 @@ SOURCES = (["bnfast/_core.pyx"]
            + [f"csrc/kernels_{unit}.c" for unit in ("baseline_f32", "avx2_f32", "avx2_f64",
                                                     "baseline_f64", "avx512_f64", "avx512_f32")]
            + ["csrc/kernel_tables.c", "csrc/dispatch.c", "csrc/plan.c", "csrc/running_stats.c",
-              "csrc/bench_copy.c"])
-DEPENDS = (["bnfast/_npy_abi.h", "csrc/bnfast.h", "csrc/bn_plan.h", "csrc/bn_kernels.h", "csrc/bn_common.h",
+              "csrc/bench_copy.c", "csrc/vectors.c"])
+DEPENDS = (["bnfast/_npy_abi.h", "csrc/bn_vectors.h", "csrc/bnfast.h", "csrc/bn_plan.h", "csrc/bn_kernels.h", "csrc/bn_common.h",
             "csrc/bn_isa.h", "csrc/bn_stats.h", "csrc/bn_elementwise.h", "csrc/bn_train.h",
             "csrc/bn_entry.h"]
            + [f"csrc/kernels_{isa}.c" for isa in ISAS])

@@ -91,6 +91,11 @@ cdef extern from "bnfast.h" nogil:
 
 
 
+cdef extern from "bn_vectors.h" nogil:
+    void bn_widen_f32(const float *src, double *dst, Py_ssize_t n)
+    int bn_var_ok(const double *v, Py_ssize_t n, double eps)
+
+
 cdef extern from "bn_plan.h" nogil:
     enum:
         BN_OP_COUNT
@@ -261,8 +266,6 @@ cdef class _Vec:
 cdef _Vec _vec(object v, Py_ssize_t C):
     cdef _Vec r = _Vec.__new__(_Vec)
     cdef cnp.ndarray a
-    cdef float *fp
-    cdef Py_ssize_t i
     if v is None:
         return r
     a = <cnp.ndarray> v
@@ -272,9 +275,7 @@ cdef _Vec _vec(object v, Py_ssize_t C):
         r.own = <double *> malloc(sizeof(double) * (C if C > 0 else 1))
         if r.own == NULL:
             raise MemoryError()
-        fp = <float *> cnp.PyArray_DATA(a)
-        for i in range(C):
-            r.own[i] = fp[i]
+        bn_widen_f32(<float *> cnp.PyArray_DATA(a), r.own, C)
         r.ptr = r.own
     return r
 
@@ -631,7 +632,7 @@ def fast_train(x, weight, bias, eps, axis, running_mean, running_var, momentum, 
 
 
 def fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, int nthreads):
-    cdef Py_ssize_t N = 0, C = 0, S = 0, c
+    cdef Py_ssize_t N = 0, C = 0, S = 0
     if not _is_data(x) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray> x
@@ -645,9 +646,8 @@ def fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, int nthreads):
         return None
     cdef double e = eps
     cdef _Vec v = _vec(var, C)
-    for c in range(C):
-        if not (v.ptr[c] >= 0.0 and v.ptr[c] + e > 0.0):
-            return None            # negative, NaN or zero (with eps 0): the general path
+    if not bn_var_ok(v.ptr, C, e):
+        return None                # negative, NaN or zero (with eps 0): the general path
     cdef cnp.ndarray y = _empty_like(xa) if out is None else <cnp.ndarray> out
     _infer(xa, y, N, C, S, mean, v, weight, bias, eps, relu, nthreads)
     return y

@@ -32,7 +32,8 @@ REQUIRED = ["setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO"
             "bnfast/py.typed", "bnfast/_core.c", "build_backend/bnfast_backend.py",
             "build_backend/bnfast_cython.py",
             "csrc/bnfast.h", "csrc/bn_plan.h", "csrc/plan.c", "csrc/dispatch.c",
-            "csrc/running_stats.c", "csrc/bench_copy.c", "csrc/bn_kernels.h",
+            "csrc/running_stats.c", "csrc/bench_copy.c", "csrc/vectors.c", "csrc/bn_vectors.h",
+            "csrc/bn_kernels.h",
             "csrc/bn_common.h", "csrc/bn_isa.h", "csrc/bn_stats.h", "csrc/bn_elementwise.h",
             "csrc/bn_train.h", "csrc/bn_entry.h", "csrc/kernel_tables.c", "tests/conftest.py"]
 # The translation units setup.py compiles in parallel: each (variant, dtype) pair, and the

@@ -204,3 +204,34 @@ def test_fast_path_accepts_only_what_the_general_path_accepts(op, monkeypatch):
     # the comparison means something only if both outcomes occur and the fast path ran
     assert 0.05 * N_CALLS < n_ok < 0.95 * N_CALLS, calls
     assert taken > 0.02 * N_CALLS, calls
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 5, 8, 33, 2048])
+@pytest.mark.parametrize("bad", ["nan", "negative", "tiny negative", "-0 with eps 0",
+                                 "+0 with eps 0", "-0", "inf", None])
+@pytest.mark.parametrize("vdtype", [np.float32, np.float64])
+def test_infer_fast_path_variance_check_at_every_position(C, bad, vdtype, monkeypatch):
+    """fast_infer's variance check (csrc/vectors.c, two lanes at a time and a scalar tail)
+    rejects exactly what the general path rejects, wherever the bad channel is."""
+    x = np.random.default_rng(C).standard_normal((3, C)).astype(np.float32)
+    for pos in sorted({0, C // 2, C - 1}):
+        var = np.full(C, 0.5, vdtype)
+        eps = 1e-5
+        if bad is not None:
+            var[pos], eps = {"nan": (np.nan, eps), "negative": (-1.0, eps),
+                             "tiny negative": (-1e-30, eps), "-0 with eps 0": (-0.0, 0.0),
+                             "+0 with eps 0": (0.0, 0.0), "-0": (-0.0, eps),
+                             "inf": (np.inf, eps)}[bad]
+        got = _core.fast_infer(x, np.zeros(C), var, None, None, eps, 1, None, False, 1)
+        accepted = bool(np.all((var >= 0) & (var + vdtype(eps) > 0)))
+        assert (got is not None) == accepted, (C, bad, pos)
+        outcomes = []
+        for fast in (True, False):
+            if not fast:
+                monkeypatch.setattr(_core, "fast_infer", lambda *a, **k: None)
+            try:
+                outcomes.append(bnfast.batch_norm_infer(x, np.zeros(C), var, eps=eps).tobytes())
+            except ValueError as exc:
+                outcomes.append(str(exc))
+            monkeypatch.undo()
+        assert outcomes[0] == outcomes[1], (C, bad, pos)
