@@ -50,12 +50,14 @@ int main(void) {
 
 ISAS = ["avx512", "avx2", "baseline"]
 # The largest units first (longest-processing-time order), so that with one job per CPU
-# the jobs finish together.  CPU seconds per unit with gcc 12 on the 2-core AMD EPYC:
-# _core (Cython 1.0 + gcc -O1 2.1), kernels baseline_f32 1.7, avx2_f32 1.7, avx2_f64 1.5,
-# baseline_f64 1.5, avx512_f64 1.5, avx512_f32 1.4, each of the rest under 0.2.
-SOURCES = (["bnfast/_core.pyx"]
-           + [f"csrc/kernels_{unit}.c" for unit in ("baseline_f32", "avx2_f32", "avx2_f64",
-                                                    "baseline_f64", "avx512_f64", "avx512_f32")]
+# the jobs finish together.  CPU seconds per unit with gcc 12 on the 2-core AMD EPYC
+# (measured under load, so the order matters more than the values): kernels baseline_f32
+# 2.0, avx2_f32 2.1, avx2_f64 2.0, avx512_f32 1.9, avx512_f64 1.8, baseline_f64 1.7, _core
+# (gcc -O1) 1.6, each of the rest under 0.1.  When the bindings must be translated first
+# (Cython, 1 s more), _core goes first (_FIRST).
+SOURCES = ([f"csrc/kernels_{unit}.c" for unit in ("baseline_f32", "avx2_f32", "avx2_f64",
+                                                  "avx512_f32", "avx512_f64", "baseline_f64")]
+           + ["bnfast/_core.pyx"]
            + ["csrc/kernel_tables.c", "csrc/dispatch.c", "csrc/plan.c", "csrc/running_stats.c",
               "csrc/bench_copy.c", "csrc/vectors.c"])
 DEPENDS = (["bnfast/_npy_abi.h", "csrc/bn_vectors.h", "csrc/bnfast.h", "csrc/bn_plan.h", "csrc/bn_kernels.h", "csrc/bn_common.h",
@@ -134,8 +136,13 @@ def _build_jobs(requested):
 ORDER = [s[:-4] + ".c" if s.endswith(".pyx") else s for s in SOURCES]
 
 
+_FIRST = set()      # sources to compile before all others (set by BuildExt)
+
+
 def _order(src):
     src = os.path.normpath(src)
+    if any(src.endswith(os.path.normpath(s)) for s in _FIRST):
+        return -1
     for i, s in enumerate(ORDER):
         if src.endswith(os.path.normpath(s)):
             return i
@@ -215,9 +222,9 @@ class BuildExt(build_ext):
         print(f"bnfast: compiling with {jobs} parallel job{'s' if jobs > 1 else ''}")
 
         def per_source_args(src):
-            # The Cython bindings (argument handling, per-channel loops of a few
-            # operations): -O1 compiles in 2.1 s of CPU against 3.4 s at -O2 and measured
-            # the same per call (2.7-23 us calls and C = 8192 backward, within 1 %).
+            # The Cython bindings (argument handling; their per-channel loops are in
+            # csrc/vectors.c): -O1 compiles in 1.5 s of CPU against 2.5-2.7 s at -O2 and
+            # measured the same per call (2.7-23 us calls and C = 8192 backward, within 1 %).
             if not clang_cl and os.path.basename(src) == "_core.c":
                 return ["-O1"]
             return []
@@ -266,6 +273,7 @@ class BuildExt(build_ext):
 
                 if getattr(self, "_parallel", False):
                     self._before[bnfast_cython.OUTPUT] = translate
+                    _FIRST.add(bnfast_cython.OUTPUT)
                 else:
                     translate()
         super().build_extension(ext)
