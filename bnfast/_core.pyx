@@ -19,7 +19,6 @@ is stored).
 """
 import numpy as np
 from bnfast cimport _npy as cnp   # NumPy's C API without its headers (bnfast/_npy_abi.h)
-from libc.math cimport NAN, isfinite
 from libc.stdlib cimport malloc, free
 
 cnp.import_array()
@@ -94,6 +93,9 @@ cdef extern from "bnfast.h" nogil:
 cdef extern from "bn_vectors.h" nogil:
     void bn_widen_f32(const float *src, double *dst, Py_ssize_t n)
     int bn_var_ok(const double *v, Py_ssize_t n, double eps)
+    void bn_scale_shift(const double *invstd, const double *weight, const double *bias,
+                        double *a, double *shift, Py_ssize_t n)
+    void bn_canonical_nans(double *v, Py_ssize_t n)
 
 
 cdef extern from "bn_plan.h" nogil:
@@ -346,16 +348,6 @@ cdef int _infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssi
 # "degenerate" (bnfast._api recomputes them; see _backward_degenerate there), and
 # synchronized batch norm replaces the sums by those of every process.
 
-cdef int _bwd_params(Py_ssize_t C, const double *inv, const double *w, const double *b,
-                     double *sc, double *sh) noexcept nogil:
-    # scale a = weight * invstd and shift = bias, as the C kernels' backward computes them
-    cdef Py_ssize_t c
-    for c in range(C):
-        sc[c] = inv[c] * w[c] if w != NULL else inv[c]
-        sh[c] = b[c] if b != NULL else 0.0
-    return 0
-
-
 cdef int _bwd_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                      _Vec m, _Vec inv, _Vec w, _Vec b, bint relu, double *sd, double *sx,
                      int nt) except -1:
@@ -365,17 +357,14 @@ cdef int _bwd_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, 
     if sc == NULL:
         raise MemoryError()
     cdef double *sh = sc + C
-    cdef Py_ssize_t c
     cdef void *dyp = cnp.PyArray_DATA(dy)
     cdef void *xp = cnp.PyArray_DATA(x)
     with nogil:
-        _bwd_params(C, inv.ptr, w.ptr, b.ptr, sc, sh)
+        # scale a = weight * invstd and shift = bias, as the C kernels' backward computes them
+        bn_scale_shift(inv.ptr, w.ptr, b.ptr, sc, sh, C)
         st = t.backward_reduce[dt](dyp, xp, N, C, S, m.ptr, sc, sh, sd, sx, flags, nt)
-        for c in range(C):          # canonical NaNs, as every kernel output
-            if sd[c] != sd[c]:
-                sd[c] = NAN
-            if sx[c] != sx[c]:
-                sx[c] = NAN
+        bn_canonical_nans(sd, C)    # canonical NaNs, as every kernel output
+        bn_canonical_nans(sx, C)
     free(sc)
     _check(st)
     return 0
@@ -396,7 +385,7 @@ cdef int _bwd_apply(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N,
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *dxp = cnp.PyArray_DATA(dx)
     with nogil:
-        _bwd_params(C, inv.ptr, w.ptr, b.ptr, sc, sh)
+        bn_scale_shift(inv.ptr, w.ptr, b.ptr, sc, sh, C)
         st = t.backward_dx[dt](dyp, xp, dxp, N, C, S, m.ptr, sc, sh, sc, kx, k0, flags, nt)
     free(sc)
     _check(st)

@@ -16,4 +16,13 @@ void bn_widen_f32(const float *src, double *dst, ptrdiff_t n);
  * inference fast path accepts. */
 int bn_var_ok(const double *v, ptrdiff_t n, double eps);
 
+/* The backward kernels' per-channel scale and shift: a[c] = invstd[c] * weight[c] (invstd[c]
+ * when weight is NULL), shift[c] = bias[c] (0 when bias is NULL). */
+void bn_scale_shift(const double *invstd, const double *weight, const double *bias,
+                    double *a, double *shift, ptrdiff_t n);
+
+/* Every NaN in v[0..n) replaced by the canonical quiet NaN (0x7ff8000000000000), as every
+ * kernel output is. */
+void bn_canonical_nans(double *v, ptrdiff_t n);
+
 #endif

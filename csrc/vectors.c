@@ -1,4 +1,5 @@
 /* Per-channel vector helpers of the bindings (bn_vectors.h). */
+#include <math.h>
 #include "bn_vectors.h"
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -28,4 +29,33 @@ int bn_var_ok(const double *v, ptrdiff_t n, double eps)
 #endif
     for (; i < n; i++) ok &= (v[i] >= 0.0) & (v[i] + eps > 0.0);
     return ok;
+}
+
+void bn_scale_shift(const double *invstd, const double *weight, const double *bias,
+                    double *a, double *shift, ptrdiff_t n)
+{
+    if (weight)
+        for (ptrdiff_t i = 0; i < n; i++) a[i] = invstd[i] * weight[i];
+    else
+        for (ptrdiff_t i = 0; i < n; i++) a[i] = invstd[i];
+    if (bias)
+        for (ptrdiff_t i = 0; i < n; i++) shift[i] = bias[i];
+    else
+        for (ptrdiff_t i = 0; i < n; i++) shift[i] = 0.0;
+}
+
+void bn_canonical_nans(double *v, ptrdiff_t n)
+{
+    ptrdiff_t i = 0;
+#if defined(__SSE2__)
+    /* NaN lanes (unordered with themselves) take the canonical NaN, the others keep x. */
+    const __m128d qnan = _mm_set1_pd((double)NAN);
+    for (; i + 2 <= n; i += 2) {
+        const __m128d x = _mm_loadu_pd(v + i), nan_lanes = _mm_cmpunord_pd(x, x);
+        _mm_storeu_pd(v + i, _mm_or_pd(_mm_and_pd(nan_lanes, qnan),
+                                       _mm_andnot_pd(nan_lanes, x)));
+    }
+#endif
+    for (; i < n; i++)
+        if (v[i] != v[i]) v[i] = (double)NAN;
 }

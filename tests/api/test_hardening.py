@@ -463,6 +463,27 @@ def test_nan_outputs_have_the_same_bits_in_every_variant():
     assert (dx[:, 0].view(np.uint32) == 0x7FC00000).all()   # the canonical quiet NaN
 
 
+@pytest.mark.parametrize("C", [1, 2, 3, 9, 2049])
+def test_backward_sums_nan_bits_are_canonical_at_every_position(C):
+    # the sums' NaNs are made canonical two channels at a time and in a scalar tail
+    # (csrc/vectors.c, bn_canonical_nans): a NaN of either sign, any payload, in any channel
+    rng = np.random.default_rng(C)
+    x = rng.standard_normal((4, C))
+    dy = rng.standard_normal((4, C))
+    bad = sorted({0, C // 2, C - 1})
+    payloads = np.array([0xFFF8000000000000, 0x7FF0000000000001, 0xFFF4000000000000],
+                        np.uint64).view(np.float64)
+    for i, c in enumerate(bad):
+        dy[1, c] = payloads[i % 3]
+    _, m, inv = bnfast.batch_norm_train(x, np.ones(C), np.zeros(C))
+    dx, dw, db = bnfast.batch_norm_backward(dy, x, m, inv, np.ones(C))
+    for out in (dw, db):
+        bits = out.view(np.uint64)
+        assert (bits[bad] == 0x7FF8000000000000).all(), [hex(b) for b in bits[bad]]
+        good = np.setdiff1d(np.arange(C), bad)
+        assert np.isfinite(out[good]).all()
+
+
 # ---------------------------------------------------------------- found by the adversarial tests
 
 def test_out_not_an_array_with_running_stats_raises():
