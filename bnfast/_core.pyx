@@ -127,10 +127,10 @@ cdef extern from "bn_plan.h" nogil:
     void bn_set_stream_min_bytes(size_t nbytes)
 
 
-ISA_NAMES = tuple(bn_isa_name(i).decode() for i in range(BN_ISA_COUNT))
-OP_NAMES = tuple(bn_op_name(i).decode() for i in range(BN_OP_COUNT))
-WALK_NAMES = tuple(bn_walk_name(i).decode() for i in range(BN_WALK_COUNT))
-LAYOUT_NAMES = tuple(bn_layout_name(i).decode() for i in range(2))   # rows, columns
+ISA_NAMES = tuple([bn_isa_name(i).decode() for i in range(BN_ISA_COUNT)])
+OP_NAMES = tuple([bn_op_name(i).decode() for i in range(BN_OP_COUNT)])
+WALK_NAMES = tuple([bn_walk_name(i).decode() for i in range(BN_WALK_COUNT)])
+LAYOUT_NAMES = tuple([bn_layout_name(i).decode() for i in range(2)])   # rows, columns
 
 
 cdef int _check(int status) except -1:
@@ -220,8 +220,9 @@ def _npy_view(cnp.ndarray a):
     (address, ndim, shape, strides, type number, item size, bytes, C-contiguous,
     aligned, writeable, native byte order), and an empty array made like it."""
     cdef int i
-    shape = tuple(cnp.PyArray_DIM(a, i) for i in range(cnp.PyArray_NDIM(a)))
-    strides = tuple(cnp.PyArray_STRIDE(a, i) for i in range(cnp.PyArray_NDIM(a)))
+    # list comprehensions, not generator expressions: no generator machinery in _core.c
+    shape = tuple([cnp.PyArray_DIM(a, i) for i in range(cnp.PyArray_NDIM(a))])
+    strides = tuple([cnp.PyArray_STRIDE(a, i) for i in range(cnp.PyArray_NDIM(a))])
     return ((<size_t> cnp.PyArray_DATA(a), cnp.PyArray_NDIM(a), shape, strides,
              cnp.PyArray_TYPE(a), cnp.PyArray_ITEMSIZE(a), cnp.PyArray_NBYTES(a),
              cnp.PyArray_IS_C_CONTIGUOUS(a), cnp.PyArray_ISALIGNED(a),
