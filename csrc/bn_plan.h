@@ -132,6 +132,15 @@ size_t bn_get_stream_min_bytes(void);
 void bn_set_stream_min_bytes(size_t nbytes);
 int bn_plan_streams(int isa, double bytes);   /* the streaming rule (plan.c) */
 
+/* Streaming stores to out are not used when an input lies 1 to this many bytes before
+ * out modulo 4 KiB: the loads that follow the stores then match their addresses in the
+ * low 12 bits and wait for them (benchmarks/README.md). */
+#define BN_STREAM_ALIAS_BYTES 256
+/* Whether in0 or in1 (either may be NULL) lies 1 to BN_STREAM_ALIAS_BYTES bytes before
+ * out modulo 4 KiB, so that out must not be written with streaming stores (plan.c; the
+ * element-wise kernels and bench_copy.c ask). */
+int bn_stream_alias(const void *out, const void *in0, const void *in1);
+
 #ifdef __cplusplus
 }
 #endif

@@ -374,3 +374,38 @@ def test_streaming_stores_give_identical_bits(shape, axis, dtype, isa):
             streamed = _stream_case_results(x, dy, axis, off)
         for i, (a, c) in enumerate(zip(plain, streamed)):
             assert_same_bits(a, c, f"{isa} offset {off} result {i}")
+
+
+@pytest.mark.parametrize("dist", [0, 16, 32, 128, 256, 272, 4080])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streaming_output_near_its_input_gives_identical_bits(dist, dtype, isa):
+    """An output 1-256 bytes after an input modulo 4 KiB is written with ordinary stores
+    even above the streaming threshold (streaming stores there made the following loads
+    wait: plan.c, bn_stream_alias); either way the bits are those of ordinary stores."""
+    from bnfast import _config
+
+    shape, C = (4, 8, 64), 8
+    n = int(np.prod(shape))
+    item = np.dtype(dtype).itemsize
+    buf = np.empty(3 * n + 4096, dtype)
+    start = (-buf.ctypes.data % 4096) // item          # x at a 4 KiB boundary
+    x = buf[start:start + n].reshape(shape)
+    o = start + n + (4096 - (n * item) % 4096) // item + dist // item   # out - x = dist mod 4 KiB
+    rng = rng_for("stream-alias", dist, np.dtype(dtype).name)
+    x[...] = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+    mean, var = bnfast.moments(x, axis=1)
+    res = {}
+    for thr in (1 << 62, 0):
+        with _config._stream_min_bytes(thr):
+            y = buf[o:o + n].reshape(shape)
+            assert (y.ctypes.data - x.ctypes.data) % 4096 == dist
+            bnfast.batch_norm_infer(x, mean, var, w, b, axis=1, out=y)
+            got = [y.copy()]
+            _, m, invstd = bnfast.batch_norm_train(x, w, b, axis=1)
+            bnfast.batch_norm_backward(dy, x, m, invstd, w, axis=1, out=y)
+            got.append(y.copy())
+            res[thr] = got
+    for a, c in zip(res[1 << 62], res[0]):
+        assert_same_bits(a, c, f"{isa} distance {dist}")
