@@ -126,8 +126,11 @@ const char *bn_op_name(int op);
 
 /* Element-wise passes whose inputs and outputs together move at least this many bytes
  * write their output with non-temporal stores (AVX2 and AVX-512 variants, aligned
- * outputs); the same measure tells whether a reduction's inputs are cache-resident. */
+ * outputs); the same measure tells whether a reduction's inputs are cache-resident.  The
+ * default is the last-level cache's size (bn_llc_bytes), BN_STREAM_MIN_BYTES_DEFAULT
+ * where that is unknown; bn_set_stream_min_bytes (BNFAST_STREAM_MIN_BYTES) overrides. */
 #define BN_STREAM_MIN_BYTES_DEFAULT ((size_t)16 << 20)
+size_t bn_llc_bytes(void);   /* the last-level cache in bytes, 0 if unknown */
 size_t bn_get_stream_min_bytes(void);
 void bn_set_stream_min_bytes(size_t nbytes);
 int bn_plan_streams(int isa, double bytes);   /* the streaming rule (plan.c) */
