@@ -6,9 +6,10 @@ supported of ``baseline`` (plain C, always present), ``avx2`` (AVX2+FMA) and ``a
 empty means the default choice); forcing one the CPU lacks is an error at import.
 
 Element-wise passes whose inputs and outputs together reach ``BNFAST_STREAM_MIN_BYTES``
-bytes (default 16 MiB, half the last-level cache of the development machine) write their
+bytes (default: the last-level cache's size, 16 MiB where it is unknown) write their
 output with non-temporal stores in the AVX2 and AVX-512 variants: the data goes straight to
-memory instead of first being read into the cache.  The same threshold tells the column
+memory instead of first being read into the cache (below that, input and output stay in
+the cache between calls, and ordinary stores are faster).  The same threshold tells the column
 reductions whether data counts as cache-resident (register strips down the rows) or not
 (one stream through memory).  The results are bit-identical either way.
 """
@@ -228,7 +229,9 @@ def get_config():
     ``openmp_runtime`` (library path when threadpoolctl can tell), ``num_threads``,
     ``omp_num_threads_env``, ``omp_wait`` (how idle OpenMP threads wait),
     ``stream_min_bytes`` (element-wise passes that read and write at least this many bytes
-    write their output with non-temporal stores), ``compiler``, ``python``, ``numpy``, ``machine``.
+    write their output with non-temporal stores), ``stream_min_source`` (where that value
+    comes from), ``llc_bytes`` (the last-level cache, 0 if unknown), ``compiler``,
+    ``python``, ``numpy``, ``machine``.
 
     Returns
     -------
@@ -258,6 +261,8 @@ def get_config():
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "omp_wait": _wait_policy(),
         "stream_min_bytes": _core.get_stream_min_bytes(),
+        "stream_min_source": _stream_source(),
+        "llc_bytes": _core.llc_bytes(),
         "compiler": _core.compiler(),
         "python": sys.version.split()[0],
         "numpy": np.__version__,
@@ -304,7 +309,7 @@ def show_config(file=None):
         f" (OMP_NUM_THREADS={env if env is not None else 'unset'})",
         f"  idle threads   : {cfg['omp_wait']}",
         f"  streaming      : passes moving >= {_fmt_bytes(cfg['stream_min_bytes'])}"
-        f" ({STREAM_ENV_VAR}={os.environ.get(STREAM_ENV_VAR, 'unset')})",
+        f" ({cfg['stream_min_source']})",
         f"  compiler       : {cfg['compiler']}",
         f"  python, numpy  : {cfg['python']}, {cfg['numpy']}",
         f"  machine        : {cfg['machine']}",
@@ -319,6 +324,20 @@ def _fmt_bytes(n):
         if n >= size and n % size == 0:
             return f"{n // size} {unit}"
     return f"{n} bytes"
+
+
+def _stream_source():
+    """Where the streaming threshold in force comes from, in words (show_config)."""
+    raw = os.environ.get(STREAM_ENV_VAR, "").strip()
+    n = _core.get_stream_min_bytes()
+    if raw.isascii() and raw.isdigit() and int(raw) == n:
+        return f"{STREAM_ENV_VAR}={raw}"
+    if n != STREAM_MIN_BYTES_DEFAULT:
+        return "set in this process"
+    llc = _core.llc_bytes()
+    if llc and llc == n:
+        return f"default: the last-level cache, {_fmt_bytes(llc)}; {STREAM_ENV_VAR} unset"
+    return f"default: last-level cache size unknown; {STREAM_ENV_VAR} unset"
 
 
 def _stream_from_environment():

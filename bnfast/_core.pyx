@@ -124,6 +124,7 @@ cdef extern from "bn_plan.h" nogil:
     const char *bn_layout_name(int layout)
     const char *bn_op_name(int op)
     size_t bn_get_stream_min_bytes()
+    size_t bn_llc_bytes()
     void bn_set_stream_min_bytes(size_t nbytes)
 
 
@@ -173,6 +174,9 @@ def get_stream_min_bytes():
 
 def set_stream_min_bytes(size_t nbytes):
     bn_set_stream_min_bytes(nbytes)
+
+def llc_bytes():
+    return bn_llc_bytes()
 
 def omp_max_threads():
     return bn_omp_max_threads()

@@ -181,7 +181,7 @@ static int BN_FN(normalize_planned)(const bn_plan *p, const T *x, T *y, const do
 {
     const ptrdiff_t N = p->N, C = p->C, S = p->S;
     if (N == 0 || C == 0 || S == 0) return BN_OK;
-    const int nts = p->stream && ((uintptr_t)y & 15) == 0;
+    const int nts = p->stream && ((uintptr_t)y & 15) == 0 && !bn_stream_alias(y, x, NULL);
     if (p->layout == BN_LAYOUT_ROWS || p->ew_walk == BN_WALK_ROWS) {
         BN_FN(norm_ctx) k = {p, x, y, mean, scale, shift, relu, nts};
         BN_FN(run_ew_items)(p, BN_FN(norm_rows), &k);
@@ -370,7 +370,7 @@ static int BN_FN(backward_dx_planned)(const bn_plan *p, const T *dy, const T *x,
 {
     const ptrdiff_t N = p->N, C = p->C, S = p->S;
     if (N == 0 || C == 0 || S == 0) return BN_OK;
-    const int nts = p->stream && ((uintptr_t)dx & 15) == 0;
+    const int nts = p->stream && ((uintptr_t)dx & 15) == 0 && !bn_stream_alias(dx, dy, x);
     if (p->layout == BN_LAYOUT_ROWS || p->ew_walk == BN_WALK_ROWS) {
         BN_FN(dx_ctx) k = {p, dy, x, dx, mean, scale, shift, k_dy, k_x, k_0, relu, eval, nts};
         BN_FN(run_ew_items)(p, BN_FN(dx_rows), &k);

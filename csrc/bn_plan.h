@@ -126,11 +126,23 @@ const char *bn_op_name(int op);
 
 /* Element-wise passes whose inputs and outputs together move at least this many bytes
  * write their output with non-temporal stores (AVX2 and AVX-512 variants, aligned
- * outputs); the same measure tells whether a reduction's inputs are cache-resident. */
+ * outputs); the same measure tells whether a reduction's inputs are cache-resident.  The
+ * default is the last-level cache's size (bn_llc_bytes), BN_STREAM_MIN_BYTES_DEFAULT
+ * where that is unknown; bn_set_stream_min_bytes (BNFAST_STREAM_MIN_BYTES) overrides. */
 #define BN_STREAM_MIN_BYTES_DEFAULT ((size_t)16 << 20)
+size_t bn_llc_bytes(void);   /* the last-level cache in bytes, 0 if unknown */
 size_t bn_get_stream_min_bytes(void);
 void bn_set_stream_min_bytes(size_t nbytes);
 int bn_plan_streams(int isa, double bytes);   /* the streaming rule (plan.c) */
+
+/* Streaming stores to out are not used when an input lies 1 to this many bytes before
+ * out modulo 4 KiB: the loads that follow the stores then match their addresses in the
+ * low 12 bits and wait for them (benchmarks/README.md). */
+#define BN_STREAM_ALIAS_BYTES 256
+/* Whether in0 or in1 (either may be NULL) lies 1 to BN_STREAM_ALIAS_BYTES bytes before
+ * out modulo 4 KiB, so that out must not be written with streaming stores (plan.c; the
+ * element-wise kernels and bench_copy.c ask). */
+int bn_stream_alias(const void *out, const void *in0, const void *in1);
 
 #ifdef __cplusplus
 }

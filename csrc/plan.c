@@ -4,20 +4,94 @@
  * streaming threshold.
  */
 #include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
 #include "bnfast.h"
 #include "bn_plan.h"
 
-static size_t bn_stream_min = BN_STREAM_MIN_BYTES_DEFAULT;
+/* The last-level cache in bytes: Linux's sysfs entry for cpu0's level-3 cache (the
+ * slice cpu0 shares), else sysconf's level-3 size (glibc), else 0 (unknown).  sysfs
+ * first: on the AMD EPYC test machine (a VM), sysconf gives 320 MiB, the whole package's
+ * L3, where cpu0 has a 32 MiB slice (lscpu: "32 MiB (1 instance)"). */
+size_t bn_llc_bytes(void)
+{
+    long n = -1;
+#ifdef __linux__
+    FILE *f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
+    if (f) {
+        char unit = 0;
+        long v = 0;
+        const int got = fscanf(f, "%ld%c", &v, &unit);
+        fclose(f);
+        if (got >= 1 && v > 0)
+            n = v * (unit == 'K' ? 1L << 10 : unit == 'M' ? 1L << 20 : 1L);
+    }
+#endif
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    if (n <= 0) n = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return n > 0 ? (size_t)n : 0;
+}
 
-size_t bn_get_stream_min_bytes(void) { return bn_stream_min; }
+/* The default threshold: the last-level cache, so that a pass whose inputs and output
+ * fit in it (and stay there between calls) stores normally; BN_STREAM_MIN_BYTES_DEFAULT
+ * where the size is unknown.  Two threads, AVX2 / AVX-512, inputs and output 16 MiB
+ * in all (the 32 MiB L3 of the test machine): inference of (4, 32, 16, 32, 32) and
+ * (8, 64, 64, 64) float32, both layouts, 0.30 -> 0.20 ms with ordinary stores, training
+ * forward 0.46 -> 0.35 ms (benchmarks/README.md). */
+static size_t stream_min_default(void)
+{
+    const size_t llc = bn_llc_bytes();
+    return llc ? llc : BN_STREAM_MIN_BYTES_DEFAULT;
+}
 
-void bn_set_stream_min_bytes(size_t nbytes) { bn_stream_min = nbytes; }
+static size_t bn_stream_min = 0;   /* 0 until first read or set */
+static int bn_stream_min_set = 0;
+
+size_t bn_get_stream_min_bytes(void)
+{
+    if (!bn_stream_min_set) {   /* bnfast._config reads it at import, before any kernel */
+        bn_stream_min = stream_min_default();
+        bn_stream_min_set = 1;
+    }
+    return bn_stream_min;
+}
+
+void bn_set_stream_min_bytes(size_t nbytes)
+{
+    bn_stream_min = nbytes;
+    bn_stream_min_set = 1;
+}
 
 /* Whether a pass moving `bytes` (read + written) streams its stores under variant `isa`:
  * the rule of the element-wise passes below, shared with bench_copy.c's copy floor. */
 int bn_plan_streams(int isa, double bytes)
 {
-    return isa != BN_ISA_BASELINE && bytes >= (double)bn_stream_min;
+    return isa != BN_ISA_BASELINE && bytes >= (double)bn_get_stream_min_bytes();
+}
+
+/* The distance from an input to the output modulo 4 KiB, in 1..BN_STREAM_ALIAS_BYTES:
+ * every load of the input then follows, by that distance, the streaming store of the
+ * same address bits 0-11, and waits for it, the longer the wider the load (AVX-512's
+ * 32-byte float32 loads against 16-byte streaming stores).  Measured (one thread, float32
+ * inference of (4, 32, 16, 32, 32), out - in = 0 / 32 / 64 / 128 / 192 / 256 / 384 bytes
+ * modulo 4 KiB): AVX-512 0.44 / 2.27 / 1.45 / 0.86 / 0.61 / 0.50 / 0.45 ms, AVX2 0.45 /
+ * 0.58-1.6 / 0.52-0.89 / 0.49-0.58 / 0.47 / 0.41 / 0.40, ordinary stores 0.39-0.46 at
+ * every distance; two threads, (32, 64, 96, 96) from DRAM: AVX-512 3.0 / 10.1 / 6.7 /
+ * 3.8 ms (0, 32, 64, 128) against 3.7-4.0 with ordinary stores. */
+static int stream_alias1(const void *out, const void *in)
+{
+    if (!in) return 0;
+    const size_t d = ((uintptr_t)out - (uintptr_t)in) & 4095;
+    return d >= 1 && d <= BN_STREAM_ALIAS_BYTES;
+}
+
+int bn_stream_alias(const void *out, const void *in0, const void *in1)
+{
+    return stream_alias1(out, in0) || stream_alias1(out, in1);
 }
 
 /* Forced choices (tests): -1 = the plan's own choice. */
@@ -190,7 +264,7 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
      * and SSE2 too, even where it spills (strips of 16 or 32 columns walk the rows more
      * often and were slower: benchmarks/README.md). */
     const double in_bytes = count * (double)itemsize * (op == BN_OP_BACKWARD ? 2.0 : 1.0);
-    p->resident = in_bytes < (double)bn_stream_min;
+    p->resident = in_bytes < (double)bn_get_stream_min_bytes();
     p->strip_cols = BN_REG_MAX_COLS;
     p->reduce_walk = BN_WALK_NONE;
     const ptrdiff_t tile = p->col.tile, tile8 = tile & ~(ptrdiff_t)7;
@@ -285,7 +359,7 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
          * period (columns) starts where the previous ended, so its length in bytes must be
          * a multiple of 16.  Mixing ordinary and non-temporal stores on one cache line is
          * very slow, so it is all or nothing; the kernel also checks the output's
-         * alignment. */
+         * alignment and its distance from the inputs (bn_stream_alias). */
         const double tensors = op == BN_OP_BACKWARD ? 3.0 : 2.0;
         p->stream = ((size_t)p->period * (size_t)itemsize) % 16 == 0 &&
                     bn_plan_streams(isa, count * (double)itemsize * tensors);

@@ -302,18 +302,59 @@ def test_short_openmp_spin_is_the_default_and_user_settings_win(tmp_path):
 
 # ------------------------------------------------------------------ streaming stores
 
-def test_stream_threshold_default_env_and_config():
+def _sysfs_llc():
+    """cpu0's level-3 cache from Linux's sysfs, in bytes (None where absent)."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            raw = f.read().strip()
+    except OSError:
+        return None
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(raw[-1:], 1)
+    digits = raw.rstrip("KM")
+    return int(digits) * scale if digits.isdigit() and int(digits) > 0 else None
+
+
+def test_stream_threshold_default_is_the_last_level_cache():
     from bnfast import _config
 
     cfg = bnfast.get_config()
-    assert cfg["stream_min_bytes"] == _config.STREAM_MIN_BYTES_DEFAULT == 16 << 20
+    llc = cfg["llc_bytes"]
+    assert cfg["stream_min_bytes"] == _config.STREAM_MIN_BYTES_DEFAULT
+    # the default: the last-level cache where it is known, else 16 MiB
+    assert _config.STREAM_MIN_BYTES_DEFAULT == (llc if llc else 16 << 20)
+    sysfs = _sysfs_llc()
+    if sysfs is not None:                   # Linux: cpu0's L3 slice, as lscpu shows it
+        assert llc == sysfs
     buf = io.StringIO()
     bnfast.show_config(file=buf)
-    assert "streaming      : passes moving >= 16 MiB" in buf.getvalue()
-    r = _python("import bnfast; print(bnfast.get_config()['stream_min_bytes'])",
+    text = buf.getvalue()
+    size = _config._fmt_bytes(cfg["stream_min_bytes"])
+    assert f"streaming      : passes moving >= {size} (default: " in text
+    if llc:
+        assert f"the last-level cache, {size}; BNFAST_STREAM_MIN_BYTES unset" in text
+    # the plan follows the threshold: a pass moving less than the LLC does not stream
+    x = np.zeros((4, 32, 16, 32, 32), np.float32)      # 8 MiB: inference moves 16 MiB
+    stream = bnfast.explain(x, op="infer", axis=1)["elementwise"]["stream"]
+    assert stream == (bnfast.get_isa() != "baseline" and (16 << 20) >= cfg["stream_min_bytes"])
+
+
+def test_stream_threshold_env_override_and_config():
+    r = _python("import bnfast; c = bnfast.get_config(); "
+                "print(c['stream_min_bytes'], c['stream_min_source'])",
                 BNFAST_STREAM_MIN_BYTES="4096")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "4096"
+    assert r.stdout.strip() == "4096 BNFAST_STREAM_MIN_BYTES=4096"
+    # the plan reads it: streaming (not on the baseline) and the reduction's residency
+    code = ("import bnfast, numpy as np; x = np.zeros((4, 32, 16, 32, 32), np.float32); "
+            "bnfast.set_isa('avx2' if 'avx2' in bnfast.available_isas() else 'baseline'); "
+            "print(bnfast.get_isa(), bnfast.explain(x, op='infer', axis=1)['elementwise']"
+            "['stream'], bnfast.explain(x, op='moments', axis=-1)['reduce']['resident'])")
+    for env, stream, resident in (("4096", True, False), (str(1 << 40), False, True)):
+        r = _python(code, BNFAST_STREAM_MIN_BYTES=env)
+        assert r.returncode == 0, r.stderr
+        isa, got_stream, got_resident = r.stdout.split()
+        assert got_stream == str(stream and isa != "baseline")
+        assert got_resident == str(resident)
 
 
 @pytest.mark.parametrize("bad", ["-1", "1.5", "lots", "1_000", str(2 ** 64)])
@@ -374,3 +415,38 @@ def test_streaming_stores_give_identical_bits(shape, axis, dtype, isa):
             streamed = _stream_case_results(x, dy, axis, off)
         for i, (a, c) in enumerate(zip(plain, streamed)):
             assert_same_bits(a, c, f"{isa} offset {off} result {i}")
+
+
+@pytest.mark.parametrize("dist", [0, 16, 32, 128, 256, 272, 4080])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streaming_output_near_its_input_gives_identical_bits(dist, dtype, isa):
+    """An output 1-256 bytes after an input modulo 4 KiB is written with ordinary stores
+    even above the streaming threshold (streaming stores there made the following loads
+    wait: plan.c, bn_stream_alias); either way the bits are those of ordinary stores."""
+    from bnfast import _config
+
+    shape, C = (4, 8, 64), 8
+    n = int(np.prod(shape))
+    item = np.dtype(dtype).itemsize
+    buf = np.empty(3 * n + 4096, dtype)
+    start = (-buf.ctypes.data % 4096) // item          # x at a 4 KiB boundary
+    x = buf[start:start + n].reshape(shape)
+    o = start + n + (4096 - (n * item) % 4096) // item + dist // item   # out - x = dist mod 4 KiB
+    rng = rng_for("stream-alias", dist, np.dtype(dtype).name)
+    x[...] = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+    mean, var = bnfast.moments(x, axis=1)
+    res = {}
+    for thr in (1 << 62, 0):
+        with _config._stream_min_bytes(thr):
+            y = buf[o:o + n].reshape(shape)
+            assert (y.ctypes.data - x.ctypes.data) % 4096 == dist
+            bnfast.batch_norm_infer(x, mean, var, w, b, axis=1, out=y)
+            got = [y.copy()]
+            _, m, invstd = bnfast.batch_norm_train(x, w, b, axis=1)
+            bnfast.batch_norm_backward(dy, x, m, invstd, w, axis=1, out=y)
+            got.append(y.copy())
+            res[thr] = got
+    for a, c in zip(res[1 << 62], res[0]):
+        assert_same_bits(a, c, f"{isa} distance {dist}")
