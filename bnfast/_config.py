@@ -22,7 +22,7 @@ import threading
 import numpy as np
 
 from . import _core
-from ._openmp_env import SPINCOUNT_SET_BY_BNFAST
+from ._openmp_env import LIBGOMP_LOADED_BEFORE, SPINCOUNT_SET_BY_BNFAST
 from ._version import __version__
 
 ISA_NAMES = _core.ISA_NAMES
@@ -218,6 +218,9 @@ def _wait_policy():
     if spin:
         return f"GOMP_SPINCOUNT={spin}" + (" (bnfast's default)" if SPINCOUNT_SET_BY_BNFAST
                                            else "")
+    if LIBGOMP_LOADED_BEFORE:
+        return ("runtime default (libgomp was loaded before bnfast, so bnfast's short spin, "
+                "GOMP_SPINCOUNT=10000, could not apply: set it before Python starts)")
     return "runtime default"
 
 

@@ -300,6 +300,25 @@ def test_short_openmp_spin_is_the_default_and_user_settings_win(tmp_path):
     assert out.startswith("None OMP_WAIT_POLICY=active"), out
 
 
+def test_openmp_spin_is_not_claimed_when_libgomp_was_loaded_first(tmp_path):
+    # libgomp reads GOMP_SPINCOUNT when it loads: after another library loaded it (PyTorch
+    # does), bnfast's value would not apply, and show_config must not say it does
+    import ctypes.util
+    import subprocess
+    import sys
+
+    lib = ctypes.util.find_library("gomp")
+    if lib is None:
+        pytest.skip("no libgomp on this system")
+    code = (f"import ctypes, os; ctypes.CDLL({lib!r}); import bnfast; "
+            "print(os.environ.get('GOMP_SPINCOUNT'), '|', bnfast.get_config()['omp_wait'])")
+    env = _env_without_omp_wait()
+    env["PYTHONPATH"] = _pkg_parent()
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("None | runtime default (libgomp was loaded before bnfast"), out
+
+
 # ------------------------------------------------------------------ streaming stores
 
 def _sysfs_llc():
