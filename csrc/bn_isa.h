@@ -135,7 +135,10 @@ static inline bn_vd bn_vrelu(bn_vd t)
  * the eight lanes as native vectors instead (split with __builtin_shufflevector, not a
  * union: union splits in a loop made GCC spill, benchmarks/README.md).  Lane k always adds
  * lane k of its operands, so the sums are those of the generic form, bit for bit, and
- * bn_acc_hsum adds the lanes in bn_hsum's order.
+ * bn_acc_hsum adds the lanes in bn_hsum's order; bn_acc_hsum2 does so for two accumulators
+ * at once, in vector adds whose first operand is always the lower lane (the same bits,
+ * NaN payloads included; lane by lane in scalar adds, the two sums at the end of every
+ * row of S = 49 took a third of the rows layout's backward sums).
  */
 #if BN_ISA_LEVEL == 2
 typedef struct { bn_vd v; } bn_acc;
@@ -145,6 +148,17 @@ static inline void bn_acc_st(double *p, bn_acc a) { bn_std(p, a.v); }
 static inline bn_acc bn_acc_add(bn_acc a, bn_vd v) { a.v += v; return a; }
 static inline bn_acc bn_acc_plus(bn_acc a, bn_acc b) { a.v += b.v; return a; }
 static inline double bn_acc_hsum(bn_acc a) { return bn_hsum(a.v); }
+static inline void bn_acc_hsum2(bn_acc a, bn_acc b, double *sa, double *sb)
+{
+    /* [a01 b01 a23 b23 a45 b45 a67 b67], then [a0123 b0123 a4567 b4567], then [a b] */
+    const bn_vd t = __builtin_shufflevector(a.v, b.v, 0, 8, 2, 10, 4, 12, 6, 14) +
+                    __builtin_shufflevector(a.v, b.v, 1, 9, 3, 11, 5, 13, 7, 15);
+    const bn_v4 u = __builtin_shufflevector(t, t, 0, 1, 4, 5) +
+                    __builtin_shufflevector(t, t, 2, 3, 6, 7);
+    const bn_v2 w = __builtin_shufflevector(u, u, 0, 1) + __builtin_shufflevector(u, u, 2, 3);
+    *sa = w[0];
+    *sb = w[1];
+}
 #elif BN_ISA_LEVEL == 1
 typedef struct { bn_v4 lo, hi; } bn_acc;
 static inline bn_acc bn_acc_zero(void) { bn_acc a = {{0, 0, 0, 0}, {0, 0, 0, 0}}; return a; }
@@ -176,6 +190,19 @@ static inline double bn_acc_hsum(bn_acc a)
 {
     return ((a.lo[0] + a.lo[1]) + (a.lo[2] + a.lo[3])) +
            ((a.hi[0] + a.hi[1]) + (a.hi[2] + a.hi[3]));
+}
+static inline void bn_acc_hsum2(bn_acc a, bn_acc b, double *sa, double *sb)
+{
+    /* [a01 b01 a23 b23] and [a45 b45 a67 b67], then [a0123 b0123] and [a4567 b4567] */
+    const bn_v4 tl = __builtin_shufflevector(a.lo, b.lo, 0, 4, 2, 6) +
+                     __builtin_shufflevector(a.lo, b.lo, 1, 5, 3, 7);
+    const bn_v4 th = __builtin_shufflevector(a.hi, b.hi, 0, 4, 2, 6) +
+                     __builtin_shufflevector(a.hi, b.hi, 1, 5, 3, 7);
+    const bn_v2 ul = __builtin_shufflevector(tl, tl, 0, 1) + __builtin_shufflevector(tl, tl, 2, 3);
+    const bn_v2 uh = __builtin_shufflevector(th, th, 0, 1) + __builtin_shufflevector(th, th, 2, 3);
+    const bn_v2 w = ul + uh;
+    *sa = w[0];
+    *sb = w[1];
 }
 #else
 typedef struct { bn_v2 q0, q1, q2, q3; } bn_acc;
@@ -220,6 +247,14 @@ static inline double bn_acc_hsum(bn_acc a)
 {
     return ((a.q0[0] + a.q0[1]) + (a.q1[0] + a.q1[1])) +
            ((a.q2[0] + a.q2[1]) + (a.q3[0] + a.q3[1]));
+}
+/* Lane by lane, as two bn_acc_hsum: with the pairs in vector adds, the 16 registers of
+ * SSE2 no longer held the backward sums' loop, which then kept four accumulators on the
+ * stack (rows backward of (8, 1000, 7, 7) 4% slower). */
+static inline void bn_acc_hsum2(bn_acc a, bn_acc b, double *sa, double *sb)
+{
+    *sa = bn_acc_hsum(a);
+    *sb = bn_acc_hsum(b);
 }
 #endif
 

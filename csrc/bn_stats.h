@@ -40,7 +40,8 @@ static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, 
         b0 = bn_acc_add(b0, d0 * d0);
         i += 8;
     }
-    double s1 = bn_acc_hsum(bn_acc_plus(a0, a1)), s2 = bn_acc_hsum(bn_acc_plus(b0, b1));
+    double s1, s2;
+    bn_acc_hsum2(bn_acc_plus(a0, a1), bn_acc_plus(b0, b1), &s1, &s2);
     for (; i < L; i++) {
         double d = (double)x[i] - K;
         s1 += d;
@@ -66,7 +67,8 @@ static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, 
             k0 = bn_acc_add(k0, d0);
             i += 8;
         }
-        double q = bn_acc_hsum(bn_acc_plus(q0, q1)), k = bn_acc_hsum(bn_acc_plus(k0, k1));
+        double q, k;
+        bn_acc_hsum2(bn_acc_plus(q0, q1), bn_acc_plus(k0, k1), &q, &k);
         for (; i < L; i++) {
             double d = ((double)x[i] - K) - m;
             q += d * d;
@@ -515,7 +517,8 @@ static void BN_FN(bwd_span_s)(const T *dy, const T *x, ptrdiff_t L, double m, do
     ptrdiff_t i = 0;
     for (; i + 8 <= L; i += 8)
         bn_bwd_acc(&d0, &x0, BN_FN(ld)(dy + i), BN_FN(ld)(x + i) - mv, av, bv, relu);
-    double s1 = bn_acc_hsum(d0), s2 = bn_acc_hsum(x0);
+    double s1, s2;
+    bn_acc_hsum2(d0, x0, &s1, &s2);
     for (; i < L; i++) BN_FN(bwd_one)(dy[i], x[i], m, a, b, relu, &s1, &s2);
     *sd += s1;
     *sx += s2;
