@@ -171,6 +171,48 @@ def test_variants_bit_identical_on_small_odd_shapes():
                     assert_same_bits(a, c, f"{shape} {np.dtype(dtype).name} {isa} result {i}")
 
 
+def test_variants_bit_identical_on_short_rows_and_merge_tails():
+    """The rows layout's backward sums and statistics on rows of 49 (six vectors and a
+    one-element tail: the lane sums of two accumulators at once, bn_acc_hsum2), the
+    element-wise tails stored with their NaNs made canonical (store_tail), and the columns
+    layout's final backward merge of whole 8-channel blocks and a partial one (C = 2051);
+    with NaN, infinity and signed zeros among the values, on 1 and 2 threads."""
+    if len(ISAS) < 2:
+        pytest.skip("only one kernel variant on this CPU")
+    rng = rng_for("variants-short-rows")
+    for shape in [(8, 40, 7, 7), (3, 11, 49), (2, 2051), (4, 2051)]:
+        layout = bnfast.explain(np.empty(shape, np.float32), op="backward")["layout"]
+        assert layout == ("rows" if len(shape) > 2 else "columns"), shape
+        for dtype in (np.float32, np.float64):
+            x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
+            flat_x, flat_dy = x.reshape(shape[0], shape[1], -1), dy.reshape(shape[0], shape[1], -1)
+            flat_x[0, 1, -1] = np.nan          # a row's scalar tail (S = 49) / one column
+            flat_dy[1, 2, -1] = -np.nan
+            flat_dy[0, 3, 0] = np.inf
+            flat_dy[1, 4, -1] = -0.0
+            C = shape[1]
+            w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+            res = {}
+            for isa in ISAS:
+                for threads in (1, 2):
+                    with bnfast.use_isa(isa), bnfast.num_threads(threads):
+                        y, m, inv = bnfast.batch_norm_train(x, w, b, relu=True)
+                        v = 1.0 / inv.astype(np.float64) ** 2
+                        v[~(v >= 0)] = 1.0             # channel 1's NaN statistics
+                        res[isa, threads] = [
+                            *bnfast.moments(x), y, m, inv,
+                            bnfast.batch_norm_infer(x, m, v, w, b),
+                            *bnfast.batch_norm_backward(dy, x, m, inv, w, bias=b, relu=True),
+                            *bnfast.batch_norm_backward(dy, x, m, inv, w)]
+            first = res[ISAS[0], 1]
+            for key, r in res.items():
+                for i, (a, c) in enumerate(zip(first, r)):
+                    assert_same_bits(a, c, f"{shape} {np.dtype(dtype).name} {key} result {i}")
+            dbias = first[-1]
+            assert np.isnan(dbias[2]) and np.isinf(dbias[3])   # the special values got there
+
+
 # ------------------------------------------------------------------ concurrency
 
 def _task(args):
