@@ -57,6 +57,19 @@ def nthreads(request):
         yield request.param
 
 
+@pytest.fixture
+def threshold_16mib():
+    """The streaming threshold at 16 MiB (the default where the last-level cache's size is
+    unknown; the default is the LLC's size, 32 MiB on the development machine), for tests
+    that assert the paths of that threshold: (4096, 512) float32's x and dy (16 MiB) are
+    then not cache-resident, and its backward sums take the memory walk.  Modules use it
+    with ``pytestmark = pytest.mark.usefixtures("threshold_16mib")``."""
+    from bnfast import _config
+
+    with _config._stream_min_bytes(16 << 20):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _restore_global_state():
     """No test may leak a thread-count override or a forced kernel variant."""

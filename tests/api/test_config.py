@@ -283,20 +283,25 @@ def _pkg_parent():
     return os.path.dirname(os.path.dirname(os.path.abspath(bnfast.__file__)))
 
 
-def test_short_openmp_spin_is_the_default_and_user_settings_win(tmp_path):
+def _run_without_omp_wait(code, tmp_path, **extra_env):
+    """stdout of `python -c code` in a fresh process, without OMP_WAIT_POLICY and
+    GOMP_SPINCOUNT unless given in `extra_env`, importing this bnfast."""
     import subprocess
     import sys
 
-    code = ("import os, bnfast; print(os.environ.get('GOMP_SPINCOUNT'), "
-            "bnfast.get_config()['omp_wait'])")
     env = _env_without_omp_wait()
     env["PYTHONPATH"] = _pkg_parent()
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, check=True).stdout
+    env.update(extra_env)
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_short_openmp_spin_is_the_default_and_user_settings_win(tmp_path):
+    code = ("import os, bnfast; print(os.environ.get('GOMP_SPINCOUNT'), "
+            "bnfast.get_config()['omp_wait'])")
+    out = _run_without_omp_wait(code, tmp_path)
     assert out.startswith("10000 GOMP_SPINCOUNT=10000 (bnfast's default)"), out
-    env["OMP_WAIT_POLICY"] = "active"
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, check=True).stdout
+    out = _run_without_omp_wait(code, tmp_path, OMP_WAIT_POLICY="active")
     assert out.startswith("None OMP_WAIT_POLICY=active"), out
 
 
@@ -304,18 +309,13 @@ def test_openmp_spin_is_not_claimed_when_libgomp_was_loaded_first(tmp_path):
     # libgomp reads GOMP_SPINCOUNT when it loads: after another library loaded it (PyTorch
     # does), bnfast's value would not apply, and show_config must not say it does
     import ctypes.util
-    import subprocess
-    import sys
 
     lib = ctypes.util.find_library("gomp")
     if lib is None:
         pytest.skip("no libgomp on this system")
     code = (f"import ctypes, os; ctypes.CDLL({lib!r}); import bnfast; "
             "print(os.environ.get('GOMP_SPINCOUNT'), '|', bnfast.get_config()['omp_wait'])")
-    env = _env_without_omp_wait()
-    env["PYTHONPATH"] = _pkg_parent()
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, check=True).stdout
+    out = _run_without_omp_wait(code, tmp_path)
     assert out.startswith("None | runtime default (libgomp was loaded before bnfast"), out
 
 

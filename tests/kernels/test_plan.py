@@ -31,16 +31,8 @@ def force():
     force_strategy(**before)
 
 
-@pytest.fixture(autouse=True)
-def _threshold_16mib():
-    """The paths below are those of a 16 MiB streaming threshold (the default where the
-    last-level cache's size is unknown; the default is the LLC's size, 32 MiB on the
-    development machine): (4096, 512) float32's x and dy (16 MiB) are then not
-    cache-resident, and its backward sums take the memory walk."""
-    from bnfast import _config
-
-    with _config._stream_min_bytes(16 << 20):
-        yield
+# The paths asserted below are those of a 16 MiB streaming threshold (conftest.py).
+pytestmark = pytest.mark.usefixtures("threshold_16mib")
 
 
 def _plan(shape, op, axis=1, isa=None, dtype=np.float32, threads=2):
