@@ -95,7 +95,6 @@ cdef extern from "bn_vectors.h" nogil:
     int bn_var_ok(const double *v, Py_ssize_t n, double eps)
     void bn_scale_shift(const double *invstd, const double *weight, const double *bias,
                         double *a, double *shift, Py_ssize_t n)
-    void bn_canonical_nans(double *v, Py_ssize_t n)
 
 
 cdef extern from "bn_plan.h" nogil:
@@ -368,8 +367,6 @@ cdef int _bwd_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, 
         # scale a = weight * invstd and shift = bias, as the C kernels' backward computes them
         bn_scale_shift(inv.ptr, w.ptr, b.ptr, sc, sh, C)
         st = t.backward_reduce[dt](dyp, xp, N, C, S, m.ptr, sc, sh, sd, sx, flags, nt)
-        bn_canonical_nans(sd, C)    # canonical NaNs, as every kernel output
-        bn_canonical_nans(sx, C)
     free(sc)
     _check(st)
     return 0

@@ -782,7 +782,10 @@ static int BN_FN(backward_reduce)(const void *dyv, const void *xv, ptrdiff_t N, 
     bn_plan p;
     if (bn_plan_make(&p, BN_OP_BACKWARD, N, C, S, (int)sizeof(T), BN_ISA, nthreads) != BN_OK)
         return BN_EINVAL;
-    return BN_FN(backward_reduce_planned)(&p, (const T *)dyv, (const T *)xv, mean, scale,
-                                          shift, sum_dy, sum_dyxmu,
-                                          (flags & BN_FLAG_RELU) != 0);
+    const int st = BN_FN(backward_reduce_planned)(&p, (const T *)dyv, (const T *)xv, mean,
+                                                  scale, shift, sum_dy, sum_dyxmu,
+                                                  (flags & BN_FLAG_RELU) != 0);
+    bn_canon_vec(sum_dy, C);      /* canonical NaNs, as every per-channel output */
+    bn_canon_vec(sum_dyxmu, C);
+    return st;
 }

@@ -21,8 +21,4 @@ int bn_var_ok(const double *v, ptrdiff_t n, double eps);
 void bn_scale_shift(const double *invstd, const double *weight, const double *bias,
                     double *a, double *shift, ptrdiff_t n);
 
-/* Every NaN in v[0..n) replaced by the canonical quiet NaN (0x7ff8000000000000), as every
- * kernel output is. */
-void bn_canonical_nans(double *v, ptrdiff_t n);
-
 #endif

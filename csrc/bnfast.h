@@ -57,6 +57,7 @@ typedef int (*bn_normalize_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C,
 /*
  * backward_reduce: sum_dy[c] = sum g, sum_dyxmu[c] = sum g * (x - mean[c]),
  * with g = dy, or with BN_FLAG_RELU, g = dy where (x - mean)*scale + shift > 0 else 0.
+ * NaN sums are the canonical quiet NaN.
  */
 typedef int (*bn_backward_reduce_fn)(const void *dy, const void *x, ptrdiff_t N,
                                      ptrdiff_t C, ptrdiff_t S, const double *mean,

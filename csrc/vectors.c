@@ -1,5 +1,4 @@
 /* Per-channel vector helpers of the bindings (bn_vectors.h). */
-#include <math.h>
 #include "bn_vectors.h"
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -42,20 +41,4 @@ void bn_scale_shift(const double *invstd, const double *weight, const double *bi
         for (ptrdiff_t i = 0; i < n; i++) shift[i] = bias[i];
     else
         for (ptrdiff_t i = 0; i < n; i++) shift[i] = 0.0;
-}
-
-void bn_canonical_nans(double *v, ptrdiff_t n)
-{
-    ptrdiff_t i = 0;
-#if defined(__SSE2__)
-    /* NaN lanes (unordered with themselves) take the canonical NaN, the others keep x. */
-    const __m128d qnan = _mm_set1_pd((double)NAN);
-    for (; i + 2 <= n; i += 2) {
-        const __m128d x = _mm_loadu_pd(v + i), nan_lanes = _mm_cmpunord_pd(x, x);
-        _mm_storeu_pd(v + i, _mm_or_pd(_mm_and_pd(nan_lanes, qnan),
-                                       _mm_andnot_pd(nan_lanes, x)));
-    }
-#endif
-    for (; i < n; i++)
-        if (v[i] != v[i]) v[i] = (double)NAN;
 }

@@ -465,8 +465,8 @@ def test_nan_outputs_have_the_same_bits_in_every_variant():
 
 @pytest.mark.parametrize("C", [1, 2, 3, 9, 2049])
 def test_backward_sums_nan_bits_are_canonical_at_every_position(C):
-    # the sums' NaNs are made canonical two channels at a time and in a scalar tail
-    # (csrc/vectors.c, bn_canonical_nans): a NaN of either sign, any payload, in any channel
+    # the backward sums' NaNs are made canonical by the kernel (csrc/bn_stats.h,
+    # backward_reduce): a NaN of either sign, any payload, in any channel
     rng = np.random.default_rng(C)
     x = rng.standard_normal((4, C))
     dy = rng.standard_normal((4, C))
