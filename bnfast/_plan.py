@@ -11,7 +11,8 @@ from . import _core
 
 ISA_NAMES, OP_NAMES = _core.ISA_NAMES, _core.OP_NAMES
 WALK_NAMES, LAYOUT_NAMES = _core.WALK_NAMES, _core.LAYOUT_NAMES
-FORCE_KEYS = ("layout", "statistics", "backward_sums", "elementwise")
+FORCE_KEYS = ("layout", "statistics", "backward_sums", "elementwise", "arithmetic")
+ARITH_NAMES = ("float64", "float32")   # BN_ARITH_F64, BN_ARITH_F32
 FORCE_ENV = "BNFAST_FORCE_STRATEGY"
 
 
@@ -49,7 +50,9 @@ def plan(op, N, C, S, itemsize, nthreads, isa=None):
               "walk": "rows" if rows else ew_walk,
               ("rows_per_item" if ew_rows else "tiles_per_item" if ew_walk == "tiles"
                else "periods_per_item"): p["ew_per_item"],
-              "items": p["ew_items"], "stream": bool(p["stream"])}
+              "items": p["ew_items"], "stream": bool(p["stream"]),
+              # float32 data normalised in float32 (docs/user_guide/semantics.md)
+              "arithmetic": "float32" if p["ew_f32"] else "float64"}
         if not ew_rows:
             ew["period"] = p["period"]
         d["elementwise"] = ew
@@ -58,19 +61,26 @@ def plan(op, N, C, S, itemsize, nthreads, isa=None):
 
 def forced_strategy():
     """The forced layout and walks (see force_strategy) as a dict; None = not forced."""
-    idx = _core.plan_forced()
-    return {key: None if v < 0 else (LAYOUT_NAMES if key == "layout" else WALK_NAMES)[v]
+    idx = _core.plan_forced() + (_core.plan_forced_arith(),)
+    names = {"layout": LAYOUT_NAMES, "arithmetic": ARITH_NAMES}
+    return {key: None if v < 0 else names.get(key, WALK_NAMES)[v]
             for key, v in zip(FORCE_KEYS, idx)}
 
 
-def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise=None):
+def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise=None,
+                   arithmetic=None):
     """Tests: force the layout ('rows', 'columns') and the walks of the statistics
     ('register', 'memory'), the backward sums ('register', 'memory', 'blocks') and the
-    element-wise passes ('rows', 'tiles', 'spans', 'period64') for every later call; None
-    keeps the plan's choice.  Returns the previous setting as a dict (pass it back as
-    keywords)."""
+    element-wise passes ('rows', 'tiles', 'spans', 'period64') for every later call, and
+    the element-wise arithmetic of float32 data ('float64', or 'float32' where the plan
+    has it: the normalisation); None keeps the plan's choice.  A walk never changes the
+    bits, the layout and the arithmetic do.  Returns the previous setting as a dict (pass
+    it back as keywords)."""
     old = forced_strategy()
-    asked = dict(zip(FORCE_KEYS, (layout, statistics, backward_sums, elementwise)))
+    if arithmetic is not None and arithmetic not in ARITH_NAMES:
+        raise ValueError(f"force_strategy: unknown arithmetic {arithmetic!r} "
+                         f"(one of {', '.join(ARITH_NAMES)})")
+    asked = dict(zip(FORCE_KEYS[:4], (layout, statistics, backward_sums, elementwise)))
     idx = []
     for key, v in asked.items():
         names = LAYOUT_NAMES if key == "layout" else WALK_NAMES
@@ -85,11 +95,13 @@ def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise
         raise ValueError(f"force_strategy: {given}: a walk that this pass does not have "
                          "(statistics: register, memory; backward_sums: register, memory, "
                          "blocks; elementwise: rows, tiles, spans, period64)") from None
+    _core.plan_force_arith(-1 if arithmetic is None else ARITH_NAMES.index(arithmetic))
     return old
 
 
 def force_from_environment():
-    """Apply BNFAST_FORCE_STRATEGY=layout=columns,statistics=register,... (tests, CI)."""
+    """Apply BNFAST_FORCE_STRATEGY=layout=columns,statistics=register,...,arithmetic=float64
+    (tests, CI)."""
     raw = os.environ.get(FORCE_ENV, "").strip()
     if not raw:
         return

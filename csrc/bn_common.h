@@ -12,6 +12,7 @@
  */
 #ifndef BN_COMMON_H
 #define BN_COMMON_H
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -639,3 +639,108 @@ static inline void BN_FN(stx_dx_p)(T *p, const T *dy, const T *x, const double *
                   bn_ldd(kd), bn_ldd(kx), bn_ldd(k0), relu, eval, nts, acc);
 }
 #endif
+
+#if BN_IS_F32
+/*
+ * float32 arithmetic for the normalisation of float32 data (bn_plan.ew_f32; the element-
+ * wise loops are in bn_elementwise.h): t = (x - mh) * af + bf on eight float lanes, each
+ * operation rounded once (no FMA: -ffp-contract=off and separate intrinsics), so every
+ * variant computes the same bits.  bn_f8_bad tells whether any lane of t is not finite
+ * (t - t is then NaN): those elements are recomputed in double.  The ReLU is the double
+ * one's: +0 where t <= 0.  AVX2 and AVX-512 hold the eight lanes in one 256-bit register
+ * (a 512-bit form of 16 lanes was no faster from L2), SSE2 in two halves.
+ */
+#if BN_ISA_LEVEL >= 1
+typedef __m256 bn_f8;
+static inline bn_f8 bn_f8_splat(float a) { return _mm256_set1_ps(a); }
+static inline bn_f8 bn_f8_ld(const float *p) { return _mm256_loadu_ps(p); }
+static inline bn_f8 bn_f8_norm(bn_f8 x, bn_f8 m, bn_f8 a, bn_f8 b)
+{
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(x, m), a), b);
+}
+static inline int bn_f8_bad(bn_f8 t)
+{
+    const __m256 u = _mm256_sub_ps(t, t);
+    return _mm256_movemask_ps(_mm256_cmp_ps(u, u, _CMP_UNORD_Q)) != 0;
+}
+static inline bn_f8 bn_f8_relu(bn_f8 t)
+{
+    return _mm256_andnot_ps(_mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_LE_OQ), t);
+}
+static inline void bn_f8_st(float *p, bn_f8 t, int nts)   /* nts: p 16-byte aligned */
+{
+    if (nts) {
+        _mm_stream_ps(p, _mm256_castps256_ps128(t));
+        _mm_stream_ps(p + 4, _mm256_extractf128_ps(t, 1));
+    } else {
+        _mm256_storeu_ps(p, t);
+    }
+}
+#elif defined(__SSE2__)
+typedef struct { __m128 lo, hi; } bn_f8;
+static inline bn_f8 bn_f8_splat(float a)
+{
+    bn_f8 r = {_mm_set1_ps(a), _mm_set1_ps(a)};
+    return r;
+}
+static inline bn_f8 bn_f8_ld(const float *p)
+{
+    bn_f8 r = {_mm_loadu_ps(p), _mm_loadu_ps(p + 4)};
+    return r;
+}
+static inline bn_f8 bn_f8_norm(bn_f8 x, bn_f8 m, bn_f8 a, bn_f8 b)
+{
+    bn_f8 r = {_mm_add_ps(_mm_mul_ps(_mm_sub_ps(x.lo, m.lo), a.lo), b.lo),
+               _mm_add_ps(_mm_mul_ps(_mm_sub_ps(x.hi, m.hi), a.hi), b.hi)};
+    return r;
+}
+static inline int bn_f8_bad(bn_f8 t)
+{
+    return _mm_movemask_ps(_mm_cmpunord_ps(_mm_sub_ps(t.lo, t.lo), _mm_sub_ps(t.hi, t.hi))) != 0;
+}
+static inline bn_f8 bn_f8_relu(bn_f8 t)
+{
+    const __m128 z = _mm_setzero_ps();
+    bn_f8 r = {_mm_andnot_ps(_mm_cmple_ps(t.lo, z), t.lo),
+               _mm_andnot_ps(_mm_cmple_ps(t.hi, z), t.hi)};
+    return r;
+}
+static inline void bn_f8_st(float *p, bn_f8 t, int nts)   /* the baseline never streams */
+{
+    (void)nts;
+    _mm_storeu_ps(p, t.lo);
+    _mm_storeu_ps(p + 4, t.hi);
+}
+#else
+typedef bn_vf bn_f8;
+typedef int bn_vi8 __attribute__((vector_size(32)));
+static inline bn_f8 bn_f8_splat(float a)
+{
+    bn_f8 r = {a, a, a, a, a, a, a, a};
+    return r;
+}
+static inline bn_f8 bn_f8_ld(const float *p)
+{
+    bn_f8 r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+static inline bn_f8 bn_f8_norm(bn_f8 x, bn_f8 m, bn_f8 a, bn_f8 b) { return (x - m) * a + b; }
+static inline int bn_f8_bad(bn_f8 t)
+{
+    int bad = 0;
+    for (int k = 0; k < 8; k++) bad |= !(t[k] - t[k] == 0.0f);
+    return bad;
+}
+static inline bn_f8 bn_f8_relu(bn_f8 t)
+{
+    const bn_vi8 le = (t <= bn_f8_splat(0.0f));
+    return (bn_f8)((bn_vi8)t & ~le);
+}
+static inline void bn_f8_st(float *p, bn_f8 t, int nts)
+{
+    (void)nts;
+    memcpy(p, &t, sizeof t);
+}
+#endif
+#endif /* BN_IS_F32 */

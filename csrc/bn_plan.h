@@ -105,6 +105,8 @@ typedef struct {
     ptrdiff_t ew_per_item;   /* units per work item */
     ptrdiff_t ew_items;
     int stream;              /* streaming stores, if the output is 16-byte aligned */
+    int ew_f32;              /* normalize float32 data in float32 arithmetic (bn_elementwise.h:
+                                normalize_f32); else every element-wise pass is in double */
 } bn_plan;
 
 /* The plan of operation op on (N, C, S) elements of itemsize bytes (4 or 8) with kernel
@@ -119,6 +121,13 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
  * than 64) leaves that pass's choice alone.  Returns BN_OK or BN_EINVAL. */
 int bn_plan_force(int layout, int stats_walk, int backward_walk, int ew_walk);
 void bn_plan_forced(int *layout, int *stats_walk, int *backward_walk, int *ew_walk);
+/* Tests and benchmarks: the element-wise arithmetic of float32 data for every later call:
+ * BN_ARITH_F64 (double), BN_ARITH_F32 (float32 where the plan has a float32 path: the
+ * normalisation), -1 = the plan's choice.  Unlike a walk, this changes the bits (the same
+ * in every variant and thread count either way).  Returns BN_OK or BN_EINVAL. */
+enum { BN_ARITH_F64 = 0, BN_ARITH_F32 = 1 };
+int bn_plan_force_arith(int arith);
+int bn_plan_forced_arith(void);
 
 const char *bn_walk_name(int walk);
 const char *bn_layout_name(int layout);

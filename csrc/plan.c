@@ -125,6 +125,17 @@ void bn_plan_forced(int *layout, int *stats_walk, int *backward_walk, int *ew_wa
     *ew_walk = force_ew;
 }
 
+static int force_arith = -1;
+
+int bn_plan_force_arith(int arith)
+{
+    if (!(arith == -1 || arith == BN_ARITH_F64 || arith == BN_ARITH_F32)) return BN_EINVAL;
+    force_arith = arith;
+    return BN_OK;
+}
+
+int bn_plan_forced_arith(void) { return force_arith; }
+
 const char *bn_walk_name(int walk)
 {
     static const char *names[BN_WALK_COUNT] = {"none",  "register", "memory", "blocks",
@@ -364,5 +375,12 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
         p->stream = ((size_t)p->period * (size_t)itemsize) % 16 == 0 &&
                     bn_plan_streams(isa, count * (double)itemsize * tensors);
     }
+    /* Arithmetic: the normalisation of float32 data runs in float32 (bn_elementwise.h,
+     * normalize_f32: error at most 2 float32 ulps of the channel's scale, elements that
+     * float32 cannot carry computed in double) in every variant: from L2, one thread,
+     * 3.0 -> 6.5 G elements/s on SSE2, 6.0 -> 12.8 on AVX2, 7.4 -> 14.3 (memcpy's rate) on
+     * AVX-512 (benchmarks/README.md).  dx stays in double: its terms cancel (dy
+     * proportional to y gives dx = 0), and float32 would lose the bound there. */
+    p->ew_f32 = has_ew && op != BN_OP_BACKWARD && itemsize == 4 && force_arith != BN_ARITH_F64;
     return BN_OK;
 }

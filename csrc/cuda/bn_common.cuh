@@ -4,9 +4,10 @@
  * (bnfast/cuda/_kernels.py inlines this header into bnfast.cu before compiling).
  *
  * Numerics as in the CPU kernels (csrc/bn_stats.h): every value is widened to double,
- * all arithmetic is double precision, results are rounded once.  The module is compiled
- * with -fmad=false, so no multiply and add are contracted into an FMA and every
- * element-wise formula gives the CPU kernels' bits.
+ * all arithmetic is double precision, results are rounded once -- except the
+ * normalisation of float data, in float32 arithmetic as on the CPU (bn_norm below).  The
+ * module is compiled with -fmad=false, so no multiply and add are contracted into an FMA
+ * and every element-wise formula gives the CPU kernels' bits.
  */
 #ifndef BN_COMMON_CUH
 #define BN_COMMON_CUH
@@ -69,6 +70,63 @@ __device__ __forceinline__ int bn_exponent(double v)
 /* The ReLU (zero where t <= 0; NaN kept) and its gradient mask (g where t > 0). */
 __device__ __forceinline__ double bn_relu(double t) { return t <= 0.0 ? 0.0 : t; }
 __device__ __forceinline__ double bn_mask(double g, double t) { return t > 0.0 ? g : 0.0; }
+
+/*
+ * The normalisation y = (x - m) * a + b (optional ReLU) of one channel, from its double
+ * parameters m (mean), a (scale = invstd * weight) and b (shift = bias): the CPU kernels'
+ * bits for either storage type.
+ *
+ * double data: all in double, rounded once (csrc/bn_elementwise.h, norm_one).
+ *
+ * float data: in float32 arithmetic, exactly as the CPU's normalize_f32 (csrc/
+ * bn_elementwise.h: f32_params, normf_one; docs/user_guide/semantics.md, "float32 outputs:
+ * the normalisation in float32").  Per channel, once (in double, each rounded once):
+ *     mh = (float)m,  af = (float)a,  bf = (float)(b - (m - (double)mh) * a);
+ * a channel whose mh, af or bf is not finite, or whose af is subnormal (nonzero, below
+ * FLT_MIN), gets mh = bf = 0 and af = NaN, so that every one of its elements takes the
+ * fallback below.  Per element: t = (x - mh) * af + bf, three float32 operations each
+ * rounded once (__fsub_rn, __fmul_rn, __fadd_rn: never contracted into an FMA, whatever
+ * -fmad says); where t is not finite (NaN or infinite x, or a float32 overflow), the
+ * element is computed in double instead, (float)(((double)x - m) * a + b) with the ReLU in
+ * double and the canonical NaN; otherwise y = t, or with the ReLU (t <= 0 ? 0 : t).
+ */
+template <typename T> struct bn_norm;
+
+template <> struct bn_norm<double> {
+    double m, a, b;
+    __device__ __forceinline__ bn_norm(double m_, double a_, double b_)
+        : m(m_), a(a_), b(b_) {}
+    __device__ __forceinline__ double operator()(double x, int relu) const
+    {
+        const double v = (x - m) * a + b;
+        return bn_store<double>(relu ? bn_relu(v) : v);
+    }
+};
+
+template <> struct bn_norm<float> {
+    double m, a, b;   /* the fallback's (the double path's) parameters */
+    float mh, af, bf;
+    __device__ __forceinline__ bn_norm(double m_, double a_, double b_) : m(m_), a(a_), b(b_)
+    {
+        const float h = (float)m, A = (float)a;
+        const float B = (float)(b - (m - (double)h) * a);
+        const int E = 0x7f800000, ia = __float_as_int(A), ea = ia & E;
+        const bool ok = (__float_as_int(h) & E) != E && ea != E &&
+                        (__float_as_int(B) & E) != E && (ea != 0 || (ia & 0x7fffffff) == 0);
+        mh = ok ? h : 0.0f;
+        af = ok ? A : __int_as_float(0x7fc00000);
+        bf = ok ? B : 0.0f;
+    }
+    __device__ __forceinline__ float operator()(float x, int relu) const
+    {
+        const float t = __fadd_rn(__fmul_rn(__fsub_rn(x, mh), af), bf);
+        if ((__float_as_int(t) & 0x7f800000) == 0x7f800000) {   /* NaN or infinite */
+            const double v = ((double)x - m) * a + b;
+            return bn_store<float>(relu ? bn_relu(v) : v);
+        }
+        return relu ? (t <= 0.0f ? 0.0f : t) : t;
+    }
+};
 
 /* The shift of channel c: its first value x[c*S], or 0 if that is not finite. */
 template <typename T>

@@ -306,7 +306,11 @@ __global__ void __launch_bounds__(BN_THREADS) bn_update_running(BN_RUNNING_ARGS(
 
 #define BN_CHUNK 4096   /* row layout: elements of a row per block */
 
-/* y = (x - mean) * scale + shift, optional ReLU.  y may be x. */
+/* y = (x - mean) * scale + shift, optional ReLU.  y may be x.  The CPU kernels' bits: in
+ * double for double data, in float32 arithmetic (with a double fallback for the elements
+ * float32 cannot carry) for float data, as csrc/bn_elementwise.h's normalize_f32 and
+ * docs/user_guide/semantics.md describe -- bn_norm in bn_common.cuh, its channel's
+ * parameters computed once per thread. */
 #define BN_NORM_ROW_ARGS(T)                                                               \
     const T *x, T *y, bn_i64 C, bn_i64 S, bn_i64 chunks, const double *__restrict__ mean, \
         const double *__restrict__ scale, const double *__restrict__ shift, int relu
@@ -315,13 +319,10 @@ __global__ void __launch_bounds__(BN_THREADS) bn_normalize_row(BN_NORM_ROW_ARGS(
 {
     const bn_i64 row = blockIdx.x / chunks, s0 = (blockIdx.x % chunks) * BN_CHUNK;
     const bn_i64 c = row % C, s1 = s0 + BN_CHUNK < S ? s0 + BN_CHUNK : S;
-    const double m = mean[c], a = scale[c], b = shift[c];
+    const bn_norm<T> f(mean[c], scale[c], shift[c]);
     const T *xr = x + row * S;
     T *yr = y + row * S;
-    for (bn_i64 s = s0 + threadIdx.x; s < s1; s += BN_THREADS) {
-        const double v = ((double)xr[s] - m) * a + b;
-        yr[s] = bn_store<T>(relu ? bn_relu(v) : v);
-    }
+    for (bn_i64 s = s0 + threadIdx.x; s < s1; s += BN_THREADS) yr[s] = f(xr[s], relu);
 }
 
 #define BN_NORM_COL_ARGS(T)                                                               \
@@ -335,11 +336,9 @@ __global__ void __launch_bounds__(BN_THREADS) bn_normalize_col(BN_NORM_COL_ARGS(
     const bn_i64 j = tile * blockDim.x + threadIdx.x;
     if (j >= Cp) return;
     const bn_i64 c = j / S, r1 = (g + 1) * RB < R ? (g + 1) * RB : R;
-    const double m = mean[c], a = scale[c], b = shift[c];
-    for (bn_i64 r = g * RB + threadIdx.y; r < r1; r += blockDim.y) {
-        const double v = ((double)x[r * Cp + j] - m) * a + b;
-        y[r * Cp + j] = bn_store<T>(relu ? bn_relu(v) : v);
-    }
+    const bn_norm<T> f(mean[c], scale[c], shift[c]);
+    for (bn_i64 r = g * RB + threadIdx.y; r < r1; r += blockDim.y)
+        y[r * Cp + j] = f(x[r * Cp + j], relu);
 }
 
 /* ------------------------------------------------------------------ backward */

@@ -50,7 +50,20 @@ inline float __int_as_float(int v)
     return f;
 }
 
+inline int __float_as_int(float f)
+{
+    int v;
+    std::memcpy(&v, &f, sizeof v);
+    return v;
+}
+
 inline double __dsqrt_rn(double v) { return std::sqrt(v); }
+
+/* float32 operations rounded once (round to nearest even, no contraction: -ffp-contract=off
+ * and SSE arithmetic on x86-64). */
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
 
 /* Run body() as a launch of `grid` blocks of (bx, by, bz) threads: the same OS threads take
  * the blocks one after another, all of a block's threads finishing it (a barrier) before

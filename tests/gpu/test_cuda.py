@@ -506,6 +506,87 @@ def test_nan_in_one_channel_leaves_the_others_and_is_canonical(layout):
     assert_same_bits(H(db), cdb, "dbias float32")
 
 
+def _f32_fallback_case(shape):
+    """float32 data (channel axis 1) and statistics whose float32 normalisation cannot
+    carry some elements or whole channels, with the channels that must take the double
+    formula throughout."""
+    rng = rng_for("f32-fallback", shape)
+    C = 7
+    x = rng.standard_normal(shape)
+    mean, var = rng.uniform(-0.5, 0.5, C), rng.uniform(0.5, 2.0, C)
+    w, b = rng.uniform(0.5, 2.0, C), rng.uniform(-0.5, 0.5, C)
+    # 0: values near +-3.4e38, mean ~0, scale 10: (x - mh) * af overflows float32 (and the
+    #    double value is out of float32's range too: +-inf, or 0 with the ReLU)
+    x[:, 0] = rng.uniform(-3.4e38, 3.4e38, x[:, 0].shape)
+    w[0], b[0] = 10.0, 0.0
+    # 1: x - mh = 3e38 - (-3e38) overflows float32 where the double result (<= 3.2e38)
+    #    does not; other elements of the channel stay in float32
+    x[:, 1] = rng.uniform(-3.4e38, 3.4e38, x[:, 1].shape)
+    mean[1], var[1], w[1], b[1] = -3.0e38, 1.0, 0.5, 0.0
+    # 2: infinite and NaN elements among ordinary ones
+    flat = x[:, 2].reshape(-1)
+    flat[::7], flat[3::11], flat[5::13] = np.inf, -np.inf, np.nan
+    x[:, 2] = flat.reshape(x[:, 2].shape)
+    # 3: a scale subnormal in float32 (1e-39): the whole channel in double
+    w[3], var[3], b[3], x[:, 3] = 1e-39, 1.0, 0.0, 5.0 * x[:, 3]
+    # 4: a mean beyond float32 (1e39): the whole channel in double
+    mean[4], w[4] = 1e39, 1e-3
+    # 5: values near 3e38, scale 10 and a shift (-3e39, beyond float32) that brings the
+    #    double result back into range: the whole channel in double
+    x[:, 5] = rng.uniform(2.9e38, 3.4e38, x[:, 5].shape)
+    mean[5], var[5], w[5], b[5] = 0.0, 1.0, 10.0, -3.1e39
+    # 6: an ordinary channel, half of it below zero; x = -0.0 gives y = -0.0 (mean 0, bias
+    #    -0.0: (-0 - 0) * af + -0), which the ReLU stores as +0.0
+    mean[6], w[6], b[6] = 0.0, 1.0, -0.0
+    flat = x[:, 6].reshape(-1)
+    flat[::5] = -0.0
+    x[:, 6] = flat.reshape(x[:, 6].shape)
+    return x.astype(np.float32), mean, var, w, b, (3, 4, 5)
+
+
+@gpu
+@pytest.mark.parametrize("shape,layout", [((4, 7, 300), "first"), ((4, 7, 300), "last"),
+                                          ((600, 7), "first"), ((3, 7, 5), "first")],
+                         ids=["rows", "columns-last", "2d", "small"])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_float32_elements_float32_cannot_carry_take_the_double_formula(shape, layout, relu):
+    """The float32 normalisation's fallback (csrc/bn_elementwise.h, normalize_f32): where
+    t = (x - mh) * af + bf is not finite, and in channels whose float32 parameters are not
+    finite or whose scale is subnormal, float32((x - m) * a + b) in double -- the CPU's
+    bits, canonical NaNs included."""
+    x, mean, var, w, b, whole = _f32_fallback_case(shape)
+    axis = 1
+    if layout == "last":
+        x, axis = channel_last(x, 1), -1
+    eps = 1e-3
+    with np.errstate(all="ignore"):
+        y = H(bnfast.batch_norm_infer(D(x), D(mean), D(var), D(w), D(b), eps=eps, axis=axis,
+                                      relu=relu))
+        cy = bnfast.batch_norm_infer(x, mean, var, w, b, eps=eps, axis=axis, relu=relu)
+        assert_same_bits(y, cy, "infer GPU vs CPU")
+        yc = lambda c: np.take(y, c, axis=axis)          # noqa: E731
+        a = (1.0 / np.sqrt(var + eps)) * w              # the scale as the kernels compute it
+        for c in whole:                                  # the double formula throughout
+            v = (np.take(x, c, axis=axis).astype(np.float64) - mean[c]) * a[c] + b[c]
+            if relu:
+                v = np.where(v <= 0.0, 0.0, v)
+            assert_same_bits(yc(c), v.astype(np.float32), f"channel {c}")
+    assert np.isfinite(yc(1)).all() and np.isfinite(yc(5)).all()
+    assert np.isinf(yc(0)).any() and (not relu or (yc(0) == 0).any())
+    nan2 = np.isnan(yc(2))
+    assert nan2.any() and (yc(2)[nan2].view(np.uint32) == 0x7fc00000).all()
+    assert (yc(3) != 0).any() and (np.abs(yc(3)) < 1e-36).all()   # ~1e-39 x: subnormals
+    assert ((yc(6) == 0) & np.signbit(yc(6))).any() != relu
+    # the training forward runs the same kernels (its statistics may differ from the
+    # CPU's in the last bits: the CPU's output to float32 rounding, its NaNs bit for bit)
+    xt = np.take(x, [2, 6], axis=axis)
+    yt = H(bnfast.batch_norm_train(D(xt), axis=axis, relu=relu)[0])
+    ct = bnfast.batch_norm_train(xt, axis=axis, relu=relu)[0]
+    assert_close(yt, ct, what="train vs CPU")
+    assert np.isnan(yt).any()
+    assert_same_bits(yt[np.isnan(yt)], ct[np.isnan(ct)], "train NaNs")
+
+
 @gpu
 def test_out_in_place_and_non_contiguous_inputs():
     rng = rng_for("inplace")

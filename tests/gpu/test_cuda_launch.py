@@ -314,7 +314,28 @@ def _cols(grid, block, R, Cp, S, RB, G):
 
 def _norm(xv, m, a, b, relu):
     v = (xv.astype(np.float64) - m) * a + b
-    return np.where(v <= 0.0, 0.0, v) if relu else v
+    v = np.where(v <= 0.0, 0.0, v) if relu else v
+    return _norm_f32(xv, m, a, b, relu, v) if xv.dtype == np.float32 else v
+
+
+def _norm_f32(xv, m, a, b, relu, v):
+    """float32 data: float32 arithmetic with the double value v where it is not finite
+    (bn_norm<float> in csrc/cuda/bn_common.cuh, the CPU's normalize_f32)."""
+    f32 = np.float32
+    m, a, b = (np.asarray(p, np.float64) for p in (m, a, b))
+    with np.errstate(all="ignore"):
+        h, A = m.astype(f32), a.astype(f32)
+        B = (b - (m - h.astype(np.float64)) * a).astype(f32)
+        ok = (np.isfinite(h) & np.isfinite(A) & np.isfinite(B)
+              & ((A == 0) | (np.abs(A) >= np.finfo(f32).tiny)))
+        mh, af, bf = np.where(ok, h, f32(0)), np.where(ok, A, f32(np.nan)), \
+            np.where(ok, B, f32(0))
+        t = (xv - mh) * af + bf                    # three float32 operations
+        fin = np.isfinite(t)                       # before the ReLU
+        if relu:
+            t = np.where(t <= 0, f32(0), t)
+        y = np.where(fin, t, v.astype(f32))
+    return np.where(np.isnan(y), f32(np.nan), y).astype(f32)
 
 
 def _normalize_row(grid, block, x, y, C, S, chunks, mean, scale, shift, relu):

@@ -217,9 +217,15 @@ def test_force_switch(force):
     assert _walks((800, 4), "backward", 1) == ("rows", "rows", "rows")
     force()
     assert forced_strategy() == dict.fromkeys(
-        ("layout", "statistics", "backward_sums", "elementwise"))
+        ("layout", "statistics", "backward_sums", "elementwise", "arithmetic"))
+    force(arithmetic="float64")
+    assert _plan(shape, "infer", -1)["elementwise"]["arithmetic"] == "float64"
+    assert forced_strategy()["arithmetic"] == "float64"
+    force()
+    assert _plan(shape, "infer", -1)["elementwise"]["arithmetic"] == "float32"
     for bad in (dict(layout="diagonal"), dict(statistics="blocks"),
-                dict(backward_sums="period64"), dict(elementwise="memory")):
+                dict(backward_sums="period64"), dict(elementwise="memory"),
+                dict(arithmetic="float16")):
         with pytest.raises((ValueError, RuntimeError)):
             force(**bad)
 

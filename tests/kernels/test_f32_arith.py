@@ -1,0 +1,226 @@
+"""The normalisation of float32 data in float32 arithmetic (csrc/bn_elementwise.h,
+normalize_f32; docs/user_guide/semantics.md).
+
+Per channel mh = f32(m), af = f32(a), bf = f32(b - (m - mh) * a); per element
+t = (x - mh) * af + bf in three float32 operations, or the float64 formula where t is not
+finite or the channel's parameters do not fit float32.  Checked here: the exact bits against
+a NumPy emulation of that sequence (NumPy's float32 loops round each operation once, as the
+kernels do), the error bound against the float64 twin, every fallback, and the forced
+float64 arithmetic against the float64 formula.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast import reference as ref
+from bnfast._plan import force_strategy, forced_strategy
+from conftest import assert_same_bits, package_env, rng_for
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture
+def arith():
+    """arith(name): force the element-wise arithmetic for the rest of the test."""
+    before = forced_strategy()
+    yield lambda name: force_strategy(arithmetic=name)
+    force_strategy(**before)
+
+
+def _coeffs(var, w, b, eps):
+    """The kernels' per-channel scale and shift (bn_train.h: coeffs), same IEEE operations."""
+    inv = 1.0 / np.sqrt(var + eps)
+    return inv * w, b.astype(np.float64)
+
+
+def _emulate(x, axis, m, a, b, relu, f32=True):
+    """The kernels' float32 (or float64) element-wise formula in NumPy, bit for bit."""
+    shp = [1] * x.ndim
+    shp[axis] = -1
+    m, a, b = (np.asarray(v, np.float64).reshape(shp) for v in (m, a, b))
+    with np.errstate(all="ignore"):
+        yd = (x.astype(np.float64) - m) * a + b
+        if relu:
+            yd = np.where(yd <= 0, 0.0, yd)
+        yd = yd.astype(np.float32)
+        if not f32:
+            return np.where(np.isnan(yd), np.float32(np.nan), yd)
+        mh = m.astype(np.float32)
+        af = a.astype(np.float32)
+        bf = (b - (m - mh.astype(np.float64)) * a).astype(np.float32)
+        ok = (np.isfinite(mh) & np.isfinite(af) & np.isfinite(bf)
+              & ((af == 0) | (np.abs(af) >= np.finfo(np.float32).tiny)))
+        af = np.where(ok, af, np.float32(np.nan))
+        mh, bf = np.where(ok, mh, np.float32(0)), np.where(ok, bf, np.float32(0))
+        t = (x - mh) * af + bf
+        fin = np.isfinite(t)
+        if relu:
+            t = np.where(t <= 0, np.float32(0), t)
+    out = np.where(fin, t, yd)
+    return np.where(np.isnan(out), np.float32(np.nan), out).astype(np.float32)
+
+
+# (shape, axis): the rows layout, the columns layout's spans, period-64, tiles and rows
+# walks, tails of every length, a batch-1 row
+SHAPES = [((4, 3, 100), 1), ((8, 16, 9, 9), 1), ((32, 512, 7, 7), 1), ((16, 8, 8, 24), -1),
+          ((64, 64), 1), ((32, 2048), 1), ((5, 13), 1), ((1, 512, 7, 7), 1), ((2, 7, 3), 1),
+          ((256, 5, 3), 1), ((3, 4, 2, 5, 9), 2)]
+
+
+def _case(key, shape, axis, loc=0.5, spread=3.0):
+    rng = rng_for("f32-arith", key, shape, axis)
+    x = (loc + spread * rng.standard_normal(shape)).astype(np.float32)
+    C = shape[axis]
+    w = rng.standard_normal(C) * 2
+    b = rng.standard_normal(C)
+    m = loc + rng.standard_normal(C)
+    v = rng.random(C) * spread ** 2 + 0.1
+    return x, w, b, m, v
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=[f"{'x'.join(map(str, s))}-ax{a}"
+                                                    for s, a in SHAPES])
+def test_bits_of_the_float32_formula(shape, axis, relu, isa, nthreads):
+    x, w, b, m, v = _case("bits", shape, axis)
+    x.flat[::97] = np.float32(np.nan)    # NaN elements: the double fallback
+    x.flat[5::101] = np.float32(np.inf)
+    assert bnfast.explain(x, op="infer", axis=axis)["elementwise"]["arithmetic"] == "float32"
+    a, sh = _coeffs(v, w, b, 1e-5)
+    want = _emulate(x, axis % x.ndim, m, a, sh, relu)
+    assert_same_bits(bnfast.batch_norm_infer(x, m, v, w, b, axis=axis, relu=relu), want,
+                     "inference")
+    y, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, relu=relu)
+    assert_same_bits(y, _emulate(x, axis % x.ndim, mean, invstd * w, b, relu), "training")
+    out = x.copy()                       # in place: the same bits
+    bnfast.batch_norm_infer(out, m, v, w, b, axis=axis, relu=relu, out=out)
+    assert_same_bits(out, want, "in place")
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("shape,axis", SHAPES[:6], ids=[f"{'x'.join(map(str, s))}-ax{a}"
+                                                        for s, a in SHAPES[:6]])
+def test_forced_float64_is_the_double_formula(shape, axis, relu, isa, arith):
+    x, w, b, m, v = _case("f64", shape, axis)
+    arith("float64")
+    assert bnfast.explain(x, op="train", axis=axis)["elementwise"]["arithmetic"] == "float64"
+    a, sh = _coeffs(v, w, b, 1e-5)
+    got = bnfast.batch_norm_infer(x, m, v, w, b, axis=axis, relu=relu)
+    assert_same_bits(got, _emulate(x, axis % x.ndim, m, a, sh, relu, f32=False))
+    arith("float32")
+    f32 = bnfast.batch_norm_infer(x, m, v, w, b, axis=axis, relu=relu)
+    assert not np.array_equal(f32, got), "the two arithmetics gave the same bits"
+
+
+def _scale_of(x, axis, m, a, b):
+    """Per channel: |a| max |x - m| + |b|, the magnitude of the terms of y."""
+    xc = np.moveaxis(x.astype(np.float64), axis, 0).reshape(x.shape[axis], -1)
+    return np.abs(a) * np.abs(xc - m[:, None]).max(axis=1) + np.abs(b)
+
+
+def test_error_bound_against_the_twin(isa):
+    """|y - y64| <= 2 FLT_EPSILON (|a| max|x - m| + |b|) per channel, over data far from
+    zero, tiny and huge spreads, shifts that cancel the normalised values, and both modes;
+    the largest error seen is printed (docs/user_guide/semantics.md quotes it)."""
+    rng = rng_for("f32-bound", isa)
+    worst = 0.0
+    for trial in range(240):
+        C, n = 6, 300
+        loc = [0.0, 1e6, -3.0, 1e3, 0.5, 1e-3][trial % 6] * 10 ** rng.uniform(-1, 1)
+        spread = 10 ** rng.uniform(-3, 3)
+        x = (loc + spread * rng.standard_normal((n, C))).astype(np.float32)
+        if trial % 5 == 0:
+            x = (loc + spread * rng.uniform(-1, 1, (n, C))).astype(np.float32)
+        w = rng.standard_normal(C) * 10 ** rng.uniform(-2, 2, C)
+        b = rng.standard_normal(C) * 10 ** rng.uniform(-2, 2, C)
+        if trial % 7 == 0:
+            b = -w * rng.uniform(0.5, 3, C)   # the shift cancels the normalised values
+        relu = trial % 3 == 0
+        if trial % 2:
+            y, _, _ = bnfast.batch_norm_train(x, w, b, relu=relu)
+            _, mean, invstd = ref.batch_norm_train(x, w, b)
+            m, a = np.asarray(mean), np.asarray(invstd) * w
+        else:
+            m = loc + spread * rng.standard_normal(C)
+            v = spread ** 2 * (rng.random(C) + 0.2)
+            y = bnfast.batch_norm_infer(x, m, v, w, b, relu=relu)
+            a = w / np.sqrt(v + 1e-5)
+        y64 = (x.astype(np.float64) - m) * a + b
+        if relu:
+            y64 = np.maximum(y64, 0.0)
+        err = np.abs(y.astype(np.float64) - y64).max(axis=0)
+        ratio = err / (EPS32 * _scale_of(x, 1, m, a, b))
+        assert (ratio <= 2.0).all(), (trial, ratio.max())
+        worst = max(worst, float(ratio.max()))
+    print(f"\nfloat32 normalisation, largest error: {worst:.3f} FLT_EPSILON x channel scale")
+
+
+def test_fallbacks_match_the_double_formula(isa):
+    """Elements float32 cannot compute (overflow, inf, NaN) and channels whose parameters
+    it cannot carry (subnormal or infinite scale, huge mean) take the float64 value."""
+    C = 6
+    x = np.ones((40, C), np.float32)
+    x[:, 0] = np.where(np.arange(40) % 2, 3e38, -3e38)   # x - m overflows float32
+    x[:, 1] = np.linspace(-1, 1, 40)
+    x[3, 1], x[4, 1], x[5, 1] = np.inf, -np.inf, np.nan
+    x[:, 2] = np.linspace(-1, 1, 40)
+    x[:, 3] = 2.0 ** 100 * np.linspace(1, 2, 40)
+    x[:, 4] = np.linspace(-1, 1, 40)
+    x[:, 5] = np.linspace(-1, 1, 40)
+    m = np.array([-3e38, 0.0, 0.0, 0.0, 1e39, 0.0])      # 1e39: not a float32
+    v = np.array([16.0, 1.0, 1e78, 1.0, 1.0, 1.0])
+    w = np.array([1.0, 1.0, 1e-3, 1e-30, 1.0, 1e40])      # scales: 0.25, 1, subnormal in
+    b = np.array([-0.5, 0.0, 0.0, 0.0, 0.0, 0.0])          # float32, 1e-30, 1, inf in f32
+    for relu in (False, True):
+        a, sh = _coeffs(v, w, b, 1e-5)
+        got = bnfast.batch_norm_infer(x, m, v, w, b, relu=relu)
+        assert_same_bits(got, _emulate(x, 1, m, a, sh, relu), f"relu={relu}")
+        f64 = _emulate(x, 1, m, a, sh, relu, f32=False)
+        # where float32 cannot go, the double formula's value
+        for c in (0, 2, 4, 5):
+            assert_same_bits(got[:, c], f64[:, c], f"channel {c}")
+        assert_same_bits(got[3:6, 1], f64[3:6, 1], "inf and NaN elements")
+        # channel 0: 3e38 - (-3e38) is inf in float32, 1.5e38 in double
+        assert np.isfinite(got[:, 0]).all() and got[:, 0].max() > 1.4e38
+        assert np.isinf((x[1, 0] - np.float32(m[0])) * np.float32(a[0]))
+
+
+def test_constant_channel_is_exactly_beta_and_offset_data(isa):
+    rng = rng_for("f32-const", isa)
+    x = (1e6 + rng.standard_normal((64, 3))).astype(np.float32)
+    x[:, 1] = np.float32(123.456)
+    b = np.array([0.25, -7.5, 3.0])
+    y, mean, _ = bnfast.batch_norm_train(x, None, b)
+    assert (y[:, 1] == np.float32(-7.5)).all()
+    assert mean[1] == np.float64(np.float32(123.456))
+    # 1e6 offset: the mean's float32 rounding (0.03 here) is folded into the shift
+    z = (x[:, 0].astype(np.float64) - x[:, 0].astype(np.float64).mean())
+    z = z / np.sqrt((z * z).mean() + 1e-5) + 0.25
+    assert np.abs(y[:, 0] - z).max() <= 2 * EPS32 * (np.abs(z - 0.25).max() + 0.25)
+
+
+def test_float64_data_and_the_backward_stay_in_double():
+    x = np.zeros((8, 4, 3))
+    for op in ("train", "infer", "backward"):
+        assert bnfast.explain(x, op=op)["elementwise"]["arithmetic"] == "float64"
+    assert bnfast.explain(x.astype(np.float32),
+                          op="backward")["elementwise"]["arithmetic"] == "float64"
+
+
+def test_force_from_environment_arithmetic():
+    code = ("import bnfast, numpy as np; "
+            "print(bnfast.explain(np.empty((64, 64), np.float32), op='infer')"
+            "['elementwise']['arithmetic'])")
+    env = package_env(BNFAST_FORCE_STRATEGY="arithmetic=float64")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, cwd=os.path.dirname(__file__))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "float64"
+    env = package_env(BNFAST_FORCE_STRATEGY="arithmetic=float16")
+    out = subprocess.run([sys.executable, "-c", "import bnfast"], env=env,
+                         capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert out.returncode != 0 and "float16" in out.stderr
