@@ -646,23 +646,27 @@ static inline void BN_FN(stx_dx_p)(T *p, const T *dy, const T *x, const double *
  * wise loops are in bn_elementwise.h): t = (x - mh) * af + bf on eight float lanes, each
  * operation rounded once (no FMA: -ffp-contract=off and separate intrinsics), so every
  * variant computes the same bits.  bn_f8_bad tells whether any lane of t is not finite
- * (t - t is then NaN): those elements are recomputed in double.  The ReLU is the double
+ * (t - t is then NaN): those elements are recomputed in double; bn_f8_flag collects the
+ * same over many vectors (an OR of t - t: the bits of 0 where finite, of a NaN where not;
+ * the generic form adds, with the same outcome) and bn_f8_flagged reads it.  The ReLU is the double
  * one's: +0 where t <= 0.  AVX2 and AVX-512 hold the eight lanes in one 256-bit register
  * (a 512-bit form of 16 lanes was no faster from L2), SSE2 in two halves.
  */
 #if BN_ISA_LEVEL >= 1
 typedef __m256 bn_f8;
+static inline bn_f8 bn_f8_zero(void) { return _mm256_setzero_ps(); }
 static inline bn_f8 bn_f8_splat(float a) { return _mm256_set1_ps(a); }
 static inline bn_f8 bn_f8_ld(const float *p) { return _mm256_loadu_ps(p); }
 static inline bn_f8 bn_f8_norm(bn_f8 x, bn_f8 m, bn_f8 a, bn_f8 b)
 {
     return _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(x, m), a), b);
 }
-static inline int bn_f8_bad(bn_f8 t)
+static inline bn_f8 bn_f8_flag(bn_f8 acc, bn_f8 t) { return _mm256_or_ps(acc, _mm256_sub_ps(t, t)); }
+static inline int bn_f8_flagged(bn_f8 acc)
 {
-    const __m256 u = _mm256_sub_ps(t, t);
-    return _mm256_movemask_ps(_mm256_cmp_ps(u, u, _CMP_UNORD_Q)) != 0;
+    return _mm256_movemask_ps(_mm256_cmp_ps(acc, acc, _CMP_UNORD_Q)) != 0;
 }
+static inline int bn_f8_bad(bn_f8 t) { return bn_f8_flagged(_mm256_sub_ps(t, t)); }
 static inline bn_f8 bn_f8_relu(bn_f8 t)
 {
     return _mm256_andnot_ps(_mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_LE_OQ), t);
@@ -678,6 +682,11 @@ static inline void bn_f8_st(float *p, bn_f8 t, int nts)   /* nts: p 16-byte alig
 }
 #elif defined(__SSE2__)
 typedef struct { __m128 lo, hi; } bn_f8;
+static inline bn_f8 bn_f8_zero(void)
+{
+    bn_f8 r = {_mm_setzero_ps(), _mm_setzero_ps()};
+    return r;
+}
 static inline bn_f8 bn_f8_splat(float a)
 {
     bn_f8 r = {_mm_set1_ps(a), _mm_set1_ps(a)};
@@ -694,6 +703,12 @@ static inline bn_f8 bn_f8_norm(bn_f8 x, bn_f8 m, bn_f8 a, bn_f8 b)
                _mm_add_ps(_mm_mul_ps(_mm_sub_ps(x.hi, m.hi), a.hi), b.hi)};
     return r;
 }
+static inline bn_f8 bn_f8_flag(bn_f8 acc, bn_f8 t)
+{
+    bn_f8 r = {_mm_or_ps(acc.lo, _mm_sub_ps(t.lo, t.lo)), _mm_or_ps(acc.hi, _mm_sub_ps(t.hi, t.hi))};
+    return r;
+}
+static inline int bn_f8_flagged(bn_f8 acc) { return _mm_movemask_ps(_mm_cmpunord_ps(acc.lo, acc.hi)) != 0; }
 static inline int bn_f8_bad(bn_f8 t)
 {
     return _mm_movemask_ps(_mm_cmpunord_ps(_mm_sub_ps(t.lo, t.lo), _mm_sub_ps(t.hi, t.hi))) != 0;
@@ -714,6 +729,11 @@ static inline void bn_f8_st(float *p, bn_f8 t, int nts)   /* the baseline never 
 #else
 typedef bn_vf bn_f8;
 typedef int bn_vi8 __attribute__((vector_size(32)));
+static inline bn_f8 bn_f8_zero(void)
+{
+    bn_f8 r = {0, 0, 0, 0, 0, 0, 0, 0};
+    return r;
+}
 static inline bn_f8 bn_f8_splat(float a)
 {
     bn_f8 r = {a, a, a, a, a, a, a, a};
@@ -726,12 +746,14 @@ static inline bn_f8 bn_f8_ld(const float *p)
     return r;
 }
 static inline bn_f8 bn_f8_norm(bn_f8 x, bn_f8 m, bn_f8 a, bn_f8 b) { return (x - m) * a + b; }
-static inline int bn_f8_bad(bn_f8 t)
+static inline bn_f8 bn_f8_flag(bn_f8 acc, bn_f8 t) { return acc + (t - t); }
+static inline int bn_f8_flagged(bn_f8 acc)
 {
     int bad = 0;
-    for (int k = 0; k < 8; k++) bad |= !(t[k] - t[k] == 0.0f);
+    for (int k = 0; k < 8; k++) bad |= acc[k] != acc[k];
     return bad;
 }
+static inline int bn_f8_bad(bn_f8 t) { return bn_f8_flagged(t - t); }
 static inline bn_f8 bn_f8_relu(bn_f8 t)
 {
     const bn_vi8 le = (t <= bn_f8_splat(0.0f));
