@@ -496,7 +496,10 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     Returns
     -------
     y : ndarray
-        The normalised batch (`out` if given).
+        The normalised batch (`out` if given).  float32 data is normalised in float32
+        arithmetic from the float64 statistics: per channel within
+        ``2 * FLT_EPSILON * (|weight * invstd| * max|x - mean| + |bias|)`` of the exact
+        value (the user guide's *Semantics*, "float32 outputs"); float64 data in float64.
     mean, invstd : ndarray of shape (C,), float64
         The batch mean and ``1 / sqrt(var + eps)``, as needed by
         :func:`batch_norm_backward`.  They are float64 for either input dtype so that the
@@ -587,7 +590,8 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
     Returns
     -------
     y : ndarray
-        The normalised batch.
+        The normalised batch (float32 data in float32 arithmetic, with the bound given
+        under :func:`batch_norm_train`).
 
     Raises
     ------
@@ -851,7 +855,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     Returns
     -------
     y : ndarray
-        The normalised batch, same shape and dtype as `x` (`out` if given).
+        The normalised batch, same shape and dtype as `x` (`out` if given); float32 data
+        in float32 arithmetic, with the bound given under :func:`batch_norm_train`.
 
     Raises
     ------

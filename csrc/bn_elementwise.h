@@ -379,14 +379,71 @@ static void BN_FN(normf_rows)(const void *ctx, ptrdiff_t r0, ptrdiff_t r1)
     bn_stream_fence(k->nts);
 }
 
-/* Whole periods [p0, p1) (the spans and period-64 walks: the same bits). */
+/* Whole periods [p0, p1) (the spans walk), the ReLU and defer cases outside the loop (a
+ * call per period that chose its case cost a third of the time of periods of 64). */
+static inline __attribute__((always_inline)) void BN_FN(normf_periods_case)(
+    const BN_FN(normf_ctx) *k, ptrdiff_t p0, ptrdiff_t p1, const int relu, const int defer)
+{
+    const ptrdiff_t P = k->p->period;
+    for (ptrdiff_t q = p0; q < p1; q++)
+        BN_FN(normf_span)(k->x + q * P, k->y + q * P, P, k->mh, k->af, k->bf, 1, &k->fb, 0,
+                          relu, defer, k->nts);
+}
+
 static void BN_FN(normf_periods)(const void *ctx, ptrdiff_t p0, ptrdiff_t p1)
 {
     const BN_FN(normf_ctx) *k = ctx;
-    const ptrdiff_t P = k->p->period;
-    for (ptrdiff_t q = p0; q < p1; q++)
-        BN_FN(normf_span_v)(k->x + q * P, k->y + q * P, P, k->mh, k->af, k->bf, &k->fb, 0,
-                            k->relu, k->defer, k->nts);
+    if (k->relu && k->defer)
+        BN_FN(normf_periods_case)(k, p0, p1, 1, 1);
+    else if (k->relu)
+        BN_FN(normf_periods_case)(k, p0, p1, 1, 0);
+    else if (k->defer)
+        BN_FN(normf_periods_case)(k, p0, p1, 0, 1);
+    else
+        BN_FN(normf_periods_case)(k, p0, p1, 0, 0);
+    bn_stream_fence(k->nts);
+}
+
+/* Period-64 walk: np periods of 64 elements with the 24 parameter vectors in registers
+ * (AVX-512 has 32; AVX2 and SSE2 spill some: measured below, plan.c), each span's test
+ * deferred to the end of the item's periods unless in place. */
+static inline __attribute__((always_inline)) void BN_FN(normf_p64_case)(
+    const float *x, float *y, ptrdiff_t np, const float *mh, const float *af,
+    const float *bf, const BN_FN(nfb) *fb, const int relu, const int defer, int nts)
+{
+    bn_f8 mv[8], av[8], bv[8];
+    for (int t = 0; t < 8; t++) {
+        mv[t] = bn_f8_ld(mh + 8 * t);
+        av[t] = bn_f8_ld(af + 8 * t);
+        bv[t] = bn_f8_ld(bf + 8 * t);
+    }
+    bn_f8 acc = bn_f8_zero();
+    for (ptrdiff_t k = 0; k < np; k++) {
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; t++)
+            BN_FN(normf8)(x + 64 * k + 8 * t, y + 64 * k + 8 * t, mv[t], av[t], bv[t],
+                          mh + 8 * t, af + 8 * t, bf + 8 * t, 1, fb, 8 * t, relu, defer, &acc,
+                          nts);
+    }
+    if (defer && __builtin_expect(bn_f8_flagged(acc), 0))
+        for (ptrdiff_t k = 0; k < np; k++)
+            BN_FN(normf_fix_span)(x + 64 * k, y + 64 * k, 64, mh, af, bf, 1, fb, 0, relu);
+}
+
+static void BN_FN(normf_periods64)(const void *ctx, ptrdiff_t p0, ptrdiff_t p1)
+{
+    const BN_FN(normf_ctx) *k = ctx;
+    const float *x = k->x + 64 * p0;
+    float *y = k->y + 64 * p0;
+    const ptrdiff_t np = p1 - p0;
+    if (k->relu && k->defer)
+        BN_FN(normf_p64_case)(x, y, np, k->mh, k->af, k->bf, &k->fb, 1, 1, k->nts);
+    else if (k->relu)
+        BN_FN(normf_p64_case)(x, y, np, k->mh, k->af, k->bf, &k->fb, 1, 0, k->nts);
+    else if (k->defer)
+        BN_FN(normf_p64_case)(x, y, np, k->mh, k->af, k->bf, &k->fb, 0, 1, k->nts);
+    else
+        BN_FN(normf_p64_case)(x, y, np, k->mh, k->af, k->bf, &k->fb, 0, 0, k->nts);
     bn_stream_fence(k->nts);
 }
 
@@ -440,8 +497,9 @@ static int BN_FN(normalize_f32)(const bn_plan *p, const float *x, float *y, cons
         k.af = e + P;
         k.bf = e + 2 * P;
     }
-    BN_FN(run_ew_items)(p, p->ew_walk == BN_WALK_TILES ? BN_FN(normf_tiles)
-                                                         : BN_FN(normf_periods), &k);
+    BN_FN(run_ew_items)(p, p->ew_walk == BN_WALK_TILES      ? BN_FN(normf_tiles)
+                           : p->ew_walk == BN_WALK_PERIOD64 ? BN_FN(normf_periods64)
+                                                            : BN_FN(normf_periods), &k);
     const ptrdiff_t done = p->ew_walk == BN_WALK_TILES ? N * Cp : p->ew_units * P,
                     rem = N * Cp - done;
     if (rem) {
