@@ -447,18 +447,30 @@ static void BN_FN(normf_periods64)(const void *ctx, ptrdiff_t p0, ptrdiff_t p1)
     bn_stream_fence(k->nts);
 }
 
-/* Column tiles [t0, t1) down all rows. */
-static void BN_FN(normf_tiles)(const void *ctx, ptrdiff_t t0, ptrdiff_t t1)
+/* Column tiles [t0, t1) down all rows, the ReLU and defer cases outside the loops. */
+static inline __attribute__((always_inline)) void BN_FN(normf_tiles_case)(
+    const BN_FN(normf_ctx) *k, ptrdiff_t t0, ptrdiff_t t1, const int relu, const int defer)
 {
-    const BN_FN(normf_ctx) *k = ctx;
     const ptrdiff_t P = k->p->period, N = k->p->N;
     for (ptrdiff_t t = t0; t < t1; t++) {
         const ptrdiff_t j0 = t * BN_EW_TILE, w = P - j0 < BN_EW_TILE ? P - j0 : BN_EW_TILE;
         for (ptrdiff_t r = 0; r < N; r++)
-            BN_FN(normf_span_v)(k->x + r * P + j0, k->y + r * P + j0, w, k->mh + j0,
-                                k->af + j0, k->bf + j0, &k->fb, j0, k->relu, k->defer,
-                                k->nts);
+            BN_FN(normf_span)(k->x + r * P + j0, k->y + r * P + j0, w, k->mh + j0, k->af + j0,
+                              k->bf + j0, 1, &k->fb, j0, relu, defer, k->nts);
     }
+}
+
+static void BN_FN(normf_tiles)(const void *ctx, ptrdiff_t t0, ptrdiff_t t1)
+{
+    const BN_FN(normf_ctx) *k = ctx;
+    if (k->relu && k->defer)
+        BN_FN(normf_tiles_case)(k, t0, t1, 1, 1);
+    else if (k->relu)
+        BN_FN(normf_tiles_case)(k, t0, t1, 1, 0);
+    else if (k->defer)
+        BN_FN(normf_tiles_case)(k, t0, t1, 0, 1);
+    else
+        BN_FN(normf_tiles_case)(k, t0, t1, 0, 0);
     bn_stream_fence(k->nts);
 }
 
