@@ -364,20 +364,28 @@ static inline __attribute__((always_inline)) void BN_FN(normf_rows_case)(
     }
 }
 
+/*
+ * A walk over units [u0, u1) (rows, periods or column tiles) in the ReLU and defer case of
+ * its context, each case a loop of its own (NAME_case with constants), then the fence of
+ * its streaming stores.
+ */
+#define BN_NORMF_WALK(name)                                                                 \
+    static void BN_FN(name)(const void *ctx, ptrdiff_t u0, ptrdiff_t u1)                    \
+    {                                                                                       \
+        const BN_FN(normf_ctx) *k = ctx;                                                    \
+        if (k->relu && k->defer)                                                            \
+            BN_FN(name##_case)(k, u0, u1, 1, 1);                                            \
+        else if (k->relu)                                                                   \
+            BN_FN(name##_case)(k, u0, u1, 1, 0);                                            \
+        else if (k->defer)                                                                  \
+            BN_FN(name##_case)(k, u0, u1, 0, 1);                                            \
+        else                                                                                \
+            BN_FN(name##_case)(k, u0, u1, 0, 0);                                            \
+        bn_stream_fence(k->nts);                                                            \
+    }
+
 /* Rows (the rows layout, or the columns layout's rows walk). */
-static void BN_FN(normf_rows)(const void *ctx, ptrdiff_t r0, ptrdiff_t r1)
-{
-    const BN_FN(normf_ctx) *k = ctx;
-    if (k->relu && k->defer)
-        BN_FN(normf_rows_case)(k, r0, r1, 1, 1);
-    else if (k->relu)
-        BN_FN(normf_rows_case)(k, r0, r1, 1, 0);
-    else if (k->defer)
-        BN_FN(normf_rows_case)(k, r0, r1, 0, 1);
-    else
-        BN_FN(normf_rows_case)(k, r0, r1, 0, 0);
-    bn_stream_fence(k->nts);
-}
+BN_NORMF_WALK(normf_rows)
 
 /* Whole periods [p0, p1) (the spans walk), the ReLU and defer cases outside the loop (a
  * call per period that chose its case cost a third of the time of periods of 64). */
@@ -390,27 +398,17 @@ static inline __attribute__((always_inline)) void BN_FN(normf_periods_case)(
                           relu, defer, k->nts);
 }
 
-static void BN_FN(normf_periods)(const void *ctx, ptrdiff_t p0, ptrdiff_t p1)
-{
-    const BN_FN(normf_ctx) *k = ctx;
-    if (k->relu && k->defer)
-        BN_FN(normf_periods_case)(k, p0, p1, 1, 1);
-    else if (k->relu)
-        BN_FN(normf_periods_case)(k, p0, p1, 1, 0);
-    else if (k->defer)
-        BN_FN(normf_periods_case)(k, p0, p1, 0, 1);
-    else
-        BN_FN(normf_periods_case)(k, p0, p1, 0, 0);
-    bn_stream_fence(k->nts);
-}
+BN_NORMF_WALK(normf_periods)
 
 /* Period-64 walk: np periods of 64 elements with the 24 parameter vectors in registers
  * (AVX-512 has 32; AVX2 and SSE2 spill some: measured below, plan.c), each span's test
  * deferred to the end of the item's periods unless in place. */
-static inline __attribute__((always_inline)) void BN_FN(normf_p64_case)(
-    const float *x, float *y, ptrdiff_t np, const float *mh, const float *af,
-    const float *bf, const BN_FN(nfb) *fb, const int relu, const int defer, int nts)
+static inline __attribute__((always_inline)) void BN_FN(normf_periods64_case)(
+    const BN_FN(normf_ctx) *k, ptrdiff_t p0, ptrdiff_t p1, const int relu, const int defer)
 {
+    const float *x = k->x + 64 * p0, *mh = k->mh, *af = k->af, *bf = k->bf;
+    float *y = k->y + 64 * p0;
+    const ptrdiff_t np = p1 - p0;
     bn_f8 mv[8], av[8], bv[8];
     for (int t = 0; t < 8; t++) {
         mv[t] = bn_f8_ld(mh + 8 * t);
@@ -418,34 +416,19 @@ static inline __attribute__((always_inline)) void BN_FN(normf_p64_case)(
         bv[t] = bn_f8_ld(bf + 8 * t);
     }
     bn_f8 acc = bn_f8_zero();
-    for (ptrdiff_t k = 0; k < np; k++) {
+    for (ptrdiff_t q = 0; q < np; q++) {
 #pragma GCC unroll 8
         for (int t = 0; t < 8; t++)
-            BN_FN(normf8)(x + 64 * k + 8 * t, y + 64 * k + 8 * t, mv[t], av[t], bv[t],
-                          mh + 8 * t, af + 8 * t, bf + 8 * t, 1, fb, 8 * t, relu, defer, &acc,
-                          nts);
+            BN_FN(normf8)(x + 64 * q + 8 * t, y + 64 * q + 8 * t, mv[t], av[t], bv[t],
+                          mh + 8 * t, af + 8 * t, bf + 8 * t, 1, &k->fb, 8 * t, relu, defer,
+                          &acc, k->nts);
     }
     if (defer && __builtin_expect(bn_f8_flagged(acc), 0))
-        for (ptrdiff_t k = 0; k < np; k++)
-            BN_FN(normf_fix_span)(x + 64 * k, y + 64 * k, 64, mh, af, bf, 1, fb, 0, relu);
+        for (ptrdiff_t q = 0; q < np; q++)
+            BN_FN(normf_fix_span)(x + 64 * q, y + 64 * q, 64, mh, af, bf, 1, &k->fb, 0, relu);
 }
 
-static void BN_FN(normf_periods64)(const void *ctx, ptrdiff_t p0, ptrdiff_t p1)
-{
-    const BN_FN(normf_ctx) *k = ctx;
-    const float *x = k->x + 64 * p0;
-    float *y = k->y + 64 * p0;
-    const ptrdiff_t np = p1 - p0;
-    if (k->relu && k->defer)
-        BN_FN(normf_p64_case)(x, y, np, k->mh, k->af, k->bf, &k->fb, 1, 1, k->nts);
-    else if (k->relu)
-        BN_FN(normf_p64_case)(x, y, np, k->mh, k->af, k->bf, &k->fb, 1, 0, k->nts);
-    else if (k->defer)
-        BN_FN(normf_p64_case)(x, y, np, k->mh, k->af, k->bf, &k->fb, 0, 1, k->nts);
-    else
-        BN_FN(normf_p64_case)(x, y, np, k->mh, k->af, k->bf, &k->fb, 0, 0, k->nts);
-    bn_stream_fence(k->nts);
-}
+BN_NORMF_WALK(normf_periods64)
 
 /* Column tiles [t0, t1) down all rows, the ReLU and defer cases outside the loops. */
 static inline __attribute__((always_inline)) void BN_FN(normf_tiles_case)(
@@ -460,19 +443,7 @@ static inline __attribute__((always_inline)) void BN_FN(normf_tiles_case)(
     }
 }
 
-static void BN_FN(normf_tiles)(const void *ctx, ptrdiff_t t0, ptrdiff_t t1)
-{
-    const BN_FN(normf_ctx) *k = ctx;
-    if (k->relu && k->defer)
-        BN_FN(normf_tiles_case)(k, t0, t1, 1, 1);
-    else if (k->relu)
-        BN_FN(normf_tiles_case)(k, t0, t1, 1, 0);
-    else if (k->defer)
-        BN_FN(normf_tiles_case)(k, t0, t1, 0, 1);
-    else
-        BN_FN(normf_tiles_case)(k, t0, t1, 0, 0);
-    bn_stream_fence(k->nts);
-}
+BN_NORMF_WALK(normf_tiles)
 
 /* Per-element float32 parameters of one period from per-channel ones (BN_FN(expand)). */
 static void BN_FN(expandf)(float *e, const float *v, ptrdiff_t P, ptrdiff_t Cp, ptrdiff_t S)
