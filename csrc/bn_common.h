@@ -68,10 +68,24 @@ static inline double bn_bits_and(double v, uint64_t mask)
 static inline double bn_srelu(double t) { return bn_bits_and(t, (uint64_t)0 - !(t <= 0.0)); }
 static inline double bn_smask(double g, double t) { return bn_bits_and(g, (uint64_t)0 - (t > 0.0)); }
 
+/* Whether all n values at p are finite: an OR of exponent tests that GCC vectorises (a
+ * scan with a branch per value cost about 1 ns per channel: the statistics' checks for
+ * overflow and NaN took 7% of the training forward of (32, 8192) on one thread). */
+static inline int bn_all_finite(const double *p, ptrdiff_t n)
+{
+    uint64_t bad = 0;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        uint64_t u;
+        memcpy(&u, p + i, sizeof u);
+        bad |= (uint64_t)((u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull);
+    }
+    return bad == 0;
+}
+
 /* Per-channel outputs with canonical NaNs (see bn_nanacc in bn_isa.h). */
 static inline void bn_canon_vec(double *p, ptrdiff_t n)
 {
-    if (!p) return;
+    if (!p || bn_all_finite(p, n)) return;
     for (ptrdiff_t i = 0; i < n; i++)
         if (p[i] != p[i]) p[i] = NAN;
 }

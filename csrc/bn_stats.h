@@ -512,6 +512,7 @@ static int BN_FN(moments_planned)(const bn_plan *p, const T *x, double *mean, do
     const int st = p->layout == BN_LAYOUT_ROWS ? BN_FN(moments_rows)(p, x, mean, var)
                                                : BN_FN(moments_columns)(p, x, mean, var);
     if (st != BN_OK) return st;
+    if (bn_all_finite(mean, C) && bn_all_finite(var, C)) return BN_OK;
     BN_FN(moments_fixup)(x, N, C, S, mean, var);
     bn_canon_vec(mean, C);
     bn_canon_vec(var, C);
