@@ -193,8 +193,8 @@ static void BN_FN(norm_tiles)(const void *ctx, ptrdiff_t t0, ptrdiff_t t1)
  * An element whose t (before the ReLU) is not finite -- a NaN or infinite x, or a float32
  * overflow that double would not have -- is computed in double instead (norm_one, the
  * float64 path's value, canonical NaNs), and so is every element of a channel whose
- * parameters float32 cannot carry (mh, af or bf not finite, or af subnormal): its af is
- * NaN.  Each element's value depends on that element and its channel alone, so every
+ * parameters float32 cannot carry: mh, af or bf not finite (t is then never finite), or
+ * af subnormal (f32_params makes it NaN).  Each element's value depends on that element and its channel alone, so every
  * walk, partition, thread count and variant stores the same bits.
  */
 typedef struct {
@@ -202,29 +202,24 @@ typedef struct {
     ptrdiff_t Cp, S;           /* element j of a period belongs to channel (j % Cp) / S */
 } BN_FN(nfb);
 
-/* Per-channel float32 parameters; a channel float32 cannot carry gets af = NaN. */
+/* Per-channel float32 parameters.  A channel whose af is subnormal (|a| < FLT_MIN, where
+ * float32 would lose precision) gets af = NaN, so that all its elements take the double
+ * formula.  No other test is needed: where mh, af or bf is not finite (m beyond float32's
+ * range, a NaN or huge scale or shift), every t of the channel is not finite either and
+ * falls back element by element.  Branch-free, so that GCC vectorises it (with scalar
+ * tests it took 1.6 ns per channel, a sixth of the inference of (32, 8192)). */
 static void BN_FN(f32_params)(ptrdiff_t C, const double *m, const double *a, const double *b,
                               float *mh, float *af, float *bf)
 {
-    /* Branch-free (the exponent bits tell finite and subnormal), so that GCC vectorises
-     * it: scalar tests took 1.6 ns per channel, a sixth of inference of (32, 8192). */
     for (ptrdiff_t c = 0; c < C; c++) {
         const float h = (float)m[c], A = (float)a[c];
-        const float B = (float)(b[c] - (m[c] - (double)h) * a[c]);
-        uint32_t uh, ua, ub;
-        memcpy(&uh, &h, 4);
+        uint32_t ua;
         memcpy(&ua, &A, 4);
-        memcpy(&ub, &B, 4);
-        const uint32_t E = 0x7f800000u, ea = ua & E;
-        const uint32_t ok = ((uh & E) != E) & (ea != E) & ((ub & E) != E) &
-                            ((ea != 0) | ((ua & 0x7fffffffu) == 0));
-        const uint32_t keep = 0u - ok;   /* all ones where ok */
-        uh &= keep;
-        ua = (ua & keep) | (0x7fc00000u & ~keep);   /* NaN where not */
-        ub &= keep;
-        memcpy(mh + c, &uh, 4);
+        const uint32_t sub = ((ua & 0x7f800000u) == 0) & ((ua & 0x7fffffffu) != 0);
+        ua = sub ? 0x7fc00000u : ua;   /* NaN where subnormal */
+        mh[c] = h;
         memcpy(af + c, &ua, 4);
-        memcpy(bf + c, &ub, 4);
+        bf[c] = (float)(b[c] - (m[c] - (double)h) * a[c]);
     }
 }
 
@@ -241,13 +236,14 @@ static inline float BN_FN(normf_one)(float x, float mh, float af, float bf,
     return relu ? (t <= 0.0f ? 0.0f : t) : t;
 }
 
-/* The eight elements at x whose vector had a lane that is not finite, into out. */
-static __attribute__((noinline, cold)) void BN_FN(normf8_fix)(
-    const float *x, float *out, const float *mh, const float *af, const float *bf,
-    ptrdiff_t inc, const BN_FN(nfb) *fb, ptrdiff_t j, int relu)
+/* The L elements at y rewritten from x one by one (a vector or span with a value that is
+ * not finite). */
+static __attribute__((noinline, cold)) void BN_FN(normf_fix_span)(
+    const float *x, float *y, ptrdiff_t L, const float *mh, const float *af, const float *bf,
+    ptrdiff_t inc, const BN_FN(nfb) *fb, ptrdiff_t j0, int relu)
 {
-    for (ptrdiff_t k = 0; k < 8; k++)
-        out[k] = BN_FN(normf_one)(x[k], mh[k * inc], af[k * inc], bf[k * inc], fb, j + k, relu);
+    for (ptrdiff_t k = 0; k < L; k++)
+        y[k] = BN_FN(normf_one)(x[k], mh[inc * k], af[inc * k], bf[inc * k], fb, j0 + k, relu);
 }
 
 /* One vector: t for the eight elements at x, stored at y.  defer: its non-finite lanes
@@ -264,7 +260,7 @@ static inline __attribute__((always_inline)) void BN_FN(normf8)(
         if (relu) t = bn_f8_relu(t);
     } else if (__builtin_expect(bn_f8_bad(t), 0)) {
         float tmp[8];
-        BN_FN(normf8_fix)(x, tmp, mh, af, bf, inc, fb, j, relu);
+        BN_FN(normf_fix_span)(x, tmp, 8, mh, af, bf, inc, fb, j, relu);
         t = bn_f8_ld(tmp);
     } else if (relu) {
         t = bn_f8_relu(t);
@@ -272,23 +268,14 @@ static inline __attribute__((always_inline)) void BN_FN(normf8)(
     bn_f8_st(y, t, nts);
 }
 
-/* Rewrite the L elements at y from x one by one (a span with a non-finite lane). */
-static __attribute__((noinline, cold)) void BN_FN(normf_fix_span)(
-    const float *x, float *y, ptrdiff_t L, const float *mh, const float *af, const float *bf,
-    ptrdiff_t inc, const BN_FN(nfb) *fb, ptrdiff_t j0, int relu)
-{
-    for (ptrdiff_t k = 0; k < L; k++)
-        y[k] = BN_FN(normf_one)(x[k], mh[inc * k], af[inc * k], bf[inc * k], fb, j0 + k, relu);
-}
-
 /* y over a span of L elements starting at period position j0, parameters per element
  * (inc == 1) or scalars (inc == 0).  As norm_span_s, a span of more than 8 elements whose
  * length is not a multiple of 8 ends with one vector over its last 8 elements, computed
  * before the others are stored (in place gives the same values).  With defer (y is not x)
  * the test for non-finite values is one OR per vector and one test per span, and a span
- * with one is rewritten element by element (about a fifth less work per vector than a
- * test and branch per vector: 13.0 against 10.8 G elements/s on AVX2 from L1,
- * benchmarks/loops_f32.c); in place, each vector is tested and fixed before its store. */
+ * with one is rewritten element by element (a test and branch per vector is slower: on
+ * AVX2 from L1, benchmarks/loops_f32.c "defer" against "f32"); in place, each vector is
+ * tested and fixed before its store. */
 static inline __attribute__((always_inline)) void BN_FN(normf_span)(
     const float *x, float *y, ptrdiff_t L, const float *mh, const float *af, const float *bf,
     const ptrdiff_t inc, const BN_FN(nfb) *fb, ptrdiff_t j0, const int relu, const int defer,
@@ -388,7 +375,9 @@ static inline __attribute__((always_inline)) void BN_FN(normf_rows_case)(
 BN_NORMF_WALK(normf_rows)
 
 /* Whole periods [p0, p1) (the spans walk), the ReLU and defer cases outside the loop (a
- * call per period that chose its case cost a third of the time of periods of 64). */
+ * call per period that chose its case: one thread, avx512, inference of (256, 64, 3, 3)
+ * with the channel axis last, C = 3 and periods of 72, 38 -> 26 us; (65536, 64) forced to
+ * spans 966 -> 818 us). */
 static inline __attribute__((always_inline)) void BN_FN(normf_periods_case)(
     const BN_FN(normf_ctx) *k, ptrdiff_t p0, ptrdiff_t p1, const int relu, const int defer)
 {
@@ -502,8 +491,7 @@ static int BN_FN(normalize_planned)(const bn_plan *p, const T *x, T *y, const do
     if (N == 0 || C == 0 || S == 0) return BN_OK;
     const int nts = p->stream && ((uintptr_t)y & 15) == 0 && !bn_stream_alias(y, x, NULL);
 #if BN_IS_F32
-    if (p->ew_f32 && mean && scale && shift)
-        return BN_FN(normalize_f32)(p, x, y, mean, scale, shift, relu, nts);
+    if (p->ew_f32) return BN_FN(normalize_f32)(p, x, y, mean, scale, shift, relu, nts);
 #endif
     if (p->layout == BN_LAYOUT_ROWS || p->ew_walk == BN_WALK_ROWS) {
         BN_FN(norm_ctx) k = {p, x, y, mean, scale, shift, relu, nts};

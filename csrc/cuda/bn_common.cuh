@@ -82,9 +82,9 @@ __device__ __forceinline__ double bn_mask(double g, double t) { return t > 0.0 ?
  * bn_elementwise.h: f32_params, normf_one; docs/user_guide/semantics.md, "float32 outputs:
  * the normalisation in float32").  Per channel, once (in double, each rounded once):
  *     mh = (float)m,  af = (float)a,  bf = (float)(b - (m - (double)mh) * a);
- * a channel whose mh, af or bf is not finite, or whose af is subnormal (nonzero, below
- * FLT_MIN), gets mh = bf = 0 and af = NaN, so that every one of its elements takes the
- * fallback below.  Per element: t = (x - mh) * af + bf, three float32 operations each
+ * a channel whose af is subnormal (nonzero, below FLT_MIN) gets af = NaN, so that every
+ * one of its elements takes the fallback below (where mh, af or bf is not finite, every t
+ * of the channel is not finite anyway).  Per element: t = (x - mh) * af + bf, three float32 operations each
  * rounded once (__fsub_rn, __fmul_rn, __fadd_rn: never contracted into an FMA, whatever
  * -fmad says); where t is not finite (NaN or infinite x, or a float32 overflow), the
  * element is computed in double instead, (float)(((double)x - m) * a + b) with the ReLU in
@@ -108,14 +108,12 @@ template <> struct bn_norm<float> {
     float mh, af, bf;
     __device__ __forceinline__ bn_norm(double m_, double a_, double b_) : m(m_), a(a_), b(b_)
     {
-        const float h = (float)m, A = (float)a;
-        const float B = (float)(b - (m - (double)h) * a);
-        const int E = 0x7f800000, ia = __float_as_int(A), ea = ia & E;
-        const bool ok = (__float_as_int(h) & E) != E && ea != E &&
-                        (__float_as_int(B) & E) != E && (ea != 0 || (ia & 0x7fffffff) == 0);
-        mh = ok ? h : 0.0f;
-        af = ok ? A : __int_as_float(0x7fc00000);
-        bf = ok ? B : 0.0f;
+        mh = (float)m;
+        const float A = (float)a;
+        const int ia = __float_as_int(A);
+        const bool sub = (ia & 0x7f800000) == 0 && (ia & 0x7fffffff) != 0;
+        af = sub ? __int_as_float(0x7fc00000) : A;
+        bf = (float)(b - (m - (double)mh) * a);
     }
     __device__ __forceinline__ float operator()(float x, int relu) const
     {
