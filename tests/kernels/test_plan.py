@@ -235,11 +235,13 @@ def test_force_from_environment():
             "print(sorted(_plan.forced_strategy().items(), key=str)); "
             "print(bnfast.explain(np.empty((64, 64), np.float32), op='backward')"
             "['reduce']['walk'])")
-    env = package_env(BNFAST_FORCE_STRATEGY="layout=columns, backward_sums=blocks")
+    env = package_env(
+        BNFAST_FORCE_STRATEGY="layout=columns, backward_sums=blocks, arithmetic=float64")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, cwd=os.path.dirname(__file__))
     assert out.returncode == 0, out.stderr
     assert "('backward_sums', 'blocks')" in out.stdout and "('layout', 'columns')" in out.stdout
+    assert "('arithmetic', 'float64')" in out.stdout
     assert out.stdout.strip().endswith("blocks")
     env = package_env(BNFAST_FORCE_STRATEGY="statistics=sideways")
     out = subprocess.run([sys.executable, "-c", "import bnfast"], env=env,
