@@ -650,7 +650,8 @@ static inline void BN_FN(stx_dx_p)(T *p, const T *dy, const T *x, const double *
  * same over many vectors (an OR of t - t: the bits of 0 where finite, of a NaN where not;
  * the generic form adds, with the same outcome) and bn_f8_flagged reads it.  The ReLU is the double
  * one's: +0 where t <= 0.  AVX2 and AVX-512 hold the eight lanes in one 256-bit register
- * (a 512-bit form of 16 lanes was no faster from L2), SSE2 in two halves.
+ * (16 lanes of AVX-512 were 10% faster from L1 and the same from L2 in
+ * benchmarks/loops_f32.c; one form serves both), SSE2 in two halves.
  */
 #if BN_ISA_LEVEL >= 1
 typedef __m256 bn_f8;

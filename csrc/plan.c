@@ -378,9 +378,11 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
     /* Arithmetic: the normalisation of float32 data runs in float32 (bn_elementwise.h,
      * normalize_f32: error at most 2 float32 ulps of the channel's scale, elements that
      * float32 cannot carry computed in double) in every variant: from L2, one thread,
-     * 3.0 -> 6.5 G elements/s on SSE2, 6.0 -> 12.8 on AVX2, 7.4 -> 14.3 (memcpy's rate) on
-     * AVX-512 (benchmarks/README.md).  dx stays in double: its terms cancel (dy
-     * proportional to y gives dx = 0), and float32 would lose the bound there. */
+     * 3.0 -> 8.5 G elements/s on SSE2, 5.9 -> 13.3-14.3 on AVX2, 6.6-7.0 -> 13.3-14.2
+     * (memcpy's rate) on AVX-512 (benchmarks/loops_f32.c, benchmarks/README.md item 47).
+     * dx stays in double: its terms cancel (dy proportional to y gives dx = 0), and its
+     * float32 form would round each product's parameter, operand and result and two sums,
+     * a bound of 2.5 float32 ulps of its terms' scale. */
     p->ew_f32 = has_ew && op != BN_OP_BACKWARD && itemsize == 4 && force_arith != BN_ARITH_F64;
     return BN_OK;
 }
