@@ -235,3 +235,30 @@ def test_infer_fast_path_variance_check_at_every_position(C, bad, vdtype, monkey
                 outcomes.append(str(exc))
             monkeypatch.undo()
         assert outcomes[0] == outcomes[1], (C, bad, pos)
+
+
+@pytest.mark.parametrize("isa", bnfast.available_isas())
+@pytest.mark.parametrize("C", [1, 7, 8, 15, 16, 17, 33, 2048])
+def test_float32_parameters_are_widened_exactly(isa, C):
+    """Per-channel float32 arrays (mean, var, weight, bias, running statistics, invstd) are
+    widened to float64 (csrc/vectors.c: bn_widen_f32, vectorised): the results equal those
+    of the same values given as float64, bit for bit, at every channel (C around the
+    vector loops' edges), in every variant; float32 running statistics are the float64
+    update rounded once."""
+    rng = np.random.default_rng(C)
+    x = rng.standard_normal((4, C)).astype(np.float32)
+    dy = rng.standard_normal((4, C)).astype(np.float32)
+    p32 = {k: rng.uniform(0.5, 2.0, C).astype(np.float32) for k in ("m", "v", "w", "b")}
+    p64 = {k: v.astype(np.float64) for k, v in p32.items()}
+    with bnfast.use_isa(isa):
+        got, want = [], []
+        for p, out in ((p32, got), (p64, want)):
+            out.append(bnfast.batch_norm_infer(x, p["m"], p["v"], p["w"], p["b"]))
+            rm, rv = p["m"].copy(), p["v"].copy()
+            y, mean, invstd = bnfast.batch_norm_train(x, p["w"], p["b"], running_mean=rm,
+                                                      running_var=rv)
+            out += [y, mean, invstd, rm, rv]   # float32 statistics: rounded once
+            out += list(bnfast.batch_norm_backward(dy, x, p["m"], p["v"], p["w"]))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype or g.dtype == np.float32
+        assert g.tobytes() == w.astype(g.dtype).tobytes()
