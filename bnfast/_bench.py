@@ -1071,6 +1071,36 @@ def machine_info():
     return info
 
 
+
+def anchors_info(torch):
+    """What the anchors ran: PyTorch's version and the CPU code it dispatches to (ATen's
+    CPU capability: DEFAULT, AVX2 or AVX512, which ``ATEN_CPU_CAPABILITY`` lowers), and the
+    limit on oneDNN's instruction set (``ONEDNN_MAX_CPU_ISA``, none by default).
+
+    Both anchors pick their code for the CPU they run on, so against an AVX-512 CPU's
+    PyTorch the baseline variant is compared with code that CPUs without AVX2 do not run;
+    ``ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 bnfast bench --isa baseline``
+    gives the comparison such a CPU would see (docs/user_guide/performance.md)."""
+    info = {"torch": getattr(torch, "__version__", None), "torch_cpu_capability": None,
+            "onednn_max_cpu_isa": (os.environ.get("ONEDNN_MAX_CPU_ISA")
+                                   or os.environ.get("DNNL_MAX_CPU_ISA") or None)}
+    if torch is not None:
+        try:
+            info["torch_cpu_capability"] = str(torch.backends.cpu.get_cpu_capability())
+        except Exception:        # older PyTorch: no such query
+            pass
+    return info
+
+
+def anchors_line(info):
+    """One line for logs and the Markdown summary."""
+    if info.get("torch") is None:
+        return "anchors: PyTorch not installed"
+    cap = info.get("torch_cpu_capability") or "unknown"
+    dnn = info.get("onednn_max_cpu_isa") or "none"
+    return (f"anchors: PyTorch {info['torch']} (ATen CPU capability {cap}); "
+            f"oneDNN instruction-set limit: {dnn}")
+
 def _json_safe(v):
     if isinstance(v, float):
         return None if v != v else float(f"{v:.6g}")     # 6 digits: far below the noise
@@ -1094,6 +1124,7 @@ def _write_json(out_dir, stem, torch, t0, summ, rows, interrupted=False, extra=N
             "config": get_config(), "machine": machine_info(), "load_average_end": load,
             "torch": getattr(torch, "__version__", None),
             "torch_threads": torch.get_num_threads() if torch is not None else None,
+            "anchors": anchors_info(torch),
             "seconds": time.perf_counter() - t0, "summary": summ, "results": rows}
     blob.update(extra or {})
     if interrupted:
@@ -1148,15 +1179,18 @@ def _onednn_works(torch):
         return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
-def write_reports(rows, out_dir, stem, summaries=None, cross=None, log=print):
+def write_reports(rows, out_dir, stem, summaries=None, cross=None, log=print, anchors=None):
     """Write the Markdown summary (``<stem>_summary.md``), one Markdown file of tables and
-    one PNG per variant (``<stem>_<variant>.md/.png``) into `out_dir`."""
+    one PNG per variant (``<stem>_<variant>.md/.png``) into `out_dir`; `anchors` (from
+    :func:`anchors_info`) heads the summary."""
     isas = [i for i in _config.ISA_NAMES if any(r["isa"] == i for r in rows)]
     if summaries is None:
         summaries = {i: summarize_variant([r for r in rows if r["isa"] == i]) for i in isas}
         cross = compare_variants(rows)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, stem + "_summary.md"), "w") as f:
+        if anchors is not None:
+            f.write(anchors_line(anchors) + "\n\n")
         f.write(markdown_summary(summaries, cross) + "\n")
     for isa in isas:
         with open(os.path.join(out_dir, f"{stem}_{isa}.md"), "w") as f:
@@ -1200,6 +1234,7 @@ def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=prin
         load0 = list(os.getloadavg())
     except (OSError, AttributeError):
         load0 = None
+    log(anchors_line(anchors_info(torch)))
     log(f"variants: {', '.join(isas)}; {len(cases)} cases; oneDNN: "
         f"{'yes' if onednn else 'no (' + why + ')'}"
         + (f"; load average {load0[0]:.1f} (1 min)" if load0 else ""))
@@ -1244,5 +1279,6 @@ def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=prin
                  "threads": sorted({c["threads"] for c in cases})}
         path = _write_json(out_dir, stem, torch, t0, summaries, rows, extra=extra)
         log(f"wrote {path}")
-        write_reports(rows, out_dir, stem, summaries, cross, log=log)
+        write_reports(rows, out_dir, stem, summaries, cross, log=log,
+                      anchors=anchors_info(torch))
     return rows

@@ -192,6 +192,9 @@ def test_bench_json_schema(tmp_path, monkeypatch):
                 "results", "isas", "threads", "onednn"):
         assert key in data, key
     assert data["torch"] is None and data["threads"] == [bnfast.get_num_threads()]
+    assert data["anchors"]["torch"] is None and data["anchors"]["torch_cpu_capability"] is None
+    summary_md = (tmp_path / "bench_quick_summary.md").read_text()
+    assert summary_md.startswith("anchors: PyTorch not installed\n")
     assert set(data["machine"]) >= {"model", "flags", "cpus"}
     row_keys = {"class", "op", "shape", "layout", "dtype", "threads", "bytes", "isa",
                 "bnfast_ms", "bnfast_min_ms", "torch_ms", "torch_min_ms", "onednn_ms",
@@ -402,3 +405,37 @@ def test_training_forward_with_and_without_relu_share_one_set_of_samples(monkeyp
     assert sets == [2, 3, 2, 2]
     by = {r["op"]: r for r in rows}
     assert by["train"]["copy_ms"] == by["train_relu"]["copy_ms"]
+
+
+
+def test_anchors_describe_what_pytorch_and_onednn_run(monkeypatch):
+    """The JSON and the summary say which code the anchors dispatch to: ATen's CPU
+    capability (lowered by ATEN_CPU_CAPABILITY) and oneDNN's instruction-set limit."""
+    class _Cpu:
+        @staticmethod
+        def get_cpu_capability():
+            return "DEFAULT"
+
+    class _Torch:
+        __version__ = "9.9.9"
+
+        class backends:
+            cpu = _Cpu
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41")
+    info = _bench.anchors_info(_Torch)
+    assert info == {"torch": "9.9.9", "torch_cpu_capability": "DEFAULT",
+                    "onednn_max_cpu_isa": "SSE41"}
+    assert _bench.anchors_line(info) == ("anchors: PyTorch 9.9.9 (ATen CPU capability "
+                                         "DEFAULT); oneDNN instruction-set limit: SSE41")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+
+    class _Old:                      # a PyTorch without the capability query
+        __version__ = "1.0"
+        backends = None
+
+    info = _bench.anchors_info(_Old)
+    assert info["torch_cpu_capability"] is None and info["onednn_max_cpu_isa"] is None
+    assert _bench.anchors_line(info).endswith("(ATen CPU capability unknown); oneDNN "
+                                              "instruction-set limit: none")
