@@ -1071,7 +1071,6 @@ def machine_info():
     return info
 
 
-
 def anchors_info(torch):
     """What the anchors ran: PyTorch's version and the CPU code it dispatches to (ATen's
     CPU capability: DEFAULT, AVX2 or AVX512, which ``ATEN_CPU_CAPABILITY`` lowers), and the
@@ -1101,6 +1100,7 @@ def anchors_line(info):
     return (f"anchors: PyTorch {info['torch']} (ATen CPU capability {cap}); "
             f"oneDNN instruction-set limit: {dnn}")
 
+
 def _json_safe(v):
     if isinstance(v, float):
         return None if v != v else float(f"{v:.6g}")     # 6 digits: far below the noise
@@ -1124,7 +1124,6 @@ def _write_json(out_dir, stem, torch, t0, summ, rows, interrupted=False, extra=N
             "config": get_config(), "machine": machine_info(), "load_average_end": load,
             "torch": getattr(torch, "__version__", None),
             "torch_threads": torch.get_num_threads() if torch is not None else None,
-            "anchors": anchors_info(torch),
             "seconds": time.perf_counter() - t0, "summary": summ, "results": rows}
     blob.update(extra or {})
     if interrupted:
@@ -1234,7 +1233,8 @@ def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=prin
         load0 = list(os.getloadavg())
     except (OSError, AttributeError):
         load0 = None
-    log(anchors_line(anchors_info(torch)))
+    anchors = anchors_info(torch)
+    log(anchors_line(anchors))
     log(f"variants: {', '.join(isas)}; {len(cases)} cases; oneDNN: "
         f"{'yes' if onednn else 'no (' + why + ')'}"
         + (f"; load average {load0[0]:.1f} (1 min)" if load0 else ""))
@@ -1252,7 +1252,7 @@ def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=prin
     except KeyboardInterrupt:
         if out_dir and rows:
             path = _write_json(out_dir, stem, torch, t0, summarize(rows), rows,
-                               interrupted=True)
+                               interrupted=True, extra={"anchors": anchors})
             log(f"\ninterrupted after {len(rows)} rows; wrote them to {path}")
         raise
     seconds = time.perf_counter() - t0
@@ -1275,10 +1275,10 @@ def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=prin
     log(f"\n{len(rows)} rows in {seconds:.0f} s")
     if out_dir:
         extra = {"isas": isas, "onednn": onednn if onednn else why, "cross": cross,
+                 "anchors": anchors,
                  "load_average_start": load0,
                  "threads": sorted({c["threads"] for c in cases})}
         path = _write_json(out_dir, stem, torch, t0, summaries, rows, extra=extra)
         log(f"wrote {path}")
-        write_reports(rows, out_dir, stem, summaries, cross, log=log,
-                      anchors=anchors_info(torch))
+        write_reports(rows, out_dir, stem, summaries, cross, log=log, anchors=anchors)
     return rows

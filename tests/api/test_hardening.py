@@ -311,7 +311,6 @@ def test_infer_refuses_zero_variance_with_zero_eps():
     bnfast.batch_norm_infer(np.ones((2, 2)), [0.0, 0.0], [0.0, 1.0], eps=1e-5)
 
 
-
 # ---------------------------------------------------------------- 10. huge Python ints and flags
 
 @pytest.mark.parametrize("kwargs, exc, match", [
