@@ -407,7 +407,6 @@ def test_training_forward_with_and_without_relu_share_one_set_of_samples(monkeyp
     assert by["train"]["copy_ms"] == by["train_relu"]["copy_ms"]
 
 
-
 def test_anchors_describe_what_pytorch_and_onednn_run(monkeypatch):
     """The JSON and the summary say which code the anchors dispatch to: ATen's CPU
     capability (lowered by ATEN_CPU_CAPABILITY) and oneDNN's instruction-set limit."""
