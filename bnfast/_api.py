@@ -687,7 +687,12 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     Returns
     -------
     dx : ndarray, shape and dtype of `x`
-        The gradient with respect to `x` (`out` if given).
+        The gradient with respect to `x` (`out` if given).  From float64 sums and
+        coefficients; for float32 data without the ReLU the element-wise pass runs in
+        float32 arithmetic, per channel within ``2 * FLT_EPSILON * (|kd| * max|dy| +
+        |kx| * max|x - mean| + |k0|)`` of the exact value, the three terms of
+        ``dx = kd * dy + kx * (x - mean) + k0`` (the user guide's *Semantics*, "float32
+        outputs"); with the ReLU, and for float64 data, in float64.
     dweight, dbias : ndarray of shape (C,), dtype of `x`
         The gradients with respect to `weight` and `bias`: ``sum(dy * xhat)`` and
         ``sum(dy)`` per channel, accumulated in float64 and returned in the dtype of `x`.
@@ -944,7 +949,8 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
     axis : int, default 1
         The channel axis, as for those functions.
     relu : bool, default False
-        Whether the ReLU is fused (it does not change the plan; it is reported).
+        Whether the ReLU is fused (it changes only the backward's arithmetic: float32 data's
+        dx runs in float32 without it, in float64 with it).
     isa : {None, 'baseline', 'avx2', 'avx512'}, default None
         The kernel variant to plan for: None for the one in use; any other name shows the
         plan that variant would follow, even on a CPU that lacks it.
@@ -996,7 +1002,7 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
     x = _as_data(x, "x")
     N, C, S, perm, xk = _layout(x, axis)
     plan = _plan.plan(op, N, C, S, x.dtype.itemsize, get_num_threads(),
-                      None if isa is None else _core.ISA_NAMES.index(isa))
+                      None if isa is None else _core.ISA_NAMES.index(isa), relu=relu)
     plan["dtype"] = x.dtype.name
     plan["relu"] = relu
     walks = [plan[k]["walk"] for k in ("reduce", "elementwise") if k in plan]

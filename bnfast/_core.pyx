@@ -114,7 +114,7 @@ cdef extern from "bn_plan.h" nogil:
         Py_ssize_t col_items
         int ew_walk
         Py_ssize_t period, ew_units, ew_per_item, ew_items
-        int stream, ew_f32
+        int stream, ew_f32, ew_f32_relu
     int bn_plan_make(bn_plan *p, int op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                      int itemsize, int isa, int nthreads)
     int bn_plan_force(int layout, int stats_walk, int backward_walk, int ew_walk)

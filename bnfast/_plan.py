@@ -16,10 +16,11 @@ ARITH_NAMES = ("float64", "float32")   # BN_ARITH_F64, BN_ARITH_F32
 FORCE_ENV = "BNFAST_FORCE_STRATEGY"
 
 
-def plan(op, N, C, S, itemsize, nthreads, isa=None):
+def plan(op, N, C, S, itemsize, nthreads, isa=None, relu=False):
     """The kernels' plan for op ('moments', 'train', 'infer', 'backward') on (N, C, S)
-    elements of itemsize bytes with variant isa (an index; None: the one in use), a dict
-    (see bnfast.explain).  Any variant can be planned, even one this CPU lacks."""
+    elements of itemsize bytes with variant isa (an index; None: the one in use), with or
+    without the fused ReLU, a dict (see bnfast.explain).  Any variant can be planned, even
+    one this CPU lacks."""
     if op not in OP_NAMES:
         raise ValueError(f"unknown op {op!r}")
     p = _core.plan_fields(OP_NAMES.index(op), N, C, S, itemsize,
@@ -51,8 +52,10 @@ def plan(op, N, C, S, itemsize, nthreads, isa=None):
               ("rows_per_item" if ew_rows else "tiles_per_item" if ew_walk == "tiles"
                else "periods_per_item"): p["ew_per_item"],
               "items": p["ew_items"], "stream": bool(p["stream"]),
-              # float32 data normalised in float32 (docs/user_guide/semantics.md)
-              "arithmetic": "float32" if p["ew_f32"] else "float64"}
+              # float32 data's element-wise pass in float32 (the backward with the
+              # ReLU stays in float64; docs/user_guide/semantics.md)
+              "arithmetic": ("float32" if p["ew_f32_relu" if relu else "ew_f32"]
+                             else "float64")}
         if not ew_rows:
             ew["period"] = p["period"]
         d["elementwise"] = ew

@@ -1,8 +1,9 @@
 /*
  * The element-wise passes for one storage type T: normalize (y = (x - m) * a + b, optional
  * ReLU) and backward_dx (dx = kd * g + kx * (x - m) + k0, g = dy or the ReLU-masked dy).
- * All arithmetic is in double, except the normalisation of float32 data where the plan
- * says float32 (bn_plan.ew_f32: normalize_f32 below).  Both run on the element-wise skeleton of bn_common.h
+ * All arithmetic is in double, except for float32 data where the plan says float32
+ * (bn_plan.ew_f32, ew_f32_relu: ew_f32 below, one set of loops for the normalisation and
+ * dx without the ReLU).  Both run on the element-wise skeleton of bn_common.h
  * (items of rows, or of whole periods of the columns layout, then a partial period) and
  * follow the plan (bn_plan.h) for the layout, the walk and streaming stores.
  *
@@ -177,90 +178,168 @@ static void BN_FN(norm_tiles)(const void *ctx, ptrdiff_t t0, ptrdiff_t t1)
     bn_stream_fence(k->nts);
 }
 
+/* One element of dx (the scalar form of dx_span's vector lanes; parameters at index j). */
+static inline T BN_FN(dx_one)(const T *dy, const T *x, ptrdiff_t i, ptrdiff_t j,
+                              const double *m, const double *a, const double *b,
+                              const double *kd, const double *kx, const double *k0, int relu,
+                              int eval)
+{
+    double g = (double)dy[i];
+    double xm = (double)x[i] - m[j];
+    if (relu) g = bn_smask(g, xm * a[j] + b[j]);
+    return (T)(eval ? kd[j] * g : (kd[j] * g + kx[j] * xm) + k0[j]);
+}
+
+/* fn(k, u0, u1, f1, f2) with the two flags as constants: one loop per case, no test of
+ * them per element (the walks' dispatch). */
+#define BN_BY_FLAGS(fn, k, u0, u1, f1, f2)                                                  \
+    do {                                                                                    \
+        if ((f1) && (f2))                                                                   \
+            fn(k, u0, u1, 1, 1);                                                            \
+        else if (f1)                                                                        \
+            fn(k, u0, u1, 1, 0);                                                            \
+        else if (f2)                                                                        \
+            fn(k, u0, u1, 0, 1);                                                            \
+        else                                                                                \
+            fn(k, u0, u1, 0, 0);                                                            \
+    } while (0)
+
 #if BN_IS_F32
-/* ======================================================= normalize in float32 arithmetic */
+/* ============================================ element-wise passes in float32 arithmetic */
 
 /*
- * float32 data may be normalised in float32 arithmetic (bn_plan.ew_f32; the bound and the
- * measurements are in docs/user_guide/semantics.md).  Per channel, in double: mh = (float)m,
- * af = (float)a and bf = (float)(b - (m - mh) * a) -- the mean's rounding is folded into
- * the shift, so data far from zero (the 1e6-offset case) loses nothing to it.  Per
- * element: t = (x - mh) * af + bf, three float32 operations each rounded once.  The error
- * against the exact (x - m) * a + b is at most 2 FLT_EPSILON S (+ FLT_EPSILON^2 (|m a| +
- * 2 S)) with S = |a| max|x - m| + |b|, the channel's terms: five roundings (x - mh, a, the
- * product, the sum, bf) of at most half an ulp each.
+ * float32 data's element-wise passes may run in float32 arithmetic (bn_plan.ew_f32 and
+ * ew_f32_relu; the bounds and the measurements are in docs/user_guide/semantics.md).  Three
+ * formulas, op (a constant in every loop) telling which, each operation rounded once:
  *
- * An element whose t (before the ReLU) is not finite -- a NaN or infinite x, or a float32
- * overflow that double would not have -- is computed in double instead (norm_one, the
- * float64 path's value, canonical NaNs), and so is every element of a channel whose
- * parameters float32 cannot carry: mh, af or bf not finite (t is then never finite), or
- * af subnormal (f32_params makes it NaN).  Each element's value depends on that element and its channel alone, so every
- * walk, partition, thread count and variant stores the same bits.
+ *   BN_F32_NORM   y  = (x - q0) * q1 + q2            q0 = mh, q1 = af, q2 = bf
+ *   BN_F32_DX     dx = (g * q1 + q3) + (x - q0) * q2  q0 = mh, q1 = kdf, q2 = kxf, q3 = k0f
+ *   BN_F32_DXE    dx = g * q1                        (eval mode: q1 = kdf)
+ *
+ * with g = dy.  Per channel, in double: mh = (float)m, af = (float)a, kdf = (float)kd,
+ * kxf = (float)kx, and the mean's rounding folded into the shift, bf = (float)(b - (m - mh)
+ * * a), k0f = (float)(k0 + kx * (mh - m)), so data far from zero (the 1e6-offset case)
+ * loses nothing to it.  The error against the exact value is at most 2 FLT_EPSILON S plus
+ * second-order terms, S the channel's terms: |a| max|x - m| + |b| for y (five roundings of
+ * half an ulp at most: x - mh, af, the product, the sum, bf), |kd| max|g| + |kx| max|x - m|
+ * + |k0| for dx (x - mh, kxf and their product on the x term; kdf and its product on the g
+ * term; k0f; the sum of the g term and k0f; the last sum: 3 + 3 + 2 of the terms and one
+ * of the result, at most 4 half-ulps of S).  Adding the two products first would round the
+ * x term four times and give 2.5 FLT_EPSILON S.
+ *
+ * An element whose t (before the ReLU) is not finite -- a NaN or infinite input, or a
+ * float32 overflow that double would not have -- is computed in double instead (norm_one,
+ * dx_one: the float64 path's value, canonical NaNs), and so is every element of a channel
+ * whose parameters float32 cannot carry: a parameter that is not finite (t is then never
+ * finite), or a scale (af, kdf, kxf) that float32 holds only as a subnormal or zero
+ * (f32_scale makes it NaN).  Each element's value depends on that element and its channel
+ * alone, so every walk, partition, thread count and variant stores the same bits.
  */
+enum { BN_F32_NORM = 0, BN_F32_DX = 1, BN_F32_DXE = 2 };
+
 typedef struct {
-    const double *m, *a, *b;   /* per channel: the double path's parameters */
-    ptrdiff_t Cp, S;           /* element j of a period belongs to channel (j % Cp) / S */
+    const double *d0, *d1, *d2, *d3;   /* per channel, the double path's parameters:
+                                           normalize m, a, b (d3 unused); dx m, kd, kx, k0 */
+    ptrdiff_t Cp, S;                   /* element j of a period belongs to channel
+                                           (j % Cp) / S */
 } BN_FN(nfb);
 
-/* Per-channel float32 parameters.  A channel whose af is subnormal (|a| < FLT_MIN, where
- * float32 would lose precision) gets af = NaN, so that all its elements take the double
- * formula.  No other test is needed: where mh, af or bf is not finite (m beyond float32's
- * range, a NaN or huge scale or shift), every t of the channel is not finite either and
- * falls back element by element.  Branch-free, so that GCC vectorises it (with scalar
- * tests it took 1.6 ns per channel, a sixth of the inference of (32, 8192)). */
-static void BN_FN(f32_params)(ptrdiff_t C, const double *m, const double *a, const double *b,
-                              float *mh, float *af, float *bf)
+typedef struct {
+    const float *q0, *q1, *q2, *q3;   /* the float32 parameters (per channel or element) */
+} BN_FN(fq);
+
+/* (float)v, or NaN where float32 holds v only as a subnormal or as zero (|v| < FLT_MIN,
+ * v != 0): a scale float32 would lose precision on.  Branch-free (see f32_params). */
+static inline float BN_FN(f32_scale)(double v)
 {
+    const float f = (float)v;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t lost = ((u & 0x7f800000u) == 0) & (v != 0.0);
+    u = lost ? 0x7fc00000u : u;
+    float r;
+    memcpy(&r, &u, 4);
+    return r;
+}
+
+/* Per-channel float32 parameters of formula op from the double ones (d0..d3 as in nfb; for
+ * BN_F32_DXE only d1).  No other test is needed: where a parameter is not finite (m beyond
+ * float32's range, a NaN or huge scale or shift), every t of the channel is not finite
+ * either and falls back element by element.  Branch-free, so that GCC vectorises it (with
+ * scalar tests it took 1.6 ns per channel, a sixth of the inference of (32, 8192)). */
+static void BN_FN(f32_params)(ptrdiff_t C, const int op, const double *d0, const double *d1,
+                              const double *d2, const double *d3, float *q0, float *q1,
+                              float *q2, float *q3)
+{
+    if (op == BN_F32_DXE) {
+        for (ptrdiff_t c = 0; c < C; c++) {
+            q0[c] = q2[c] = q3[c] = 0.0f;
+            q1[c] = BN_FN(f32_scale)(d1[c]);
+        }
+        return;
+    }
     for (ptrdiff_t c = 0; c < C; c++) {
-        const float h = (float)m[c], A = (float)a[c];
-        uint32_t ua;
-        memcpy(&ua, &A, 4);
-        const uint32_t sub = ((ua & 0x7f800000u) == 0) & ((ua & 0x7fffffffu) != 0);
-        ua = sub ? 0x7fc00000u : ua;   /* NaN where subnormal */
-        mh[c] = h;
-        memcpy(af + c, &ua, 4);
-        bf[c] = (float)(b[c] - (m[c] - (double)h) * a[c]);
+        const float h = (float)d0[c];
+        q0[c] = h;
+        q1[c] = BN_FN(f32_scale)(d1[c]);
+        if (op == BN_F32_NORM) {
+            q2[c] = (float)(d2[c] - (d0[c] - (double)h) * d1[c]);
+            q3[c] = 0.0f;
+        } else {
+            q2[c] = BN_FN(f32_scale)(d2[c]);
+            q3[c] = (float)(d3[c] + d2[c] * ((double)h - d0[c]));
+        }
     }
 }
 
-/* One element (the scalar form of the vector lanes): x at period position j. */
-static inline float BN_FN(normf_one)(float x, float mh, float af, float bf,
-                                     const BN_FN(nfb) *fb, ptrdiff_t j, int relu)
+/* One element (the scalar form of the vector lanes): g, x at period position j, with the
+ * parameters q0..q3. */
+static inline float BN_FN(f32_one)(const int op, float g, float x, float q0, float q1, float q2,
+                                   float q3, const BN_FN(nfb) *fb, ptrdiff_t j, int relu)
 {
-    const float t = (x - mh) * af + bf;
+    const float t = op == BN_F32_NORM ? (x - q0) * q1 + q2
+                    : op == BN_F32_DX ? (g * q1 + q3) + (x - q0) * q2
+                                      : g * q1;
     if (!(t - t == 0.0f)) {
         const ptrdiff_t c = (j % fb->Cp) / fb->S;
-        const float v = BN_FN(norm_one)(x, fb->m[c], fb->a[c], fb->b[c], relu);
+        const float v = op == BN_F32_NORM
+                            ? BN_FN(norm_one)(x, fb->d0[c], fb->d1[c], fb->d2[c], relu)
+                            : BN_FN(dx_one)(&g, &x, 0, c, fb->d0, NULL, NULL, fb->d1, fb->d2,
+                                            fb->d3, 0, op == BN_F32_DXE);
         return v == v ? v : (float)NAN;
     }
     return relu ? (t <= 0.0f ? 0.0f : t) : t;
 }
 
-/* The L elements at y rewritten from x one by one (a vector or span with a value that is
- * not finite). */
-static __attribute__((noinline, cold)) void BN_FN(normf_fix_span)(
-    const float *x, float *y, ptrdiff_t L, const float *mh, const float *af, const float *bf,
-    ptrdiff_t inc, const BN_FN(nfb) *fb, ptrdiff_t j0, int relu)
+/* The L elements at y rewritten from g and x one by one (a vector or span with a value
+ * that is not finite); parameters per element (inc == 1) or scalars (inc == 0). */
+static __attribute__((noinline, cold)) void BN_FN(f32_fix_span)(
+    int op, const float *g, const float *x, float *y, ptrdiff_t L, BN_FN(fq) q, ptrdiff_t inc,
+    const BN_FN(nfb) *fb, ptrdiff_t j0, int relu)
 {
     for (ptrdiff_t k = 0; k < L; k++)
-        y[k] = BN_FN(normf_one)(x[k], mh[inc * k], af[inc * k], bf[inc * k], fb, j0 + k, relu);
+        y[k] = BN_FN(f32_one)(op, op == BN_F32_NORM ? 0.0f : g[k], x[k], q.q0[inc * k],
+                              q.q1[inc * k], q.q2[inc * k], q.q3[inc * k], fb, j0 + k, relu);
 }
 
-/* One vector: t for the eight elements at x, stored at y.  defer: its non-finite lanes
- * are only noted in *acc (the span is fixed afterwards: normf_span); else they are fixed
- * before the store (in place, where x is gone once y is stored). */
-static inline __attribute__((always_inline)) void BN_FN(normf8)(
-    const float *x, float *y, bn_f8 m, bn_f8 a, bn_f8 b, const float *mh, const float *af,
-    const float *bf, const ptrdiff_t inc, const BN_FN(nfb) *fb, ptrdiff_t j, const int relu,
-    const int defer, bn_f8 *acc, int nts)
+/* One vector: t for the eight elements at g and x, stored at y.  defer: its non-finite
+ * lanes are only noted in *acc (the span is fixed afterwards: f32_span); else they are
+ * fixed before the store (in place, where an input is gone once y is stored).  v0..v3:
+ * the parameters as vectors; q: where they are in memory (the fix reads them). */
+static inline __attribute__((always_inline)) void BN_FN(f32_vec)(
+    const int op, const float *g, const float *x, float *y, bn_f8 v0, bn_f8 v1, bn_f8 v2,
+    bn_f8 v3, BN_FN(fq) q, const ptrdiff_t inc, const BN_FN(nfb) *fb, ptrdiff_t j,
+    const int relu, const int defer, bn_f8 *acc, int nts)
 {
-    bn_f8 t = bn_f8_norm(bn_f8_ld(x), m, a, b);
+    bn_f8 t = op == BN_F32_NORM ? bn_f8_norm(bn_f8_ld(x), v0, v1, v2)
+              : op == BN_F32_DX ? bn_f8_dx(bn_f8_ld(g), bn_f8_ld(x), v0, v1, v2, v3)
+                                : bn_f8_mul(bn_f8_ld(g), v1);
     if (defer) {
         *acc = bn_f8_flag(*acc, t);
         if (relu) t = bn_f8_relu(t);
     } else if (__builtin_expect(bn_f8_bad(t), 0)) {
         float tmp[8];
-        BN_FN(normf_fix_span)(x, tmp, 8, mh, af, bf, inc, fb, j, relu);
+        BN_FN(f32_fix_span)(op, g, x, tmp, 8, q, inc, fb, j, relu);
         t = bn_f8_ld(tmp);
     } else if (relu) {
         t = bn_f8_relu(t);
@@ -268,16 +347,23 @@ static inline __attribute__((always_inline)) void BN_FN(normf8)(
     bn_f8_st(y, t, nts);
 }
 
+/* The parameters q advanced by k elements (per-element parameters). */
+static inline BN_FN(fq) BN_FN(fq_at)(BN_FN(fq) q, ptrdiff_t k)
+{
+    BN_FN(fq) r = {q.q0 + k, q.q1 + k, q.q2 + k, q.q3 + k};
+    return r;
+}
+
 /* y over a span of L elements starting at period position j0, parameters per element
  * (inc == 1) or scalars (inc == 0).  As norm_span_s, a span of more than 8 elements whose
  * length is not a multiple of 8 ends with one vector over its last 8 elements, computed
- * before the others are stored (in place gives the same values).  With defer (y is not x)
- * the test for non-finite values is one OR per vector and one test per span, and a span
- * with one is rewritten element by element (a test and branch per vector is slower: on
- * AVX2 from L1, benchmarks/loops_f32.c "defer" against "f32"); in place, each vector is
- * tested and fixed before its store. */
-static inline __attribute__((always_inline)) void BN_FN(normf_span)(
-    const float *x, float *y, ptrdiff_t L, const float *mh, const float *af, const float *bf,
+ * before the others are stored (in place gives the same values).  With defer (y is no
+ * input) the test for non-finite values is one OR per vector and one test per span, and a
+ * span with one is rewritten element by element (a test and branch per vector is slower:
+ * on AVX2 from L1, benchmarks/loops_f32.c "defer" against "f32"); in place, each vector
+ * is tested and fixed before its store. */
+static inline __attribute__((always_inline)) void BN_FN(f32_span)(
+    const int op, const float *g, const float *x, float *y, ptrdiff_t L, BN_FN(fq) q,
     const ptrdiff_t inc, const BN_FN(nfb) *fb, ptrdiff_t j0, const int relu, const int defer,
     int nts)
 {
@@ -285,154 +371,167 @@ static inline __attribute__((always_inline)) void BN_FN(normf_span)(
     float tmp[8];
     bn_f8 acc = bn_f8_zero();
     const int last = !nts && L > 8 && (L & 7) != 0;
+    const int hasg = op != BN_F32_NORM;
     if (inc == 0) {
-        const bn_f8 mv = bn_f8_splat(*mh), av = bn_f8_splat(*af), bv = bn_f8_splat(*bf);
+        const bn_f8 v0 = bn_f8_splat(*q.q0), v1 = bn_f8_splat(*q.q1), v2 = bn_f8_splat(*q.q2),
+                    v3 = bn_f8_splat(*q.q3);
         if (last)
-            BN_FN(normf8)(x + L - 8, tmp, mv, av, bv, mh, af, bf, 0, fb, j0 + L - 8, relu,
-                          defer, &acc, 0);
+            BN_FN(f32_vec)(op, hasg ? g + L - 8 : g, x + L - 8, tmp, v0, v1, v2, v3, q, 0, fb,
+                           j0 + L - 8, relu, defer, &acc, 0);
         for (; i + 8 <= L; i += 8)
-            BN_FN(normf8)(x + i, y + i, mv, av, bv, mh, af, bf, 0, fb, j0 + i, relu, defer,
-                          &acc, nts);
+            BN_FN(f32_vec)(op, hasg ? g + i : g, x + i, y + i, v0, v1, v2, v3, q, 0, fb, j0 + i,
+                           relu, defer, &acc, nts);
     } else {
         const ptrdiff_t e = L - 8;
         if (last)
-            BN_FN(normf8)(x + e, tmp, bn_f8_ld(mh + e), bn_f8_ld(af + e), bn_f8_ld(bf + e),
-                          mh + e, af + e, bf + e, 1, fb, j0 + e, relu, defer, &acc, 0);
+            BN_FN(f32_vec)(op, hasg ? g + e : g, x + e, tmp, bn_f8_ld(q.q0 + e),
+                           bn_f8_ld(q.q1 + e), bn_f8_ld(q.q2 + e), bn_f8_ld(q.q3 + e),
+                           BN_FN(fq_at)(q, e), 1, fb, j0 + e, relu, defer, &acc, 0);
         for (; i + 8 <= L; i += 8)
-            BN_FN(normf8)(x + i, y + i, bn_f8_ld(mh + i), bn_f8_ld(af + i), bn_f8_ld(bf + i),
-                          mh + i, af + i, bf + i, 1, fb, j0 + i, relu, defer, &acc, nts);
+            BN_FN(f32_vec)(op, hasg ? g + i : g, x + i, y + i, bn_f8_ld(q.q0 + i),
+                           bn_f8_ld(q.q1 + i), bn_f8_ld(q.q2 + i), bn_f8_ld(q.q3 + i),
+                           BN_FN(fq_at)(q, i), 1, fb, j0 + i, relu, defer, &acc, nts);
     }
     if (last) {
         memcpy(y + L - 8, tmp, sizeof tmp);
     } else {
-        for (ptrdiff_t k = 0; k < L - i; k++)
-            tmp[k] = BN_FN(normf_one)(x[i + k], mh[inc * (i + k)], af[inc * (i + k)],
-                                      bf[inc * (i + k)], fb, j0 + i + k, relu);
+        for (ptrdiff_t k = 0; k < L - i; k++) {
+            const ptrdiff_t o = inc * (i + k);
+            tmp[k] = BN_FN(f32_one)(op, hasg ? g[i + k] : 0.0f, x[i + k], q.q0[o], q.q1[o],
+                                    q.q2[o], q.q3[o], fb, j0 + i + k, relu);
+        }
         BN_FN(store_tail)(y + i, tmp, L - i, nts);
     }
     if (defer && __builtin_expect(bn_f8_flagged(acc), 0))
-        BN_FN(normf_fix_span)(x, y, L, mh, af, bf, inc, fb, j0, relu);
-}
-
-/* The span in its ReLU and defer cases (one loop each, no per-vector test). */
-static void BN_FN(normf_span_v)(const float *x, float *y, ptrdiff_t L, const float *mh,
-                                const float *af, const float *bf, const BN_FN(nfb) *fb,
-                                ptrdiff_t j0, int relu, int defer, int nts)
-{
-    if (relu && defer)
-        BN_FN(normf_span)(x, y, L, mh, af, bf, 1, fb, j0, 1, 1, nts);
-    else if (relu)
-        BN_FN(normf_span)(x, y, L, mh, af, bf, 1, fb, j0, 1, 0, nts);
-    else if (defer)
-        BN_FN(normf_span)(x, y, L, mh, af, bf, 1, fb, j0, 0, 1, nts);
-    else
-        BN_FN(normf_span)(x, y, L, mh, af, bf, 1, fb, j0, 0, 0, nts);
+        BN_FN(f32_fix_span)(op, g, x, y, L, q, inc, fb, j0, relu);
 }
 
 typedef struct {
     const bn_plan *p;
-    const float *x;
+    const float *g, *x;   /* g: dy (dx), NULL (normalize) */
     float *y;
-    const float *mh, *af, *bf;   /* rows: per channel; columns: per element of a period */
+    BN_FN(fq) q;          /* rows: per channel; columns: per element of a period */
     BN_FN(nfb) fb;
-    int relu, defer, nts;   /* defer: y is not x (normf_span) */
-} BN_FN(normf_ctx);
+    int op, relu, defer, nts;   /* defer: y is no input (f32_span) */
+} BN_FN(f32_ctx);
 
-static inline __attribute__((always_inline)) void BN_FN(normf_rows_case)(
-    const BN_FN(normf_ctx) *k, ptrdiff_t r0, ptrdiff_t r1, const int relu, const int defer)
+/* The span at element offset o of the tensor and period position j0, parameters from k->q
+ * at index jq (per element). */
+#define BN_F32_SPAN_AT(k, o, L, jq, j0)                                                     \
+    BN_FN(f32_span)(op, op == BN_F32_NORM ? NULL : (k)->g + (o), (k)->x + (o), (k)->y + (o), \
+                    L, BN_FN(fq_at)((k)->q, jq), 1, &(k)->fb, j0, relu, defer, (k)->nts)
+
+static inline __attribute__((always_inline)) void BN_FN(f32_rows_case)(
+    const BN_FN(f32_ctx) *k, ptrdiff_t r0, ptrdiff_t r1, const int op, const int relu,
+    const int defer)
 {
     const ptrdiff_t C = k->p->C, S = k->p->S;
     ptrdiff_t c = r0 % C;
     for (ptrdiff_t r = r0; r < r1; r++) {
-        const BN_FN(nfb) fb = {k->fb.m + c, k->fb.a + c, k->fb.b + c, 1, 1};
-        BN_FN(normf_span)(k->x + r * S, k->y + r * S, S, k->mh + c, k->af + c, k->bf + c, 0,
-                          &fb, 0, relu, defer, k->nts);
+        const BN_FN(nfb) fb = {k->fb.d0 + c, k->fb.d1 + c, k->fb.d2 + c, k->fb.d3 + c, 1, 1};
+        BN_FN(f32_span)(op, op == BN_F32_NORM ? NULL : k->g + r * S, k->x + r * S,
+                        k->y + r * S, S, BN_FN(fq_at)(k->q, c), 0, &fb, 0, relu, defer,
+                        k->nts);
         if (++c == C) c = 0;
     }
 }
 
 /*
- * A walk over units [u0, u1) (rows, periods or column tiles) in the ReLU and defer case of
- * its context, each case a loop of its own (NAME_case with constants), then the fence of
- * its streaming stores.
+ * A walk over units [u0, u1) (rows, periods or column tiles) in the formula, ReLU and defer
+ * case of its context, each case a loop of its own (NAME_case with constants; the backward
+ * has no float32 form with the ReLU), then the fence of its streaming stores.
  */
-#define BN_NORMF_WALK(name)                                                                 \
+#define BN_F32_WALK(name)                                                                   \
     static void BN_FN(name)(const void *ctx, ptrdiff_t u0, ptrdiff_t u1)                    \
     {                                                                                       \
-        const BN_FN(normf_ctx) *k = ctx;                                                    \
-        if (k->relu && k->defer)                                                            \
-            BN_FN(name##_case)(k, u0, u1, 1, 1);                                            \
+        const BN_FN(f32_ctx) *k = ctx;                                                      \
+        if (k->op == BN_F32_DX)                                                             \
+            if (k->defer)                                                                   \
+                BN_FN(name##_case)(k, u0, u1, BN_F32_DX, 0, 1);                             \
+            else                                                                            \
+                BN_FN(name##_case)(k, u0, u1, BN_F32_DX, 0, 0);                             \
+        else if (k->op == BN_F32_DXE)                                                       \
+            if (k->defer)                                                                   \
+                BN_FN(name##_case)(k, u0, u1, BN_F32_DXE, 0, 1);                            \
+            else                                                                            \
+                BN_FN(name##_case)(k, u0, u1, BN_F32_DXE, 0, 0);                            \
+        else if (k->relu && k->defer)                                                       \
+            BN_FN(name##_case)(k, u0, u1, BN_F32_NORM, 1, 1);                               \
         else if (k->relu)                                                                   \
-            BN_FN(name##_case)(k, u0, u1, 1, 0);                                            \
+            BN_FN(name##_case)(k, u0, u1, BN_F32_NORM, 1, 0);                               \
         else if (k->defer)                                                                  \
-            BN_FN(name##_case)(k, u0, u1, 0, 1);                                            \
+            BN_FN(name##_case)(k, u0, u1, BN_F32_NORM, 0, 1);                               \
         else                                                                                \
-            BN_FN(name##_case)(k, u0, u1, 0, 0);                                            \
+            BN_FN(name##_case)(k, u0, u1, BN_F32_NORM, 0, 0);                               \
         bn_stream_fence(k->nts);                                                            \
     }
 
 /* Rows (the rows layout, or the columns layout's rows walk). */
-BN_NORMF_WALK(normf_rows)
+BN_F32_WALK(f32_rows)
 
-/* Whole periods [p0, p1) (the spans walk), the ReLU and defer cases outside the loop (a
- * call per period that chose its case: one thread, avx512, inference of (256, 64, 3, 3)
- * with the channel axis last, C = 3 and periods of 72, 38 -> 26 us; (65536, 64) forced to
- * spans 966 -> 818 us). */
-static inline __attribute__((always_inline)) void BN_FN(normf_periods_case)(
-    const BN_FN(normf_ctx) *k, ptrdiff_t p0, ptrdiff_t p1, const int relu, const int defer)
+/* Whole periods [p0, p1) (the spans walk), the cases outside the loop (a call per period
+ * that chose its case: one thread, avx512, inference of (256, 64, 3, 3) with the channel
+ * axis last, C = 3 and periods of 72, 38 -> 26 us; (65536, 64) forced to spans 966 ->
+ * 818 us). */
+static inline __attribute__((always_inline)) void BN_FN(f32_periods_case)(
+    const BN_FN(f32_ctx) *k, ptrdiff_t p0, ptrdiff_t p1, const int op, const int relu,
+    const int defer)
 {
     const ptrdiff_t P = k->p->period;
-    for (ptrdiff_t q = p0; q < p1; q++)
-        BN_FN(normf_span)(k->x + q * P, k->y + q * P, P, k->mh, k->af, k->bf, 1, &k->fb, 0,
-                          relu, defer, k->nts);
+    for (ptrdiff_t q = p0; q < p1; q++) BN_F32_SPAN_AT(k, q * P, P, 0, 0);
 }
 
-BN_NORMF_WALK(normf_periods)
+BN_F32_WALK(f32_periods)
 
-/* Period-64 walk: np periods of 64 elements with the 24 parameter vectors in registers
- * (AVX-512 has 32; AVX2 and SSE2 spill some: measured below, plan.c), each span's test
- * deferred to the end of the item's periods unless in place. */
-static inline __attribute__((always_inline)) void BN_FN(normf_periods64_case)(
-    const BN_FN(normf_ctx) *k, ptrdiff_t p0, ptrdiff_t p1, const int relu, const int defer)
+/* Column tiles [t0, t1) down all rows. */
+static inline __attribute__((always_inline)) void BN_FN(f32_tiles_case)(
+    const BN_FN(f32_ctx) *k, ptrdiff_t t0, ptrdiff_t t1, const int op, const int relu,
+    const int defer)
 {
-    const float *x = k->x + 64 * p0, *mh = k->mh, *af = k->af, *bf = k->bf;
+    const ptrdiff_t P = k->p->period, N = k->p->N;
+    for (ptrdiff_t t = t0; t < t1; t++) {
+        const ptrdiff_t j0 = t * BN_EW_TILE, w = P - j0 < BN_EW_TILE ? P - j0 : BN_EW_TILE;
+        for (ptrdiff_t r = 0; r < N; r++) BN_F32_SPAN_AT(k, r * P + j0, w, j0, j0);
+    }
+}
+
+BN_F32_WALK(f32_tiles)
+
+/* Period-64 walk (normalize only): np periods of 64 elements with the 24 parameter vectors
+ * in registers (AVX-512 has 32; AVX2 and SSE2 spill some: measured below, plan.c), each
+ * span's test deferred to the end of the item's periods unless in place. */
+static inline __attribute__((always_inline)) void BN_FN(f32_periods64_case)(
+    const BN_FN(f32_ctx) *k, ptrdiff_t p0, ptrdiff_t p1, const int relu, const int defer)
+{
+    const float *x = k->x + 64 * p0;
     float *y = k->y + 64 * p0;
     const ptrdiff_t np = p1 - p0;
     bn_f8 mv[8], av[8], bv[8];
     for (int t = 0; t < 8; t++) {
-        mv[t] = bn_f8_ld(mh + 8 * t);
-        av[t] = bn_f8_ld(af + 8 * t);
-        bv[t] = bn_f8_ld(bf + 8 * t);
+        mv[t] = bn_f8_ld(k->q.q0 + 8 * t);
+        av[t] = bn_f8_ld(k->q.q1 + 8 * t);
+        bv[t] = bn_f8_ld(k->q.q2 + 8 * t);
     }
     bn_f8 acc = bn_f8_zero();
     for (ptrdiff_t q = 0; q < np; q++) {
 #pragma GCC unroll 8
         for (int t = 0; t < 8; t++)
-            BN_FN(normf8)(x + 64 * q + 8 * t, y + 64 * q + 8 * t, mv[t], av[t], bv[t],
-                          mh + 8 * t, af + 8 * t, bf + 8 * t, 1, &k->fb, 8 * t, relu, defer,
-                          &acc, k->nts);
+            BN_FN(f32_vec)(BN_F32_NORM, NULL, x + 64 * q + 8 * t, y + 64 * q + 8 * t, mv[t],
+                           av[t], bv[t], bv[t], BN_FN(fq_at)(k->q, 8 * t), 1, &k->fb, 8 * t,
+                           relu, defer, &acc, k->nts);
     }
     if (defer && __builtin_expect(bn_f8_flagged(acc), 0))
         for (ptrdiff_t q = 0; q < np; q++)
-            BN_FN(normf_fix_span)(x + 64 * q, y + 64 * q, 64, mh, af, bf, 1, &k->fb, 0, relu);
+            BN_FN(f32_fix_span)(BN_F32_NORM, NULL, x + 64 * q, y + 64 * q, 64, k->q, 1, &k->fb,
+                                0, relu);
 }
 
-BN_NORMF_WALK(normf_periods64)
-
-/* Column tiles [t0, t1) down all rows, the ReLU and defer cases outside the loops. */
-static inline __attribute__((always_inline)) void BN_FN(normf_tiles_case)(
-    const BN_FN(normf_ctx) *k, ptrdiff_t t0, ptrdiff_t t1, const int relu, const int defer)
+static void BN_FN(f32_periods64)(const void *ctx, ptrdiff_t u0, ptrdiff_t u1)
 {
-    const ptrdiff_t P = k->p->period, N = k->p->N;
-    for (ptrdiff_t t = t0; t < t1; t++) {
-        const ptrdiff_t j0 = t * BN_EW_TILE, w = P - j0 < BN_EW_TILE ? P - j0 : BN_EW_TILE;
-        for (ptrdiff_t r = 0; r < N; r++)
-            BN_FN(normf_span)(k->x + r * P + j0, k->y + r * P + j0, w, k->mh + j0, k->af + j0,
-                              k->bf + j0, 1, &k->fb, j0, relu, defer, k->nts);
-    }
+    const BN_FN(f32_ctx) *k = ctx;
+    BN_BY_FLAGS(BN_FN(f32_periods64_case), k, u0, u1, k->relu, k->defer);
+    bn_stream_fence(k->nts);
 }
-
-BN_NORMF_WALK(normf_tiles)
 
 /* Per-element float32 parameters of one period from per-channel ones (BN_FN(expand)). */
 static void BN_FN(expandf)(float *e, const float *v, ptrdiff_t P, ptrdiff_t Cp, ptrdiff_t S)
@@ -443,40 +542,48 @@ static void BN_FN(expandf)(float *e, const float *v, ptrdiff_t P, ptrdiff_t Cp, 
     for (ptrdiff_t j = Cp; j < P; j++) e[j] = e[j - Cp];
 }
 
-static int BN_FN(normalize_f32)(const bn_plan *p, const float *x, float *y, const double *mean,
-                                const double *scale, const double *shift, int relu, int nts)
+/* The element-wise pass op of float32 data in float32 arithmetic, y from g (dx: dy) and x,
+ * with the double per-channel parameters d0..d3 (nfb), under plan p. */
+static int BN_FN(ew_f32)(const bn_plan *p, const int op, const float *g, const float *x,
+                         float *y, const double *d0, const double *d1, const double *d2,
+                         const double *d3, int relu, int defer, int nts)
 {
     const ptrdiff_t N = p->N, C = p->C, S = p->S, Cp = C * S;
     const int ew_rows = p->layout == BN_LAYOUT_ROWS || p->ew_walk == BN_WALK_ROWS;
     const int direct = ew_rows || bn_params_direct(p->period, Cp, S);
     const ptrdiff_t P = ew_rows ? 0 : p->period;
-    float *buf = (float *)malloc(sizeof(float) * 3 * (size_t)(C + (direct ? 0 : P)));
+    float *buf = (float *)malloc(sizeof(float) * 4 * (size_t)(C + (direct ? 0 : P)));
     if (!buf) return BN_ENOMEM;
-    float *mh = buf, *af = buf + C, *bf = buf + 2 * C;
-    BN_FN(f32_params)(C, mean, scale, shift, mh, af, bf);
-    BN_FN(normf_ctx) k = {p, x, y, mh, af, bf, {mean, scale, shift, Cp, S}, relu, x != y, nts};
+    BN_FN(f32_params)(C, op, d0, d1, d2, d3, buf, buf + C, buf + 2 * C, buf + 3 * C);
+    BN_FN(f32_ctx) k = {p, g, x, y, {buf, buf + C, buf + 2 * C, buf + 3 * C},
+                        {d0, d1, d2, d3, Cp, S}, op, relu, defer, nts};
     if (ew_rows) {
-        BN_FN(run_ew_items)(p, BN_FN(normf_rows), &k);
+        BN_FN(run_ew_items)(p, BN_FN(f32_rows), &k);
         free(buf);
         return BN_OK;
     }
     if (!direct) {
-        float *e = buf + 3 * C;
-        BN_FN(expandf)(e, mh, P, Cp, S);
-        BN_FN(expandf)(e + P, af, P, Cp, S);
-        BN_FN(expandf)(e + 2 * P, bf, P, Cp, S);
-        k.mh = e;
-        k.af = e + P;
-        k.bf = e + 2 * P;
+        float *e = buf + 4 * C;
+        for (int v = 0; v < 4; v++) BN_FN(expandf)(e + v * P, buf + v * C, P, Cp, S);
+        const BN_FN(fq) q = {e, e + P, e + 2 * P, e + 3 * P};
+        k.q = q;
     }
-    BN_FN(run_ew_items)(p, p->ew_walk == BN_WALK_TILES      ? BN_FN(normf_tiles)
-                           : p->ew_walk == BN_WALK_PERIOD64 ? BN_FN(normf_periods64)
-                                                            : BN_FN(normf_periods), &k);
+    BN_FN(run_ew_items)(p, p->ew_walk == BN_WALK_TILES ? BN_FN(f32_tiles)
+                           : p->ew_walk == BN_WALK_PERIOD64 && op == BN_F32_NORM
+                               ? BN_FN(f32_periods64)
+                               : BN_FN(f32_periods), &k);
     const ptrdiff_t done = p->ew_walk == BN_WALK_TILES ? N * Cp : p->ew_units * P,
                     rem = N * Cp - done;
     if (rem) {
-        BN_FN(normf_span_v)(x + done, y + done, rem, k.mh, k.af, k.bf, &k.fb, 0, relu, x != y,
-                            nts);
+        if (op == BN_F32_DX)
+            BN_FN(f32_span)(BN_F32_DX, g + done, x + done, y + done, rem, k.q, 1, &k.fb, 0, 0,
+                            defer, nts);
+        else if (op == BN_F32_DXE)
+            BN_FN(f32_span)(BN_F32_DXE, g + done, x + done, y + done, rem, k.q, 1, &k.fb, 0, 0,
+                            defer, nts);
+        else
+            BN_FN(f32_span)(BN_F32_NORM, NULL, x + done, y + done, rem, k.q, 1, &k.fb, 0, relu,
+                            defer, nts);
         bn_stream_fence(nts);
     }
     free(buf);
@@ -491,7 +598,9 @@ static int BN_FN(normalize_planned)(const bn_plan *p, const T *x, T *y, const do
     if (N == 0 || C == 0 || S == 0) return BN_OK;
     const int nts = p->stream && ((uintptr_t)y & 15) == 0 && !bn_stream_alias(y, x, NULL);
 #if BN_IS_F32
-    if (p->ew_f32) return BN_FN(normalize_f32)(p, x, y, mean, scale, shift, relu, nts);
+    if (relu ? p->ew_f32_relu : p->ew_f32)
+        return BN_FN(ew_f32)(p, BN_F32_NORM, NULL, x, y, mean, scale, shift, shift, relu, x != y,
+                             nts);
 #endif
     if (p->layout == BN_LAYOUT_ROWS || p->ew_walk == BN_WALK_ROWS) {
         BN_FN(norm_ctx) k = {p, x, y, mean, scale, shift, relu, nts};
@@ -532,17 +641,6 @@ static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, 
 
 /* ================================================================= backward dx */
 
-/* One element of dx (the scalar form of dx_span's vector lanes; parameters at index j). */
-static inline T BN_FN(dx_one)(const T *dy, const T *x, ptrdiff_t i, ptrdiff_t j,
-                              const double *m, const double *a, const double *b,
-                              const double *kd, const double *kx, const double *k0, int relu,
-                              int eval)
-{
-    double g = (double)dy[i];
-    double xm = (double)x[i] - m[j];
-    if (relu) g = bn_smask(g, xm * a[j] + b[j]);
-    return (T)(eval ? kd[j] * g : (kd[j] * g + kx[j] * xm) + k0[j]);
-}
 
 /* dx over a span; parameters per element when inc == 1, scalars when inc == 0. */
 /* The vector part of dx_span: the elements [0, L - L % 8), with relu and eval constants
@@ -630,14 +728,7 @@ static inline __attribute__((always_inline)) void BN_FN(dx_rows_case)(
 static void BN_FN(dx_rows)(const void *ctx, ptrdiff_t r0, ptrdiff_t r1)
 {
     const BN_FN(dx_ctx) *k = ctx;
-    if (k->relu && k->eval)
-        BN_FN(dx_rows_case)(k, r0, r1, 1, 1);
-    else if (k->relu)
-        BN_FN(dx_rows_case)(k, r0, r1, 1, 0);
-    else if (k->eval)
-        BN_FN(dx_rows_case)(k, r0, r1, 0, 1);
-    else
-        BN_FN(dx_rows_case)(k, r0, r1, 0, 0);
+    BN_BY_FLAGS(BN_FN(dx_rows_case), k, r0, r1, k->relu, k->eval);
     bn_stream_fence(k->nts);
 }
 
@@ -682,6 +773,12 @@ static int BN_FN(backward_dx_planned)(const bn_plan *p, const T *dy, const T *x,
     const ptrdiff_t N = p->N, C = p->C, S = p->S;
     if (N == 0 || C == 0 || S == 0) return BN_OK;
     const int nts = p->stream && ((uintptr_t)dx & 15) == 0 && !bn_stream_alias(dx, dy, x);
+#if BN_IS_F32
+    if (relu ? p->ew_f32_relu : p->ew_f32)   /* k_x and k_0 unread in eval mode, mean too */
+        return BN_FN(ew_f32)(p, eval ? BN_F32_DXE : BN_F32_DX, dy, x, dx, mean ? mean : k_dy,
+                             k_dy, eval ? k_dy : k_x, eval ? k_dy : k_0, 0,
+                             dx != dy && dx != x, nts);
+#endif
     if (p->layout == BN_LAYOUT_ROWS || p->ew_walk == BN_WALK_ROWS) {
         BN_FN(dx_ctx) k = {p, dy, x, dx, mean, scale, shift, k_dy, k_x, k_0, relu, eval, nts};
         BN_FN(run_ew_items)(p, BN_FN(dx_rows), &k);

@@ -642,9 +642,10 @@ static inline void BN_FN(stx_dx_p)(T *p, const T *dy, const T *x, const double *
 
 #if BN_IS_F32
 /*
- * float32 arithmetic for the normalisation of float32 data (bn_plan.ew_f32; the element-
- * wise loops are in bn_elementwise.h): t = (x - mh) * af + bf on eight float lanes, each
- * operation rounded once (no FMA: -ffp-contract=off and separate intrinsics), so every
+ * float32 arithmetic for the element-wise passes of float32 data (bn_plan.ew_f32; the
+ * loops are in bn_elementwise.h): t = (x - mh) * af + bf (bn_f8_norm), (g * kd + k0) +
+ * (x - mh) * kx (bn_f8_dx) or g * kd (bn_f8_mul) on eight float lanes, each operation
+ * rounded once (no FMA: -ffp-contract=off and separate intrinsics), so every
  * variant computes the same bits.  bn_f8_bad tells whether any lane of t is not finite
  * (t - t is then NaN): those elements are recomputed in double; bn_f8_flag collects the
  * same over many vectors (an OR of t - t: the bits of 0 where finite, of a NaN where not;
@@ -662,6 +663,12 @@ static inline bn_f8 bn_f8_norm(bn_f8 x, bn_f8 m, bn_f8 a, bn_f8 b)
 {
     return _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(x, m), a), b);
 }
+static inline bn_f8 bn_f8_dx(bn_f8 g, bn_f8 x, bn_f8 m, bn_f8 kd, bn_f8 kx, bn_f8 k0)
+{
+    return _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(g, kd), k0),
+                         _mm256_mul_ps(_mm256_sub_ps(x, m), kx));
+}
+static inline bn_f8 bn_f8_mul(bn_f8 g, bn_f8 kd) { return _mm256_mul_ps(g, kd); }
 static inline bn_f8 bn_f8_flag(bn_f8 acc, bn_f8 t) { return _mm256_or_ps(acc, _mm256_sub_ps(t, t)); }
 static inline int bn_f8_flagged(bn_f8 acc)
 {
@@ -702,6 +709,19 @@ static inline bn_f8 bn_f8_norm(bn_f8 x, bn_f8 m, bn_f8 a, bn_f8 b)
 {
     bn_f8 r = {_mm_add_ps(_mm_mul_ps(_mm_sub_ps(x.lo, m.lo), a.lo), b.lo),
                _mm_add_ps(_mm_mul_ps(_mm_sub_ps(x.hi, m.hi), a.hi), b.hi)};
+    return r;
+}
+static inline bn_f8 bn_f8_dx(bn_f8 g, bn_f8 x, bn_f8 m, bn_f8 kd, bn_f8 kx, bn_f8 k0)
+{
+    bn_f8 r = {_mm_add_ps(_mm_add_ps(_mm_mul_ps(g.lo, kd.lo), k0.lo),
+                          _mm_mul_ps(_mm_sub_ps(x.lo, m.lo), kx.lo)),
+               _mm_add_ps(_mm_add_ps(_mm_mul_ps(g.hi, kd.hi), k0.hi),
+                          _mm_mul_ps(_mm_sub_ps(x.hi, m.hi), kx.hi))};
+    return r;
+}
+static inline bn_f8 bn_f8_mul(bn_f8 g, bn_f8 kd)
+{
+    bn_f8 r = {_mm_mul_ps(g.lo, kd.lo), _mm_mul_ps(g.hi, kd.hi)};
     return r;
 }
 static inline bn_f8 bn_f8_flag(bn_f8 acc, bn_f8 t)
@@ -747,6 +767,11 @@ static inline bn_f8 bn_f8_ld(const float *p)
     return r;
 }
 static inline bn_f8 bn_f8_norm(bn_f8 x, bn_f8 m, bn_f8 a, bn_f8 b) { return (x - m) * a + b; }
+static inline bn_f8 bn_f8_dx(bn_f8 g, bn_f8 x, bn_f8 m, bn_f8 kd, bn_f8 kx, bn_f8 k0)
+{
+    return (g * kd + k0) + (x - m) * kx;
+}
+static inline bn_f8 bn_f8_mul(bn_f8 g, bn_f8 kd) { return g * kd; }
 static inline bn_f8 bn_f8_flag(bn_f8 acc, bn_f8 t) { return acc + (t - t); }
 static inline int bn_f8_flagged(bn_f8 acc)
 {

@@ -105,8 +105,10 @@ typedef struct {
     ptrdiff_t ew_per_item;   /* units per work item */
     ptrdiff_t ew_items;
     int stream;              /* streaming stores, if the output is 16-byte aligned */
-    int ew_f32;              /* normalize float32 data in float32 arithmetic (bn_elementwise.h:
-                                normalize_f32); else every element-wise pass is in double */
+    int ew_f32;              /* the element-wise pass of float32 data in float32 arithmetic
+                                (bn_elementwise.h: ew_f32), else in double */
+    int ew_f32_relu;         /* the same with the fused ReLU (normalize only: the backward's
+                                ReLU mask is the double y's, as the twin's) */
 } bn_plan;
 
 /* The plan of operation op on (N, C, S) elements of itemsize bytes (4 or 8) with kernel
@@ -123,7 +125,7 @@ int bn_plan_force(int layout, int stats_walk, int backward_walk, int ew_walk);
 void bn_plan_forced(int *layout, int *stats_walk, int *backward_walk, int *ew_walk);
 /* Tests and benchmarks: the element-wise arithmetic of float32 data for every later call:
  * BN_ARITH_F64 (double), BN_ARITH_F32 (float32 where the plan has a float32 path: the
- * normalisation), -1 = the plan's choice.  Unlike a walk, this changes the bits (the same
+ * normalisation, and dx without the ReLU), -1 = the plan's choice.  Unlike a walk, this changes the bits (the same
  * in every variant and thread count either way).  Returns BN_OK or BN_EINVAL. */
 enum { BN_ARITH_F64 = 0, BN_ARITH_F32 = 1 };
 int bn_plan_force_arith(int arith);

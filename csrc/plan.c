@@ -375,14 +375,15 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
         p->stream = ((size_t)p->period * (size_t)itemsize) % 16 == 0 &&
                     bn_plan_streams(isa, count * (double)itemsize * tensors);
     }
-    /* Arithmetic: the normalisation of float32 data runs in float32 (bn_elementwise.h,
-     * normalize_f32: error at most 2 float32 ulps of the channel's scale, elements that
-     * float32 cannot carry computed in double) in every variant: from L2, one thread,
-     * 3.0 -> 8.5 G elements/s on SSE2, 5.9 -> 13.3-14.3 on AVX2, 6.6-7.0 -> 13.3-14.2
-     * (memcpy's rate) on AVX-512 (benchmarks/loops_f32.c, benchmarks/README.md item 47).
-     * dx stays in double: its terms cancel (dy proportional to y gives dx = 0), and its
-     * float32 form would round each product's parameter, operand and result and two sums,
-     * a bound of 2.5 float32 ulps of its terms' scale. */
-    p->ew_f32 = has_ew && op != BN_OP_BACKWARD && itemsize == 4 && force_arith != BN_ARITH_F64;
+    /* Arithmetic: the element-wise passes of float32 data run in float32 (bn_elementwise.h,
+     * ew_f32: error at most 2 float32 ulps of the channel's terms, elements that float32
+     * cannot carry computed in double) in every variant.  The normalisation, from L2, one
+     * thread: 3.0 -> 8.5 G elements/s on SSE2, 5.9 -> 13.3-14.3 on AVX2, 6.6-7.0 ->
+     * 13.3-14.2 (memcpy's rate) on AVX-512 (benchmarks/loops_f32.c, benchmarks/README.md
+     * item 47).  dx: measured in item 57.  The backward with the fused ReLU stays in double:
+     * its mask is the sign of the double y, as the twin's, and a float32 y may round to the
+     * other side of zero. */
+    p->ew_f32 = has_ew && itemsize == 4 && force_arith != BN_ARITH_F64;
+    p->ew_f32_relu = p->ew_f32 && op != BN_OP_BACKWARD;
     return BN_OK;
 }

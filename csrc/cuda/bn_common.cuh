@@ -5,7 +5,8 @@
  *
  * Numerics as in the CPU kernels (csrc/bn_stats.h): every value is widened to double,
  * all arithmetic is double precision, results are rounded once -- except the
- * normalisation of float data, in float32 arithmetic as on the CPU (bn_norm below).  The
+ * normalisation of float data and its dx without the ReLU, in float32 arithmetic as on
+ * the CPU (bn_norm, bn_dx below).  The
  * module is compiled with -fmad=false, so no multiply and add are contracted into an FMA
  * and every element-wise formula gives the CPU kernels' bits.
  */
@@ -79,10 +80,11 @@ __device__ __forceinline__ double bn_mask(double g, double t) { return t > 0.0 ?
  * double data: all in double, rounded once (csrc/bn_elementwise.h, norm_one).
  *
  * float data: in float32 arithmetic, exactly as the CPU's normalize_f32 (csrc/
- * bn_elementwise.h: f32_params, normf_one; docs/user_guide/semantics.md, "float32 outputs:
- * the normalisation in float32").  Per channel, once (in double, each rounded once):
+ * bn_elementwise.h: f32_params, f32_one; docs/user_guide/semantics.md, "float32 outputs:
+ * the element-wise passes in float32").  Per channel, once (in double, each rounded once):
  *     mh = (float)m,  af = (float)a,  bf = (float)(b - (m - (double)mh) * a);
- * a channel whose af is subnormal (nonzero, below FLT_MIN) gets af = NaN, so that every
+ * a channel whose af float32 holds only as a subnormal or zero (a nonzero |a| below
+ * FLT_MIN) gets af = NaN (bn_f32_scale), so that every
  * one of its elements takes the fallback below (where mh, af or bf is not finite, every t
  * of the channel is not finite anyway).  Per element: t = (x - mh) * af + bf, three float32 operations each
  * rounded once (__fsub_rn, __fmul_rn, __fadd_rn: never contracted into an FMA, whatever
@@ -90,6 +92,15 @@ __device__ __forceinline__ double bn_mask(double g, double t) { return t > 0.0 ?
  * element is computed in double instead, (float)(((double)x - m) * a + b) with the ReLU in
  * double and the canonical NaN; otherwise y = t, or with the ReLU (t <= 0 ? 0 : t).
  */
+/* (float)v, or NaN where float32 holds v only as a subnormal or as zero (v != 0): a scale
+ * float32 would lose precision on (the CPU's f32_scale). */
+__device__ __forceinline__ float bn_f32_scale(double v)
+{
+    const float f = (float)v;
+    return ((__float_as_int(f) & 0x7f800000) == 0 && v != 0.0) ? __int_as_float(0x7fc00000)
+                                                                : f;
+}
+
 template <typename T> struct bn_norm;
 
 template <> struct bn_norm<double> {
@@ -109,10 +120,7 @@ template <> struct bn_norm<float> {
     __device__ __forceinline__ bn_norm(double m_, double a_, double b_) : m(m_), a(a_), b(b_)
     {
         mh = (float)m;
-        const float A = (float)a;
-        const int ia = __float_as_int(A);
-        const bool sub = (ia & 0x7f800000) == 0 && (ia & 0x7fffffff) != 0;
-        af = sub ? __int_as_float(0x7fc00000) : A;
+        af = bn_f32_scale(a);
         bf = (float)(b - (m - (double)mh) * a);
     }
     __device__ __forceinline__ float operator()(float x, int relu) const
@@ -123,6 +131,55 @@ template <> struct bn_norm<float> {
             return bn_store<float>(relu ? bn_relu(v) : v);
         }
         return relu ? (t <= 0.0f ? 0.0f : t) : t;
+    }
+};
+
+/*
+ * The backward's dx without the ReLU, dx = kd * g + kx * (x - m) + k0 (eval: kd * g), of
+ * one channel from its double coefficients: the CPU kernels' bits for either storage type.
+ * double data: in double, rounded once (csrc/bn_elementwise.h, dx_one).  float data: in
+ * float32 arithmetic as the CPU's ew_f32 (BN_F32_DX, BN_F32_DXE): per channel mh = (float)m,
+ * kdf and kxf through bn_f32_scale, k0f = (float)(k0 + kx * ((double)mh - m)); per element
+ * t = (g * kdf + k0f) + (x - mh) * kxf (eval: g * kdf), each operation rounded once; where
+ * t is not finite, the double formula.  (With the ReLU, dx is computed in double on both.)
+ */
+template <typename T> struct bn_dx;
+
+template <> struct bn_dx<double> {
+    double m, kd, kx, k0;
+    int eval;
+    __device__ __forceinline__ bn_dx(double m_, double kd_, double kx_, double k0_, int e)
+        : m(m_), kd(kd_), kx(kx_), k0(k0_), eval(e)
+    {
+    }
+    __device__ __forceinline__ double operator()(double g, double x) const
+    {
+        return bn_store<double>(eval ? kd * g : (kd * g + kx * (x - m)) + k0);
+    }
+};
+
+template <> struct bn_dx<float> {
+    double m, kd, kx, k0;   /* the fallback's (the double path's) coefficients */
+    float mh, kdf, kxf, k0f;
+    int eval;
+    __device__ __forceinline__ bn_dx(double m_, double kd_, double kx_, double k0_, int e)
+        : m(m_), kd(kd_), kx(kx_), k0(k0_), eval(e)
+    {
+        mh = (float)m;
+        kdf = bn_f32_scale(kd);
+        kxf = bn_f32_scale(kx);
+        k0f = (float)(k0 + kx * ((double)mh - m));
+    }
+    __device__ __forceinline__ float operator()(float g, float x) const
+    {
+        const float t = eval ? __fmul_rn(g, kdf)
+                             : __fadd_rn(__fadd_rn(__fmul_rn(g, kdf), k0f),
+                                         __fmul_rn(__fsub_rn(x, mh), kxf));
+        if ((__float_as_int(t) & 0x7f800000) == 0x7f800000) {   /* NaN or infinite */
+            const double gd = (double)g;
+            return bn_store<float>(eval ? kd * gd : (kd * gd + kx * ((double)x - m)) + k0);
+        }
+        return t;
     }
 };
 

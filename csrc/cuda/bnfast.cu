@@ -464,7 +464,8 @@ bn_bwd_merge(const double *__restrict__ pd, const double *__restrict__ px, bn_i6
 }
 
 /* dx = kd * g + kx * (x - mean) + k0 (training) or kd * g (eval), kd = invstd * weight,
- * g = dy or the ReLU-masked dy.  dx may be dy or x. */
+ * g = dy or the ReLU-masked dy; without the ReLU through bn_dx (float data in float32
+ * arithmetic, as on the CPU).  dx may be dy or x. */
 #define BN_DX_PARAMS                                                                      \
     BN_BWD_PARAMS, const double *__restrict__ kx, const double *__restrict__ k0, int eval
 #define BN_DX_ROW_ARGS(T)                                                                 \
@@ -477,10 +478,15 @@ __global__ void __launch_bounds__(BN_THREADS) bn_bwd_dx_row(BN_DX_ROW_ARGS(T))
     const double m = mean[c], a = weight ? invstd[c] * weight[c] : invstd[c];
     const double b = bias ? bias[c] : 0.0, kxc = kx[c], k0c = k0[c];
     const bn_i64 off = row * S;
+    if (!relu) {
+        const bn_dx<T> f(m, a, kxc, k0c, eval);
+        for (bn_i64 s = s0 + threadIdx.x; s < s1; s += BN_THREADS)
+            dx[off + s] = f(dy[off + s], x[off + s]);
+        return;
+    }
     for (bn_i64 s = s0 + threadIdx.x; s < s1; s += BN_THREADS) {
         const double xm = (double)x[off + s] - m;
-        double gv = (double)dy[off + s];
-        if (relu) gv = bn_mask(gv, xm * a + b);
+        const double gv = bn_mask((double)dy[off + s], xm * a + b);
         dx[off + s] = bn_store<T>(eval ? a * gv : (a * gv + kxc * xm) + k0c);
     }
 }
@@ -497,11 +503,15 @@ __global__ void __launch_bounds__(BN_THREADS) bn_bwd_dx_col(BN_DX_COL_ARGS(T))
     const bn_i64 c = j / S, r1 = (g + 1) * RB < R ? (g + 1) * RB : R;
     const double m = mean[c], a = weight ? invstd[c] * weight[c] : invstd[c];
     const double b = bias ? bias[c] : 0.0, kxc = kx[c], k0c = k0[c];
+    const bn_dx<T> f(m, a, kxc, k0c, eval);
     for (bn_i64 r = g * RB + threadIdx.y; r < r1; r += blockDim.y) {
         const bn_i64 o = r * Cp + j;
+        if (!relu) {
+            dx[o] = f(dy[o], x[o]);
+            continue;
+        }
         const double xm = (double)x[o] - m;
-        double gv = (double)dy[o];
-        if (relu) gv = bn_mask(gv, xm * a + b);
+        const double gv = bn_mask((double)dy[o], xm * a + b);
         dx[o] = bn_store<T>(eval ? a * gv : (a * gv + kxc * xm) + k0c);
     }
 }

@@ -327,7 +327,7 @@ def _norm_f32(xv, m, a, b, relu, v):
         h, A = m.astype(f32), a.astype(f32)
         B = (b - (m - h.astype(np.float64)) * a).astype(f32)
         ok = (np.isfinite(h) & np.isfinite(A) & np.isfinite(B)
-              & ((A == 0) | (np.abs(A) >= np.finfo(f32).tiny)))
+              & (((A == 0) & (a == 0)) | (np.abs(A) >= np.finfo(f32).tiny)))
         mh, af, bf = np.where(ok, h, f32(0)), np.where(ok, A, f32(np.nan)), \
             np.where(ok, B, f32(0))
         t = (xv - mh) * af + bf                    # three float32 operations
@@ -402,7 +402,30 @@ def _bwd_merge(grid, block, pd, px, M, invstd, weight, cnt, training, sum_dy, su
 def _dx(dyv, xv, m, inv, w, b, relu, kxc, k0c, ev):
     a, xm, g = _bwd_terms(dyv, xv, m, inv, w, b, relu)
     with np.errstate(invalid="ignore"):     # inf - inf of a degenerate channel: NaN
-        return a * g if ev else (a * g + kxc * xm) + k0c
+        v = a * g if ev else (a * g + kxc * xm) + k0c
+    return _dx_f32(dyv, xv, m, a, kxc, k0c, ev, v) if xv.dtype == np.float32 and not relu \
+        else v
+
+
+def _f32_scale(d):
+    """(float32)d, NaN where float32 holds a nonzero d only as a subnormal or zero."""
+    d = np.asarray(d, np.float64)
+    f = d.astype(np.float32)
+    ok = ((f == 0) & (d == 0)) | (np.abs(f) >= np.finfo(np.float32).tiny)
+    return np.where(ok, f, np.float32(np.nan)).astype(np.float32)
+
+
+def _dx_f32(dyv, xv, m, a, kxc, k0c, ev, v):
+    """float32 data without the ReLU: float32 arithmetic with the double value v where it is
+    not finite (bn_dx<float> in csrc/cuda/bn_common.cuh, the CPU's ew_f32)."""
+    f32 = np.float32
+    with np.errstate(all="ignore"):
+        m = np.asarray(m, np.float64)
+        mh, kdf, kxf = m.astype(f32), _f32_scale(a), _f32_scale(kxc)
+        k0f = (k0c + kxc * (mh.astype(np.float64) - m)).astype(f32)
+        t = dyv * kdf if ev else (dyv * kdf + k0f) + (xv - mh) * kxf
+        y = np.where(np.isfinite(t), t, np.asarray(v).astype(f32))
+    return np.where(np.isnan(y), f32(np.nan), y).astype(f32)
 
 
 def _bwd_dx_row(grid, block, dy, x, dx, C, S, chunks, mean, invstd, weight, bias, relu, kx,

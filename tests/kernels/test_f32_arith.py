@@ -1,11 +1,13 @@
-"""The normalisation of float32 data in float32 arithmetic (csrc/bn_elementwise.h,
-normalize_f32; docs/user_guide/semantics.md).
+"""The element-wise passes of float32 data in float32 arithmetic (csrc/bn_elementwise.h,
+ew_f32; docs/user_guide/semantics.md).
 
-Per channel mh = f32(m), af = f32(a), bf = f32(b - (m - mh) * a); per element
-t = (x - mh) * af + bf in three float32 operations, or the float64 formula where t is not
+The normalisation: per channel mh = f32(m), af = f32(a), bf = f32(b - (m - mh) * a); per
+element t = (x - mh) * af + bf in three float32 operations.  The backward's dx without the
+ReLU: kdf = f32(kd), kxf = f32(kx), k0f = f32(k0 + kx * (mh - m)); per element
+(g * kdf + k0f) + (x - mh) * kxf (eval mode: g * kdf).  The float64 formula where t is not
 finite or the channel's parameters do not fit float32.  Checked here: the exact bits against
-a NumPy emulation of that sequence (NumPy's float32 loops round each operation once, as the
-kernels do), the error bound against the float64 twin, every fallback, and the forced
+a NumPy emulation of those sequences (NumPy's float32 loops round each operation once, as
+the kernels do), the error bounds against the float64 twin, every fallback, and the forced
 float64 arithmetic against the float64 formula.
 """
 import numpy as np
@@ -33,6 +35,12 @@ def _coeffs(var, w, b, eps):
     return inv * w, b.astype(np.float64)
 
 
+def _scale_ok(d, f):
+    """Where the float32 scale f = f32(d) keeps d's precision: a normal float32, or zero
+    from a zero (a subnormal or a zero from a nonzero d makes the channel take float64)."""
+    return ((f == 0) & (d == 0)) | (np.abs(f) >= np.finfo(np.float32).tiny)
+
+
 def _emulate(x, axis, m, a, b, relu, f32=True):
     """The kernels' float32 (or float64) element-wise formula in NumPy, bit for bit."""
     shp = [1] * x.ndim
@@ -48,8 +56,7 @@ def _emulate(x, axis, m, a, b, relu, f32=True):
         mh = m.astype(np.float32)
         af = a.astype(np.float32)
         bf = (b - (m - mh.astype(np.float64)) * a).astype(np.float32)
-        ok = (np.isfinite(mh) & np.isfinite(af) & np.isfinite(bf)
-              & ((af == 0) | (np.abs(af) >= np.finfo(np.float32).tiny)))
+        ok = np.isfinite(mh) & np.isfinite(af) & np.isfinite(bf) & _scale_ok(a, af)
         af = np.where(ok, af, np.float32(np.nan))
         mh, bf = np.where(ok, mh, np.float32(0)), np.where(ok, bf, np.float32(0))
         t = (x - mh) * af + bf
@@ -239,9 +246,241 @@ def test_constant_channel_is_exactly_beta_and_offset_data(isa):
     assert np.abs(y[:, 0] - z).max() <= 2 * EPS32 * (np.abs(z - 0.25).max() + 0.25)
 
 
-def test_float64_data_and_the_backward_stay_in_double():
+def test_tiny_scale_takes_the_double_formula(isa):
+    """A scale that float32 flushes to zero (|a| < 2**-150) but whose products are normal
+    float32 values: the channel is computed in float64, not as y = bf."""
+    x = np.stack([np.linspace(-1e10, 1e10, 40), np.linspace(-1, 1, 40)], 1).astype(np.float32)
+    m, v = np.zeros(2), np.ones(2)
+    w, b = np.array([1e-46, 1.0]), np.zeros(2)
+    y = bnfast.batch_norm_infer(x, m, v, w, b, eps=0.0)
+    a, sh = _coeffs(v, w, b, 0.0)
+    assert np.float32(a[0]) == 0 and abs(y[0, 0]) > 1e-37
+    assert_same_bits(y, _emulate(x, 1, m, a, sh, False))
+    assert_same_bits(y[:, 0], _emulate(x, 1, m, a, sh, False, f32=False)[:, 0])
+
+
+def test_which_passes_compute_in_float32():
     x = np.zeros((8, 4, 3))
     for op in ("train", "infer", "backward"):
-        assert bnfast.explain(x, op=op)["elementwise"]["arithmetic"] == "float64"
-    assert bnfast.explain(x.astype(np.float32),
-                          op="backward")["elementwise"]["arithmetic"] == "float64"
+        for relu in (False, True):
+            assert bnfast.explain(x, op=op, relu=relu)["elementwise"]["arithmetic"] == "float64"
+    x = x.astype(np.float32)
+    for op in ("train", "infer"):
+        for relu in (False, True):
+            assert bnfast.explain(x, op=op, relu=relu)["elementwise"]["arithmetic"] == "float32"
+    assert bnfast.explain(x, op="backward")["elementwise"]["arithmetic"] == "float32"
+    assert bnfast.explain(x, op="backward", relu=True)["elementwise"]["arithmetic"] == "float64"
+
+
+# ------------------------------------------------------------------ the backward's dx
+
+def _kernel_view(a, axis):
+    """(N, C, S) view of a C-contiguous array with its channel axis at `axis`."""
+    ax = axis % a.ndim
+    return a.reshape(int(np.prod(a.shape[:ax])), a.shape[ax], -1)
+
+
+def _dx_coeffs(dy, x, m, inv, w, training):
+    """The kernels' float64 dx coefficients (kd, kx, k0) for the data at hand, from the same
+    sums and the same formulas (bnfast._core, as batch_norm_backward calls them)."""
+    from bnfast import _core
+    N, C, S = x.shape
+    sd, sx = _core.backward_sums(dy, x, N, C, S, m, inv, w, None, False,
+                                 bnfast.get_num_threads())
+    _, kx, k0, _ = _core.backward_coefficients(sd, sx, inv, w, float(N * S), training)
+    return inv * w, kx, k0
+
+
+def _emulate_dx(dy, x, m, kd, kx, k0, training, f32=True):
+    """dx of (N, C, S) float32 data: the kernels' float32 formula (or the float64 one) in
+    NumPy, bit for bit, with the fallbacks."""
+    m, kd, kx, k0 = (np.asarray(v, np.float64).reshape(1, -1, 1) for v in (m, kd, kx, k0))
+    with np.errstate(all="ignore"):
+        g64 = dy.astype(np.float64)
+        d = kd * g64 if not training else (kd * g64 + kx * (x.astype(np.float64) - m)) + k0
+        d = d.astype(np.float32)
+        if not f32:
+            return np.where(np.isnan(d), np.float32(np.nan), d)
+        kdf = kd.astype(np.float32)
+        ok = _scale_ok(kd, kdf)
+        if training:
+            mh, kxf = m.astype(np.float32), kx.astype(np.float32)
+            k0f = (k0 + kx * (mh.astype(np.float64) - m)).astype(np.float32)
+            ok &= _scale_ok(kx, kxf)
+            t = (dy * kdf + k0f) + (x - mh) * kxf
+        else:
+            t = dy * kdf
+        fin = np.isfinite(t) & ok
+    out = np.where(fin, t, d)
+    return np.where(np.isnan(out), np.float32(np.nan), out).astype(np.float32)
+
+
+# the rows layout (S = 100, 81, 49: tails), the columns layout's spans, tiles and rows
+# walks, batch-1, odd channel counts, a 5-D tensor with the channel axis in the middle
+DX_SHAPES = [((4, 3, 100), 1), ((8, 16, 9, 9), 1), ((32, 512, 7, 7), 1), ((16, 8, 8, 24), -1),
+             ((64, 64), 1), ((32, 2048), 1), ((5, 13), 1), ((2, 7, 3), 1), ((256, 5, 3), 1),
+             ((3, 4, 2, 5, 9), 2), ((20, 2050), 1), ((12, 2800, 3, 3), 1)]
+
+
+def _dx_case(key, shape, axis, special=True):
+    rng = rng_for("f32-dx", key, shape, axis)
+    x = (0.5 + 3 * rng.standard_normal(shape)).astype(np.float32)
+    dy = (0.2 + rng.standard_normal(shape)).astype(np.float32)
+    if special:
+        _special(x)
+        dy.flat[11::89] = np.float32(np.nan)
+        dy.flat[13::107] = np.float32(-np.inf)
+    C = shape[axis]
+    m = 0.5 + rng.standard_normal(C)
+    inv = 1 / np.sqrt(rng.random(C) * 9 + 0.1)
+    w = rng.standard_normal(C) * 2
+    return dy, x, m, inv, w
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,axis", DX_SHAPES, ids=[f"{'x'.join(map(str, s))}-ax{a}"
+                                                       for s, a in DX_SHAPES])
+def test_dx_bits_of_the_float32_formula(shape, axis, training, isa, nthreads):
+    """dx of float32 data without the ReLU: the exact bits of the float32 sequence, out of
+    place and in place over dy and x; with NaN and infinite inputs (the kernel's dx pass
+    with the clean data's coefficients: batch_norm_backward recomputes a channel whose sums
+    are not finite in long double), those elements take the float64 value."""
+    from bnfast import _core
+    dy, x, m, inv, w = _dx_case("bits", shape, axis, special=False)
+    assert bnfast.explain(x, op="backward", axis=axis)["elementwise"]["arithmetic"] == "float32"
+    d3, x3 = _kernel_view(dy, axis), _kernel_view(x, axis)
+    coeffs = _dx_coeffs(d3, x3, m, inv, w, training)
+    want = _emulate_dx(d3, x3, m, *coeffs, training).reshape(shape)
+    dx, _, _ = bnfast.batch_norm_backward(dy, x, m, inv, w, training=training, axis=axis)
+    assert_same_bits(dx, want, "dx")
+    for name in ("dy", "x"):
+        d, xx = dy.copy(), x.copy()
+        out = d if name == "dy" else xx
+        bnfast.batch_norm_backward(d, xx, m, inv, w, training=training, axis=axis, out=out)
+        assert_same_bits(out, want, f"in place over {name}")
+    ds, xs, _, _, _ = _dx_case("bits", shape, axis)
+    d3, x3 = _kernel_view(ds, axis), _kernel_view(xs, axis)
+    _, kx, k0 = coeffs
+    for target in ("new", "dy", "x"):
+        d, xx = d3.copy(), x3.copy()
+        out = np.empty_like(x3) if target == "new" else d if target == "dy" else xx
+        _core.backward_dx(d, xx, out, *x3.shape, m, inv, w, None, kx, k0, False, training,
+                          bnfast.get_num_threads())
+        assert_same_bits(out, _emulate_dx(d3, x3, m, *coeffs, training), f"special, {target}")
+
+
+@pytest.mark.parametrize("shape,axis", STREAMED, ids=[f"{'x'.join(map(str, s))}-ax{a}"
+                                                      for s, a in STREAMED])
+def test_dx_streaming_stores_rewrite_their_spans(shape, axis, isa, nthreads):
+    if isa == "baseline":
+        pytest.skip("the baseline variant never streams")
+    from bnfast import _config
+    dy, x, m, inv, w = _dx_case("stream", shape, axis)
+    d3, x3 = _kernel_view(dy, axis), _kernel_view(x, axis)
+    want = _emulate_dx(d3, x3, m, *_dx_coeffs(d3, x3, m, inv, w, True), True).reshape(shape)
+    out = _out_for_streaming(x)
+    with _config._stream_min_bytes(0):
+        assert bnfast.explain(x, op="backward", axis=axis)["elementwise"]["stream"]
+        bnfast.batch_norm_backward(dy, x, m, inv, w, axis=axis, out=out)
+    assert_same_bits(out, want)
+
+
+@pytest.mark.parametrize("shape,axis", DX_SHAPES[:6], ids=[f"{'x'.join(map(str, s))}-ax{a}"
+                                                           for s, a in DX_SHAPES[:6]])
+def test_dx_forced_float64_and_the_relu_are_the_double_formula(shape, axis, isa, arith):
+    dy, x, m, inv, w = _dx_case("f64", shape, axis, special=False)
+    d3, x3 = _kernel_view(dy, axis), _kernel_view(x, axis)
+    f64 = _emulate_dx(d3, x3, m, *_dx_coeffs(d3, x3, m, inv, w, True), True,
+                      f32=False).reshape(shape)
+    arith("float64")
+    assert bnfast.explain(x, op="backward", axis=axis)["elementwise"]["arithmetic"] == "float64"
+    got, _, _ = bnfast.batch_norm_backward(dy, x, m, inv, w, axis=axis)
+    assert_same_bits(got, f64)
+    arith(None)
+    f32, _, _ = bnfast.batch_norm_backward(dy, x, m, inv, w, axis=axis)
+    assert not np.array_equal(f32, got), "the two arithmetics gave the same bits"
+    # with the ReLU, dx is the double formula of the masked dy whatever the setting
+    b = np.zeros_like(m)
+    r1, _, _ = bnfast.batch_norm_backward(dy, x, m, inv, w, bias=b, relu=True, axis=axis)
+    arith("float64")
+    r2, _, _ = bnfast.batch_norm_backward(dy, x, m, inv, w, bias=b, relu=True, axis=axis)
+    assert_same_bits(r1, r2, "relu")
+
+
+def test_dx_error_bound_against_the_twin(isa):
+    """|dx - dx64| <= 2 FLT_EPSILON (|kd| max|g| + |kx| max|x - m| + |k0|) per channel, dx64
+    the float64 twin's: data far from zero, tiny and huge spreads, dy with a mean far from
+    zero, dy proportional to x (dx = 0: the terms cancel), eval mode; the largest error seen,
+    and the largest against the channel's own max|dx64|, are printed
+    (docs/user_guide/semantics.md quotes them)."""
+    rng = rng_for("f32-dx-bound", isa)
+    worst = worst_out = 0.0
+    for trial in range(240):
+        C, n = 6, 300
+        loc = [0.0, 1e6, -3.0, 1e3, 0.5, 1e-3][trial % 6] * 10 ** rng.uniform(-1, 1)
+        spread = 10 ** rng.uniform(-3, 3)
+        x = (loc + spread * rng.standard_normal((n, C))).astype(np.float32)
+        gs = 10 ** rng.uniform(-3, 3)
+        dy = gs * (rng.standard_normal((n, C)) + [0.0, 0.1, 1.0, 0.0, 0.0, 30.0][trial % 6])
+        if trial % 7 == 0:   # dy proportional to the normalised x: the terms cancel
+            dy = gs * (x - x.astype(np.float64).mean(0)) / spread
+        dy = dy.astype(np.float32)
+        w = rng.standard_normal(C) * 10 ** rng.uniform(-2, 2, C)
+        training = trial % 5 != 0
+        _, mean, invstd = ref.batch_norm_train(x, w, None)
+        if not training:
+            mean = loc + spread * rng.standard_normal(C)
+            invstd = 1 / (spread * np.sqrt(rng.random(C) + 0.2))
+        dx, _, _ = bnfast.batch_norm_backward(dy, x, mean, invstd, w, training=training)
+        dx64, dw, db = ref.batch_norm_backward(dy, x, mean, invstd, w, training=training)
+        kd = w * invstd
+        g = dy.astype(np.float64)
+        S = np.abs(kd) * np.abs(g).max(0)
+        if training:
+            kx = -kd * invstd * dw / n
+            k0 = -kd * db / n
+            S += np.abs(kx) * np.abs(x - mean).max(0) + np.abs(k0)
+        err = np.abs(dx.astype(np.float64) - dx64).max(0)
+        assert (err[S == 0] == 0).all(), trial          # dy = 0 (a constant x here)
+        ratio = err[S > 0] / (EPS32 * S[S > 0])
+        assert (ratio <= 2.0).all(), (trial, ratio.max())
+        worst = max(worst, float(ratio.max(initial=0.0)))
+        top = np.abs(dx64).max(0)
+        if trial % 7 and (top > 0).all():
+            worst_out = max(worst_out, float((err / (EPS32 * top)).max()))
+    print(f"\nfloat32 dx, largest error: {worst:.3f} FLT_EPSILON x channel terms; "
+          f"{worst_out:.3f} FLT_EPSILON x max|dx| (dy not proportional to x)")
+
+
+def test_dx_fallbacks_match_the_double_formula(isa):
+    """Elements float32 cannot compute (overflow of g * kd, inf and NaN inputs) and
+    channels whose scales it cannot carry (kd or kx subnormal or flushed to zero, a mean
+    beyond float32) take the float64 value; the others the float32 formula."""
+    from bnfast import _core
+    N, C, S = 40, 7, 1
+    x = np.tile(np.linspace(-1, 1, N, dtype=np.float32)[:, None], (1, C)).reshape(N, C, S)
+    dy = np.tile(np.linspace(2, -1, N, dtype=np.float32)[:, None], (1, C)).reshape(N, C, S)
+    dy[:, 0] = 3e38             # g * kd overflows float32, g * kd + k0 does not
+    x[3, 1], x[4, 1], dy[5, 1], dy[6, 1] = np.inf, np.nan, -np.inf, np.nan
+    dy[:, 4] = 1e30                                      # kd * g = 1e-16: normal in float32
+    m = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 1e39, 0.0])
+    inv = np.ones(C)
+    w = np.array([4.0, 1.0, 1e-40, 1.0, 1e-46, 1.0, 1.0])   # kd: subnormal, flushed to 0
+    kx = np.array([0.5, 0.5, 0.5, 1e-41, 0.5, 0.5, -0.25])  # kx subnormal in float32
+    k0 = np.array([-1.2e39, 1.0, 1.0, 1.0, 0.0, 1.0, 0.125])
+    kd = inv * w
+    want = _emulate_dx(dy, x, m, kd, kx, k0, True)
+    f64 = _emulate_dx(dy, x, m, kd, kx, k0, True, f32=False)
+    for training in (True, False):
+        dx = np.empty_like(x)
+        _core.backward_dx(dy, x, dx, N, C, S, m, inv, w, None, kx, k0, False, training,
+                          bnfast.get_num_threads())
+        if not training:
+            want = _emulate_dx(dy, x, m, kd, kx, k0, False)
+            f64 = _emulate_dx(dy, x, m, kd, kx, k0, False, f32=False)
+        assert_same_bits(dx, want, f"training={training}")
+        for c in (0, 2, 4) + ((3, 5) if training else ()):
+            assert_same_bits(dx[:, c], f64[:, c], f"channel {c}")
+        assert_same_bits(dx[3:7, 1], f64[3:7, 1], "inf and NaN elements")
+        if training:    # 3e38 * 4 - 1.2e39 + 0.5 x: finite in double
+            assert np.isfinite(dx[:, 0]).all()
