@@ -650,7 +650,10 @@ static inline void BN_FN(stx_dx_p)(T *p, const T *dy, const T *x, const double *
  * (t - t is then NaN): those elements are recomputed in double; bn_f8_flag collects the
  * same over many vectors (an OR of t - t: the bits of 0 where finite, of a NaN where not;
  * the generic form adds, with the same outcome) and bn_f8_flagged reads it.  The ReLU is the double
- * one's: +0 where t <= 0.  AVX2 and AVX-512 hold the eight lanes in one 256-bit register
+ * one's, +0 where t <= 0, as one max(t, +0): x86's max returns its second operand for two
+ * zeros and for a NaN (a NaN t is recomputed in double before or after, so its 0 is never
+ * kept); the compare and AND it replaces cost 5-15% more on the fused ReLU's
+ * cache-resident cases (benchmarks/README.md item 59).  AVX2 and AVX-512 hold the eight lanes in one 256-bit register
  * (16 lanes of AVX-512 were 10% faster from L1 and the same from L2 in
  * benchmarks/loops_f32.c; one form serves both), SSE2 in two halves.
  */
@@ -675,9 +678,9 @@ static inline int bn_f8_flagged(bn_f8 acc)
     return _mm256_movemask_ps(_mm256_cmp_ps(acc, acc, _CMP_UNORD_Q)) != 0;
 }
 static inline int bn_f8_bad(bn_f8 t) { return bn_f8_flagged(_mm256_sub_ps(t, t)); }
-static inline bn_f8 bn_f8_relu(bn_f8 t)
+static inline bn_f8 bn_f8_relu(bn_f8 t)   /* +0 for t <= 0 (max's second operand) */
 {
-    return _mm256_andnot_ps(_mm256_cmp_ps(t, _mm256_setzero_ps(), _CMP_LE_OQ), t);
+    return _mm256_max_ps(t, _mm256_setzero_ps());
 }
 static inline void bn_f8_st(float *p, bn_f8 t, int nts)   /* nts: p 16-byte aligned */
 {
@@ -734,11 +737,10 @@ static inline int bn_f8_bad(bn_f8 t)
 {
     return _mm_movemask_ps(_mm_cmpunord_ps(_mm_sub_ps(t.lo, t.lo), _mm_sub_ps(t.hi, t.hi))) != 0;
 }
-static inline bn_f8 bn_f8_relu(bn_f8 t)
+static inline bn_f8 bn_f8_relu(bn_f8 t)   /* +0 for t <= 0 (max's second operand) */
 {
     const __m128 z = _mm_setzero_ps();
-    bn_f8 r = {_mm_andnot_ps(_mm_cmple_ps(t.lo, z), t.lo),
-               _mm_andnot_ps(_mm_cmple_ps(t.hi, z), t.hi)};
+    bn_f8 r = {_mm_max_ps(t.lo, z), _mm_max_ps(t.hi, z)};
     return r;
 }
 static inline void bn_f8_st(float *p, bn_f8 t, int nts)   /* the baseline never streams */
