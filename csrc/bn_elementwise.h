@@ -416,7 +416,7 @@ typedef struct {
 } BN_FN(f32_ctx);
 
 /* The span at element offset o of the tensor and period position j0, parameters from k->q
- * at index jq (per element). */
+ * at index jq (per element), in the case of the enclosing walk (its op, relu and defer). */
 #define BN_F32_SPAN_AT(k, o, L, jq, j0)                                                     \
     BN_FN(f32_span)(op, op == BN_F32_NORM ? NULL : (k)->g + (o), (k)->x + (o), (k)->y + (o), \
                     L, BN_FN(fq_at)((k)->q, jq), 1, &(k)->fb, j0, relu, defer, (k)->nts)
