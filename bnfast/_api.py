@@ -691,8 +691,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
         coefficients; for float32 data without the ReLU the element-wise pass runs in
         float32 arithmetic, per channel within ``2 * FLT_EPSILON * (|kd| * max|dy| +
         |kx| * max|x - mean| + |k0|)`` of the exact value, the three terms of
-        ``dx = kd * dy + kx * (x - mean) + k0`` (the user guide's *Semantics*, "float32
-        outputs"); with the ReLU, and for float64 data, in float64.
+        ``dx = kd * dy + kx * (x - mean) + k0``, plus a second-order term (the user
+        guide's *Semantics*, "float32 outputs"); with the ReLU, and for float64 data, in
+        float64.
     dweight, dbias : ndarray of shape (C,), dtype of `x`
         The gradients with respect to `weight` and `bias`: ``sum(dy * xhat)`` and
         ``sum(dy)`` per channel, accumulated in float64 and returned in the dtype of `x`.

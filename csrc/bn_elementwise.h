@@ -224,8 +224,9 @@ static inline T BN_FN(dx_one)(const T *dy, const T *x, ptrdiff_t i, ptrdiff_t j,
  * half an ulp at most: x - mh, af, the product, the sum, bf), |kd| max|g| + |kx| max|x - m|
  * + |k0| for dx (x - mh, kxf and their product on the x term; kdf and its product on the g
  * term; k0f; the sum of the g term and k0f; the last sum: 3 + 3 + 2 of the terms and one
- * of the result, at most 4 half-ulps of S).  Adding the two products first would round the
- * x term four times and give 2.5 FLT_EPSILON S.
+ * of the result, at most 4 half-ulps of the terms as computed, which exceed S by at most
+ * |kx| |m - mh|: + FLT_EPSILON^2 (2 |kx m| + 5 S) for dx).  Adding the two products first
+ * would round the x term four times and give 2.5 FLT_EPSILON S.
  *
  * An element whose t (before the ReLU) is not finite -- a NaN or infinite input, or a
  * float32 overflow that double would not have -- is computed in double instead (norm_one,

@@ -387,6 +387,36 @@ def test_backward(shape, axis, dtype, training, relu):
 
 
 @gpu
+@pytest.mark.parametrize("N,C,S", [(16, 3, 300), (4, 5, 600), (64, 20, 1), (8, 24, 25)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float32_dx_from_the_same_coefficients_is_the_cpus(N, C, S, training):
+    """dx of float32 data without the ReLU from the same float64 coefficients: the GPU's
+    float32 formula (bn_dx<float>, row and column kernels) gives the CPU kernels' bits,
+    with NaN, infinite and huge inputs, a mean beyond float32, a kd flushed to zero and a
+    subnormal kx taking the float64 value.  (batch_norm_backward's own dx differs from the
+    CPU's through the order of the GPU's sums, which moves kx and k0.)"""
+    from bnfast import _core
+    from bnfast.cuda import _backend
+    rng = rng_for("gpu-dx-bits", N, C, S)
+    x = (rng.standard_normal((N, C, S)) * 3 + 0.5).astype(np.float32)
+    dy = (rng.standard_normal((N, C, S)) + 0.2).astype(np.float32)
+    x.flat[::97], x.flat[5::101], dy.flat[7::89] = np.nan, np.inf, np.float32(3e38)
+    m = rng.standard_normal(C)
+    inv = 1 / np.sqrt(rng.random(C) + 0.1)
+    w = rng.standard_normal(C)
+    kx, k0 = rng.standard_normal(C) * 0.3, rng.standard_normal(C) * 0.3
+    m[0], w[-1], kx[C // 2] = 1e39, 1e-46, 1e-41
+    want = np.empty_like(x)
+    _core.backward_dx(dy, x, want, N, C, S, m, inv, w, None, kx, k0, False, training, 1)
+    gx = D(x)
+    got = cp.empty(x.shape, np.float32)
+    _backend.backend_for(gx).backward_dx(D(dy), gx, got, N, C, S, D(m), D(inv), D(w), None,
+                                         D(kx), D(k0), False, training)
+    assert_same_bits(H(got), want, "dx GPU vs CPU")
+
+
+@gpu
 @pytest.mark.parametrize("shape,axis", [((64, 32, 28, 28), 1), ((64, 28, 28, 32), -1),
                                         ((4096, 256), 1), ((8, 3, 70000), 1)])
 @dtypes
