@@ -190,18 +190,18 @@ static inline T BN_FN(dx_one)(const T *dy, const T *x, ptrdiff_t i, ptrdiff_t j,
     return (T)(eval ? kd[j] * g : (kd[j] * g + kx[j] * xm) + k0[j]);
 }
 
-/* fn(k, u0, u1, f1, f2) with the two flags as constants: one loop per case, no test of
- * them per element (the walks' dispatch). */
-#define BN_BY_FLAGS(fn, k, u0, u1, f1, f2)                                                  \
+/* fn(args..., f1, f2) with the two flags as constants: one loop per case, no test of them
+ * per element (the walks' dispatch; a flag given as the constant 0 leaves two cases). */
+#define BN_BY_FLAGS(fn, f1, f2, ...)                                                        \
     do {                                                                                    \
         if ((f1) && (f2))                                                                   \
-            fn(k, u0, u1, 1, 1);                                                            \
+            fn(__VA_ARGS__, 1, 1);                                                          \
         else if (f1)                                                                        \
-            fn(k, u0, u1, 1, 0);                                                            \
+            fn(__VA_ARGS__, 1, 0);                                                          \
         else if (f2)                                                                        \
-            fn(k, u0, u1, 0, 1);                                                            \
+            fn(__VA_ARGS__, 0, 1);                                                          \
         else                                                                                \
-            fn(k, u0, u1, 0, 0);                                                            \
+            fn(__VA_ARGS__, 0, 0);                                                          \
     } while (0)
 
 #if BN_IS_F32
@@ -263,20 +263,19 @@ static inline float BN_FN(f32_scale)(double v)
     return r;
 }
 
-/* Per-channel float32 parameters of formula op from the double ones (d0..d3 as in nfb; for
- * BN_F32_DXE only d1).  No other test is needed: where a parameter is not finite (m beyond
- * float32's range, a NaN or huge scale or shift), every t of the channel is not finite
- * either and falls back element by element.  Branch-free, so that GCC vectorises it (with
- * scalar tests it took 1.6 ns per channel, a sixth of the inference of (32, 8192)). */
+/* Per-channel float32 parameters of formula op from the double ones (d0..d3 as in nfb):
+ * those the formula reads (normalize q0..q2, dx q0..q3, eval dx q1; ew_f32 points the
+ * others at one of them).  No other test is needed: where a parameter is not finite (m
+ * beyond float32's range, a NaN or huge scale or shift), every t of the channel is not
+ * finite either and falls back element by element.  Branch-free, so that GCC vectorises it
+ * (with scalar tests it took 1.6 ns per channel, a sixth of the inference of (32, 8192);
+ * -fopt-info-vec: both loops vectorised). */
 static void BN_FN(f32_params)(ptrdiff_t C, const int op, const double *d0, const double *d1,
                               const double *d2, const double *d3, float *q0, float *q1,
                               float *q2, float *q3)
 {
     if (op == BN_F32_DXE) {
-        for (ptrdiff_t c = 0; c < C; c++) {
-            q0[c] = q2[c] = q3[c] = 0.0f;
-            q1[c] = BN_FN(f32_scale)(d1[c]);
-        }
+        for (ptrdiff_t c = 0; c < C; c++) q1[c] = BN_FN(f32_scale)(d1[c]);
         return;
     }
     for (ptrdiff_t c = 0; c < C; c++) {
@@ -285,7 +284,6 @@ static void BN_FN(f32_params)(ptrdiff_t C, const int op, const double *d0, const
         q1[c] = BN_FN(f32_scale)(d1[c]);
         if (op == BN_F32_NORM) {
             q2[c] = (float)(d2[c] - (d0[c] - (double)h) * d1[c]);
-            q3[c] = 0.0f;
         } else {
             q2[c] = BN_FN(f32_scale)(d2[c]);
             q3[c] = (float)(d3[c] + d2[c] * ((double)h - d0[c]));
@@ -447,23 +445,11 @@ static inline __attribute__((always_inline)) void BN_FN(f32_rows_case)(
     {                                                                                       \
         const BN_FN(f32_ctx) *k = ctx;                                                      \
         if (k->op == BN_F32_DX)                                                             \
-            if (k->defer)                                                                   \
-                BN_FN(name##_case)(k, u0, u1, BN_F32_DX, 0, 1);                             \
-            else                                                                            \
-                BN_FN(name##_case)(k, u0, u1, BN_F32_DX, 0, 0);                             \
+            BN_BY_FLAGS(BN_FN(name##_case), 0, k->defer, k, u0, u1, BN_F32_DX);             \
         else if (k->op == BN_F32_DXE)                                                       \
-            if (k->defer)                                                                   \
-                BN_FN(name##_case)(k, u0, u1, BN_F32_DXE, 0, 1);                            \
-            else                                                                            \
-                BN_FN(name##_case)(k, u0, u1, BN_F32_DXE, 0, 0);                            \
-        else if (k->relu && k->defer)                                                       \
-            BN_FN(name##_case)(k, u0, u1, BN_F32_NORM, 1, 1);                               \
-        else if (k->relu)                                                                   \
-            BN_FN(name##_case)(k, u0, u1, BN_F32_NORM, 1, 0);                               \
-        else if (k->defer)                                                                  \
-            BN_FN(name##_case)(k, u0, u1, BN_F32_NORM, 0, 1);                               \
+            BN_BY_FLAGS(BN_FN(name##_case), 0, k->defer, k, u0, u1, BN_F32_DXE);            \
         else                                                                                \
-            BN_FN(name##_case)(k, u0, u1, BN_F32_NORM, 0, 0);                               \
+            BN_BY_FLAGS(BN_FN(name##_case), k->relu, k->defer, k, u0, u1, BN_F32_NORM);     \
         bn_stream_fence(k->nts);                                                            \
     }
 
@@ -530,7 +516,7 @@ static inline __attribute__((always_inline)) void BN_FN(f32_periods64_case)(
 static void BN_FN(f32_periods64)(const void *ctx, ptrdiff_t u0, ptrdiff_t u1)
 {
     const BN_FN(f32_ctx) *k = ctx;
-    BN_BY_FLAGS(BN_FN(f32_periods64_case), k, u0, u1, k->relu, k->defer);
+    BN_BY_FLAGS(BN_FN(f32_periods64_case), k->relu, k->defer, k, u0, u1);
     bn_stream_fence(k->nts);
 }
 
@@ -553,21 +539,27 @@ static int BN_FN(ew_f32)(const bn_plan *p, const int op, const float *g, const f
     const int ew_rows = p->layout == BN_LAYOUT_ROWS || p->ew_walk == BN_WALK_ROWS;
     const int direct = ew_rows || bn_params_direct(p->period, Cp, S);
     const ptrdiff_t P = ew_rows ? 0 : p->period;
-    float *buf = (float *)malloc(sizeof(float) * 4 * (size_t)(C + (direct ? 0 : P)));
+    /* The parameters the formula reads (nq of them, first at q[1] for eval dx); the others
+     * point at one of those: their values are never used, but the scalar forms load them. */
+    const int nq = op == BN_F32_DX ? 4 : op == BN_F32_NORM ? 3 : 1;
+    float *buf = (float *)malloc(sizeof(float) * (size_t)nq * (size_t)(C + (direct ? 0 : P)));
     if (!buf) return BN_ENOMEM;
-    BN_FN(f32_params)(C, op, d0, d1, d2, d3, buf, buf + C, buf + 2 * C, buf + 3 * C);
-    BN_FN(f32_ctx) k = {p, g, x, y, {buf, buf + C, buf + 2 * C, buf + 3 * C},
-                        {d0, d1, d2, d3, Cp, S}, op, relu, defer, nts};
+    float *q[4];
+    for (int v = 0; v < 4; v++) q[v] = buf + (op == BN_F32_DXE ? 0 : v < nq ? v : nq - 1) * C;
+    BN_FN(f32_params)(C, op, d0, d1, d2, d3, q[0], q[1], q[2], q[3]);
+    BN_FN(f32_ctx) k = {p, g, x, y, {q[0], q[1], q[2], q[3]}, {d0, d1, d2, d3, Cp, S}, op,
+                        relu, defer, nts};
     if (ew_rows) {
         BN_FN(run_ew_items)(p, BN_FN(f32_rows), &k);
         free(buf);
         return BN_OK;
     }
-    if (!direct) {
-        float *e = buf + 4 * C;
-        for (int v = 0; v < 4; v++) BN_FN(expandf)(e + v * P, buf + v * C, P, Cp, S);
-        const BN_FN(fq) q = {e, e + P, e + 2 * P, e + 3 * P};
-        k.q = q;
+    if (!direct) {   /* per element of a period: each distinct array expanded once */
+        float *e = buf + nq * C, *qe[4];
+        for (int v = 0; v < nq; v++) BN_FN(expandf)(e + v * P, buf + v * C, P, Cp, S);
+        for (int v = 0; v < 4; v++) qe[v] = e + (q[v] - buf) / C * P;
+        const BN_FN(fq) qp = {qe[0], qe[1], qe[2], qe[3]};
+        k.q = qp;
     }
     BN_FN(run_ew_items)(p, p->ew_walk == BN_WALK_TILES ? BN_FN(f32_tiles)
                            : p->ew_walk == BN_WALK_PERIOD64 && op == BN_F32_NORM
@@ -729,7 +721,7 @@ static inline __attribute__((always_inline)) void BN_FN(dx_rows_case)(
 static void BN_FN(dx_rows)(const void *ctx, ptrdiff_t r0, ptrdiff_t r1)
 {
     const BN_FN(dx_ctx) *k = ctx;
-    BN_BY_FLAGS(BN_FN(dx_rows_case), k, r0, r1, k->relu, k->eval);
+    BN_BY_FLAGS(BN_FN(dx_rows_case), k->relu, k->eval, k, r0, r1);
     bn_stream_fence(k->nts);
 }
 

@@ -376,8 +376,9 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
                     bn_plan_streams(isa, count * (double)itemsize * tensors);
     }
     /* Arithmetic: the element-wise passes of float32 data run in float32 (bn_elementwise.h,
-     * ew_f32: error at most 2 float32 ulps of the channel's terms, elements that float32
-     * cannot carry computed in double) in every variant.  The normalisation, from L2, one
+     * ew_f32: error at most 2 float32 ulps of the channel's terms plus a second-order term,
+     * docs/user_guide/semantics.md; elements that float32 cannot carry computed in double)
+     * in every variant.  The normalisation, from L2, one
      * thread: 3.0 -> 8.5 G elements/s on SSE2, 5.9 -> 13.3-14.3 on AVX2, 6.6-7.0 ->
      * 13.3-14.2 (memcpy's rate) on AVX-512 (benchmarks/loops_f32.c, benchmarks/README.md
      * item 47).  dx: measured in item 57.  The backward with the fused ReLU stays in double:
