@@ -60,6 +60,7 @@ cdef extern from "bnfast.h" nogil:
                                           const double *invstd, const double *weight,
                                           double cnt, int training, double *dweight,
                                           double *kx, double *k0)
+    ctypedef void (*bn_widen_fn)(const float *src, double *dst, Py_ssize_t n)
     ctypedef struct bn_kernel_table:
         const char *name
         bn_moments_fn moments[2]
@@ -69,6 +70,7 @@ cdef extern from "bnfast.h" nogil:
         bn_train_forward_fn train_forward[2]
         bn_infer_forward_fn infer_forward[2]
         bn_backward_coeffs_fn backward_coeffs[2]
+        bn_widen_fn widen_f32
 
     int bn_isa_compiled(int isa)
     int bn_isa_supported(int isa)
@@ -91,7 +93,6 @@ cdef extern from "bnfast.h" nogil:
 
 
 cdef extern from "bn_vectors.h" nogil:
-    void bn_widen_f32(const float *src, double *dst, Py_ssize_t n)
     int bn_var_ok(const double *v, Py_ssize_t n, double eps)
     void bn_scale_shift(const double *invstd, const double *weight, const double *bias,
                         double *a, double *shift, Py_ssize_t n)
@@ -293,7 +294,7 @@ cdef _Vec _vec(object v, Py_ssize_t C):
         r.own = <double *> malloc(sizeof(double) * (C if C > 0 else 1))
         if r.own == NULL:
             raise MemoryError()
-        bn_widen_f32(<float *> cnp.PyArray_DATA(a), r.own, C)
+        bn_active().widen_f32(<float *> cnp.PyArray_DATA(a), r.own, C)
         r.ptr = r.own
     return r
 

@@ -1,16 +1,13 @@
 /*
  * Per-channel vector helpers for the Cython bindings (bnfast/_core.pyx), in C so that they
  * are compiled at -O3 and vectorised (the bindings' own code is compiled at -O1, which does
- * not vectorise: widening four float32 vectors of 2,048 channels took 3 us there).  Plain C
- * of the baseline instruction set; exact (float32 -> float64 is exact), so every variant
- * sees the same values.
+ * not vectorise).  Plain C of the baseline instruction set.  The float32 -> float64
+ * widening of parameter vectors is in the kernel tables instead (bnfast.h: widen_f32), with
+ * each variant's vectors.
  */
 #ifndef BN_VECTORS_H
 #define BN_VECTORS_H
 #include <stddef.h>
-
-/* dst[i] = (double)src[i] for i < n. */
-void bn_widen_f32(const float *src, double *dst, ptrdiff_t n);
 
 /* 1 when every v[i] >= 0 and v[i] + eps > 0 (no NaN), else 0: the variances that the
  * inference fast path accepts. */

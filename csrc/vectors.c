@@ -4,11 +4,6 @@
 #include <emmintrin.h>
 #endif
 
-void bn_widen_f32(const float *src, double *dst, ptrdiff_t n)
-{
-    for (ptrdiff_t i = 0; i < n; i++) dst[i] = (double)src[i];   /* vectorised at -O3 */
-}
-
 int bn_var_ok(const double *v, ptrdiff_t n, double eps)
 {
     /* var >= 0 and var + eps > 0 in every channel.  The callers pass eps >= 0 (checked

@@ -241,9 +241,9 @@ def test_infer_fast_path_variance_check_at_every_position(C, bad, vdtype, monkey
 @pytest.mark.parametrize("C", [1, 7, 8, 15, 16, 17, 33, 2048])
 def test_float32_parameters_are_widened_exactly(isa, C):
     """Per-channel float32 arrays (mean, var, weight, bias, running statistics, invstd) are
-    widened to float64 (csrc/vectors.c: bn_widen_f32, vectorised): the results equal those
-    of the same values given as float64, bit for bit, at every channel (C around the
-    vector loops' edges), in every variant; float32 running statistics are the float64
+    widened to float64 (the kernel table's widen_f32, with the variant's vectors): the
+    results equal those of the same values given as float64, bit for bit, at every channel
+    (C around the vector loops' edges), in every variant; float32 running statistics are the float64
     update rounded once."""
     rng = np.random.default_rng(C)
     x = rng.standard_normal((4, C)).astype(np.float32)
