@@ -5,11 +5,13 @@ supported of ``baseline`` (plain C, always present), ``avx2`` (AVX2+FMA) and ``a
 (AVX-512 F/VL/DQ/BW).  ``BNFAST_ISA=baseline|avx2|avx512`` forces a variant (``auto`` or
 empty means the default choice); forcing one the CPU lacks is an error at import.
 
-Element-wise passes whose inputs and outputs together reach ``BNFAST_STREAM_MIN_BYTES``
-bytes (default: the last-level cache's size, 16 MiB where it is unknown) write their
-output with non-temporal stores in the AVX2 and AVX-512 variants: the data goes straight to
-memory instead of first being read into the cache (below that, input and output stay in
-the cache between calls, and ordinary stores are faster).  The same threshold tells the column
+The backward's dx pass, when its inputs and output together reach ``BNFAST_STREAM_MIN_BYTES``
+bytes (T; default: the last-level cache's size, 16 MiB where it is unknown), and the
+normalisation, when its input and output reach 1.5 T, write their output with
+non-temporal stores in the AVX2 and AVX-512 variants: the data goes straight to memory
+instead of first being read into the cache (below that, input and output stay in the cache
+between calls, partly or wholly, and ordinary stores are faster; the backward reads its
+inputs twice, and streaming its output keeps them cached).  The same threshold tells the column
 reductions whether data counts as cache-resident (register strips down the rows) or not
 (one stream through memory).  The results are bit-identical either way.
 """
@@ -231,8 +233,9 @@ def get_config():
     variable), ``isas_available``, ``isas_compiled``, ``openmp`` (spec version or None),
     ``openmp_runtime`` (library path when threadpoolctl can tell), ``num_threads``,
     ``omp_num_threads_env``, ``omp_wait`` (how idle OpenMP threads wait),
-    ``stream_min_bytes`` (element-wise passes that read and write at least this many bytes
-    write their output with non-temporal stores), ``stream_min_source`` (where that value
+    ``stream_min_bytes`` (the streaming threshold T: the backward's dx pass writes its
+    output with non-temporal stores when it reads and writes at least T bytes, the
+    normalisation when it moves 1.5 T), ``stream_min_source`` (where that value
     comes from), ``llc_bytes`` (the last-level cache, 0 if unknown), ``compiler``,
     ``python``, ``numpy``, ``machine``.
 
@@ -311,8 +314,8 @@ def show_config(file=None):
         f"  threads        : {cfg['num_threads']}"
         f" (OMP_NUM_THREADS={env if env is not None else 'unset'})",
         f"  idle threads   : {cfg['omp_wait']}",
-        f"  streaming      : passes moving >= {_fmt_bytes(cfg['stream_min_bytes'])}"
-        f" ({cfg['stream_min_source']})",
+        f"  streaming      : backward passes moving >= {_fmt_bytes(cfg['stream_min_bytes'])},"
+        f" normalisations >= 1.5x that ({cfg['stream_min_source']})",
         f"  compiler       : {cfg['compiler']}",
         f"  python, numpy  : {cfg['python']}, {cfg['numpy']}",
         f"  machine        : {cfg['machine']}",

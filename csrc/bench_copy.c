@@ -36,9 +36,9 @@ int bn_copy(const void *src, void *dst, size_t nbytes, int nthreads)
 {
     const size_t chunk = (size_t)1 << 20;
     const ptrdiff_t nchunks = (ptrdiff_t)((nbytes + chunk - 1) / chunk);
-    /* Stream as the kernels do (plan.c's rule, on read + written bytes, and not where
-     * the source lies just before the destination modulo 4 KiB). */
-    const int stream = bn_plan_streams(bn_get_isa(), 2.0 * (double)nbytes) &&
+    /* Stream as the normalisation does (plan.c's rule, and not where the source lies
+     * just before the destination modulo 4 KiB). */
+    const int stream = bn_plan_streams(bn_get_isa(), BN_OP_INFER, (double)nbytes) &&
                        !bn_stream_alias(dst, src, NULL);
     if (nthreads < 1) nthreads = 1;
     (void)nthreads;

@@ -135,16 +135,17 @@ const char *bn_walk_name(int walk);
 const char *bn_layout_name(int layout);
 const char *bn_op_name(int op);
 
-/* Element-wise passes whose inputs and outputs together move at least this many bytes
- * write their output with non-temporal stores (AVX2 and AVX-512 variants, aligned
- * outputs); the same measure tells whether a reduction's inputs are cache-resident.  The
- * default is the last-level cache's size (bn_llc_bytes), BN_STREAM_MIN_BYTES_DEFAULT
- * where that is unknown; bn_set_stream_min_bytes (BNFAST_STREAM_MIN_BYTES) overrides. */
+/* The streaming threshold T: the backward's dx pass writes with non-temporal stores when
+ * its inputs and output together move at least T bytes, the normalisation when they move
+ * 1.5 T (AVX2 and AVX-512 variants, aligned outputs; bn_plan_streams); a reduction's
+ * inputs below T are cache-resident.  The default is the last-level cache's size
+ * (bn_llc_bytes), BN_STREAM_MIN_BYTES_DEFAULT where that is unknown;
+ * bn_set_stream_min_bytes (BNFAST_STREAM_MIN_BYTES) overrides. */
 #define BN_STREAM_MIN_BYTES_DEFAULT ((size_t)16 << 20)
 size_t bn_llc_bytes(void);   /* the last-level cache in bytes, 0 if unknown */
 size_t bn_get_stream_min_bytes(void);
 void bn_set_stream_min_bytes(size_t nbytes);
-int bn_plan_streams(int isa, double bytes);   /* the streaming rule (plan.c) */
+int bn_plan_streams(int isa, int op, double tensor_bytes);   /* the rule (plan.c) */
 
 /* Streaming stores to out are not used when an input lies 1 to this many bytes before
  * out modulo 4 KiB: the loads that follow the stores then match their addresses in the

@@ -66,11 +66,27 @@ void bn_set_stream_min_bytes(size_t nbytes)
     bn_stream_min_set = 1;
 }
 
-/* Whether a pass moving `bytes` (read + written) streams its stores under variant `isa`:
- * the rule of the element-wise passes below, shared with bench_copy.c's copy floor. */
-int bn_plan_streams(int isa, double bytes)
+/* Whether the element-wise pass of op over tensors of `tensor_bytes` each streams its
+ * stores under variant `isa`: the rule of bn_plan_make below, shared with bench_copy.c's
+ * copy floor (a copy is a normalisation without arithmetic).  Never on the baseline.
+ *
+ * - The backward's dx (dy and x read, dx written) streams when the three tensors reach
+ *   the threshold T: it reads dy and x twice (its sums, then dx), and streaming dx keeps
+ *   them cached for the second read.  Two threads, in-process A/B, medians: (11, 64, 64,
+ *   64) float32 (33 MiB moved) 0.78-0.89 ms streaming against 0.94-1.10 without (avx512),
+ *   0.86-0.89 against 0.91-0.92 (avx2); 14-16 MiB tensors the same way.
+ * - The normalisation (x read, y written) streams when x and y reach 1.5 T: below that,
+ *   ordinary stores keep part of both in the cache between calls.  (65536, 64) float32
+ *   inference (16 MiB tensors, 32 MiB moved): 0.54 ms ordinary against 0.63 streaming
+ *   (avx512), 0.59 against 0.67 (avx2, which the threshold T alone made slower than the
+ *   baseline, that never streams); (20, 64, 64, 64) (40 MiB moved) 0.59 against 0.78
+ *   (avx512), equal on avx2; from (24, 64, 64, 64) (48 MiB) streaming is as fast or
+ *   faster (28 MiB tensors: 1.18 against 1.41 ms).  benchmarks/README.md item 60. */
+int bn_plan_streams(int isa, int op, double tensor_bytes)
 {
-    return isa != BN_ISA_BASELINE && bytes >= (double)bn_get_stream_min_bytes();
+    if (isa == BN_ISA_BASELINE) return 0;
+    const double T = (double)bn_get_stream_min_bytes();
+    return op == BN_OP_BACKWARD ? 3.0 * tensor_bytes >= T : 2.0 * tensor_bytes >= 1.5 * T;
 }
 
 /* The distance from an input to the output modulo 4 KiB, in 1..BN_STREAM_ALIAS_BYTES:
@@ -371,9 +387,8 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
          * a multiple of 16.  Mixing ordinary and non-temporal stores on one cache line is
          * very slow, so it is all or nothing; the kernel also checks the output's
          * alignment and its distance from the inputs (bn_stream_alias). */
-        const double tensors = op == BN_OP_BACKWARD ? 3.0 : 2.0;
         p->stream = ((size_t)p->period * (size_t)itemsize) % 16 == 0 &&
-                    bn_plan_streams(isa, count * (double)itemsize * tensors);
+                    bn_plan_streams(isa, op, count * (double)itemsize);
     }
     /* Arithmetic: the element-wise passes of float32 data run in float32 (bn_elementwise.h,
      * ew_f32: error at most 2 float32 ulps of the channel's terms plus a second-order term,
