@@ -7,7 +7,7 @@ empty means the default choice); forcing one the CPU lacks is an error at import
 
 The backward's dx pass, when its inputs and output together reach ``BNFAST_STREAM_MIN_BYTES``
 bytes (T; default: the last-level cache's size, 16 MiB where it is unknown), and the
-normalisation, when its input and output reach 1.5 T, write their output with
+normalisation, when its input alone reaches T, write their output with
 non-temporal stores in the AVX2 and AVX-512 variants: the data goes straight to memory
 instead of first being read into the cache (below that, input and output stay in the cache
 between calls, partly or wholly, and ordinary stores are faster; the backward reads its
@@ -235,7 +235,7 @@ def get_config():
     ``omp_num_threads_env``, ``omp_wait`` (how idle OpenMP threads wait),
     ``stream_min_bytes`` (the streaming threshold T: the backward's dx pass writes its
     output with non-temporal stores when it reads and writes at least T bytes, the
-    normalisation when it moves 1.5 T), ``stream_min_source`` (where that value
+    normalisation when its input alone is T), ``stream_min_source`` (where that value
     comes from), ``llc_bytes`` (the last-level cache, 0 if unknown), ``compiler``,
     ``python``, ``numpy``, ``machine``.
 
@@ -315,7 +315,7 @@ def show_config(file=None):
         f" (OMP_NUM_THREADS={env if env is not None else 'unset'})",
         f"  idle threads   : {cfg['omp_wait']}",
         f"  streaming      : backward passes moving >= {_fmt_bytes(cfg['stream_min_bytes'])},"
-        f" normalisations >= 1.5x that ({cfg['stream_min_source']})",
+        f" normalisations of inputs >= that ({cfg['stream_min_source']})",
         f"  compiler       : {cfg['compiler']}",
         f"  python, numpy  : {cfg['python']}, {cfg['numpy']}",
         f"  machine        : {cfg['machine']}",

@@ -136,8 +136,8 @@ const char *bn_layout_name(int layout);
 const char *bn_op_name(int op);
 
 /* The streaming threshold T: the backward's dx pass writes with non-temporal stores when
- * its inputs and output together move at least T bytes, the normalisation when they move
- * 1.5 T (AVX2 and AVX-512 variants, aligned outputs; bn_plan_streams); a reduction's
+ * its inputs and output together move at least T bytes, the normalisation when its input
+ * alone is T (AVX2 and AVX-512 variants, aligned outputs; bn_plan_streams); a reduction's
  * inputs below T are cache-resident.  The default is the last-level cache's size
  * (bn_llc_bytes), BN_STREAM_MIN_BYTES_DEFAULT where that is unknown;
  * bn_set_stream_min_bytes (BNFAST_STREAM_MIN_BYTES) overrides. */

@@ -75,18 +75,19 @@ void bn_set_stream_min_bytes(size_t nbytes)
  *   them cached for the second read.  Two threads, in-process A/B, medians: (11, 64, 64,
  *   64) float32 (33 MiB moved) 0.78-0.89 ms streaming against 0.94-1.10 without (avx512),
  *   0.86-0.89 against 0.91-0.92 (avx2); 14-16 MiB tensors the same way.
- * - The normalisation (x read, y written) streams when x and y reach 1.5 T: below that,
- *   ordinary stores keep part of both in the cache between calls.  (65536, 64) float32
- *   inference (16 MiB tensors, 32 MiB moved): 0.54 ms ordinary against 0.63 streaming
- *   (avx512), 0.59 against 0.67 (avx2, which the threshold T alone made slower than the
- *   baseline, that never streams); (20, 64, 64, 64) (40 MiB moved) 0.59 against 0.78
- *   (avx512), equal on avx2; from (24, 64, 64, 64) (48 MiB) streaming is as fast or
- *   faster (28 MiB tensors: 1.18 against 1.41 ms).  benchmarks/README.md item 60. */
+ * - The normalisation (x read, y written) streams when x alone reaches T (x and y move
+ *   2 T): below that, ordinary stores keep part of both in the cache between calls.
+ *   (65536, 64) float32 inference (16 MiB tensors, 32 MiB moved): 0.54 ms ordinary
+ *   against 0.63 streaming (avx512), 0.59 against 0.67 (avx2, which the threshold T alone
+ *   made slower than the baseline, that never streams); (32, 64, 56, 56) (24.5 MiB) in
+ *   the benchmark's interleaved sampling 0.68-0.89 against 0.99-1.02 ms; 28 MiB tensors
+ *   either way by turns; 32 MiB streaming as fast or faster (1.22-1.31 against
+ *   1.32-1.69 ms).  benchmarks/README.md item 60. */
 int bn_plan_streams(int isa, int op, double tensor_bytes)
 {
     if (isa == BN_ISA_BASELINE) return 0;
     const double T = (double)bn_get_stream_min_bytes();
-    return op == BN_OP_BACKWARD ? 3.0 * tensor_bytes >= T : 2.0 * tensor_bytes >= 1.5 * T;
+    return op == BN_OP_BACKWARD ? 3.0 * tensor_bytes >= T : tensor_bytes >= T;
 }
 
 /* The distance from an input to the output modulo 4 KiB, in 1..BN_STREAM_ALIAS_BYTES:

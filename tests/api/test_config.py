@@ -348,16 +348,16 @@ def test_stream_threshold_default_is_the_last_level_cache():
     bnfast.show_config(file=buf)
     text = buf.getvalue()
     size = _config._fmt_bytes(cfg["stream_min_bytes"])
-    assert (f"streaming      : backward passes moving >= {size}, normalisations >= 1.5x "
-            f"that (default: ") in text
+    assert (f"streaming      : backward passes moving >= {size}, normalisations of inputs "
+            f">= that (default: ") in text
     if llc:
         assert f"the last-level cache, {size}; BNFAST_STREAM_MIN_BYTES unset" in text
-    # the plan follows the threshold: a normalisation moving less than 1.5x the LLC does
+    # the plan follows the threshold: a normalisation of an input smaller than the LLC does
     # not stream
     x = np.zeros((4, 32, 16, 32, 32), np.float32)      # 8 MiB: inference moves 16 MiB
     stream = bnfast.explain(x, op="infer", axis=1)["elementwise"]["stream"]
     assert stream == (bnfast.get_isa() != "baseline"
-                      and (16 << 20) >= 1.5 * cfg["stream_min_bytes"])
+                      and (8 << 20) >= cfg["stream_min_bytes"])
 
 
 def test_stream_threshold_env_override_and_config():
