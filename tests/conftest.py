@@ -204,6 +204,65 @@ def assert_same_bits(a, b, what=""):
         raise AssertionError(f"{what}: {nbad} of {a.size} values are not bit-identical")
 
 
+# ---- the float32 element-wise formulas in NumPy, bit for bit (NumPy's float32 loops round
+# each operation once, as the kernels do): csrc/bn_elementwise.h (ew_f32) and the CUDA
+# kernels (bn_norm<float>, bn_dx<float> in csrc/cuda/bn_common.cuh); used by
+# tests/kernels/test_f32_arith.py and tests/gpu/test_cuda_launch.py.
+
+def f32_scale(d):
+    """(float32)d, NaN where float32 holds a nonzero d only as a subnormal or as zero (the
+    kernels' f32_scale: such a channel takes the float64 formula)."""
+    d = np.asarray(d, np.float64)
+    f = d.astype(np.float32)
+    ok = ((f == 0) & (d == 0)) | (np.abs(f) >= np.finfo(np.float32).tiny)
+    return np.where(ok, f, np.float32(np.nan)).astype(np.float32)
+
+
+def _canonical_f32(y):
+    return np.where(np.isnan(y), np.float32(np.nan), y).astype(np.float32)
+
+
+def norm_f32(x, m, a, b, relu, v):
+    """The normalisation of float32 x in float32: per channel mh = f32(m), af = f32(a),
+    bf = f32(b - (m - mh) a) (m, a, b float64, broadcast against x); per element
+    t = (x - mh) * af + bf, the ReLU after the finiteness test; v (the float64 formula's
+    value) where t is not finite or a parameter does not fit float32; NaN canonical."""
+    f32 = np.float32
+    m, a, b = (np.asarray(p, np.float64) for p in (m, a, b))
+    with np.errstate(all="ignore"):
+        mh, af = m.astype(f32), f32_scale(a)
+        bf = (b - (m - mh.astype(np.float64)) * a).astype(f32)
+        ok = np.isfinite(mh) & np.isfinite(af) & np.isfinite(bf)
+        mh, af, bf = np.where(ok, mh, f32(0)), np.where(ok, af, f32(np.nan)), \
+            np.where(ok, bf, f32(0))
+        t = (x - mh) * af + bf                     # three float32 operations
+        fin = np.isfinite(t)
+        if relu:
+            t = np.where(t <= 0, f32(0), t)
+        y = np.where(fin, t, np.asarray(v).astype(f32))
+    return _canonical_f32(y)
+
+
+def dx_f32(dy, x, m, kd, kx, k0, training, v):
+    """dx of float32 data without the ReLU in float32: kdf = f32(kd), kxf = f32(kx),
+    k0f = f32(k0 + kx (mh - m)), per element (dy * kdf + k0f) + (x - mh) * kxf (eval mode:
+    dy * kdf); v (the float64 formula's value) where that is not finite or a scale does not
+    fit float32; NaN canonical.  m, kd, kx, k0 float64, broadcast against x."""
+    f32 = np.float32
+    with np.errstate(all="ignore"):
+        m = np.asarray(m, np.float64)
+        kdf = f32_scale(kd)
+        if training:
+            mh, kxf = m.astype(f32), f32_scale(kx)
+            k0f = (np.asarray(k0, np.float64) + np.asarray(kx, np.float64)
+                   * (mh.astype(np.float64) - m)).astype(f32)
+            t = (dy * kdf + k0f) + (x - mh) * kxf
+        else:
+            t = dy * kdf
+        y = np.where(np.isfinite(t), t, np.asarray(v).astype(f32))
+    return _canonical_f32(y)
+
+
 def package_env(**extra):
     """Environment for a subprocess that must import the same bnfast as this process."""
     env = dict(os.environ)

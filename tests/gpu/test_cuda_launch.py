@@ -39,6 +39,7 @@ from bnfast import _api
 from bnfast.cuda import _backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import dx_f32, norm_f32  # noqa: E402
 from gpu_cases import ERRORS, _message  # noqa: E402
 
 NVCC = shutil.which(os.environ.get("NVCC", "nvcc"))
@@ -315,27 +316,7 @@ def _cols(grid, block, R, Cp, S, RB, G):
 def _norm(xv, m, a, b, relu):
     v = (xv.astype(np.float64) - m) * a + b
     v = np.where(v <= 0.0, 0.0, v) if relu else v
-    return _norm_f32(xv, m, a, b, relu, v) if xv.dtype == np.float32 else v
-
-
-def _norm_f32(xv, m, a, b, relu, v):
-    """float32 data: float32 arithmetic with the double value v where it is not finite
-    (bn_norm<float> in csrc/cuda/bn_common.cuh, the CPU's normalize_f32)."""
-    f32 = np.float32
-    m, a, b = (np.asarray(p, np.float64) for p in (m, a, b))
-    with np.errstate(all="ignore"):
-        h, A = m.astype(f32), a.astype(f32)
-        B = (b - (m - h.astype(np.float64)) * a).astype(f32)
-        ok = (np.isfinite(h) & np.isfinite(A) & np.isfinite(B)
-              & (((A == 0) & (a == 0)) | (np.abs(A) >= np.finfo(f32).tiny)))
-        mh, af, bf = np.where(ok, h, f32(0)), np.where(ok, A, f32(np.nan)), \
-            np.where(ok, B, f32(0))
-        t = (xv - mh) * af + bf                    # three float32 operations
-        fin = np.isfinite(t)                       # before the ReLU
-        if relu:
-            t = np.where(t <= 0, f32(0), t)
-        y = np.where(fin, t, v.astype(f32))
-    return np.where(np.isnan(y), f32(np.nan), y).astype(f32)
+    return norm_f32(xv, m, a, b, relu, v) if xv.dtype == np.float32 else v
 
 
 def _normalize_row(grid, block, x, y, C, S, chunks, mean, scale, shift, relu):
@@ -403,29 +384,8 @@ def _dx(dyv, xv, m, inv, w, b, relu, kxc, k0c, ev):
     a, xm, g = _bwd_terms(dyv, xv, m, inv, w, b, relu)
     with np.errstate(invalid="ignore"):     # inf - inf of a degenerate channel: NaN
         v = a * g if ev else (a * g + kxc * xm) + k0c
-    return _dx_f32(dyv, xv, m, a, kxc, k0c, ev, v) if xv.dtype == np.float32 and not relu \
+    return dx_f32(dyv, xv, m, a, kxc, k0c, not ev, v) if xv.dtype == np.float32 and not relu \
         else v
-
-
-def _f32_scale(d):
-    """(float32)d, NaN where float32 holds a nonzero d only as a subnormal or zero."""
-    d = np.asarray(d, np.float64)
-    f = d.astype(np.float32)
-    ok = ((f == 0) & (d == 0)) | (np.abs(f) >= np.finfo(np.float32).tiny)
-    return np.where(ok, f, np.float32(np.nan)).astype(np.float32)
-
-
-def _dx_f32(dyv, xv, m, a, kxc, k0c, ev, v):
-    """float32 data without the ReLU: float32 arithmetic with the double value v where it is
-    not finite (bn_dx<float> in csrc/cuda/bn_common.cuh, the CPU's ew_f32)."""
-    f32 = np.float32
-    with np.errstate(all="ignore"):
-        m = np.asarray(m, np.float64)
-        mh, kdf, kxf = m.astype(f32), _f32_scale(a), _f32_scale(kxc)
-        k0f = (k0c + kxc * (mh.astype(np.float64) - m)).astype(f32)
-        t = dyv * kdf if ev else (dyv * kdf + k0f) + (xv - mh) * kxf
-        y = np.where(np.isfinite(t), t, np.asarray(v).astype(f32))
-    return np.where(np.isnan(y), f32(np.nan), y).astype(f32)
 
 
 def _bwd_dx_row(grid, block, dy, x, dx, C, S, chunks, mean, invstd, weight, bias, relu, kx,

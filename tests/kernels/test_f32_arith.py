@@ -16,7 +16,7 @@ import pytest
 import bnfast
 from bnfast import reference as ref
 from bnfast._plan import force_strategy, forced_strategy
-from conftest import assert_same_bits, rng_for
+from conftest import assert_same_bits, dx_f32, norm_f32, rng_for
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -35,12 +35,6 @@ def _coeffs(var, w, b, eps):
     return inv * w, b.astype(np.float64)
 
 
-def _scale_ok(d, f):
-    """Where the float32 scale f = f32(d) keeps d's precision: a normal float32, or zero
-    from a zero (a subnormal or a zero from a nonzero d makes the channel take float64)."""
-    return ((f == 0) & (d == 0)) | (np.abs(f) >= np.finfo(np.float32).tiny)
-
-
 def _emulate(x, axis, m, a, b, relu, f32=True):
     """The kernels' float32 (or float64) element-wise formula in NumPy, bit for bit."""
     shp = [1] * x.ndim
@@ -51,20 +45,9 @@ def _emulate(x, axis, m, a, b, relu, f32=True):
         if relu:
             yd = np.where(yd <= 0, 0.0, yd)
         yd = yd.astype(np.float32)
-        if not f32:
-            return np.where(np.isnan(yd), np.float32(np.nan), yd)
-        mh = m.astype(np.float32)
-        af = a.astype(np.float32)
-        bf = (b - (m - mh.astype(np.float64)) * a).astype(np.float32)
-        ok = np.isfinite(mh) & np.isfinite(af) & np.isfinite(bf) & _scale_ok(a, af)
-        af = np.where(ok, af, np.float32(np.nan))
-        mh, bf = np.where(ok, mh, np.float32(0)), np.where(ok, bf, np.float32(0))
-        t = (x - mh) * af + bf
-        fin = np.isfinite(t)
-        if relu:
-            t = np.where(t <= 0, np.float32(0), t)
-    out = np.where(fin, t, yd)
-    return np.where(np.isnan(out), np.float32(np.nan), out).astype(np.float32)
+    if not f32:
+        return np.where(np.isnan(yd), np.float32(np.nan), yd)
+    return norm_f32(x, m, a, b, relu, yd)
 
 
 # (shape, axis): the rows layout, the columns layout's spans, period-64, tiles and rows
@@ -299,20 +282,9 @@ def _emulate_dx(dy, x, m, kd, kx, k0, training, f32=True):
         g64 = dy.astype(np.float64)
         d = kd * g64 if not training else (kd * g64 + kx * (x.astype(np.float64) - m)) + k0
         d = d.astype(np.float32)
-        if not f32:
-            return np.where(np.isnan(d), np.float32(np.nan), d)
-        kdf = kd.astype(np.float32)
-        ok = _scale_ok(kd, kdf)
-        if training:
-            mh, kxf = m.astype(np.float32), kx.astype(np.float32)
-            k0f = (k0 + kx * (mh.astype(np.float64) - m)).astype(np.float32)
-            ok &= _scale_ok(kx, kxf)
-            t = (dy * kdf + k0f) + (x - mh) * kxf
-        else:
-            t = dy * kdf
-        fin = np.isfinite(t) & ok
-    out = np.where(fin, t, d)
-    return np.where(np.isnan(out), np.float32(np.nan), out).astype(np.float32)
+    if not f32:
+        return np.where(np.isnan(d), np.float32(np.nan), d)
+    return dx_f32(dy, x, m, kd, kx, k0, training, d)
 
 
 # the rows layout (S = 100, 81, 49: tails), the columns layout's spans, tiles and rows
