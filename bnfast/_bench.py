@@ -374,8 +374,9 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
                             y = F.batch_norm(tx, trm, trv, tw, tb, training=True)
                             return F.relu(y) if relu else y
                     if onednn and op == "train":
-                        def f_dnn():
+                        def dnn_train():
                             return F.batch_norm(mx, mrm, mrv, tw, tb, training=True)
+                        f_dnn = dnn_train
                 elif op == "infer":
                     def f_bn():
                         _api.batch_norm_infer(x, bmean, bvar, w, b, axis=axis, out=y_out)
@@ -405,9 +406,10 @@ def run_case(shape, layout="cf", dtype=np.float32, threads=None, *, ops=OPS, rep
                             return torch.autograd.grad(yg, (txg, twg, tbg), tdy,
                                                        retain_graph=True)
                     if onednn:
-                        def f_dnn():
+                        def dnn_backward():
                             return torch.autograd.grad(myg, (mxg, mwg, mbg), mdy,
                                                        retain_graph=True)
+                        f_dnn = dnn_backward
                 # All implementations (and variants) take turns sample by sample.
                 fns, prep, keys = [], [], []
                 for isa in isas:
