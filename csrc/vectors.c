@@ -20,21 +20,19 @@ int bn_var_ok(const double *v, ptrdiff_t n, double eps)
     const __m128d zero = _mm_setzero_pd();
     const __m128d all = _mm_cmpeq_pd(zero, zero);
     __m128d g0 = all, g1 = all, g2 = all, g3 = all;
-    if (strict) {
-        for (; i + 8 <= n; i += 8) {
-            g0 = _mm_and_pd(g0, _mm_cmpgt_pd(_mm_loadu_pd(v + i), zero));
-            g1 = _mm_and_pd(g1, _mm_cmpgt_pd(_mm_loadu_pd(v + i + 2), zero));
-            g2 = _mm_and_pd(g2, _mm_cmpgt_pd(_mm_loadu_pd(v + i + 4), zero));
-            g3 = _mm_and_pd(g3, _mm_cmpgt_pd(_mm_loadu_pd(v + i + 6), zero));
-        }
-    } else {
-        for (; i + 8 <= n; i += 8) {
-            g0 = _mm_and_pd(g0, _mm_cmpge_pd(_mm_loadu_pd(v + i), zero));
-            g1 = _mm_and_pd(g1, _mm_cmpge_pd(_mm_loadu_pd(v + i + 2), zero));
-            g2 = _mm_and_pd(g2, _mm_cmpge_pd(_mm_loadu_pd(v + i + 4), zero));
-            g3 = _mm_and_pd(g3, _mm_cmpge_pd(_mm_loadu_pd(v + i + 6), zero));
-        }
+    /* One loop body, instantiated for each compare (the choice outside the loop). */
+#define BN_VAR_OK_LOOP(cmp)                                                \
+    for (; i + 8 <= n; i += 8) {                                           \
+        g0 = _mm_and_pd(g0, cmp(_mm_loadu_pd(v + i), zero));               \
+        g1 = _mm_and_pd(g1, cmp(_mm_loadu_pd(v + i + 2), zero));           \
+        g2 = _mm_and_pd(g2, cmp(_mm_loadu_pd(v + i + 4), zero));           \
+        g3 = _mm_and_pd(g3, cmp(_mm_loadu_pd(v + i + 6), zero));           \
     }
+    if (strict)
+        BN_VAR_OK_LOOP(_mm_cmpgt_pd)
+    else
+        BN_VAR_OK_LOOP(_mm_cmpge_pd)
+#undef BN_VAR_OK_LOOP
     ok = _mm_movemask_pd(_mm_and_pd(_mm_and_pd(g0, g1), _mm_and_pd(g2, g3))) == 3;
 #endif
     if (strict)
