@@ -101,6 +101,7 @@ int BN_ENTRY(backward_coeffs)(ptrdiff_t C, const double *sd, const double *sx,
 #if BN_ONLY_DTYPE == 32
 /* bn_widen_f32_<isa> (bnfast.h: widen_f32), in the float32 unit only; GCC vectorises the
  * loop with the variant's vectors. */
+extern BN_ENTRY_TYPE(bn_widen_fn) BN_ENTRY(widen);   /* a mismatch is a compile error */
 void BN_ENTRY(widen)(const float *src, double *dst, ptrdiff_t n)
 {
     for (ptrdiff_t i = 0; i < n; i++) dst[i] = (double)src[i];

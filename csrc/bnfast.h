@@ -78,7 +78,8 @@ typedef int (*bn_backward_dx_fn)(const void *dy, const void *x, void *dx, ptrdif
 /*
  * train_forward: statistics and normalisation in one call.  Writes mean, var (biased) and
  * invstd = 1/sqrt(var + eps) (length C) and y = (x - mean) * invstd * weight + bias
- * (weight/bias may be NULL for 1/0), optional ReLU.  y may equal x.
+ * (weight/bias may be NULL for 1/0), optional ReLU.  y may equal x; the per-channel
+ * vectors must not overlap y (bias is read while y is written).
  */
 typedef int (*bn_train_forward_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C,
                                    ptrdiff_t S, const double *weight, const double *bias,
@@ -88,7 +89,8 @@ typedef int (*bn_train_forward_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_
 /*
  * infer_forward: inference in one call: y = (x - mean) * invstd * weight + bias with
  * invstd = 1/sqrt(var + eps) as IEEE arithmetic gives it (weight/bias may be NULL for 1/0),
- * optional ReLU.  y may equal x.
+ * optional ReLU.  y may equal x; the per-channel vectors must not overlap y (bias is read
+ * while y is written).
  */
 typedef int (*bn_infer_forward_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C,
                                    ptrdiff_t S, const double *mean, const double *var,

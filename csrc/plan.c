@@ -381,9 +381,9 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
     p->ew_items = (units + p->ew_per_item - 1) / p->ew_per_item;
     p->stream = 0;
     if (has_ew) {
-        /* Streaming stores: only where the pass's working set (normalize: x and y; dx: dy,
-         * x and dx) reaches the threshold, the variant has the instructions (not the
-         * baseline), and every store is a whole 16-byte piece: each row (rows layout) or
+        /* Streaming stores: only where bn_plan_streams says so (the normalisation's input
+         * alone reaches the threshold, or the backward's dy, x and dx together; never on
+         * the baseline), and every store is a whole 16-byte piece: each row (rows layout) or
          * period (columns) starts where the previous ended, so its length in bytes must be
          * a multiple of 16.  Mixing ordinary and non-temporal stores on one cache line is
          * very slow, so it is all or nothing; the kernel also checks the output's
