@@ -5,8 +5,8 @@ batch norm (``torch.nn.functional.batch_norm`` and autograd; skipped with a note
 is absent), oneDNN through PyTorch's mkldnn tensors (4-D float32 training forward and
 backward), a plain NumPy implementation (quick runs), and the memory-bandwidth floor: the
 faster of NumPy's copy and a multithreaded copy of the same tensor into a preallocated
-buffer (written with non-temporal stores above ``BNFAST_STREAM_MIN_BYTES``, as the kernels
-write large outputs).
+buffer (written with non-temporal stores where the normalisation would stream: inputs of
+``BNFAST_STREAM_MIN_BYTES`` and more).
 
 Every kernel variant asked for (``isas``) is timed in the same process: the variant is
 switched with :func:`bnfast.set_isa` before each of its samples, outside the timed region,
