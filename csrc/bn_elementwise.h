@@ -567,16 +567,9 @@ static int BN_FN(ew_f32)(const bn_plan *p, const int op, const float *g, const f
                                : BN_FN(f32_periods), &k);
     const ptrdiff_t done = p->ew_walk == BN_WALK_TILES ? N * Cp : p->ew_units * P,
                     rem = N * Cp - done;
-    if (rem) {
-        if (op == BN_F32_DX)
-            BN_FN(f32_span)(BN_F32_DX, g + done, x + done, y + done, rem, k.q, 1, &k.fb, 0, 0,
-                            defer, nts);
-        else if (op == BN_F32_DXE)
-            BN_FN(f32_span)(BN_F32_DXE, g + done, x + done, y + done, rem, k.q, 1, &k.fb, 0, 0,
-                            defer, nts);
-        else
-            BN_FN(f32_span)(BN_F32_NORM, NULL, x + done, y + done, rem, k.q, 1, &k.fb, 0, relu,
-                            defer, nts);
+    if (rem) {   /* less than a period: one span, the formula chosen per vector */
+        BN_FN(f32_span)(op, op == BN_F32_NORM ? NULL : g + done, x + done, y + done, rem, k.q,
+                        1, &k.fb, 0, relu, defer, nts);
         bn_stream_fence(nts);
     }
     free(buf);
