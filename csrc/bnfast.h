@@ -112,8 +112,8 @@ typedef int (*bn_backward_coeffs_fn)(ptrdiff_t C, const double *sd, const double
  * widen_f32: dst[i] = (double)src[i] for i < n (exact, so every variant gives the same
  * values): the bindings' float32 per-channel vectors (mean, var, weight, bias, ...) in the
  * float64 the kernels take.  In the table so that it runs with the variant's vectors
- * (vectors.c's SSE2 loop took 1.1 us of a 5.9 us inference of (1, 2048) with float32
- * parameters, four vectors of 2,048 channels).
+ * (vectors.c's SSE2 loop was 19 % of the perf samples of a 5.9 us inference of (1, 2048)
+ * with float32 parameters, four vectors of 2,048 channels; benchmarks/README.md item 61).
  */
 typedef void (*bn_widen_fn)(const float *src, double *dst, ptrdiff_t n);
 
