@@ -321,6 +321,19 @@ static __attribute__((noinline, cold)) void BN_FN(f32_fix_span)(
                               q.q1[inc * k], q.q2[inc * k], q.q3[inc * k], fb, j0 + k, relu);
 }
 
+/* One vector's t for the eight elements at g and x with its non-finite lanes noted in
+ * *acc and the ReLU applied (the defer case of f32_vec, kept in a register). */
+static inline __attribute__((always_inline)) bn_f8 BN_FN(f32_val)(
+    const int op, const float *g, const float *x, bn_f8 v0, bn_f8 v1, bn_f8 v2, bn_f8 v3,
+    const int relu, bn_f8 *acc)
+{
+    bn_f8 t = op == BN_F32_NORM ? bn_f8_norm(bn_f8_ld(x), v0, v1, v2)
+              : op == BN_F32_DX ? bn_f8_dx(bn_f8_ld(g), bn_f8_ld(x), v0, v1, v2, v3)
+                                : bn_f8_mul(bn_f8_ld(g), v1);
+    *acc = bn_f8_flag(*acc, t);
+    return relu ? bn_f8_relu(t) : t;
+}
+
 /* One vector: t for the eight elements at g and x, stored at y.  defer: its non-finite
  * lanes are only noted in *acc (the span is fixed afterwards: f32_span); else they are
  * fixed before the store (in place, where an input is gone once y is stored).  v0..v3:
@@ -330,13 +343,14 @@ static inline __attribute__((always_inline)) void BN_FN(f32_vec)(
     bn_f8 v3, BN_FN(fq) q, const ptrdiff_t inc, const BN_FN(nfb) *fb, ptrdiff_t j,
     const int relu, const int defer, bn_f8 *acc, int nts)
 {
+    if (defer) {
+        bn_f8_st(y, BN_FN(f32_val)(op, g, x, v0, v1, v2, v3, relu, acc), nts);
+        return;
+    }
     bn_f8 t = op == BN_F32_NORM ? bn_f8_norm(bn_f8_ld(x), v0, v1, v2)
               : op == BN_F32_DX ? bn_f8_dx(bn_f8_ld(g), bn_f8_ld(x), v0, v1, v2, v3)
                                 : bn_f8_mul(bn_f8_ld(g), v1);
-    if (defer) {
-        *acc = bn_f8_flag(*acc, t);
-        if (relu) t = bn_f8_relu(t);
-    } else if (__builtin_expect(bn_f8_bad(t), 0)) {
+    if (__builtin_expect(bn_f8_bad(t), 0)) {
         float tmp[8];
         BN_FN(f32_fix_span)(op, g, x, tmp, 8, q, inc, fb, j, relu);
         t = bn_f8_ld(tmp);
@@ -368,13 +382,15 @@ static inline __attribute__((always_inline)) void BN_FN(f32_span)(
 {
     ptrdiff_t i = 0;
     float tmp[8];
-    bn_f8 acc = bn_f8_zero();
+    bn_f8 acc = bn_f8_zero(), tl = acc;   /* tl: the last vector (defer) */
     const int last = !nts && L > 8 && (L & 7) != 0;
     const int hasg = op != BN_F32_NORM;
     if (inc == 0) {
         const bn_f8 v0 = bn_f8_splat(*q.q0), v1 = bn_f8_splat(*q.q1), v2 = bn_f8_splat(*q.q2),
                     v3 = bn_f8_splat(*q.q3);
-        if (last)
+        if (last && defer)
+            tl = BN_FN(f32_val)(op, hasg ? g + L - 8 : g, x + L - 8, v0, v1, v2, v3, relu, &acc);
+        else if (last)
             BN_FN(f32_vec)(op, hasg ? g + L - 8 : g, x + L - 8, tmp, v0, v1, v2, v3, q, 0, fb,
                            j0 + L - 8, relu, defer, &acc, 0);
         for (; i + 8 <= L; i += 8)
@@ -382,7 +398,11 @@ static inline __attribute__((always_inline)) void BN_FN(f32_span)(
                            relu, defer, &acc, nts);
     } else {
         const ptrdiff_t e = L - 8;
-        if (last)
+        if (last && defer)
+            tl = BN_FN(f32_val)(op, hasg ? g + e : g, x + e, bn_f8_ld(q.q0 + e),
+                                bn_f8_ld(q.q1 + e), bn_f8_ld(q.q2 + e), bn_f8_ld(q.q3 + e),
+                                relu, &acc);
+        else if (last)
             BN_FN(f32_vec)(op, hasg ? g + e : g, x + e, tmp, bn_f8_ld(q.q0 + e),
                            bn_f8_ld(q.q1 + e), bn_f8_ld(q.q2 + e), bn_f8_ld(q.q3 + e),
                            BN_FN(fq_at)(q, e), 1, fb, j0 + e, relu, defer, &acc, 0);
@@ -391,7 +411,9 @@ static inline __attribute__((always_inline)) void BN_FN(f32_span)(
                            bn_f8_ld(q.q1 + i), bn_f8_ld(q.q2 + i), bn_f8_ld(q.q3 + i),
                            BN_FN(fq_at)(q, i), 1, fb, j0 + i, relu, defer, &acc, nts);
     }
-    if (last) {
+    if (last && defer) {
+        bn_f8_st(y + L - 8, tl, 0);
+    } else if (last) {
         memcpy(y + L - 8, tmp, sizeof tmp);
     } else {
         for (ptrdiff_t k = 0; k < L - i; k++) {
@@ -426,11 +448,10 @@ static inline __attribute__((always_inline)) void BN_FN(f32_rows_case)(
 {
     const ptrdiff_t C = k->p->C, S = k->p->S;
     ptrdiff_t c = r0 % C;
-    for (ptrdiff_t r = r0; r < r1; r++) {
-        const BN_FN(nfb) fb = {k->fb.d0 + c, k->fb.d1 + c, k->fb.d2 + c, k->fb.d3 + c, 1, 1};
+    for (ptrdiff_t r = r0; r < r1; r++) {   /* row r: period position c * S of k->fb */
         BN_FN(f32_span)(op, op == BN_F32_NORM ? NULL : k->g + r * S, k->x + r * S,
-                        k->y + r * S, S, BN_FN(fq_at)(k->q, c), 0, &fb, 0, relu, defer,
-                        k->nts);
+                        k->y + r * S, S, BN_FN(fq_at)(k->q, c), 0, &k->fb, c * S, relu,
+                        defer, k->nts);
         if (++c == C) c = 0;
     }
 }
