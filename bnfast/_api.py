@@ -499,7 +499,8 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
         The normalised batch (`out` if given).  float32 data is normalised in float32
         arithmetic from the float64 statistics: per channel within
         ``2 * FLT_EPSILON * (|weight * invstd| * max|x - mean| + |bias|)`` of the exact
-        value (the user guide's *Semantics*, "float32 outputs"); float64 data in float64.
+        value (the user guide's *Semantics*, "float32 outputs"); float64 data, and
+        channels of fewer than 8 elements, in float64.
     mean, invstd : ndarray of shape (C,), float64
         The batch mean and ``1 / sqrt(var + eps)``, as needed by
         :func:`batch_norm_backward`.  They are float64 for either input dtype so that the
@@ -692,8 +693,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
         float32 arithmetic, per channel within ``2 * FLT_EPSILON * (|kd| * max|dy| +
         |kx| * max|x - mean| + |k0|)`` of the exact value, the three terms of
         ``dx = kd * dy + kx * (x - mean) + k0``, plus a second-order term (the user
-        guide's *Semantics*, "float32 outputs"); with the ReLU, and for float64 data, in
-        float64.
+        guide's *Semantics*, "float32 outputs"); with the ReLU, for float64 data and
+        for channels of fewer than 8 elements, in float64.
     dweight, dbias : ndarray of shape (C,), dtype of `x`
         The gradients with respect to `weight` and `bias`: ``sum(dy * xhat)`` and
         ``sum(dy)`` per channel, accumulated in float64 and returned in the dtype of `x`.
@@ -966,7 +967,9 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
         and one dict per pass: ``reduce`` (statistics or backward sums: ``walk`` and the
         partition: row groups and channels per item, or tiles, rows per block and groups)
         and ``elementwise`` (normalize or dx: ``walk``, items, the period of the columns
-        layout, and ``stream``: non-temporal stores if the output is 16-byte aligned);
+        layout, ``stream``: non-temporal stores if the output is 16-byte aligned, and
+        ``arithmetic``: 'float32' for float32 data whose channels have at least 8
+        elements, else 'float64');
         ``strategy`` sums it up in one line ('rows', or 'columns:' and the walks).
 
     Raises

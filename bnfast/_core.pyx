@@ -104,6 +104,7 @@ cdef extern from "bn_plan.h" nogil:
         BN_WALK_COUNT
         BN_LAYOUT_ROWS
         BN_WALK_REGISTER
+        BN_F32_MIN_PER_CHANNEL
     ctypedef struct bn_colpart:
         Py_ssize_t R, Cp, tile, ntiles, rb, nblocks, bpg, ngroups
     ctypedef struct bn_plan:
@@ -134,6 +135,9 @@ ISA_NAMES = tuple([bn_isa_name(i).decode() for i in range(BN_ISA_COUNT)])
 OP_NAMES = tuple([bn_op_name(i).decode() for i in range(BN_OP_COUNT)])
 WALK_NAMES = tuple([bn_walk_name(i).decode() for i in range(BN_WALK_COUNT)])
 LAYOUT_NAMES = tuple([bn_layout_name(i).decode() for i in range(2)])   # rows, columns
+# float32 data's element-wise passes run in float32 where a channel has at least this many
+# elements (N * S), else in double (csrc/plan.c; the GPU backend follows the same rule)
+F32_MIN_PER_CHANNEL = BN_F32_MIN_PER_CHANNEL
 
 
 cdef int _check(int status) except -1:

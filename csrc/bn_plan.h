@@ -53,6 +53,8 @@ extern "C" {
                                   parameters of at least this many bytes (half of L2) */
 #define BN_REG_MAX_COLS 64     /* register walks: most columns one strip keeps in registers */
 #define BN_SHIFT_COND 16.0     /* one-pass block statistics while mean(x-K)^2 <= this * var */
+#define BN_F32_MIN_PER_CHANNEL 8   /* float32 element-wise arithmetic where a channel has at
+                                  least this many elements (N * S); below, double */
 
 enum { BN_OP_MOMENTS = 0, BN_OP_TRAIN = 1, BN_OP_INFER = 2, BN_OP_BACKWARD = 3,
        BN_OP_COUNT = 4 };

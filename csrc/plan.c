@@ -399,8 +399,15 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
      * 13.3-14.2 (memcpy's rate) on AVX-512 (benchmarks/loops_f32.c, benchmarks/README.md
      * item 47).  dx: measured in item 57.  The backward with the fused ReLU stays in double:
      * its mask is the sign of the double y, as the twin's, and a float32 y may round to the
-     * other side of zero. */
-    p->ew_f32 = has_ew && itemsize == 4 && force_arith != BN_ARITH_F64;
+     * other side of zero.  Channels of fewer than BN_F32_MIN_PER_CHANNEL elements (N * S:
+     * batch-1 fully connected layers) stay in double: the float32 path's per-channel
+     * parameters (f32_params, one more pass and allocation) then cost more than they save
+     * (inference of (1, 2048), one thread, medians: 5.17 -> 4.44 us AVX-512, 5.51 -> 4.79
+     * AVX2, 8.26 -> 7.11 SSE2; (2, 2048) 5.40 -> 4.86; from (4, 2048) on float32 is as
+     * fast or faster: benchmarks/README.md item 64).  Forcing float32 (tests) overrides
+     * this; the GPU backend follows the same rule (bnfast/cuda/_backend.py). */
+    p->ew_f32 = has_ew && itemsize == 4 && force_arith != BN_ARITH_F64 &&
+                (force_arith == BN_ARITH_F32 || count >= (double)BN_F32_MIN_PER_CHANNEL * C);
     p->ew_f32_relu = p->ew_f32 && op != BN_OP_BACKWARD;
     return BN_OK;
 }

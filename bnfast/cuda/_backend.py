@@ -15,6 +15,7 @@ import threading
 import numpy as np
 
 from . import NVRTC_OPTIONS, _import_cupy, kernel_source
+from .._core import F32_MIN_PER_CHANNEL
 
 THREADS = 256           # BN_THREADS
 ROW_MIN_S = 256         # S >= this: row layout (channel runs of S elements); else columns
@@ -30,6 +31,13 @@ _NULL = np.uint64(0)    # a null pointer argument
 _lock = threading.Lock()
 _modules = {}           # device id -> cupy.RawModule
 _backends = {}          # device id -> _CuPyBackend
+
+
+def _f64(xk, N, S):
+    """The element-wise kernels' f64 flag: float32 data in double arithmetic where the CPU's
+    plan keeps it there (channels of fewer than F32_MIN_PER_CHANNEL elements), so that
+    inference and eval-mode dx give the CPU's bits."""
+    return np.int32(xk.dtype == np.float32 and N * S < F32_MIN_PER_CHANNEL)
 
 
 def _cupy():
@@ -264,7 +272,7 @@ class _CuPyBackend:
             chunks = -(-S // CHUNK)
             self._launch("bn_normalize_row", xk.dtype, N * C * chunks, (THREADS, 1, 1),
                          (xk, yk, i(C), i(S), i(chunks), mean, scale, shift,
-                          np.int32(relu)))
+                          np.int32(relu), _f64(xk, N, S)))
         else:
             Cp = C * S
             TX, TY = _col_tile(Cp)
@@ -272,7 +280,7 @@ class _CuPyBackend:
             G = -(-N // RB)
             self._launch("bn_normalize_col", xk.dtype, -(-Cp // TX) * G, (TX, TY, 1),
                          (xk, yk, i(N), i(Cp), i(S), i(RB), i(G), mean, scale, shift,
-                          np.int32(relu)))
+                          np.int32(relu), _f64(xk, N, S)))
 
     def _update_running(self, rm, rv, mean, var, C, count, momentum):
         def stride(a):
@@ -349,7 +357,7 @@ class _CuPyBackend:
     def _dx(self, dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, training):
         i = self._i
         params = (m, inv, self._opt(w), self._opt(b), np.int32(relu), kx, k0,
-                  np.int32(not training))
+                  np.int32(not training), _f64(xk, N, S))
         if S >= ROW_MIN_S:
             chunks = -(-S // CHUNK)
             self._launch("bn_bwd_dx_row", xk.dtype, N * C * chunks, (THREADS, 1, 1),

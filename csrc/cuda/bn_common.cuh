@@ -105,7 +105,7 @@ template <typename T> struct bn_norm;
 
 template <> struct bn_norm<double> {
     double m, a, b;
-    __device__ __forceinline__ bn_norm(double m_, double a_, double b_)
+    __device__ __forceinline__ bn_norm(double m_, double a_, double b_, int)
         : m(m_), a(a_), b(b_) {}
     __device__ __forceinline__ double operator()(double x, int relu) const
     {
@@ -117,7 +117,9 @@ template <> struct bn_norm<double> {
 template <> struct bn_norm<float> {
     double m, a, b;   /* the fallback's (the double path's) parameters */
     float mh, af, bf;
-    __device__ __forceinline__ bn_norm(double m_, double a_, double b_) : m(m_), a(a_), b(b_)
+    int f64;          /* the whole channel in double (the CPU's plan: ew_f32 off) */
+    __device__ __forceinline__ bn_norm(double m_, double a_, double b_, int f64_)
+        : m(m_), a(a_), b(b_), f64(f64_)
     {
         mh = (float)m;
         af = bn_f32_scale(a);
@@ -126,7 +128,7 @@ template <> struct bn_norm<float> {
     __device__ __forceinline__ float operator()(float x, int relu) const
     {
         const float t = __fadd_rn(__fmul_rn(__fsub_rn(x, mh), af), bf);
-        if ((__float_as_int(t) & 0x7f800000) == 0x7f800000) {   /* NaN or infinite */
+        if (f64 || (__float_as_int(t) & 0x7f800000) == 0x7f800000) {   /* NaN or infinite */
             const double v = ((double)x - m) * a + b;
             return bn_store<float>(relu ? bn_relu(v) : v);
         }
@@ -148,7 +150,7 @@ template <typename T> struct bn_dx;
 template <> struct bn_dx<double> {
     double m, kd, kx, k0;
     int eval;
-    __device__ __forceinline__ bn_dx(double m_, double kd_, double kx_, double k0_, int e)
+    __device__ __forceinline__ bn_dx(double m_, double kd_, double kx_, double k0_, int e, int)
         : m(m_), kd(kd_), kx(kx_), k0(k0_), eval(e)
     {
     }
@@ -161,9 +163,10 @@ template <> struct bn_dx<double> {
 template <> struct bn_dx<float> {
     double m, kd, kx, k0;   /* the fallback's (the double path's) coefficients */
     float mh, kdf, kxf, k0f;
-    int eval;
-    __device__ __forceinline__ bn_dx(double m_, double kd_, double kx_, double k0_, int e)
-        : m(m_), kd(kd_), kx(kx_), k0(k0_), eval(e)
+    int eval, f64;    /* f64: the whole channel in double (the CPU's plan: ew_f32 off) */
+    __device__ __forceinline__ bn_dx(double m_, double kd_, double kx_, double k0_, int e,
+                                     int f64_)
+        : m(m_), kd(kd_), kx(kx_), k0(k0_), eval(e), f64(f64_)
     {
         mh = (float)m;
         kdf = bn_f32_scale(kd);
@@ -175,7 +178,7 @@ template <> struct bn_dx<float> {
         const float t = eval ? __fmul_rn(g, kdf)
                              : __fadd_rn(__fadd_rn(__fmul_rn(g, kdf), k0f),
                                          __fmul_rn(__fsub_rn(x, mh), kxf));
-        if ((__float_as_int(t) & 0x7f800000) == 0x7f800000) {   /* NaN or infinite */
+        if (f64 || (__float_as_int(t) & 0x7f800000) == 0x7f800000) {   /* NaN or infinite */
             const double gd = (double)g;
             return bn_store<float>(eval ? kd * gd : (kd * gd + kx * ((double)x - m)) + k0);
         }

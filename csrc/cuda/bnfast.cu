@@ -310,16 +310,19 @@ __global__ void __launch_bounds__(BN_THREADS) bn_update_running(BN_RUNNING_ARGS(
  * double for double data, in float32 arithmetic (with a double fallback for the elements
  * float32 cannot carry) for float data, as csrc/bn_elementwise.h's normalize_f32 and
  * docs/user_guide/semantics.md describe -- bn_norm in bn_common.cuh, its channel's
- * parameters computed once per thread. */
+ * parameters computed once per thread.  f64: float data in double, where the CPU's plan
+ * keeps it there (channels of fewer than BN_F32_MIN_PER_CHANNEL elements: the backend
+ * passes it, as for the dx below). */
 #define BN_NORM_ROW_ARGS(T)                                                               \
     const T *x, T *y, bn_i64 C, bn_i64 S, bn_i64 chunks, const double *__restrict__ mean, \
-        const double *__restrict__ scale, const double *__restrict__ shift, int relu
+        const double *__restrict__ scale, const double *__restrict__ shift, int relu,    \
+        int f64
 template <typename T>
 __global__ void __launch_bounds__(BN_THREADS) bn_normalize_row(BN_NORM_ROW_ARGS(T))
 {
     const bn_i64 row = blockIdx.x / chunks, s0 = (blockIdx.x % chunks) * BN_CHUNK;
     const bn_i64 c = row % C, s1 = s0 + BN_CHUNK < S ? s0 + BN_CHUNK : S;
-    const bn_norm<T> f(mean[c], scale[c], shift[c]);
+    const bn_norm<T> f(mean[c], scale[c], shift[c], f64);
     const T *xr = x + row * S;
     T *yr = y + row * S;
     for (bn_i64 s = s0 + threadIdx.x; s < s1; s += BN_THREADS) yr[s] = f(xr[s], relu);
@@ -328,7 +331,7 @@ __global__ void __launch_bounds__(BN_THREADS) bn_normalize_row(BN_NORM_ROW_ARGS(
 #define BN_NORM_COL_ARGS(T)                                                               \
     const T *x, T *y, bn_i64 R, bn_i64 Cp, bn_i64 S, bn_i64 RB, bn_i64 G,                 \
         const double *__restrict__ mean, const double *__restrict__ scale,                \
-        const double *__restrict__ shift, int relu
+        const double *__restrict__ shift, int relu, int f64
 template <typename T>
 __global__ void __launch_bounds__(BN_THREADS) bn_normalize_col(BN_NORM_COL_ARGS(T))
 {
@@ -336,7 +339,7 @@ __global__ void __launch_bounds__(BN_THREADS) bn_normalize_col(BN_NORM_COL_ARGS(
     const bn_i64 j = tile * blockDim.x + threadIdx.x;
     if (j >= Cp) return;
     const bn_i64 c = j / S, r1 = (g + 1) * RB < R ? (g + 1) * RB : R;
-    const bn_norm<T> f(mean[c], scale[c], shift[c]);
+    const bn_norm<T> f(mean[c], scale[c], shift[c], f64);
     for (bn_i64 r = g * RB + threadIdx.y; r < r1; r += blockDim.y)
         y[r * Cp + j] = f(x[r * Cp + j], relu);
 }
@@ -467,7 +470,8 @@ bn_bwd_merge(const double *__restrict__ pd, const double *__restrict__ px, bn_i6
  * g = dy or the ReLU-masked dy; without the ReLU through bn_dx (float data in float32
  * arithmetic, as on the CPU).  dx may be dy or x. */
 #define BN_DX_PARAMS                                                                      \
-    BN_BWD_PARAMS, const double *__restrict__ kx, const double *__restrict__ k0, int eval
+    BN_BWD_PARAMS, const double *__restrict__ kx, const double *__restrict__ k0, int eval, \
+        int f64
 #define BN_DX_ROW_ARGS(T)                                                                 \
     const T *dy, const T *x, T *dx, bn_i64 C, bn_i64 S, bn_i64 chunks, BN_DX_PARAMS
 template <typename T>
@@ -479,7 +483,7 @@ __global__ void __launch_bounds__(BN_THREADS) bn_bwd_dx_row(BN_DX_ROW_ARGS(T))
     const double b = bias ? bias[c] : 0.0, kxc = kx[c], k0c = k0[c];
     const bn_i64 off = row * S;
     if (!relu) {
-        const bn_dx<T> f(m, a, kxc, k0c, eval);
+        const bn_dx<T> f(m, a, kxc, k0c, eval, f64);
         for (bn_i64 s = s0 + threadIdx.x; s < s1; s += BN_THREADS)
             dx[off + s] = f(dy[off + s], x[off + s]);
         return;
@@ -503,7 +507,7 @@ __global__ void __launch_bounds__(BN_THREADS) bn_bwd_dx_col(BN_DX_COL_ARGS(T))
     const bn_i64 c = j / S, r1 = (g + 1) * RB < R ? (g + 1) * RB : R;
     const double m = mean[c], a = weight ? invstd[c] * weight[c] : invstd[c];
     const double b = bias ? bias[c] : 0.0, kxc = kx[c], k0c = k0[c];
-    const bn_dx<T> f(m, a, kxc, k0c, eval);
+    const bn_dx<T> f(m, a, kxc, k0c, eval, f64);
     for (bn_i64 r = g * RB + threadIdx.y; r < r1; r += blockDim.y) {
         const bn_i64 o = r * Cp + j;
         if (!relu) {

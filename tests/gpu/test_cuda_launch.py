@@ -39,7 +39,7 @@ from bnfast import _api
 from bnfast.cuda import _backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import dx_f32, norm_f32  # noqa: E402
+from conftest import _canonical_f32, dx_f32, norm_f32  # noqa: E402
 from gpu_cases import ERRORS, _message  # noqa: E402
 
 NVCC = shutil.which(os.environ.get("NVCC", "nvcc"))
@@ -313,22 +313,24 @@ def _cols(grid, block, R, Cp, S, RB, G):
         yield slice(g * RB, min(R, g * RB + RB)), g, j, j // S
 
 
-def _norm(xv, m, a, b, relu):
+def _norm(xv, m, a, b, relu, f64):
     v = (xv.astype(np.float64) - m) * a + b
     v = np.where(v <= 0.0, 0.0, v) if relu else v
-    return norm_f32(xv, m, a, b, relu, v) if xv.dtype == np.float32 else v
+    if xv.dtype != np.float32:
+        return v
+    return _canonical_f32(v.astype(np.float32)) if f64 else norm_f32(xv, m, a, b, relu, v)
 
 
-def _normalize_row(grid, block, x, y, C, S, chunks, mean, scale, shift, relu):
+def _normalize_row(grid, block, x, y, C, S, chunks, mean, scale, shift, relu, f64):
     xf, yf = _flat(x), _flat(y)
     for c, sl in _rows(grid, C, S, chunks):
-        yf[sl] = _norm(xf[sl], mean[c], scale[c], shift[c], relu)
+        yf[sl] = _norm(xf[sl], mean[c], scale[c], shift[c], relu, f64)
 
 
-def _normalize_col(grid, block, x, y, R, Cp, S, RB, G, mean, scale, shift, relu):
+def _normalize_col(grid, block, x, y, R, Cp, S, RB, G, mean, scale, shift, relu, f64):
     X, Y = _flat(x).reshape(R, Cp), _flat(y).reshape(R, Cp)
     for rs, _, j, c in _cols(grid, block, R, Cp, S, RB, G):
-        Y[rs, j] = _norm(X[rs, j], mean[c], scale[c], shift[c], relu)
+        Y[rs, j] = _norm(X[rs, j], mean[c], scale[c], shift[c], relu, f64)
 
 
 def _pick(v, c):
@@ -380,30 +382,30 @@ def _bwd_merge(grid, block, pd, px, M, invstd, weight, cnt, training, sum_dy, su
         k0[c] = -a * (sd / cnt) if training and cnt > 0 else 0.0
 
 
-def _dx(dyv, xv, m, inv, w, b, relu, kxc, k0c, ev):
+def _dx(dyv, xv, m, inv, w, b, relu, kxc, k0c, ev, f64):
     a, xm, g = _bwd_terms(dyv, xv, m, inv, w, b, relu)
     with np.errstate(invalid="ignore"):     # inf - inf of a degenerate channel: NaN
         v = a * g if ev else (a * g + kxc * xm) + k0c
-    return dx_f32(dyv, xv, m, a, kxc, k0c, not ev, v) if xv.dtype == np.float32 and not relu \
-        else v
+    return dx_f32(dyv, xv, m, a, kxc, k0c, not ev, v) \
+        if xv.dtype == np.float32 and not relu and not f64 else v
 
 
 def _bwd_dx_row(grid, block, dy, x, dx, C, S, chunks, mean, invstd, weight, bias, relu, kx,
-                k0, ev):
+                k0, ev, f64):
     df, xf, of = _flat(dy), _flat(x), _flat(dx)
     w, b = _opt(weight), _opt(bias)
     for c, sl in _rows(grid, C, S, chunks):
         of[sl] = _dx(df[sl], xf[sl], mean[c], invstd[c], _pick(w, c), _pick(b, c), relu,
-                     kx[c], k0[c], ev)
+                     kx[c], k0[c], ev, f64)
 
 
 def _bwd_dx_col(grid, block, dy, x, dx, R, Cp, S, RB, G, mean, invstd, weight, bias, relu,
-                kx, k0, ev):
+                kx, k0, ev, f64):
     D, X, O = (_flat(a).reshape(R, Cp) for a in (dy, x, dx))
     w, b = _opt(weight), _opt(bias)
     for rs, _, j, c in _cols(grid, block, R, Cp, S, RB, G):
         O[rs, j] = _dx(D[rs][:, j], X[rs][:, j], mean[c], invstd[c], _pick(w, c),
-                       _pick(b, c), relu, kx[c], k0[c], ev)
+                       _pick(b, c), relu, kx[c], k0[c], ev, f64)
 
 
 EMULATE = {"bn_stats_row": _stats_row, "bn_stats_col": _stats_col,

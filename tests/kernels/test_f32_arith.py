@@ -57,6 +57,13 @@ SHAPES = [((4, 3, 100), 1), ((8, 16, 9, 9), 1), ((32, 512, 7, 7), 1), ((16, 8, 8
           ((256, 5, 3), 1), ((3, 4, 2, 5, 9), 2)]
 
 
+def _small(shape, axis):
+    """Whether the plan computes float32 data of this shape in double: fewer than
+    F32_MIN_PER_CHANNEL elements per channel (test_small_channels_stay_in_double)."""
+    from bnfast import _core
+    return int(np.prod(shape)) // shape[axis] < _core.F32_MIN_PER_CHANNEL
+
+
 def _special(x):
     """Elements the float32 formula cannot compute: NaN with a sign and payload (float32
     arithmetic would keep them; the fallback stores the canonical NaN), infinities."""
@@ -79,9 +86,11 @@ def _case(key, shape, axis, loc=0.5, spread=3.0):
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=[f"{'x'.join(map(str, s))}-ax{a}"
                                                     for s, a in SHAPES])
-def test_bits_of_the_float32_formula(shape, axis, relu, isa, nthreads):
+def test_bits_of_the_float32_formula(shape, axis, relu, isa, nthreads, arith):
     x, w, b, m, v = _case("bits", shape, axis)
     _special(x)
+    if _small(shape, axis):   # the plan keeps these in double: the float32 code forced
+        arith("float32")
     assert bnfast.explain(x, op="infer", axis=axis)["elementwise"]["arithmetic"] == "float32"
     a, sh = _coeffs(v, w, b, 1e-5)
     want = _emulate(x, axis % x.ndim, m, a, sh, relu)
@@ -255,6 +264,50 @@ def test_which_passes_compute_in_float32():
     assert bnfast.explain(x, op="backward", relu=True)["elementwise"]["arithmetic"] == "float64"
 
 
+# (shape, axis) with fewer than 8 elements per channel: batch-1 fully connected, 1x1
+# maps, a short 3-D sequence, channels last
+SMALL = [((1, 2048), 1), ((2, 2048), 1), ((7, 33), 1), ((1, 512, 1, 1), 1), ((1, 64, 7), 1),
+         ((1, 2, 5), 1), ((1, 3, 2, 40), -1)]
+
+
+@pytest.mark.parametrize("shape,axis", SMALL, ids=[f"{'x'.join(map(str, s))}-ax{a}"
+                                                   for s, a in SMALL])
+def test_small_channels_stay_in_double(shape, axis, isa, nthreads):
+    """Channels of fewer than F32_MIN_PER_CHANNEL elements (N * S) are normalised, and their
+    dx computed, in double in every variant (the float32 path's per-channel parameters
+    would cost more than they save there: csrc/plan.c); 8 elements or more, in float32."""
+    from bnfast import _core
+    assert _small(shape, axis) and _core.F32_MIN_PER_CHANNEL == 8
+    x, w, b, m, v = _case("small", shape, axis)
+    _special(x)
+    for variant in ("baseline", "avx2", "avx512"):
+        for op, relu in (("train", True), ("infer", False), ("backward", False)):
+            plan = bnfast.explain(x, op=op, axis=axis, relu=relu, isa=variant)
+            assert plan["elementwise"]["arithmetic"] == "float64", (variant, op)
+    a, sh = _coeffs(v, w, b, 1e-5)
+    for relu in (False, True):
+        got = bnfast.batch_norm_infer(x, m, v, w, b, axis=axis, relu=relu)
+        assert_same_bits(got, _emulate(x, axis % x.ndim, m, a, sh, relu, f32=False))
+        if x.size > x.shape[axis]:        # training needs 2 values per channel
+            y, mean, invstd = bnfast.batch_norm_train(x, w, b, axis=axis, relu=relu)
+            assert_same_bits(y, _emulate(x, axis % x.ndim, mean, invstd * w, b, relu,
+                                         f32=False))
+    dy, x, m, inv, w = _dx_case("small", shape, axis)
+    d3, x3 = _kernel_view(dy, axis), _kernel_view(x, axis)
+    for training in (True, False):
+        want = _emulate_dx(d3, x3, m, *_dx_coeffs(d3, x3, m, inv, w, training), training,
+                           f32=False)
+        got, _, _ = bnfast.batch_norm_backward(dy, x, m, inv, w, training=training, axis=axis)
+        assert_same_bits(got, want.reshape(shape), f"dx, training={training}")
+
+
+def test_eight_elements_per_channel_take_float32():
+    for shape in ((8, 2048), (1, 512, 2, 4), (4, 64, 2)):
+        for op in ("train", "infer", "backward"):
+            plan = bnfast.explain(np.zeros(shape, np.float32), op=op)
+            assert plan["elementwise"]["arithmetic"] == "float32", (shape, op)
+
+
 # ------------------------------------------------------------------ the backward's dx
 
 def _kernel_view(a, axis):
@@ -312,13 +365,15 @@ def _dx_case(key, shape, axis, special=True):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape,axis", DX_SHAPES, ids=[f"{'x'.join(map(str, s))}-ax{a}"
                                                        for s, a in DX_SHAPES])
-def test_dx_bits_of_the_float32_formula(shape, axis, training, isa, nthreads):
+def test_dx_bits_of_the_float32_formula(shape, axis, training, isa, nthreads, arith):
     """dx of float32 data without the ReLU: the exact bits of the float32 sequence, out of
     place and in place over dy and x; with NaN and infinite inputs (the kernel's dx pass
     with the clean data's coefficients: batch_norm_backward recomputes a channel whose sums
     are not finite in long double), those elements take the float64 value."""
     from bnfast import _core
     dy, x, m, inv, w = _dx_case("bits", shape, axis, special=False)
+    if _small(shape, axis):   # the plan keeps these in double: the float32 code forced
+        arith("float32")
     assert bnfast.explain(x, op="backward", axis=axis)["elementwise"]["arithmetic"] == "float32"
     d3, x3 = _kernel_view(dy, axis), _kernel_view(x, axis)
     coeffs = _dx_coeffs(d3, x3, m, inv, w, training)
@@ -431,13 +486,14 @@ def test_dx_error_bound_against_the_twin(isa):
           f"{worst_out:.3f} FLT_EPSILON x max|dx| (dy not proportional to x)")
 
 
-def test_dx_bound_where_the_spread_is_one_ulp_of_the_mean(isa):
+def test_dx_bound_where_the_spread_is_one_ulp_of_the_mean(isa, arith):
     """Two values one float32 ulp apart at 63.8, the mean between them: the x term as
     computed, |kx| |x - mh|, exceeds |kx| |x - m| by half an ulp of m, and the error reaches
     2.15 FLT_EPSILON of S (the exact value in rationals): within the bound only through its
     second-order term (a case from review)."""
     from fractions import Fraction
     from bnfast import _core
+    arith("float32")   # two elements per channel: the plan would take double
     mh = np.float32(63.77708435058594)
     m, kx, g = 63.77708623305153, 1.0132334837100854, np.float32(1.1746748018737208e-09)
     x = np.array([mh, np.nextafter(mh, np.float32(np.inf))], np.float32).reshape(2, 1, 1)
