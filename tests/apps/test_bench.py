@@ -40,7 +40,20 @@ def test_run_case_reports_every_op(layout):
         assert r["layout"] == layout and r["threads"] == 1
         for k in ("bnfast_ms", "bnfast_fresh_ms", "numpy_ms", "copy_ms"):
             assert r[k] > 0
+        # the ReLU's cost: paired per round with the same variant's call without it
+        assert (r.get("relu_cost", 0) > 0) == (r["op"] == "train_relu")
     assert "train_relu" in _bench.format_table(rows)
+
+
+def test_timeit_many_hands_back_each_round():
+    calls = []
+    per_round = []
+    got = _bench.timeit_many([lambda: calls.append(0), lambda: calls.append(1)], repeat=4,
+                             min_time=0.0, samples=per_round)
+    assert len(got) == 2 and len(per_round) == 2
+    assert all(len(v) == 4 and min(v) > 0 for v in per_round)
+    for (med, mn), v in zip(got, per_round):
+        assert med == float(np.median(v)) and mn == min(v)
 
 
 def test_numpy_baselines_agree_with_reference():
