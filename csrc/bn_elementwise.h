@@ -442,31 +442,35 @@ typedef struct {
     BN_FN(f32_span)(op, op == BN_F32_NORM ? NULL : (k)->g + (o), (k)->x + (o), (k)->y + (o), \
                     L, BN_FN(fq_at)((k)->q, jq), 1, &(k)->fb, j0, relu, defer, (k)->nts)
 
-/* The normalisation's rows out of place (defer, no streaming), rows of S >= 8: per row
+/* Rows out of place (defer, no streaming) of S >= 8 elements, formula op: per row
  * ceil(S / 8) vectors, the last over its last 8 elements, and one test of the non-finite
  * flag for all rows [r0, r1), whose rows are rewritten element by element if it is set
  * (a test per row and f32_span's general form cost about 9 cycles a row: inference of
  * (1, 512, 7, 7), benchmarks/README.md item 64). */
-static inline __attribute__((always_inline)) void BN_FN(f32_rows_norm)(
-    const BN_FN(f32_ctx) *k, ptrdiff_t r0, ptrdiff_t r1, const int relu)
+static inline __attribute__((always_inline)) void BN_FN(f32_rows_fast)(
+    const BN_FN(f32_ctx) *k, ptrdiff_t r0, ptrdiff_t r1, const int op, const int relu)
 {
     const ptrdiff_t C = k->p->C, S = k->p->S, e = S - 8;
-    const float *q0 = k->q.q0, *q1 = k->q.q1, *q2 = k->q.q2;
+    const float *q0 = k->q.q0, *q1 = k->q.q1, *q2 = k->q.q2, *q3 = k->q.q3;
+    const int hasg = op != BN_F32_NORM;
     bn_f8 acc = bn_f8_zero();
     ptrdiff_t c = r0 % C;
     for (ptrdiff_t r = r0; r < r1; r++) {
-        const float *x = k->x + r * S;
+        const float *x = k->x + r * S, *g = hasg ? k->g + r * S : NULL;
         float *y = k->y + r * S;
-        const bn_f8 m = bn_f8_splat(q0[c]), a = bn_f8_splat(q1[c]), b = bn_f8_splat(q2[c]);
-        const bn_f8 tl = BN_FN(f32_val)(BN_F32_NORM, NULL, x + e, m, a, b, b, relu, &acc);
+        const bn_f8 v0 = bn_f8_splat(q0[c]), v1 = bn_f8_splat(q1[c]), v2 = bn_f8_splat(q2[c]),
+                    v3 = op == BN_F32_DX ? bn_f8_splat(q3[c]) : v2;
+        const bn_f8 tl = BN_FN(f32_val)(op, hasg ? g + e : g, x + e, v0, v1, v2, v3, relu,
+                                        &acc);
         for (ptrdiff_t i = 0; i < e; i += 8)
-            bn_f8_st(y + i, BN_FN(f32_val)(BN_F32_NORM, NULL, x + i, m, a, b, b, relu, &acc), 0);
+            bn_f8_st(y + i, BN_FN(f32_val)(op, hasg ? g + i : g, x + i, v0, v1, v2, v3, relu,
+                                           &acc), 0);
         bn_f8_st(y + e, tl, 0);
         if (++c == C) c = 0;
     }
     if (__builtin_expect(bn_f8_flagged(acc), 0))
         for (ptrdiff_t r = r0; r < r1; r++)
-            BN_FN(f32_fix_span)(BN_F32_NORM, NULL, k->x + r * S, k->y + r * S, S,
+            BN_FN(f32_fix_span)(op, hasg ? k->g + r * S : NULL, k->x + r * S, k->y + r * S, S,
                                 BN_FN(fq_at)(k->q, r % C), 0, &k->fb, r % C * S, relu);
 }
 
@@ -475,8 +479,8 @@ static inline __attribute__((always_inline)) void BN_FN(f32_rows_case)(
     const int defer)
 {
     const ptrdiff_t C = k->p->C, S = k->p->S;
-    if (op == BN_F32_NORM && defer && !k->nts && S >= 8) {
-        BN_FN(f32_rows_norm)(k, r0, r1, relu);
+    if (defer && !k->nts && S >= 8) {
+        BN_FN(f32_rows_fast)(k, r0, r1, op, relu);
         return;
     }
     ptrdiff_t c = r0 % C;
