@@ -46,6 +46,9 @@ extern "C" {
 #define BN_PERIOD_MIN 64       /* columns element-wise: shortest period (elements) */
 #define BN_EW_ROW_MIN_S 8      /* columns element-wise: rows walk for S >= this (below,
                                   a row does not fill one vector) ... */
+#define BN_EW_ROW_MIN_S_F32 16      /* columns normalize of float32 data in float32: rows
+                                  walk for S >= this ... */
+#define BN_EW_ROW_MIN_COLS_F32 1024 /* ... and Cp >= this, in every variant */
 #define BN_EW_TILE_MIN_COLS 2048   /* columns normalize: tiles walk for Cp >= this (a
                                   period's parameters leave L1; few periods per item) */
 #define BN_EW_TILE_MAX_ROWS 256    /* ... and N <= this (an item is a tile down all rows) */

@@ -334,6 +334,10 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
      * 716 us).  With smaller periods the periods are faster (dx of (32, 256, 5, 5), 300 KB:
      * 155 against 181 us; inference of (256, 64, 3, 3): 36 against 72 us).  Normalize's
      * rows end with an overlapping vector (norm_span_s); dx's do not (slower on AVX2). */
+    /* The arithmetic of the element-wise pass (below, where it is explained); the walk of
+     * float32 normalisations depends on it. */
+    const int f32 = has_ew && itemsize == 4 && force_arith != BN_ARITH_F64 &&
+                    (force_arith == BN_ARITH_F32 || count >= (double)BN_F32_MIN_PER_CHANNEL * C);
     p->ew_walk = BN_WALK_NONE;
     if (has_ew && !rows) {
         /* Normalize: a period of 64 keeps its 3 x 8 parameter vectors in registers
@@ -357,7 +361,20 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
          * (256, 64, 7, 7) 382 / 417; backward of (32, 512, 7, 7) 1052 / 1163). */
         const int wide = isa != BN_ISA_BASELINE;
         const double param_bytes = (op == BN_OP_BACKWARD ? 6.0 : 3.0) * 8.0 * (double)Cp;
-        p->ew_walk = wide && S >= BN_EW_ROW_MIN_S && param_bytes >= BN_EW_ROW_MIN_PARAM_BYTES
+        /* The float32 normalisation walks rows in every variant from periods of
+         * BN_EW_ROW_MIN_COLS_F32 columns: its rows loop (f32_rows_fast) takes three scalar
+         * parameters per row and one load per vector, the periods three parameter loads
+         * per vector (inference, 2 threads, medians of 11, rows / the plan before:
+         * (32, 256, 5, 5) 0.56 AVX-512, 0.53 AVX2, 0.50 SSE2; (32, 256, 4, 4) 0.52 / 0.49 /
+         * 0.50; (128, 64, 4, 4) 0.74 / 0.65 / 0.70; (32, 512, 7, 7) SSE2 0.31; with
+         * periods under 1024 columns the periods stay faster: (256, 64, 3, 4) 1.26 / - /
+         * 1.31, (512, 32, 4, 4) 1.07 on AVX-512; rows of 9, (64, 256, 3, 3), made the
+         * training forward 5-10 % slower: benchmarks/README.md item 66).  The backward
+         * keeps its rule: its dx with the ReLU (double) was slower by rows. */
+        const int f32_rows = f32 && op != BN_OP_BACKWARD && S >= BN_EW_ROW_MIN_S_F32 &&
+                             Cp >= BN_EW_ROW_MIN_COLS_F32;
+        p->ew_walk = f32_rows || (wide && S >= BN_EW_ROW_MIN_S &&
+                                  param_bytes >= BN_EW_ROW_MIN_PARAM_BYTES)
                          ? BN_WALK_ROWS
                      : wide && op != BN_OP_BACKWARD && Cp >= BN_EW_TILE_MIN_COLS && N >= 2 &&
                                N <= BN_EW_TILE_MAX_ROWS ? BN_WALK_TILES
@@ -406,8 +423,7 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
      * AVX2, 8.26 -> 7.11 SSE2; (2, 2048) 5.40 -> 4.86; from (4, 2048) on float32 is as
      * fast or faster: benchmarks/README.md item 64).  Forcing float32 (tests) overrides
      * this; the GPU backend follows the same rule (bnfast/cuda/_backend.py). */
-    p->ew_f32 = has_ew && itemsize == 4 && force_arith != BN_ARITH_F64 &&
-                (force_arith == BN_ARITH_F32 || count >= (double)BN_F32_MIN_PER_CHANNEL * C);
+    p->ew_f32 = f32;
     p->ew_f32_relu = p->ew_f32 && op != BN_OP_BACKWARD;
     return BN_OK;
 }

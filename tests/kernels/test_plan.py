@@ -78,23 +78,28 @@ PATHS = [
     # S = 65 / 72: rows
     (((97, 33, 65), 1), "rows", {"train": ("rows", "rows")}),
     (((2, 3, 8, 9), 1), "rows", {"moments": ("rows", None)}),
-    # S = 49, 256 rows: columns of the (256, 3136) matrix
-    (((256, 64, 7, 7), 1), "columns", {"infer": (None, "tiles")}),
-    (((257, 64, 7, 7), 1), "columns", {"infer": (None, "spans")}),   # N > 256: periods
+    # S = 49, 256 rows: columns of the (256, 3136) matrix; the float32 normalisation walks
+    # rows (Cp >= BN_EW_ROW_MIN_COLS_F32, every variant), float64's column tiles, and
+    # with more than 256 rows its periods
+    (((256, 64, 7, 7), 1), "columns", {"infer": (None, "rows*")}),
+    (((257, 64, 7, 7), 1), "columns", {"infer": (None, "rows*")}),
     # few rows (S >= 2 N): rows, although S < 64 -- batch-1 (1, 512, 7, 7), (16, 64, 7, 7)
     (((1, 512, 7, 7), 1), "rows", {"train": ("rows", "rows"), "backward": ("rows", "rows")}),
     (((16, 64, 7, 7), 1), "rows", {"moments": ("rows", None)}),
     (((25, 64, 7, 7), 1), "columns", {"moments": ("register", None)}),
     (((1, 2048), 1), "columns", {"infer": (None, "spans")}),
     # S = 49, Cp = 25,088: a period's expanded parameters (600 KB normalize, 1.2 MB dx)
-    # reach BN_EW_ROW_MIN_PARAM_BYTES, so the element-wise passes walk (n, c) rows
+    # reach BN_EW_ROW_MIN_PARAM_BYTES, so the element-wise passes walk (n, c) rows (the
+    # float32 normalisation in every variant, Cp >= 1024)
     (((32, 512, 7, 7), 1), "columns",
-     {"train": ("register", "rows"), "infer": (None, "rows"),
+     {"train": ("register", "rows*"), "infer": (None, "rows*"),
       "backward": ("register", "rows")}),
-    # S = 25, Cp = 6400: below 512 KiB of parameters (normalize 150 KB, dx 300 KB), so
-    # normalize walks tiles (Cp >= 2048) and dx its periods
+    # S = 25, Cp = 6400: below 512 KiB of parameters (normalize 150 KB, dx 300 KB), so dx
+    # walks its periods; the float32 normalisation rows (Cp >= 1024)
     (((32, 256, 5, 5), 1), "columns",
-     {"infer": (None, "tiles"), "backward": ("register", "spans")}),
+     {"infer": (None, "rows*"), "backward": ("register", "spans")}),
+    # S = 12, Cp = 768 < 1024: the float32 normalisation keeps its periods
+    (((256, 64, 3, 4), 1), "columns", {"infer": (None, "spans")}),
     # S = 4 < 8 rows are narrower than a vector: no rows walk; Cp = 32768 >= 2048:
     # normalize walks column tiles down all rows, dx its periods
     (((64, 8192, 2, 2), 1), "columns", {"infer": (None, "tiles")}),
@@ -113,10 +118,16 @@ def test_each_shape_takes_its_path(case, layout, table):
     for isa in ("avx512", "avx2", "baseline"):
         for op, (red, ew) in table.items():
             red = OTHER_VARIANTS.get((case, op, isa), red)
-            ew_isa = "spans" if isa == "baseline" and ew in ("rows", "tiles") and \
+            # "rows*": the float32 normalisation's rows walk, in every variant
+            ew_isa = "rows" if ew == "rows*" else \
+                "spans" if isa == "baseline" and ew in ("rows", "tiles") and \
                 layout == "columns" else ew   # rows and tiles walks: AVX2 and AVX-512 only
             got = _walks(shape, op, axis, isa)
             assert got == (layout, red, ew_isa), f"{shape} axis={axis} {op} on {isa}: {got}"
+            if ew == "rows*":   # float64 data keeps the rule of the periods' parameters
+                f64 = _plan(shape, op, axis, isa, dtype=np.float64)["elementwise"]["walk"]
+                assert f64 != "rows" or (isa != "baseline" and shape == (32, 512, 7, 7)), \
+                    (shape, op, isa, f64)
 
 
 # Where the variants differ: wide statistics from DRAM take the memory walk on AVX-512
