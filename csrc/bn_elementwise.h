@@ -382,15 +382,15 @@ static inline __attribute__((always_inline)) void BN_FN(f32_span)(
 {
     ptrdiff_t i = 0;
     float tmp[8];
-    bn_f8 acc = bn_f8_zero(), tl = acc;   /* tl: the last vector (defer) */
+    bn_f8 acc = bn_f8_zero(), tl = acc;   /* tl: the last vector (defer, inc == 1) */
     const int last = !nts && L > 8 && (L & 7) != 0;
     const int hasg = op != BN_F32_NORM;
     if (inc == 0) {
         const bn_f8 v0 = bn_f8_splat(*q.q0), v1 = bn_f8_splat(*q.q1), v2 = bn_f8_splat(*q.q2),
                     v3 = bn_f8_splat(*q.q3);
-        if (last && defer)
-            tl = BN_FN(f32_val)(op, hasg ? g + L - 8 : g, x + L - 8, v0, v1, v2, v3, relu, &acc);
-        else if (last)
+        /* rows (inc == 0) reach here only in place, streaming or shorter than 8 elements:
+         * f32_rows_fast takes the others, so a deferred last vector never occurs here */
+        if (last)
             BN_FN(f32_vec)(op, hasg ? g + L - 8 : g, x + L - 8, tmp, v0, v1, v2, v3, q, 0, fb,
                            j0 + L - 8, relu, defer, &acc, 0);
         for (; i + 8 <= L; i += 8)
@@ -411,7 +411,7 @@ static inline __attribute__((always_inline)) void BN_FN(f32_span)(
                            bn_f8_ld(q.q1 + i), bn_f8_ld(q.q2 + i), bn_f8_ld(q.q3 + i),
                            BN_FN(fq_at)(q, i), 1, fb, j0 + i, relu, defer, &acc, nts);
     }
-    if (last && defer) {
+    if (last && defer && inc) {
         bn_f8_st(y + L - 8, tl, 0);
     } else if (last) {
         memcpy(y + L - 8, tmp, sizeof tmp);
