@@ -151,7 +151,19 @@ class _CuPyBackend:
 
     def ascontiguous(self, a, dtype=None):
         with self.device:
+            if dtype is not None and np.dtype(dtype) == np.float64 and a.dtype == np.float32:
+                return self._convert("bn_widen_f32", self.cp.ascontiguousarray(a),
+                                     np.float64)
             return self.cp.ascontiguousarray(a, dtype=dtype)
+
+    def _convert(self, name, a, dtype):
+        """`a` (C-contiguous) converted by kernel `name` (bn_widen_f32, bn_narrow_f32):
+        CuPy's own casts are compiled with -ftz=true and flush float32 subnormals, where
+        the CPU path keeps them."""
+        r = self.cp.empty(a.shape, dtype=dtype)
+        self._launch(name, None, -(-a.size // THREADS), (THREADS, 1, 1),
+                     (a, r, self._i(a.size)))
+        return r
 
     def copy(self, a, dtype=None):
         with self.device:
@@ -336,13 +348,13 @@ class _CuPyBackend:
             self._dx(dyk, xk, dxk, N, C, S, m, inv, w, b, kx, k0, relu, training)
 
     def cast(self, a, dtype):
-        """`a` (float64) in `dtype`, NaNs as the canonical NaN (NumPy's, the CPU path's):
-        a GPU's float64 -> float32 conversion makes its own NaN, 0x7fffffff."""
+        """`a` (float64, C-contiguous) in `dtype` (float32 or float64), rounded once with
+        subnormals kept and NaNs as the canonical NaN (NumPy's, the CPU path's: a GPU's
+        float64 -> float32 conversion makes its own NaN, 0x7fffffff)."""
+        if np.dtype(dtype) == a.dtype:
+            return a
         with self.device:
-            if np.dtype(dtype) == a.dtype:
-                return a
-            r = a.astype(dtype)
-            return self.cp.where(self.cp.isnan(r), np.dtype(dtype).type(np.nan), r)
+            return self._convert("bn_narrow_f32", a, dtype)
 
     def take_host(self, a, idx, axis):
         """NumPy copy of the channels `idx` (NumPy ints) of `a` along `axis`."""

@@ -18,6 +18,58 @@
 
 typedef long long bn_i64;
 
+/*
+ * float32 operations that keep subnormals, whatever -ftz says.  CuPy appends -ftz=true to
+ * every NVRTC compile, after the caller's options (cupy/cuda/compiler.py,
+ * _compile_with_cache_cuda; CuPy issue #9576), so plain float code here would flush float32
+ * subnormals to zero -- in the widening of every float input (cvt.ftz.f64.f32), the rounding
+ * of every float result (cvt.rn.ftz.f32.f64), the float32 arithmetic and comparisons --
+ * where the CPU keeps them (seen on an H200: outputs of about 5e-39 stored as 0).  On the
+ * device these are PTX instructions without .ftz; every float32 value the kernels read,
+ * compute or store goes through them (tests/gpu/test_cuda.py compiles this source with
+ * -ftz=true and checks that no .ftz instruction is left).  Elsewhere (the tests' CPU
+ * stand-in) they are the host compiler's IEEE operations.
+ */
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ double bn_wide(float v)
+{
+    double r;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(v));
+    return r;
+}
+__device__ __forceinline__ float bn_to_f32(double v)
+{
+    float r;
+    asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(v));
+    return r;
+}
+__device__ __forceinline__ float bn_fadd(float a, float b)
+{
+    float r;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float bn_fsub(float a, float b)
+{
+    float r;
+    asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float bn_fmul(float a, float b)
+{
+    float r;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+#else
+__device__ __forceinline__ double bn_wide(float v) { return (double)v; }
+__device__ __forceinline__ float bn_to_f32(double v) { return (float)v; }
+__device__ __forceinline__ float bn_fadd(float a, float b) { return a + b; }
+__device__ __forceinline__ float bn_fsub(float a, float b) { return a - b; }
+__device__ __forceinline__ float bn_fmul(float a, float b) { return a * b; }
+#endif
+__device__ __forceinline__ double bn_wide(double v) { return v; }
+
 /* Canonical quiet NaNs (NumPy's np.nan and its float32 cast), stored for every NaN
  * output: the GPU's own NaNs have other bits. */
 __device__ __forceinline__ double bn_canon(double v)
@@ -27,14 +79,14 @@ __device__ __forceinline__ double bn_canon(double v)
 
 __device__ __forceinline__ float bn_canon(float v)
 {
-    return v != v ? __int_as_float(0x7fc00000) : v;
+    return (__float_as_int(v) & 0x7fffffff) > 0x7f800000 ? __int_as_float(0x7fc00000) : v;
 }
 
 /* Round a double result to the storage type, with the canonical NaN. */
 template <typename T> __device__ __forceinline__ T bn_store(double v);
 template <> __device__ __forceinline__ float bn_store<float>(double v)
 {
-    return bn_canon((float)v);
+    return bn_canon(bn_to_f32(v));
 }
 template <> __device__ __forceinline__ double bn_store<double>(double v)
 {
@@ -86,9 +138,9 @@ __device__ __forceinline__ double bn_mask(double g, double t) { return t > 0.0 ?
  * a channel whose af float32 holds only as a subnormal or zero (a nonzero |a| below
  * FLT_MIN) gets af = NaN (bn_f32_scale), so that every
  * one of its elements takes the fallback below (where mh, af or bf is not finite, every t
- * of the channel is not finite anyway).  Per element: t = (x - mh) * af + bf, three float32 operations each
- * rounded once (__fsub_rn, __fmul_rn, __fadd_rn: never contracted into an FMA, whatever
- * -fmad says); where t is not finite (NaN or infinite x, or a float32 overflow), the
+ * of the channel is not finite anyway).  Per element: t = (x - mh) * af + bf, three
+ * float32 operations each rounded once (bn_fsub, bn_fmul, bn_fadd: never contracted into an
+ * FMA, whatever -fmad says, and never flushed); where t is not finite (NaN or infinite x, or a float32 overflow), the
  * element is computed in double instead, (float)(((double)x - m) * a + b) with the ReLU in
  * double and the canonical NaN; otherwise y = t, or with the ReLU (t <= 0 ? 0 : t).
  */
@@ -96,7 +148,7 @@ __device__ __forceinline__ double bn_mask(double g, double t) { return t > 0.0 ?
  * float32 would lose precision on (the CPU's f32_scale). */
 __device__ __forceinline__ float bn_f32_scale(double v)
 {
-    const float f = (float)v;
+    const float f = bn_to_f32(v);
     return ((__float_as_int(f) & 0x7f800000) == 0 && v != 0.0) ? __int_as_float(0x7fc00000)
                                                                 : f;
 }
@@ -121,18 +173,18 @@ template <> struct bn_norm<float> {
     __device__ __forceinline__ bn_norm(double m_, double a_, double b_, int f64_)
         : m(m_), a(a_), b(b_), f64(f64_)
     {
-        mh = (float)m;
+        mh = bn_to_f32(m);
         af = bn_f32_scale(a);
-        bf = (float)(b - (m - (double)mh) * a);
+        bf = bn_to_f32(b - (m - bn_wide(mh)) * a);
     }
     __device__ __forceinline__ float operator()(float x, int relu) const
     {
-        const float t = __fadd_rn(__fmul_rn(__fsub_rn(x, mh), af), bf);
+        const float t = bn_fadd(bn_fmul(bn_fsub(x, mh), af), bf);
         if (f64 || (__float_as_int(t) & 0x7f800000) == 0x7f800000) {   /* NaN or infinite */
-            const double v = ((double)x - m) * a + b;
+            const double v = (bn_wide(x) - m) * a + b;
             return bn_store<float>(relu ? bn_relu(v) : v);
         }
-        return relu ? (t <= 0.0f ? 0.0f : t) : t;
+        return relu && bn_wide(t) <= 0.0 ? 0.0f : t;
     }
 };
 
@@ -168,19 +220,19 @@ template <> struct bn_dx<float> {
                                      int f64_)
         : m(m_), kd(kd_), kx(kx_), k0(k0_), eval(e), f64(f64_)
     {
-        mh = (float)m;
+        mh = bn_to_f32(m);
         kdf = bn_f32_scale(kd);
         kxf = bn_f32_scale(kx);
-        k0f = (float)(k0 + kx * ((double)mh - m));
+        k0f = bn_to_f32(k0 + kx * (bn_wide(mh) - m));
     }
     __device__ __forceinline__ float operator()(float g, float x) const
     {
-        const float t = eval ? __fmul_rn(g, kdf)
-                             : __fadd_rn(__fadd_rn(__fmul_rn(g, kdf), k0f),
-                                         __fmul_rn(__fsub_rn(x, mh), kxf));
+        const float t = eval ? bn_fmul(g, kdf)
+                             : bn_fadd(bn_fadd(bn_fmul(g, kdf), k0f),
+                                       bn_fmul(bn_fsub(x, mh), kxf));
         if (f64 || (__float_as_int(t) & 0x7f800000) == 0x7f800000) {   /* NaN or infinite */
-            const double gd = (double)g;
-            return bn_store<float>(eval ? kd * gd : (kd * gd + kx * ((double)x - m)) + k0);
+            const double gd = bn_wide(g);
+            return bn_store<float>(eval ? kd * gd : (kd * gd + kx * (bn_wide(x) - m)) + k0);
         }
         return t;
     }
@@ -190,7 +242,7 @@ template <> struct bn_dx<float> {
 template <typename T>
 __device__ __forceinline__ double bn_shift_of(const T *x, bn_i64 S, bn_i64 c)
 {
-    const double K = (double)x[c * S];
+    const double K = bn_wide(x[c * S]);
     return bn_isfinite(K) ? K : 0.0;
 }
 

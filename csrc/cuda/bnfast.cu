@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(BN_THREADS) bn_stats_row(BN_STATS_ROW_ARGS(T))
     for (bn_i64 n = n0; n < n1; n++) {
         const T *row = x + (n * C + c) * S;
         for (bn_i64 s = tid; s < S; s += BN_THREADS) {
-            const double d = (double)row[s] - K;
+            const double d = bn_wide(row[s]) - K;
             s1 += d;
             s2 += d * d;
         }
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(BN_THREADS) bn_stats_row(BN_STATS_ROW_ARGS(T))
         for (bn_i64 n = n0; n < n1; n++) {
             const T *row = x + (n * C + c) * S;
             for (bn_i64 s = tid; s < S; s += BN_THREADS) {
-                const double d = ((double)row[s] - K) - m;
+                const double d = (bn_wide(row[s]) - K) - m;
                 q += d * d;
                 k += d;
             }
@@ -87,9 +87,11 @@ __global__ void __launch_bounds__(BN_THREADS) bn_stats_row(BN_STATS_ROW_ARGS(T))
         double *__restrict__ pn, double *__restrict__ pm, double *__restrict__ pq
 /* Column layout: block b = tile * G + g takes columns [tile * TX, (tile + 1) * TX) and rows
  * [g * RB, (g + 1) * RB); the partial of column j is at j * G + g (so the partials of
- * channel c are the S * G values from c * S * G on). */
+ * channel c are the S * G values from c * S * G on).  (The second launch bound, two blocks
+ * per multiprocessor, only steers ptxas: with the float loads widened by bn_wide's PTX, its
+ * sm_80 allocation left CUDA's double-division slow path 8 bytes of spills.) */
 template <typename T>
-__global__ void __launch_bounds__(BN_THREADS) bn_stats_col(BN_STATS_COL_ARGS(T))
+__global__ void __launch_bounds__(BN_THREADS, 2) bn_stats_col(BN_STATS_COL_ARGS(T))
 {
     __shared__ double sa[BN_THREADS], sb[BN_THREADS];
     const int TX = blockDim.x, TY = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(BN_THREADS) bn_stats_col(BN_STATS_COL_ARGS(T))
     double s1 = 0.0, s2 = 0.0;
     if (active) {
         for (bn_i64 r = r0 + ty; r < r1; r += TY) {
-            const double d = (double)x[r * Cp + j] - K;
+            const double d = bn_wide(x[r * Cp + j]) - K;
             s1 += d;
             s2 += d * d;
         }
@@ -116,7 +118,7 @@ __global__ void __launch_bounds__(BN_THREADS) bn_stats_col(BN_STATS_COL_ARGS(T))
     double q = 0.0, k = 0.0;
     if (active && two) {
         for (bn_i64 rr = r0 + ty; rr < r1; rr += TY) {
-            const double d = ((double)x[rr * Cp + j] - K) - m;
+            const double d = (bn_wide(x[rr * Cp + j]) - K) - m;
             q += d * d;
             k += d;
         }
@@ -194,7 +196,7 @@ __global__ void __launch_bounds__(BN_THREADS) bn_stats_fixup(BN_FIXUP_ARGS(T))
     const int tid = threadIdx.x;
     const bn_i64 L = N * S;
     const double inf = __longlong_as_double(0x7ff0000000000000LL);
-#define BN_ELEM(i) ((double)x[((i) / S * C + c) * S + (i) % S])
+#define BN_ELEM(i) (bn_wide(x[((i) / S * C + c) * S + (i) % S]))
     double amax = 0.0;
     int flags = 0;
     for (bn_i64 i = tid; i < L; i += BN_THREADS) {
@@ -286,6 +288,26 @@ bn_coeffs(const double *__restrict__ var, const double *__restrict__ weight,
     shift[c] = bias ? bias[c] : 0.0;
 }
 
+/*
+ * Conversions between float32 and float64 arrays of n values, for the backend: the float32
+ * per-channel parameters widened exactly (bn_widen_f32), the float32 dweight and dbias
+ * rounded once with the canonical NaN (bn_narrow_f32), as the CPU path gives them.  CuPy's
+ * own casts are compiled with -ftz=true and would flush float32 subnormals (bn_common.cuh).
+ */
+extern "C" __global__ void __launch_bounds__(BN_THREADS)
+bn_widen_f32(const float *__restrict__ src, double *__restrict__ dst, bn_i64 n)
+{
+    const bn_i64 i = (bn_i64)blockIdx.x * BN_THREADS + threadIdx.x;
+    if (i < n) dst[i] = bn_wide(src[i]);
+}
+
+extern "C" __global__ void __launch_bounds__(BN_THREADS)
+bn_narrow_f32(const double *__restrict__ src, float *__restrict__ dst, bn_i64 n)
+{
+    const bn_i64 i = (bn_i64)blockIdx.x * BN_THREADS + threadIdx.x;
+    if (i < n) dst[i] = bn_store<float>(src[i]);
+}
+
 /* Running statistics, in place (element strides sm, sv): r = (1 - momentum) r +
  * momentum * batch, with the unbiased variance (the CPU's bn_update_running). */
 #define BN_RUNNING_ARGS(R)                                                                \
@@ -298,8 +320,8 @@ __global__ void __launch_bounds__(BN_THREADS) bn_update_running(BN_RUNNING_ARGS(
     if (c >= C) return;
     const double unbiased = count > 1.0 ? var[c] * (count / (count - 1.0)) : var[c];
     R *pm = rm + c * sm, *pv = rv + c * sv;
-    *pm = bn_store<R>((1.0 - momentum) * (double)*pm + momentum * mean[c]);
-    *pv = bn_store<R>((1.0 - momentum) * (double)*pv + momentum * unbiased);
+    *pm = bn_store<R>((1.0 - momentum) * bn_wide(*pm) + momentum * mean[c]);
+    *pv = bn_store<R>((1.0 - momentum) * bn_wide(*pv) + momentum * unbiased);
 }
 
 /* ------------------------------------------------------------------ element-wise passes */
@@ -370,8 +392,8 @@ __global__ void __launch_bounds__(BN_THREADS) bn_bwd_reduce_row(BN_BWD_ROW_ARGS(
     for (bn_i64 n = n0; n < n1; n++) {
         const bn_i64 off = (n * C + c) * S;
         for (bn_i64 s = tid; s < S; s += BN_THREADS) {
-            const double xm = (double)x[off + s] - m;
-            double gv = (double)dy[off + s];
+            const double xm = bn_wide(x[off + s]) - m;
+            double gv = bn_wide(dy[off + s]);
             if (relu) gv = bn_mask(gv, xm * a + b);
             sd += gv;
             sx += gv * xm;
@@ -402,8 +424,8 @@ __global__ void __launch_bounds__(BN_THREADS) bn_bwd_reduce_col(BN_BWD_COL_ARGS(
         const double m = mean[c], a = weight ? invstd[c] * weight[c] : invstd[c];
         const double b = bias ? bias[c] : 0.0;
         for (bn_i64 r = r0 + ty; r < r1; r += TY) {
-            const double xm = (double)x[r * Cp + j] - m;
-            double gv = (double)dy[r * Cp + j];
+            const double xm = bn_wide(x[r * Cp + j]) - m;
+            double gv = bn_wide(dy[r * Cp + j]);
             if (relu) gv = bn_mask(gv, xm * a + b);
             sd += gv;
             sx += gv * xm;
@@ -489,8 +511,8 @@ __global__ void __launch_bounds__(BN_THREADS) bn_bwd_dx_row(BN_DX_ROW_ARGS(T))
         return;
     }
     for (bn_i64 s = s0 + threadIdx.x; s < s1; s += BN_THREADS) {
-        const double xm = (double)x[off + s] - m;
-        const double gv = bn_mask((double)dy[off + s], xm * a + b);
+        const double xm = bn_wide(x[off + s]) - m;
+        const double gv = bn_mask(bn_wide(dy[off + s]), xm * a + b);
         dx[off + s] = bn_store<T>(eval ? a * gv : (a * gv + kxc * xm) + k0c);
     }
 }
@@ -514,8 +536,8 @@ __global__ void __launch_bounds__(BN_THREADS) bn_bwd_dx_col(BN_DX_COL_ARGS(T))
             dx[o] = f(dy[o], x[o]);
             continue;
         }
-        const double xm = (double)x[o] - m;
-        const double gv = bn_mask((double)dy[o], xm * a + b);
+        const double xm = bn_wide(x[o]) - m;
+        const double gv = bn_mask(bn_wide(dy[o]), xm * a + b);
         dx[o] = bn_store<T>(eval ? a * gv : (a * gv + kxc * xm) + k0c);
     }
 }

@@ -23,7 +23,7 @@ static std::barrier<> *emu_barrier = nullptr;
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__ static
 #define __restrict__ __restrict
 
@@ -59,11 +59,6 @@ inline int __float_as_int(float f)
 
 inline double __dsqrt_rn(double v) { return std::sqrt(v); }
 
-/* float32 operations rounded once (round to nearest even, no contraction: -ffp-contract=off
- * and SSE arithmetic on x86-64). */
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
 
 /* Run body() as a launch of `grid` blocks of (bx, by, bz) threads: the same OS threads take
  * the blocks one after another, all of a block's threads finishing it (a barrier) before

@@ -218,6 +218,27 @@ def test_nvcc_compiles_without_warnings(name, arch, tmp_path):
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+@pytest.mark.parametrize("ftz", ["true", "false"])
+def test_no_float32_instruction_flushes_subnormals(ftz, tmp_path):
+    """CuPy appends -ftz=true to every NVRTC compile, after bnfast's -ftz=false (cupy/cuda/
+    compiler.py; seen on an H200: float32 outputs of about 5e-39 stored as 0).  The kernels'
+    float32 operations are PTX without .ftz, so the code NVRTC gets keeps IEEE subnormals
+    under either flag: no .ftz instruction in its PTX.  (Without those helpers this source
+    gave 530 .ftz instructions under -ftz=true, for sm_90.)"""
+    src = tmp_path / "inlined.cu"
+    src.write_text(bnfast.cuda.kernel_source(), encoding="utf-8")
+    ptx = tmp_path / "out.ptx"
+    opts = [o for o in bnfast.cuda.NVRTC_OPTIONS if not o.startswith("-ftz")]
+    r = subprocess.run([_nvcc(), "-ptx", "-arch=sm_90", *opts, f"-ftz={ftz}", "-o", str(ptx),
+                        str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = ptx.read_text()
+    assert "cvt.f64.f32" in text and "add.rn.f32" in text     # the float32 helpers are used
+    flushing = sorted({ln.split()[0] for ln in text.splitlines() if ".ftz" in ln})
+    assert not flushing, flushing
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_nvcc_flags_turn_a_warning_into_an_error(tmp_path):
     """The compile check can fail: an unused variable is a warning, hence an error."""
     path = tmp_path / "bad.cu"
@@ -615,6 +636,40 @@ def test_float32_elements_float32_cannot_carry_take_the_double_formula(shape, la
     assert_close(yt, ct, what="train vs CPU")
     assert np.isnan(yt).any()
     assert_same_bits(yt[np.isnan(yt)], ct[np.isnan(ct)], "train NaNs")
+
+
+@gpu
+def test_float32_subnormals_are_kept_as_on_the_cpu():
+    """Subnormal float32 inputs, parameters and outputs: the GPU keeps them (CuPy compiles
+    with -ftz=true, which would flush them) and gives the CPU's results."""
+    rng = rng_for("f32-subnormal")
+    tiny = np.float32(1e-40)
+    x = rng.standard_normal((8, 3, 20)).astype(np.float32)
+    x[:, 0] *= tiny                                  # a channel of subnormal data
+    # training forward: the statistics of the subnormal channel are not zero
+    yg, mg, ig = bnfast.batch_norm_train(D(x))
+    yc, mc, ic = bnfast.batch_norm_train(x)
+    assert H(mg)[0] != 0 and np.isfinite(H(ig)[0])
+    assert_close(H(mg), mc, rtol=1e-12, what="mean")
+    assert_close(H(yg), yc, what="train y")
+    # inference with float32 parameters holding subnormals, and subnormal outputs
+    mean = np.array([0.0, 0.0, 1e-39], np.float32)
+    var = np.ones(3, np.float32)
+    w = np.array([1.0, 1e-39, 1.0], np.float32)
+    b = np.array([1e-41, 0.0, -1e-39], np.float32)
+    for relu in (False, True):
+        g = H(bnfast.batch_norm_infer(D(x), D(mean), D(var), D(w), D(b), relu=relu))
+        c = bnfast.batch_norm_infer(x, mean, var, w, b, relu=relu)
+        assert_same_bits(g, c, f"infer relu={relu}")
+        assert (g[:, 1] != 0).any() and (np.abs(g[:, 1]) < 1e-37).all()
+    # backward: float32 dweight and dbias of subnormal size
+    dy = (rng.standard_normal(x.shape) * 1e-41).astype(np.float32)
+    dxg, dwg, dbg = bnfast.batch_norm_backward(D(dy), D(x), mg, ig, D(w))
+    dxc, dwc, dbc = bnfast.batch_norm_backward(dy, x, mc, ic, w)
+    assert dwg.dtype == np.float32 and np.abs(H(dbg)).max() < 1.2e-38 and (H(dbg) != 0).all()
+    assert_same_bits(H(dbg), dbc, "dbias")
+    assert_close(H(dwg), dwc, what="dweight")
+    assert_close(H(dxg), dxc, what="dx")
 
 
 @gpu

@@ -408,7 +408,16 @@ def _bwd_dx_col(grid, block, dy, x, dx, R, Cp, S, RB, G, mean, invstd, weight, b
                        _pick(b, c), relu, kx[c], k0[c], ev, f64)
 
 
-EMULATE = {"bn_stats_row": _stats_row, "bn_stats_col": _stats_col,
+def _widen_f32(grid, block, src, dst, n):
+    _flat(dst)[:n] = _flat(src)[:n].astype(np.float64)
+
+
+def _narrow_f32(grid, block, src, dst, n):
+    _flat(dst)[:n] = _canonical_f32(_flat(src)[:n].astype(np.float32))
+
+
+EMULATE = {"bn_widen_f32": _widen_f32, "bn_narrow_f32": _narrow_f32,
+           "bn_stats_row": _stats_row, "bn_stats_col": _stats_col,
            "bn_stats_merge": _stats_merge, "bn_stats_fixup": _stats_fixup,
            "bn_coeffs": _coeffs, "bn_update_running": _running,
            "bn_normalize_row": _normalize_row, "bn_normalize_col": _normalize_col,
