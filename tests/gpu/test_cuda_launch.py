@@ -210,6 +210,16 @@ def _host_launch(host, name, grid, block, args, sig):
 # then show whether the launches' partitions cover every element once and whether the
 # merges and element-wise passes read what the first kernels wrote.
 
+def _poisoned(shape, dtype=float):
+    """np.empty, but NaN-filled where the type has a NaN: a kernel that leaves part of a
+    buffer from cupy.empty unwritten then shows in the results instead of passing by
+    chance."""
+    a = np.empty(shape, dtype)
+    if a.dtype.kind == "f":
+        a.fill(np.nan)
+    return a
+
+
 def _flat(a):
     return np.asarray(a).reshape(-1)
 
@@ -449,7 +459,7 @@ def fake_cupy(signatures, monkeypatch):
     cp.__version__ = "stand-in"
     cp.ndarray = FakeArray
     cp.zeros = lambda n, dtype=float: np.zeros(n, dtype).view(FakeArray)
-    cp.empty = lambda shape, dtype=float: np.empty(shape, dtype).view(FakeArray)
+    cp.empty = lambda shape, dtype=float: _poisoned(shape, dtype).view(FakeArray)
     cp.ascontiguousarray = lambda a, dtype=None: np.ascontiguousarray(
         a, dtype=dtype).view(FakeArray)
     cp.array = _to_fake
@@ -828,7 +838,8 @@ def install_fake_cupy():
     cp = types.ModuleType("cupy")
     cp.__version__ = "stand-in (CUDA source on CPU threads)"
     cp.ndarray = FakeArray
-    for fn in ("zeros", "empty", "ones", "full", "zeros_like", "empty_like", "ones_like",
+    cp.empty = wrap(_poisoned)
+    for fn in ("zeros", "ones", "full", "zeros_like", "empty_like", "ones_like",
                "maximum", "exp", "log", "sqrt", "where", "isnan", "sum", "argmax", "arange",
                "dot", "matmul", "clip", "abs", "tanh", "mean", "max"):
         setattr(cp, fn, wrap(getattr(np, fn)))
