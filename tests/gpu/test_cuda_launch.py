@@ -470,7 +470,8 @@ def fake_cupy(signatures, monkeypatch):
     cp.isnan = lambda a: np.isnan(np.asarray(a)).view(FakeArray)
     cp.where = lambda c, a, b: np.asarray(np.where(c, a, b)).view(FakeArray)
     cp.RawModule = RawModule
-    cp.cuda = types.SimpleNamespace(Device=_Device)
+    cp.cuda = types.SimpleNamespace(Device=_Device,
+                                    runtime=types.SimpleNamespace(getDevice=lambda: 0))
     monkeypatch.setitem(bnfast.cuda._state, "cupy", (cp, None))
     monkeypatch.setattr(_backend, "_modules", {})
     monkeypatch.setattr(_backend, "_backends", {})
@@ -860,7 +861,7 @@ def install_fake_cupy():
         Device=lambda i=None: _Device(0 if i is None else i), Stream=Stream,
         nvrtc=types.SimpleNamespace(getVersion=lambda: (0, 0)),
         runtime=types.SimpleNamespace(
-            getDeviceCount=lambda: 1, driverGetVersion=lambda: 0, runtimeGetVersion=lambda: 0,
+            getDevice=lambda: 0, getDeviceCount=lambda: 1, driverGetVersion=lambda: 0, runtimeGetVersion=lambda: 0,
             getDeviceProperties=lambda i: {"name": b"CPU threads", "major": 0, "minor": 0}))
     sys.modules["cupy"] = cp
     bnfast.cuda._state["cupy"] = (cp, None)
@@ -936,7 +937,7 @@ def _extend(cp):
         Device=lambda i=None: _Device(0 if i is None else i),
         nvrtc=types.SimpleNamespace(getVersion=lambda: (0, 0)),
         runtime=types.SimpleNamespace(
-            getDeviceCount=lambda: 1, driverGetVersion=lambda: 0, runtimeGetVersion=lambda: 0,
+            getDevice=lambda: 0, getDeviceCount=lambda: 1, driverGetVersion=lambda: 0, runtimeGetVersion=lambda: 0,
             getDeviceProperties=lambda i: {"name": b"stand-in", "major": 0, "minor": 0}))
 
 
