@@ -276,11 +276,18 @@ static void BN_FN(col_sums)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, ptrdiff_t 
     }
 }
 
+#ifndef BN_COL_PART_STRIDE
+/* The row stride of the columns layout's position-major partials: C rounded up to 8, plus
+ * 8, so that the positions' rows fall in different L1 sets (a stride of 4 KiB put all 49
+ * rows of (32, 512, 7, 7) in one set: the training forward took twice its time). */
+#define BN_COL_PART_STRIDE(C) ((((C) + 7) & ~(ptrdiff_t)7) + 8)
+#endif
+
 typedef struct {
     const bn_plan *p;
     const T *x;
     const double *kcol;     /* per column: its channel's shift */
-    double *pm, *pq;        /* per group and column: mean(x - K), M2 */
+    double *pm, *pq;        /* per group and column ((g * S + s) * CS + c): mean(x - K), M2 */
 } BN_FN(col_stats_ctx);
 
 /* Statistics of the columns of one tile over the row blocks of one group. */
@@ -348,18 +355,28 @@ static void BN_FN(col_moments_item)(const void *ctx, ptrdiff_t it)
         }
         n += nb;
     }
+    /* Stored position-major (s * CS + c for column c * S + s), so that the merge below
+     * reads 8 adjacent channels' partials of one position as one contiguous vector. */
+    const ptrdiff_t S = p->S, CS = BN_COL_PART_STRIDE(p->C);
+    ptrdiff_t ch = c0 / S, pos = c0 % S;
+    double *gpm = k->pm + ci.g * S * CS, *gpq = k->pq + ci.g * S * CS;
     for (ptrdiff_t j = 0; j < w; j++) {
-        k->pm[ci.g * Cp + c0 + j] = mean[j];
-        k->pq[ci.g * Cp + c0 + j] = m2[j];
+        gpm[pos * CS + ch] = mean[j];
+        gpq[pos * CS + ch] = m2[j];
+        if (++pos == S) {
+            pos = 0;
+            ch++;
+        }
     }
 }
 
 static int BN_FN(moments_columns)(const bn_plan *p, const T *x, double *mean, double *var)
 {
     const ptrdiff_t N = p->N, C = p->C, S = p->S, Cp = p->col.Cp, G = p->col.ngroups;
-    double *buf = (double *)malloc(sizeof(double) * (2 * (size_t)(G * Cp) + (size_t)Cp));
+    const ptrdiff_t CS = BN_COL_PART_STRIDE(C), GP = G * S * CS;   /* partials per array */
+    double *buf = (double *)malloc(sizeof(double) * (2 * (size_t)GP + (size_t)Cp));
     if (!buf) return BN_ENOMEM;
-    double *kcol = buf + 2 * G * Cp;
+    double *kcol = buf + 2 * GP;
     if (S == 1)   /* a loop the compiler vectorises (2-D data: 8192 channels of (32, 8192)) */
         for (ptrdiff_t c = 0; c < C; c++) kcol[c] = BN_FN(shift_of)(x, 1, c);
     else
@@ -367,7 +384,7 @@ static int BN_FN(moments_columns)(const bn_plan *p, const T *x, double *mean, do
             const double K = BN_FN(shift_of)(x, S, c);
             for (ptrdiff_t s = 0; s < S; s++) kcol[c * S + s] = K;
         }
-    BN_FN(col_stats_ctx) k = {p, x, kcol, buf, buf + G * Cp};
+    BN_FN(col_stats_ctx) k = {p, x, kcol, buf, buf + GP};
     BN_FN(run_reduce_items)(p, p->col_items, BN_FN(col_moments_item), &k);
     /* Each channel merges its columns' group partials, column by column, group by group
      * (bn_chan_merge's operations).  The counts are the same for every channel, so 8
@@ -390,21 +407,22 @@ static int BN_FN(moments_columns)(const bn_plan *p, const T *x, double *mean, do
                 ptrdiff_t r0 = g * rows_per_group, r1 = r0 + rows_per_group;
                 if (r1 > N) r1 = N;
                 const double nb = (double)(r1 - r0);
-                const double *pm = k.pm + g * Cp + c0 * S + s, *pq = k.pq + g * Cp + c0 * S + s;
+                const double *pm = k.pm + (g * S + s) * CS + c0;
+                const double *pq = k.pq + (g * S + s) * CS + c0;
                 if (nb == 0) continue;
                 if (n == 0) {
                     for (int j = 0; j < w; j++) {
-                        m[j] = pm[j * S];
-                        q[j] = pq[j * S];
+                        m[j] = pm[j];
+                        q[j] = pq[j];
                     }
                     n = nb;
                     continue;
                 }
                 const double nn = n + nb, f1 = nb / nn, f2 = n * nb / nn;
                 for (int j = 0; j < w; j++) {
-                    const double delta = pm[j * S] - m[j];
+                    const double delta = pm[j] - m[j];
                     m[j] += delta * f1;
-                    q[j] += pq[j * S] + delta * delta * f2;
+                    q[j] += pq[j] + delta * delta * f2;
                 }
                 n = nn;
             }
