@@ -276,13 +276,6 @@ static void BN_FN(col_sums)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, ptrdiff_t 
     }
 }
 
-#ifndef BN_COL_PART_STRIDE
-/* The row stride of the columns layout's position-major partials: C rounded up to 8, plus
- * 8, so that the positions' rows fall in different L1 sets (a stride of 4 KiB put all 49
- * rows of (32, 512, 7, 7) in one set: the training forward took twice its time). */
-#define BN_COL_PART_STRIDE(C) ((((C) + 7) & ~(ptrdiff_t)7) + 8)
-#endif
-
 typedef struct {
     const bn_plan *p;
     const T *x;
@@ -357,7 +350,7 @@ static void BN_FN(col_moments_item)(const void *ctx, ptrdiff_t it)
     }
     /* Stored position-major (s * CS + c for column c * S + s), so that the merge below
      * reads 8 adjacent channels' partials of one position as one contiguous vector. */
-    const ptrdiff_t S = p->S, CS = BN_COL_PART_STRIDE(p->C);
+    const ptrdiff_t S = p->S, CS = bn_col_part_stride(p->C);
     ptrdiff_t ch = c0 / S, pos = c0 % S;
     double *gpm = k->pm + ci.g * S * CS, *gpq = k->pq + ci.g * S * CS;
     for (ptrdiff_t j = 0; j < w; j++) {
@@ -373,7 +366,7 @@ static void BN_FN(col_moments_item)(const void *ctx, ptrdiff_t it)
 static int BN_FN(moments_columns)(const bn_plan *p, const T *x, double *mean, double *var)
 {
     const ptrdiff_t N = p->N, C = p->C, S = p->S, Cp = p->col.Cp, G = p->col.ngroups;
-    const ptrdiff_t CS = BN_COL_PART_STRIDE(C), GP = G * S * CS;   /* partials per array */
+    const ptrdiff_t CS = bn_col_part_stride(C), GP = G * S * CS;   /* partials per array */
     double *buf = (double *)malloc(sizeof(double) * (2 * (size_t)GP + (size_t)Cp));
     if (!buf) return BN_ENOMEM;
     double *kcol = buf + 2 * GP;
