@@ -970,7 +970,12 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
         layout, ``stream``: non-temporal stores if the output is 16-byte aligned, and
         ``arithmetic``: 'float32' for float32 data whose channels have at least 8
         elements, else 'float64');
-        ``strategy`` sums it up in one line ('rows', or 'columns:' and the walks).
+        for ``op='train'``, ``fusion``: 'channels' where both passes run channel by
+        channel (the rows layout beyond the streaming threshold, with rows of at least
+        32 KiB and channels of at most 4 MiB: each channel is normalised from the cache
+        while the next one's statistics are read; the same bits either way), else 'none';
+        ``strategy`` sums it up in one line ('rows', or 'columns:' and the walks;
+        ':fused' added where fusion is 'channels').
 
     Raises
     ------
@@ -1012,5 +1017,7 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
     walks = [plan[k]["walk"] for k in ("reduce", "elementwise") if k in plan]
     plan["strategy"] = ("rows" if plan["layout"] == "rows"
                         else "columns:" + "+".join(walks))
+    if plan.get("fusion") == "channels":
+        plan["strategy"] += ":fused"
     plan["forced"] = {k: v for k, v in _plan.forced_strategy().items() if v is not None}
     return plan

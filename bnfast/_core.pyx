@@ -116,13 +116,15 @@ cdef extern from "bn_plan.h" nogil:
         Py_ssize_t col_items
         int ew_walk
         Py_ssize_t period, ew_units, ew_per_item, ew_items
-        int stream, ew_f32, ew_f32_relu
+        int stream, ew_f32, ew_f32_relu, fused
     int bn_plan_make(bn_plan *p, int op, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                      int itemsize, int isa, int nthreads)
     int bn_plan_force(int layout, int stats_walk, int backward_walk, int ew_walk)
     void bn_plan_forced(int *layout, int *stats_walk, int *backward_walk, int *ew_walk)
     int bn_plan_force_arith(int arith)
     int bn_plan_forced_arith()
+    int bn_plan_force_fused(int fused)
+    int bn_plan_forced_fused()
     const char *bn_walk_name(int walk)
     const char *bn_layout_name(int layout)
     const char *bn_op_name(int op)
@@ -220,6 +222,16 @@ def plan_force_arith(int arith):
 def plan_forced_arith():
     """bn_plan_forced_arith: the forced arithmetic (0, 1), -1 = not forced."""
     return bn_plan_forced_arith()
+
+
+def plan_force_fused(int fused):
+    """bn_plan_force_fused: 0 off, 1 on (where it can run), -1 the plan's choice."""
+    _check(bn_plan_force_fused(fused))
+
+
+def plan_forced_fused():
+    """bn_plan_forced_fused: the forced fusion (0, 1), -1 = not forced."""
+    return bn_plan_forced_fused()
 
 
 def copy(cnp.ndarray src, cnp.ndarray dst, int nthreads):

@@ -11,8 +11,11 @@ from . import _core
 
 ISA_NAMES, OP_NAMES = _core.ISA_NAMES, _core.OP_NAMES
 WALK_NAMES, LAYOUT_NAMES = _core.WALK_NAMES, _core.LAYOUT_NAMES
-FORCE_KEYS = ("layout", "statistics", "backward_sums", "elementwise", "arithmetic")
+FORCE_KEYS = ("layout", "statistics", "backward_sums", "elementwise", "arithmetic", "fusion")
 ARITH_NAMES = ("float64", "float32")   # BN_ARITH_F64, BN_ARITH_F32
+# the training forward's passes: one after the other ("none"), or channel by channel
+# ("channels": bn_plan.fused, the rows layout beyond the streaming threshold)
+FUSION_NAMES = ("none", "channels")
 FORCE_ENV = "BNFAST_FORCE_STRATEGY"
 
 
@@ -59,30 +62,36 @@ def plan(op, N, C, S, itemsize, nthreads, isa=None, relu=False):
         if not ew_rows:
             ew["period"] = p["period"]
         d["elementwise"] = ew
+    if op == "train":
+        d["fusion"] = FUSION_NAMES[p["fused"]]
     return d
 
 
 def forced_strategy():
     """The forced layout and walks (see force_strategy) as a dict; None = not forced."""
-    idx = _core.plan_forced() + (_core.plan_forced_arith(),)
-    names = {"layout": LAYOUT_NAMES, "arithmetic": ARITH_NAMES}
+    idx = _core.plan_forced() + (_core.plan_forced_arith(), _core.plan_forced_fused())
+    names = {"layout": LAYOUT_NAMES, "arithmetic": ARITH_NAMES, "fusion": FUSION_NAMES}
     return {key: None if v < 0 else names.get(key, WALK_NAMES)[v]
             for key, v in zip(FORCE_KEYS, idx)}
 
 
 def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise=None,
-                   arithmetic=None):
+                   arithmetic=None, fusion=None):
     """Tests: force the layout ('rows', 'columns') and the walks of the statistics
     ('register', 'memory'), the backward sums ('register', 'memory', 'blocks') and the
-    element-wise passes ('rows', 'tiles', 'spans', 'period64') for every later call, and
-    the element-wise arithmetic of float32 data ('float64', or 'float32' where the plan
-    has it: the normalisation); None keeps the plan's choice.  A walk never changes the
-    bits, the layout and the arithmetic do.  Returns the previous setting as a dict (pass
-    it back as keywords)."""
+    element-wise passes ('rows', 'tiles', 'spans', 'period64') for every later call, the
+    element-wise arithmetic of float32 data ('float64', or 'float32' where the plan
+    has it: the normalisation), and the training forward's fusion ('none', or 'channels'
+    wherever the rows layout runs it); None keeps the plan's choice.  A walk or the fusion
+    never changes the bits, the layout and the arithmetic do.  Returns the previous
+    setting as a dict (pass it back as keywords)."""
     old = forced_strategy()
     if arithmetic is not None and arithmetic not in ARITH_NAMES:
         raise ValueError(f"force_strategy: unknown arithmetic {arithmetic!r} "
                          f"(one of {', '.join(ARITH_NAMES)})")
+    if fusion is not None and fusion not in FUSION_NAMES:
+        raise ValueError(f"force_strategy: unknown fusion {fusion!r} "
+                         f"(one of {', '.join(FUSION_NAMES)})")
     asked = dict(zip(FORCE_KEYS[:4], (layout, statistics, backward_sums, elementwise)))
     idx = []
     for key, v in asked.items():
@@ -99,12 +108,13 @@ def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise
                          "(statistics: register, memory; backward_sums: register, memory, "
                          "blocks; elementwise: rows, tiles, spans, period64)") from None
     _core.plan_force_arith(-1 if arithmetic is None else ARITH_NAMES.index(arithmetic))
+    _core.plan_force_fused(-1 if fusion is None else FUSION_NAMES.index(fusion))
     return old
 
 
 def force_from_environment():
-    """Apply BNFAST_FORCE_STRATEGY=layout=columns,statistics=register,...,arithmetic=float64
-    (tests, CI)."""
+    """Apply BNFAST_FORCE_STRATEGY=layout=columns,statistics=register,...,arithmetic=float64,
+    fusion=channels (tests, CI)."""
     raw = os.environ.get(FORCE_ENV, "").strip()
     if not raw:
         return

@@ -56,6 +56,13 @@ extern "C" {
                                   parameters of at least this many bytes (half of L2) */
 #define BN_REG_MAX_COLS 64     /* register walks: most columns one strip keeps in registers */
 #define BN_SHIFT_COND 16.0     /* one-pass block statistics while mean(x-K)^2 <= this * var */
+#define BN_FUSE_MIN_ROW_BYTES ((double)(32 << 10))   /* fused training forward (plan.fused):
+                                  rows of at least this many bytes, ... */
+#define BN_FUSE_MAX_CHAN_BYTES ((double)(4 << 20))   /* ... channels of at most this many, */
+#define BN_FUSE_MIN_C_PER_THREAD 4   /* ... and this many channels per thread (a thread's
+                                  channels are one contiguous range) */
+#define BN_FUSE_CHUNK 1024      /* ... normalising this many elements, then reading as many of
+                                  the next channel's (a multiple of 16: seg_sums) */
 #define BN_F32_MIN_PER_CHANNEL 8   /* float32 element-wise arithmetic where a channel has at
                                   least this many elements (N * S); below, double */
 
@@ -114,6 +121,10 @@ typedef struct {
                                 (bn_elementwise.h: ew_f32), else in double */
     int ew_f32_relu;         /* the same with the fused ReLU (normalize only: the backward's
                                 ReLU mask is the double y's, as the twin's) */
+    int fused;               /* training forward, rows layout: both passes channel by channel,
+                                each thread normalising a channel while it reads the next
+                                one's statistics (bn_train.h: train_fused); the same
+                                segments, merges and element formulas, so the same bits */
 } bn_plan;
 
 /* The plan of operation op on (N, C, S) elements of itemsize bytes (4 or 8) with kernel
@@ -135,6 +146,11 @@ void bn_plan_forced(int *layout, int *stats_walk, int *backward_walk, int *ew_wa
 enum { BN_ARITH_F64 = 0, BN_ARITH_F32 = 1 };
 int bn_plan_force_arith(int arith);
 int bn_plan_forced_arith(void);
+/* Tests: the fused training forward (plan.fused) on (1) or off (0) wherever it can run
+ * (training forward, rows layout, some data), -1 = the plan's choice.  It never changes a
+ * bit.  Returns BN_OK or BN_EINVAL. */
+int bn_plan_force_fused(int fused);
+int bn_plan_forced_fused(void);
 
 const char *bn_walk_name(int walk);
 const char *bn_layout_name(int layout);

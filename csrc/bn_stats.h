@@ -21,12 +21,20 @@
  * M2 = sum((d - m)^2) - (sum(d - m))^2 / L, exact up to a few ulps.  The choice depends on
  * the data only, so results stay deterministic.
  */
-static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, double *m2)
+/* The shifted sums' accumulators of a segment (seg_moments), kept between calls by the
+ * fused training forward, which reads a segment in pieces (bn_train.h: chan_stats). */
+typedef struct {
+    bn_acc a0, a1, b0, b1;
+} BN_FN(seg_accs);
+
+/* seg_moments's first loop over the 16-element blocks of [i0, i1) (i0 and i1 - i0
+ * multiples of 16, or i1 the segment's end): the same additions, whatever the pieces. */
+static inline __attribute__((always_inline)) void BN_FN(seg_sums)(
+    const T *x, ptrdiff_t i0, ptrdiff_t i1, double K, BN_FN(seg_accs) *acc)
 {
     const bn_vd kv = bn_splat(K);
-    bn_acc a0 = bn_acc_zero(), a1 = bn_acc_zero(), b0 = bn_acc_zero(), b1 = bn_acc_zero();
-    ptrdiff_t i = 0;
-    for (; i + 16 <= L; i += 16) {
+    bn_acc a0 = acc->a0, a1 = acc->a1, b0 = acc->b0, b1 = acc->b1;
+    for (ptrdiff_t i = i0; i + 16 <= i1; i += 16) {
         bn_vd d0 = BN_FN(ld)(x + i) - kv;
         bn_vd d1 = BN_FN(ld)(x + i + 8) - kv;
         a0 = bn_acc_add(a0, d0);
@@ -34,6 +42,19 @@ static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, 
         b0 = bn_acc_add(b0, d0 * d0);
         b1 = bn_acc_add(b1, d1 * d1);
     }
+    acc->a0 = a0;
+    acc->a1 = a1;
+    acc->b0 = b0;
+    acc->b1 = b1;
+}
+
+/* The rest of seg_moments after its 16-element blocks (i = L rounded down to 16). */
+static inline __attribute__((always_inline)) void BN_FN(seg_finish)(
+    const T *x, ptrdiff_t L, double K, const BN_FN(seg_accs) *acc, double *mean, double *m2)
+{
+    const bn_vd kv = bn_splat(K);
+    bn_acc a0 = acc->a0, a1 = acc->a1, b0 = acc->b0, b1 = acc->b1;
+    ptrdiff_t i = L & ~(ptrdiff_t)15;
     if (i + 8 <= L) {
         bn_vd d0 = BN_FN(ld)(x + i) - kv;
         a0 = bn_acc_add(a0, d0);
@@ -79,6 +100,19 @@ static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, 
     if (r < 0.0) r = 0.0;
     *mean = m;
     *m2 = r;
+}
+
+static inline void BN_FN(seg_accs_zero)(BN_FN(seg_accs) *acc)
+{
+    acc->a0 = acc->a1 = acc->b0 = acc->b1 = bn_acc_zero();
+}
+
+static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, double *m2)
+{
+    BN_FN(seg_accs) acc;
+    BN_FN(seg_accs_zero)(&acc);
+    BN_FN(seg_sums)(x, 0, L, K, &acc);
+    BN_FN(seg_finish)(x, L, K, &acc, mean, m2);
 }
 
 /* The shift of channel c: its first value, or 0 if that is not finite. */
@@ -445,69 +479,74 @@ static int BN_FN(moments_columns)(const bn_plan *p, const T *x, double *mean, do
  * Scalar code in a fixed order, so the same bits in every variant and for any thread
  * count; it runs only for channels whose result was not finite.
  */
+static void BN_FN(moments_fixup_chan)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                                      ptrdiff_t c, double *mean, double *var)
+{
+    const double cnt = (double)N * (double)S;
+    double amax = 0.0;
+    int pinf = 0, ninf = 0, nan = 0;
+    for (ptrdiff_t n = 0; n < N; n++) {
+        const T *row = x + (n * C + c) * S;
+        for (ptrdiff_t s = 0; s < S; s++) {
+            const double v = (double)row[s];
+            if (v != v) nan = 1;
+            else if (v == INFINITY) pinf = 1;
+            else if (v == -INFINITY) ninf = 1;
+            else if (fabs(v) > amax) amax = fabs(v);
+        }
+    }
+    if (nan | pinf | ninf) {
+        /* IEEE arithmetic on the exact sums: the mean is +-inf, or NaN with NaN or both
+         * infinities; the deviations include inf - inf, so the variance is NaN. */
+        mean[c] = (nan || (pinf && ninf)) ? NAN : (pinf ? INFINITY : -INFINITY);
+        var[c] = NAN;
+        return;
+    }
+    int ea, ec;
+    frexp(amax, &ea);           /* amax < 2^ea */
+    frexp(cnt, &ec);            /* cnt < 2^ec */
+    const int k = ea + ec > 1000 ? ea + ec - 1000 : 0;   /* sums stay below 2^1000 */
+    const double sc = ldexp(1.0, -k);
+    double s1 = 0.0, comp = 0.0;   /* Neumaier's compensated sum */
+    for (ptrdiff_t n = 0; n < N; n++) {
+        const T *row = x + (n * C + c) * S;
+        for (ptrdiff_t s = 0; s < S; s++) {
+            const double v = (double)row[s] * sc, t1 = s1 + v;
+            comp += fabs(s1) >= fabs(v) ? (s1 - t1) + v : (v - t1) + s1;
+            s1 = t1;
+        }
+    }
+    const double m = (s1 + comp) / cnt;
+    double dmax = 0.0;
+    for (ptrdiff_t n = 0; n < N; n++) {
+        const T *row = x + (n * C + c) * S;
+        for (ptrdiff_t s = 0; s < S; s++) {
+            const double d = fabs((double)row[s] * sc - m);
+            if (d > dmax) dmax = d;
+        }
+    }
+    int ed;
+    frexp(dmax, &ed);           /* |deviation| < 2^ed */
+    const double t = ldexp(1.0, -(ed + 1));
+    double q = 0.0, qc = 0.0;      /* compensated too */
+    for (ptrdiff_t n = 0; n < N; n++) {
+        const T *row = x + (n * C + c) * S;
+        for (ptrdiff_t s = 0; s < S; s++) {
+            const double d = ((double)row[s] * sc - m) * t, d2 = d * d, q1 = q + d2;
+            qc += q >= d2 ? (q - q1) + d2 : (d2 - q1) + q;
+            q = q1;
+        }
+    }
+    mean[c] = ldexp(m, k);
+    var[c] = ldexp((q + qc) / cnt, 2 * (k + ed + 1));
+}
+
 static void BN_FN(moments_fixup)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
                                  double *mean, double *var)
 {
-    const double cnt = (double)N * (double)S;
-    for (ptrdiff_t c = 0; c < C; c++) {
-        if (isfinite(mean[c]) && isfinite(var[c])) continue;
-        double amax = 0.0;
-        int pinf = 0, ninf = 0, nan = 0;
-        for (ptrdiff_t n = 0; n < N; n++) {
-            const T *row = x + (n * C + c) * S;
-            for (ptrdiff_t s = 0; s < S; s++) {
-                const double v = (double)row[s];
-                if (v != v) nan = 1;
-                else if (v == INFINITY) pinf = 1;
-                else if (v == -INFINITY) ninf = 1;
-                else if (fabs(v) > amax) amax = fabs(v);
-            }
-        }
-        if (nan | pinf | ninf) {
-            /* IEEE arithmetic on the exact sums: the mean is +-inf, or NaN with NaN or both
-             * infinities; the deviations include inf - inf, so the variance is NaN. */
-            mean[c] = (nan || (pinf && ninf)) ? NAN : (pinf ? INFINITY : -INFINITY);
-            var[c] = NAN;
-            continue;
-        }
-        int ea, ec;
-        frexp(amax, &ea);           /* amax < 2^ea */
-        frexp(cnt, &ec);            /* cnt < 2^ec */
-        const int k = ea + ec > 1000 ? ea + ec - 1000 : 0;   /* sums stay below 2^1000 */
-        const double sc = ldexp(1.0, -k);
-        double s1 = 0.0, comp = 0.0;   /* Neumaier's compensated sum */
-        for (ptrdiff_t n = 0; n < N; n++) {
-            const T *row = x + (n * C + c) * S;
-            for (ptrdiff_t s = 0; s < S; s++) {
-                const double v = (double)row[s] * sc, t1 = s1 + v;
-                comp += fabs(s1) >= fabs(v) ? (s1 - t1) + v : (v - t1) + s1;
-                s1 = t1;
-            }
-        }
-        const double m = (s1 + comp) / cnt;
-        double dmax = 0.0;
-        for (ptrdiff_t n = 0; n < N; n++) {
-            const T *row = x + (n * C + c) * S;
-            for (ptrdiff_t s = 0; s < S; s++) {
-                const double d = fabs((double)row[s] * sc - m);
-                if (d > dmax) dmax = d;
-            }
-        }
-        int ed;
-        frexp(dmax, &ed);           /* |deviation| < 2^ed */
-        const double t = ldexp(1.0, -(ed + 1));
-        double q = 0.0, qc = 0.0;      /* compensated too */
-        for (ptrdiff_t n = 0; n < N; n++) {
-            const T *row = x + (n * C + c) * S;
-            for (ptrdiff_t s = 0; s < S; s++) {
-                const double d = ((double)row[s] * sc - m) * t, d2 = d * d, q1 = q + d2;
-                qc += q >= d2 ? (q - q1) + d2 : (d2 - q1) + q;
-                q = q1;
-            }
-        }
-        mean[c] = ldexp(m, k);
-        var[c] = ldexp((q + qc) / cnt, 2 * (k + ed + 1));
-    }
+    for (ptrdiff_t c = 0; c < C; c++)
+        if (!(isfinite(mean[c]) && isfinite(var[c])))
+            BN_FN(moments_fixup_chan)(x, N, C, S, c, mean, var);
 }
 
 /* Per-channel mean and biased variance under plan p: the blocked algorithm of the plan's

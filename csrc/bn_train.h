@@ -31,6 +31,189 @@ static const double *BN_FN(coeffs)(ptrdiff_t C, const double *var, double eps,
     return shift;
 }
 
+/* ---- the fused training forward (plan.fused) ---- */
+
+/* One channel's statistics, a segment at a time: moments_rows's segments (BN_SEG of each
+ * row), merged into the row group's partial in row order (row_moments_item) and the groups
+ * into the channel's total in group order (moments_rows), so the same operations in the
+ * same order and the same bits.  (row_moments_item's one-segment-per-row form makes the
+ * same operations as bn_chan_merge.) */
+typedef struct {
+    const T *x;
+    ptrdiff_t N, C, S, rpg, c;
+    ptrdiff_t n, s0, i;    /* the segment at row n, offset s0; read up to its element i */
+    double K;              /* the channel's shift */
+    BN_FN(seg_accs) acc;   /* the segment's sums so far */
+    double gn, gm, gq;     /* the current row group: count, mean(x - K), M2 */
+    double tn, tm, tq;     /* the groups merged so far */
+} BN_FN(chan_stats);
+
+static void BN_FN(chan_stats_init)(BN_FN(chan_stats) *u, const bn_plan *p, const T *x,
+                                   ptrdiff_t c)
+{
+    u->x = x;
+    u->N = p->N;
+    u->C = p->C;
+    u->S = p->S;
+    u->rpg = p->rows_per_group;
+    u->c = c;
+    u->n = u->s0 = u->i = 0;
+    BN_FN(seg_accs_zero)(&u->acc);
+    u->K = BN_FN(shift_of)(x, p->S, c);
+    u->gn = u->gm = u->gq = u->tn = u->tm = u->tq = 0.0;
+}
+
+/* Elements of the channel read so far (N * S when done). */
+static inline ptrdiff_t BN_FN(chan_stats_done)(const BN_FN(chan_stats) *u)
+{
+    return u->n * u->S + u->s0 + u->i;
+}
+
+/* Read up to BN_FUSE_CHUNK more elements of the current segment (seg_sums; a multiple of
+ * 16 except at its end), and at its end finish it (seg_finish) and merge it. */
+static void BN_FN(chan_stats_step)(BN_FN(chan_stats) *u)
+{
+    const ptrdiff_t S = u->S, L = S - u->s0 < BN_SEG ? S - u->s0 : BN_SEG;
+    const ptrdiff_t L16 = L & ~(ptrdiff_t)15;
+    const T *seg = u->x + (u->n * u->C + u->c) * S + u->s0;
+    const ptrdiff_t i1 = L16 - u->i > BN_FUSE_CHUNK ? u->i + BN_FUSE_CHUNK : L16;
+    BN_FN(seg_sums)(seg, u->i, i1, u->K, &u->acc);
+    u->i = i1;
+    if (i1 < L16) return;
+    double bm, bq;
+    BN_FN(seg_finish)(seg, L, u->K, &u->acc, &bm, &bq);
+    BN_FN(seg_accs_zero)(&u->acc);
+    u->i = 0;
+    bn_chan_merge(&u->gn, &u->gm, &u->gq, (double)L, bm, bq);
+    u->s0 += L;
+    if (u->s0 < S) return;
+    u->s0 = 0;
+    u->n++;
+    if (u->n % u->rpg == 0 || u->n == u->N) {   /* the end of a row group */
+        bn_chan_merge(&u->tn, &u->tm, &u->tq, u->gn, u->gm, u->gq);
+        u->gn = u->gm = u->gq = 0.0;
+    }
+}
+
+/* The channel's mean and variance, as moments_planned gives them (its fixup and canonical
+ * NaNs), then its coefficients as coeffs gives them (the scalar form: sqrt and division
+ * are correctly rounded), into mean, var, invstd (index c) and *scale, *shift. */
+static void BN_FN(chan_finish)(const BN_FN(chan_stats) *u, const double *weight,
+                               const double *bias, double eps, double *mean, double *var,
+                               double *invstd, double *scale, double *shift)
+{
+    const ptrdiff_t c = u->c;
+    mean[c] = u->K + u->tm;
+    var[c] = u->tq / u->tn;
+    if (!(isfinite(mean[c]) && isfinite(var[c]))) {
+        BN_FN(moments_fixup_chan)(u->x, u->N, u->C, u->S, c, mean, var);
+        if (mean[c] != mean[c]) mean[c] = NAN;
+        if (var[c] != var[c]) var[c] = NAN;
+    }
+    const double iv = 1.0 / sqrt(var[c] + eps);
+    invstd[c] = iv == iv ? iv : NAN;
+    *scale = weight ? iv * weight[c] : iv;
+    *shift = bias ? bias[c] : 0.0;
+}
+
+/* Elements [s0, s0 + L) of row n of channel c normalised with its parameters (m, a, b in
+ * double; q its float32 ones where the plan's arithmetic is float32): each element as the
+ * two-pass normalisation computes it, whatever the span. */
+static inline __attribute__((always_inline)) void BN_FN(fused_norm)(
+    const bn_plan *p, const T *x, T *y, ptrdiff_t n, ptrdiff_t c, ptrdiff_t s0, ptrdiff_t L,
+    const double *prm, const float *q, const int f32, const int relu, const int defer,
+    int nts)
+{
+    const ptrdiff_t o = (n * p->C + c) * p->S + s0;
+#if BN_IS_F32
+    if (f32) {
+        /* fb: one channel (Cp = S maps every position to index 0 of prm) */
+        const BN_FN(nfb) fb = {prm, prm + 1, prm + 2, prm + 2, p->S, p->S};
+        const BN_FN(fq) fq = {q, q + 1, q + 2, q + 2};
+        BN_FN(f32_span)(BN_F32_NORM, NULL, x + o, y + o, L, fq, 0, &fb, s0, relu, defer, nts);
+        return;
+    }
+#else
+    (void)q;
+    (void)f32;
+    (void)defer;
+#endif
+    BN_FN(norm_span_s)(x + o, y + o, L, prm[0], prm[1], prm[2], relu, nts);
+}
+
+/* Channels [c0, c1) on one thread: the statistics of c0, then for each channel its
+ * normalisation, BN_FUSE_CHUNK elements at a time, each followed by the next channel's
+ * statistics up to the same count. */
+static inline __attribute__((always_inline)) void BN_FN(fused_range_case)(
+    const bn_plan *p, const T *x, T *y, ptrdiff_t c0, ptrdiff_t c1, const double *weight,
+    const double *bias, double eps, double *mean, double *var, double *invstd, int nts,
+    const int f32, const int relu, const int defer)
+{
+    const ptrdiff_t N = p->N, S = p->S;
+    BN_FN(chan_stats) cur, nxt;
+    if (c0 >= c1) return;
+    BN_FN(chan_stats_init)(&cur, p, x, c0);
+    while (cur.n < N) BN_FN(chan_stats_step)(&cur);
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        double prm[3];
+        float q[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        prm[0] = 0.0;
+        BN_FN(chan_finish)(&cur, weight, bias, eps, mean, var, invstd, prm + 1, prm + 2);
+        prm[0] = mean[c];
+#if BN_IS_F32
+        if (f32) BN_FN(f32_params)(1, BN_F32_NORM, prm, prm + 1, prm + 2, prm + 2, q, q + 1,
+                                   q + 2, q + 3);
+#endif
+        const int more = c + 1 < c1;
+        if (more) BN_FN(chan_stats_init)(&nxt, p, x, c + 1);
+        for (ptrdiff_t n = 0; n < N; n++) {
+            for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_FUSE_CHUNK) {
+                const ptrdiff_t L = S - s0 < BN_FUSE_CHUNK ? S - s0 : BN_FUSE_CHUNK;
+                BN_FN(fused_norm)(p, x, y, n, c, s0, L, prm, q, f32, relu, defer, nts);
+                if (more)
+                    while (nxt.n < N && BN_FN(chan_stats_done)(&nxt) < n * S + s0 + L)
+                        BN_FN(chan_stats_step)(&nxt);
+            }
+        }
+        if (more) {
+            while (nxt.n < N) BN_FN(chan_stats_step)(&nxt);
+            cur = nxt;
+        }
+    }
+    bn_stream_fence(nts);
+}
+
+static void BN_FN(fused_range)(const bn_plan *p, const T *x, T *y, ptrdiff_t c0, ptrdiff_t c1,
+                               const double *weight, const double *bias, double eps,
+                               double *mean, double *var, double *invstd, int nts, int f32,
+                               int relu, int defer)
+{
+    if (f32)
+        BN_BY_FLAGS(BN_FN(fused_range_case), relu, defer, p, x, y, c0, c1, weight, bias, eps,
+                    mean, var, invstd, nts, 1);
+    else
+        BN_BY_FLAGS(BN_FN(fused_range_case), relu, 0, p, x, y, c0, c1, weight, bias, eps,
+                    mean, var, invstd, nts, 0);
+}
+
+/* The training forward with plan.fused: the channels split into one contiguous range per
+ * thread (any split gives the same bits: each channel is computed alone). */
+static int BN_FN(train_fused)(const bn_plan *p, const T *x, T *y, const double *weight,
+                              const double *bias, double eps, double *mean, double *var,
+                              double *invstd, int relu)
+{
+    const ptrdiff_t C = p->C;
+    const int nt = p->nthreads;
+    const int nts = p->stream && ((uintptr_t)y & 15) == 0 && !bn_stream_alias(y, x, NULL);
+    const int f32 = BN_IS_F32 && (relu ? p->ew_f32_relu : p->ew_f32);
+    const int defer = x != y;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int t = 0; t < nt; t++)
+        BN_FN(fused_range)(p, x, y, C * t / nt, C * (t + 1) / nt, weight, bias, eps, mean,
+                           var, invstd, nts, f32, relu, defer);
+    return BN_OK;
+}
+
 static int BN_FN(train_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C,
                                 ptrdiff_t S, const double *weight, const double *bias,
                                 double eps, double *mean, double *var, double *invstd,
@@ -40,6 +223,9 @@ static int BN_FN(train_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t
     if (bn_plan_make(&p, BN_OP_TRAIN, N, C, S, (int)sizeof(T), BN_ISA, nthreads) != BN_OK)
         return BN_EINVAL;
     if (C == 0) return BN_OK;
+    if (p.fused)
+        return BN_FN(train_fused)(&p, (const T *)xv, (T *)yv, weight, bias, eps, mean, var,
+                                  invstd, (flags & BN_FLAG_RELU) != 0);
     int st = BN_FN(moments_planned)(&p, (const T *)xv, mean, var);
     if (st != BN_OK) return st;
     double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)C);

@@ -153,6 +153,17 @@ int bn_plan_force_arith(int arith)
 
 int bn_plan_forced_arith(void) { return force_arith; }
 
+static int force_fused = -1;
+
+int bn_plan_force_fused(int fused)
+{
+    if (!(fused == -1 || fused == 0 || fused == 1)) return BN_EINVAL;
+    force_fused = fused;
+    return BN_OK;
+}
+
+int bn_plan_forced_fused(void) { return force_fused; }
+
 const char *bn_walk_name(int walk)
 {
     static const char *names[BN_WALK_COUNT] = {"none",  "register", "memory", "blocks",
@@ -425,5 +436,27 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
      * this; the GPU backend follows the same rule (bnfast/cuda/_backend.py). */
     p->ew_f32 = f32;
     p->ew_f32_relu = p->ew_f32 && op != BN_OP_BACKWARD;
+
+    /* Fused training forward: beyond the streaming threshold the two passes read x twice
+     * from DRAM.  Channel by channel, each thread normalises a channel while it reads the
+     * next one's statistics, so the channel is normalised from the cache and the reads
+     * overlap the writes.  Measured (float32, 2 threads, AVX-512, fused / two passes in
+     * one process, medians; benchmarks/README.md item 71): 0.81-0.88 with rows of 36-256
+     * KiB and channels of 1-4 MiB ((32, 64, 96, 96) 0.86, (16, 32, 256, 256) 0.81), but
+     * 1.04-1.08 with channels of 6 MiB ((128, 64, 112, 112): the channel is gone from the
+     * cache when it is normalised) and 1.14-1.36 with rows of 3-12 KiB ((128, 64, 56, 56)
+     * 1.24, (32, 256, 48, 48) 1.14: a channel is then many short runs far apart, which
+     * the prefetchers follow worse than the two passes' one stream).  Hence rows of
+     * BN_FUSE_MIN_ROW_BYTES and channels of at most BN_FUSE_MAX_CHAN_BYTES, and
+     * BN_FUSE_MIN_C_PER_THREAD channels per thread (each thread takes a contiguous range
+     * of channels, so fewer would leave threads idle).  Every element and every channel's
+     * statistics are computed as in the two passes: the choice never changes a bit (tests
+     * force it either way). */
+    const int can_fuse = op == BN_OP_TRAIN && rows && N > 0 && C > 0 && S > 0;
+    const double row_bytes = (double)S * (double)itemsize;
+    p->fused = can_fuse && !p->resident && row_bytes >= BN_FUSE_MIN_ROW_BYTES &&
+               (double)N * row_bytes <= BN_FUSE_MAX_CHAN_BYTES &&
+               C >= (ptrdiff_t)BN_FUSE_MIN_C_PER_THREAD * p->nthreads;
+    if (can_fuse && force_fused >= 0) p->fused = force_fused;
     return BN_OK;
 }

@@ -236,7 +236,7 @@ def test_force_switch(force):
     assert _walks((800, 4), "backward", 1) == ("rows", "rows", "rows")
     force()
     assert forced_strategy() == dict.fromkeys(
-        ("layout", "statistics", "backward_sums", "elementwise", "arithmetic"))
+        ("layout", "statistics", "backward_sums", "elementwise", "arithmetic", "fusion"))
     force(arithmetic="float64")
     assert _plan(shape, "infer", -1)["elementwise"]["arithmetic"] == "float64"
     assert forced_strategy()["arithmetic"] == "float64"
@@ -244,7 +244,7 @@ def test_force_switch(force):
     assert _plan(shape, "infer", -1)["elementwise"]["arithmetic"] == "float32"
     for bad in (dict(layout="diagonal"), dict(statistics="blocks"),
                 dict(backward_sums="period64"), dict(elementwise="memory"),
-                dict(arithmetic="float16")):
+                dict(arithmetic="float16"), dict(fusion="rows")):
         with pytest.raises((ValueError, RuntimeError)):
             force(**bad)
 
@@ -296,6 +296,8 @@ FORCINGS = [
     {"layout": "columns", "statistics": "register", "backward_sums": "register",
      "elementwise": "period64"},
     {"layout": "columns", "statistics": "memory", "backward_sums": "blocks"},
+    {"fusion": "channels"},
+    {"layout": "rows", "fusion": "channels"},
 ]
 
 
@@ -376,6 +378,8 @@ def test_forced_strategy(forcing, shape, axis, dtype, force):
                     assert plan["layout"] == value
                 elif key == "statistics" and plan["layout"] == "columns":
                     assert plan["reduce"]["walk"] == value
+                elif key == "fusion":
+                    assert plan["fusion"] == (value if plan["layout"] == "rows" else "none")
             for t in (1, 2):
                 with bnfast.num_threads(t):
                     r = _run(x, dy, w, b, axis)
@@ -410,3 +414,78 @@ def test_rows_walk_in_place(isa, force):
             assert_same_bits(bnfast.batch_norm_infer(x, mean, var, w, b, relu=relu), want,
                              f"spans relu={relu}")
             force()
+
+
+# ---------------------------------------------------------------- the fused training forward
+
+def test_fusion_rule():
+    # the rows layout's training forward beyond the streaming threshold (16 MiB here), with
+    # rows of at least 32 KiB, channels of at most 4 MiB and 4 channels per thread
+    def fusion(shape, dtype=np.float32, threads=2, isa=None):
+        return _plan(shape, "train", dtype=dtype, threads=threads, isa=isa)["fusion"]
+    for isa in ("avx512", "avx2", "baseline"):
+        assert fusion((32, 64, 96, 96), isa=isa) == "channels"     # 72 MiB, 36 KiB rows
+    assert fusion((16, 32, 256, 256)) == "channels"                # channels of 4 MiB
+    assert fusion((17, 32, 256, 256)) == "none"                    # ... of 4.25 MiB
+    assert fusion((128, 64, 112, 112)) == "none"                   # 6.1 MiB channels
+    assert fusion((128, 64, 56, 56)) == "none"                     # 12 KiB rows
+    assert fusion((64, 64, 32, 32)) == "none"                      # rows of 4 KiB
+    assert fusion((2, 64, 128, 128)) == "none"                     # 8 MiB: cache-resident
+    assert fusion((16, 7, 256, 256)) == "none"                     # 3.5 channels a thread
+    assert fusion((16, 7, 256, 256), threads=1) == "channels"
+    assert fusion((16, 64, 96, 96), dtype=np.float64) == "channels"   # 72 KiB rows
+    assert fusion((64, 64, 96, 96), dtype=np.float64) == "none"      # 4.5 MiB channels
+    assert "fusion" not in _plan((32, 64, 96, 96), "infer")
+    p = _plan((32, 64, 96, 96), "train", isa="avx2")
+    assert p["strategy"] == "rows:fused" and p["elementwise"]["stream"]
+    assert not _plan((32, 64, 96, 96), "train", isa="baseline")["elementwise"]["stream"]
+
+
+def _fused_cases():
+    """float32 and float64 batches for the fused path: segments of BN_SEG (2048) and a
+    partial one, several row groups, rows shorter than a segment, non-finite values, a
+    constant channel, data far from zero, values whose squares overflow float32."""
+    rng = rng_for("fused")
+    cases = []
+    for shape in [(40, 6, 4100), (3, 8, 300), (2, 5, 2049), (33, 4, 2048), (2, 9, 7)]:
+        for dtype in (np.float32, np.float64):
+            x = rng.standard_normal(shape)
+            x[:, 1] += 1e6                               # far from zero
+            x[:, 2] = 3.25                               # constant
+            x[0, 3, 5], x[-1, 3, -1] = np.nan, np.inf    # NaN and inf
+            if shape[1] > 4:
+                x[:, 4] *= 1e30 if dtype == np.float32 else 1e300   # huge
+            cases.append(x.astype(dtype))
+    return cases
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_fused_training_forward_gives_the_two_pass_bits(relu, force):
+    # forced on, in every variant, on 1-3 threads, out of place and in place: the bits of
+    # the two passes (forced off), outputs, mean, invstd and the running statistics alike
+    for x in _fused_cases():
+        C = x.shape[1]
+        w, b = make_params(rng_for("fused-p", x.shape, x.dtype.name), C)
+        w, b = w.astype(x.dtype), b.astype(x.dtype)
+
+        def run(isa, threads, in_place):
+            rm, rv = np.zeros(C, x.dtype), np.ones(C, x.dtype)
+            xx = x.copy()
+            with bnfast.use_isa(isa), bnfast.num_threads(threads), np.errstate(all="ignore"):
+                r = bnfast.batch_norm_train(xx, w, b, relu=relu, running_mean=rm,
+                                            running_var=rv, out=xx if in_place else None)
+            return r + (rm, rv)
+
+        force(fusion="none")
+        assert _plan(x.shape, "train", dtype=x.dtype)["fusion"] == "none"
+        want = run(ISAS[0], 1, False)
+        force(fusion="channels")
+        assert _plan(x.shape, "train", dtype=x.dtype)["fusion"] == "channels"
+        for isa in ISAS:
+            for threads in (1, 2, 3):
+                for in_place in (False, True):
+                    got = run(isa, threads, in_place)
+                    for name, g, e in zip(("y", "mean", "invstd", "running_mean",
+                                           "running_var"), got, want):
+                        assert_same_bits(g, e, f"{x.shape} {x.dtype} {isa} t{threads} "
+                                               f"in_place={in_place}: {name}")
