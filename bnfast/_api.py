@@ -970,10 +970,12 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
         layout, ``stream``: non-temporal stores if the output is 16-byte aligned, and
         ``arithmetic``: 'float32' for float32 data whose channels have at least 8
         elements, else 'float64');
-        for ``op='train'``, ``fusion``: 'channels' where both passes run channel by
-        channel (the rows layout beyond the streaming threshold, with rows of at least
-        32 KiB and channels of at most 4 MiB: each channel is normalised from the cache
-        while the next one's statistics are read; the same bits either way), else 'none';
+        for ``op='train'`` and ``'backward'``, ``fusion``: 'channels' where both passes
+        run channel by channel (the rows layout beyond the streaming threshold, with rows
+        of at least 32 KiB and channels of at most 4 MiB for the training forward, rows of
+        2 KiB and dy and x of a channel at most 2.5 MiB together for the backward: each
+        channel is normalised, or its dx written, from the cache while the next one's
+        statistics or sums are read; the same bits either way), else 'none';
         ``strategy`` sums it up in one line ('rows', or 'columns:' and the walks;
         ':fused' added where fusion is 'channels').
 

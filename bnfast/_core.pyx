@@ -29,6 +29,7 @@ cdef extern from "bnfast.h" nogil:
         BN_ENOMEM
         BN_EINVAL
         BN_ENOISA
+        BN_DECLINED
         BN_ISA_COUNT
         BN_FLAG_RELU
         BN_FLAG_EVAL
@@ -61,6 +62,13 @@ cdef extern from "bnfast.h" nogil:
                                           double cnt, int training, double *dweight,
                                           double *kx, double *k0)
     ctypedef void (*bn_widen_fn)(const float *src, double *dst, Py_ssize_t n)
+    ctypedef int (*bn_backward_fused_fn)(const void *dy, const void *x, void *dx, Py_ssize_t N,
+                                         Py_ssize_t C, Py_ssize_t S, const double *mean,
+                                         const double *invstd, const double *weight,
+                                         const double *bias, double *sum_dy,
+                                         double *sum_dyxmu, double *dweight, double *k_x,
+                                         double *k_0, int flags, int nthreads,
+                                         int *degenerate)
     ctypedef struct bn_kernel_table:
         const char *name
         bn_moments_fn moments[2]
@@ -71,6 +79,7 @@ cdef extern from "bnfast.h" nogil:
         bn_infer_forward_fn infer_forward[2]
         bn_backward_coeffs_fn backward_coeffs[2]
         bn_widen_fn widen_f32
+        bn_backward_fused_fn backward_fused[2]
 
     int bn_isa_compiled(int isa)
     int bn_isa_supported(int isa)
@@ -453,6 +462,34 @@ cdef tuple _backward_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssiz
     return dweight, dbias, kxa, k0a, degenerate
 
 
+cdef object _backward_fused(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t N,
+                            Py_ssize_t C, Py_ssize_t S, _Vec m, _Vec inv, _Vec w, _Vec b,
+                            bint relu, bint training, int nt):
+    """_backward_reduce and _bwd_apply in one kernel call where the plan fuses them:
+    (dweight, dbias, degenerate), dx written (not to be used if degenerate); None if the
+    kernel declined (nothing written)."""
+    cdef cnp.ndarray sx = _empty_c(C), dbias = _empty_c(C), dweight = _empty_c(C)
+    cdef cnp.ndarray kxa = _empty_c(C), k0a = _empty_c(C)
+    cdef const bn_kernel_table *t = bn_active()
+    cdef int dt = _dt(x), st, degenerate = 0
+    cdef int flags = (BN_FLAG_RELU if relu else 0) | (0 if training else BN_FLAG_EVAL)
+    cdef void *dyp = cnp.PyArray_DATA(dy)
+    cdef void *xp = cnp.PyArray_DATA(x)
+    cdef void *dxp = cnp.PyArray_DATA(dx)
+    cdef double *dbp = <double *> cnp.PyArray_DATA(dbias)
+    cdef double *sxp = <double *> cnp.PyArray_DATA(sx)
+    cdef double *dwp = <double *> cnp.PyArray_DATA(dweight)
+    cdef double *kxp = <double *> cnp.PyArray_DATA(kxa)
+    cdef double *k0p = <double *> cnp.PyArray_DATA(k0a)
+    with nogil:
+        st = t.backward_fused[dt](dyp, xp, dxp, N, C, S, m.ptr, inv.ptr, w.ptr, b.ptr, dbp,
+                                  sxp, dwp, kxp, k0p, flags, nt, &degenerate)
+    if st == BN_DECLINED:
+        return None
+    _check(st)
+    return dweight, dbias, degenerate != 0
+
+
 def backward_coefficients(cnp.ndarray sum_dy, cnp.ndarray sum_dyxmu, object invstd,
                           object weight, double count, bint training):
     """(dweight, k_x, k_0, degenerate) from per-channel float64 sums over `count` values
@@ -695,13 +732,23 @@ def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out,
             and _apart(bias, out)):
         return None
     cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
-    dweight, dbias, kx, k0, degenerate = _backward_reduce(da, xa, N, C, S, m, inv, w, b, relu,
-                                                          training, nthreads)
+    cdef cnp.ndarray dx = _empty_like(xa) if out is None else <cnp.ndarray> out
+    # Large enough for the plan to fuse the two passes (plan.fused; the kernel asks the plan
+    # and declines otherwise), or the fusion forced (tests): both in one kernel call
+    cdef double nbytes = 2.0 * <double> cnp.PyArray_NBYTES(xa)
+    fused = None
+    if nbytes >= <double> bn_get_stream_min_bytes() or bn_plan_forced_fused() == 1:
+        fused = _backward_fused(da, xa, dx, N, C, S, m, inv, w, b, relu, training, nthreads)
+    if fused is not None:
+        dweight, dbias, degenerate = fused
+    else:
+        dweight, dbias, kx, k0, degenerate = _backward_reduce(da, xa, N, C, S, m, inv, w, b,
+                                                              relu, training, nthreads)
     if degenerate:
         return None                # the general path recomputes such channels
-    cdef cnp.ndarray dx = _empty_like(xa) if out is None else <cnp.ndarray> out
-    _bwd_apply(da, xa, dx, N, C, S, m, inv, w, b, <double *> cnp.PyArray_DATA(kx),
-               <double *> cnp.PyArray_DATA(k0), relu, training, nthreads)
+    if fused is None:
+        _bwd_apply(da, xa, dx, N, C, S, m, inv, w, b, <double *> cnp.PyArray_DATA(kx),
+                   <double *> cnp.PyArray_DATA(k0), relu, training, nthreads)
     if _dt(xa) == 0:
         return dx, dweight.astype(np.float32), dbias.astype(np.float32)
     return dx, dweight, dbias

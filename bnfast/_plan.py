@@ -13,8 +13,9 @@ ISA_NAMES, OP_NAMES = _core.ISA_NAMES, _core.OP_NAMES
 WALK_NAMES, LAYOUT_NAMES = _core.WALK_NAMES, _core.LAYOUT_NAMES
 FORCE_KEYS = ("layout", "statistics", "backward_sums", "elementwise", "arithmetic", "fusion")
 ARITH_NAMES = ("float64", "float32")   # BN_ARITH_F64, BN_ARITH_F32
-# the training forward's passes: one after the other ("none"), or channel by channel
-# ("channels": bn_plan.fused, the rows layout beyond the streaming threshold)
+# the two passes of the training forward and of the backward: one after the other
+# ("none"), or channel by channel ("channels": bn_plan.fused, the rows layout beyond the
+# streaming threshold)
 FUSION_NAMES = ("none", "channels")
 FORCE_ENV = "BNFAST_FORCE_STRATEGY"
 
@@ -62,7 +63,7 @@ def plan(op, N, C, S, itemsize, nthreads, isa=None, relu=False):
         if not ew_rows:
             ew["period"] = p["period"]
         d["elementwise"] = ew
-    if op == "train":
+    if op in ("train", "backward"):
         d["fusion"] = FUSION_NAMES[p["fused"]]
     return d
 
@@ -81,8 +82,9 @@ def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise
     ('register', 'memory'), the backward sums ('register', 'memory', 'blocks') and the
     element-wise passes ('rows', 'tiles', 'spans', 'period64') for every later call, the
     element-wise arithmetic of float32 data ('float64', or 'float32' where the plan
-    has it: the normalisation), and the training forward's fusion ('none', or 'channels'
-    wherever the rows layout runs it); None keeps the plan's choice.  A walk or the fusion
+    has it: the normalisation), and the fusion of the training forward's and the
+    backward's two passes ('none', or 'channels' wherever the rows layout runs it); None
+    keeps the plan's choice.  A walk or the fusion
     never changes the bits, the layout and the arithmetic do.  Returns the previous
     setting as a dict (pass it back as keywords)."""
     old = forced_strategy()

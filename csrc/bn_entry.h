@@ -25,7 +25,8 @@
     extern BN_ENTRY_TYPE(bn_backward_dx_fn) bn_backward_dx_##sfx##_##isa;                 \
     extern BN_ENTRY_TYPE(bn_train_forward_fn) bn_train_forward_##sfx##_##isa;            \
     extern BN_ENTRY_TYPE(bn_infer_forward_fn) bn_infer_forward_##sfx##_##isa;            \
-    extern BN_ENTRY_TYPE(bn_backward_coeffs_fn) bn_backward_coeffs_##sfx##_##isa;
+    extern BN_ENTRY_TYPE(bn_backward_coeffs_fn) bn_backward_coeffs_##sfx##_##isa;       \
+    extern BN_ENTRY_TYPE(bn_backward_fused_fn) bn_backward_fused_##sfx##_##isa;
 #define BN_ENTRY_DECLARE(sfx, isa) BN_ENTRY_DECLARE_(sfx, isa)
 #endif /* BN_ENTRY_H */
 
@@ -96,6 +97,17 @@ int BN_ENTRY(backward_coeffs)(ptrdiff_t C, const double *sd, const double *sx,
 {
     return BN_KERNEL(backward_coeffs)(C, sd, sx, invstd, weight, cnt, training, dweight, kx,
                                       k0);
+}
+
+int BN_ENTRY(backward_fused)(const void *dy, const void *x, void *dx, ptrdiff_t N,
+                             ptrdiff_t C, ptrdiff_t S, const double *mean, const double *invstd,
+                             const double *weight, const double *bias, double *sum_dy,
+                             double *sum_dyxmu, double *dweight, double *k_x, double *k_0,
+                             int flags, int nthreads, int *degenerate)
+{
+    return BN_KERNEL(backward_fused)(dy, x, dx, N, C, S, mean, invstd, weight, bias, sum_dy,
+                                     sum_dyxmu, dweight, k_x, k_0, flags, nthreads,
+                                     degenerate);
 }
 
 #if BN_ONLY_DTYPE == 32

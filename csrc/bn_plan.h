@@ -59,6 +59,10 @@ extern "C" {
 #define BN_FUSE_MIN_ROW_BYTES ((double)(32 << 10))   /* fused training forward (plan.fused):
                                   rows of at least this many bytes, ... */
 #define BN_FUSE_MAX_CHAN_BYTES ((double)(4 << 20))   /* ... channels of at most this many, */
+#define BN_FUSE_BWD_MIN_ROW_BYTES ((double)(2 << 10))   /* fused backward: rows of at least
+                                  this many bytes, ... */
+#define BN_FUSE_BWD_MAX_CHAN_BYTES ((double)(5 << 19))   /* ... a channel's dy and x together
+                                  at most this many (2.5 MiB), */
 #define BN_FUSE_MIN_C_PER_THREAD 4   /* ... and this many channels per thread (a thread's
                                   channels are one contiguous range) */
 #define BN_FUSE_CHUNK 1024      /* ... normalising this many elements, then reading as many of
@@ -121,9 +125,10 @@ typedef struct {
                                 (bn_elementwise.h: ew_f32), else in double */
     int ew_f32_relu;         /* the same with the fused ReLU (normalize only: the backward's
                                 ReLU mask is the double y's, as the twin's) */
-    int fused;               /* training forward, rows layout: both passes channel by channel,
-                                each thread normalising a channel while it reads the next
-                                one's statistics (bn_train.h: train_fused); the same
+    int fused;               /* training forward and backward, rows layout: both passes
+                                channel by channel, each thread normalising a channel (or
+                                writing its dx) while it reads the next one's statistics
+                                (sums) (bn_train.h: train_fused, backward_fused); the same
                                 segments, merges and element formulas, so the same bits */
 } bn_plan;
 
@@ -146,8 +151,8 @@ void bn_plan_forced(int *layout, int *stats_walk, int *backward_walk, int *ew_wa
 enum { BN_ARITH_F64 = 0, BN_ARITH_F32 = 1 };
 int bn_plan_force_arith(int arith);
 int bn_plan_forced_arith(void);
-/* Tests: the fused training forward (plan.fused) on (1) or off (0) wherever it can run
- * (training forward, rows layout, some data), -1 = the plan's choice.  It never changes a
+/* Tests: the fused training forward and backward (plan.fused) on (1) or off (0) wherever
+ * they can run (rows layout, some data), -1 = the plan's choice.  It never changes a
  * bit.  Returns BN_OK or BN_EINVAL. */
 int bn_plan_force_fused(int fused);
 int bn_plan_forced_fused(void);

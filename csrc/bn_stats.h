@@ -592,21 +592,47 @@ static inline void BN_FN(bwd_one)(T dy, T x, double m, double a, double b, int r
     *sx += g * xm;
 }
 
+/* The vector sums of bwd_span_s, kept between calls by the fused backward, which reads a
+ * row in pieces (bn_train.h: chan_bsums). */
+typedef struct {
+    bn_acc d0, x0;
+} BN_FN(bwd_accs);
+
+/* bwd_span_s's vector loop over the 8-element blocks of [i0, i1) (i0 and i1 - i0
+ * multiples of 8, or i1 the span's end): the same additions, whatever the pieces. */
+static inline __attribute__((always_inline)) void BN_FN(bwd_sums)(
+    const T *dy, const T *x, ptrdiff_t i0, ptrdiff_t i1, double m, double a, double b,
+    int relu, BN_FN(bwd_accs) *acc)
+{
+    const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
+    bn_acc d0 = acc->d0, x0 = acc->x0;
+    for (ptrdiff_t i = i0; i + 8 <= i1; i += 8)
+        bn_bwd_acc(&d0, &x0, BN_FN(ld)(dy + i), BN_FN(ld)(x + i) - mv, av, bv, relu);
+    acc->d0 = d0;
+    acc->x0 = x0;
+}
+
+/* The rest of bwd_span_s after its vectors: the lanes, the scalar tail, added to *sd, *sx. */
+static inline __attribute__((always_inline)) void BN_FN(bwd_finish)(
+    const T *dy, const T *x, ptrdiff_t L, double m, double a, double b, int relu,
+    const BN_FN(bwd_accs) *acc, double *sd, double *sx)
+{
+    double s1, s2;
+    bn_acc_hsum2(acc->d0, acc->x0, &s1, &s2);
+    for (ptrdiff_t i = L & ~(ptrdiff_t)7; i < L; i++)
+        BN_FN(bwd_one)(dy[i], x[i], m, a, b, relu, &s1, &s2);
+    *sd += s1;
+    *sx += s2;
+}
+
 /* Rows layout: sums of g and g * (x - m) over a span with scalar parameters (fixed lane
  * order), added to *sd and *sx. */
 static void BN_FN(bwd_span_s)(const T *dy, const T *x, ptrdiff_t L, double m, double a,
                               double b, int relu, double *sd, double *sx)
 {
-    const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
-    bn_acc d0 = bn_acc_zero(), x0 = bn_acc_zero();
-    ptrdiff_t i = 0;
-    for (; i + 8 <= L; i += 8)
-        bn_bwd_acc(&d0, &x0, BN_FN(ld)(dy + i), BN_FN(ld)(x + i) - mv, av, bv, relu);
-    double s1, s2;
-    bn_acc_hsum2(d0, x0, &s1, &s2);
-    for (; i < L; i++) BN_FN(bwd_one)(dy[i], x[i], m, a, b, relu, &s1, &s2);
-    *sd += s1;
-    *sx += s2;
+    BN_FN(bwd_accs) acc = {bn_acc_zero(), bn_acc_zero()};
+    BN_FN(bwd_sums)(dy, x, 0, L, m, a, b, relu, &acc);
+    BN_FN(bwd_finish)(dy, x, L, m, a, b, relu, &acc, sd, sx);
 }
 
 typedef struct {

@@ -257,6 +257,208 @@ static int BN_FN(infer_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t
     return st;
 }
 
+/* ---- the fused backward (plan.fused) ---- */
+
+/* One channel's backward sums, a piece at a time: backward_reduce's rows layout (each row's
+ * sums by bwd_span_s added to its row group's, from zero, and the groups' added in order,
+ * from zero), so the same bits. */
+typedef struct {
+    const T *dy, *x;
+    ptrdiff_t N, C, S, rpg, c;
+    ptrdiff_t n, i;          /* row n, read up to its element i */
+    double m, a, b;          /* mean, scale and shift (the ReLU's mask) */
+    int relu;
+    BN_FN(bwd_accs) acc;     /* the row's vector sums so far */
+    double gd, gx, td, tx;   /* the row group's sums; the groups' */
+} BN_FN(chan_bsums);
+
+static void BN_FN(chan_bsums_init)(BN_FN(chan_bsums) *u, const bn_plan *p, const T *dy,
+                                   const T *x, ptrdiff_t c, double m, double a, double b,
+                                   int relu)
+{
+    u->dy = dy;
+    u->x = x;
+    u->N = p->N;
+    u->C = p->C;
+    u->S = p->S;
+    u->rpg = p->rows_per_group;
+    u->c = c;
+    u->n = u->i = 0;
+    u->m = m;
+    u->a = a;
+    u->b = b;
+    u->relu = relu;
+    u->acc.d0 = u->acc.x0 = bn_acc_zero();
+    u->gd = u->gx = u->td = u->tx = 0.0;
+}
+
+/* Read up to BN_FUSE_CHUNK more elements of the current row (a multiple of 8 except at its
+ * end), and at its end finish it and add it up. */
+static void BN_FN(chan_bsums_step)(BN_FN(chan_bsums) *u)
+{
+    const ptrdiff_t S = u->S, S8 = S & ~(ptrdiff_t)7, off = (u->n * u->C + u->c) * S;
+    const ptrdiff_t i1 = S8 - u->i > BN_FUSE_CHUNK ? u->i + BN_FUSE_CHUNK : S8;
+    BN_FN(bwd_sums)(u->dy + off, u->x + off, u->i, i1, u->m, u->a, u->b, u->relu, &u->acc);
+    u->i = i1;
+    if (i1 < S8) return;
+    BN_FN(bwd_finish)(u->dy + off, u->x + off, S, u->m, u->a, u->b, u->relu, &u->acc, &u->gd,
+                      &u->gx);
+    u->acc.d0 = u->acc.x0 = bn_acc_zero();
+    u->i = 0;
+    u->n++;
+    if (u->n % u->rpg == 0 || u->n == u->N) {   /* the end of a row group */
+        u->td += u->gd;
+        u->tx += u->gx;
+        u->gd = u->gx = 0.0;
+    }
+}
+
+static inline ptrdiff_t BN_FN(chan_bsums_done)(const BN_FN(chan_bsums) *u)
+{
+    return u->n * u->S + u->i;
+}
+
+typedef struct {
+    const bn_plan *p;
+    const T *dy, *x;
+    T *dx;
+    const double *mean, *invstd, *weight, *bias;
+    double *sd, *sx, *dweight, *kx, *k0;
+    int relu, eval, nts;
+} BN_FN(bwd_fused_ctx);
+
+/* Channel c's sums as backward_reduce leaves them (canonical NaNs), then its coefficients
+ * as backward_coeffs computes them (its scalar form, the same operations as its vectors);
+ * returns whether the channel is degenerate. */
+static int BN_FN(chan_bwd_finish)(const BN_FN(bwd_fused_ctx) *k, const BN_FN(chan_bsums) *u)
+{
+    const ptrdiff_t c = u->c;
+    const double cnt = (double)k->p->N * (double)k->p->S;
+    const double sd = u->td == u->td ? u->td : NAN, sx = u->tx == u->tx ? u->tx : NAN;
+    k->sd[c] = sd;
+    k->sx[c] = sx;
+    const double iv = k->invstd[c], w = k->weight ? k->weight[c] : 0.0;
+    const double a = k->weight ? iv * w : iv, dw = sx * iv;
+    const int coef = !k->eval && cnt > 0;
+    k->dweight[c] = dw == dw ? dw : NAN;
+    k->kx[c] = coef ? -(a * iv) * (dw / cnt) : 0.0;
+    k->k0[c] = coef ? -a * (sd / cnt) : 0.0;
+    return !(((dw - dw) + (sd - sd) + (iv - iv) + (k->weight ? w - w : 0.0)) == 0.0);
+}
+
+/* Elements [s0, s0 + L) of row n of channel c: dx as backward_dx computes each element. */
+static inline __attribute__((always_inline)) void BN_FN(fused_dx)(
+    const BN_FN(bwd_fused_ctx) *k, ptrdiff_t n, ptrdiff_t c, ptrdiff_t s0, ptrdiff_t L,
+    const double *prm, const float *q, const int f32, const int relu, const int eval)
+{
+    const ptrdiff_t o = (n * k->p->C + c) * k->p->S + s0;
+#if BN_IS_F32
+    if (f32) {   /* prm: m, kd, kx (kd in eval), k0 (kd in eval); fb: one channel */
+        const BN_FN(nfb) fb = {prm, prm + 1, prm + 2, prm + 3, k->p->S, k->p->S};
+        const BN_FN(fq) fq = {q, q + 1, q + 2, q + 3};
+        BN_FN(f32_span)(eval ? BN_F32_DXE : BN_F32_DX, k->dy + o, k->x + o, k->dx + o, L, fq, 0,
+                        &fb, s0, 0, 1, k->nts);
+        return;
+    }
+#else
+    (void)q;
+    (void)f32;
+#endif
+    /* prm: m, kd, kx, k0, a, b */
+    BN_FN(dx_span)(k->dy + o, k->x + o, k->dx + o, L, prm, prm + 4, prm + 5, prm + 1, prm + 2,
+                   prm + 3, 0, relu, eval, k->nts);
+}
+
+/* Channels [c0, c1) on one thread, as fused_range_case: the sums of c0, then for each
+ * channel its dx, BN_FUSE_CHUNK elements at a time, each followed by the next channel's
+ * sums up to the same count.  Returns whether a channel was degenerate. */
+static inline __attribute__((always_inline)) int BN_FN(bwd_range_case)(
+    const BN_FN(bwd_fused_ctx) *k, ptrdiff_t c0, ptrdiff_t c1, const int f32, const int relu,
+    const int eval)
+{
+    const bn_plan *p = k->p;
+    const ptrdiff_t N = p->N, S = p->S;
+    BN_FN(chan_bsums) cur, nxt;
+    int degenerate = 0;
+    if (c0 >= c1) return 0;
+#define BN_BSUMS_INIT(u, c)                                                                 \
+    BN_FN(chan_bsums_init)(u, p, k->dy, k->x, c, k->mean[c],                                \
+                           k->weight ? k->invstd[c] * k->weight[c] : k->invstd[c],          \
+                           k->bias ? k->bias[c] : 0.0, relu)
+    BN_BSUMS_INIT(&cur, c0);
+    while (cur.n < N) BN_FN(chan_bsums_step)(&cur);
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        degenerate |= BN_FN(chan_bwd_finish)(k, &cur);
+        /* m, kd, kx, k0, a, b (bn_scale_shift's a and shift; kd = a) */
+        double prm[6] = {cur.m, cur.a, k->kx[c], k->k0[c], cur.a, cur.b};
+        float q[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (eval) prm[2] = prm[3] = prm[1];
+#if BN_IS_F32
+        if (f32) {
+            BN_FN(f32_params)(1, eval ? BN_F32_DXE : BN_F32_DX, prm, prm + 1, prm + 2, prm + 3, q,
+                              q + 1, q + 2, q + 3);
+            if (eval) q[0] = q[2] = q[3] = q[1];   /* ew_f32: one array for eval's formula */
+        }
+#endif
+        const int more = c + 1 < c1;
+        if (more) BN_BSUMS_INIT(&nxt, c + 1);
+        for (ptrdiff_t n = 0; n < N; n++) {
+            for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_FUSE_CHUNK) {
+                const ptrdiff_t L = S - s0 < BN_FUSE_CHUNK ? S - s0 : BN_FUSE_CHUNK;
+                BN_FN(fused_dx)(k, n, c, s0, L, prm, q, f32, relu, eval);
+                if (more)
+                    while (nxt.n < N && BN_FN(chan_bsums_done)(&nxt) < n * S + s0 + L)
+                        BN_FN(chan_bsums_step)(&nxt);
+            }
+        }
+        if (more) {
+            while (nxt.n < N) BN_FN(chan_bsums_step)(&nxt);
+            cur = nxt;
+        }
+    }
+#undef BN_BSUMS_INIT
+    bn_stream_fence(k->nts);
+    return degenerate;
+}
+
+static int BN_FN(bwd_range)(const BN_FN(bwd_fused_ctx) *k, ptrdiff_t c0, ptrdiff_t c1, int f32)
+{
+    if (f32)   /* float32 dx has no ReLU form (the mask is the double y's) */
+        return k->eval ? BN_FN(bwd_range_case)(k, c0, c1, 1, 0, 1)
+                       : BN_FN(bwd_range_case)(k, c0, c1, 1, 0, 0);
+    if (k->relu)
+        return k->eval ? BN_FN(bwd_range_case)(k, c0, c1, 0, 1, 1)
+                       : BN_FN(bwd_range_case)(k, c0, c1, 0, 1, 0);
+    return k->eval ? BN_FN(bwd_range_case)(k, c0, c1, 0, 0, 1)
+                   : BN_FN(bwd_range_case)(k, c0, c1, 0, 0, 0);
+}
+
+static int BN_FN(backward_fused)(const void *dyv, const void *xv, void *dxv, ptrdiff_t N,
+                                 ptrdiff_t C, ptrdiff_t S, const double *mean,
+                                 const double *invstd, const double *weight,
+                                 const double *bias, double *sum_dy, double *sum_dyxmu,
+                                 double *dweight, double *k_x, double *k_0, int flags,
+                                 int nthreads, int *degenerate)
+{
+    bn_plan p;
+    if (bn_plan_make(&p, BN_OP_BACKWARD, N, C, S, (int)sizeof(T), BN_ISA, nthreads) != BN_OK)
+        return BN_EINVAL;
+    *degenerate = 0;
+    if (!p.fused || dxv == dyv || dxv == xv) return BN_DECLINED;
+    const int relu = (flags & BN_FLAG_RELU) != 0, eval = (flags & BN_FLAG_EVAL) != 0;
+    const int nts = p.stream && ((uintptr_t)dxv & 15) == 0 && !bn_stream_alias(dxv, dyv, xv);
+    const int f32 = BN_IS_F32 && (relu ? p.ew_f32_relu : p.ew_f32);
+    const BN_FN(bwd_fused_ctx) k = {&p, (const T *)dyv, (const T *)xv, (T *)dxv, mean, invstd,
+                                    weight, bias, sum_dy, sum_dyxmu, dweight, k_x, k_0, relu,
+                                    eval, nts};
+    const int nt = p.nthreads;
+    int bad = 0;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(| : bad)
+    for (int t = 0; t < nt; t++) bad |= BN_FN(bwd_range)(&k, C * t / nt, C * (t + 1) / nt, f32);
+    *degenerate = bad != 0;
+    return BN_OK;
+}
+
 /* The backward's per-channel coefficients (bnfast.h: backward_coeffs), 8 channels per
  * vector with the scalar form's IEEE operations (same bits).  Finiteness is summed, not
  * tested: v - v is 0 for a finite v and NaN otherwise, added up in a native accumulator

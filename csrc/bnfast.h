@@ -29,7 +29,8 @@ enum {
     BN_OK = 0,
     BN_ENOMEM = 1,   /* scratch allocation failed */
     BN_EINVAL = 2,   /* invalid argument (should have been caught in Python) */
-    BN_ENOISA = 3    /* requested instruction set not supported by this CPU/build */
+    BN_ENOISA = 3,   /* requested instruction set not supported by this CPU/build */
+    BN_DECLINED = 4  /* backward_fused: the plan does not fuse this call (nothing written) */
 };
 
 enum { BN_ISA_BASELINE = 0, BN_ISA_AVX2 = 1, BN_ISA_AVX512 = 2, BN_ISA_COUNT = 3 };
@@ -117,6 +118,23 @@ typedef int (*bn_backward_coeffs_fn)(ptrdiff_t C, const double *sd, const double
  */
 typedef void (*bn_widen_fn)(const float *src, double *dst, ptrdiff_t n);
 
+/*
+ * backward_fused: backward_reduce (with scale = weight * invstd and shift = bias, weight
+ * and bias may be NULL for 1 and 0), backward_coeffs (with invstd, weight and cnt = N * S;
+ * training unless BN_FLAG_EVAL) and backward_dx (with k_dy = scale) in one call, both
+ * passes channel by channel, where the plan fuses the backward (plan.fused) and dx is
+ * neither dy nor x; otherwise it returns BN_DECLINED having written nothing.  Writes what
+ * those three write -- sum_dy, sum_dyxmu, dweight, k_x, k_0 and dx, the same bits -- and
+ * *degenerate as backward_coeffs returns it (dx is then not to be used: the caller
+ * recomputes the call, whose inputs dx did not overwrite).
+ */
+typedef int (*bn_backward_fused_fn)(const void *dy, const void *x, void *dx, ptrdiff_t N,
+                                    ptrdiff_t C, ptrdiff_t S, const double *mean,
+                                    const double *invstd, const double *weight,
+                                    const double *bias, double *sum_dy, double *sum_dyxmu,
+                                    double *dweight, double *k_x, double *k_0, int flags,
+                                    int nthreads, int *degenerate);
+
 typedef struct {
     const char *name;
     bn_moments_fn moments[2];                 /* [0] float32, [1] float64 */
@@ -127,6 +145,7 @@ typedef struct {
     bn_infer_forward_fn infer_forward[2];
     bn_backward_coeffs_fn backward_coeffs[2];
     bn_widen_fn widen_f32;                    /* float32 -> float64 vectors */
+    bn_backward_fused_fn backward_fused[2];
 } bn_kernel_table;
 
 /* Dispatch (dispatch.c). */

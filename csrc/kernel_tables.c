@@ -19,6 +19,7 @@
         {bn_infer_forward_f32_##isa, bn_infer_forward_f64_##isa},                         \
         {bn_backward_coeffs_f32_##isa, bn_backward_coeffs_f64_##isa},                     \
         bn_widen_f32_##isa,                                                               \
+        {bn_backward_fused_f32_##isa, bn_backward_fused_f64_##isa},                       \
     };
 
 BN_TABLE(baseline)

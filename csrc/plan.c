@@ -437,8 +437,8 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
     p->ew_f32 = f32;
     p->ew_f32_relu = p->ew_f32 && op != BN_OP_BACKWARD;
 
-    /* Fused training forward: beyond the streaming threshold the two passes read x twice
-     * from DRAM.  Channel by channel, each thread normalises a channel while it reads the
+    /* Fused training forward and backward: beyond the streaming threshold the two passes
+     * read x (and dy) twice from DRAM.  Channel by channel, each thread normalises a channel while it reads the
      * next one's statistics, so the channel is normalised from the cache and the reads
      * overlap the writes.  Measured (float32, 2 threads, AVX-512, fused / two passes in
      * one process, medians; benchmarks/README.md item 71): 0.81-0.88 with rows of 36-256
@@ -449,13 +449,22 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
      * the prefetchers follow worse than the two passes' one stream).  Hence rows of
      * BN_FUSE_MIN_ROW_BYTES and channels of at most BN_FUSE_MAX_CHAN_BYTES, and
      * BN_FUSE_MIN_C_PER_THREAD channels per thread (each thread takes a contiguous range
-     * of channels, so fewer would leave threads idle).  Every element and every channel's
-     * statistics are computed as in the two passes: the choice never changes a bit (tests
-     * force it either way). */
-    const int can_fuse = op == BN_OP_TRAIN && rows && N > 0 && C > 0 && S > 0;
+     * of channels, so fewer would leave threads idle).  The backward the same way (sums of
+     * dy and x, then dx; bn_train.h: backward_fused), where it gained on short rows too
+     * but less on larger channels (dy and x together): 0.79-0.90 on (32, 64, 96, 96)
+     * (2.3 MiB), 0.82-0.87 on (128, 256, 28, 28) (rows of 3 KiB, 0.8 MiB), 1.00-1.03 on
+     * (128, 64, 56, 56) (3.2 MiB), 1.02 on (128, 64, 112, 112) (12 MiB): hence
+     * BN_FUSE_BWD_MIN_ROW_BYTES and BN_FUSE_BWD_MAX_CHAN_BYTES.  Every element and every
+     * channel's statistics or sums are computed as in the two passes: the choice never
+     * changes a bit (tests force it either way). */
+    const int can_fuse = (op == BN_OP_TRAIN || op == BN_OP_BACKWARD) && rows && N > 0 &&
+                         C > 0 && S > 0;
+    const int bwd = op == BN_OP_BACKWARD;
     const double row_bytes = (double)S * (double)itemsize;
-    p->fused = can_fuse && !p->resident && row_bytes >= BN_FUSE_MIN_ROW_BYTES &&
-               (double)N * row_bytes <= BN_FUSE_MAX_CHAN_BYTES &&
+    const double chan_bytes = (double)N * row_bytes * (bwd ? 2.0 : 1.0);
+    p->fused = can_fuse && !p->resident &&
+               row_bytes >= (bwd ? BN_FUSE_BWD_MIN_ROW_BYTES : BN_FUSE_MIN_ROW_BYTES) &&
+               chan_bytes <= (bwd ? BN_FUSE_BWD_MAX_CHAN_BYTES : BN_FUSE_MAX_CHAN_BYTES) &&
                C >= (ptrdiff_t)BN_FUSE_MIN_C_PER_THREAD * p->nthreads;
     if (can_fuse && force_fused >= 0) p->fused = force_fused;
     return BN_OK;

@@ -436,23 +436,37 @@ def test_fusion_rule():
     assert fusion((16, 64, 96, 96), dtype=np.float64) == "channels"   # 72 KiB rows
     assert fusion((64, 64, 96, 96), dtype=np.float64) == "none"      # 4.5 MiB channels
     assert "fusion" not in _plan((32, 64, 96, 96), "infer")
+    assert "fusion" not in _plan((32, 64, 96, 96), "moments")
+    # the backward: rows of at least 2 KiB, dy and x of a channel at most 2.5 MiB together
+    def bwd(shape, dtype=np.float32, threads=2):
+        return _plan(shape, "backward", dtype=dtype, threads=threads)["fusion"]
+    assert bwd((32, 64, 96, 96)) == "channels"                     # 2.25 MiB
+    assert bwd((128, 256, 28, 28)) == "channels"                   # rows of 3 KiB
+    assert bwd((128, 256, 16, 16)) == "none"                       # rows of 1 KiB
+    assert bwd((128, 64, 56, 56)) == "none"                        # 3.1 MiB
+    assert bwd((7, 64, 64, 64)) == "none"                          # dy, x 14 MiB: resident
+    assert bwd((8, 64, 64, 64)) == "channels"                      # 16 MiB
+    assert bwd((64, 7, 96, 96)) == "none"                          # 3.5 channels a thread
+    assert bwd((32, 64, 32, 32, 32)) == "none"                     # 8 MiB channels
     p = _plan((32, 64, 96, 96), "train", isa="avx2")
     assert p["strategy"] == "rows:fused" and p["elementwise"]["stream"]
     assert not _plan((32, 64, 96, 96), "train", isa="baseline")["elementwise"]["stream"]
 
 
-def _fused_cases():
-    """float32 and float64 batches for the fused path: segments of BN_SEG (2048) and a
-    partial one, several row groups, rows shorter than a segment, non-finite values, a
-    constant channel, data far from zero, values whose squares overflow float32."""
-    rng = rng_for("fused")
+def _fused_cases(finite=False):
+    """float32 and float64 batches for the fused paths: segments of BN_SEG (2048) and a
+    partial one, several row groups, rows shorter than a segment or than a vector, a
+    constant channel, data far from zero, values whose squares overflow float32, and
+    (unless finite) a NaN and an inf."""
+    rng = rng_for("fused", finite)
     cases = []
     for shape in [(40, 6, 4100), (3, 8, 300), (2, 5, 2049), (33, 4, 2048), (2, 9, 7)]:
         for dtype in (np.float32, np.float64):
             x = rng.standard_normal(shape)
             x[:, 1] += 1e6                               # far from zero
             x[:, 2] = 3.25                               # constant
-            x[0, 3, 5], x[-1, 3, -1] = np.nan, np.inf    # NaN and inf
+            if not finite:
+                x[0, 3, 5], x[-1, 3, -1] = np.nan, np.inf    # NaN and inf
             if shape[1] > 4:
                 x[:, 4] *= 1e30 if dtype == np.float32 else 1e300   # huge
             cases.append(x.astype(dtype))
@@ -489,3 +503,46 @@ def test_fused_training_forward_gives_the_two_pass_bits(relu, force):
                                            "running_var"), got, want):
                         assert_same_bits(g, e, f"{x.shape} {x.dtype} {isa} t{threads} "
                                                f"in_place={in_place}: {name}")
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_fused_backward_gives_the_two_pass_bits(relu, force):
+    # forced on, in every variant, on 1-3 threads, training and eval mode: the bits of the
+    # two passes (forced off) for dx, dweight and dbias; dx written over dy or x declines
+    # (the two passes run); a degenerate channel (here a NaN in dy) makes the fast path
+    # give the call to the general path, which must still find dy and x intact
+    for x in _fused_cases(finite=True):
+        C = x.shape[1]
+        rng = rng_for("fused-bwd", x.shape, x.dtype.name)
+        w, b = make_params(rng, C)
+        w, b = w.astype(x.dtype), b.astype(x.dtype)
+        dy = rng.standard_normal(x.shape).astype(x.dtype)
+        _, mean, invstd = bnfast.batch_norm_train(x, w, b)
+        assert np.isfinite(mean).all() and np.isfinite(invstd).all()
+        for bad_dy in (False, True):
+            d = dy.copy()
+            if bad_dy:
+                d[0, 0, 0] = np.nan
+
+            def run(isa, threads, training, out):
+                dd, xx = d.copy(), x.copy()
+                dest = {"new": None, "dy": dd, "x": xx}[out]
+                with bnfast.use_isa(isa), bnfast.num_threads(threads), \
+                        np.errstate(all="ignore"):
+                    return bnfast.batch_norm_backward(dd, xx, mean, invstd, w, bias=b,
+                                                      relu=relu, training=training, out=dest)
+
+            for training in (True, False):
+                force(fusion="none")
+                assert _plan(x.shape, "backward", dtype=x.dtype)["fusion"] == "none"
+                want = run(ISAS[0], 1, training, "new")
+                force(fusion="channels")
+                assert _plan(x.shape, "backward", dtype=x.dtype)["fusion"] == "channels"
+                for isa in ISAS:
+                    for threads in (1, 2, 3):
+                        for out in ("new", "dy", "x"):
+                            got = run(isa, threads, training, out)
+                            for name, g, e in zip(("dx", "dweight", "dbias"), got, want):
+                                assert_same_bits(g, e, f"{x.shape} {x.dtype} {isa} t{threads} "
+                                                       f"training={training} out={out} "
+                                                       f"nan_dy={bad_dy}: {name}")
