@@ -972,10 +972,10 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
         elements, else 'float64');
         for ``op='train'`` and ``'backward'``, ``fusion``: 'channels' where both passes
         run channel by channel (the rows layout beyond the streaming threshold, with rows
-        of at least 32 KiB and channels of at most 4 MiB for the training forward, rows of
-        2 KiB and dy and x of a channel at most 2.5 MiB together for the backward: each
-        channel is normalised, or its dx written, from the cache while the next one's
-        statistics or sums are read; the same bits either way), else 'none';
+        of at least 32 KiB, at most 4 MiB of a channel's input per thread and a row group
+        per thread: each thread normalises its rows of a channel, or writes their dx, from
+        its cache while it reads its rows of the next channel; the same bits either way),
+        else 'none';
         ``strategy`` sums it up in one line ('rows', or 'columns:' and the walks;
         ':fused' added where fusion is 'channels').
 

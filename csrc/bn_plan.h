@@ -56,17 +56,13 @@ extern "C" {
                                   parameters of at least this many bytes (half of L2) */
 #define BN_REG_MAX_COLS 64     /* register walks: most columns one strip keeps in registers */
 #define BN_SHIFT_COND 16.0     /* one-pass block statistics while mean(x-K)^2 <= this * var */
-#define BN_FUSE_MIN_ROW_BYTES ((double)(32 << 10))   /* fused training forward (plan.fused):
-                                  rows of at least this many bytes, ... */
-#define BN_FUSE_MAX_CHAN_BYTES ((double)(4 << 20))   /* ... channels of at most this many, */
-#define BN_FUSE_BWD_MIN_ROW_BYTES ((double)(2 << 10))   /* fused backward: rows of at least
-                                  this many bytes, ... */
-#define BN_FUSE_BWD_MAX_CHAN_BYTES ((double)(5 << 19))   /* ... a channel's dy and x together
-                                  at most this many (2.5 MiB), */
-#define BN_FUSE_MIN_C_PER_THREAD 4   /* ... and this many channels per thread (a thread's
-                                  channels are one contiguous range) */
-#define BN_FUSE_CHUNK 1024      /* ... normalising this many elements, then reading as many of
-                                  the next channel's (a multiple of 16: seg_sums) */
+#define BN_FUSE_MIN_ROW_BYTES ((double)(32 << 10))   /* fused training forward and backward
+                                  (plan.fused): rows of at least this many bytes, ... */
+#define BN_FUSE_MAX_SHARE_BYTES ((double)(4 << 20))   /* ... at most this many of each
+                                  channel's input (x; dy and x) per thread, ... */
+#define BN_FUSE_CHUNK 1024      /* ... normalising (or writing dx for) this many elements,
+                                  then reading as many of the next channel's (a multiple of
+                                  16: seg_sums) */
 #define BN_F32_MIN_PER_CHANNEL 8   /* float32 element-wise arithmetic where a channel has at
                                   least this many elements (N * S); below, double */
 

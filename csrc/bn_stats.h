@@ -480,7 +480,7 @@ static int BN_FN(moments_columns)(const bn_plan *p, const T *x, double *mean, do
  * count; it runs only for channels whose result was not finite.
  */
 static void BN_FN(moments_fixup_chan)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
-                                      ptrdiff_t c, double *mean, double *var)
+                                      ptrdiff_t c, double *mean, double *var)   /* channel c's */
 {
     const double cnt = (double)N * (double)S;
     double amax = 0.0;
@@ -498,8 +498,8 @@ static void BN_FN(moments_fixup_chan)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrd
     if (nan | pinf | ninf) {
         /* IEEE arithmetic on the exact sums: the mean is +-inf, or NaN with NaN or both
          * infinities; the deviations include inf - inf, so the variance is NaN. */
-        mean[c] = (nan || (pinf && ninf)) ? NAN : (pinf ? INFINITY : -INFINITY);
-        var[c] = NAN;
+        *mean = (nan || (pinf && ninf)) ? NAN : (pinf ? INFINITY : -INFINITY);
+        *var = NAN;
         return;
     }
     int ea, ec;
@@ -537,8 +537,8 @@ static void BN_FN(moments_fixup_chan)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrd
             q = q1;
         }
     }
-    mean[c] = ldexp(m, k);
-    var[c] = ldexp((q + qc) / cnt, 2 * (k + ed + 1));
+    *mean = ldexp(m, k);
+    *var = ldexp((q + qc) / cnt, 2 * (k + ed + 1));
 }
 
 static void BN_FN(moments_fixup)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
@@ -546,7 +546,7 @@ static void BN_FN(moments_fixup)(const T *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t
 {
     for (ptrdiff_t c = 0; c < C; c++)
         if (!(isfinite(mean[c]) && isfinite(var[c])))
-            BN_FN(moments_fixup_chan)(x, N, C, S, c, mean, var);
+            BN_FN(moments_fixup_chan)(x, N, C, S, c, &mean[c], &var[c]);
 }
 
 /* Per-channel mean and biased variance under plan p: the blocked algorithm of the plan's

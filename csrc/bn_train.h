@@ -33,37 +33,51 @@ static const double *BN_FN(coeffs)(ptrdiff_t C, const double *var, double eps,
 
 /* ---- the fused training forward (plan.fused) ---- */
 
-/* One channel's statistics, a segment at a time: moments_rows's segments (BN_SEG of each
- * row), merged into the row group's partial in row order (row_moments_item) and the groups
- * into the channel's total in group order (moments_rows), so the same operations in the
- * same order and the same bits.  (row_moments_item's one-segment-per-row form makes the
- * same operations as bn_chan_merge.) */
+/*
+ * Both passes channel by channel: the threads share each channel, thread t of nt taking
+ * the rows of row groups [G t / nt, G (t + 1) / nt), and each normalises its rows of
+ * channel c, 1024 elements at a time, while it reads as many of its rows of channel c + 1
+ * for their statistics; a barrier per channel, then every thread merges the groups'
+ * partials of c + 1 in group order.  A thread rereads what it read one channel before: its
+ * share of a channel, which its L2 (1 MiB a core here) can still hold.  (Whole channels
+ * per thread, tried first, left the reuse to the shared L3, and a quarter of the processes
+ * ran 10-20 % slower than the two passes: benchmarks/README.md item 71.)  The segments,
+ * the merges in their order, the fixup and every element's formula are those of the two
+ * passes.
+ */
+
+/* One channel's statistics over rows [n0, n1) (whole row groups), a piece at a time:
+ * moments_rows's segments (BN_SEG of each row), merged into the row group's partial in row
+ * order (row_moments_item; its one-segment-per-row form makes bn_chan_merge's operations),
+ * each group's partial stored at part + 3 g (count, mean(x - K), M2). */
 typedef struct {
     const T *x;
-    ptrdiff_t N, C, S, rpg, c;
+    ptrdiff_t C, S, rpg, c, n1;
     ptrdiff_t n, s0, i;    /* the segment at row n, offset s0; read up to its element i */
     double K;              /* the channel's shift */
     BN_FN(seg_accs) acc;   /* the segment's sums so far */
-    double gn, gm, gq;     /* the current row group: count, mean(x - K), M2 */
-    double tn, tm, tq;     /* the groups merged so far */
+    double gn, gm, gq;     /* the current row group's partial */
+    double *part;
 } BN_FN(chan_stats);
 
 static void BN_FN(chan_stats_init)(BN_FN(chan_stats) *u, const bn_plan *p, const T *x,
-                                   ptrdiff_t c)
+                                   ptrdiff_t c, ptrdiff_t n0, ptrdiff_t n1, double *part)
 {
     u->x = x;
-    u->N = p->N;
     u->C = p->C;
     u->S = p->S;
     u->rpg = p->rows_per_group;
     u->c = c;
-    u->n = u->s0 = u->i = 0;
-    BN_FN(seg_accs_zero)(&u->acc);
+    u->n = n0;
+    u->n1 = n1;
+    u->s0 = u->i = 0;
     u->K = BN_FN(shift_of)(x, p->S, c);
-    u->gn = u->gm = u->gq = u->tn = u->tm = u->tq = 0.0;
+    BN_FN(seg_accs_zero)(&u->acc);
+    u->gn = u->gm = u->gq = 0.0;
+    u->part = part;
 }
 
-/* Elements of the channel read so far (N * S when done). */
+/* Elements of rows [n0, n1) read so far, counted from row 0. */
 static inline ptrdiff_t BN_FN(chan_stats_done)(const BN_FN(chan_stats) *u)
 {
     return u->n * u->S + u->s0 + u->i;
@@ -89,36 +103,47 @@ static void BN_FN(chan_stats_step)(BN_FN(chan_stats) *u)
     if (u->s0 < S) return;
     u->s0 = 0;
     u->n++;
-    if (u->n % u->rpg == 0 || u->n == u->N) {   /* the end of a row group */
-        bn_chan_merge(&u->tn, &u->tm, &u->tq, u->gn, u->gm, u->gq);
+    if (u->n % u->rpg == 0 || u->n == u->n1) {   /* the end of a row group */
+        double *g = u->part + 3 * ((u->n - 1) / u->rpg);
+        g[0] = u->gn;
+        g[1] = u->gm;
+        g[2] = u->gq;
         u->gn = u->gm = u->gq = 0.0;
     }
 }
 
-/* The channel's mean and variance, as moments_planned gives them (its fixup and canonical
- * NaNs), then its coefficients as coeffs gives them (the scalar form: sqrt and division
- * are correctly rounded), into mean, var, invstd (index c) and *scale, *shift. */
-static void BN_FN(chan_finish)(const BN_FN(chan_stats) *u, const double *weight,
-                               const double *bias, double eps, double *mean, double *var,
-                               double *invstd, double *scale, double *shift)
+/* Channel c's mean and variance from its G groups' partials and its shift K, as
+ * moments_planned gives them (the groups merged in order, its fixup, canonical NaNs), then
+ * its coefficients as coeffs gives them (the scalar form: sqrt and division are correctly
+ * rounded): prm = {mean, scale, shift}, *var and *invstd.  x is read only by the fixup of
+ * a result that is not finite, after a barrier (the same on every thread: the partials
+ * are shared), and before another (an output may be x itself: no thread normalises the
+ * channel before every thread has read it). */
+static void BN_FN(chan_finish)(const bn_plan *p, const T *x, ptrdiff_t c, double K,
+                               const double *part, const double *weight, const double *bias,
+                               double eps, double *prm, double *var, double *invstd)
 {
-    const ptrdiff_t c = u->c;
-    mean[c] = u->K + u->tm;
-    var[c] = u->tq / u->tn;
-    if (!(isfinite(mean[c]) && isfinite(var[c]))) {
-        BN_FN(moments_fixup_chan)(u->x, u->N, u->C, u->S, c, mean, var);
-        if (mean[c] != mean[c]) mean[c] = NAN;
-        if (var[c] != var[c]) var[c] = NAN;
+    double n = 0.0, m = 0.0, q = 0.0;
+    for (ptrdiff_t g = 0; g < p->row_groups; g++)
+        bn_chan_merge(&n, &m, &q, part[3 * g], part[3 * g + 1], part[3 * g + 2]);
+    double mc = K + m, vc = q / n;
+    if (!(isfinite(mc) && isfinite(vc))) {
+        BN_FN(moments_fixup_chan)(x, p->N, p->C, p->S, c, &mc, &vc);
+        if (mc != mc) mc = NAN;
+        if (vc != vc) vc = NAN;
+#pragma omp barrier
     }
-    const double iv = 1.0 / sqrt(var[c] + eps);
-    invstd[c] = iv == iv ? iv : NAN;
-    *scale = weight ? iv * weight[c] : iv;
-    *shift = bias ? bias[c] : 0.0;
+    const double iv = 1.0 / sqrt(vc + eps);
+    prm[0] = mc;
+    prm[1] = weight ? iv * weight[c] : iv;
+    prm[2] = bias ? bias[c] : 0.0;
+    *var = vc;
+    *invstd = iv == iv ? iv : NAN;
 }
 
-/* Elements [s0, s0 + L) of row n of channel c normalised with its parameters (m, a, b in
- * double; q its float32 ones where the plan's arithmetic is float32): each element as the
- * two-pass normalisation computes it, whatever the span. */
+/* Elements [s0, s0 + L) of row n of channel c normalised with its parameters (prm: m, a, b
+ * in double; q: its float32 ones where the plan's arithmetic is float32): each element as
+ * the two-pass normalisation computes it, whatever the span. */
 static inline __attribute__((always_inline)) void BN_FN(fused_norm)(
     const bn_plan *p, const T *x, T *y, ptrdiff_t n, ptrdiff_t c, ptrdiff_t s0, ptrdiff_t L,
     const double *prm, const float *q, const int f32, const int relu, const int defer,
@@ -141,76 +166,97 @@ static inline __attribute__((always_inline)) void BN_FN(fused_norm)(
     BN_FN(norm_span_s)(x + o, y + o, L, prm[0], prm[1], prm[2], relu, nts);
 }
 
-/* Channels [c0, c1) on one thread: the statistics of c0, then for each channel its
- * normalisation, BN_FUSE_CHUNK elements at a time, each followed by the next channel's
- * statistics up to the same count. */
-static inline __attribute__((always_inline)) void BN_FN(fused_range_case)(
-    const bn_plan *p, const T *x, T *y, ptrdiff_t c0, ptrdiff_t c1, const double *weight,
-    const double *bias, double eps, double *mean, double *var, double *invstd, int nts,
-    const int f32, const int relu, const int defer)
+typedef struct {
+    const bn_plan *p;
+    const T *x;
+    T *y;
+    const double *weight, *bias;
+    double eps, *mean, *var, *invstd;
+    double *part;            /* two sets of 3 G group partials, for channels c and c + 1 */
+    int nts;
+} BN_FN(fused_ctx);
+
+/* The rows [n0, n1) of every channel on one of the threads (thread 0 writes the
+ * per-channel outputs), the flags constant. */
+static inline __attribute__((always_inline)) void BN_FN(fused_rows_case)(
+    const BN_FN(fused_ctx) *k, int t, ptrdiff_t n0, ptrdiff_t n1, const int f32,
+    const int relu, const int defer)
 {
-    const ptrdiff_t N = p->N, S = p->S;
-    BN_FN(chan_stats) cur, nxt;
-    if (c0 >= c1) return;
-    BN_FN(chan_stats_init)(&cur, p, x, c0);
-    while (cur.n < N) BN_FN(chan_stats_step)(&cur);
-    for (ptrdiff_t c = c0; c < c1; c++) {
-        double prm[3];
+    const bn_plan *p = k->p;
+    const ptrdiff_t C = p->C, S = p->S, G = p->row_groups;
+    BN_FN(chan_stats) u;
+    BN_FN(chan_stats_init)(&u, p, k->x, 0, n0, n1, k->part);
+    while (u.n < n1) BN_FN(chan_stats_step)(&u);
+#pragma omp barrier
+    for (ptrdiff_t c = 0; c < C; c++) {
+        double prm[3], v, iv;
         float q[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        prm[0] = 0.0;
-        BN_FN(chan_finish)(&cur, weight, bias, eps, mean, var, invstd, prm + 1, prm + 2);
-        prm[0] = mean[c];
+        BN_FN(chan_finish)(p, k->x, c, u.K, k->part + 3 * G * (c & 1), k->weight, k->bias,
+                           k->eps, prm, &v, &iv);
+        if (t == 0) {
+            k->mean[c] = prm[0];
+            k->var[c] = v;
+            k->invstd[c] = iv;
+        }
 #if BN_IS_F32
         if (f32) BN_FN(f32_params)(1, BN_F32_NORM, prm, prm + 1, prm + 2, prm + 2, q, q + 1,
                                    q + 2, q + 3);
 #endif
-        const int more = c + 1 < c1;
-        if (more) BN_FN(chan_stats_init)(&nxt, p, x, c + 1);
-        for (ptrdiff_t n = 0; n < N; n++) {
+        const int more = c + 1 < C;
+        if (more) BN_FN(chan_stats_init)(&u, p, k->x, c + 1, n0, n1,
+                                         k->part + 3 * G * ((c + 1) & 1));
+        for (ptrdiff_t n = n0; n < n1; n++) {
             for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_FUSE_CHUNK) {
                 const ptrdiff_t L = S - s0 < BN_FUSE_CHUNK ? S - s0 : BN_FUSE_CHUNK;
-                BN_FN(fused_norm)(p, x, y, n, c, s0, L, prm, q, f32, relu, defer, nts);
+                BN_FN(fused_norm)(p, k->x, k->y, n, c, s0, L, prm, q, f32, relu, defer, k->nts);
                 if (more)
-                    while (nxt.n < N && BN_FN(chan_stats_done)(&nxt) < n * S + s0 + L)
-                        BN_FN(chan_stats_step)(&nxt);
+                    while (u.n < n1 && BN_FN(chan_stats_done)(&u) < n * S + s0 + L)
+                        BN_FN(chan_stats_step)(&u);
             }
         }
-        if (more) {
-            while (nxt.n < N) BN_FN(chan_stats_step)(&nxt);
-            cur = nxt;
-        }
+        if (more)
+            while (u.n < n1) BN_FN(chan_stats_step)(&u);
+#pragma omp barrier
     }
-    bn_stream_fence(nts);
+    bn_stream_fence(k->nts);
 }
 
-static void BN_FN(fused_range)(const bn_plan *p, const T *x, T *y, ptrdiff_t c0, ptrdiff_t c1,
-                               const double *weight, const double *bias, double eps,
-                               double *mean, double *var, double *invstd, int nts, int f32,
-                               int relu, int defer)
+/* This thread's share: thread t of nt takes the rows of row groups [G t / nt,
+ * G (t + 1) / nt) (none where G < nt: it still meets every barrier). */
+static void BN_FN(fused_rows)(const BN_FN(fused_ctx) *k, int t, int nt, int f32, int relu,
+                              int defer)
 {
+    const bn_plan *p = k->p;
+    const ptrdiff_t G = p->row_groups, rpg = p->rows_per_group;
+    const ptrdiff_t g0 = G * t / nt, g1 = G * (t + 1) / nt;
+    const ptrdiff_t n0 = g0 * rpg, n1 = g1 * rpg < p->N ? g1 * rpg : p->N;
     if (f32)
-        BN_BY_FLAGS(BN_FN(fused_range_case), relu, defer, p, x, y, c0, c1, weight, bias, eps,
-                    mean, var, invstd, nts, 1);
+        BN_BY_FLAGS(BN_FN(fused_rows_case), relu, defer, k, t, n0, n1, 1);
     else
-        BN_BY_FLAGS(BN_FN(fused_range_case), relu, 0, p, x, y, c0, c1, weight, bias, eps,
-                    mean, var, invstd, nts, 0);
+        BN_BY_FLAGS(BN_FN(fused_rows_case), relu, 0, k, t, n0, n1, 0);
 }
 
-/* The training forward with plan.fused: the channels split into one contiguous range per
- * thread (any split gives the same bits: each channel is computed alone). */
+/* The training forward with plan.fused. */
 static int BN_FN(train_fused)(const bn_plan *p, const T *x, T *y, const double *weight,
                               const double *bias, double eps, double *mean, double *var,
                               double *invstd, int relu)
 {
-    const ptrdiff_t C = p->C;
-    const int nt = p->nthreads;
+    double *part = (double *)malloc(sizeof(double) * 6 * (size_t)p->row_groups);
+    if (!part) return BN_ENOMEM;
     const int nts = p->stream && ((uintptr_t)y & 15) == 0 && !bn_stream_alias(y, x, NULL);
     const int f32 = BN_IS_F32 && (relu ? p->ew_f32_relu : p->ew_f32);
-    const int defer = x != y;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-    for (int t = 0; t < nt; t++)
-        BN_FN(fused_range)(p, x, y, C * t / nt, C * (t + 1) / nt, weight, bias, eps, mean,
-                           var, invstd, nts, f32, relu, defer);
+    const BN_FN(fused_ctx) k = {p, x, y, weight, bias, eps, mean, var, invstd, part, nts};
+    const int nt = p->nthreads;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = 0, team = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        team = omp_get_num_threads();
+#endif
+        BN_FN(fused_rows)(&k, t, team, f32, relu, x != y);
+    }
+    free(part);
     return BN_OK;
 }
 
@@ -259,41 +305,45 @@ static int BN_FN(infer_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t
 
 /* ---- the fused backward (plan.fused) ---- */
 
-/* One channel's backward sums, a piece at a time: backward_reduce's rows layout (each row's
- * sums by bwd_span_s added to its row group's, from zero, and the groups' added in order,
- * from zero), so the same bits. */
+/* One channel's backward sums over rows [n0, n1) (whole row groups), a piece at a time:
+ * backward_reduce's rows layout (each row's sums by bwd_span_s added to its row group's,
+ * from zero), each group's sums stored at part + 2 g; the groups are added in order, from
+ * zero, by chan_bwd_finish. */
 typedef struct {
     const T *dy, *x;
-    ptrdiff_t N, C, S, rpg, c;
+    ptrdiff_t C, S, rpg, c, n1;
     ptrdiff_t n, i;          /* row n, read up to its element i */
     double m, a, b;          /* mean, scale and shift (the ReLU's mask) */
     int relu;
     BN_FN(bwd_accs) acc;     /* the row's vector sums so far */
-    double gd, gx, td, tx;   /* the row group's sums; the groups' */
+    double gd, gx;           /* the row group's sums */
+    double *part;
 } BN_FN(chan_bsums);
 
 static void BN_FN(chan_bsums_init)(BN_FN(chan_bsums) *u, const bn_plan *p, const T *dy,
-                                   const T *x, ptrdiff_t c, double m, double a, double b,
-                                   int relu)
+                                   const T *x, ptrdiff_t c, ptrdiff_t n0, ptrdiff_t n1,
+                                   double m, double a, double b, int relu, double *part)
 {
     u->dy = dy;
     u->x = x;
-    u->N = p->N;
     u->C = p->C;
     u->S = p->S;
     u->rpg = p->rows_per_group;
     u->c = c;
-    u->n = u->i = 0;
+    u->n = n0;
+    u->n1 = n1;
+    u->i = 0;
     u->m = m;
     u->a = a;
     u->b = b;
     u->relu = relu;
     u->acc.d0 = u->acc.x0 = bn_acc_zero();
-    u->gd = u->gx = u->td = u->tx = 0.0;
+    u->gd = u->gx = 0.0;
+    u->part = part;
 }
 
 /* Read up to BN_FUSE_CHUNK more elements of the current row (a multiple of 8 except at its
- * end), and at its end finish it and add it up. */
+ * end), and at its end finish it and add it to its group's sums. */
 static void BN_FN(chan_bsums_step)(BN_FN(chan_bsums) *u)
 {
     const ptrdiff_t S = u->S, S8 = S & ~(ptrdiff_t)7, off = (u->n * u->C + u->c) * S;
@@ -306,9 +356,10 @@ static void BN_FN(chan_bsums_step)(BN_FN(chan_bsums) *u)
     u->acc.d0 = u->acc.x0 = bn_acc_zero();
     u->i = 0;
     u->n++;
-    if (u->n % u->rpg == 0 || u->n == u->N) {   /* the end of a row group */
-        u->td += u->gd;
-        u->tx += u->gx;
+    if (u->n % u->rpg == 0 || u->n == u->n1) {   /* the end of a row group */
+        double *g = u->part + 2 * ((u->n - 1) / u->rpg);
+        g[0] = u->gd;
+        g[1] = u->gx;
         u->gd = u->gx = 0.0;
     }
 }
@@ -324,25 +375,44 @@ typedef struct {
     T *dx;
     const double *mean, *invstd, *weight, *bias;
     double *sd, *sx, *dweight, *kx, *k0;
+    double *part;            /* two sets of 2 G group sums, for channels c and c + 1 */
     int relu, eval, nts;
 } BN_FN(bwd_fused_ctx);
 
-/* Channel c's sums as backward_reduce leaves them (canonical NaNs), then its coefficients
- * as backward_coeffs computes them (its scalar form, the same operations as its vectors);
- * returns whether the channel is degenerate. */
-static int BN_FN(chan_bwd_finish)(const BN_FN(bwd_fused_ctx) *k, const BN_FN(chan_bsums) *u)
+/* Channel c's sums from its groups' (in order, from zero; canonical NaNs, as
+ * backward_reduce leaves them), then its coefficients as backward_coeffs computes them (its
+ * scalar form, the same operations as its vectors): prm = {m, kd, kx, k0, a, b} (kx and k0
+ * kd in eval mode, as ew_f32 reads them), written out by thread 0; returns whether the
+ * channel is degenerate. */
+static int BN_FN(chan_bwd_finish)(const BN_FN(bwd_fused_ctx) *k, ptrdiff_t c,
+                                  const double *part, int t, double *prm)
 {
-    const ptrdiff_t c = u->c;
-    const double cnt = (double)k->p->N * (double)k->p->S;
-    const double sd = u->td == u->td ? u->td : NAN, sx = u->tx == u->tx ? u->tx : NAN;
-    k->sd[c] = sd;
-    k->sx[c] = sx;
+    const bn_plan *p = k->p;
+    const double cnt = (double)p->N * (double)p->S;
+    double sd = 0.0, sx = 0.0;
+    for (ptrdiff_t g = 0; g < p->row_groups; g++) {
+        sd += part[2 * g];
+        sx += part[2 * g + 1];
+    }
+    sd = sd == sd ? sd : NAN;
+    sx = sx == sx ? sx : NAN;
     const double iv = k->invstd[c], w = k->weight ? k->weight[c] : 0.0;
     const double a = k->weight ? iv * w : iv, dw = sx * iv;
     const int coef = !k->eval && cnt > 0;
-    k->dweight[c] = dw == dw ? dw : NAN;
-    k->kx[c] = coef ? -(a * iv) * (dw / cnt) : 0.0;
-    k->k0[c] = coef ? -a * (sd / cnt) : 0.0;
+    const double kx = coef ? -(a * iv) * (dw / cnt) : 0.0, k0 = coef ? -a * (sd / cnt) : 0.0;
+    if (t == 0) {
+        k->sd[c] = sd;
+        k->sx[c] = sx;
+        k->dweight[c] = dw == dw ? dw : NAN;
+        k->kx[c] = kx;
+        k->k0[c] = k0;
+    }
+    prm[0] = k->mean[c];
+    prm[1] = a;
+    prm[2] = k->eval ? a : kx;
+    prm[3] = k->eval ? a : k0;
+    prm[4] = a;
+    prm[5] = k->bias ? k->bias[c] : 0.0;
     return !(((dw - dw) + (sd - sd) + (iv - iv) + (k->weight ? w - w : 0.0)) == 0.0);
 }
 
@@ -353,7 +423,7 @@ static inline __attribute__((always_inline)) void BN_FN(fused_dx)(
 {
     const ptrdiff_t o = (n * k->p->C + c) * k->p->S + s0;
 #if BN_IS_F32
-    if (f32) {   /* prm: m, kd, kx (kd in eval), k0 (kd in eval); fb: one channel */
+    if (f32) {   /* fb: one channel */
         const BN_FN(nfb) fb = {prm, prm + 1, prm + 2, prm + 3, k->p->S, k->p->S};
         const BN_FN(fq) fq = {q, q + 1, q + 2, q + 3};
         BN_FN(f32_span)(eval ? BN_F32_DXE : BN_F32_DX, k->dy + o, k->x + o, k->dx + o, L, fq, 0,
@@ -364,35 +434,32 @@ static inline __attribute__((always_inline)) void BN_FN(fused_dx)(
     (void)q;
     (void)f32;
 #endif
-    /* prm: m, kd, kx, k0, a, b */
     BN_FN(dx_span)(k->dy + o, k->x + o, k->dx + o, L, prm, prm + 4, prm + 5, prm + 1, prm + 2,
                    prm + 3, 0, relu, eval, k->nts);
 }
 
-/* Channels [c0, c1) on one thread, as fused_range_case: the sums of c0, then for each
- * channel its dx, BN_FUSE_CHUNK elements at a time, each followed by the next channel's
- * sums up to the same count.  Returns whether a channel was degenerate. */
-static inline __attribute__((always_inline)) int BN_FN(bwd_range_case)(
-    const BN_FN(bwd_fused_ctx) *k, ptrdiff_t c0, ptrdiff_t c1, const int f32, const int relu,
-    const int eval)
+/* The rows [n0, n1) of every channel on one of the threads, as fused_rows_case: its sums
+ * of channel c + 1 read while it writes its dx of channel c.  Returns whether a channel was
+ * degenerate (the same on every thread). */
+static inline __attribute__((always_inline)) int BN_FN(bwd_rows_case)(
+    const BN_FN(bwd_fused_ctx) *k, int t, ptrdiff_t n0, ptrdiff_t n1, const int f32,
+    const int relu, const int eval)
 {
     const bn_plan *p = k->p;
-    const ptrdiff_t N = p->N, S = p->S;
-    BN_FN(chan_bsums) cur, nxt;
+    const ptrdiff_t C = p->C, S = p->S, G = p->row_groups;
+    BN_FN(chan_bsums) u;
     int degenerate = 0;
-    if (c0 >= c1) return 0;
-#define BN_BSUMS_INIT(u, c)                                                                 \
-    BN_FN(chan_bsums_init)(u, p, k->dy, k->x, c, k->mean[c],                                \
+#define BN_BSUMS_INIT(c)                                                                    \
+    BN_FN(chan_bsums_init)(&u, p, k->dy, k->x, c, n0, n1, k->mean[c],                       \
                            k->weight ? k->invstd[c] * k->weight[c] : k->invstd[c],          \
-                           k->bias ? k->bias[c] : 0.0, relu)
-    BN_BSUMS_INIT(&cur, c0);
-    while (cur.n < N) BN_FN(chan_bsums_step)(&cur);
-    for (ptrdiff_t c = c0; c < c1; c++) {
-        degenerate |= BN_FN(chan_bwd_finish)(k, &cur);
-        /* m, kd, kx, k0, a, b (bn_scale_shift's a and shift; kd = a) */
-        double prm[6] = {cur.m, cur.a, k->kx[c], k->k0[c], cur.a, cur.b};
+                           k->bias ? k->bias[c] : 0.0, relu, k->part + 2 * G * ((c) & 1))
+    BN_BSUMS_INIT(0);
+    while (u.n < n1) BN_FN(chan_bsums_step)(&u);
+#pragma omp barrier
+    for (ptrdiff_t c = 0; c < C; c++) {
+        double prm[6];
         float q[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (eval) prm[2] = prm[3] = prm[1];
+        degenerate |= BN_FN(chan_bwd_finish)(k, c, k->part + 2 * G * (c & 1), t, prm);
 #if BN_IS_F32
         if (f32) {
             BN_FN(f32_params)(1, eval ? BN_F32_DXE : BN_F32_DX, prm, prm + 1, prm + 2, prm + 3, q,
@@ -400,37 +467,40 @@ static inline __attribute__((always_inline)) int BN_FN(bwd_range_case)(
             if (eval) q[0] = q[2] = q[3] = q[1];   /* ew_f32: one array for eval's formula */
         }
 #endif
-        const int more = c + 1 < c1;
-        if (more) BN_BSUMS_INIT(&nxt, c + 1);
-        for (ptrdiff_t n = 0; n < N; n++) {
+        const int more = c + 1 < C;
+        if (more) BN_BSUMS_INIT(c + 1);
+        for (ptrdiff_t n = n0; n < n1; n++) {
             for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_FUSE_CHUNK) {
                 const ptrdiff_t L = S - s0 < BN_FUSE_CHUNK ? S - s0 : BN_FUSE_CHUNK;
                 BN_FN(fused_dx)(k, n, c, s0, L, prm, q, f32, relu, eval);
                 if (more)
-                    while (nxt.n < N && BN_FN(chan_bsums_done)(&nxt) < n * S + s0 + L)
-                        BN_FN(chan_bsums_step)(&nxt);
+                    while (u.n < n1 && BN_FN(chan_bsums_done)(&u) < n * S + s0 + L)
+                        BN_FN(chan_bsums_step)(&u);
             }
         }
-        if (more) {
-            while (nxt.n < N) BN_FN(chan_bsums_step)(&nxt);
-            cur = nxt;
-        }
+        if (more)
+            while (u.n < n1) BN_FN(chan_bsums_step)(&u);
+#pragma omp barrier
     }
 #undef BN_BSUMS_INIT
     bn_stream_fence(k->nts);
     return degenerate;
 }
 
-static int BN_FN(bwd_range)(const BN_FN(bwd_fused_ctx) *k, ptrdiff_t c0, ptrdiff_t c1, int f32)
+static int BN_FN(bwd_rows)(const BN_FN(bwd_fused_ctx) *k, int t, int nt, int f32)
 {
+    const bn_plan *p = k->p;
+    const ptrdiff_t G = p->row_groups, rpg = p->rows_per_group;
+    const ptrdiff_t g0 = G * t / nt, g1 = G * (t + 1) / nt;
+    const ptrdiff_t n0 = g0 * rpg, n1 = g1 * rpg < p->N ? g1 * rpg : p->N;
     if (f32)   /* float32 dx has no ReLU form (the mask is the double y's) */
-        return k->eval ? BN_FN(bwd_range_case)(k, c0, c1, 1, 0, 1)
-                       : BN_FN(bwd_range_case)(k, c0, c1, 1, 0, 0);
+        return k->eval ? BN_FN(bwd_rows_case)(k, t, n0, n1, 1, 0, 1)
+                       : BN_FN(bwd_rows_case)(k, t, n0, n1, 1, 0, 0);
     if (k->relu)
-        return k->eval ? BN_FN(bwd_range_case)(k, c0, c1, 0, 1, 1)
-                       : BN_FN(bwd_range_case)(k, c0, c1, 0, 1, 0);
-    return k->eval ? BN_FN(bwd_range_case)(k, c0, c1, 0, 0, 1)
-                   : BN_FN(bwd_range_case)(k, c0, c1, 0, 0, 0);
+        return k->eval ? BN_FN(bwd_rows_case)(k, t, n0, n1, 0, 1, 1)
+                       : BN_FN(bwd_rows_case)(k, t, n0, n1, 0, 1, 0);
+    return k->eval ? BN_FN(bwd_rows_case)(k, t, n0, n1, 0, 0, 1)
+                   : BN_FN(bwd_rows_case)(k, t, n0, n1, 0, 0, 0);
 }
 
 static int BN_FN(backward_fused)(const void *dyv, const void *xv, void *dxv, ptrdiff_t N,
@@ -445,16 +515,26 @@ static int BN_FN(backward_fused)(const void *dyv, const void *xv, void *dxv, ptr
         return BN_EINVAL;
     *degenerate = 0;
     if (!p.fused || dxv == dyv || dxv == xv) return BN_DECLINED;
+    double *part = (double *)malloc(sizeof(double) * 4 * (size_t)p.row_groups);
+    if (!part) return BN_ENOMEM;
     const int relu = (flags & BN_FLAG_RELU) != 0, eval = (flags & BN_FLAG_EVAL) != 0;
     const int nts = p.stream && ((uintptr_t)dxv & 15) == 0 && !bn_stream_alias(dxv, dyv, xv);
     const int f32 = BN_IS_F32 && (relu ? p.ew_f32_relu : p.ew_f32);
     const BN_FN(bwd_fused_ctx) k = {&p, (const T *)dyv, (const T *)xv, (T *)dxv, mean, invstd,
-                                    weight, bias, sum_dy, sum_dyxmu, dweight, k_x, k_0, relu,
-                                    eval, nts};
+                                    weight, bias, sum_dy, sum_dyxmu, dweight, k_x, k_0, part,
+                                    relu, eval, nts};
     const int nt = p.nthreads;
     int bad = 0;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1) reduction(| : bad)
-    for (int t = 0; t < nt; t++) bad |= BN_FN(bwd_range)(&k, C * t / nt, C * (t + 1) / nt, f32);
+#pragma omp parallel num_threads(nt) if (nt > 1) reduction(| : bad)
+    {
+        int t = 0, team = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        team = omp_get_num_threads();
+#endif
+        bad |= BN_FN(bwd_rows)(&k, t, team, f32);
+    }
+    free(part);
     *degenerate = bad != 0;
     return BN_OK;
 }

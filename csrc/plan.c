@@ -438,34 +438,28 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
     p->ew_f32_relu = p->ew_f32 && op != BN_OP_BACKWARD;
 
     /* Fused training forward and backward: beyond the streaming threshold the two passes
-     * read x (and dy) twice from DRAM.  Channel by channel, each thread normalises a channel while it reads the
-     * next one's statistics, so the channel is normalised from the cache and the reads
-     * overlap the writes.  Measured (float32, 2 threads, AVX-512, fused / two passes in
-     * one process, medians; benchmarks/README.md item 71): 0.81-0.88 with rows of 36-256
-     * KiB and channels of 1-4 MiB ((32, 64, 96, 96) 0.86, (16, 32, 256, 256) 0.81), but
-     * 1.04-1.08 with channels of 6 MiB ((128, 64, 112, 112): the channel is gone from the
-     * cache when it is normalised) and 1.14-1.36 with rows of 3-12 KiB ((128, 64, 56, 56)
-     * 1.24, (32, 256, 48, 48) 1.14: a channel is then many short runs far apart, which
-     * the prefetchers follow worse than the two passes' one stream).  Hence rows of
-     * BN_FUSE_MIN_ROW_BYTES and channels of at most BN_FUSE_MAX_CHAN_BYTES, and
-     * BN_FUSE_MIN_C_PER_THREAD channels per thread (each thread takes a contiguous range
-     * of channels, so fewer would leave threads idle).  The backward the same way (sums of
-     * dy and x, then dx; bn_train.h: backward_fused), where it gained on short rows too
-     * but less on larger channels (dy and x together): 0.79-0.90 on (32, 64, 96, 96)
-     * (2.3 MiB), 0.82-0.87 on (128, 256, 28, 28) (rows of 3 KiB, 0.8 MiB), 1.00-1.03 on
-     * (128, 64, 56, 56) (3.2 MiB), 1.02 on (128, 64, 112, 112) (12 MiB): hence
-     * BN_FUSE_BWD_MIN_ROW_BYTES and BN_FUSE_BWD_MAX_CHAN_BYTES.  Every element and every
-     * channel's statistics or sums are computed as in the two passes: the choice never
-     * changes a bit (tests force it either way). */
+     * read x (and dy) twice from DRAM.  Channel by channel instead, the threads sharing
+     * each channel by row groups, a thread normalises (writes dx for) its rows of a channel
+     * while it reads its rows of the next channel for their statistics (sums): its share
+     * of the channel is still in its L2 when it is normalised, and its reads overlap its
+     * writes (bn_train.h: train_fused, backward_fused).  Measured (float32, 2 threads,
+     * AVX-512, fused / two passes in one process, medians; benchmarks/README.md item 71):
+     * (32, 64, 96, 96) 0.94-0.98 training forward, 0.68-0.76 backward; (16, 32, 256, 256)
+     * 0.76 / 0.70; (64, 64, 96, 96) 0.83 / 0.72; (128, 64, 112, 112) 0.86 / 0.95 (its
+     * dy and x take 6 MiB a thread); but with rows of 16 KiB 1.06 / 1.00 ((32, 128, 64,
+     * 64)) and of 12 KiB 1.56 / 1.14 ((128, 64, 56, 56)): a channel is then many short
+     * runs, which the prefetchers follow worse than the two passes' one stream.  Hence
+     * rows of BN_FUSE_MIN_ROW_BYTES, at most BN_FUSE_MAX_SHARE_BYTES of a channel's input
+     * per thread, and a row group per thread (threads without rows would wait).  Every
+     * element and every channel's statistics or sums are computed as in the two passes:
+     * the choice never changes a bit (tests force it either way). */
     const int can_fuse = (op == BN_OP_TRAIN || op == BN_OP_BACKWARD) && rows && N > 0 &&
                          C > 0 && S > 0;
-    const int bwd = op == BN_OP_BACKWARD;
     const double row_bytes = (double)S * (double)itemsize;
-    const double chan_bytes = (double)N * row_bytes * (bwd ? 2.0 : 1.0);
-    p->fused = can_fuse && !p->resident &&
-               row_bytes >= (bwd ? BN_FUSE_BWD_MIN_ROW_BYTES : BN_FUSE_MIN_ROW_BYTES) &&
-               chan_bytes <= (bwd ? BN_FUSE_BWD_MAX_CHAN_BYTES : BN_FUSE_MAX_CHAN_BYTES) &&
-               C >= (ptrdiff_t)BN_FUSE_MIN_C_PER_THREAD * p->nthreads;
+    const double share = (double)N * row_bytes * (op == BN_OP_BACKWARD ? 2.0 : 1.0) /
+                         (double)p->nthreads;
+    p->fused = can_fuse && !p->resident && row_bytes >= BN_FUSE_MIN_ROW_BYTES &&
+               share <= BN_FUSE_MAX_SHARE_BYTES && p->row_groups >= p->nthreads;
     if (can_fuse && force_fused >= 0) p->fused = force_fused;
     return BN_OK;
 }

@@ -419,35 +419,31 @@ def test_rows_walk_in_place(isa, force):
 # ---------------------------------------------------------------- the fused training forward
 
 def test_fusion_rule():
-    # the rows layout's training forward beyond the streaming threshold (16 MiB here), with
-    # rows of at least 32 KiB, channels of at most 4 MiB and 4 channels per thread
-    def fusion(shape, dtype=np.float32, threads=2, isa=None):
-        return _plan(shape, "train", dtype=dtype, threads=threads, isa=isa)["fusion"]
+    # the rows layout's training forward and backward beyond the streaming threshold (16 MiB
+    # here), with rows of at least 32 KiB, at most 4 MiB of a channel's input (x; dy and x)
+    # per thread, and a row group (N * S / 65536 of them, up to 16) per thread
+    def fusion(shape, op="train", dtype=np.float32, threads=2, isa=None):
+        return _plan(shape, op, dtype=dtype, threads=threads, isa=isa)["fusion"]
     for isa in ("avx512", "avx2", "baseline"):
-        assert fusion((32, 64, 96, 96), isa=isa) == "channels"     # 72 MiB, 36 KiB rows
-    assert fusion((16, 32, 256, 256)) == "channels"                # channels of 4 MiB
-    assert fusion((17, 32, 256, 256)) == "none"                    # ... of 4.25 MiB
-    assert fusion((128, 64, 112, 112)) == "none"                   # 6.1 MiB channels
+        for op in ("train", "backward"):
+            assert fusion((32, 64, 96, 96), op, isa=isa) == "channels"   # 36 KiB rows
+    assert fusion((128, 64, 112, 112)) == "channels"               # 3.1 MiB a thread
+    assert fusion((128, 64, 112, 112), "backward") == "none"       # 6.1 MiB a thread
+    assert fusion((32, 32, 256, 256)) == "channels"                # 4 MiB a thread
+    assert fusion((33, 32, 256, 256)) == "none"                    # 4.1 MiB a thread
+    assert fusion((16, 32, 256, 256), "backward") == "channels"    # 4 MiB a thread
+    assert fusion((32, 32, 256, 256), threads=1) == "none"         # 8 MiB for one thread
     assert fusion((128, 64, 56, 56)) == "none"                     # 12 KiB rows
-    assert fusion((64, 64, 32, 32)) == "none"                      # rows of 4 KiB
+    assert fusion((128, 64, 56, 56), "backward") == "none"
     assert fusion((2, 64, 128, 128)) == "none"                     # 8 MiB: cache-resident
-    assert fusion((16, 7, 256, 256)) == "none"                     # 3.5 channels a thread
-    assert fusion((16, 7, 256, 256), threads=1) == "channels"
+    assert fusion((8, 64, 128, 128), "backward") == "channels"     # two row groups
+    assert fusion((4, 64, 128, 128), "backward") == "none"         # one row group
+    assert fusion((1, 256, 128, 128)) == "none"                    # one row group
+    assert fusion((1, 256, 128, 128), threads=1) == "channels"
     assert fusion((16, 64, 96, 96), dtype=np.float64) == "channels"   # 72 KiB rows
-    assert fusion((64, 64, 96, 96), dtype=np.float64) == "none"      # 4.5 MiB channels
+    assert fusion((128, 64, 96, 96), dtype=np.float64) == "none"     # 4.5 MiB a thread
     assert "fusion" not in _plan((32, 64, 96, 96), "infer")
     assert "fusion" not in _plan((32, 64, 96, 96), "moments")
-    # the backward: rows of at least 2 KiB, dy and x of a channel at most 2.5 MiB together
-    def bwd(shape, dtype=np.float32, threads=2):
-        return _plan(shape, "backward", dtype=dtype, threads=threads)["fusion"]
-    assert bwd((32, 64, 96, 96)) == "channels"                     # 2.25 MiB
-    assert bwd((128, 256, 28, 28)) == "channels"                   # rows of 3 KiB
-    assert bwd((128, 256, 16, 16)) == "none"                       # rows of 1 KiB
-    assert bwd((128, 64, 56, 56)) == "none"                        # 3.1 MiB
-    assert bwd((7, 64, 64, 64)) == "none"                          # dy, x 14 MiB: resident
-    assert bwd((8, 64, 64, 64)) == "channels"                      # 16 MiB
-    assert bwd((64, 7, 96, 96)) == "none"                          # 3.5 channels a thread
-    assert bwd((32, 64, 32, 32, 32)) == "none"                     # 8 MiB channels
     p = _plan((32, 64, 96, 96), "train", isa="avx2")
     assert p["strategy"] == "rows:fused" and p["elementwise"]["stream"]
     assert not _plan((32, 64, 96, 96), "train", isa="baseline")["elementwise"]["stream"]
