@@ -166,6 +166,35 @@ static inline __attribute__((always_inline)) void BN_FN(fused_norm)(
     BN_FN(norm_span_s)(x + o, y + o, L, prm[0], prm[1], prm[2], relu, nts);
 }
 
+/* Thread t of nt takes the rows [*n0, *n1) of row groups [G t / nt, G (t + 1) / nt) (none
+ * where G < nt: it still meets every barrier). */
+static inline void BN_FN(fused_share)(const bn_plan *p, int t, int nt, ptrdiff_t *n0,
+                                      ptrdiff_t *n1)
+{
+    const ptrdiff_t G = p->row_groups, rpg = p->rows_per_group;
+    const ptrdiff_t g0 = G * t / nt, g1 = G * (t + 1) / nt;
+    *n0 = g0 * rpg;
+    *n1 = g1 * rpg < p->N ? g1 * rpg : p->N;
+}
+
+/* Both fused passes' loop over a thread's rows [n0, n1) of channel c: each piece of
+ * BN_FUSE_CHUNK elements (row n, offset s0, length L) written by the statement given last,
+ * then the cursor u of channel c + 1 (where `more`) read up to the same count with DONE
+ * and STEP; then the rest of u. */
+#define BN_FUSED_PIPELINE(DONE, STEP, ...)                                                  \
+    do {                                                                                    \
+        for (ptrdiff_t n = n0; n < n1; n++) {                                               \
+            for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_FUSE_CHUNK) {                           \
+                const ptrdiff_t L = S - s0 < BN_FUSE_CHUNK ? S - s0 : BN_FUSE_CHUNK;        \
+                __VA_ARGS__;                                                                \
+                if (more)                                                                   \
+                    while (u.n < n1 && DONE(&u) < n * S + s0 + L) STEP(&u);                 \
+            }                                                                               \
+        }                                                                                   \
+        if (more)                                                                           \
+            while (u.n < n1) STEP(&u);                                                      \
+    } while (0)
+
 typedef struct {
     const bn_plan *p;
     const T *x;
@@ -205,31 +234,20 @@ static inline __attribute__((always_inline)) void BN_FN(fused_rows_case)(
         const int more = c + 1 < C;
         if (more) BN_FN(chan_stats_init)(&u, p, k->x, c + 1, n0, n1,
                                          k->part + 3 * G * ((c + 1) & 1));
-        for (ptrdiff_t n = n0; n < n1; n++) {
-            for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_FUSE_CHUNK) {
-                const ptrdiff_t L = S - s0 < BN_FUSE_CHUNK ? S - s0 : BN_FUSE_CHUNK;
-                BN_FN(fused_norm)(p, k->x, k->y, n, c, s0, L, prm, q, f32, relu, defer, k->nts);
-                if (more)
-                    while (u.n < n1 && BN_FN(chan_stats_done)(&u) < n * S + s0 + L)
-                        BN_FN(chan_stats_step)(&u);
-            }
-        }
-        if (more)
-            while (u.n < n1) BN_FN(chan_stats_step)(&u);
+        BN_FUSED_PIPELINE(BN_FN(chan_stats_done), BN_FN(chan_stats_step),
+                          BN_FN(fused_norm)(p, k->x, k->y, n, c, s0, L, prm, q, f32, relu,
+                                            defer, k->nts));
 #pragma omp barrier
     }
     bn_stream_fence(k->nts);
 }
 
-/* This thread's share: thread t of nt takes the rows of row groups [G t / nt,
- * G (t + 1) / nt) (none where G < nt: it still meets every barrier). */
+/* This thread's share (fused_share), the flags as constants. */
 static void BN_FN(fused_rows)(const BN_FN(fused_ctx) *k, int t, int nt, int f32, int relu,
                               int defer)
 {
-    const bn_plan *p = k->p;
-    const ptrdiff_t G = p->row_groups, rpg = p->rows_per_group;
-    const ptrdiff_t g0 = G * t / nt, g1 = G * (t + 1) / nt;
-    const ptrdiff_t n0 = g0 * rpg, n1 = g1 * rpg < p->N ? g1 * rpg : p->N;
+    ptrdiff_t n0, n1;
+    BN_FN(fused_share)(k->p, t, nt, &n0, &n1);
     if (f32)
         BN_BY_FLAGS(BN_FN(fused_rows_case), relu, defer, k, t, n0, n1, 1);
     else
@@ -469,17 +487,8 @@ static inline __attribute__((always_inline)) int BN_FN(bwd_rows_case)(
 #endif
         const int more = c + 1 < C;
         if (more) BN_BSUMS_INIT(c + 1);
-        for (ptrdiff_t n = n0; n < n1; n++) {
-            for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_FUSE_CHUNK) {
-                const ptrdiff_t L = S - s0 < BN_FUSE_CHUNK ? S - s0 : BN_FUSE_CHUNK;
-                BN_FN(fused_dx)(k, n, c, s0, L, prm, q, f32, relu, eval);
-                if (more)
-                    while (u.n < n1 && BN_FN(chan_bsums_done)(&u) < n * S + s0 + L)
-                        BN_FN(chan_bsums_step)(&u);
-            }
-        }
-        if (more)
-            while (u.n < n1) BN_FN(chan_bsums_step)(&u);
+        BN_FUSED_PIPELINE(BN_FN(chan_bsums_done), BN_FN(chan_bsums_step),
+                          BN_FN(fused_dx)(k, n, c, s0, L, prm, q, f32, relu, eval));
 #pragma omp barrier
     }
 #undef BN_BSUMS_INIT
@@ -489,10 +498,8 @@ static inline __attribute__((always_inline)) int BN_FN(bwd_rows_case)(
 
 static int BN_FN(bwd_rows)(const BN_FN(bwd_fused_ctx) *k, int t, int nt, int f32)
 {
-    const bn_plan *p = k->p;
-    const ptrdiff_t G = p->row_groups, rpg = p->rows_per_group;
-    const ptrdiff_t g0 = G * t / nt, g1 = G * (t + 1) / nt;
-    const ptrdiff_t n0 = g0 * rpg, n1 = g1 * rpg < p->N ? g1 * rpg : p->N;
+    ptrdiff_t n0, n1;
+    BN_FN(fused_share)(k->p, t, nt, &n0, &n1);
     if (f32)   /* float32 dx has no ReLU form (the mask is the double y's) */
         return k->eval ? BN_FN(bwd_rows_case)(k, t, n0, n1, 1, 0, 1)
                        : BN_FN(bwd_rows_case)(k, t, n0, n1, 1, 0, 0);
