@@ -36,11 +36,12 @@ if [ "$#" -gt 0 ]; then
     TESTS=("$@")
 else
     # The kernels on every shape/layout/dtype/ISA/thread count of the grid, bit-identity
-    # across threads and ISAs, every error path, gradients, argument handling (layouts,
-    # out=, in place, byte order), the fast paths and the hardening tests, the adversarial
-    # inputs and a short fuzz (the files this checkout has).
+    # across threads and ISAs, every forced strategy (walks, layouts, the fused passes),
+    # every error path, gradients, argument handling (layouts, out=, in place, byte order),
+    # the fast paths and the hardening tests, the adversarial inputs and a short fuzz (the
+    # files this checkout has).
     TESTS=()
-    for t in test_reference_grid test_determinism test_errors test_gradcheck \
+    for t in test_reference_grid test_determinism test_plan test_errors test_gradcheck \
              test_inputs_outputs test_numerics test_fastpath test_hardening \
              test_adversarial test_fuzz; do
         for f in "$REPO"/tests/*/"$t".py; do
