@@ -732,12 +732,14 @@ def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out,
             and _apart(bias, out)):
         return None
     cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
-    cdef cnp.ndarray dx = _empty_like(xa) if out is None else <cnp.ndarray> out
-    # Large enough for the plan to fuse the two passes (plan.fused; the kernel asks the plan
-    # and declines otherwise), or the fusion forced (tests): both in one kernel call
+    cdef cnp.ndarray dx = None
+    # Large enough for the plan to fuse the two passes (plan.fused: dy and x not cache-
+    # resident; the kernel asks the plan and declines otherwise), or the fusion forced
+    # (tests): both in one kernel call
     cdef double nbytes = 2.0 * <double> cnp.PyArray_NBYTES(xa)
     fused = None
     if nbytes >= <double> bn_get_stream_min_bytes() or bn_plan_forced_fused() == 1:
+        dx = _empty_like(xa) if out is None else <cnp.ndarray> out
         fused = _backward_fused(da, xa, dx, N, C, S, m, inv, w, b, relu, training, nthreads)
     if fused is not None:
         dweight, dbias, degenerate = fused
@@ -747,6 +749,8 @@ def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out,
     if degenerate:
         return None                # the general path recomputes such channels
     if fused is None:
+        if dx is None:
+            dx = _empty_like(xa) if out is None else <cnp.ndarray> out
         _bwd_apply(da, xa, dx, N, C, S, m, inv, w, b, <double *> cnp.PyArray_DATA(kx),
                    <double *> cnp.PyArray_DATA(k0), relu, training, nthreads)
     if _dt(xa) == 0:

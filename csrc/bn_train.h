@@ -114,8 +114,8 @@ static void BN_FN(chan_stats_step)(BN_FN(chan_stats) *u)
 
 /* Channel c's mean and variance from its G groups' partials and its shift K, as
  * moments_planned gives them (the groups merged in order, its fixup, canonical NaNs), then
- * its coefficients as coeffs gives them (the scalar form: sqrt and division are correctly
- * rounded): prm = {mean, scale, shift}, *var and *invstd.  x is read only by the fixup of
+ * its coefficients by coeffs (one channel: its scalar form, whose correctly rounded sqrt
+ * and division give its vectors' bits): prm = {mean, scale, shift}, *var and *invstd.  x is read only by the fixup of
  * a result that is not finite, after a barrier (the same on every thread: the partials
  * are shared), and before another (an output may be x itself: no thread normalises the
  * channel before every thread has read it). */
@@ -133,12 +133,13 @@ static void BN_FN(chan_finish)(const bn_plan *p, const T *x, ptrdiff_t c, double
         if (vc != vc) vc = NAN;
 #pragma omp barrier
     }
-    const double iv = 1.0 / sqrt(vc + eps);
+    double iv;
     prm[0] = mc;
-    prm[1] = weight ? iv * weight[c] : iv;
-    prm[2] = bias ? bias[c] : 0.0;
+    prm[2] = *BN_FN(coeffs)(1, &vc, eps, weight ? weight + c : NULL, bias ? bias + c : NULL,
+                            &iv, prm + 1, prm + 2);
+    bn_canon_vec(&iv, 1);
     *var = vc;
-    *invstd = iv == iv ? iv : NAN;
+    *invstd = iv;
 }
 
 /* Elements [s0, s0 + L) of row n of channel c normalised with its parameters (prm: m, a, b
@@ -321,6 +322,57 @@ static int BN_FN(infer_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t
     return st;
 }
 
+/* The backward's per-channel coefficients (bnfast.h: backward_coeffs), 8 channels per
+ * vector with the scalar form's IEEE operations (same bits).  Finiteness is summed, not
+ * tested: v - v is 0 for a finite v and NaN otherwise, added up in a native accumulator
+ * (bn_acc: a loop-carried 8-double vector lives in memory on AVX2 and SSE2); dweight's NaNs
+ * become canonical afterwards.  In Cython (scalar, two divisions per channel) this was 8%
+ * of the backward of (32, 8192). */
+static inline __attribute__((always_inline)) int BN_FN(bwd_coeffs_case)(
+    ptrdiff_t C, const double *sd, const double *sx, const double *inv, const double *weight,
+    double cnt, double *dweight, double *kx, double *k0, const int coef, const int has_w)
+{
+    const bn_vd cv = bn_splat(cnt), zero = bn_splat(0.0);
+    bn_acc fin = bn_acc_zero();
+    ptrdiff_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+        const bn_vd iv = bn_ldd(inv + c), s1 = bn_ldd(sd + c);
+        const bn_vd wv = has_w ? bn_ldd(weight + c) : zero;
+        const bn_vd a = has_w ? iv * wv : iv;
+        const bn_vd dw = bn_ldd(sx + c) * iv;
+        bn_std(dweight + c, dw);
+        bn_std(kx + c, coef ? -(a * iv) * (dw / cv) : zero);
+        bn_std(k0 + c, coef ? -a * (s1 / cv) : zero);
+        fin = bn_acc_add(fin, ((dw - dw) + (s1 - s1)) + ((iv - iv) + (wv - wv)));
+    }
+    double f = bn_acc_hsum(fin);
+    for (; c < C; c++) {
+        const double a = has_w ? inv[c] * weight[c] : inv[c];
+        const double dw = sx[c] * inv[c];
+        dweight[c] = dw;
+        kx[c] = coef ? -(a * inv[c]) * (dw / cnt) : 0.0;
+        k0[c] = coef ? -a * (sd[c] / cnt) : 0.0;
+        f += (dw - dw) + (sd[c] - sd[c]) + (inv[c] - inv[c]) +
+             (has_w ? weight[c] - weight[c] : 0.0);
+    }
+    bn_canon_vec(dweight, C);
+    return !(f == 0.0);
+}
+
+static int BN_FN(backward_coeffs)(ptrdiff_t C, const double *sd, const double *sx,
+                                  const double *inv, const double *weight, double cnt,
+                                  int training, double *dweight, double *kx, double *k0)
+{
+    const int coef = training && cnt > 0;
+    if (coef)
+        return weight ? BN_FN(bwd_coeffs_case)(C, sd, sx, inv, weight, cnt, dweight, kx, k0,
+                                               1, 1)
+                      : BN_FN(bwd_coeffs_case)(C, sd, sx, inv, weight, cnt, dweight, kx, k0,
+                                               1, 0);
+    return weight ? BN_FN(bwd_coeffs_case)(C, sd, sx, inv, weight, cnt, dweight, kx, k0, 0, 1)
+                  : BN_FN(bwd_coeffs_case)(C, sd, sx, inv, weight, cnt, dweight, kx, k0, 0, 0);
+}
+
 /* ---- the fused backward (plan.fused) ---- */
 
 /* One channel's backward sums over rows [n0, n1) (whole row groups), a piece at a time:
@@ -398,7 +450,7 @@ typedef struct {
 } BN_FN(bwd_fused_ctx);
 
 /* Channel c's sums from its groups' (in order, from zero; canonical NaNs, as
- * backward_reduce leaves them), then its coefficients as backward_coeffs computes them (its
+ * backward_reduce leaves them), then its coefficients by backward_coeffs (one channel: its
  * scalar form, the same operations as its vectors): prm = {m, kd, kx, k0, a, b} (kx and k0
  * kd in eval mode, as ew_f32 reads them), written out by thread 0; returns whether the
  * channel is degenerate. */
@@ -406,32 +458,32 @@ static int BN_FN(chan_bwd_finish)(const BN_FN(bwd_fused_ctx) *k, ptrdiff_t c,
                                   const double *part, int t, double *prm)
 {
     const bn_plan *p = k->p;
-    const double cnt = (double)p->N * (double)p->S;
-    double sd = 0.0, sx = 0.0;
+    double sd = 0.0, sx = 0.0, dw, kx, k0;
     for (ptrdiff_t g = 0; g < p->row_groups; g++) {
         sd += part[2 * g];
         sx += part[2 * g + 1];
     }
-    sd = sd == sd ? sd : NAN;
-    sx = sx == sx ? sx : NAN;
-    const double iv = k->invstd[c], w = k->weight ? k->weight[c] : 0.0;
-    const double a = k->weight ? iv * w : iv, dw = sx * iv;
-    const int coef = !k->eval && cnt > 0;
-    const double kx = coef ? -(a * iv) * (dw / cnt) : 0.0, k0 = coef ? -a * (sd / cnt) : 0.0;
+    bn_canon_vec(&sd, 1);
+    bn_canon_vec(&sx, 1);
+    const int bad = BN_FN(backward_coeffs)(1, &sd, &sx, k->invstd + c,
+                                           k->weight ? k->weight + c : NULL,
+                                           (double)p->N * (double)p->S, !k->eval, &dw, &kx,
+                                           &k0);
     if (t == 0) {
         k->sd[c] = sd;
         k->sx[c] = sx;
-        k->dweight[c] = dw == dw ? dw : NAN;
+        k->dweight[c] = dw;
         k->kx[c] = kx;
         k->k0[c] = k0;
     }
+    const double a = k->weight ? k->invstd[c] * k->weight[c] : k->invstd[c];
     prm[0] = k->mean[c];
     prm[1] = a;
     prm[2] = k->eval ? a : kx;
     prm[3] = k->eval ? a : k0;
     prm[4] = a;
     prm[5] = k->bias ? k->bias[c] : 0.0;
-    return !(((dw - dw) + (sd - sd) + (iv - iv) + (k->weight ? w - w : 0.0)) == 0.0);
+    return bad;
 }
 
 /* Elements [s0, s0 + L) of row n of channel c: dx as backward_dx computes each element. */
@@ -544,55 +596,4 @@ static int BN_FN(backward_fused)(const void *dyv, const void *xv, void *dxv, ptr
     free(part);
     *degenerate = bad != 0;
     return BN_OK;
-}
-
-/* The backward's per-channel coefficients (bnfast.h: backward_coeffs), 8 channels per
- * vector with the scalar form's IEEE operations (same bits).  Finiteness is summed, not
- * tested: v - v is 0 for a finite v and NaN otherwise, added up in a native accumulator
- * (bn_acc: a loop-carried 8-double vector lives in memory on AVX2 and SSE2); dweight's NaNs
- * become canonical afterwards.  In Cython (scalar, two divisions per channel) this was 8%
- * of the backward of (32, 8192). */
-static inline __attribute__((always_inline)) int BN_FN(bwd_coeffs_case)(
-    ptrdiff_t C, const double *sd, const double *sx, const double *inv, const double *weight,
-    double cnt, double *dweight, double *kx, double *k0, const int coef, const int has_w)
-{
-    const bn_vd cv = bn_splat(cnt), zero = bn_splat(0.0);
-    bn_acc fin = bn_acc_zero();
-    ptrdiff_t c = 0;
-    for (; c + 8 <= C; c += 8) {
-        const bn_vd iv = bn_ldd(inv + c), s1 = bn_ldd(sd + c);
-        const bn_vd wv = has_w ? bn_ldd(weight + c) : zero;
-        const bn_vd a = has_w ? iv * wv : iv;
-        const bn_vd dw = bn_ldd(sx + c) * iv;
-        bn_std(dweight + c, dw);
-        bn_std(kx + c, coef ? -(a * iv) * (dw / cv) : zero);
-        bn_std(k0 + c, coef ? -a * (s1 / cv) : zero);
-        fin = bn_acc_add(fin, ((dw - dw) + (s1 - s1)) + ((iv - iv) + (wv - wv)));
-    }
-    double f = bn_acc_hsum(fin);
-    for (; c < C; c++) {
-        const double a = has_w ? inv[c] * weight[c] : inv[c];
-        const double dw = sx[c] * inv[c];
-        dweight[c] = dw;
-        kx[c] = coef ? -(a * inv[c]) * (dw / cnt) : 0.0;
-        k0[c] = coef ? -a * (sd[c] / cnt) : 0.0;
-        f += (dw - dw) + (sd[c] - sd[c]) + (inv[c] - inv[c]) +
-             (has_w ? weight[c] - weight[c] : 0.0);
-    }
-    bn_canon_vec(dweight, C);
-    return !(f == 0.0);
-}
-
-static int BN_FN(backward_coeffs)(ptrdiff_t C, const double *sd, const double *sx,
-                                  const double *inv, const double *weight, double cnt,
-                                  int training, double *dweight, double *kx, double *k0)
-{
-    const int coef = training && cnt > 0;
-    if (coef)
-        return weight ? BN_FN(bwd_coeffs_case)(C, sd, sx, inv, weight, cnt, dweight, kx, k0,
-                                               1, 1)
-                      : BN_FN(bwd_coeffs_case)(C, sd, sx, inv, weight, cnt, dweight, kx, k0,
-                                               1, 0);
-    return weight ? BN_FN(bwd_coeffs_case)(C, sd, sx, inv, weight, cnt, dweight, kx, k0, 0, 1)
-                  : BN_FN(bwd_coeffs_case)(C, sd, sx, inv, weight, cnt, dweight, kx, k0, 0, 0);
 }
