@@ -14,6 +14,13 @@
 #elif defined(__SSE2__)
 #include <emmintrin.h>   /* SSE2 only: a fifth of immintrin.h's parsing (compile time) */
 #endif
+/* Streaming (non-temporal) stores and their fence: every x86-64 variant (SSE2 has them);
+ * elsewhere ordinary stores (the plan then never streams: plan.c, bn_plan_streams). */
+#if BN_ISA_LEVEL > 0 || defined(__SSE2__)
+#define BN_CAN_STREAM 1
+#else
+#define BN_CAN_STREAM 0
+#endif
 
 /* Native pieces of the 8-double vector: 4 doubles (one AVX2 register), 2 (one SSE2
  * register), split and joined with __builtin_shufflevector (which GCC keeps in registers,
@@ -283,7 +290,7 @@ static inline bn_vd bn_vsqrt(bn_vd v)
 /* Order this thread's non-temporal stores before its later stores. */
 static inline void bn_stream_fence(int nts)
 {
-#if BN_ISA_LEVEL > 0
+#if BN_CAN_STREAM
     if (nts) _mm_sfence();
 #else
     (void)nts;
@@ -340,7 +347,19 @@ static inline void BN_FN(st)(T *p, bn_vd v)
  */
 static inline void BN_FN(stnt)(T *p, bn_vd v)
 {
-#if BN_ISA_LEVEL > 0
+#if BN_ISA_LEVEL == 0 && BN_CAN_STREAM
+    /* SSE2 (the baseline): the bits of BN_FN(st), in 16-byte pieces */
+#if BN_IS_F32
+    const bn_vf t = __builtin_convertvector(v, bn_vf);
+    _mm_stream_ps(p, (__m128)__builtin_shufflevector(t, t, 0, 1, 2, 3));
+    _mm_stream_ps(p + 4, (__m128)__builtin_shufflevector(t, t, 4, 5, 6, 7));
+#else
+    _mm_stream_pd(p, (__m128d)BN_Q2(v, 0));
+    _mm_stream_pd(p + 2, (__m128d)BN_Q2(v, 1));
+    _mm_stream_pd(p + 4, (__m128d)BN_Q2(v, 2));
+    _mm_stream_pd(p + 6, (__m128d)BN_Q2(v, 3));
+#endif
+#elif BN_ISA_LEVEL > 0
 #if BN_IS_F32 && BN_ISA_LEVEL == 2
     const __m256 f = _mm512_cvtpd_ps((__m512d)v);
     _mm_stream_ps(p, _mm256_castps256_ps128(f));
@@ -412,7 +431,7 @@ static inline void BN_FN(stx)(T *p, bn_vd v, int nts, bn_nanacc *acc)
 static inline void BN_FN(store_tail)(T *p, T *tmp, ptrdiff_t n, int nts)
 {
     ptrdiff_t i = 0;
-#if BN_ISA_LEVEL > 0
+#if BN_CAN_STREAM
     const ptrdiff_t step = 16 / (ptrdiff_t)sizeof(T);
     if (nts) {
         for (ptrdiff_t k = 0; k < n; k++)
@@ -559,21 +578,35 @@ static inline bn_v2 BN_FN(ld2)(const T *p)
 #endif
 }
 
-/* Store four pieces at p, noting NaNs in *acc.  The baseline never streams
- * (bn_plan.stream). */
+/* Store four pieces at p (streaming with nts: p is then 16-byte aligned), noting NaNs in
+ * *acc. */
 static inline void BN_FN(stx_quarters)(T *p, bn_v2 y0, bn_v2 y1, bn_v2 y2, bn_v2 y3,
-                                       bn_nanacc *acc)
+                                       int nts, bn_nanacc *acc)
 {
     *acc = _mm_or_pd(*acc, _mm_or_pd(_mm_cmpunord_pd((__m128d)y0, (__m128d)y1),
                                      _mm_cmpunord_pd((__m128d)y2, (__m128d)y3)));
 #if BN_IS_F32
-    _mm_storeu_ps(p, _mm_movelh_ps(_mm_cvtpd_ps((__m128d)y0), _mm_cvtpd_ps((__m128d)y1)));
-    _mm_storeu_ps(p + 4, _mm_movelh_ps(_mm_cvtpd_ps((__m128d)y2), _mm_cvtpd_ps((__m128d)y3)));
+    const __m128 lo = _mm_movelh_ps(_mm_cvtpd_ps((__m128d)y0), _mm_cvtpd_ps((__m128d)y1));
+    const __m128 hi = _mm_movelh_ps(_mm_cvtpd_ps((__m128d)y2), _mm_cvtpd_ps((__m128d)y3));
+    if (nts) {
+        _mm_stream_ps(p, lo);
+        _mm_stream_ps(p + 4, hi);
+    } else {
+        _mm_storeu_ps(p, lo);
+        _mm_storeu_ps(p + 4, hi);
+    }
 #else
-    _mm_storeu_pd(p, (__m128d)y0);
-    _mm_storeu_pd(p + 2, (__m128d)y1);
-    _mm_storeu_pd(p + 4, (__m128d)y2);
-    _mm_storeu_pd(p + 6, (__m128d)y3);
+    if (nts) {
+        _mm_stream_pd(p, (__m128d)y0);
+        _mm_stream_pd(p + 2, (__m128d)y1);
+        _mm_stream_pd(p + 4, (__m128d)y2);
+        _mm_stream_pd(p + 6, (__m128d)y3);
+    } else {
+        _mm_storeu_pd(p, (__m128d)y0);
+        _mm_storeu_pd(p + 2, (__m128d)y1);
+        _mm_storeu_pd(p + 4, (__m128d)y2);
+        _mm_storeu_pd(p + 6, (__m128d)y3);
+    }
 #endif
 }
 
@@ -581,7 +614,6 @@ static inline void BN_FN(stx_dx)(T *p, bn_vd g, bn_vd xm, bn_vd a, bn_vd b, bn_v
                                  bn_vd kx, bn_vd k0, int relu, int eval, int nts,
                                  bn_nanacc *acc)
 {
-    (void)nts;
     BN_FN(stx_quarters)(p,
                         bn_dx2(BN_Q2(g, 0), BN_Q2(xm, 0), BN_Q2(a, 0), BN_Q2(b, 0),
                                BN_Q2(kd, 0), BN_Q2(kx, 0), BN_Q2(k0, 0), relu, eval),
@@ -591,7 +623,7 @@ static inline void BN_FN(stx_dx)(T *p, bn_vd g, bn_vd xm, bn_vd a, bn_vd b, bn_v
                                BN_Q2(kd, 2), BN_Q2(kx, 2), BN_Q2(k0, 2), relu, eval),
                         bn_dx2(BN_Q2(g, 3), BN_Q2(xm, 3), BN_Q2(a, 3), BN_Q2(b, 3),
                                BN_Q2(kd, 3), BN_Q2(kx, 3), BN_Q2(k0, 3), relu, eval),
-                        acc);
+                        nts, acc);
 }
 
 static inline void BN_FN(stx_dx_p)(T *p, const T *dy, const T *x, const double *m,
@@ -600,12 +632,11 @@ static inline void BN_FN(stx_dx_p)(T *p, const T *dy, const T *x, const double *
                                    int nts, bn_nanacc *acc)
 {
     bn_v2 y[4];
-    (void)nts;
     for (int k = 0; k < 4; k++)   /* piece k: elements 2k, 2k + 1 */
         y[k] = bn_dx2(BN_FN(ld2)(dy + 2 * k), BN_FN(ld2)(x + 2 * k) - bn_ld2d(m + 2 * k),
                       bn_ld2d(a + 2 * k), bn_ld2d(b + 2 * k), bn_ld2d(kd + 2 * k),
                       bn_ld2d(kx + 2 * k), bn_ld2d(k0 + 2 * k), relu, eval);
-    BN_FN(stx_quarters)(p, y[0], y[1], y[2], y[3], acc);
+    BN_FN(stx_quarters)(p, y[0], y[1], y[2], y[3], nts, acc);
 }
 #else
 static inline bn_vd bn_vmask(bn_vd g, bn_vd t)   /* g where t > 0, else 0 */
@@ -743,11 +774,15 @@ static inline bn_f8 bn_f8_relu(bn_f8 t)   /* +0 for t <= 0 (max's second operand
     bn_f8 r = {_mm_max_ps(t.lo, z), _mm_max_ps(t.hi, z)};
     return r;
 }
-static inline void bn_f8_st(float *p, bn_f8 t, int nts)   /* the baseline never streams */
+static inline void bn_f8_st(float *p, bn_f8 t, int nts)   /* nts: p 16-byte aligned */
 {
-    (void)nts;
-    _mm_storeu_ps(p, t.lo);
-    _mm_storeu_ps(p + 4, t.hi);
+    if (nts) {
+        _mm_stream_ps(p, t.lo);
+        _mm_stream_ps(p + 4, t.hi);
+    } else {
+        _mm_storeu_ps(p, t.lo);
+        _mm_storeu_ps(p + 4, t.hi);
+    }
 }
 #else
 typedef bn_vf bn_f8;

@@ -68,7 +68,9 @@ void bn_set_stream_min_bytes(size_t nbytes)
 
 /* Whether the element-wise pass of op over tensors of `tensor_bytes` each streams its
  * stores under variant `isa`: the rule of bn_plan_make below, shared with bench_copy.c's
- * copy floor (a copy is a normalisation without arithmetic).  Never on the baseline.
+ * copy floor (a copy is a normalisation without arithmetic).  Every x86-64 variant,
+ * the SSE2 baseline included (it did not stream before the tenth session: benchmarks/
+ * README.md item 72); none elsewhere.
  *
  * - The backward's dx (dy and x read, dx written) streams when the three tensors reach
  *   the threshold T: it reads dy and x twice (its sums, then dx), and streaming dx keeps
@@ -79,15 +81,21 @@ void bn_set_stream_min_bytes(size_t nbytes)
  *   2 T): below that, ordinary stores keep part of both in the cache between calls.
  *   (65536, 64) float32 inference (16 MiB tensors, 32 MiB moved): 0.54 ms ordinary
  *   against 0.63 streaming (avx512), 0.59 against 0.67 (avx2, which the threshold T alone
- *   made slower than the baseline, that never streams); (32, 64, 56, 56) (24.5 MiB) in
+ *   made slower than the baseline, which did not stream then); (32, 64, 56, 56) (24.5 MiB) in
  *   the benchmark's interleaved sampling 0.68-0.89 against 0.99-1.02 ms; 28 MiB tensors
  *   either way by turns; 32 MiB streaming as fast or faster (1.22-1.31 against
  *   1.32-1.69 ms).  benchmarks/README.md item 60. */
 int bn_plan_streams(int isa, int op, double tensor_bytes)
 {
-    if (isa == BN_ISA_BASELINE) return 0;
+    (void)isa;
+#if defined(__SSE2__) || defined(_M_X64)
     const double T = (double)bn_get_stream_min_bytes();
     return op == BN_OP_BACKWARD ? 3.0 * tensor_bytes >= T : tensor_bytes >= T;
+#else
+    (void)op;
+    (void)tensor_bytes;
+    return 0;   /* streaming stores are x86's (bn_isa.h: BN_CAN_STREAM) */
+#endif
 }
 
 /* The distance from an input to the output modulo 4 KiB, in 1..BN_STREAM_ALIAS_BYTES:
@@ -410,8 +418,8 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
     p->stream = 0;
     if (has_ew) {
         /* Streaming stores: only where bn_plan_streams says so (the normalisation's input
-         * alone reaches the threshold, or the backward's dy, x and dx together; never on
-         * the baseline), and every store is a whole 16-byte piece: each row (rows layout) or
+         * alone reaches the threshold, or the backward's dy, x and dx together), and every
+         * store is a whole 16-byte piece: each row (rows layout) or
          * period (columns) starts where the previous ended, so its length in bytes must be
          * a multiple of 16.  Mixing ordinary and non-temporal stores on one cache line is
          * very slow, so it is all or nothing; the kernel also checks the output's

@@ -123,8 +123,6 @@ STREAMED = [((4, 3, 100), 1), ((16, 8, 8, 24), -1), ((64, 64), 1), ((32, 2048), 
 def test_streaming_stores_rewrite_their_spans(shape, axis, relu, isa, nthreads):
     """With streaming stores, a span holding a non-finite value is rewritten element by
     element after its streaming stores: the same bits as the formula."""
-    if isa == "baseline":
-        pytest.skip("the baseline variant never streams")
     from bnfast import _config
     x, w, b, m, v = _case("stream", shape, axis)
     _special(x)
@@ -399,8 +397,6 @@ def test_dx_bits_of_the_float32_formula(shape, axis, training, isa, nthreads, ar
 @pytest.mark.parametrize("shape,axis", STREAMED, ids=[f"{'x'.join(map(str, s))}-ax{a}"
                                                       for s, a in STREAMED])
 def test_dx_streaming_stores_rewrite_their_spans(shape, axis, isa, nthreads):
-    if isa == "baseline":
-        pytest.skip("the baseline variant never streams")
     from bnfast import _config
     dy, x, m, inv, w = _dx_case("stream", shape, axis)
     d3, x3 = _kernel_view(dy, axis), _kernel_view(x, axis)

@@ -150,17 +150,18 @@ def test_plan_fields_and_thresholds():
     assert _plan((31, 8, 9, 7), "moments")["layout"] == "rows"
     assert _plan((32, 8, 9, 7), "moments")["layout"] == "columns"
     # streaming: working set >= the threshold T (16 MiB here) for the backward's dx,
-    # an input >= T for the normalisation; not the baseline; rows of 16-byte multiples
+    # an input >= T for the normalisation, in every variant (the baseline's SSE2 has
+    # streaming stores too); rows of 16-byte multiples
     big = (64, 64, 32, 32)                                             # 16 MiB float32
     assert _plan(big, "infer", isa="avx2")["elementwise"]["stream"]
-    for isa in ("avx2", "avx512"):
+    for isa in ("baseline", "avx2", "avx512"):
         s = {(n, op): _plan((n, 64, 32, 32), op, isa=isa)["elementwise"]["stream"]
              for n in (21, 22, 63, 64) for op in ("infer", "train", "backward")}
         assert s[64, "infer"] and s[64, "train"]                 # 16 MiB
         assert not s[63, "infer"] and not s[63, "train"]         # 15.75 MiB
         assert s[22, "backward"] and not s[22, "infer"]          # 5.5 MiB: 16.5 MiB (dx)
         assert not s[21, "backward"]                             # 5.25 MiB: 15.75 MiB
-    assert not _plan(big, "infer", isa="baseline")["elementwise"]["stream"]
+    assert _plan(big, "infer", isa="baseline")["elementwise"]["stream"]
     assert not _plan((64, 64, 33, 33), "infer", isa="avx2")["elementwise"]["stream"]
     assert not _plan((4, 8, 32, 32), "infer", isa="avx2")["elementwise"]["stream"]
     p = _plan((4096, 512), "moments", isa="avx512")
@@ -446,7 +447,7 @@ def test_fusion_rule():
     assert "fusion" not in _plan((32, 64, 96, 96), "moments")
     p = _plan((32, 64, 96, 96), "train", isa="avx2")
     assert p["strategy"] == "rows:fused" and p["elementwise"]["stream"]
-    assert not _plan((32, 64, 96, 96), "train", isa="baseline")["elementwise"]["stream"]
+    assert _plan((32, 64, 96, 96), "train", isa="baseline")["elementwise"]["stream"]
 
 
 def _fused_cases(finite=False):
