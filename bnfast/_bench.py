@@ -171,13 +171,14 @@ def numpy_backward(dy, x, mean, invstd, w, axis):
 
 # ------------------------------------------------------------------ one case
 
-def _plan(x, op, axis, relu):
-    """(plan dict, short strategy string) from bnfast.explain, or (None, '') without it."""
+def _plan(x, op, axis, relu, isa=None):
+    """(plan dict, short strategy string) from bnfast.explain (for variant `isa`, default
+    the one in use), or (None, '') without it."""
     explain = getattr(_api, "explain", None)
     if explain is None:
         return None, ""
     try:
-        plan = dict(explain(x, op=op, axis=axis, relu=relu))
+        plan = dict(explain(x, op=op, axis=axis, relu=relu, isa=isa))
     except Exception as exc:  # the plan is a label; never let it stop a benchmark
         return {"error": f"{type(exc).__name__}: {exc}"}, "?"
     plan["threads_asked"] = get_num_threads()
@@ -549,6 +550,93 @@ def suite(quick=False, threads_list=None):
                 cases.append({"class": cls, "shape": tuple(shape), "layout": layout,
                               "dtype": np.dtype(dt), "threads": t, "ops": tuple(ops)})
     return cases
+
+
+def plans_not_run(cases, names):
+    """The plans that the variants `names` (compiled in, but not supported by this CPU, so
+    not timed) would take for each case and operation of the suite: bnfast.explain with
+    ``isa=``, from the shape alone (the arrays are allocated, never written).  Returns
+    rows like :func:`run_case`'s without the times."""
+    out = []
+    for c in cases:
+        shape, dtype = tuple(c["shape"]), np.dtype(c["dtype"])
+        cl = c["layout"] == "cl" and len(shape) > 2
+        store = (shape[0],) + shape[2:] + (shape[1],) if cl else shape
+        x = np.empty(store, dtype)
+        with num_threads(c["threads"]):
+            for isa in names:
+                for op in c["ops"]:
+                    plan, strategy = _plan(x, op if op != "train_relu" else "train",
+                                           -1 if cl else 1, op == "train_relu", isa=isa)
+                    out.append({"class": c["class"], "op": op, "shape": list(shape),
+                                "layout": "cl" if cl else "cf", "dtype": dtype.name,
+                                "threads": c["threads"], "isa": isa, "strategy": strategy,
+                                "plan": plan})
+        del x
+    return out
+
+
+# Plan fields that say where a pass runs (not labels: variant, forced, threads asked).
+_PLAN_SKIP = ("variant", "forced", "threads_asked")
+
+
+def _plan_diff(a, b, prefix=""):
+    """The dotted names of the fields in which plan dicts `a` and `b` differ."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix.rstrip(".") or "plan"]
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in _PLAN_SKIP:
+            continue
+        if isinstance(a.get(k), dict) or isinstance(b.get(k), dict):
+            out += _plan_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def markdown_plans(plans, rows):
+    """The plans of a variant not run here (:func:`plans_not_run`), one table per
+    operation, beside the variant that ran with the closest instruction set (the last of
+    `rows`' variants): the strategy of each, and the plan fields where they differ."""
+    if not plans:
+        return ""
+    isa = plans[0]["isa"]
+    ran = [i for i in _config.ISA_NAMES if any(r["isa"] == i for r in rows)]
+    other = ran[-1] if ran else None
+    key = lambda r: (r["op"], tuple(r["shape"]), r["layout"], r["dtype"], r["threads"])
+    theirs = {key(r): r for r in rows if r["isa"] == other}
+    out = [f"The plans that the {isa} variant would take (it is not supported by this CPU, "
+           f"so it was not timed), from `bnfast.explain(x, op=..., isa={isa!r})`"
+           + (f", beside those of {other}, which ran" if other else "") + ".\n"]
+    ndiff = 0
+    for op in OPS:
+        rs = _by_class([r for r in plans if r["op"] == op])
+        if not rs:
+            continue
+        out.append(f"**{isa} (not run): {OP_TITLES[op]}** ({len(rs)} cases)\n")
+        cols = ["case", f"{isa} plan"] + ([f"{other} plan", "differs in"] if other else [])
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|" + "|".join("---" for _ in cols) + "|")
+        cls = None
+        for r in rs:
+            if r["class"] != cls:
+                cls = r["class"]
+                out.append(f"| *{cls}* |" + " |" * (len(cols) - 1))
+            case = f"{shape_str(r['shape'])} {r['layout']}" + (
+                "" if r["dtype"] == "float32" else f" f{r['dtype'][-2:]}")
+            cells = [case, plan_short(r.get("strategy"), r.get("plan"))]
+            if other:
+                o = theirs.get(key(r))
+                diff = _plan_diff(r.get("plan"), o.get("plan")) if o else ["not run"]
+                ndiff += bool(diff)
+                cells += [plan_short(o.get("strategy"), o.get("plan")) if o else "-",
+                          ", ".join(diff) if diff else "-"]
+            out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        out.append("")
+    if other:
+        out.insert(1, f"{ndiff} of {len(plans)} plans differ from {other}'s.\n")
+    return "\n".join(out)
 
 
 def resolve_isas(isa, quick=False):
@@ -1250,6 +1338,11 @@ def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=prin
         log("note: PyTorch is not installed; its columns are left out (pip install torch)")
     if isas is None:
         isas, _ = resolve_isas(None, quick)
+    # Variants compiled in but not supported here: not timed; their plans are reported
+    # (the full run, which covers every variant).
+    unsupported = [] if quick else [
+        name for i, name in enumerate(_config.ISA_NAMES)
+        if name not in _config.available_isas() and _core.isa_compiled(i)]
     onednn, why = (_onednn_works(torch) if torch is not None and not quick
                    else (False, "not in --quick" if torch is not None else "no PyTorch"))
     if torch is not None and not quick and not onednn:
@@ -1302,13 +1395,25 @@ def run(quick=False, out_dir="results", threads_list=None, repeat=None, log=prin
         log(f"\navx2 against baseline: avx2 faster on {cross['cases'] - cross['not_faster']} "
             f"of {cross['cases']} float32 cases; geomean {cross['geomean']:.2f}x, worst "
             f"{cross['worst']:.2f}x ({cross['worst_case']})")
+    plans = plans_not_run(cases, unsupported) if unsupported and rows else []
+    for isa in unsupported:
+        mine = [p for p in plans if p["isa"] == isa]
+        text = markdown_plans(mine, rows)
+        log(f"\nvariant {isa}: not supported by this CPU, not timed; "
+            + (text.split("\n")[2] if len(text.split("\n")) > 2 else ""))
     log(f"\n{len(rows)} rows in {seconds:.0f} s")
     if out_dir:
         extra = {"isas": isas, "onednn": onednn if onednn else why, "cross": cross,
+                 "not_run": unsupported, "plans_not_run": plans,
                  "anchors": anchors,
                  "load_average_start": load0,
                  "threads": sorted({c["threads"] for c in cases})}
         path = _write_json(out_dir, stem, torch, t0, summaries, rows, extra=extra)
         log(f"wrote {path}")
         write_reports(rows, out_dir, stem, summaries, cross, log=log, anchors=anchors)
+        for isa in unsupported:
+            path = os.path.join(out_dir, f"{stem}_plans_{isa}.md")
+            with open(path, "w") as f:
+                f.write(markdown_plans([p for p in plans if p["isa"] == isa], rows))
+            log(f"wrote {path}")
     return rows

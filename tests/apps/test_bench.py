@@ -451,3 +451,58 @@ def test_anchors_describe_what_pytorch_and_onednn_run(monkeypatch):
     assert info["torch_cpu_capability"] is None and info["onednn_max_cpu_isa"] is None
     assert _bench.anchors_line(info).endswith("(ATen CPU capability unknown); oneDNN "
                                               "instruction-set limit: none")
+
+
+def test_full_run_reports_the_plans_of_variants_this_cpu_lacks(tmp_path, monkeypatch):
+    """The full run on a CPU without some variants (here: as if only the baseline ran)
+    reports, for each case and op, the plan each missing variant would take, beside the
+    plan of the variant that ran, and where they differ (issue 10: "show the plan that
+    AVX-512 would take")."""
+    monkeypatch.setattr(_bench, "FULL_CASES",
+                        [("classic", (8, 4, 6, 6), ("train", "infer"), "float32"),
+                         ("2-D", (4096, 4096), ("train",), "float32")])
+    monkeypatch.setattr(_bench, "_fits", lambda shape, dt: True)
+    monkeypatch.setattr(_bench, "_torch", lambda: None)
+    monkeypatch.setattr(_bench._config, "available_isas", lambda: ["baseline"])
+    monkeypatch.setattr(_bench, "run_case", lambda shape, layout, dtype, threads, **kw: [
+        {"class": kw["shape_class"], "op": op, "shape": list(shape), "layout": layout,
+         "dtype": np.dtype(dtype).name, "threads": threads, "isa": "baseline",
+         "bnfast_ms": 1.0, "copy_ms": 1.0,
+         **dict(zip(("plan", "strategy"), _bench._plan(
+             np.empty((shape[0],) + tuple(shape[2:]) + (shape[1],) if layout == "cl"
+                      else shape, np.float32), op, -1 if layout == "cl" else 1, False,
+             isa="baseline")))}
+        for op in kw["ops"]])
+    lines = []
+    _bench.run(out_dir=str(tmp_path), isas=["baseline"], log=lines.append)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["not_run"] == ["avx2", "avx512"]
+    plans = data["plans_not_run"]
+    assert len(plans) == 2 * (2 * 2 + 1)             # 2 variants x (2 layouts x 2 ops + 1)
+    for p in plans:
+        shape = tuple(p["shape"])
+        x = np.empty((shape[0],) + shape[2:] + (shape[1],) if p["layout"] == "cl" else shape,
+                     np.float32)
+        want = bnfast.explain(x, op=p["op"], axis=-1 if p["layout"] == "cl" else 1,
+                              isa=p["isa"])
+        assert p["strategy"] == want["strategy"] and p["plan"]["variant"] == p["isa"]
+    for isa in ("avx2", "avx512"):
+        md = (tmp_path / f"bench_plans_{isa}.md").read_text()
+        assert f"| case | {isa} plan | baseline plan | differs in |" in md
+        assert "8x4x6x6 cf" in md and "8x4x6x6 cl" in md and "4096x4096 cf" in md
+        assert any(line.lstrip().startswith(f"variant {isa}: not supported by this CPU, not timed")
+                   for line in lines)
+    # AVX-512 walks the statistics of this large matrix from memory, the others in
+    # register strips: the one difference here, named in the table
+    md = (tmp_path / "bench_plans_avx512.md").read_text()
+    assert "1 of 5 plans differ from baseline's." in md
+    row = next(line for line in md.splitlines() if line.startswith("| 4096x4096 cf"))
+    assert "reduce.walk" in row and "cols mem+" in row
+
+
+def test_plan_diff_names_the_fields_that_differ():
+    a = {"variant": "avx2", "layout": "rows", "reduce": {"walk": "rows", "items": 3}}
+    b = {"variant": "avx512", "layout": "rows", "reduce": {"walk": "memory", "items": 3}}
+    assert _bench._plan_diff(a, b) == ["reduce.walk"]
+    assert _bench._plan_diff(a, a) == []
+    assert _bench._plan_diff(a, {**a, "fusion": "none"}) == ["fusion"]
