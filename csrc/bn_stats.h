@@ -216,11 +216,20 @@ static int BN_FN(moments_rows)(const bn_plan *p, const T *x, double *mean, doubl
  * nr rows of columns (row stride Cp), each column adding its rows in order.
  */
 
+/* Rows ahead that a register strip of `cols` columns prefetches when its input comes from
+ * DRAM (not p->resident): about BN_PF_BYTES of the strip ahead; 0 (none) from the cache. */
+#ifndef BN_PF_BYTES
+#define BN_PF_BYTES 8192
+#endif
+#define BN_PF_ROWS(p, cols)                                                                 \
+    ((p)->resident ? (ptrdiff_t)0                                                          \
+                   : (ptrdiff_t)((BN_PF_BYTES / (ptrdiff_t)sizeof(T) + (cols) - 1) / (cols)))
+
 /* Register walk: nv * 8 columns with their sums in registers (nv a constant after
- * inlining, so the arrays stay in registers). */
+ * inlining, so the arrays stay in registers); pf > 0: prefetch the row pf rows ahead. */
 static inline __attribute__((always_inline)) void BN_FN(col_sums_reg)(
     const T *blk, ptrdiff_t nr, ptrdiff_t Cp, const double *kc, double *s, double *q,
-    const int nv)
+    const int nv, const ptrdiff_t pf)
 {
     bn_vd kv[8];
     bn_acc sv[8], qv[8];
@@ -230,6 +239,9 @@ static inline __attribute__((always_inline)) void BN_FN(col_sums_reg)(
     }
     for (ptrdiff_t r = 0; r < nr; r++) {
         const T *row = blk + r * Cp;
+        if (pf && r + pf < nr)   /* from DRAM: the strip's row pf rows ahead, per line */
+            for (int t = 0; t < nv; t += 64 / (8 * (int)sizeof(T)))
+                __builtin_prefetch(row + pf * Cp + 8 * t);
 #pragma GCC unroll 8
         for (int t = 0; t < nv; t++) {
             bn_vd d = BN_FN(ld)(row + 8 * t) - kv[t];
@@ -247,22 +259,23 @@ static inline __attribute__((always_inline)) void BN_FN(col_sums_reg)(
  * decomposition of nv (4, 2, 1), so that four widths are compiled instead of eight (each
  * column's sum is the same whatever strip holds it). */
 static void BN_FN(col_sums_strip)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, const double *kc,
-                                  double *s, double *q, int nv)
+                                  double *s, double *q, int nv, ptrdiff_t pf)
 {
     if (nv >= 8) {
-        BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 8);
+        BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 8, pf);
         return;
     }
     int t = 0;
     if (nv & 4) {
-        BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 4);
+        BN_FN(col_sums_reg)(blk, nr, Cp, kc, s, q, 4, pf);
         t = 4;
     }
     if (nv & 2) {
-        BN_FN(col_sums_reg)(blk + 8 * t, nr, Cp, kc + 8 * t, s + 8 * t, q + 8 * t, 2);
+        BN_FN(col_sums_reg)(blk + 8 * t, nr, Cp, kc + 8 * t, s + 8 * t, q + 8 * t, 2, pf);
         t += 2;
     }
-    if (nv & 1) BN_FN(col_sums_reg)(blk + 8 * t, nr, Cp, kc + 8 * t, s + 8 * t, q + 8 * t, 1);
+    if (nv & 1)
+        BN_FN(col_sums_reg)(blk + 8 * t, nr, Cp, kc + 8 * t, s + 8 * t, q + 8 * t, 1, pf);
 }
 
 /* Memory walk: row by row, the sums of the w8 vector columns in s and q (L1). */
@@ -290,9 +303,11 @@ static void BN_FN(col_sums)(const T *blk, ptrdiff_t nr, ptrdiff_t Cp, ptrdiff_t 
 {
     const ptrdiff_t w8 = w & ~(ptrdiff_t)7;
     if (p->reduce_walk == BN_WALK_REGISTER) {
+        const ptrdiff_t pf = BN_PF_ROWS(p, p->strip_cols);
         for (ptrdiff_t j0 = 0; j0 < w8; j0 += p->strip_cols) {
             const ptrdiff_t cols = w8 - j0 < p->strip_cols ? w8 - j0 : p->strip_cols;
-            BN_FN(col_sums_strip)(blk + j0, nr, Cp, kc + j0, s + j0, q + j0, (int)(cols / 8));
+            BN_FN(col_sums_strip)(blk + j0, nr, Cp, kc + j0, s + j0, q + j0, (int)(cols / 8),
+                                  pf);
         }
     } else {
         BN_FN(col_sums_mem)(blk, nr, Cp, w, w8, kc, s, q);
@@ -668,7 +683,8 @@ static void BN_FN(row_bwd_item)(const void *ctx, ptrdiff_t it)
 /* Register walk: the sums of nv * 8 columns over nr rows, in registers from zero. */
 static inline __attribute__((always_inline)) void BN_FN(bwd_sums_reg)(
     const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp, const double *m,
-    const double *a, const double *b, int relu, double *sd, double *sx, const int nv)
+    const double *a, const double *b, int relu, double *sd, double *sx, const int nv,
+    const ptrdiff_t pf)
 {
     bn_vd mv[8];
     bn_acc dv[8], xv[8];
@@ -677,6 +693,11 @@ static inline __attribute__((always_inline)) void BN_FN(bwd_sums_reg)(
         dv[t] = xv[t] = bn_acc_zero();
     }
     for (ptrdiff_t r = 0; r < nr; r++) {
+        if (pf && r + pf < nr)   /* from DRAM (col_sums_reg) */
+            for (int t = 0; t < nv; t += 64 / (8 * (int)sizeof(T))) {
+                __builtin_prefetch(dblk + (r + pf) * Cp + 8 * t);
+                __builtin_prefetch(xblk + (r + pf) * Cp + 8 * t);
+            }
 #pragma GCC unroll 8
         for (int t = 0; t < nv; t++)
             bn_bwd_acc(&dv[t], &xv[t], BN_FN(ld)(dblk + r * Cp + 8 * t),
@@ -693,25 +714,25 @@ static inline __attribute__((always_inline)) void BN_FN(bwd_sums_reg)(
  * decomposition of nv (as col_sums_strip). */
 static void BN_FN(bwd_sums_strip)(const T *dblk, const T *xblk, ptrdiff_t nr, ptrdiff_t Cp,
                                   const double *m, const double *a, const double *b, int relu,
-                                  double *sd, double *sx, int nv)
+                                  double *sd, double *sx, int nv, ptrdiff_t pf)
 {
     if (nv >= 8) {
-        BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 8);
+        BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 8, pf);
         return;
     }
     int t = 0;
     if (nv & 4) {
-        BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 4);
+        BN_FN(bwd_sums_reg)(dblk, xblk, nr, Cp, m, a, b, relu, sd, sx, 4, pf);
         t = 4;
     }
     if (nv & 2) {
         BN_FN(bwd_sums_reg)(dblk + 8 * t, xblk + 8 * t, nr, Cp, m + 8 * t, a + 8 * t, b + 8 * t,
-                            relu, sd + 8 * t, sx + 8 * t, 2);
+                            relu, sd + 8 * t, sx + 8 * t, 2, pf);
         t += 2;
     }
     if (nv & 1)
         BN_FN(bwd_sums_reg)(dblk + 8 * t, xblk + 8 * t, nr, Cp, m + 8 * t, a + 8 * t, b + 8 * t,
-                            relu, sd + 8 * t, sx + 8 * t, 1);
+                            relu, sd + 8 * t, sx + 8 * t, 1, pf);
 }
 
 /* The scalar columns [j0, w) of a block of nr rows, added to ad[j], ax[j]. */
@@ -733,13 +754,13 @@ static void BN_FN(bwd_cols_scalar)(const T *dblk, const T *xblk, ptrdiff_t nr, p
 static void BN_FN(bwd_cols_register)(const T *dblk, const T *xblk, ptrdiff_t nr,
                                      ptrdiff_t Cp, ptrdiff_t w, const double *m,
                                      const double *a, const double *b, int relu,
-                                     ptrdiff_t strip, double *ad, double *ax)
+                                     ptrdiff_t strip, ptrdiff_t pf, double *ad, double *ax)
 {
     const ptrdiff_t w8 = w & ~(ptrdiff_t)7;
     for (ptrdiff_t j0 = 0; j0 < w8; j0 += strip) {
         const ptrdiff_t cols = w8 - j0 < strip ? w8 - j0 : strip;
         BN_FN(bwd_sums_strip)(dblk + j0, xblk + j0, nr, Cp, m + j0, a + j0, b + j0, relu,
-                              ad + j0, ax + j0, (int)(cols / 8));
+                              ad + j0, ax + j0, (int)(cols / 8), pf);
     }
     for (ptrdiff_t j = w8; j < w; j++) ad[j] = ax[j] = 0.0;
     BN_FN(bwd_cols_scalar)(dblk, xblk, nr, Cp, w8, w, m, a, b, relu, ad, ax);
@@ -802,8 +823,8 @@ static void BN_FN(col_bwd_item)(const void *ctx, ptrdiff_t it)
     const double *m = k->mean + c0, *a = k->scale + c0, *b = k->shift + c0;
     const T *dblk = k->dy + ci.r0 * Cp + c0, *xblk = k->x + ci.r0 * Cp + c0;
     if (p->reduce_walk == BN_WALK_REGISTER)
-        BN_FN(bwd_cols_register)(dblk, xblk, nr, Cp, w, m, a, b, k->relu, p->strip_cols, ad,
-                                 ax);
+        BN_FN(bwd_cols_register)(dblk, xblk, nr, Cp, w, m, a, b, k->relu, p->strip_cols,
+                                 BN_PF_ROWS(p, p->strip_cols), ad, ax);
     else if (p->reduce_walk == BN_WALK_MEMORY)
         BN_FN(bwd_cols_mem)(dblk, xblk, nr, Cp, w, m, a, b, k->relu, ad, ax);
     else
