@@ -9,6 +9,14 @@
 
 /* ======================================================================= statistics */
 
+/* Software prefetch distance of the reductions' walks when their input is not
+ * cache-resident (p->resident == 0): with their sums in double the out-of-order window
+ * does not reach far enough ahead for the hardware prefetchers (benchmarks/README.md
+ * item 73). */
+#ifndef BN_PF_BYTES
+#define BN_PF_BYTES 8192
+#endif
+
 /*
  * Mean and M2 of a contiguous, cache-resident segment of L > 0 elements, in coordinates
  * shifted by K (the channel's first value): returns mean(x - K) and M2.
@@ -30,11 +38,14 @@ typedef struct {
 /* seg_moments's first loop over the 16-element blocks of [i0, i1) (i0 and i1 - i0
  * multiples of 16, or i1 the segment's end): the same additions, whatever the pieces. */
 static inline __attribute__((always_inline)) void BN_FN(seg_sums)(
-    const T *x, ptrdiff_t i0, ptrdiff_t i1, double K, BN_FN(seg_accs) *acc)
+    const T *x, ptrdiff_t i0, ptrdiff_t i1, double K, BN_FN(seg_accs) *acc, const int pf)
 {
     const bn_vd kv = bn_splat(K);
     bn_acc a0 = acc->a0, a1 = acc->a1, b0 = acc->b0, b1 = acc->b1;
     for (ptrdiff_t i = i0; i + 16 <= i1; i += 16) {
+        if (pf)   /* from DRAM: BN_PF_BYTES ahead, the address as an integer (never read) */
+            for (int b = 0; b < 16 * (int)sizeof(T); b += 64)
+                __builtin_prefetch((const void *)((uintptr_t)(x + i) + BN_PF_BYTES + b));
         bn_vd d0 = BN_FN(ld)(x + i) - kv;
         bn_vd d1 = BN_FN(ld)(x + i + 8) - kv;
         a0 = bn_acc_add(a0, d0);
@@ -107,11 +118,16 @@ static inline void BN_FN(seg_accs_zero)(BN_FN(seg_accs) *acc)
     acc->a0 = acc->a1 = acc->b0 = acc->b1 = bn_acc_zero();
 }
 
-static void BN_FN(seg_moments)(const T *x, ptrdiff_t L, double K, double *mean, double *m2)
+/* pf: prefetch ahead (the input is not cache-resident: BN_PF_BYTES) */
+static inline __attribute__((always_inline)) void BN_FN(seg_moments)(
+    const T *x, ptrdiff_t L, double K, double *mean, double *m2, const int pf)
 {
     BN_FN(seg_accs) acc;
     BN_FN(seg_accs_zero)(&acc);
-    BN_FN(seg_sums)(x, 0, L, K, &acc);
+    if (pf)
+        BN_FN(seg_sums)(x, 0, L, K, &acc, 1);
+    else
+        BN_FN(seg_sums)(x, 0, L, K, &acc, 0);
     BN_FN(seg_finish)(x, L, K, &acc, mean, m2);
 }
 
@@ -140,6 +156,7 @@ static void BN_FN(row_moments_item)(const void *ctx, ptrdiff_t it)
     const bn_row_item r = bn_row_item_of(k->p, it);
     const ptrdiff_t C = k->p->C, S = k->p->S, w = r.c1 - r.c0;
     const T *x = k->x;
+    const int pf = !k->p->resident;   /* from DRAM: prefetch (BN_PF_BYTES ahead) */
     double n[BN_ROW_CHUNK], mean[BN_ROW_CHUNK], m2[BN_ROW_CHUNK], K[BN_ROW_CHUNK];
     for (ptrdiff_t j = 0; j < w; j++) {
         K[j] = BN_FN(shift_of)(x, S, r.c0 + j);
@@ -156,7 +173,7 @@ static void BN_FN(row_moments_item)(const void *ctx, ptrdiff_t it)
             const double nn = cnt + L, f1 = L / nn, f2 = cnt * L / nn;
             for (ptrdiff_t j = 0; j < w; j++) {
                 double bm, bq;
-                BN_FN(seg_moments)(x + (row * C + r.c0 + j) * S, S, K[j], &bm, &bq);
+                BN_FN(seg_moments)(x + (row * C + r.c0 + j) * S, S, K[j], &bm, &bq, pf);
                 if (cnt == 0) {
                     mean[j] = bm;
                     m2[j] = bq;
@@ -176,7 +193,7 @@ static void BN_FN(row_moments_item)(const void *ctx, ptrdiff_t it)
                 for (ptrdiff_t s0 = 0; s0 < S; s0 += BN_SEG) {
                     ptrdiff_t L = S - s0 < BN_SEG ? S - s0 : BN_SEG;
                     double bm, bq;
-                    BN_FN(seg_moments)(seg + s0, L, K[j], &bm, &bq);
+                    BN_FN(seg_moments)(seg + s0, L, K[j], &bm, &bq, pf);
                     bn_chan_merge(&n[j], &mean[j], &m2[j], (double)L, bm, bq);
                 }
             }
@@ -218,9 +235,6 @@ static int BN_FN(moments_rows)(const bn_plan *p, const T *x, double *mean, doubl
 
 /* Rows ahead that a register strip of `cols` columns prefetches when its input comes from
  * DRAM (not p->resident): about BN_PF_BYTES of the strip ahead; 0 (none) from the cache. */
-#ifndef BN_PF_BYTES
-#define BN_PF_BYTES 8192
-#endif
 #define BN_PF_ROWS(p, cols)                                                                 \
     ((p)->resident ? (ptrdiff_t)0                                                          \
                    : (ptrdiff_t)((BN_PF_BYTES / (ptrdiff_t)sizeof(T) + (cols) - 1) / (cols)))

@@ -91,7 +91,7 @@ static void BN_FN(chan_stats_step)(BN_FN(chan_stats) *u)
     const ptrdiff_t L16 = L & ~(ptrdiff_t)15;
     const T *seg = u->x + (u->n * u->C + u->c) * S + u->s0;
     const ptrdiff_t i1 = L16 - u->i > BN_FUSE_CHUNK ? u->i + BN_FUSE_CHUNK : L16;
-    BN_FN(seg_sums)(seg, u->i, i1, u->K, &u->acc);
+    BN_FN(seg_sums)(seg, u->i, i1, u->K, &u->acc, 0);
     u->i = i1;
     if (i1 < L16) return;
     double bm, bq;
