@@ -22,6 +22,21 @@
 #define BN_CAN_STREAM 0
 #endif
 
+#if BN_CAN_STREAM
+/* Eight float32 values, two 16-byte pieces lo and hi, stored at p (streamed with nts: p is
+ * then 16-byte aligned). */
+static inline void bn_st_ps2(float *p, __m128 lo, __m128 hi, int nts)
+{
+    if (nts) {
+        _mm_stream_ps(p, lo);
+        _mm_stream_ps(p + 4, hi);
+    } else {
+        _mm_storeu_ps(p, lo);
+        _mm_storeu_ps(p + 4, hi);
+    }
+}
+#endif
+
 /* Native pieces of the 8-double vector: 4 doubles (one AVX2 register), 2 (one SSE2
  * register), split and joined with __builtin_shufflevector (which GCC keeps in registers,
  * unlike a union: benchmarks/README.md). */
@@ -347,34 +362,24 @@ static inline void BN_FN(st)(T *p, bn_vd v)
  */
 static inline void BN_FN(stnt)(T *p, bn_vd v)
 {
-#if BN_ISA_LEVEL == 0 && BN_CAN_STREAM
-    /* SSE2 (the baseline): the bits of BN_FN(st), in 16-byte pieces */
-#if BN_IS_F32
-    const bn_vf t = __builtin_convertvector(v, bn_vf);
-    _mm_stream_ps(p, (__m128)__builtin_shufflevector(t, t, 0, 1, 2, 3));
-    _mm_stream_ps(p + 4, (__m128)__builtin_shufflevector(t, t, 4, 5, 6, 7));
-#else
+#if !BN_CAN_STREAM
+    BN_FN(st)(p, v);
+#elif !BN_IS_F32   /* every variant: four 16-byte pieces */
     _mm_stream_pd(p, (__m128d)BN_Q2(v, 0));
     _mm_stream_pd(p + 2, (__m128d)BN_Q2(v, 1));
     _mm_stream_pd(p + 4, (__m128d)BN_Q2(v, 2));
     _mm_stream_pd(p + 6, (__m128d)BN_Q2(v, 3));
-#endif
-#elif BN_ISA_LEVEL > 0
-#if BN_IS_F32 && BN_ISA_LEVEL == 2
+#elif BN_ISA_LEVEL == 2
     const __m256 f = _mm512_cvtpd_ps((__m512d)v);
     _mm_stream_ps(p, _mm256_castps256_ps128(f));
     _mm_stream_ps(p + 4, _mm256_extractf128_ps(f, 1));
-#elif BN_IS_F32
+#elif BN_ISA_LEVEL == 1
     _mm_stream_ps(p, _mm256_cvtpd_ps((__m256d)BN_LO4(v)));
     _mm_stream_ps(p + 4, _mm256_cvtpd_ps((__m256d)BN_HI4(v)));
-#else
-    _mm_stream_pd(p, (__m128d)BN_Q2(v, 0));
-    _mm_stream_pd(p + 2, (__m128d)BN_Q2(v, 1));
-    _mm_stream_pd(p + 4, (__m128d)BN_Q2(v, 2));
-    _mm_stream_pd(p + 6, (__m128d)BN_Q2(v, 3));
-#endif
-#else
-    BN_FN(st)(p, v);
+#else   /* SSE2 (the baseline): the conversion of BN_FN(st), in two 16-byte pieces */
+    const bn_vf t = __builtin_convertvector(v, bn_vf);
+    _mm_stream_ps(p, (__m128)__builtin_shufflevector(t, t, 0, 1, 2, 3));
+    _mm_stream_ps(p + 4, (__m128)__builtin_shufflevector(t, t, 4, 5, 6, 7));
 #endif
 }
 
@@ -387,14 +392,7 @@ static inline void BN_FN(stx_halves)(T *p, __m256d h0, __m256d h1, int nts, bn_n
 {
     *acc = _mm256_or_pd(*acc, _mm256_cmp_pd(h0, h1, _CMP_UNORD_Q));
 #if BN_IS_F32
-    const __m128 lo = _mm256_cvtpd_ps(h0), hi = _mm256_cvtpd_ps(h1);
-    if (nts) {
-        _mm_stream_ps(p, lo);
-        _mm_stream_ps(p + 4, hi);
-    } else {
-        _mm_storeu_ps(p, lo);
-        _mm_storeu_ps(p + 4, hi);
-    }
+    bn_st_ps2(p, _mm256_cvtpd_ps(h0), _mm256_cvtpd_ps(h1), nts);
 #else
     if (nts) {
         _mm_stream_pd(p, _mm256_castpd256_pd128(h0));
@@ -586,15 +584,8 @@ static inline void BN_FN(stx_quarters)(T *p, bn_v2 y0, bn_v2 y1, bn_v2 y2, bn_v2
     *acc = _mm_or_pd(*acc, _mm_or_pd(_mm_cmpunord_pd((__m128d)y0, (__m128d)y1),
                                      _mm_cmpunord_pd((__m128d)y2, (__m128d)y3)));
 #if BN_IS_F32
-    const __m128 lo = _mm_movelh_ps(_mm_cvtpd_ps((__m128d)y0), _mm_cvtpd_ps((__m128d)y1));
-    const __m128 hi = _mm_movelh_ps(_mm_cvtpd_ps((__m128d)y2), _mm_cvtpd_ps((__m128d)y3));
-    if (nts) {
-        _mm_stream_ps(p, lo);
-        _mm_stream_ps(p + 4, hi);
-    } else {
-        _mm_storeu_ps(p, lo);
-        _mm_storeu_ps(p + 4, hi);
-    }
+    bn_st_ps2(p, _mm_movelh_ps(_mm_cvtpd_ps((__m128d)y0), _mm_cvtpd_ps((__m128d)y1)),
+              _mm_movelh_ps(_mm_cvtpd_ps((__m128d)y2), _mm_cvtpd_ps((__m128d)y3)), nts);
 #else
     if (nts) {
         _mm_stream_pd(p, (__m128d)y0);
@@ -776,13 +767,7 @@ static inline bn_f8 bn_f8_relu(bn_f8 t)   /* +0 for t <= 0 (max's second operand
 }
 static inline void bn_f8_st(float *p, bn_f8 t, int nts)   /* nts: p 16-byte aligned */
 {
-    if (nts) {
-        _mm_stream_ps(p, t.lo);
-        _mm_stream_ps(p + 4, t.hi);
-    } else {
-        _mm_storeu_ps(p, t.lo);
-        _mm_storeu_ps(p + 4, t.hi);
-    }
+    bn_st_ps2(p, t.lo, t.hi, nts);
 }
 #else
 typedef bn_vf bn_f8;
