@@ -393,9 +393,14 @@ static inline __attribute__((always_inline)) void BN_FN(f32_span)(
         if (last)
             BN_FN(f32_vec)(op, hasg ? g + L - 8 : g, x + L - 8, tmp, v0, v1, v2, v3, q, 0, fb,
                            j0 + L - 8, relu, defer, &acc, 0);
-        for (; i + 8 <= L; i += 8)
+        for (; i + 8 <= L; i += 8) {
+            if (nts && !(i & 15)) {   /* from DRAM (streaming): prefetch as the reductions */
+                __builtin_prefetch((const void *)((uintptr_t)(x + i) + BN_PF_BYTES));
+                if (hasg) __builtin_prefetch((const void *)((uintptr_t)(g + i) + BN_PF_BYTES));
+            }
             BN_FN(f32_vec)(op, hasg ? g + i : g, x + i, y + i, v0, v1, v2, v3, q, 0, fb, j0 + i,
                            relu, defer, &acc, nts);
+        }
     } else {
         const ptrdiff_t e = L - 8;
         if (last && defer)
