@@ -62,6 +62,15 @@ cdef extern from "bnfast.h" nogil:
                                           double cnt, int training, double *dweight,
                                           double *kx, double *k0)
     ctypedef void (*bn_widen_fn)(const float *src, double *dst, Py_ssize_t n)
+    enum:
+        BN_PAR_MEAN
+        BN_PAR_VAR
+        BN_PAR_WEIGHT
+        BN_PAR_BIAS
+    ctypedef int (*bn_infer_coeffs_fn)(Py_ssize_t C, const void *mean, const void *var,
+                                       const void *weight, const void *bias, int f32,
+                                       double eps, double *mean64, double *scale,
+                                       double *shift)
     ctypedef int (*bn_backward_fused_fn)(const void *dy, const void *x, void *dx, Py_ssize_t N,
                                          Py_ssize_t C, Py_ssize_t S, const double *mean,
                                          const double *invstd, const double *weight,
@@ -80,6 +89,7 @@ cdef extern from "bnfast.h" nogil:
         bn_backward_coeffs_fn backward_coeffs[2]
         bn_widen_fn widen_f32
         bn_backward_fused_fn backward_fused[2]
+        bn_infer_coeffs_fn infer_coeffs
 
     int bn_isa_compiled(int isa)
     int bn_isa_supported(int isa)
@@ -102,7 +112,6 @@ cdef extern from "bnfast.h" nogil:
 
 
 cdef extern from "bn_vectors.h" nogil:
-    int bn_var_ok(const double *v, Py_ssize_t n, double eps)
     void bn_scale_shift(const double *invstd, const double *weight, const double *bias,
                         double *a, double *shift, Py_ssize_t n)
 
@@ -369,19 +378,44 @@ cdef tuple _train(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_s
     return mean, invstd
 
 
-cdef int _infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                object mean, _Vec v, object weight, object bias, double eps, bint relu,
-                int nt) except -1:
-    # v: var as a _Vec (fast_infer has built it for its checks)
-    cdef _Vec m = _vec(mean, C), w = _vec(weight, C), b = _vec(bias, C)
+cdef inline const void *_par(object v, int bit, int *f32):
+    # a per-channel vector's data (NULL for None); its BN_PAR_* bit set in *f32 if float32
+    if v is None:
+        return NULL
+    if cnp.PyArray_TYPE(<cnp.ndarray> v) != cnp.NPY_DOUBLE:
+        f32[0] |= bit
+    return cnp.PyArray_DATA(<cnp.ndarray> v)
+
+cdef bint _infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                 object mean, object var, object weight, object bias, double eps, bint relu,
+                 int nt) except -1:
+    # The coefficients from the vectors as given, float32 or float64, in one pass
+    # (infer_coeffs, which also checks var), then normalize.  Returns False, having written
+    # nothing to y, if var has a negative or NaN value, or a zero one with eps 0.
     cdef const bn_kernel_table *t = bn_active()
-    cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0
+    cdef int dt = _dt(x), st = BN_OK, cst, flags = BN_FLAG_RELU if relu else 0, f32 = 0
+    cdef const void *mp = _par(mean, BN_PAR_MEAN, &f32)
+    cdef const void *vp = _par(var, BN_PAR_VAR, &f32)
+    cdef const void *wp = _par(weight, BN_PAR_WEIGHT, &f32)
+    cdef const void *bp = _par(bias, BN_PAR_BIAS, &f32)
+    cdef double *buf = <double *> malloc(sizeof(double) * 3 * (C if C > 0 else 1))
+    if buf == NULL:
+        raise MemoryError()
+    cdef const double *m64 = <const double *> mp
+    cdef const double *sh = <const double *> bp
+    if f32 & BN_PAR_MEAN:
+        m64 = buf
+    if bp == NULL or f32 & BN_PAR_BIAS:
+        sh = buf + 2 * C
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *yp = cnp.PyArray_DATA(y)
     with nogil:
-        st = t.infer_forward[dt](xp, yp, N, C, S, m.ptr, v.ptr, w.ptr, b.ptr, eps, flags, nt)
+        cst = t.infer_coeffs(C, mp, vp, wp, bp, f32, eps, buf, buf + C, buf + 2 * C)
+        if cst == BN_OK:
+            st = t.normalize[dt](xp, yp, N, C, S, m64, buf + C, sh, flags, nt)
+    free(buf)
     _check(st)
-    return 0
+    return cst == BN_OK
 
 
 # The training/eval backward in two kernel passes: the per-channel reduction, the
@@ -543,8 +577,10 @@ def train_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_s
 def infer_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                   cnp.ndarray mean, cnp.ndarray var, object weight, object bias, double eps,
                   bint relu, int nthreads):
-    """Inference forward with given mean/var."""
-    _infer(x, y, N, C, S, mean, _vec(var, C), weight, bias, eps, relu, nthreads)
+    """Inference forward with given mean/var (var checked by the caller)."""
+    if not _infer(x, y, N, C, S, mean, var, weight, bias, eps, relu, nthreads):
+        raise ValueError("bnfast: a var that the checks accepted reached the kernel as "
+                         "negative, NaN or zero with eps 0; please report this bug")
 
 
 def backward_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -701,12 +737,9 @@ def fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, int nthreads):
     if not (_apart(mean, out) and _apart(var, out) and _apart(weight, out)
             and _apart(bias, out)):
         return None
-    cdef double e = eps
-    cdef _Vec v = _vec(var, C)
-    if not bn_var_ok(v.ptr, C, e):
-        return None                # negative, NaN or zero (with eps 0): the general path
     cdef cnp.ndarray y = _empty_like(xa) if out is None else <cnp.ndarray> out
-    _infer(xa, y, N, C, S, mean, v, weight, bias, eps, relu, nthreads)
+    if not _infer(xa, y, N, C, S, mean, var, weight, bias, eps, relu, nthreads):
+        return None                # var negative, NaN or zero (with eps 0): the general path
     return y
 
 

@@ -118,6 +118,16 @@ void BN_ENTRY(widen)(const float *src, double *dst, ptrdiff_t n)
 {
     for (ptrdiff_t i = 0; i < n; i++) dst[i] = (double)src[i];
 }
+
+/* bn_infer_coeffs_f32_<isa> (bnfast.h: infer_coeffs), in the float32 unit only. */
+extern BN_ENTRY_TYPE(bn_infer_coeffs_fn) BN_ENTRY(infer_coeffs);
+int BN_ENTRY(infer_coeffs)(ptrdiff_t C, const void *mean, const void *var, const void *weight,
+                           const void *bias, int f32, double eps, double *mean64,
+                           double *scale, double *shift)
+{
+    return BN_KERNEL(infer_coeffs)(C, mean, var, weight, bias, f32, eps, mean64, scale,
+                                   shift);
+}
 #endif
 
 #endif /* BN_ONLY_DTYPE */

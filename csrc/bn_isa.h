@@ -69,6 +69,10 @@ static inline bn_nanacc bn_nanacc_add(bn_nanacc acc, bn_vd v)
     return acc | _mm512_cmp_pd_mask((__m512d)v, (__m512d)v, _CMP_UNORD_Q);
 }
 static inline int bn_nanacc_any(bn_nanacc acc) { return acc != 0; }
+static inline bn_nanacc bn_nanacc_neg(bn_nanacc acc, bn_vd v)
+{
+    return acc | _mm512_cmp_pd_mask((__m512d)v, _mm512_setzero_pd(), _CMP_LT_OQ);
+}
 #elif BN_ISA_LEVEL == 1
 typedef __m256d bn_nanacc;
 static inline bn_nanacc bn_nanacc_zero(void) { return _mm256_setzero_pd(); }
@@ -78,6 +82,12 @@ static inline bn_nanacc bn_nanacc_add(bn_nanacc acc, bn_vd v)
                                            _CMP_UNORD_Q));
 }
 static inline int bn_nanacc_any(bn_nanacc acc) { return _mm256_movemask_pd(acc) != 0; }
+static inline bn_nanacc bn_nanacc_neg(bn_nanacc acc, bn_vd v)
+{
+    const __m256d z = _mm256_setzero_pd();
+    return _mm256_or_pd(acc, _mm256_or_pd(_mm256_cmp_pd((__m256d)BN_LO4(v), z, _CMP_LT_OQ),
+                                          _mm256_cmp_pd((__m256d)BN_HI4(v), z, _CMP_LT_OQ)));
+}
 #elif defined(__SSE2__)
 typedef __m128d bn_nanacc;
 static inline bn_nanacc bn_nanacc_zero(void) { return _mm_setzero_pd(); }
@@ -87,6 +97,14 @@ static inline bn_nanacc bn_nanacc_add(bn_nanacc acc, bn_vd v)
                                     _mm_cmpunord_pd((__m128d)BN_Q2(v, 2), (__m128d)BN_Q2(v, 3))));
 }
 static inline int bn_nanacc_any(bn_nanacc acc) { return _mm_movemask_pd(acc) != 0; }
+static inline bn_nanacc bn_nanacc_neg(bn_nanacc acc, bn_vd v)
+{
+    const __m128d z = _mm_setzero_pd();
+    return _mm_or_pd(acc, _mm_or_pd(_mm_or_pd(_mm_cmplt_pd((__m128d)BN_Q2(v, 0), z),
+                                              _mm_cmplt_pd((__m128d)BN_Q2(v, 1), z)),
+                                    _mm_or_pd(_mm_cmplt_pd((__m128d)BN_Q2(v, 2), z),
+                                              _mm_cmplt_pd((__m128d)BN_Q2(v, 3), z))));
+}
 #else
 typedef int bn_nanacc;
 static inline bn_nanacc bn_nanacc_zero(void) { return 0; }
@@ -96,6 +114,11 @@ static inline bn_nanacc bn_nanacc_add(bn_nanacc acc, bn_vd v)
     return acc;
 }
 static inline int bn_nanacc_any(bn_nanacc acc) { return acc != 0; }
+static inline bn_nanacc bn_nanacc_neg(bn_nanacc acc, bn_vd v)
+{
+    for (int k = 0; k < 8; k++) acc |= v[k] < 0.0;
+    return acc;
+}
 #endif
 
 /*

@@ -27,7 +27,8 @@
  *   backward_coeffs_f32_baseline  backward_coeffs_f64_baseline ... _avx2, _avx512
  *
  * and their exported entry points bn_moments_f32_baseline ... bn_backward_coeffs_f64_avx512
- * (42 in all) and bn_widen_f32_<isa> (the float32 units only), collected into
+ * (42 in all) and bn_widen_f32_<isa> and bn_infer_coeffs_f32_<isa> (the float32 units
+ * only), collected into
  * bn_table_baseline, bn_table_avx2, bn_table_avx512.
  */
 #ifndef BN_ONLY_DTYPE

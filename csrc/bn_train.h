@@ -4,32 +4,97 @@
  * crossing from Python each, one scratch allocation for the coefficients.
  */
 
-/* invstd[c] = 1 / sqrt(var[c] + eps) (into inv, which may be NULL) and the normalisation's
- * scale[c] = invstd[c] * weight[c] (invstd without weight): 8 channels per vector (sqrt and
- * division are correctly rounded, so the bits are those of the scalar form) -- this was
- * 3.5 ns per channel in scalar code.  Returns the shift: bias itself, or shift filled with
- * 0 without bias (copying the bias was 14 % of this function's perf samples in an
- * inference of (1, 2048), about 0.25 us; with the widening of bnfast.h: 5.6 -> 5.2 us). */
+/* The coefficients' loop: invstd[c] = 1 / sqrt(var[c] + eps) (into inv when has_inv) and
+ * the normalisation's scale[c] = invstd[c] * weight[c] (invstd without weight: has_w 0),
+ * 8 channels per vector (sqrt and division are correctly rounded, so the bits are those of
+ * the scalar form) -- this was 3.5 ns per channel in scalar code.  With check, returns
+ * whether every var[c] >= 0 and var[c] + eps > 0 (NaN fails; eps >= 0): with var >= 0,
+ * var + eps is 0 exactly where invstd is infinite, and a NaN var gives a NaN invstd, so
+ * the test is that no invstd is NaN or infinite (invstd - invstd is then NaN) and no var is
+ * below 0 (-0 is not), both collected in a bn_nanacc.  Each case is a loop of its own
+ * with no test between an 8-double value's definition and its use: a compare of the
+ * 8-double type, or such a value live across a branch, GCC keeps in memory on AVX2 and
+ * SSE2 (2,048 channels took 13-25 us instead of 2.3). */
+static inline __attribute__((always_inline)) int BN_FN(coeffs_loop)(
+    ptrdiff_t C, const double *var, double eps, const double *weight, double *inv,
+    double *scale, const int has_w, const int has_inv, const int check)
+{
+    const bn_vd ev = bn_splat(eps), one = bn_splat(1.0);
+    bn_nanacc bad = bn_nanacc_zero();
+    ptrdiff_t c = 0;
+    for (; c + 8 <= C; c += 8) {
+        const bn_vd v = bn_ldd(var + c);
+        const bn_vd iv = one / bn_vsqrt(v + ev);
+        if (check) bad = bn_nanacc_neg(bn_nanacc_add(bad, iv - iv), v);
+        if (has_inv) bn_std(inv + c, iv);
+        bn_std(scale + c, has_w ? iv * bn_ldd(weight + c) : iv);
+    }
+    int good = !bn_nanacc_any(bad);
+    for (; c < C; c++) {
+        const double iv = 1.0 / sqrt(var[c] + eps);
+        if (check) good &= (var[c] >= 0.0) & (var[c] + eps > 0.0);
+        if (has_inv) inv[c] = iv;
+        scale[c] = has_w ? iv * weight[c] : iv;
+    }
+    return good;
+}
+
+/* The coefficients (coeffs_loop) of the training forward and infer_forward.  Returns the
+ * shift: bias itself, or shift filled with 0 without bias (copying the bias was 14 % of
+ * this function's perf samples in an inference of (1, 2048), about 0.25 us). */
 static const double *BN_FN(coeffs)(ptrdiff_t C, const double *var, double eps,
                                    const double *weight, const double *bias, double *inv,
                                    double *scale, double *shift)
 {
-    const bn_vd ev = bn_splat(eps), one = bn_splat(1.0);
-    ptrdiff_t c = 0;
-    for (; c + 8 <= C; c += 8) {
-        const bn_vd iv = one / bn_vsqrt(bn_ldd(var + c) + ev);
-        if (inv) bn_std(inv + c, iv);
-        bn_std(scale + c, weight ? iv * bn_ldd(weight + c) : iv);
-    }
-    for (; c < C; c++) {
-        const double iv = 1.0 / sqrt(var[c] + eps);
-        if (inv) inv[c] = iv;
-        scale[c] = weight ? iv * weight[c] : iv;
-    }
+    if (weight)
+        inv ? BN_FN(coeffs_loop)(C, var, eps, weight, inv, scale, 1, 1, 0)
+            : BN_FN(coeffs_loop)(C, var, eps, weight, inv, scale, 1, 0, 0);
+    else
+        inv ? BN_FN(coeffs_loop)(C, var, eps, weight, inv, scale, 0, 1, 0)
+            : BN_FN(coeffs_loop)(C, var, eps, weight, inv, scale, 0, 0, 0);
     if (bias) return bias;
-    for (c = 0; c < C; c++) shift[c] = 0.0;
+    for (ptrdiff_t c = 0; c < C; c++) shift[c] = 0.0;
     return shift;
 }
+
+#if BN_IS_F32
+/* n values of a per-channel vector, float32 widened exactly (a loop GCC vectorises). */
+static void BN_FN(widen_par)(const float *src, double *dst, ptrdiff_t n)
+{
+    for (ptrdiff_t i = 0; i < n; i++) dst[i] = (double)src[i];
+}
+
+/* The inference's per-channel parameters (bnfast.h: infer_coeffs): float32 mean and bias
+ * widened into mean64 and shift, then the coefficients with the check, BN_PAR_BLOCK
+ * channels at a time, float32 var and weight widened into that many doubles on the stack
+ * (in L1) first, and the check of var in the same loop.  Widening the four float32
+ * vectors into four allocations and a pass of its own for the check (bn_var_ok, gone) took
+ * 2.0 of the 7.3 us of an inference of (1, 2048) from Python on Zen 3 (avx2), where the
+ * divider alone takes 2.3 us for 2,048 channels (benchmarks/README.md item 76). */
+#define BN_PAR_BLOCK 256
+static int BN_FN(infer_coeffs)(ptrdiff_t C, const void *mean, const void *var,
+                               const void *weight, const void *bias, int f32, double eps,
+                               double *mean64, double *scale, double *shift)
+{
+    if (f32 & BN_PAR_MEAN) BN_FN(widen_par)((const float *)mean, mean64, C);
+    if (!bias)
+        for (ptrdiff_t c = 0; c < C; c++) shift[c] = 0.0;
+    else if (f32 & BN_PAR_BIAS)
+        BN_FN(widen_par)((const float *)bias, shift, C);
+    const int vf = (f32 & BN_PAR_VAR) != 0, wf = weight && (f32 & BN_PAR_WEIGHT);
+    double vb[BN_PAR_BLOCK], wb[BN_PAR_BLOCK];
+    int good = 1;
+    for (ptrdiff_t c0 = 0; c0 < C; c0 += BN_PAR_BLOCK) {
+        const ptrdiff_t n = C - c0 < BN_PAR_BLOCK ? C - c0 : BN_PAR_BLOCK;
+        const double *v = (const double *)var + c0, *w = (const double *)weight + c0;
+        if (vf) BN_FN(widen_par)((const float *)var + c0, vb, n), v = vb;
+        if (wf) BN_FN(widen_par)((const float *)weight + c0, wb, n), w = wb;
+        good &= weight ? BN_FN(coeffs_loop)(n, v, eps, w, NULL, scale + c0, 1, 0, 1)
+                       : BN_FN(coeffs_loop)(n, v, eps, NULL, NULL, scale + c0, 0, 0, 1);
+    }
+    return good ? BN_OK : BN_EINVAL;
+}
+#endif
 
 /* ---- the fused training forward (plan.fused) ---- */
 

@@ -3,15 +3,11 @@
  * are compiled at -O3 and vectorised (the bindings' own code is compiled at -O1, which does
  * not vectorise).  Plain C of the baseline instruction set.  The float32 -> float64
  * widening of parameter vectors is in the kernel tables instead (bnfast.h: widen_f32), with
- * each variant's vectors.
+ * each variant's vectors, and so is the inference's check of var (infer_coeffs).
  */
 #ifndef BN_VECTORS_H
 #define BN_VECTORS_H
 #include <stddef.h>
-
-/* 1 when every v[i] >= 0 and v[i] + eps > 0 (no NaN), else 0: the variances that the
- * inference fast path accepts. */
-int bn_var_ok(const double *v, ptrdiff_t n, double eps);
 
 /* The backward kernels' per-channel scale and shift: a[c] = invstd[c] * weight[c] (invstd[c]
  * when weight is NULL), shift[c] = bias[c] (0 when bias is NULL). */

@@ -119,6 +119,22 @@ typedef int (*bn_backward_coeffs_fn)(ptrdiff_t C, const double *sd, const double
 typedef void (*bn_widen_fn)(const float *src, double *dst, ptrdiff_t n);
 
 /*
+ * infer_coeffs: the inference's per-channel parameters in one pass over the C channels,
+ * from mean, var, weight and bias each float32 (its BN_PAR_* bit set in f32) or float64;
+ * weight and bias may be NULL (1 and 0).  Writes scale[c] = (1 / sqrt(var[c] + eps)) *
+ * weight[c] (the bits of infer_forward's coefficients: IEEE operations in double), and,
+ * where mean is float32, mean64[c] = mean[c], where bias is float32 or NULL, shift[c] =
+ * bias[c] (0), widened exactly; the caller passes the float64 vectors themselves to
+ * normalize otherwise.  Returns BN_OK, or BN_EINVAL if some var[c] is NaN or negative or
+ * var[c] + eps is 0 (having written only into mean64, scale and shift).  Then normalize
+ * with (mean, scale, shift) gives infer_forward's y, bit for bit.
+ */
+enum { BN_PAR_MEAN = 1, BN_PAR_VAR = 2, BN_PAR_WEIGHT = 4, BN_PAR_BIAS = 8 };
+typedef int (*bn_infer_coeffs_fn)(ptrdiff_t C, const void *mean, const void *var,
+                                  const void *weight, const void *bias, int f32, double eps,
+                                  double *mean64, double *scale, double *shift);
+
+/*
  * backward_fused: backward_reduce (with scale = weight * invstd and shift = bias, weight
  * and bias may be NULL for 1 and 0), backward_coeffs (with invstd, weight and cnt = N * S;
  * training unless BN_FLAG_EVAL) and backward_dx (with k_dy = scale) in one call, both
@@ -146,6 +162,7 @@ typedef struct {
     bn_backward_coeffs_fn backward_coeffs[2];
     bn_widen_fn widen_f32;                    /* float32 -> float64 vectors */
     bn_backward_fused_fn backward_fused[2];
+    bn_infer_coeffs_fn infer_coeffs;          /* per-channel vectors of either type */
 } bn_kernel_table;
 
 /* Dispatch (dispatch.c). */

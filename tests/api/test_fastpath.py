@@ -206,15 +206,16 @@ def test_fast_path_accepts_only_what_the_general_path_accepts(op, monkeypatch):
     assert taken > 0.02 * N_CALLS, calls
 
 
-@pytest.mark.parametrize("C", [1, 2, 3, 5, 8, 33, 2048])
+@pytest.mark.parametrize("C", [1, 2, 3, 5, 8, 33, 257, 2048])
 @pytest.mark.parametrize("bad", ["nan", "negative", "tiny negative", "-0 with eps 0",
                                  "+0 with eps 0", "-0", "inf", None])
 @pytest.mark.parametrize("vdtype", [np.float32, np.float64])
 def test_infer_fast_path_variance_check_at_every_position(C, bad, vdtype, monkeypatch):
-    """fast_infer's variance check (csrc/vectors.c, eight values a step and a scalar tail)
-    rejects exactly what the general path rejects, wherever the bad channel is."""
+    """fast_infer's variance check (the kernel table's infer_coeffs: eight values a step,
+    a scalar tail, blocks of 256 channels) rejects exactly what the general path rejects,
+    wherever the bad channel is, and then leaves `out` untouched."""
     x = np.random.default_rng(C).standard_normal((3, C)).astype(np.float32)
-    for pos in sorted({0, min(7, C - 1), min(8, C - 1), C // 2, C - 1}):
+    for pos in sorted({0, min(7, C - 1), min(8, C - 1), C // 2, min(256, C - 1), C - 1}):
         var = np.full(C, 0.5, vdtype)
         eps = 1e-5
         if bad is not None:
@@ -222,9 +223,12 @@ def test_infer_fast_path_variance_check_at_every_position(C, bad, vdtype, monkey
                              "tiny negative": (-1e-30, eps), "-0 with eps 0": (-0.0, 0.0),
                              "+0 with eps 0": (0.0, 0.0), "-0": (-0.0, eps),
                              "inf": (np.inf, eps)}[bad]
-        got = _core.fast_infer(x, np.zeros(C), var, None, None, eps, 1, None, False, 1)
+        out = np.full_like(x, 7.0)
+        got = _core.fast_infer(x, np.zeros(C), var, None, None, eps, 1, out, False, 1)
         accepted = bool(np.all((var >= 0) & (var + vdtype(eps) > 0)))
         assert (got is not None) == accepted, (C, bad, pos)
+        if not accepted:
+            assert np.all(out == 7.0), (C, bad, pos)
         outcomes = []
         for fast in (True, False):
             if not fast:
@@ -235,6 +239,38 @@ def test_infer_fast_path_variance_check_at_every_position(C, bad, vdtype, monkey
                 outcomes.append(str(exc))
             monkeypatch.undo()
         assert outcomes[0] == outcomes[1], (C, bad, pos)
+
+
+@pytest.mark.parametrize("isa", bnfast.available_isas())
+@pytest.mark.parametrize("C", [1, 9, 255, 256, 263, 520])
+def test_inference_parameters_of_mixed_dtypes(isa, C, monkeypatch):
+    """Inference with each of mean, var, weight and bias float32 or float64 (16 mixes, and
+    weight or bias left out), in the fast path (the kernel table's infer_coeffs widens the
+    float32 ones in its pass: blocks of 256 channels, eight a vector, a scalar tail) and
+    the general path: the bits of all-float64 parameters, for float32 and float64 data."""
+    rng = np.random.default_rng(C)
+    p64 = {"m": rng.standard_normal(C), "v": rng.uniform(0.0, 3.0, C),
+           "w": rng.standard_normal(C), "b": rng.standard_normal(C)}
+    p64 = {k: v.astype(np.float32).astype(np.float64) for k, v in p64.items()}
+    p64["v"][C // 2] = 0.0                     # var 0 (with eps 1e-5): accepted
+    with bnfast.use_isa(isa):
+        for dt in (np.float32, np.float64):
+            x = rng.standard_normal((3, C, 2)).astype(dt)
+            for mask in range(16):
+                p = {k: v.astype(np.float32) if mask >> i & 1 else v
+                     for i, (k, v) in enumerate(p64.items())}
+                for drop in ((), ("w",), ("b",), ("w", "b")):
+                    args = [p["m"], p["v"]] + [None if k in drop else p[k] for k in "wb"]
+                    want = bnfast.batch_norm_infer(
+                        x, p64["m"], p64["v"], *[None if k in drop else p64[k] for k in "wb"])
+                    got = bnfast.batch_norm_infer(x, *args)
+                    fast = _core.fast_infer(x, *args, 1e-5, 1, None, False, 2)
+                    assert fast is not None
+                    with monkeypatch.context() as mp:
+                        mp.setattr(_core, "fast_infer", lambda *a, **k: None)
+                        general = bnfast.batch_norm_infer(x, *args)
+                    assert (got.tobytes() == want.tobytes() == fast.tobytes()
+                            == general.tobytes()), (dt, mask, drop)
 
 
 @pytest.mark.parametrize("isa", bnfast.available_isas())
