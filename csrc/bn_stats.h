@@ -631,12 +631,18 @@ typedef struct {
  * multiples of 8, or i1 the span's end): the same additions, whatever the pieces. */
 static inline __attribute__((always_inline)) void BN_FN(bwd_sums)(
     const T *dy, const T *x, ptrdiff_t i0, ptrdiff_t i1, double m, double a, double b,
-    int relu, BN_FN(bwd_accs) *acc)
+    int relu, BN_FN(bwd_accs) *acc, const int pf)
 {
     const bn_vd mv = bn_splat(m), av = bn_splat(a), bv = bn_splat(b);
     bn_acc d0 = acc->d0, x0 = acc->x0;
-    for (ptrdiff_t i = i0; i + 8 <= i1; i += 8)
+    for (ptrdiff_t i = i0; i + 8 <= i1; i += 8) {
+        if (pf && (((i - i0) * (ptrdiff_t)sizeof(T)) & 63) == 0) {
+            /* from DRAM: BN_PF_BYTES ahead, a line of each, the address as an integer */
+            __builtin_prefetch((const void *)((uintptr_t)(dy + i) + BN_PF_BYTES));
+            __builtin_prefetch((const void *)((uintptr_t)(x + i) + BN_PF_BYTES));
+        }
         bn_bwd_acc(&d0, &x0, BN_FN(ld)(dy + i), BN_FN(ld)(x + i) - mv, av, bv, relu);
+    }
     acc->d0 = d0;
     acc->x0 = x0;
 }
@@ -660,7 +666,7 @@ static void BN_FN(bwd_span_s)(const T *dy, const T *x, ptrdiff_t L, double m, do
                               double b, int relu, double *sd, double *sx)
 {
     BN_FN(bwd_accs) acc = {bn_acc_zero(), bn_acc_zero()};
-    BN_FN(bwd_sums)(dy, x, 0, L, m, a, b, relu, &acc);
+    BN_FN(bwd_sums)(dy, x, 0, L, m, a, b, relu, &acc, 0);
     BN_FN(bwd_finish)(dy, x, L, m, a, b, relu, &acc, sd, sx);
 }
 

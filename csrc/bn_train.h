@@ -156,7 +156,7 @@ static void BN_FN(chan_stats_step)(BN_FN(chan_stats) *u)
     const ptrdiff_t L16 = L & ~(ptrdiff_t)15;
     const T *seg = u->x + (u->n * u->C + u->c) * S + u->s0;
     const ptrdiff_t i1 = L16 - u->i > BN_FUSE_CHUNK ? u->i + BN_FUSE_CHUNK : L16;
-    BN_FN(seg_sums)(seg, u->i, i1, u->K, &u->acc, 0);
+    BN_FN(seg_sums)(seg, u->i, i1, u->K, &u->acc, 1);   /* from DRAM (fused): prefetch */
     u->i = i1;
     if (i1 < L16) return;
     double bm, bq;
@@ -483,7 +483,8 @@ static void BN_FN(chan_bsums_step)(BN_FN(chan_bsums) *u)
 {
     const ptrdiff_t S = u->S, S8 = S & ~(ptrdiff_t)7, off = (u->n * u->C + u->c) * S;
     const ptrdiff_t i1 = S8 - u->i > BN_FUSE_CHUNK ? u->i + BN_FUSE_CHUNK : S8;
-    BN_FN(bwd_sums)(u->dy + off, u->x + off, u->i, i1, u->m, u->a, u->b, u->relu, &u->acc);
+    BN_FN(bwd_sums)(u->dy + off, u->x + off, u->i, i1, u->m, u->a, u->b, u->relu, &u->acc,
+                    1);   /* from DRAM (the plan fuses beyond the cache only): prefetch */
     u->i = i1;
     if (i1 < S8) return;
     BN_FN(bwd_finish)(u->dy + off, u->x + off, S, u->m, u->a, u->b, u->relu, &u->acc, &u->gd,
