@@ -562,7 +562,11 @@ static inline __attribute__((always_inline)) void BN_FN(f32_periods64_case)(
         bv[t] = bn_f8_ld(k->q.q2 + 8 * t);
     }
     bn_f8 acc = bn_f8_zero();
+    const int pf = k->nts;   /* from DRAM (streaming): prefetch as the rows walk (item 76) */
     for (ptrdiff_t q = 0; q < np; q++) {
+        if (pf)
+            for (int b = 0; b < 256; b += 64)
+                __builtin_prefetch((const void *)((uintptr_t)(x + 64 * q) + BN_PF_BYTES + b));
 #pragma GCC unroll 8
         for (int t = 0; t < 8; t++)
             BN_FN(f32_vec)(BN_F32_NORM, NULL, x + 64 * q + 8 * t, y + 64 * q + 8 * t, mv[t],
