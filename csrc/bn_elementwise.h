@@ -411,10 +411,15 @@ static inline __attribute__((always_inline)) void BN_FN(f32_span)(
             BN_FN(f32_vec)(op, hasg ? g + e : g, x + e, tmp, bn_f8_ld(q.q0 + e),
                            bn_f8_ld(q.q1 + e), bn_f8_ld(q.q2 + e), bn_f8_ld(q.q3 + e),
                            BN_FN(fq_at)(q, e), 1, fb, j0 + e, relu, defer, &acc, 0);
-        for (; i + 8 <= L; i += 8)
+        for (; i + 8 <= L; i += 8) {
+            if (nts && !(i & 15)) {   /* from DRAM (streaming): as above */
+                __builtin_prefetch((const void *)((uintptr_t)(x + i) + BN_PF_BYTES));
+                if (hasg) __builtin_prefetch((const void *)((uintptr_t)(g + i) + BN_PF_BYTES));
+            }
             BN_FN(f32_vec)(op, hasg ? g + i : g, x + i, y + i, bn_f8_ld(q.q0 + i),
                            bn_f8_ld(q.q1 + i), bn_f8_ld(q.q2 + i), bn_f8_ld(q.q3 + i),
                            BN_FN(fq_at)(q, i), 1, fb, j0 + i, relu, defer, &acc, nts);
+        }
     }
     if (last && defer && inc) {
         bn_f8_st(y + L - 8, tl, 0);
