@@ -28,6 +28,20 @@
 #define BN_CAT(a, b) BN_CAT2(a, b)
 #define BN_FN(name) BN_CAT(BN_CAT(name, BN_SFX), BN_SUFFIX)
 
+/* Software prefetch from DRAM, for the passes whose input is not cache-resident (beyond
+ * the streaming threshold): the line BN_PF_BYTES + extra bytes beyond p.  With sums in
+ * double, or a store stream beside the loads, the out-of-order window does not reach far
+ * enough ahead for the hardware prefetchers (benchmarks/README.md items 73, 75, 76).  The
+ * address is formed as an integer: near an array's end it lies beyond it, where a
+ * prefetch does not fault but pointer arithmetic would be undefined. */
+#ifndef BN_PF_BYTES
+#define BN_PF_BYTES 8192
+#endif
+static inline void bn_prefetch_ahead(const void *p, ptrdiff_t extra)
+{
+    __builtin_prefetch((const void *)((uintptr_t)p + BN_PF_BYTES + (uintptr_t)extra));
+}
+
 typedef double bn_vd __attribute__((vector_size(64)));
 typedef float bn_vf __attribute__((vector_size(32)));
 typedef long long bn_vl __attribute__((vector_size(64)));

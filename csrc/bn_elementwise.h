@@ -395,8 +395,8 @@ static inline __attribute__((always_inline)) void BN_FN(f32_span)(
                            j0 + L - 8, relu, defer, &acc, 0);
         for (; i + 8 <= L; i += 8) {
             if (nts && !(i & 15)) {   /* from DRAM (streaming): prefetch as the reductions */
-                __builtin_prefetch((const void *)((uintptr_t)(x + i) + BN_PF_BYTES));
-                if (hasg) __builtin_prefetch((const void *)((uintptr_t)(g + i) + BN_PF_BYTES));
+                bn_prefetch_ahead(x + i, 0);
+                if (hasg) bn_prefetch_ahead(g + i, 0);
             }
             BN_FN(f32_vec)(op, hasg ? g + i : g, x + i, y + i, v0, v1, v2, v3, q, 0, fb, j0 + i,
                            relu, defer, &acc, nts);
@@ -413,8 +413,8 @@ static inline __attribute__((always_inline)) void BN_FN(f32_span)(
                            BN_FN(fq_at)(q, e), 1, fb, j0 + e, relu, defer, &acc, 0);
         for (; i + 8 <= L; i += 8) {
             if (nts && !(i & 15)) {   /* from DRAM (streaming): as above */
-                __builtin_prefetch((const void *)((uintptr_t)(x + i) + BN_PF_BYTES));
-                if (hasg) __builtin_prefetch((const void *)((uintptr_t)(g + i) + BN_PF_BYTES));
+                bn_prefetch_ahead(x + i, 0);
+                if (hasg) bn_prefetch_ahead(g + i, 0);
             }
             BN_FN(f32_vec)(op, hasg ? g + i : g, x + i, y + i, bn_f8_ld(q.q0 + i),
                            bn_f8_ld(q.q1 + i), bn_f8_ld(q.q2 + i), bn_f8_ld(q.q3 + i),
@@ -570,8 +570,7 @@ static inline __attribute__((always_inline)) void BN_FN(f32_periods64_case)(
     const int pf = k->nts;   /* from DRAM (streaming): prefetch as the rows walk (item 76) */
     for (ptrdiff_t q = 0; q < np; q++) {
         if (pf)
-            for (int b = 0; b < 256; b += 64)
-                __builtin_prefetch((const void *)((uintptr_t)(x + 64 * q) + BN_PF_BYTES + b));
+            for (int b = 0; b < 256; b += 64) bn_prefetch_ahead(x + 64 * q, b);
 #pragma GCC unroll 8
         for (int t = 0; t < 8; t++)
             BN_FN(f32_vec)(BN_F32_NORM, NULL, x + 64 * q + 8 * t, y + 64 * q + 8 * t, mv[t],

@@ -9,14 +9,6 @@
 
 /* ======================================================================= statistics */
 
-/* Software prefetch distance of the reductions' walks when their input is not
- * cache-resident (p->resident == 0): with their sums in double the out-of-order window
- * does not reach far enough ahead for the hardware prefetchers (benchmarks/README.md
- * item 73). */
-#ifndef BN_PF_BYTES
-#define BN_PF_BYTES 8192
-#endif
-
 /*
  * Mean and M2 of a contiguous, cache-resident segment of L > 0 elements, in coordinates
  * shifted by K (the channel's first value): returns mean(x - K) and M2.
@@ -43,9 +35,8 @@ static inline __attribute__((always_inline)) void BN_FN(seg_sums)(
     const bn_vd kv = bn_splat(K);
     bn_acc a0 = acc->a0, a1 = acc->a1, b0 = acc->b0, b1 = acc->b1;
     for (ptrdiff_t i = i0; i + 16 <= i1; i += 16) {
-        if (pf)   /* from DRAM: BN_PF_BYTES ahead, the address as an integer (never read) */
-            for (int b = 0; b < 16 * (int)sizeof(T); b += 64)
-                __builtin_prefetch((const void *)((uintptr_t)(x + i) + BN_PF_BYTES + b));
+        if (pf)   /* from DRAM */
+            for (int b = 0; b < 16 * (int)sizeof(T); b += 64) bn_prefetch_ahead(x + i, b);
         bn_vd d0 = BN_FN(ld)(x + i) - kv;
         bn_vd d1 = BN_FN(ld)(x + i + 8) - kv;
         a0 = bn_acc_add(a0, d0);
@@ -637,9 +628,8 @@ static inline __attribute__((always_inline)) void BN_FN(bwd_sums)(
     bn_acc d0 = acc->d0, x0 = acc->x0;
     for (ptrdiff_t i = i0; i + 8 <= i1; i += 8) {
         if (pf && (((i - i0) * (ptrdiff_t)sizeof(T)) & 63) == 0) {
-            /* from DRAM: BN_PF_BYTES ahead, a line of each, the address as an integer */
-            __builtin_prefetch((const void *)((uintptr_t)(dy + i) + BN_PF_BYTES));
-            __builtin_prefetch((const void *)((uintptr_t)(x + i) + BN_PF_BYTES));
+            bn_prefetch_ahead(dy + i, 0);   /* from DRAM: a line of each */
+            bn_prefetch_ahead(x + i, 0);
         }
         bn_bwd_acc(&d0, &x0, BN_FN(ld)(dy + i), BN_FN(ld)(x + i) - mv, av, bv, relu);
     }
