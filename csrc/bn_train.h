@@ -86,9 +86,17 @@ static int BN_FN(infer_coeffs)(ptrdiff_t C, const void *mean, const void *var,
     int good = 1;
     for (ptrdiff_t c0 = 0; c0 < C; c0 += BN_PAR_BLOCK) {
         const ptrdiff_t n = C - c0 < BN_PAR_BLOCK ? C - c0 : BN_PAR_BLOCK;
-        const double *v = (const double *)var + c0, *w = (const double *)weight + c0;
-        if (vf) BN_FN(widen_par)((const float *)var + c0, vb, n), v = vb;
-        if (wf) BN_FN(widen_par)((const float *)weight + c0, wb, n), w = wb;
+        const double *v = vb, *w = wb;
+        if (vf)
+            BN_FN(widen_par)((const float *)var + c0, vb, n);
+        else
+            v = (const double *)var + c0;
+        if (!weight)
+            w = NULL;
+        else if (wf)
+            BN_FN(widen_par)((const float *)weight + c0, wb, n);
+        else
+            w = (const double *)weight + c0;
         good &= weight ? BN_FN(coeffs_loop)(n, v, eps, w, NULL, scale + c0, 1, 0, 1)
                        : BN_FN(coeffs_loop)(n, v, eps, NULL, NULL, scale + c0, 0, 0, 1);
     }
