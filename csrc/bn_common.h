@@ -31,7 +31,7 @@
 /* Software prefetch from DRAM, for the passes whose input is not cache-resident (beyond
  * the streaming threshold): the line BN_PF_BYTES + extra bytes beyond p.  With sums in
  * double, or a store stream beside the loads, the out-of-order window does not reach far
- * enough ahead for the hardware prefetchers (benchmarks/README.md items 73, 75, 76).  The
+ * enough ahead for the hardware prefetchers (benchmarks/README.md items 73, 75, 77).  The
  * address is formed as an integer: near an array's end it lies beyond it, where a
  * prefetch does not fault but pointer arithmetic would be undefined. */
 #ifndef BN_PF_BYTES

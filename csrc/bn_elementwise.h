@@ -567,7 +567,7 @@ static inline __attribute__((always_inline)) void BN_FN(f32_periods64_case)(
         bv[t] = bn_f8_ld(k->q.q2 + 8 * t);
     }
     bn_f8 acc = bn_f8_zero();
-    const int pf = k->nts;   /* from DRAM (streaming): prefetch as the rows walk (item 76) */
+    const int pf = k->nts;   /* from DRAM (streaming): prefetch as the rows walk (item 77) */
     for (ptrdiff_t q = 0; q < np; q++) {
         if (pf)
             for (int b = 0; b < 256; b += 64) bn_prefetch_ahead(x + 64 * q, b);
