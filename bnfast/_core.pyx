@@ -53,10 +53,6 @@ cdef extern from "bnfast.h" nogil:
                                         Py_ssize_t S, const double *weight,
                                         const double *bias, double eps, double *mean,
                                         double *var, double *invstd, int flags, int nthreads)
-    ctypedef int (*bn_infer_forward_fn)(const void *x, void *y, Py_ssize_t N, Py_ssize_t C,
-                                        Py_ssize_t S, const double *mean, const double *var,
-                                        const double *weight, const double *bias,
-                                        double eps, int flags, int nthreads)
     ctypedef int (*bn_backward_coeffs_fn)(Py_ssize_t C, const double *sd, const double *sx,
                                           const double *invstd, const double *weight,
                                           double cnt, int training, double *dweight,
@@ -85,7 +81,6 @@ cdef extern from "bnfast.h" nogil:
         bn_backward_reduce_fn backward_reduce[2]
         bn_backward_dx_fn backward_dx[2]
         bn_train_forward_fn train_forward[2]
-        bn_infer_forward_fn infer_forward[2]
         bn_backward_coeffs_fn backward_coeffs[2]
         bn_widen_fn widen_f32
         bn_backward_fused_fn backward_fused[2]

@@ -367,6 +367,14 @@ static inline BN_FN(fq) BN_FN(fq_at)(BN_FN(fq) q, ptrdiff_t k)
     return r;
 }
 
+/* A streaming span's prefetch from DRAM, once per 64 bytes of x (and of g: dx), as the
+ * reductions prefetch (bn_prefetch_ahead). */
+static inline void BN_FN(f32_prefetch)(const float *x, const float *g)
+{
+    bn_prefetch_ahead(x, 0);
+    if (g) bn_prefetch_ahead(g, 0);
+}
+
 /* y over a span of L elements starting at period position j0, parameters per element
  * (inc == 1) or scalars (inc == 0).  As norm_span_s, a span of more than 8 elements whose
  * length is not a multiple of 8 ends with one vector over its last 8 elements, computed
@@ -394,10 +402,7 @@ static inline __attribute__((always_inline)) void BN_FN(f32_span)(
             BN_FN(f32_vec)(op, hasg ? g + L - 8 : g, x + L - 8, tmp, v0, v1, v2, v3, q, 0, fb,
                            j0 + L - 8, relu, defer, &acc, 0);
         for (; i + 8 <= L; i += 8) {
-            if (nts && !(i & 15)) {   /* from DRAM (streaming): prefetch as the reductions */
-                bn_prefetch_ahead(x + i, 0);
-                if (hasg) bn_prefetch_ahead(g + i, 0);
-            }
+            if (nts && !(i & 15)) BN_FN(f32_prefetch)(x + i, hasg ? g + i : NULL);
             BN_FN(f32_vec)(op, hasg ? g + i : g, x + i, y + i, v0, v1, v2, v3, q, 0, fb, j0 + i,
                            relu, defer, &acc, nts);
         }
@@ -412,10 +417,7 @@ static inline __attribute__((always_inline)) void BN_FN(f32_span)(
                            bn_f8_ld(q.q1 + e), bn_f8_ld(q.q2 + e), bn_f8_ld(q.q3 + e),
                            BN_FN(fq_at)(q, e), 1, fb, j0 + e, relu, defer, &acc, 0);
         for (; i + 8 <= L; i += 8) {
-            if (nts && !(i & 15)) {   /* from DRAM (streaming): as above */
-                bn_prefetch_ahead(x + i, 0);
-                if (hasg) bn_prefetch_ahead(g + i, 0);
-            }
+            if (nts && !(i & 15)) BN_FN(f32_prefetch)(x + i, hasg ? g + i : NULL);
             BN_FN(f32_vec)(op, hasg ? g + i : g, x + i, y + i, bn_f8_ld(q.q0 + i),
                            bn_f8_ld(q.q1 + i), bn_f8_ld(q.q2 + i), bn_f8_ld(q.q3 + i),
                            BN_FN(fq_at)(q, i), 1, fb, j0 + i, relu, defer, &acc, nts);

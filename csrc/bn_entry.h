@@ -24,7 +24,6 @@
     extern BN_ENTRY_TYPE(bn_backward_reduce_fn) bn_backward_reduce_##sfx##_##isa;         \
     extern BN_ENTRY_TYPE(bn_backward_dx_fn) bn_backward_dx_##sfx##_##isa;                 \
     extern BN_ENTRY_TYPE(bn_train_forward_fn) bn_train_forward_##sfx##_##isa;            \
-    extern BN_ENTRY_TYPE(bn_infer_forward_fn) bn_infer_forward_##sfx##_##isa;            \
     extern BN_ENTRY_TYPE(bn_backward_coeffs_fn) bn_backward_coeffs_##sfx##_##isa;       \
     extern BN_ENTRY_TYPE(bn_backward_fused_fn) bn_backward_fused_##sfx##_##isa;
 #define BN_ENTRY_DECLARE(sfx, isa) BN_ENTRY_DECLARE_(sfx, isa)
@@ -83,14 +82,6 @@ int BN_ENTRY(train_forward)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C, pt
                                     flags, nthreads);
 }
 
-int BN_ENTRY(infer_forward)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
-                            const double *mean, const double *var, const double *weight,
-                            const double *bias, double eps, int flags, int nthreads)
-{
-    return BN_KERNEL(infer_forward)(x, y, N, C, S, mean, var, weight, bias, eps, flags,
-                                    nthreads);
-}
-
 int BN_ENTRY(backward_coeffs)(ptrdiff_t C, const double *sd, const double *sx,
                               const double *invstd, const double *weight, double cnt,
                               int training, double *dweight, double *kx, double *k0)
@@ -111,12 +102,12 @@ int BN_ENTRY(backward_fused)(const void *dy, const void *x, void *dx, ptrdiff_t 
 }
 
 #if BN_ONLY_DTYPE == 32
-/* bn_widen_f32_<isa> (bnfast.h: widen_f32), in the float32 unit only; GCC vectorises the
- * loop with the variant's vectors. */
+/* bn_widen_f32_<isa> (bnfast.h: widen_f32), in the float32 unit only: widen_par
+ * (bn_train.h), whose loop GCC vectorises with the variant's vectors. */
 extern BN_ENTRY_TYPE(bn_widen_fn) BN_ENTRY(widen);   /* a mismatch is a compile error */
 void BN_ENTRY(widen)(const float *src, double *dst, ptrdiff_t n)
 {
-    for (ptrdiff_t i = 0; i < n; i++) dst[i] = (double)src[i];
+    BN_KERNEL(widen_par)(src, dst, n);
 }
 
 /* bn_infer_coeffs_f32_<isa> (bnfast.h: infer_coeffs), in the float32 unit only. */

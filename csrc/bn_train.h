@@ -39,7 +39,7 @@ static inline __attribute__((always_inline)) int BN_FN(coeffs_loop)(
     return good;
 }
 
-/* The coefficients (coeffs_loop) of the training forward and infer_forward.  Returns the
+/* The coefficients (coeffs_loop) of the training forward.  Returns the
  * shift: bias itself, or shift filled with 0 without bias (copying the bias was 14 % of
  * this function's perf samples in an inference of (1, 2048), about 0.25 us). */
 static const double *BN_FN(coeffs)(ptrdiff_t C, const double *var, double eps,
@@ -373,24 +373,6 @@ static int BN_FN(train_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t
     bn_canon_vec(invstd, C);
     st = BN_FN(normalize_planned)(&p, (const T *)xv, (T *)yv, mean, sc, sh,
                                   (flags & BN_FLAG_RELU) != 0);
-    free(buf);
-    return st;
-}
-
-static int BN_FN(infer_forward)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C,
-                                ptrdiff_t S, const double *mean, const double *var,
-                                const double *weight, const double *bias, double eps,
-                                int flags, int nthreads)
-{
-    bn_plan p;
-    if (bn_plan_make(&p, BN_OP_INFER, N, C, S, (int)sizeof(T), BN_ISA, nthreads) != BN_OK)
-        return BN_EINVAL;
-    if (C == 0) return BN_OK;
-    double *buf = (double *)malloc(sizeof(double) * 2 * (size_t)C);
-    if (!buf) return BN_ENOMEM;
-    const double *sh = BN_FN(coeffs)(C, var, eps, weight, bias, NULL, buf, buf + C);
-    const int st = BN_FN(normalize_planned)(&p, (const T *)xv, (T *)yv, mean, buf, sh,
-                                            (flags & BN_FLAG_RELU) != 0);
     free(buf);
     return st;
 }

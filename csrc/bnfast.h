@@ -88,17 +88,6 @@ typedef int (*bn_train_forward_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_
                                    int flags, int nthreads);
 
 /*
- * infer_forward: inference in one call: y = (x - mean) * invstd * weight + bias with
- * invstd = 1/sqrt(var + eps) as IEEE arithmetic gives it (weight/bias may be NULL for 1/0),
- * optional ReLU.  y may equal x; the per-channel vectors must not overlap y (bias is read
- * while y is written).
- */
-typedef int (*bn_infer_forward_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C,
-                                   ptrdiff_t S, const double *mean, const double *var,
-                                   const double *weight, const double *bias, double eps,
-                                   int flags, int nthreads);
-
-/*
  * backward_coeffs: from the sums sd = sum(g), sx = sum(g * (x - mean)) over cnt values per
  * channel, dweight = sx * invstd (canonical NaN) and dx's coefficients with a = weight *
  * invstd: kx = -(a * invstd) * (dweight / cnt), k0 = -a * (sd / cnt) when training and
@@ -122,12 +111,13 @@ typedef void (*bn_widen_fn)(const float *src, double *dst, ptrdiff_t n);
  * infer_coeffs: the inference's per-channel parameters in one pass over the C channels,
  * from mean, var, weight and bias each float32 (its BN_PAR_* bit set in f32) or float64;
  * weight and bias may be NULL (1 and 0).  Writes scale[c] = (1 / sqrt(var[c] + eps)) *
- * weight[c] (the bits of infer_forward's coefficients: IEEE operations in double), and,
+ * weight[c] (IEEE operations in double, the training forward's coefficients), and,
  * where mean is float32, mean64[c] = mean[c], where bias is float32 or NULL, shift[c] =
  * bias[c] (0), widened exactly; the caller passes the float64 vectors themselves to
  * normalize otherwise.  Returns BN_OK, or BN_EINVAL if some var[c] is NaN or negative or
- * var[c] + eps is 0 (having written only into mean64, scale and shift).  Then normalize
- * with (mean, scale, shift) gives infer_forward's y, bit for bit.
+ * var[c] + eps is 0 (having written only into mean64, scale and shift).  Inference is this
+ * and then normalize with (mean, scale, shift): y = (x - mean) * scale + shift, optional
+ * ReLU; y may equal x, and the vectors must not overlap y.
  */
 enum { BN_PAR_MEAN = 1, BN_PAR_VAR = 2, BN_PAR_WEIGHT = 4, BN_PAR_BIAS = 8 };
 typedef int (*bn_infer_coeffs_fn)(ptrdiff_t C, const void *mean, const void *var,
@@ -158,7 +148,6 @@ typedef struct {
     bn_backward_reduce_fn backward_reduce[2];
     bn_backward_dx_fn backward_dx[2];
     bn_train_forward_fn train_forward[2];
-    bn_infer_forward_fn infer_forward[2];
     bn_backward_coeffs_fn backward_coeffs[2];
     bn_widen_fn widen_f32;                    /* float32 -> float64 vectors */
     bn_backward_fused_fn backward_fused[2];

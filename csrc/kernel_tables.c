@@ -17,7 +17,6 @@
         {bn_backward_reduce_f32_##isa, bn_backward_reduce_f64_##isa},                     \
         {bn_backward_dx_f32_##isa, bn_backward_dx_f64_##isa},                             \
         {bn_train_forward_f32_##isa, bn_train_forward_f64_##isa},                         \
-        {bn_infer_forward_f32_##isa, bn_infer_forward_f64_##isa},                         \
         {bn_backward_coeffs_f32_##isa, bn_backward_coeffs_f64_##isa},                     \
         bn_widen_f32_##isa,                                                               \
         {bn_backward_fused_f32_##isa, bn_backward_fused_f64_##isa},                       \
