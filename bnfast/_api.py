@@ -447,7 +447,7 @@ def moments(x, *, axis=1):
     >>> mean.tolist(), var.tolist()
     ([2.0, 20.0], [1.0, 100.0])
     """
-    r = _core.fast_moments(x, axis, get_num_threads())
+    r = _core.fast_moments(x, axis, get_num_threads)
     if r is not None:
         return r
     be = _backend(x)
@@ -531,11 +531,11 @@ def batch_norm_train(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mea
     >>> rm.tolist()
     [0.2, 0.4]
     """
-    nt = get_num_threads()
     r = _core.fast_train(x, weight, bias, eps, axis, running_mean, running_var, momentum,
-                         out, relu, nt)
+                         out, relu, get_num_threads)
     if r is not None:
         return r
+    nt = get_num_threads()
     be = _backend(x)
     x = _as_data(x, "x", be)
     N, C, S, perm, xk = _layout(x, axis, be)
@@ -610,10 +610,10 @@ def batch_norm_infer(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, 
     >>> bnfast.batch_norm_infer(x, mean=[2.0, 4.0], var=[4.0, 4.0], eps=0.0).tolist()
     [[-1.0, -1.0], [1.0, 1.0]]
     """
-    nt = get_num_threads()
-    r = _core.fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, nt)
+    r = _core.fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, get_num_threads)
     if r is not None:
         return r
+    nt = get_num_threads()
     be = _backend(x)
     x = _as_data(x, "x", be)
     N, C, S, perm, xk = _layout(x, axis, be)
@@ -720,10 +720,11 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, bias=None, relu=Fal
     >>> dx.tolist(), dw.tolist(), db.tolist()
     ([[0.0], [0.0]], [0.0], [2.0])
     """
-    nt = get_num_threads()
-    r = _core.fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out, nt)
+    r = _core.fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out,
+                            get_num_threads)
     if r is not None:
         return r
+    nt = get_num_threads()
     training = _flag(training, "training")
     be = _backend(x)
     (x, dy, ax, N, C, S, perm, xk, dyk, m, inv, w, b, relu) = _backward_inputs(
@@ -967,7 +968,9 @@ def explain(x, op="train", *, axis=1, relu=False, isa=None):
         and one dict per pass: ``reduce`` (statistics or backward sums: ``walk`` and the
         partition: row groups and channels per item, or tiles, rows per block and groups)
         and ``elementwise`` (normalize or dx: ``walk``, items, the period of the columns
-        layout, ``stream``: non-temporal stores if the output is 16-byte aligned, and
+        layout -- none for the inference's 'direct' walk, taken with one element per
+        channel, whose coefficients it computes in the same loop --, ``stream``:
+        non-temporal stores if the output is 16-byte aligned, and
         ``arithmetic``: 'float32' for float32 data whose channels have at least 8
         elements, else 'float64');
         for ``op='train'`` and ``'backward'``, ``fusion``: 'channels' where both passes

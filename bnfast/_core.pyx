@@ -36,9 +36,6 @@ cdef extern from "bnfast.h" nogil:
 
     ctypedef int (*bn_moments_fn)(const void *x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                                   double *mean, double *var, int nthreads)
-    ctypedef int (*bn_normalize_fn)(const void *x, void *y, Py_ssize_t N, Py_ssize_t C,
-                                    Py_ssize_t S, const double *mean, const double *scale,
-                                    const double *shift, int flags, int nthreads)
     ctypedef int (*bn_backward_reduce_fn)(const void *dy, const void *x, Py_ssize_t N,
                                           Py_ssize_t C, Py_ssize_t S, const double *mean,
                                           const double *scale, const double *shift,
@@ -63,10 +60,10 @@ cdef extern from "bnfast.h" nogil:
         BN_PAR_VAR
         BN_PAR_WEIGHT
         BN_PAR_BIAS
-    ctypedef int (*bn_infer_coeffs_fn)(Py_ssize_t C, const void *mean, const void *var,
-                                       const void *weight, const void *bias, int f32,
-                                       double eps, double *mean64, double *scale,
-                                       double *shift)
+    ctypedef int (*bn_infer_fn)(const void *x, void *y, Py_ssize_t N, Py_ssize_t C,
+                                Py_ssize_t S, const void *mean, const void *var,
+                                const void *weight, const void *bias, int f32, double eps,
+                                int flags, int nthreads)
     ctypedef int (*bn_backward_fused_fn)(const void *dy, const void *x, void *dx, Py_ssize_t N,
                                          Py_ssize_t C, Py_ssize_t S, const double *mean,
                                          const double *invstd, const double *weight,
@@ -77,14 +74,13 @@ cdef extern from "bnfast.h" nogil:
     ctypedef struct bn_kernel_table:
         const char *name
         bn_moments_fn moments[2]
-        bn_normalize_fn normalize[2]
+        bn_infer_fn infer[2]
         bn_backward_reduce_fn backward_reduce[2]
         bn_backward_dx_fn backward_dx[2]
         bn_train_forward_fn train_forward[2]
         bn_backward_coeffs_fn backward_coeffs[2]
         bn_widen_fn widen_f32
         bn_backward_fused_fn backward_fused[2]
-        bn_infer_coeffs_fn infer_coeffs
 
     int bn_isa_compiled(int isa)
     int bn_isa_supported(int isa)
@@ -118,6 +114,7 @@ cdef extern from "bn_plan.h" nogil:
         BN_LAYOUT_ROWS
         BN_WALK_REGISTER
         BN_F32_MIN_PER_CHANNEL
+    int bn_plan_threads(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads)
     ctypedef struct bn_colpart:
         Py_ssize_t R, Cp, tile, ntiles, rb, nblocks, bpg, ngroups
     ctypedef struct bn_plan:
@@ -384,33 +381,24 @@ cdef inline const void *_par(object v, int bit, int *f32):
 cdef bint _infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                  object mean, object var, object weight, object bias, double eps, bint relu,
                  int nt) except -1:
-    # The coefficients from the vectors as given, float32 or float64, in one pass
-    # (infer_coeffs, which also checks var), then normalize.  Returns False, having written
-    # nothing to y, if var has a negative or NaN value, or a zero one with eps 0.
+    # The inference in one kernel call (infer: the coefficients from the vectors as given,
+    # float32 or float64, with the check of var, and the normalisation).  Returns False,
+    # having written nothing to y, if var has a negative or NaN value, or a zero one with
+    # eps 0.
     cdef const bn_kernel_table *t = bn_active()
-    cdef int dt = _dt(x), st = BN_OK, cst, flags = BN_FLAG_RELU if relu else 0, f32 = 0
+    cdef int dt = _dt(x), st, flags = BN_FLAG_RELU if relu else 0, f32 = 0
     cdef const void *mp = _par(mean, BN_PAR_MEAN, &f32)
     cdef const void *vp = _par(var, BN_PAR_VAR, &f32)
     cdef const void *wp = _par(weight, BN_PAR_WEIGHT, &f32)
     cdef const void *bp = _par(bias, BN_PAR_BIAS, &f32)
-    cdef double *buf = <double *> malloc(sizeof(double) * 3 * (C if C > 0 else 1))
-    if buf == NULL:
-        raise MemoryError()
-    cdef const double *m64 = <const double *> mp
-    cdef const double *sh = <const double *> bp
-    if f32 & BN_PAR_MEAN:
-        m64 = buf
-    if bp == NULL or f32 & BN_PAR_BIAS:
-        sh = buf + 2 * C
     cdef void *xp = cnp.PyArray_DATA(x)
     cdef void *yp = cnp.PyArray_DATA(y)
     with nogil:
-        cst = t.infer_coeffs(C, mp, vp, wp, bp, f32, eps, buf, buf + C, buf + 2 * C)
-        if cst == BN_OK:
-            st = t.normalize[dt](xp, yp, N, C, S, m64, buf + C, sh, flags, nt)
-    free(buf)
+        st = t.infer[dt](xp, yp, N, C, S, mp, vp, wp, bp, f32, eps, flags, nt)
+    if st == BN_EINVAL:
+        return False
     _check(st)
-    return cst == BN_OK
+    return True
 
 
 # The training/eval backward in two kernel passes: the per-channel reduction, the
@@ -597,7 +585,18 @@ def backward_reduce(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t N, Py_ssize_t C, P
 # contiguous float arrays of the right length, no overlap of out with a vector or a
 # partial one with the inputs, running statistics apart from x and out).  Anything else
 # goes through the general path in Python, which owns every error message; a fast path
-# never raises for bad input.
+# never raises for bad input.  `nthreads` is a thread count, or a callable that returns one
+# (bnfast.get_num_threads), called only where the plan could use more than one thread.
+
+
+cdef int _threads_for(object nthreads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) except -1:
+    # Below BN_PAR_MIN elements every plan runs one thread, so the setting is not asked
+    # (bnfast.get_num_threads from Python took 0.3 us of a 5 us inference).
+    if type(nthreads) is int:
+        return nthreads
+    if bn_plan_threads(N, C, S, 2) == 1:
+        return 1
+    return nthreads()
 
 cdef inline bint _is_data(object a):
     if type(a) is not cnp.ndarray:
@@ -683,7 +682,7 @@ cdef inline bint _split(cnp.ndarray x, object axis, Py_ssize_t *N, Py_ssize_t *C
     return True
 
 def fast_train(x, weight, bias, eps, axis, running_mean, running_var, momentum, out,
-               relu, int nthreads):
+               relu, nthreads):
     cdef Py_ssize_t N = 0, C = 0, S = 0
     if not _is_data(x) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
         return None
@@ -715,11 +714,11 @@ def fast_train(x, weight, bias, eps, axis, running_mean, running_var, momentum, 
         return None
     cdef cnp.ndarray y = _empty_like(xa) if out is None else <cnp.ndarray> out
     mean, invstd = _train(xa, y, N, C, S, weight, bias, eps, relu, running_mean,
-                          running_var, momentum, nthreads)
+                          running_var, momentum, _threads_for(nthreads, N, C, S))
     return y, mean, invstd
 
 
-def fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, int nthreads):
+def fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, nthreads):
     cdef Py_ssize_t N = 0, C = 0, S = 0
     if not _is_data(x) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
         return None
@@ -733,14 +732,16 @@ def fast_infer(x, mean, var, weight, bias, eps, axis, out, relu, int nthreads):
             and _apart(bias, out)):
         return None
     cdef cnp.ndarray y = _empty_like(xa) if out is None else <cnp.ndarray> out
-    if not _infer(xa, y, N, C, S, mean, var, weight, bias, eps, relu, nthreads):
+    if not _infer(xa, y, N, C, S, mean, var, weight, bias, eps, relu,
+                  _threads_for(nthreads, N, C, S)):
         return None                # var negative, NaN or zero (with eps 0): the general path
     return y
 
 
 def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out,
-                  int nthreads):
+                  nthreads):
     cdef Py_ssize_t N = 0, C = 0, S = 0, i
+    cdef int nt
     if not (_is_data(x) and _is_data(dy)) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray> x, da = <cnp.ndarray> dy
@@ -761,6 +762,7 @@ def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out,
         return None
     cdef _Vec m = _vec(mean, C), inv = _vec(invstd, C), w = _vec(weight, C), b = _vec(bias, C)
     cdef cnp.ndarray dx = None
+    nt = _threads_for(nthreads, N, C, S)
     # Large enough for the plan to fuse the two passes (plan.fused: dy and x not cache-
     # resident; the kernel asks the plan and declines otherwise), or the fusion forced
     # (tests): both in one kernel call
@@ -768,28 +770,28 @@ def fast_backward(dy, x, mean, invstd, weight, bias, relu, training, axis, out,
     fused = None
     if nbytes >= <double> bn_get_stream_min_bytes() or bn_plan_forced_fused() == 1:
         dx = _empty_like(xa) if out is None else <cnp.ndarray> out
-        fused = _backward_fused(da, xa, dx, N, C, S, m, inv, w, b, relu, training, nthreads)
+        fused = _backward_fused(da, xa, dx, N, C, S, m, inv, w, b, relu, training, nt)
     if fused is not None:
         dweight, dbias, degenerate = fused
     else:
         dweight, dbias, kx, k0, degenerate = _backward_reduce(da, xa, N, C, S, m, inv, w, b,
-                                                              relu, training, nthreads)
+                                                              relu, training, nt)
     if degenerate:
         return None                # the general path recomputes such channels
     if fused is None:
         if dx is None:
             dx = _empty_like(xa) if out is None else <cnp.ndarray> out
         _bwd_apply(da, xa, dx, N, C, S, m, inv, w, b, <double *> cnp.PyArray_DATA(kx),
-                   <double *> cnp.PyArray_DATA(k0), relu, training, nthreads)
+                   <double *> cnp.PyArray_DATA(k0), relu, training, nt)
     if _dt(xa) == 0:
         return dx, dweight.astype(np.float32), dbias.astype(np.float32)
     return dx, dweight, dbias
 
 
-def fast_moments(x, axis, int nthreads):
+def fast_moments(x, axis, nthreads):
     cdef Py_ssize_t N = 0, C = 0, S = 0
     if not _is_data(x) or not _split(<cnp.ndarray> x, axis, &N, &C, &S):
         return None
     if N * S == 0:
         return None
-    return _moments(<cnp.ndarray> x, N, C, S, nthreads)
+    return _moments(<cnp.ndarray> x, N, C, S, _threads_for(nthreads, N, C, S))

@@ -51,16 +51,18 @@ def plan(op, N, C, S, itemsize, nthreads, isa=None, relu=False):
     if op != "moments":
         ew_walk = WALK_NAMES[p["ew_walk"]]
         ew_rows = rows or ew_walk == "rows"         # the columns' rows walk too
+        direct = not rows and ew_walk == "direct"   # one element per channel: no periods
         ew = {"pass": "normalize" if op in ("train", "infer") else "dx",
               "walk": "rows" if rows else ew_walk,
               ("rows_per_item" if ew_rows else "tiles_per_item" if ew_walk == "tiles"
-               else "periods_per_item"): p["ew_per_item"],
+               else "channels_per_item" if direct else "periods_per_item"):
+                  p["ew_per_item"],
               "items": p["ew_items"], "stream": bool(p["stream"]),
               # float32 data's element-wise pass in float32 (the backward with the
               # ReLU stays in float64; docs/user_guide/semantics.md)
               "arithmetic": ("float32" if p["ew_f32_relu" if relu else "ew_f32"]
                              else "float64")}
-        if not ew_rows:
+        if not (ew_rows or direct):
             ew["period"] = p["period"]
         d["elementwise"] = ew
     if op in ("train", "backward"):
@@ -80,7 +82,8 @@ def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise
                    arithmetic=None, fusion=None):
     """Tests: force the layout ('rows', 'columns') and the walks of the statistics
     ('register', 'memory'), the backward sums ('register', 'memory', 'blocks') and the
-    element-wise passes ('rows', 'tiles', 'spans', 'period64') for every later call, the
+    element-wise passes ('rows', 'tiles', 'spans', 'period64', and 'direct' where the
+    inference has one element per channel) for every later call, the
     element-wise arithmetic of float32 data ('float64', or 'float32' where the plan
     has it: the normalisation), and the fusion of the training forward's and the
     backward's two passes ('none', or 'channels' wherever the rows layout runs it); None
@@ -108,7 +111,7 @@ def force_strategy(layout=None, statistics=None, backward_sums=None, elementwise
         given = ", ".join(f"{k}={v!r}" for k, v in asked.items() if v is not None)
         raise ValueError(f"force_strategy: {given}: a walk that this pass does not have "
                          "(statistics: register, memory; backward_sums: register, memory, "
-                         "blocks; elementwise: rows, tiles, spans, period64)") from None
+                         "blocks; elementwise: rows, tiles, spans, period64, direct)") from None
     _core.plan_force_arith(-1 if arithmetic is None else ARITH_NAMES.index(arithmetic))
     _core.plan_force_fused(-1 if fusion is None else FUSION_NAMES.index(fusion))
     return old

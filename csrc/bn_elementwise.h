@@ -686,17 +686,6 @@ static int BN_FN(normalize_planned)(const bn_plan *p, const T *x, T *y, const do
     return BN_OK;
 }
 
-static int BN_FN(normalize)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
-                            const double *mean, const double *scale, const double *shift,
-                            int flags, int nthreads)
-{
-    bn_plan p;
-    if (bn_plan_make(&p, BN_OP_INFER, N, C, S, (int)sizeof(T), BN_ISA, nthreads) != BN_OK)
-        return BN_EINVAL;
-    return BN_FN(normalize_planned)(&p, (const T *)xv, (T *)yv, mean, scale, shift,
-                                    (flags & BN_FLAG_RELU) != 0);
-}
-
 /* ================================================================= backward dx */
 
 

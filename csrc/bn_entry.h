@@ -20,7 +20,7 @@
 #define BN_ENTRY_TYPE(fnptr) __typeof__(*(fnptr)0)
 #define BN_ENTRY_DECLARE_(sfx, isa)                                                       \
     extern BN_ENTRY_TYPE(bn_moments_fn) bn_moments_##sfx##_##isa;                         \
-    extern BN_ENTRY_TYPE(bn_normalize_fn) bn_normalize_##sfx##_##isa;                     \
+    extern BN_ENTRY_TYPE(bn_infer_fn) bn_infer_##sfx##_##isa;                             \
     extern BN_ENTRY_TYPE(bn_backward_reduce_fn) bn_backward_reduce_##sfx##_##isa;         \
     extern BN_ENTRY_TYPE(bn_backward_dx_fn) bn_backward_dx_##sfx##_##isa;                 \
     extern BN_ENTRY_TYPE(bn_train_forward_fn) bn_train_forward_##sfx##_##isa;            \
@@ -48,11 +48,11 @@ int BN_ENTRY(moments)(const void *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, doub
     return BN_KERNEL(moments)(x, N, C, S, mean, var, nthreads);
 }
 
-int BN_ENTRY(normalize)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
-                        const double *mean, const double *scale, const double *shift,
-                        int flags, int nthreads)
+int BN_ENTRY(infer)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                    const void *mean, const void *var, const void *weight, const void *bias,
+                    int f32, double eps, int flags, int nthreads)
 {
-    return BN_KERNEL(normalize)(x, y, N, C, S, mean, scale, shift, flags, nthreads);
+    return BN_KERNEL(infer)(x, y, N, C, S, mean, var, weight, bias, f32, eps, flags, nthreads);
 }
 
 int BN_ENTRY(backward_reduce)(const void *dy, const void *x, ptrdiff_t N, ptrdiff_t C,
@@ -108,16 +108,6 @@ extern BN_ENTRY_TYPE(bn_widen_fn) BN_ENTRY(widen);   /* a mismatch is a compile 
 void BN_ENTRY(widen)(const float *src, double *dst, ptrdiff_t n)
 {
     BN_KERNEL(widen_par)(src, dst, n);
-}
-
-/* bn_infer_coeffs_f32_<isa> (bnfast.h: infer_coeffs), in the float32 unit only. */
-extern BN_ENTRY_TYPE(bn_infer_coeffs_fn) BN_ENTRY(infer_coeffs);
-int BN_ENTRY(infer_coeffs)(ptrdiff_t C, const void *mean, const void *var, const void *weight,
-                           const void *bias, int f32, double eps, double *mean64,
-                           double *scale, double *shift)
-{
-    return BN_KERNEL(infer_coeffs)(C, mean, var, weight, bias, f32, eps, mean64, scale,
-                                   shift);
 }
 #endif
 

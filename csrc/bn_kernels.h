@@ -11,7 +11,7 @@
  *   bn_isa.h          the ISA shims: loads, stores, NaN test, ReLU, mask (all intrinsics)
  *   bn_stats.h        moments, backward_reduce
  *   bn_elementwise.h  normalize, backward_dx
- *   bn_train.h        train_forward (the forward in one call), infer_coeffs,
+ *   bn_train.h        train_forward and infer (the forwards in one call each),
  *                     backward_coeffs (the backward's per-channel coefficients)
  *   bn_entry.h        the exported entry points (bn_ prefix) that kernel_tables.c collects
  *
@@ -19,15 +19,15 @@
  * baseline, avx2, avx512 and each dtype:
  *
  *   moments_f32_baseline          moments_f64_baseline         ... _avx2, _avx512
- *   normalize_f32_baseline        normalize_f64_baseline       ... _avx2, _avx512
+ *   infer_f32_baseline            infer_f64_baseline           ... _avx2, _avx512
  *   backward_reduce_f32_baseline  backward_reduce_f64_baseline ... _avx2, _avx512
  *   backward_dx_f32_baseline      backward_dx_f64_baseline     ... _avx2, _avx512
  *   train_forward_f32_baseline    train_forward_f64_baseline   ... _avx2, _avx512
  *   backward_coeffs_f32_baseline  backward_coeffs_f64_baseline ... _avx2, _avx512
  *
  * and their exported entry points bn_moments_f32_baseline ... bn_backward_coeffs_f64_avx512
- * and backward_fused's, and bn_widen_f32_<isa> and bn_infer_coeffs_f32_<isa> (the float32
- * units only), collected into bn_table_baseline, bn_table_avx2, bn_table_avx512.
+ * and backward_fused's, and bn_widen_f32_<isa> (the float32 units only), collected into
+ * bn_table_baseline, bn_table_avx2, bn_table_avx512.
  */
 #ifndef BN_ONLY_DTYPE
 #error "compile kernels_<isa>_f32.c / kernels_<isa>_f64.c, which set BN_ONLY_DTYPE"

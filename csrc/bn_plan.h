@@ -73,7 +73,8 @@ enum { BN_LAYOUT_ROWS = 0, BN_LAYOUT_COLUMNS = 1 };
 
 /* Walks of the columns layout (the rows layout has one walk per pass).  Statistics:
  * REGISTER or MEMORY.  Backward sums: REGISTER, MEMORY or BLOCKS.  Normalize: ROWS, TILES,
- * SPANS or PERIOD64.  dx: ROWS or SPANS (in column tiles of BN_EW_TILE); TILES forced.  An element-wise walk
+ * SPANS, PERIOD64 or (inference only) DIRECT.  dx: ROWS or SPANS (in column tiles of
+ * BN_EW_TILE); TILES forced.  An element-wise walk
  * computes every element with the same operations whatever the partition, so the
  * columns layout's element-wise pass may walk rows (the reduction keeps its columns). */
 enum {
@@ -88,7 +89,11 @@ enum {
                               scalar parameters, as the rows layout does */
     BN_WALK_TILES = 7,     /* element-wise: items of column tiles (BN_EW_TILE) down all N
                               rows, so a tile's parameters stay in L1 */
-    BN_WALK_COUNT = 8
+    BN_WALK_DIRECT = 8,    /* inference of one element per channel (N = S = 1) in double:
+                              each channel's coefficients and its element in one loop over
+                              the channels, with no per-channel arrays (bn_train.h:
+                              infer_direct) */
+    BN_WALK_COUNT = 9
 };
 
 /* Column partition (shape only): tile width, rows per block, blocks per group. */
@@ -109,11 +114,12 @@ typedef struct {
     bn_colpart col;                                               /* columns layout */
     ptrdiff_t col_items;
     /* element-wise pass */
-    int ew_walk;             /* BN_WALK_ROWS, SPANS or PERIOD64 (columns layout) */
-    ptrdiff_t period;        /* elements per unit: S (rows layout or ROWS walk), else a
-                                period of the columns layout (a multiple of Cp) */
-    ptrdiff_t ew_units;      /* rows (rows layout or ROWS walk), column tiles (TILES walk)
-                                or whole periods */
+    int ew_walk;             /* BN_WALK_ROWS, TILES, SPANS, PERIOD64 or DIRECT (columns
+                                layout) */
+    ptrdiff_t period;        /* elements per unit: S (rows layout or ROWS walk), 1 (DIRECT),
+                                else a period of the columns layout (a multiple of Cp) */
+    ptrdiff_t ew_units;      /* rows (rows layout or ROWS walk), column tiles (TILES walk),
+                                channels (DIRECT) or whole periods */
     ptrdiff_t ew_per_item;   /* units per work item */
     ptrdiff_t ew_items;
     int stream;              /* streaming stores, if the output is 16-byte aligned */
@@ -133,6 +139,11 @@ typedef struct {
  * are read from their settings.  Returns BN_OK or BN_EINVAL. */
 int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int itemsize,
                  int isa, int nthreads);
+
+/* The threads a plan of N * C * S elements uses when given nthreads (bn_plan.nthreads):
+ * 1 below BN_PAR_MIN elements.  The bindings ask bnfast's thread setting only where the
+ * answer can matter. */
+int bn_plan_threads(ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int nthreads);
 
 /* Tests: force a layout (BN_LAYOUT_*, -1 = the plan's choice), a reduction walk and an
  * element-wise walk (BN_WALK_*, -1 = the plan's choice) for every later call; a walk that

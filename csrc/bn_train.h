@@ -57,14 +57,13 @@ static const double *BN_FN(coeffs)(ptrdiff_t C, const double *var, double eps,
     return shift;
 }
 
-#if BN_IS_F32
 /* n values of a per-channel vector, float32 widened exactly (a loop GCC vectorises). */
 static void BN_FN(widen_par)(const float *src, double *dst, ptrdiff_t n)
 {
     for (ptrdiff_t i = 0; i < n; i++) dst[i] = (double)src[i];
 }
 
-/* The inference's per-channel parameters (bnfast.h: infer_coeffs): float32 mean and bias
+/* The inference's per-channel parameters (for infer): float32 mean and bias
  * widened into mean64 and shift, then the coefficients with the check, BN_PAR_BLOCK
  * channels at a time, float32 var and weight widened into that many doubles on the stack
  * (in L1) first, and the check of var in the same loop.  Widening the four float32
@@ -102,7 +101,151 @@ static int BN_FN(infer_coeffs)(ptrdiff_t C, const void *mean, const void *var,
     }
     return good ? BN_OK : BN_EINVAL;
 }
-#endif
+
+/* The direct walk (plan.ew_walk BN_WALK_DIRECT, one element per channel): whether every
+ * var[c] >= 0 and var[c] + eps > 0 (NaN fails), all of var checked before y, which may be
+ * x, is written.  With var >= 0 and eps >= 0, var + eps is 0 only where both are, so the
+ * test is var >= 0, or var > 0 when eps is 0: one compare per value in its own type (the
+ * conversion is exact), a loop GCC vectorises (the literal test in double took 0.5 us for
+ * 2,048 float32 values on Zen 3). */
+static int BN_FN(var_ok)(ptrdiff_t C, const void *var, int vf, double eps)
+{
+    if (!(eps >= 0.0)) return 0;
+    const int pos = eps == 0.0;   /* var > 0 needed */
+    int bad = 0;
+    if (vf) {
+        const float *v = (const float *)var;
+        if (pos)
+            for (ptrdiff_t c = 0; c < C; c++) bad |= !(v[c] > 0.0f);
+        else
+            for (ptrdiff_t c = 0; c < C; c++) bad |= !(v[c] >= 0.0f);
+    } else {
+        const double *v = (const double *)var;
+        if (pos)
+            for (ptrdiff_t c = 0; c < C; c++) bad |= !(v[c] > 0.0);
+        else
+            for (ptrdiff_t c = 0; c < C; c++) bad |= !(v[c] >= 0.0);
+    }
+    return !bad;
+}
+
+/* n channels of the direct walk, parameters of type T (native) or double:
+ * y[c] = (x[c] - m[c]) * ((1 / sqrt(v[c] + eps)) * w[c]) + b[c], optional ReLU -- the
+ * operations of infer_coeffs and of the spans walk, so the same bits.  One loop per case:
+ * an 8-double value live across a branch would go through memory (coeffs_loop). */
+#define BN_DIRECT_LD(p, i)                                                                \
+    (native ? BN_FN(ld)((const T *)(p) + (i)) : bn_ldd((const double *)(p) + (i)))
+#define BN_DIRECT_S(p, i) (native ? (double)((const T *)(p))[i] : ((const double *)(p))[i])
+static inline __attribute__((always_inline)) void BN_FN(direct_case)(
+    const T *x, T *y, ptrdiff_t n, const void *m, const void *v, const void *w, const void *b,
+    double eps, const int native, const int relu)
+{
+    const bn_vd ev = bn_splat(eps), one = bn_splat(1.0);
+    bn_nanacc acc = bn_nanacc_zero();
+    ptrdiff_t c = 0;
+    if (relu) {
+        for (; c + 8 <= n; c += 8) {
+            const bn_vd sc = one / bn_vsqrt(BN_DIRECT_LD(v, c) + ev) * BN_DIRECT_LD(w, c);
+            BN_FN(stx)(y + c, bn_vrelu((BN_FN(ld)(x + c) - BN_DIRECT_LD(m, c)) * sc +
+                                       BN_DIRECT_LD(b, c)), 0, &acc);
+        }
+    } else {
+        for (; c + 8 <= n; c += 8) {
+            const bn_vd sc = one / bn_vsqrt(BN_DIRECT_LD(v, c) + ev) * BN_DIRECT_LD(w, c);
+            BN_FN(stx)(y + c, (BN_FN(ld)(x + c) - BN_DIRECT_LD(m, c)) * sc +
+                                  BN_DIRECT_LD(b, c), 0, &acc);
+        }
+    }
+    if (bn_nanacc_any(acc)) BN_FN(canon_mem)(y, c);
+    T tmp[8];
+    for (ptrdiff_t k = 0; k < n - c; k++) {
+        const double sc = 1.0 / sqrt(BN_DIRECT_S(v, c + k) + eps) * BN_DIRECT_S(w, c + k);
+        tmp[k] = BN_FN(norm_one)(x[c + k], BN_DIRECT_S(m, c + k), sc, BN_DIRECT_S(b, c + k),
+                                 relu);
+    }
+    BN_FN(store_tail)(y + c, tmp, n - c, 0);
+}
+#undef BN_DIRECT_LD
+#undef BN_DIRECT_S
+
+typedef struct {
+    const T *x;
+    T *y;
+    const void *m, *v, *w, *b;
+    int f32;
+    double eps;
+    int relu;
+} BN_FN(direct_ctx);
+
+/* Channels [c0, c1) of the direct walk, BN_PAR_BLOCK at a time: the parameters as given
+ * where all are of type T (absent weight and bias read as blocks of 1 and 0: v * 1 and
+ * v + 0 are what the other walks compute), else each float32 one widened (in L1). */
+static void BN_FN(direct_range)(const void *ctx, ptrdiff_t c0, ptrdiff_t c1)
+{
+    const BN_FN(direct_ctx) *k = ctx;
+    static const T ones_t[BN_PAR_BLOCK] = {[0 ... BN_PAR_BLOCK - 1] = 1}, zeros_t[BN_PAR_BLOCK];
+    static const double ones_d[BN_PAR_BLOCK] = {[0 ... BN_PAR_BLOCK - 1] = 1.0},
+                        zeros_d[BN_PAR_BLOCK];
+    /* the vectors given (BN_PAR_* bits), and whether all of them are of type T */
+    const int given = BN_PAR_MEAN | BN_PAR_VAR | (k->w ? BN_PAR_WEIGHT : 0) |
+                      (k->b ? BN_PAR_BIAS : 0);
+    const int native = BN_IS_F32 ? (k->f32 & given) == given : (k->f32 & given) == 0;
+    double buf[4][BN_PAR_BLOCK];
+    for (ptrdiff_t j = c0; j < c1; j += BN_PAR_BLOCK) {
+        const ptrdiff_t n = c1 - j < BN_PAR_BLOCK ? c1 - j : BN_PAR_BLOCK;
+        const void *q[4] = {k->m, k->v, k->w, k->b};
+        for (int i = 0; i < 4; i++) {
+            if (!q[i])         /* weight (i = 2) or bias (3) absent */
+                q[i] = native ? (i == 2 ? (const void *)ones_t : (const void *)zeros_t)
+                              : (i == 2 ? (const void *)ones_d : (const void *)zeros_d);
+            else if (native || !(k->f32 & (1 << i)))
+                q[i] = (const char *)q[i] + j * (native ? (ptrdiff_t)sizeof(T) : 8);
+            else {
+                BN_FN(widen_par)((const float *)q[i] + j, buf[i], n);
+                q[i] = buf[i];
+            }
+        }
+        if (BN_IS_F32 && native)
+            k->relu ? BN_FN(direct_case)(k->x + j, k->y + j, n, q[0], q[1], q[2], q[3], k->eps,
+                                         1, 1)
+                    : BN_FN(direct_case)(k->x + j, k->y + j, n, q[0], q[1], q[2], q[3], k->eps,
+                                         1, 0);
+        else
+            k->relu ? BN_FN(direct_case)(k->x + j, k->y + j, n, q[0], q[1], q[2], q[3], k->eps,
+                                         0, 1)
+                    : BN_FN(direct_case)(k->x + j, k->y + j, n, q[0], q[1], q[2], q[3], k->eps,
+                                         0, 0);
+    }
+}
+
+/* The inference (bnfast.h: infer) under its plan: the direct walk, or the coefficients
+ * (infer_coeffs, which checks var) into one allocation and then the normalisation. */
+static int BN_FN(infer)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                        const void *mean, const void *var, const void *weight,
+                        const void *bias, int f32, double eps, int flags, int nthreads)
+{
+    bn_plan p;
+    if (bn_plan_make(&p, BN_OP_INFER, N, C, S, (int)sizeof(T), BN_ISA, nthreads) != BN_OK)
+        return BN_EINVAL;
+    const int relu = (flags & BN_FLAG_RELU) != 0;
+    if (p.layout == BN_LAYOUT_COLUMNS && p.ew_walk == BN_WALK_DIRECT) {
+        if (!BN_FN(var_ok)(C, var, (f32 & BN_PAR_VAR) != 0, eps)) return BN_EINVAL;
+        const BN_FN(direct_ctx) k = {(const T *)xv, (T *)yv, mean, var, weight, bias, f32,
+                                     eps, relu};
+        BN_FN(run_ew_items)(&p, BN_FN(direct_range), &k);
+        return BN_OK;
+    }
+    double *buf = (double *)malloc(sizeof(double) * 3 * (size_t)(C > 0 ? C : 1));
+    if (!buf) return BN_ENOMEM;
+    int st = BN_FN(infer_coeffs)(C, mean, var, weight, bias, f32, eps, buf, buf + C,
+                                 buf + 2 * C);
+    if (st == BN_OK)
+        st = BN_FN(normalize_planned)(
+            &p, (const T *)xv, (T *)yv, (f32 & BN_PAR_MEAN) ? buf : (const double *)mean,
+            buf + C, !bias || (f32 & BN_PAR_BIAS) ? buf + 2 * C : (const double *)bias, relu);
+    free(buf);
+    return st;
+}
 
 /* ---- the fused training forward (plan.fused) ---- */
 

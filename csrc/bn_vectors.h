@@ -3,7 +3,7 @@
  * are compiled at -O3 and vectorised (the bindings' own code is compiled at -O1, which does
  * not vectorise).  Plain C of the baseline instruction set.  The float32 -> float64
  * widening of parameter vectors is in the kernel tables instead (bnfast.h: widen_f32), with
- * each variant's vectors, and so is the inference's check of var (infer_coeffs).
+ * each variant's vectors, and so is the inference's check of var (bn_train.h: infer_coeffs).
  */
 #ifndef BN_VECTORS_H
 #define BN_VECTORS_H

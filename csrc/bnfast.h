@@ -48,14 +48,6 @@ typedef int (*bn_moments_fn)(const void *x, ptrdiff_t N, ptrdiff_t C, ptrdiff_t 
                              double *mean, double *var, int nthreads);
 
 /*
- * normalize: y = (x - mean[c]) * scale[c] + shift[c], then optional ReLU.
- * y may equal x (in place).
- */
-typedef int (*bn_normalize_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C,
-                               ptrdiff_t S, const double *mean, const double *scale,
-                               const double *shift, int flags, int nthreads);
-
-/*
  * backward_reduce: sum_dy[c] = sum g, sum_dyxmu[c] = sum g * (x - mean[c]),
  * with g = dy, or with BN_FLAG_RELU, g = dy where (x - mean)*scale + shift > 0 else 0.
  * NaN sums are the canonical quiet NaN.
@@ -108,21 +100,19 @@ typedef int (*bn_backward_coeffs_fn)(ptrdiff_t C, const double *sd, const double
 typedef void (*bn_widen_fn)(const float *src, double *dst, ptrdiff_t n);
 
 /*
- * infer_coeffs: the inference's per-channel parameters in one pass over the C channels,
- * from mean, var, weight and bias each float32 (its BN_PAR_* bit set in f32) or float64;
- * weight and bias may be NULL (1 and 0).  Writes scale[c] = (1 / sqrt(var[c] + eps)) *
- * weight[c] (IEEE operations in double, the training forward's coefficients), and,
- * where mean is float32, mean64[c] = mean[c], where bias is float32 or NULL, shift[c] =
- * bias[c] (0), widened exactly; the caller passes the float64 vectors themselves to
- * normalize otherwise.  Returns BN_OK, or BN_EINVAL if some var[c] is NaN or negative or
- * var[c] + eps is 0 (having written only into mean64, scale and shift).  Inference is this
- * and then normalize with (mean, scale, shift): y = (x - mean) * scale + shift, optional
- * ReLU; y may equal x, and the vectors must not overlap y.
+ * infer: the inference, y = (x - mean[c]) * scale[c] + shift[c], then optional ReLU, with
+ * the training forward's coefficients scale[c] = (1 / sqrt(var[c] + eps)) * weight[c]
+ * (IEEE operations in double) and shift[c] = bias[c], from mean, var, weight and bias each
+ * float32 (its BN_PAR_* bit set in f32) or float64; weight and bias may be NULL (1 and 0).
+ * Every element is computed as the training forward normalises it (double arithmetic, or
+ * float32 where the plan says: bn_plan.ew_f32).  Returns BN_OK; BN_EINVAL, having written
+ * nothing to y, if some var[c] is NaN or negative or var[c] + eps is 0; or BN_ENOMEM.  y
+ * may equal x; the per-channel vectors must not overlap y.
  */
 enum { BN_PAR_MEAN = 1, BN_PAR_VAR = 2, BN_PAR_WEIGHT = 4, BN_PAR_BIAS = 8 };
-typedef int (*bn_infer_coeffs_fn)(ptrdiff_t C, const void *mean, const void *var,
-                                  const void *weight, const void *bias, int f32, double eps,
-                                  double *mean64, double *scale, double *shift);
+typedef int (*bn_infer_fn)(const void *x, void *y, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S,
+                           const void *mean, const void *var, const void *weight,
+                           const void *bias, int f32, double eps, int flags, int nthreads);
 
 /*
  * backward_fused: backward_reduce (with scale = weight * invstd and shift = bias, weight
@@ -144,14 +134,13 @@ typedef int (*bn_backward_fused_fn)(const void *dy, const void *x, void *dx, ptr
 typedef struct {
     const char *name;
     bn_moments_fn moments[2];                 /* [0] float32, [1] float64 */
-    bn_normalize_fn normalize[2];
+    bn_infer_fn infer[2];                     /* per-channel vectors of either type */
     bn_backward_reduce_fn backward_reduce[2];
     bn_backward_dx_fn backward_dx[2];
     bn_train_forward_fn train_forward[2];
     bn_backward_coeffs_fn backward_coeffs[2];
     bn_widen_fn widen_f32;                    /* float32 -> float64 vectors */
     bn_backward_fused_fn backward_fused[2];
-    bn_infer_coeffs_fn infer_coeffs;          /* per-channel vectors of either type */
 } bn_kernel_table;
 
 /* Dispatch (dispatch.c). */

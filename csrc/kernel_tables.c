@@ -9,18 +9,16 @@
     BN_ENTRY_DECLARE(f32, isa)                                                            \
     BN_ENTRY_DECLARE(f64, isa)                                                            \
     extern BN_ENTRY_TYPE(bn_widen_fn) bn_widen_f32_##isa;                                 \
-    extern BN_ENTRY_TYPE(bn_infer_coeffs_fn) bn_infer_coeffs_f32_##isa;                   \
     const bn_kernel_table bn_table_##isa = {                                              \
         #isa,                                                                             \
         {bn_moments_f32_##isa, bn_moments_f64_##isa},                                     \
-        {bn_normalize_f32_##isa, bn_normalize_f64_##isa},                                 \
+        {bn_infer_f32_##isa, bn_infer_f64_##isa},                                         \
         {bn_backward_reduce_f32_##isa, bn_backward_reduce_f64_##isa},                     \
         {bn_backward_dx_f32_##isa, bn_backward_dx_f64_##isa},                             \
         {bn_train_forward_f32_##isa, bn_train_forward_f64_##isa},                         \
         {bn_backward_coeffs_f32_##isa, bn_backward_coeffs_f64_##isa},                     \
         bn_widen_f32_##isa,                                                               \
         {bn_backward_fused_f32_##isa, bn_backward_fused_f64_##isa},                       \
-        bn_infer_coeffs_f32_##isa,                                                        \
     };
 
 BN_TABLE(baseline)

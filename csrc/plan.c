@@ -133,7 +133,7 @@ int bn_plan_force(int layout, int stats_walk, int backward_walk, int ew_walk)
         !walk_ok(stats_walk, BN_WALK_REGISTER, BN_WALK_MEMORY, BN_WALK_MEMORY) ||
         !walk_ok(backward_walk, BN_WALK_REGISTER, BN_WALK_MEMORY, BN_WALK_BLOCKS) ||
         !(walk_ok(ew_walk, BN_WALK_SPANS, BN_WALK_PERIOD64, BN_WALK_ROWS) ||
-          ew_walk == BN_WALK_TILES))
+          ew_walk == BN_WALK_TILES || ew_walk == BN_WALK_DIRECT))
         return BN_EINVAL;
     force_layout = layout;
     force_stats = stats_walk;
@@ -175,7 +175,8 @@ int bn_plan_forced_fused(void) { return force_fused; }
 const char *bn_walk_name(int walk)
 {
     static const char *names[BN_WALK_COUNT] = {"none",  "register", "memory", "blocks",
-                                               "spans", "period64", "rows",   "tiles"};
+                                               "spans", "period64", "rows",   "tiles",
+                                               "direct"};
     return walk >= 0 && walk < BN_WALK_COUNT ? names[walk] : "unknown";
 }
 
@@ -261,6 +262,13 @@ static ptrdiff_t period_of(ptrdiff_t Cp)
     return k * Cp;
 }
 
+int bn_plan_threads(ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int nthreads)
+{
+    /* A call below BN_PAR_MIN elements stays on one thread (waking the others costs more
+     * than it saves).  The partitions never depend on the thread count. */
+    return nthreads < 1 || (double)N * (double)C * (double)S < BN_PAR_MIN ? 1 : nthreads;
+}
+
 int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int itemsize,
                  int isa, int nthreads)
 {
@@ -276,9 +284,7 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
     p->C = C;
     p->S = S;
 
-    /* Threads: a call below BN_PAR_MIN elements stays on one thread (waking the others
-     * costs more than it saves).  The partitions never depend on the thread count. */
-    p->nthreads = nthreads < 1 || count < BN_PAR_MIN ? 1 : nthreads;
+    p->nthreads = bn_plan_threads(N, C, S, nthreads);
 
     /* Layout: rows of S >= 64 contiguous elements fill whole vectors with little tail
      * work; shorter rows are better seen as columns of the (N, C*S) matrix, whose
@@ -392,19 +398,32 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
          * keeps its rule: its dx with the ReLU (double) was slower by rows. */
         const int f32_rows = f32 && op != BN_OP_BACKWARD && S >= BN_EW_ROW_MIN_S_F32 &&
                              Cp >= BN_EW_ROW_MIN_COLS_F32;
-        p->ew_walk = f32_rows || (wide && S >= BN_EW_ROW_MIN_S &&
+        /* One element per channel (N = S = 1: a batch-1 fully connected layer, whose
+         * arithmetic is double, BN_F32_MIN_PER_CHANNEL): the inference computes each
+         * channel's coefficients where it normalises its element, in one loop over the
+         * channels (every variant).  Through per-channel arrays -- the float32 vectors
+         * widened, the coefficients stored, then read again by the spans walk -- the
+         * kernels of (1, 2048) with float32 parameters took 4.1 + 1.0 us on Zen 3 (AVX2),
+         * of which the divider (sqrt and division of 2,048 doubles) needs 2.3
+         * (benchmarks/README.md item 78). */
+        const int direct_ok = op == BN_OP_INFER && N == 1 && S == 1 && !f32;
+        p->ew_walk = direct_ok ? BN_WALK_DIRECT
+                     : f32_rows || (wide && S >= BN_EW_ROW_MIN_S &&
                                   param_bytes >= BN_EW_ROW_MIN_PARAM_BYTES)
                          ? BN_WALK_ROWS
                      : wide && op != BN_OP_BACKWARD && Cp >= BN_EW_TILE_MIN_COLS && N >= 2 &&
                                N <= BN_EW_TILE_MAX_ROWS ? BN_WALK_TILES
                      : p64_ok ? BN_WALK_PERIOD64 : BN_WALK_SPANS;
         if (force_ew == BN_WALK_SPANS || force_ew == BN_WALK_ROWS ||
-            force_ew == BN_WALK_TILES || (force_ew == BN_WALK_PERIOD64 && p64_ok))
+            force_ew == BN_WALK_TILES || (force_ew == BN_WALK_PERIOD64 && p64_ok) ||
+            (force_ew == BN_WALK_DIRECT && direct_ok))
             p->ew_walk = force_ew;
     }
     const int ew_rows = rows || p->ew_walk == BN_WALK_ROWS;
     const int ew_tiles = !rows && p->ew_walk == BN_WALK_TILES;
-    p->period = ew_rows ? S : ew_tiles ? Cp : period_of(Cp);   /* tiles: rows of Cp */
+    const int ew_direct = !rows && p->ew_walk == BN_WALK_DIRECT;
+    /* tiles: rows of Cp; direct: channels one by one */
+    p->period = ew_rows ? S : ew_tiles ? Cp : ew_direct ? 1 : period_of(Cp);
     if (p->period < 1) p->period = 1;
     p->ew_per_item = BN_SPAN / p->period;
     if (ew_tiles)   /* a tile down all rows: about BN_SPAN elements per item */
@@ -412,6 +431,7 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
     if (p->ew_per_item < 1) p->ew_per_item = 1;
     const ptrdiff_t units = ew_rows    ? N * C
                             : ew_tiles ? (N > 0 ? (Cp + BN_EW_TILE - 1) / BN_EW_TILE : 0)
+                            : ew_direct ? C
                                        : (Cp > 0 ? (N * Cp) / p->period : 0);
     p->ew_units = units;
     p->ew_items = (units + p->ew_per_item - 1) / p->ew_per_item;

@@ -210,11 +210,15 @@ def test_fast_path_accepts_only_what_the_general_path_accepts(op, monkeypatch):
 @pytest.mark.parametrize("bad", ["nan", "negative", "tiny negative", "-0 with eps 0",
                                  "+0 with eps 0", "-0", "inf", None])
 @pytest.mark.parametrize("vdtype", [np.float32, np.float64])
-def test_infer_fast_path_variance_check_at_every_position(C, bad, vdtype, monkeypatch):
-    """fast_infer's variance check (the kernel table's infer_coeffs: eight values a step,
-    a scalar tail, blocks of 256 channels) rejects exactly what the general path rejects,
-    wherever the bad channel is, and then leaves `out` untouched."""
-    x = np.random.default_rng(C).standard_normal((3, C)).astype(np.float32)
+@pytest.mark.parametrize("N", [3, 1])
+def test_infer_fast_path_variance_check_at_every_position(C, bad, vdtype, N, monkeypatch):
+    """fast_infer's variance check (the kernel's infer_coeffs: eight values a step, a
+    scalar tail, blocks of 256 channels; with N = 1, one element per channel, the direct
+    walk's check of all of var first) rejects exactly what the general path rejects,
+    wherever the bad channel is, and then leaves `out` untouched, also when `out` is x."""
+    x = np.random.default_rng(C).standard_normal((N, C)).astype(np.float32)
+    walk = bnfast.explain(x, op="infer")["elementwise"]["walk"]
+    assert (walk == "direct") == (N == 1), walk
     for pos in sorted({0, min(7, C - 1), min(8, C - 1), C // 2, min(256, C - 1), C - 1}):
         var = np.full(C, 0.5, vdtype)
         eps = 1e-5
@@ -229,6 +233,10 @@ def test_infer_fast_path_variance_check_at_every_position(C, bad, vdtype, monkey
         assert (got is not None) == accepted, (C, bad, pos)
         if not accepted:
             assert np.all(out == 7.0), (C, bad, pos)
+            x_in = x.copy()
+            assert _core.fast_infer(x_in, np.zeros(C), var, None, None, eps, 1, x_in, False,
+                                    1) is None
+            assert x_in.tobytes() == x.tobytes(), (C, bad, pos)
         outcomes = []
         for fast in (True, False):
             if not fast:
@@ -271,6 +279,88 @@ def test_inference_parameters_of_mixed_dtypes(isa, C, monkeypatch):
                         general = bnfast.batch_norm_infer(x, *args)
                     assert (got.tobytes() == want.tobytes() == fast.tobytes()
                             == general.tobytes()), (dt, mask, drop)
+
+
+def test_fast_paths_ask_the_thread_setting_only_where_it_matters():
+    """The fast paths take bnfast.get_num_threads itself and call it only where the plan
+    could use more than one thread (BN_PAR_MIN = 32768 elements, bn_plan_threads): a small
+    call does not pay for it, a large one follows it."""
+    asked = []
+
+    def nthreads():
+        asked.append(1)
+        return 2
+
+    for shape in [(64, 128), (4, 8, 32, 31), (4, 8, 32, 32)]:
+        asked.clear()
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        mean, var = _core.fast_moments(x, 1, nthreads)
+        y, m, inv = _core.fast_train(x, None, None, 1e-5, 1, None, None, 0.1, None, False,
+                                     nthreads)
+        _core.fast_infer(x, mean, var, None, None, 1e-5, 1, None, False, nthreads)
+        _core.fast_backward(x, x, m, inv, None, None, False, True, 1, None, nthreads)
+        big = x.size >= 32768
+        assert len(asked) == (4 if big else 0), (shape, asked)
+        with bnfast.num_threads(1):
+            y1 = bnfast.batch_norm_train(x)[0]
+        assert y1.tobytes() == y.tobytes()
+
+
+@pytest.mark.parametrize("C", [1, 7, 8, 9, 255, 256, 257, 2051, 40000])
+def test_direct_inference_walk(C):
+    """One element per channel (N = S = 1): the inference's direct walk (coefficients and
+    element in one loop over the channels, BN_PAR_BLOCK channels a block, parameters as
+    given or widened) gives the bits of the spans walk, in every variant, on 1 and 2
+    threads (40,000 channels: three items), for float32 and float64 data, with and without
+    ReLU, weight and bias, parameters of the data's type, float64 or mixed, NaN and -0 in
+    x, in place too; and it is close to the float64 twin."""
+    from bnfast import reference as ref
+    from bnfast._plan import force_strategy
+    from conftest import assert_close
+    rng = np.random.default_rng(C)
+    for dt in (np.float32, np.float64):
+        x = (3.0 * rng.standard_normal((1, C)) + 1.0).astype(dt)
+        x[0, ::5] = -0.0
+        x[0, 3::11] = np.nan
+        p64 = {"m": rng.standard_normal(C), "v": rng.uniform(0.0, 3.0, C),
+               "w": rng.standard_normal(C), "b": rng.standard_normal(C)}
+        p64["v"][::7] = 0.0
+        for kind in ("data", "float64", "mixed"):
+            p = {k: v.astype(dt if kind == "data" else
+                             np.float32 if kind == "mixed" and k in "mw" else np.float64)
+                 for k, v in p64.items()}
+            for drop in ((), ("w",), ("b",), ("w", "b")):
+                args = [p["m"], p["v"]] + [None if k in drop else p[k] for k in "wb"]
+                for relu in (False, True):
+                    got = {}
+                    for walk in ("direct", "spans"):
+                        old = force_strategy(elementwise=walk)
+                        try:
+                            assert bnfast.explain(x, op="infer")["elementwise"]["walk"] == walk
+                            for isa in bnfast.available_isas():
+                                for nt in (1, 2):
+                                    with bnfast.use_isa(isa), bnfast.num_threads(nt):
+                                        got[walk, isa, nt] = bnfast.batch_norm_infer(
+                                            x, *args, relu=relu)
+                                        x_in = x.copy()
+                                        bnfast.batch_norm_infer(x_in, *args, relu=relu,
+                                                                out=x_in)
+                                        assert x_in.tobytes() == got[walk, isa, nt].tobytes()
+                        finally:
+                            force_strategy(**old)
+                    first = next(iter(got.values()))
+                    for key, y in got.items():
+                        assert y.tobytes() == first.tobytes(), (dt, kind, drop, relu, key)
+                    want = ref.batch_norm_infer(x.astype(np.float64), *[
+                        None if a is None else a.astype(np.float64) for a in args], relu=relu)
+                    assert np.array_equal(np.isnan(first), np.isnan(want))
+                    ok = ~np.isnan(want)
+                    assert_close(first[ok], want[ok], dtype=dt,
+                                 scale=np.abs(want[ok]).max(initial=0.0),
+                                 what=f"direct {dt.__name__} {kind} {drop} relu={relu}")
+                    nan_bits = first.view(np.uint32 if dt == np.float32 else np.uint64)
+                    canon = np.array([np.nan], dt).view(nan_bits.dtype)[0]
+                    assert np.all(nan_bits[np.isnan(first)] == canon)
 
 
 @pytest.mark.parametrize("isa", bnfast.available_isas())

@@ -87,7 +87,13 @@ PATHS = [
     (((1, 512, 7, 7), 1), "rows", {"train": ("rows", "rows"), "backward": ("rows", "rows")}),
     (((16, 64, 7, 7), 1), "rows", {"moments": ("rows", None)}),
     (((25, 64, 7, 7), 1), "columns", {"moments": ("register", None)}),
-    (((1, 2048), 1), "columns", {"infer": (None, "spans")}),
+    # one element per channel (N = S = 1): the inference's direct walk, every variant;
+    # the training forward has no such walk (one value per channel is rejected), and two
+    # elements per channel take the other walks again
+    (((1, 2048), 1), "columns", {"infer": (None, "direct"), "backward": ("register", "spans")}),
+    (((1, 1, 1, 40000), -1), "columns", {"infer": (None, "direct")}),
+    (((2, 2048), 1), "columns", {"infer": (None, "tiles")}),
+    (((1, 1024, 2), 1), "rows", {"infer": (None, "rows")}),
     # S = 49, Cp = 25,088: a period's expanded parameters (600 KB normalize, 1.2 MB dx)
     # reach BN_EW_ROW_MIN_PARAM_BYTES, so the element-wise passes walk (n, c) rows (the
     # float32 normalisation in every variant, Cp >= 1024)
@@ -231,6 +237,18 @@ def test_force_switch(force):
     assert _walks(shape, "backward", -1, "avx2") == ("columns", "register", "tiles")
     p = _plan(shape, "infer", -1)["elementwise"]
     assert p["period"] == 64 and p["tiles_per_item"] == 1 and p["items"] == 1
+    force(elementwise="direct")
+    # only the inference of one element per channel (in double) has the direct walk
+    assert _walks((1, 2048), "infer", 1) == ("columns", None, "direct")
+    assert _walks(shape, "train", -1, "avx2") == ("columns", "register", "period64")
+    assert _walks((2, 2048), "infer", 1, "avx2") == ("columns", None, "tiles")
+    p = _plan((1, 2048), "infer")["elementwise"]
+    assert "period" not in p and p["channels_per_item"] == 16384 and p["items"] == 1
+    assert _plan((1, 1, 40000), "infer", -1)["elementwise"]["items"] == 3
+    force(elementwise="spans")
+    assert _walks((1, 2048), "infer", 1) == ("columns", None, "spans")
+    force(elementwise="direct", arithmetic="float32")
+    assert _walks((1, 2048), "infer", 1)[2] != "direct"
     force(layout="columns")
     assert _walks((8, 4, 16, 16), "train", 1)[0] == "columns"
     force(layout="rows")
@@ -245,6 +263,7 @@ def test_force_switch(force):
     assert _plan(shape, "infer", -1)["elementwise"]["arithmetic"] == "float32"
     for bad in (dict(layout="diagonal"), dict(statistics="blocks"),
                 dict(backward_sums="period64"), dict(elementwise="memory"),
+                dict(statistics="direct"),
                 dict(arithmetic="float16"), dict(fusion="rows")):
         with pytest.raises((ValueError, RuntimeError)):
             force(**bad)
