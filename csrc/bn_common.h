@@ -122,6 +122,15 @@ static inline void bn_chan_merge(double *n, double *mean, double *m2, double nb,
     *n = nn;
 }
 
+/* The row stride of the columns layout's position-major statistics partials (bn_stats.h:
+ * position s of channel c at s * stride + c): C rounded up to 8, plus 8, so that the
+ * positions' rows fall in different L1 sets (a stride of 4 KiB put all 49 rows of
+ * (32, 512, 7, 7) in one set: the training forward took twice its time). */
+static inline ptrdiff_t bn_col_part_stride(ptrdiff_t C)
+{
+    return ((C + 7) & ~(ptrdiff_t)7) + 8;
+}
+
 /* Expand per-channel values v[C] to per-element values e[P] for columns of width S
  * (P is a multiple of Cp = C * S; v == NULL gives zeros). */
 static inline void BN_FN(expand)(double *e, const double *v, ptrdiff_t P, ptrdiff_t Cp,

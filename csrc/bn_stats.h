@@ -334,7 +334,7 @@ typedef struct {
     const bn_plan *p;
     const T *x;
     const double *kcol;     /* per column: its channel's shift */
-    double *pm, *pq;        /* per group and column (g * Cp + c * S + s): mean(x - K), M2 */
+    double *pm, *pq;        /* per group and column ((g * S + s) * CS + c): mean(x - K), M2 */
 } BN_FN(col_stats_ctx);
 
 /* Statistics of the columns of one tile over the row blocks of one group. */
@@ -402,21 +402,25 @@ static void BN_FN(col_moments_item)(const void *ctx, ptrdiff_t it)
         }
         n += nb;
     }
-    /* Stored in column order, as the backward's sums are: stored position-major (s * CS
-     * + c, so that the merge read 8 channels' partials of a position as one vector), each
-     * of a tile's columns went to a cache line of its own, 13 % of the training forward
-     * of (32, 512, 7, 7) (benchmarks/README.md item 79). */
-    double *gpm = k->pm + ci.g * Cp + c0, *gpq = k->pq + ci.g * Cp + c0;
+    /* Stored position-major (s * CS + c for column c * S + s), so that the merge below
+     * reads 8 adjacent channels' partials of one position as one contiguous vector. */
+    const ptrdiff_t S = p->S, CS = bn_col_part_stride(p->C);
+    ptrdiff_t ch = c0 / S, pos = c0 % S;
+    double *gpm = k->pm + ci.g * S * CS, *gpq = k->pq + ci.g * S * CS;
     for (ptrdiff_t j = 0; j < w; j++) {
-        gpm[j] = mean[j];
-        gpq[j] = m2[j];
+        gpm[pos * CS + ch] = mean[j];
+        gpq[pos * CS + ch] = m2[j];
+        if (++pos == S) {
+            pos = 0;
+            ch++;
+        }
     }
 }
 
 static int BN_FN(moments_columns)(const bn_plan *p, const T *x, double *mean, double *var)
 {
     const ptrdiff_t N = p->N, C = p->C, S = p->S, Cp = p->col.Cp, G = p->col.ngroups;
-    const ptrdiff_t GP = G * Cp;   /* partials per array */
+    const ptrdiff_t CS = bn_col_part_stride(C), GP = G * S * CS;   /* partials per array */
     double *buf = (double *)malloc(sizeof(double) * (2 * (size_t)GP + (size_t)Cp));
     if (!buf) return BN_ENOMEM;
     double *kcol = buf + 2 * GP;
@@ -450,22 +454,22 @@ static int BN_FN(moments_columns)(const bn_plan *p, const T *x, double *mean, do
                 ptrdiff_t r0 = g * rows_per_group, r1 = r0 + rows_per_group;
                 if (r1 > N) r1 = N;
                 const double nb = (double)(r1 - r0);
-                const double *pm = k.pm + g * Cp + c0 * S + s;   /* channel c0 + j at j S */
-                const double *pq = k.pq + g * Cp + c0 * S + s;
+                const double *pm = k.pm + (g * S + s) * CS + c0;
+                const double *pq = k.pq + (g * S + s) * CS + c0;
                 if (nb == 0) continue;
                 if (n == 0) {
                     for (int j = 0; j < w; j++) {
-                        m[j] = pm[j * S];
-                        q[j] = pq[j * S];
+                        m[j] = pm[j];
+                        q[j] = pq[j];
                     }
                     n = nb;
                     continue;
                 }
                 const double nn = n + nb, f1 = nb / nn, f2 = n * nb / nn;
                 for (int j = 0; j < w; j++) {
-                    const double delta = pm[j * S] - m[j];
+                    const double delta = pm[j] - m[j];
                     m[j] += delta * f1;
-                    q[j] += pq[j * S] + delta * delta * f2;
+                    q[j] += pq[j] + delta * delta * f2;
                 }
                 n = nn;
             }
