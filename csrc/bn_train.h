@@ -183,7 +183,8 @@ typedef struct {
 static void BN_FN(direct_range)(const void *ctx, ptrdiff_t c0, ptrdiff_t c1)
 {
     const BN_FN(direct_ctx) *k = ctx;
-    static const T ones_t[BN_PAR_BLOCK] = {[0 ... BN_PAR_BLOCK - 1] = 1}, zeros_t[BN_PAR_BLOCK];
+    static const T ones_t[BN_PAR_BLOCK] = {[0 ... BN_PAR_BLOCK - 1] = 1},
+                   zeros_t[BN_PAR_BLOCK];
     static const double ones_d[BN_PAR_BLOCK] = {[0 ... BN_PAR_BLOCK - 1] = 1.0},
                         zeros_d[BN_PAR_BLOCK];
     /* the vectors given (BN_PAR_* bits), and whether all of them are of type T */
@@ -193,7 +194,7 @@ static void BN_FN(direct_range)(const void *ctx, ptrdiff_t c0, ptrdiff_t c1)
     double buf[4][BN_PAR_BLOCK];
     for (ptrdiff_t j = c0; j < c1; j += BN_PAR_BLOCK) {
         const ptrdiff_t n = c1 - j < BN_PAR_BLOCK ? c1 - j : BN_PAR_BLOCK;
-        const void *q[4] = {k->m, k->v, k->w, k->b};
+        const void *q[4] = {k->m, k->v, k->w, k->b};   /* q[i]: BN_PAR_* bit 1 << i */
         for (int i = 0; i < 4; i++) {
             if (!q[i])         /* weight (i = 2) or bias (3) absent */
                 q[i] = native ? (i == 2 ? (const void *)ones_t : (const void *)zeros_t)
