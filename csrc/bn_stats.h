@@ -50,9 +50,10 @@ static inline __attribute__((always_inline)) void BN_FN(seg_sums)(
     acc->b1 = b1;
 }
 
-/* The rest of seg_moments after its 16-element blocks (i = L rounded down to 16). */
-static inline __attribute__((always_inline)) void BN_FN(seg_finish)(
-    const T *x, ptrdiff_t L, double K, const BN_FN(seg_accs) *acc, double *mean, double *m2)
+/* The shifted sums s1 = sum(d), s2 = sum(d^2) of a segment from its accumulators and the
+ * elements after its 16-element blocks (i = L rounded down to 16). */
+static inline __attribute__((always_inline)) void BN_FN(seg_s12)(
+    const T *x, ptrdiff_t L, double K, const BN_FN(seg_accs) *acc, double *s1p, double *s2p)
 {
     const bn_vd kv = bn_splat(K);
     bn_acc a0 = acc->a0, a1 = acc->a1, b0 = acc->b0, b1 = acc->b1;
@@ -70,35 +71,52 @@ static inline __attribute__((always_inline)) void BN_FN(seg_finish)(
         s1 += d;
         s2 += d * d;
     }
+    *s1p = s1;
+    *s2p = s2;
+}
+
+/* The second pass of an ill-conditioned segment (mean m of x - K): M2 = sum((d - m)^2) -
+ * (sum(d - m))^2 / L. */
+static __attribute__((noinline)) double BN_FN(seg_two_pass)(const T *x, ptrdiff_t L, double K,
+                                                           double m)
+{
+    const bn_vd kv = bn_splat(K), mv = bn_splat(m);
+    bn_acc q0 = bn_acc_zero(), q1 = bn_acc_zero(), k0 = bn_acc_zero(), k1 = bn_acc_zero();
+    ptrdiff_t i = 0;
+    for (; i + 16 <= L; i += 16) {
+        bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
+        bn_vd d1 = (BN_FN(ld)(x + i + 8) - kv) - mv;
+        q0 = bn_acc_add(q0, d0 * d0);
+        q1 = bn_acc_add(q1, d1 * d1);
+        k0 = bn_acc_add(k0, d0);
+        k1 = bn_acc_add(k1, d1);
+    }
+    if (i + 8 <= L) {
+        bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
+        q0 = bn_acc_add(q0, d0 * d0);
+        k0 = bn_acc_add(k0, d0);
+        i += 8;
+    }
+    double q, k;
+    bn_acc_hsum2(bn_acc_plus(q0, q1), bn_acc_plus(k0, k1), &q, &k);
+    for (; i < L; i++) {
+        double d = ((double)x[i] - K) - m;
+        q += d * d;
+        k += d;
+    }
+    return q - k * k / (double)L;
+}
+
+/* The rest of seg_moments after its 16-element blocks: the mean, and M2 from the shifted
+ * sums or, where that is ill-conditioned, from a second pass. */
+static inline __attribute__((always_inline)) void BN_FN(seg_finish)(
+    const T *x, ptrdiff_t L, double K, const BN_FN(seg_accs) *acc, double *mean, double *m2)
+{
+    double s1, s2;
+    BN_FN(seg_s12)(x, L, K, acc, &s1, &s2);
     const double m = s1 / (double)L;
     double r = s2 - s1 * m;
-    if (!(m * m <= BN_SHIFT_COND * (r / (double)L))) {
-        const bn_vd mv = bn_splat(m);
-        bn_acc q0 = bn_acc_zero(), q1 = bn_acc_zero(), k0 = bn_acc_zero(), k1 = bn_acc_zero();
-        i = 0;
-        for (; i + 16 <= L; i += 16) {
-            bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
-            bn_vd d1 = (BN_FN(ld)(x + i + 8) - kv) - mv;
-            q0 = bn_acc_add(q0, d0 * d0);
-            q1 = bn_acc_add(q1, d1 * d1);
-            k0 = bn_acc_add(k0, d0);
-            k1 = bn_acc_add(k1, d1);
-        }
-        if (i + 8 <= L) {
-            bn_vd d0 = (BN_FN(ld)(x + i) - kv) - mv;
-            q0 = bn_acc_add(q0, d0 * d0);
-            k0 = bn_acc_add(k0, d0);
-            i += 8;
-        }
-        double q, k;
-        bn_acc_hsum2(bn_acc_plus(q0, q1), bn_acc_plus(k0, k1), &q, &k);
-        for (; i < L; i++) {
-            double d = ((double)x[i] - K) - m;
-            q += d * d;
-            k += d;
-        }
-        r = q - k * k / (double)L;
-    }
+    if (!(m * m <= BN_SHIFT_COND * (r / (double)L))) r = BN_FN(seg_two_pass)(x, L, K, m);
     if (r < 0.0) r = 0.0;
     *mean = m;
     *m2 = r;
@@ -137,6 +155,22 @@ typedef struct {
     double *pn, *pm, *pq;   /* per row group and channel: count, mean(x - K), M2 */
 } BN_FN(row_stats_ctx);
 
+/* A row's segment (mean bm, M2 bq of S values) merged into its channel's running mean and
+ * M2 after cnt values (f1 = S / (cnt + S), f2 = cnt * S / (cnt + S): bn_chan_merge's
+ * operations). */
+static inline void BN_FN(row_merge)(double cnt, double f1, double f2, double bm, double bq,
+                                    double *mean, double *m2)
+{
+    if (cnt == 0) {
+        *mean = bm;
+        *m2 = bq;
+    } else {
+        const double delta = bm - *mean;
+        *mean += delta * f1;
+        *m2 += bq + delta * delta * f2;
+    }
+}
+
 /*
  * Statistics of channels [c0, c1) (at most BN_ROW_CHUNK) over the rows of a row group,
  * walked in memory order; each channel merges its segments in row order.
@@ -158,21 +192,45 @@ static void BN_FN(row_moments_item)(const void *ctx, ptrdiff_t it)
          * so bn_chan_merge's two divisions are made once per row for all channels (the
          * same operations, the same bits; per segment they were a quarter of the
          * statistics of (16, 512, 14, 14), S = 196). */
+        /* And four channels' segments finish together: their two divisions by S (the
+         * mean, and M2 / S for the conditioning test) as vector divisions, lane by lane
+         * the same IEEE operations; one at a time they were 17 % of the statistics of
+         * (1, 512, 7, 7) (benchmarks/README.md item 80). */
         double cnt = 0.0;
         const double L = (double)S;
+        const bn_v4 Lv = {L, L, L, L};
         for (ptrdiff_t row = r.n0; row < r.n1; row++) {
             const double nn = cnt + L, f1 = L / nn, f2 = cnt * L / nn;
-            for (ptrdiff_t j = 0; j < w; j++) {
-                double bm, bq;
-                BN_FN(seg_moments)(x + (row * C + r.c0 + j) * S, S, K[j], &bm, &bq, pf);
-                if (cnt == 0) {
-                    mean[j] = bm;
-                    m2[j] = bq;
-                } else {
-                    const double delta = bm - mean[j];
-                    mean[j] += delta * f1;
-                    m2[j] += bq + delta * delta * f2;
+            const T *xr = x + (row * C + r.c0) * S;
+            ptrdiff_t j = 0;
+            for (; j + 4 <= w; j += 4) {
+                bn_v4 s1, s2;
+                for (int u = 0; u < 4; u++) {
+                    BN_FN(seg_accs) acc;
+                    BN_FN(seg_accs_zero)(&acc);
+                    if (pf)
+                        BN_FN(seg_sums)(xr + (j + u) * S, 0, S, K[j + u], &acc, 1);
+                    else
+                        BN_FN(seg_sums)(xr + (j + u) * S, 0, S, K[j + u], &acc, 0);
+                    double a, b;
+                    BN_FN(seg_s12)(xr + (j + u) * S, S, K[j + u], &acc, &a, &b);
+                    s1[u] = a;
+                    s2[u] = b;
                 }
+                const bn_v4 bm = s1 / Lv, rr = s2 - s1 * bm, t = rr / Lv;
+                for (int u = 0; u < 4; u++) {
+                    double bq = rr[u];
+                    if (!(bm[u] * bm[u] <= BN_SHIFT_COND * t[u]))
+                        bq = BN_FN(seg_two_pass)(xr + (j + u) * S, S, K[j + u], bm[u]);
+                    if (bq < 0.0) bq = 0.0;
+                    BN_FN(row_merge)(cnt, f1, f2, bm[u], bq, &mean[j + u], &m2[j + u]);
+                    n[j + u] = nn;
+                }
+            }
+            for (; j < w; j++) {
+                double bm, bq;
+                BN_FN(seg_moments)(xr + j * S, S, K[j], &bm, &bq, pf);
+                BN_FN(row_merge)(cnt, f1, f2, bm, bq, &mean[j], &m2[j]);
                 n[j] = nn;
             }
             cnt = nn;

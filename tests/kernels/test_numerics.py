@@ -145,6 +145,44 @@ def test_float64_large_mean_variance(shape, layout, noise, isa):
     assert np.all(np.abs(mean - 1e9 - np.mean(x - 1e9, axis=ax)) <= 1e-14 * 1e9)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_of_drifting_channels_take_the_second_pass_lane_by_lane(dtype):
+    """The rows layout with short rows (S = 49 <= BN_SEG) finishes four channels' segments
+    together (their divisions by S as one vector): where a row's values sit far from the
+    channel's shift (its first value) against their spread, that lane alone takes the
+    second pass.  Some channels start with a value 1000 standard deviations off (mean(x - K)^2
+    > 16 var in every row), in a pattern that mixes passing and failing lanes in every
+    group of four; items of 5 channels (36 channels) leave one to the scalar tail.
+    Accurate against the float64
+    twin, the same bits on 1 and 2 threads and in every variant, and those of each channel
+    computed alone (the one-segment path: a lane that skipped its second pass would differ
+    there in the last bits)."""
+    rng = np.random.default_rng(7)
+    N, C, S = 5, 36, 49
+    x = rng.standard_normal((N, C, S))
+    far = np.resize(np.array([0, 1, 1, 0, 1, 0, 0, 1, 1], bool), C)
+    x[0, far, 0] = -1000.0
+    x = x.astype(dtype)
+    plan = bnfast.explain(x, op="moments")
+    assert plan["layout"] == "rows" and plan["reduce"]["channels_per_item"] == 5, plan
+    got = []
+    for isa in bnfast.available_isas():
+        for nt in (1, 2):
+            with bnfast.use_isa(isa), bnfast.num_threads(nt):
+                got.append(bnfast.moments(x))
+    for m, v in got[1:]:
+        assert_same_bits(m, got[0][0], "mean")
+        assert_same_bits(v, got[0][1], "var")
+    mean, var = got[0]
+    rmean, rvar = ref.moments(x.astype(np.float64))
+    assert np.allclose(mean, rmean, rtol=1e-13, atol=0)
+    assert np.all(np.abs(var - rvar) <= 1e-12 * rvar), np.abs(var - rvar) / rvar
+    for c in range(C):   # one channel alone: only the tail path, no group of four
+        m1, v1 = bnfast.moments(np.ascontiguousarray(x[:, c:c + 1]))
+        assert_same_bits(m1, mean[c:c + 1], f"mean of channel {c} alone")
+        assert_same_bits(v1, var[c:c + 1], f"var of channel {c} alone")
+
+
 # ------------------------------------------------------------------ (c) huge magnitudes
 
 @pytest.mark.parametrize("shape", [(50, 3, 10), (50, 3, 100), (5000, 3)],
