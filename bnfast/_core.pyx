@@ -30,6 +30,7 @@ cdef extern from "bnfast.h" nogil:
         BN_EINVAL
         BN_ENOISA
         BN_DECLINED
+        BN_EVAR
         BN_ISA_COUNT
         BN_FLAG_RELU
         BN_FLAG_EVAL
@@ -395,7 +396,7 @@ cdef bint _infer(cnp.ndarray x, cnp.ndarray y, Py_ssize_t N, Py_ssize_t C, Py_ss
     cdef void *yp = cnp.PyArray_DATA(y)
     with nogil:
         st = t.infer[dt](xp, yp, N, C, S, mp, vp, wp, bp, f32, eps, flags, nt)
-    if st == BN_EINVAL:
+    if st == BN_EVAR:
         return False
     _check(st)
     return True

@@ -99,7 +99,7 @@ static int BN_FN(infer_coeffs)(ptrdiff_t C, const void *mean, const void *var,
         good &= weight ? BN_FN(coeffs_loop)(n, v, eps, w, NULL, scale + c0, 1, 0, 1)
                        : BN_FN(coeffs_loop)(n, v, eps, NULL, NULL, scale + c0, 0, 0, 1);
     }
-    return good ? BN_OK : BN_EINVAL;
+    return good ? BN_OK : BN_EVAR;
 }
 
 /* The direct walk (plan.ew_walk BN_WALK_DIRECT, one element per channel): whether every
@@ -230,7 +230,7 @@ static int BN_FN(infer)(const void *xv, void *yv, ptrdiff_t N, ptrdiff_t C, ptrd
         return BN_EINVAL;
     const int relu = (flags & BN_FLAG_RELU) != 0;
     if (p.layout == BN_LAYOUT_COLUMNS && p.ew_walk == BN_WALK_DIRECT) {
-        if (!BN_FN(var_ok)(C, var, (f32 & BN_PAR_VAR) != 0, eps)) return BN_EINVAL;
+        if (!BN_FN(var_ok)(C, var, (f32 & BN_PAR_VAR) != 0, eps)) return BN_EVAR;
         const BN_FN(direct_ctx) k = {(const T *)xv, (T *)yv, mean, var, weight, bias, f32,
                                      eps, relu};
         BN_FN(run_ew_items)(&p, BN_FN(direct_range), &k);

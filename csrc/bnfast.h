@@ -30,7 +30,8 @@ enum {
     BN_ENOMEM = 1,   /* scratch allocation failed */
     BN_EINVAL = 2,   /* invalid argument (should have been caught in Python) */
     BN_ENOISA = 3,   /* requested instruction set not supported by this CPU/build */
-    BN_DECLINED = 4  /* backward_fused: the plan does not fuse this call (nothing written) */
+    BN_DECLINED = 4, /* backward_fused: the plan does not fuse this call (nothing written) */
+    BN_EVAR = 5      /* infer: var rejected, nothing written (the fast path's fallback) */
 };
 
 enum { BN_ISA_BASELINE = 0, BN_ISA_AVX2 = 1, BN_ISA_AVX512 = 2, BN_ISA_COUNT = 3 };
@@ -105,8 +106,9 @@ typedef void (*bn_widen_fn)(const float *src, double *dst, ptrdiff_t n);
  * (IEEE operations in double) and shift[c] = bias[c], from mean, var, weight and bias each
  * float32 (its BN_PAR_* bit set in f32) or float64; weight and bias may be NULL (1 and 0).
  * Every element is computed as the training forward normalises it (double arithmetic, or
- * float32 where the plan says: bn_plan.ew_f32).  Returns BN_OK; BN_EINVAL, having written
- * nothing to y, if some var[c] is NaN or negative or var[c] + eps is 0; or BN_ENOMEM.  y
+ * float32 where the plan says: bn_plan.ew_f32).  Returns BN_OK; BN_EVAR, having written
+ * nothing to y, if some var[c] is NaN or negative or var[c] + eps is 0; BN_ENOMEM; or
+ * BN_EINVAL for arguments no caller passes (negative sizes, an unknown variant).  y
  * may equal x; the per-channel vectors must not overlap y.
  */
 enum { BN_PAR_MEAN = 1, BN_PAR_VAR = 2, BN_PAR_WEIGHT = 4, BN_PAR_BIAS = 8 };
