@@ -115,7 +115,7 @@ cdef extern from "bn_plan.h" nogil:
         BN_LAYOUT_ROWS
         BN_WALK_REGISTER
         BN_F32_MIN_PER_CHANNEL
-    int bn_plan_threads(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, int nthreads)
+    int bn_plan_parallel(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S)
     ctypedef struct bn_colpart:
         Py_ssize_t R, Cp, tile, ntiles, rb, nblocks, bpg, ngroups
     ctypedef struct bn_plan:
@@ -595,7 +595,7 @@ cdef int _threads_for(object nthreads, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S)
     # (bnfast.get_num_threads from Python took 0.3 us of a 5 us inference).
     if type(nthreads) is int:
         return nthreads
-    if bn_plan_threads(N, C, S, 2) == 1:
+    if not bn_plan_parallel(N, C, S):
         return 1
     return nthreads()
 

@@ -140,10 +140,9 @@ typedef struct {
 int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int itemsize,
                  int isa, int nthreads);
 
-/* The threads a plan of N * C * S elements uses when given nthreads (bn_plan.nthreads):
- * 1 below BN_PAR_MIN elements.  The bindings ask bnfast's thread setting only where the
- * answer can matter. */
-int bn_plan_threads(ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int nthreads);
+/* Whether a plan of N * C * S elements may run more than one thread (bn_plan.nthreads: it
+ * has BN_PAR_MIN elements or more); the bindings ask bnfast's thread setting only then. */
+int bn_plan_parallel(ptrdiff_t N, ptrdiff_t C, ptrdiff_t S);
 
 /* Tests: force a layout (BN_LAYOUT_*, -1 = the plan's choice), a reduction walk and an
  * element-wise walk (BN_WALK_*, -1 = the plan's choice) for every later call; a walk that

@@ -262,11 +262,16 @@ static ptrdiff_t period_of(ptrdiff_t Cp)
     return k * Cp;
 }
 
-int bn_plan_threads(ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int nthreads)
+int bn_plan_parallel(ptrdiff_t N, ptrdiff_t C, ptrdiff_t S)
 {
     /* A call below BN_PAR_MIN elements stays on one thread (waking the others costs more
      * than it saves).  The partitions never depend on the thread count. */
-    return nthreads < 1 || (double)N * (double)C * (double)S < BN_PAR_MIN ? 1 : nthreads;
+    return (double)N * (double)C * (double)S >= BN_PAR_MIN;
+}
+
+static int bn_plan_threads(ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int nthreads)
+{
+    return nthreads < 1 || !bn_plan_parallel(N, C, S) ? 1 : nthreads;
 }
 
 int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int itemsize,

@@ -283,7 +283,7 @@ def test_inference_parameters_of_mixed_dtypes(isa, C, monkeypatch):
 
 def test_fast_paths_ask_the_thread_setting_only_where_it_matters():
     """The fast paths take bnfast.get_num_threads itself and call it only where the plan
-    could use more than one thread (BN_PAR_MIN = 32768 elements, bn_plan_threads): a small
+    could use more than one thread (BN_PAR_MIN = 32768 elements, bn_plan_parallel): a small
     call does not pay for it, a large one follows it."""
     asked = []
 
