@@ -107,13 +107,11 @@ static __attribute__((noinline)) double BN_FN(seg_two_pass)(const T *x, ptrdiff_
     return q - k * k / (double)L;
 }
 
-/* The rest of seg_moments after its 16-element blocks: the mean, and M2 from the shifted
- * sums or, where that is ill-conditioned, from a second pass. */
-static inline __attribute__((always_inline)) void BN_FN(seg_finish)(
-    const T *x, ptrdiff_t L, double K, const BN_FN(seg_accs) *acc, double *mean, double *m2)
+/* A segment's mean and M2 from its shifted sums s1, s2 (seg_s12): M2 from the sums or,
+ * where that is ill-conditioned, from a second pass over its L values at x. */
+static inline __attribute__((always_inline)) void BN_FN(seg_stats)(
+    const T *x, ptrdiff_t L, double K, double s1, double s2, double *mean, double *m2)
 {
-    double s1, s2;
-    BN_FN(seg_s12)(x, L, K, acc, &s1, &s2);
     const double m = s1 / (double)L;
     double r = s2 - s1 * m;
     if (!(m * m <= BN_SHIFT_COND * (r / (double)L))) r = BN_FN(seg_two_pass)(x, L, K, m);
@@ -122,14 +120,24 @@ static inline __attribute__((always_inline)) void BN_FN(seg_finish)(
     *m2 = r;
 }
 
+/* The rest of seg_moments after its 16-element blocks: the mean and M2 (seg_stats). */
+static inline __attribute__((always_inline)) void BN_FN(seg_finish)(
+    const T *x, ptrdiff_t L, double K, const BN_FN(seg_accs) *acc, double *mean, double *m2)
+{
+    double s1, s2;
+    BN_FN(seg_s12)(x, L, K, acc, &s1, &s2);
+    BN_FN(seg_stats)(x, L, K, s1, s2, mean, m2);
+}
+
 static inline void BN_FN(seg_accs_zero)(BN_FN(seg_accs) *acc)
 {
     acc->a0 = acc->a1 = acc->b0 = acc->b1 = bn_acc_zero();
 }
 
-/* pf: prefetch ahead (the input is not cache-resident: BN_PF_BYTES) */
-static inline __attribute__((always_inline)) void BN_FN(seg_moments)(
-    const T *x, ptrdiff_t L, double K, double *mean, double *m2, const int pf)
+/* The shifted sums s1, s2 of a whole segment of L values at x (seg_sums, then seg_s12).
+ * pf: prefetch ahead (the input is not cache-resident: BN_PF_BYTES). */
+static inline __attribute__((always_inline)) void BN_FN(seg_sums_all)(
+    const T *x, ptrdiff_t L, double K, double *s1, double *s2, const int pf)
 {
     BN_FN(seg_accs) acc;
     BN_FN(seg_accs_zero)(&acc);
@@ -137,7 +145,15 @@ static inline __attribute__((always_inline)) void BN_FN(seg_moments)(
         BN_FN(seg_sums)(x, 0, L, K, &acc, 1);
     else
         BN_FN(seg_sums)(x, 0, L, K, &acc, 0);
-    BN_FN(seg_finish)(x, L, K, &acc, mean, m2);
+    BN_FN(seg_s12)(x, L, K, &acc, s1, s2);
+}
+
+static inline __attribute__((always_inline)) void BN_FN(seg_moments)(
+    const T *x, ptrdiff_t L, double K, double *mean, double *m2, const int pf)
+{
+    double s1, s2;
+    BN_FN(seg_sums_all)(x, L, K, &s1, &s2, pf);
+    BN_FN(seg_stats)(x, L, K, s1, s2, mean, m2);
 }
 
 /* The shift of channel c: its first value, or 0 if that is not finite. */
@@ -206,14 +222,8 @@ static void BN_FN(row_moments_item)(const void *ctx, ptrdiff_t it)
             for (; j + 4 <= w; j += 4) {
                 bn_v4 s1, s2;
                 for (int u = 0; u < 4; u++) {
-                    BN_FN(seg_accs) acc;
-                    BN_FN(seg_accs_zero)(&acc);
-                    if (pf)
-                        BN_FN(seg_sums)(xr + (j + u) * S, 0, S, K[j + u], &acc, 1);
-                    else
-                        BN_FN(seg_sums)(xr + (j + u) * S, 0, S, K[j + u], &acc, 0);
                     double a, b;
-                    BN_FN(seg_s12)(xr + (j + u) * S, S, K[j + u], &acc, &a, &b);
+                    BN_FN(seg_sums_all)(xr + (j + u) * S, S, K[j + u], &a, &b, pf);
                     s1[u] = a;
                     s2[u] = b;
                 }
