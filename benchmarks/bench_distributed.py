@@ -110,7 +110,7 @@ def worker_weak(comm, steps, per_rank):
     from bnfast import nn, optim
     from bnfast.paper.mnist_fig1 import build_mlp
 
-    P, rank = comm.Get_size(), comm.Get_rank()
+    P = comm.Get_size()
     rng = np.random.default_rng(0)
     n = 6000
     X = rng.random((n, 784), dtype=np.float32)
@@ -132,7 +132,7 @@ def worker_weak(comm, steps, per_rank):
             for k in range(s, s + block):
                 idx = batches[k % len(batches)]
                 opt.zero_grad()
-                loss = loss_fn(model(X[idx]), y[idx])
+                loss_fn(model(X[idx]), y[idx])
                 model.backward(loss_fn.backward())
                 opt.step()
             times.append((time.perf_counter() - t0) / block)
