@@ -454,11 +454,37 @@ typedef struct {
     BN_FN(f32_span)(op, op == BN_F32_NORM ? NULL : (k)->g + (o), (k)->x + (o), (k)->y + (o), \
                     L, BN_FN(fq_at)((k)->q, jq), 1, &(k)->fb, j0, relu, defer, (k)->nts)
 
+/* The rows [r0, r1) of f32_rows_fast once its non-finite flag is set: each row's vectors
+ * computed again for the flag alone (out of place: x is intact), and only the rows that
+ * have a non-finite value rewritten element by element.  Rewriting every row of the item
+ * made one NaN in an inference of (1, 512, 7, 7) cost 5.5 -> 34.5 us (benchmarks/
+ * README.md item 83). */
+static __attribute__((noinline, cold)) void BN_FN(f32_rows_fix)(
+    const BN_FN(f32_ctx) *k, ptrdiff_t r0, ptrdiff_t r1, int op, int relu)
+{
+    const ptrdiff_t C = k->p->C, S = k->p->S, e = S - 8;
+    const int hasg = op != BN_F32_NORM;
+    for (ptrdiff_t r = r0; r < r1; r++) {
+        const ptrdiff_t c = r % C;
+        const float *x = k->x + r * S, *g = hasg ? k->g + r * S : NULL;
+        const bn_f8 v0 = bn_f8_splat(k->q.q0[c]), v1 = bn_f8_splat(k->q.q1[c]),
+                    v2 = bn_f8_splat(k->q.q2[c]),
+                    v3 = op == BN_F32_DX ? bn_f8_splat(k->q.q3[c]) : v2;
+        bn_f8 acc = bn_f8_zero();   /* the flag is taken before the ReLU (f32_val) */
+        (void)BN_FN(f32_val)(op, hasg ? g + e : g, x + e, v0, v1, v2, v3, 0, &acc);
+        for (ptrdiff_t i = 0; i < e; i += 8)
+            (void)BN_FN(f32_val)(op, hasg ? g + i : g, x + i, v0, v1, v2, v3, 0, &acc);
+        if (bn_f8_flagged(acc))
+            BN_FN(f32_fix_span)(op, g, x, k->y + r * S, S, BN_FN(fq_at)(k->q, c), 0, &k->fb,
+                                c * S, relu);
+    }
+}
+
 /* Rows out of place (defer, no streaming) of S >= 8 elements, formula op: per row
  * ceil(S / 8) vectors, the last over its last 8 elements, and one test of the non-finite
- * flag for all rows [r0, r1), whose rows are rewritten element by element if it is set
- * (a test per row and f32_span's general form cost about 9 cycles a row: inference of
- * (1, 512, 7, 7), benchmarks/README.md item 64). */
+ * flag for all rows [r0, r1), whose rows with a non-finite value are then rewritten
+ * (f32_rows_fix; a test per row and f32_span's general form cost about 9 cycles a row:
+ * inference of (1, 512, 7, 7), benchmarks/README.md item 64). */
 static inline __attribute__((always_inline)) void BN_FN(f32_rows_fast)(
     const BN_FN(f32_ctx) *k, ptrdiff_t r0, ptrdiff_t r1, const int op, const int relu)
 {
@@ -480,10 +506,7 @@ static inline __attribute__((always_inline)) void BN_FN(f32_rows_fast)(
         bn_f8_st(y + e, tl, 0);
         if (++c == C) c = 0;
     }
-    if (__builtin_expect(bn_f8_flagged(acc), 0))
-        for (ptrdiff_t r = r0; r < r1; r++)
-            BN_FN(f32_fix_span)(op, hasg ? k->g + r * S : NULL, k->x + r * S, k->y + r * S, S,
-                                BN_FN(fq_at)(k->q, r % C), 0, &k->fb, r % C * S, relu);
+    if (__builtin_expect(bn_f8_flagged(acc), 0)) BN_FN(f32_rows_fix)(k, r0, r1, op, relu);
 }
 
 static inline __attribute__((always_inline)) void BN_FN(f32_rows_case)(
