@@ -576,6 +576,26 @@ static inline __attribute__((always_inline)) void BN_FN(f32_tiles_case)(
 
 BN_F32_WALK(f32_tiles)
 
+/* The np periods of 64 at x and y of f32_periods64 once its non-finite flag is set (out
+ * of place): each period's flag computed again, and only the periods with a non-finite
+ * value rewritten element by element (as f32_rows_fix). */
+static __attribute__((noinline, cold)) void BN_FN(f32_periods64_fix)(
+    const BN_FN(f32_ctx) *k, const float *x, float *y, ptrdiff_t np, int relu)
+{
+    for (ptrdiff_t q = 0; q < np; q++) {
+        bn_f8 acc = bn_f8_zero();
+        for (int t = 0; t < 8; t++) {
+            const bn_f8 v2 = bn_f8_ld(k->q.q2 + 8 * t);
+            (void)BN_FN(f32_val)(BN_F32_NORM, NULL, x + 64 * q + 8 * t,
+                                 bn_f8_ld(k->q.q0 + 8 * t), bn_f8_ld(k->q.q1 + 8 * t), v2, v2,
+                                 0, &acc);
+        }
+        if (bn_f8_flagged(acc))
+            BN_FN(f32_fix_span)(BN_F32_NORM, NULL, x + 64 * q, y + 64 * q, 64, k->q, 1,
+                                &k->fb, 0, relu);
+    }
+}
+
 /* Period-64 walk (normalize only): np periods of 64 elements with the 24 parameter vectors
  * in registers (AVX-512 has 32; AVX2 and SSE2 spill some: measured below, plan.c), each
  * span's test deferred to the end of the item's periods unless in place. */
@@ -603,9 +623,7 @@ static inline __attribute__((always_inline)) void BN_FN(f32_periods64_case)(
                            relu, defer, &acc, k->nts);
     }
     if (defer && __builtin_expect(bn_f8_flagged(acc), 0))
-        for (ptrdiff_t q = 0; q < np; q++)
-            BN_FN(f32_fix_span)(BN_F32_NORM, NULL, x + 64 * q, y + 64 * q, 64, k->q, 1, &k->fb,
-                                0, relu);
+        BN_FN(f32_periods64_fix)(k, x, y, np, relu);
 }
 
 static void BN_FN(f32_periods64)(const void *ctx, ptrdiff_t u0, ptrdiff_t u1)
