@@ -107,17 +107,22 @@ static __attribute__((noinline)) double BN_FN(seg_two_pass)(const T *x, ptrdiff_
     return q - k * k / (double)L;
 }
 
-/* A segment's mean and M2 from its shifted sums s1, s2 (seg_s12): M2 from the sums or,
- * where that is ill-conditioned, from a second pass over its L values at x. */
+/* A segment's M2 from its mean m of x - K, the shifted sums' r = s2 - s1 * m and r / L:
+ * r or, where that is ill-conditioned, a second pass over its L values at x; at least 0. */
+static inline __attribute__((always_inline)) double BN_FN(seg_m2)(
+    const T *x, ptrdiff_t L, double K, double m, double r, double rL)
+{
+    if (!(m * m <= BN_SHIFT_COND * rL)) r = BN_FN(seg_two_pass)(x, L, K, m);
+    return r < 0.0 ? 0.0 : r;
+}
+
+/* A segment's mean and M2 from its shifted sums s1, s2 (seg_s12; seg_m2). */
 static inline __attribute__((always_inline)) void BN_FN(seg_stats)(
     const T *x, ptrdiff_t L, double K, double s1, double s2, double *mean, double *m2)
 {
-    const double m = s1 / (double)L;
-    double r = s2 - s1 * m;
-    if (!(m * m <= BN_SHIFT_COND * (r / (double)L))) r = BN_FN(seg_two_pass)(x, L, K, m);
-    if (r < 0.0) r = 0.0;
+    const double m = s1 / (double)L, r = s2 - s1 * m;
     *mean = m;
-    *m2 = r;
+    *m2 = BN_FN(seg_m2)(x, L, K, m, r, r / (double)L);
 }
 
 /* The rest of seg_moments after its 16-element blocks: the mean and M2 (seg_stats). */
@@ -229,10 +234,8 @@ static void BN_FN(row_moments_item)(const void *ctx, ptrdiff_t it)
                 }
                 const bn_v4 bm = s1 / Lv, rr = s2 - s1 * bm, t = rr / Lv;
                 for (int u = 0; u < 4; u++) {
-                    double bq = rr[u];
-                    if (!(bm[u] * bm[u] <= BN_SHIFT_COND * t[u]))
-                        bq = BN_FN(seg_two_pass)(xr + (j + u) * S, S, K[j + u], bm[u]);
-                    if (bq < 0.0) bq = 0.0;
+                    const double bq = BN_FN(seg_m2)(xr + (j + u) * S, S, K[j + u], bm[u],
+                                                    rr[u], t[u]);
                     BN_FN(row_merge)(cnt, f1, f2, bm[u], bq, &mean[j + u], &m2[j + u]);
                     n[j + u] = nn;
                 }
