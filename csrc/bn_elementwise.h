@@ -454,56 +454,63 @@ typedef struct {
     BN_FN(f32_span)(op, op == BN_F32_NORM ? NULL : (k)->g + (o), (k)->x + (o), (k)->y + (o), \
                     L, BN_FN(fq_at)((k)->q, jq), 1, &(k)->fb, j0, relu, defer, (k)->nts)
 
-/* The rows [r0, r1) of f32_rows_fast once its non-finite flag is set: each row's vectors
- * computed again for the flag alone (out of place: x is intact), and only the rows that
- * have a non-finite value rewritten element by element.  Rewriting every row of the item
- * made one NaN in an inference of (1, 512, 7, 7) cost 5.5 -> 34.5 us (benchmarks/
- * README.md item 83). */
+/* One row of f32_rows_fast: S >= 8 elements at g (dx) and x, y, the parameters of its
+ * channel q0..q3: ceil(S / 8) vectors, the last over its last 8 elements (computed first,
+ * stored last), non-finite lanes noted in *acc before the ReLU (f32_val); with store 0
+ * only *acc. */
+static inline __attribute__((always_inline)) void BN_FN(f32_row)(
+    const int op, const float *g, const float *x, float *y, ptrdiff_t S, float q0, float q1,
+    float q2, float q3, const int relu, const int store, bn_f8 *acc)
+{
+    const ptrdiff_t e = S - 8;
+    const int hasg = op != BN_F32_NORM;
+    const bn_f8 v0 = bn_f8_splat(q0), v1 = bn_f8_splat(q1), v2 = bn_f8_splat(q2),
+                v3 = op == BN_F32_DX ? bn_f8_splat(q3) : v2;
+    const bn_f8 tl = BN_FN(f32_val)(op, hasg ? g + e : g, x + e, v0, v1, v2, v3, relu, acc);
+    for (ptrdiff_t i = 0; i < e; i += 8) {
+        const bn_f8 t = BN_FN(f32_val)(op, hasg ? g + i : g, x + i, v0, v1, v2, v3, relu, acc);
+        if (store) bn_f8_st(y + i, t, 0);
+    }
+    if (store) bn_f8_st(y + e, tl, 0);
+}
+
+/* The rows [r0, r1) of f32_rows_fast once its non-finite flag is set: each row's flag
+ * computed again (out of place: x is intact), and only the rows that have a non-finite
+ * value rewritten element by element.  Rewriting every row of the item made one NaN in
+ * an inference of (1, 512, 7, 7) cost 6.0 -> 35.5 us (benchmarks/README.md item 83). */
 static __attribute__((noinline, cold)) void BN_FN(f32_rows_fix)(
     const BN_FN(f32_ctx) *k, ptrdiff_t r0, ptrdiff_t r1, int op, int relu)
 {
-    const ptrdiff_t C = k->p->C, S = k->p->S, e = S - 8;
+    const ptrdiff_t C = k->p->C, S = k->p->S;
     const int hasg = op != BN_F32_NORM;
     for (ptrdiff_t r = r0; r < r1; r++) {
         const ptrdiff_t c = r % C;
         const float *x = k->x + r * S, *g = hasg ? k->g + r * S : NULL;
-        const bn_f8 v0 = bn_f8_splat(k->q.q0[c]), v1 = bn_f8_splat(k->q.q1[c]),
-                    v2 = bn_f8_splat(k->q.q2[c]),
-                    v3 = op == BN_F32_DX ? bn_f8_splat(k->q.q3[c]) : v2;
-        bn_f8 acc = bn_f8_zero();   /* the flag is taken before the ReLU (f32_val) */
-        (void)BN_FN(f32_val)(op, hasg ? g + e : g, x + e, v0, v1, v2, v3, 0, &acc);
-        for (ptrdiff_t i = 0; i < e; i += 8)
-            (void)BN_FN(f32_val)(op, hasg ? g + i : g, x + i, v0, v1, v2, v3, 0, &acc);
+        bn_f8 acc = bn_f8_zero();
+        BN_FN(f32_row)(op, g, x, NULL, S, k->q.q0[c], k->q.q1[c], k->q.q2[c], k->q.q3[c], 0,
+                       0, &acc);
         if (bn_f8_flagged(acc))
             BN_FN(f32_fix_span)(op, g, x, k->y + r * S, S, BN_FN(fq_at)(k->q, c), 0, &k->fb,
                                 c * S, relu);
     }
 }
 
-/* Rows out of place (defer, no streaming) of S >= 8 elements, formula op: per row
- * ceil(S / 8) vectors, the last over its last 8 elements, and one test of the non-finite
- * flag for all rows [r0, r1), whose rows with a non-finite value are then rewritten
- * (f32_rows_fix; a test per row and f32_span's general form cost about 9 cycles a row:
- * inference of (1, 512, 7, 7), benchmarks/README.md item 64). */
+/* Rows out of place (defer, no streaming) of S >= 8 elements, formula op: each row as
+ * f32_row, and one test of the non-finite flag for all rows [r0, r1), whose rows with a
+ * non-finite value are then rewritten (f32_rows_fix; a test per row and f32_span's general
+ * form cost about 9 cycles a row: inference of (1, 512, 7, 7), benchmarks/README.md item
+ * 64). */
 static inline __attribute__((always_inline)) void BN_FN(f32_rows_fast)(
     const BN_FN(f32_ctx) *k, ptrdiff_t r0, ptrdiff_t r1, const int op, const int relu)
 {
-    const ptrdiff_t C = k->p->C, S = k->p->S, e = S - 8;
+    const ptrdiff_t C = k->p->C, S = k->p->S;
     const float *q0 = k->q.q0, *q1 = k->q.q1, *q2 = k->q.q2, *q3 = k->q.q3;
     const int hasg = op != BN_F32_NORM;
     bn_f8 acc = bn_f8_zero();
     ptrdiff_t c = r0 % C;
     for (ptrdiff_t r = r0; r < r1; r++) {
-        const float *x = k->x + r * S, *g = hasg ? k->g + r * S : NULL;
-        float *y = k->y + r * S;
-        const bn_f8 v0 = bn_f8_splat(q0[c]), v1 = bn_f8_splat(q1[c]), v2 = bn_f8_splat(q2[c]),
-                    v3 = op == BN_F32_DX ? bn_f8_splat(q3[c]) : v2;
-        const bn_f8 tl = BN_FN(f32_val)(op, hasg ? g + e : g, x + e, v0, v1, v2, v3, relu,
-                                        &acc);
-        for (ptrdiff_t i = 0; i < e; i += 8)
-            bn_f8_st(y + i, BN_FN(f32_val)(op, hasg ? g + i : g, x + i, v0, v1, v2, v3, relu,
-                                           &acc), 0);
-        bn_f8_st(y + e, tl, 0);
+        BN_FN(f32_row)(op, hasg ? k->g + r * S : NULL, k->x + r * S, k->y + r * S, S, q0[c],
+                       q1[c], q2[c], q3[c], relu, 1, &acc);
         if (++c == C) c = 0;
     }
     if (__builtin_expect(bn_f8_flagged(acc), 0)) BN_FN(f32_rows_fix)(k, r0, r1, op, relu);
