@@ -55,6 +55,8 @@ extern "C" {
 #define BN_EW_ROW_MIN_PARAM_BYTES ((double)(512 << 10))   /* ... and a period's expanded
                                   parameters of at least this many bytes (half of L2) */
 #define BN_REG_MAX_COLS 64     /* register walks: most columns one strip keeps in registers */
+#define BN_REG_SSE2_STATS_COLS 16  /* ... and the baseline (SSE2) statistics' strips while
+                                  cache-resident (plan.c) */
 #define BN_SHIFT_COND 16.0     /* one-pass block statistics while mean(x-K)^2 <= this * var */
 #define BN_FUSE_MIN_ROW_BYTES ((double)(32 << 10))   /* fused training forward and backward
                                   (plan.fused): rows of at least this many bytes, ... */

@@ -173,6 +173,14 @@ def test_plan_fields_and_thresholds():
     p = _plan((4096, 512), "moments", isa="avx512")
     assert p["reduce"]["tile"] == 256 and p["reduce"]["tiles"] == 2
     assert p["reduce"]["rows_per_block"] == 128 and p["reduce"]["strip_columns"] == 64
+    # Register strips: 16 columns for the baseline's statistics from the cache (SSE2 has 16
+    # registers), 64 otherwise (plan.c); the bits do not depend on it (test_determinism)
+    for op in ("moments", "train"):
+        assert _plan((1568, 512), op, isa="baseline")["reduce"]["strip_columns"] == 16
+        assert _plan((50176, 256), op, isa="baseline")["reduce"]["strip_columns"] == 64
+        for isa in ("avx2", "avx512"):
+            assert _plan((1568, 512), op, isa=isa)["reduce"]["strip_columns"] == 64
+    assert _plan((1568, 512), "backward", isa="baseline")["reduce"]["strip_columns"] == 64
     p = bnfast.explain(np.empty((80, 3, 5, 5)), op="infer", relu=True)
     assert p["dtype"] == "float64" and p["relu"] is True and p["forced"] == {}
     assert p["strategy"] == "columns:spans"
