@@ -426,27 +426,39 @@ static void BN_FN(col_moments_item)(const void *ctx, ptrdiff_t it)
         ptrdiff_t j;
         BN_FN(col_sums)(x + r0 * Cp + c0, r1 - r0, Cp, w, kc, s, q, p);
         /* One pass (shifted sums) unless a column is ill-conditioned (see seg_moments);
-         * the second pass runs over the whole tile but is used only for those columns,
-         * so a column's result never depends on its neighbours' data. */
-        int two_pass = 0;
+         * the second pass runs over the vectors of 8 columns that hold such a column (and
+         * the last w % 8 columns) and is used only for those columns, so a column's result
+         * never depends on its neighbours' data.  (Over the whole tile, one channel whose
+         * shift -- its first value -- lies 3.8 standard deviations out cost the baseline
+         * training forward of channels-last (32, 7, 7, 512) a second pass on 8 of its 26
+         * blocks: benchmarks/README.md item 86.) */
+        const ptrdiff_t w8 = w & ~(ptrdiff_t)7;
+        ptrdiff_t nbv = 0, bv[BN_TILE / 8];   /* the vectors with an ill-conditioned column */
+        int tail_bad = 0;
         for (j = 0; j < w; j++) {
             const double mj = s[j] / nb;
             kk[j] = q[j] - s[j] * mj;   /* M2 from the shifted sums */
             s[j] = mj;
             bad[j] = !(mj * mj <= BN_SHIFT_COND * (kk[j] / nb));
-            two_pass |= bad[j];
         }
-        if (two_pass) {
+        for (j = 0; j < w8; j += 8) {
+            int any = 0;
+            for (int l = 0; l < 8; l++) any |= bad[j + l];
+            if (any) bv[nbv++] = j;
+        }
+        for (j = w8; j < w; j++) tail_bad |= bad[j];
+        if (nbv || tail_bad) {
             for (j = 0; j < w; j++) m1[j] = kk[j];
             for (j = 0; j < w; j++) q[j] = kk[j] = 0.0;
             for (ptrdiff_t r = r0; r < r1; r++) {
                 const T *row = x + r * Cp + c0;
-                for (j = 0; j + 8 <= w; j += 8) {
+                for (ptrdiff_t i = 0; i < nbv; i++) {
+                    j = bv[i];
                     bn_vd d = (BN_FN(ld)(row + j) - bn_ldd(kc + j)) - bn_ldd(s + j);
                     bn_std(q + j, bn_ldd(q + j) + d * d);
                     bn_std(kk + j, bn_ldd(kk + j) + d);
                 }
-                for (; j < w; j++) {
+                for (j = tail_bad ? w8 : w; j < w; j++) {
                     double d = ((double)row[j] - kc[j]) - s[j];
                     q[j] += d * d;
                     kk[j] += d;
