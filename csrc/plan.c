@@ -321,14 +321,13 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
      * native registers (bn_acc), the 64-column register strip is the fastest walk on AVX2
      * and for SSE2's backward sums too, even where it spills (strips of 16 or 32 columns
      * walk the rows more often and were slower: benchmarks/README.md).  SSE2's statistics
-     * from the cache are the exception: with 16
-     * registers of 2 doubles, a 64-column strip keeps most of its 32 sums in memory, and
-     * 16-column strips were 0-12 % faster on all 50 cache-resident training forwards of
-     * the benchmark that walk register strips (geometric mean 7 %; 32 columns less, 8
-     * slower); from DRAM they were slower ((64, 28, 28, 256) channels-last 1.32x), and
-     * AVX2's statistics gained 1 % (32 columns) -- benchmarks/README.md item 84.  The sums
-     * of each column are added in the same order whatever the strip, so the bits do not
-     * depend on it. */
+     * from the cache are the exception: with 16 registers of 2 doubles, a 64-column strip
+     * keeps most of its 32 sums in memory, and 16-column strips were 0-12 % faster on all
+     * 50 cache-resident training forwards of the benchmark that walk register strips
+     * (geometric mean 7 %; 32 columns less, 8 slower); from DRAM they were slower
+     * ((64, 28, 28, 256) channels-last 1.32x), and AVX2's statistics gained about 1 % (32
+     * columns) -- benchmarks/README.md item 84.  The sums of each column are added in the
+     * same order whatever the strip, so the bits do not depend on it. */
     const double in_bytes = count * (double)itemsize * (op == BN_OP_BACKWARD ? 2.0 : 1.0);
     p->resident = in_bytes < (double)bn_get_stream_min_bytes();
     p->strip_cols = isa == BN_ISA_BASELINE && op != BN_OP_BACKWARD && p->resident
