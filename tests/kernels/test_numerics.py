@@ -302,3 +302,46 @@ def test_nan_in_one_channel_leaves_others_untouched(shape, layout, dtype, isa):
     assert np.isnan(r_badx["moments"][0][2]) and np.isnan(r_badx["running"][1][2])
     assert np.isnan(r_badx["backward" "True" "False"][1][2])
     assert np.isnan(r_baddy["backward" "True" "False"][2][2])
+
+
+# ------------------------------------------------------------------ (e) ill-conditioned neighbours
+
+# Columns layout (channels-last, 2-D): a tile of up to 256 columns, vectors of 8, the last
+# C % 8 columns one by one; 300 channels span two tiles.  The rows layout (S >= 64) too.
+ILL_SHAPES = [(64, 300), (200, 20), (16, 24, 3, 3), (8, 300, 2, 2), (4, 13, 80)]
+
+
+@pytest.mark.parametrize("shape", ILL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@layouts
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_ill_conditioned_channel_leaves_others_untouched(shape, layout, dtype, isa):
+    """A channel whose shift (its first value) lies far from its mean takes the statistics'
+    second pass; the channels beside it -- in the same vector of 8 columns, the same tile or
+    the scalar tail -- keep the bits of their one-pass result."""
+    rng = rng_for("ill", shape, layout, np.dtype(dtype).name)
+    C = shape[1]
+    clean = rng.standard_normal(shape).astype(dtype)
+    ill = clean.copy()
+    chans = sorted({1, 9, C - 1, C // 2} & set(range(C)))
+    for c in chans:
+        ill[(0, c) + (0,) * (len(shape) - 2)] = 40.0   # first value of channel c: 40 sd out
+    if C > 20:
+        ill[:, 17] += dtype(1e6)                        # and a large offset
+        chans.append(17)
+    others = [c for c in range(C) if c not in chans]
+    (clean, axis), (ill, _) = _in_layout(clean, layout), _in_layout(ill, layout)
+    w, b = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+    for nt in (1, 2):
+        with bnfast.num_threads(nt):
+            mc, vc = bnfast.moments(clean, axis=axis)
+            mi, vi = bnfast.moments(ill, axis=axis)
+            yc, _, ic = bnfast.batch_norm_train(clean, w, b, axis=axis)
+            yi, _, ii = bnfast.batch_norm_train(ill, w, b, axis=axis)
+        for name, a, z in (("mean", mc, mi), ("var", vc, vi), ("invstd", ic, ii)):
+            assert_same_bits(a[others], z[others], f"{name}, {nt} threads")
+        for c in others:
+            assert_same_bits(_chan(yc, c, axis), _chan(yi, c, axis), f"y channel {c}")
+        # the ill-conditioned channels themselves are right (float64 twin)
+        rm, rv = ref.moments(ill, axis=axis)
+        assert np.allclose(mi[chans], rm[chans], rtol=1e-12, atol=0)
+        assert np.allclose(vi[chans], rv[chans], rtol=1e-9, atol=0)
