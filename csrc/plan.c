@@ -330,10 +330,13 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
      * same order whatever the strip, so the bits do not depend on it. */
     const double in_bytes = count * (double)itemsize * (op == BN_OP_BACKWARD ? 2.0 : 1.0);
     p->resident = in_bytes < (double)bn_get_stream_min_bytes();
-    p->strip_cols = isa == BN_ISA_BASELINE && op != BN_OP_BACKWARD && p->resident
-                        ? BN_REG_SSE2_STATS_COLS : BN_REG_MAX_COLS;
     p->reduce_walk = BN_WALK_NONE;
     const ptrdiff_t tile = p->col.tile, tile8 = tile & ~(ptrdiff_t)7;
+    /* (Only where the tile is wider than one 16-column strip: narrower, both walk alike,
+     * and the plan reads the same as the other variants'.) */
+    p->strip_cols = isa == BN_ISA_BASELINE && op != BN_OP_BACKWARD && p->resident &&
+                            tile8 > BN_REG_SSE2_STATS_COLS
+                        ? BN_REG_SSE2_STATS_COLS : BN_REG_MAX_COLS;
     if (has_reduce && !rows) {
         if (op == BN_OP_BACKWARD) {
             /* Backward sums: whole rows of 8 to 71 columns (one stream), or wide

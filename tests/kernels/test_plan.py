@@ -181,6 +181,9 @@ def test_plan_fields_and_thresholds():
         for isa in ("avx2", "avx512"):
             assert _plan((1568, 512), op, isa=isa)["reduce"]["strip_columns"] == 64
     assert _plan((1568, 512), "backward", isa="baseline")["reduce"]["strip_columns"] == 64
+    # ... and only where the tile is wider than one 16-column strip (else the same walk)
+    assert _plan((1568, 24), "train", isa="baseline")["reduce"]["strip_columns"] == 16
+    assert _plan((1568, 23), "train", isa="baseline")["reduce"]["strip_columns"] == 64
     p = bnfast.explain(np.empty((80, 3, 5, 5)), op="infer", relu=True)
     assert p["dtype"] == "float64" and p["relu"] is True and p["forced"] == {}
     assert p["strategy"] == "columns:spans"
