@@ -269,11 +269,6 @@ int bn_plan_parallel(ptrdiff_t N, ptrdiff_t C, ptrdiff_t S)
     return (double)N * (double)C * (double)S >= BN_PAR_MIN;
 }
 
-static int bn_plan_threads(ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int nthreads)
-{
-    return nthreads < 1 || !bn_plan_parallel(N, C, S) ? 1 : nthreads;
-}
-
 int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int itemsize,
                  int isa, int nthreads)
 {
@@ -289,7 +284,7 @@ int bn_plan_make(bn_plan *p, int op, ptrdiff_t N, ptrdiff_t C, ptrdiff_t S, int 
     p->C = C;
     p->S = S;
 
-    p->nthreads = bn_plan_threads(N, C, S, nthreads);
+    p->nthreads = nthreads < 1 || !bn_plan_parallel(N, C, S) ? 1 : nthreads;
 
     /* Layout: rows of S >= 64 contiguous elements fill whole vectors with little tail
      * work; shorter rows are better seen as columns of the (N, C*S) matrix, whose
