@@ -447,24 +447,29 @@ static void BN_FN(col_moments_item)(const void *ctx, ptrdiff_t it)
             if (any) bv[nbv++] = j;
         }
         for (j = w8; j < w; j++) tail_bad |= bad[j];
+        const ptrdiff_t t0 = tail_bad ? w8 : w;   /* the scalar columns walked: [t0, w) */
         if (nbv || tail_bad) {
-            for (j = 0; j < w; j++) m1[j] = kk[j];
-            for (j = 0; j < w; j++) q[j] = kk[j] = 0.0;
+            /* q (free now: kk holds the one-pass M2) and m1 sum d^2 and d over the walked
+             * columns only; the ill-conditioned ones then take M2 = q - m1^2 / nb. */
+            for (ptrdiff_t i = 0; i < nbv; i++)
+                for (int l = 0; l < 8; l++) q[bv[i] + l] = m1[bv[i] + l] = 0.0;
+            for (j = t0; j < w; j++) q[j] = m1[j] = 0.0;
             for (ptrdiff_t r = r0; r < r1; r++) {
                 const T *row = x + r * Cp + c0;
                 for (ptrdiff_t i = 0; i < nbv; i++) {
                     j = bv[i];
                     bn_vd d = (BN_FN(ld)(row + j) - bn_ldd(kc + j)) - bn_ldd(s + j);
                     bn_std(q + j, bn_ldd(q + j) + d * d);
-                    bn_std(kk + j, bn_ldd(kk + j) + d);
+                    bn_std(m1 + j, bn_ldd(m1 + j) + d);
                 }
-                for (j = tail_bad ? w8 : w; j < w; j++) {
+                for (j = t0; j < w; j++) {
                     double d = ((double)row[j] - kc[j]) - s[j];
                     q[j] += d * d;
-                    kk[j] += d;
+                    m1[j] += d;
                 }
             }
-            for (j = 0; j < w; j++) kk[j] = bad[j] ? q[j] - kk[j] * kk[j] / nb : m1[j];
+            for (j = 0; j < w; j++)
+                if (bad[j]) kk[j] = q[j] - m1[j] * m1[j] / nb;
         }
         /* kk[j] now holds the block's M2 of column j. */
         if (n == 0.0) {
